@@ -1,0 +1,2093 @@
+#!/usr/bin/env python3
+"""poe2openai: use every Poe bot through the OpenAI Chat Completions API.
+
+A single-file asyncio proxy built on h11 (the HTTP state machine) and pyyaml, nothing else. It serves
+the OpenAI API to your tools and speaks Poe's bot protocol (server-sent events) upstream, doing both
+HTTP directions itself over asyncio streams, TLS included.
+
+Run it::
+
+    pip install h11 pyyaml
+    python poe2openai.py                    # listens on 0.0.0.0:8080
+    python poe2openai.py --help             # every setting, with its environment variable
+
+Then point any OpenAI client at ``http://HOST:8080/v1`` and use your Poe API key as the API key.
+
+Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models`` (and
+``/models``), ``GET /healthz``, ``GET /admin``.
+
+Settings (environment variable, or the command-line flag of the same name in lower case with dashes;
+a flag wins over the environment):
+
+    HOST, PORT                      bind address (0.0.0.0, 8080)
+    ADMIN_USERNAME, ADMIN_PASSWORD  Basic-auth credentials of /admin (admin, 123456: change them)
+    MAX_REQUEST_SIZE                largest request body in bytes (1073741824)
+    LOG_LEVEL                       debug, info, warning, error (info)
+    CONFIG_DIR                      folder of models.yaml (./)
+    RATE_LIMIT_MS                   minimum spacing of chat request starts, 0 = off (100)
+    URL_CACHE_TTL_SECONDS           upload cache lifetime (259200)
+    URL_CACHE_SIZE_MB               upload cache budget (100)
+    POE_BASE_URL                    Poe API base (https://api.poe.com)
+    POE_FILE_UPLOAD_URL             Poe upload endpoint
+    CONNECT_TIMEOUT_SECONDS         connecting to Poe, TLS included (10)
+    READ_TIMEOUT_SECONDS            longest silence accepted from Poe; an idle timeout, never a total (120)
+    STREAM_HOLD_SECONDS             how long a streaming answer waits for Poe's first event so that
+                                    errors still get a real HTTP status (5)
+    SSE_KEEPALIVE_SECONDS           interval of ``: keep-alive`` comments during silence (15)
+    MODELS_CACHE_TTL_SECONDS        lifetime of the cached Poe model list (600)
+    HEADER_TIMEOUT_SECONDS          time a client gets to send its request head (10)
+    KEEPALIVE_TIMEOUT_SECONDS       idle keep-alive connections are closed after this (30)
+    HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy (CONNECT for https), standard meaning
+
+Policy choices (where we differ from the Rust original on purpose) are listed in README.md. Known
+limits: tools, images and reasoning are handled as plain text in this version; see README.md.
+
+Importing this module starts nothing and writes nothing; ``serve(settings)`` runs the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import codecs
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+
+import h11
+import yaml
+
+__version__ = "0.1.0"
+__all__ = ["Settings", "ProxyError", "SSEDecoder", "serve", "main"]
+
+log = logging.getLogger("poe2openai")
+
+
+###############################################################################
+###############################################################################
+# Settings
+###############################################################################
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class SettingsError(ValueError):
+    """A setting has a value we cannot use; the message names the variable."""
+
+
+def _int_setting(name: str, raw: str, low: int, high: int | None = None) -> int:
+    try:
+        value = int(raw.strip().replace("_", ""))
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a whole number") from None
+    if value < low or (high is not None and value > high):
+        span = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise SettingsError(f"{name}={raw!r} must be {span}")
+    return value
+
+
+def _float_setting(name: str, raw: str, low: float) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value) or value < low:
+        raise SettingsError(f"{name}={raw!r} must be a number of at least {low:g}")
+    return value
+
+
+def _url_setting(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(f"{name}={raw!r} must be an http:// or https:// URL")
+    return value
+
+
+def _log_level_setting(raw: str) -> str:
+    # The Rust original takes an EnvFilter directive ("info,hyper=warn"); its first word is the level.
+    first = raw.split(",")[0].strip().lower()
+    first = {"warn": "warning", "trace": "debug"}.get(first, first)
+    if first not in LOG_LEVELS:
+        raise SettingsError(f"LOG_LEVEL={raw!r} must be one of {', '.join(LOG_LEVELS)}")
+    return first
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, read once at start-up and passed down; never re-read from os.environ."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    admin_username: str = "admin"
+    admin_password: str = "123456"
+    max_request_size: int = 1073741824  # bytes
+    log_level: str = "info"
+    config_dir: str = "./"
+    rate_limit_ms: int = 100
+    url_cache_ttl_seconds: int = 259200
+    url_cache_size_mb: int = 100
+    poe_base_url: str = "https://api.poe.com"
+    poe_file_upload_url: str = "https://www.quora.com/poe_api/file_upload_3RD_PARTY_POST"
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 120.0
+    stream_hold_seconds: float = 5.0
+    sse_keepalive_seconds: float = 15.0
+    models_cache_ttl_seconds: float = 600.0
+    header_timeout_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 30.0
+    # Outbound proxy variables (lower-case keys: "https", "http", "no"), captured at start-up.
+    proxies: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def models_path(self) -> str:
+        return os.path.join(self.config_dir, "models.yaml")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 argv: Sequence[str] | None = None) -> Settings:
+        """Build settings from the environment and command-line flags (flags win).
+
+        Raises SettingsError with a one-line message naming the bad variable.
+        """
+        env = dict(os.environ if environ is None else environ)
+        flags = vars(build_arg_parser().parse_args([] if argv is None else list(argv)))
+        defaults = cls()
+
+        def raw(name: str) -> str | None:
+            flag = flags.get(name.lower())
+            if flag is not None:
+                return str(flag)
+            return env.get(name)
+
+        def get(name: str, convert: Callable[[str, str], Any], default: Any) -> Any:
+            value = raw(name)
+            return default if value is None or value.strip() == "" else convert(name, value)
+
+        proxies = urllib.request.getproxies_environment() if environ is None else {
+            k[:-6].lower(): v for k, v in env.items() if k.lower().endswith("_proxy") and v}
+        return cls(
+            host=get("HOST", lambda n, v: v.strip(), defaults.host),
+            port=get("PORT", lambda n, v: _int_setting(n, v, 0, 65535), defaults.port),
+            admin_username=raw("ADMIN_USERNAME") or defaults.admin_username,
+            admin_password=raw("ADMIN_PASSWORD") or defaults.admin_password,
+            max_request_size=get("MAX_REQUEST_SIZE", lambda n, v: _int_setting(n, v, 1), defaults.max_request_size),
+            log_level=get("LOG_LEVEL", lambda n, v: _log_level_setting(v), defaults.log_level),
+            config_dir=raw("CONFIG_DIR") or defaults.config_dir,
+            rate_limit_ms=get("RATE_LIMIT_MS", lambda n, v: _int_setting(n, v, 0), defaults.rate_limit_ms),
+            url_cache_ttl_seconds=get("URL_CACHE_TTL_SECONDS", lambda n, v: _int_setting(n, v, 0),
+                                      defaults.url_cache_ttl_seconds),
+            url_cache_size_mb=get("URL_CACHE_SIZE_MB", lambda n, v: _int_setting(n, v, 0), defaults.url_cache_size_mb),
+            poe_base_url=get("POE_BASE_URL", _url_setting, defaults.poe_base_url),
+            poe_file_upload_url=get("POE_FILE_UPLOAD_URL", _url_setting, defaults.poe_file_upload_url),
+            connect_timeout_seconds=get("CONNECT_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
+                                        defaults.connect_timeout_seconds),
+            read_timeout_seconds=get("READ_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
+                                     defaults.read_timeout_seconds),
+            stream_hold_seconds=get("STREAM_HOLD_SECONDS", lambda n, v: _float_setting(n, v, 0),
+                                    defaults.stream_hold_seconds),
+            sse_keepalive_seconds=get("SSE_KEEPALIVE_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
+                                      defaults.sse_keepalive_seconds),
+            models_cache_ttl_seconds=get("MODELS_CACHE_TTL_SECONDS", lambda n, v: _float_setting(n, v, 0),
+                                         defaults.models_cache_ttl_seconds),
+            header_timeout_seconds=get("HEADER_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
+                                       defaults.header_timeout_seconds),
+            keepalive_timeout_seconds=get("KEEPALIVE_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
+                                          defaults.keepalive_timeout_seconds),
+            proxies=tuple(sorted(proxies.items())),
+        )
+
+
+# (environment variable, help) in the order --help lists them.
+SETTING_HELP: tuple[tuple[str, str], ...] = (
+    ("HOST", "bind address (default 0.0.0.0)"),
+    ("PORT", "bind port (default 8080; 0 picks a free port)"),
+    ("ADMIN_USERNAME", "admin page user (default admin)"),
+    ("ADMIN_PASSWORD", "admin page password (default 123456; change it)"),
+    ("MAX_REQUEST_SIZE", "largest request body in bytes (default 1073741824)"),
+    ("LOG_LEVEL", "debug, info, warning or error (default info)"),
+    ("CONFIG_DIR", "folder holding models.yaml (default ./)"),
+    ("RATE_LIMIT_MS", "minimum milliseconds between chat request starts, 0 = off (default 100)"),
+    ("URL_CACHE_TTL_SECONDS", "upload cache lifetime in seconds (default 259200)"),
+    ("URL_CACHE_SIZE_MB", "upload cache budget in MB (default 100)"),
+    ("POE_BASE_URL", "Poe API base URL (default https://api.poe.com)"),
+    ("POE_FILE_UPLOAD_URL", "Poe file upload URL"),
+    ("CONNECT_TIMEOUT_SECONDS", "deadline for connecting to Poe, TLS included (default 10)"),
+    ("READ_TIMEOUT_SECONDS", "longest silence accepted from Poe while it answers (default 120)"),
+    ("STREAM_HOLD_SECONDS", "streaming: wait this long for Poe's first event so errors keep real statuses (default 5)"),
+    ("SSE_KEEPALIVE_SECONDS", "interval of SSE keep-alive comments during silence (default 15)"),
+    ("MODELS_CACHE_TTL_SECONDS", "lifetime of the cached model list (default 600)"),
+    ("HEADER_TIMEOUT_SECONDS", "time a client gets to send its request head (default 10)"),
+    ("KEEPALIVE_TIMEOUT_SECONDS", "idle keep-alive connections close after this (default 30)"),
+)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poe2openai",
+        description="OpenAI-compatible proxy for Poe bots. Every flag can also be set by the "
+                    "environment variable named in brackets; a flag wins.")
+    for name, help_text in SETTING_HELP:
+        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name.lower(), metavar="VALUE",
+                            default=None, help=f"{help_text} [{name}]")
+    parser.add_argument("--version", action="version", version=f"poe2openai {__version__}")
+    return parser
+
+
+###############################################################################
+###############################################################################
+# Errors
+###############################################################################
+
+class ProxyError(Exception):
+    """The one error type: an HTTP status plus an OpenAI error object. Caught in one place."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.headers = list(headers)
+
+    def openai_body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def __repr__(self) -> str:
+        return f"ProxyError({self.status}, {self.message!r}, {self.type!r}, {self.code!r})"
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ProxyError:
+    return ProxyError(400, message, "invalid_request_error", code, param)
+
+
+def upstream_error(message: str, status: int = 502, code: str = "upstream_error") -> ProxyError:
+    return ProxyError(status, message, "upstream_error", code)
+
+
+# Poe's `error_type` values (fastapi_poe's Literal) first; the texts after them are what the real
+# service sends without an error_type. Order matters: the first rule that matches wins.
+_POE_ERROR_TYPES: dict[str, tuple[int, str, str]] = {
+    "insufficient_fund": (429, "insufficient_quota", "insufficient_quota"),
+    "user_message_too_long": (400, "invalid_request_error", "context_length_exceeded"),
+    "user_caused_error": (400, "invalid_request_error", "bad_request"),
+    "privacy_authorization_error": (403, "permission_error", "permission_denied"),
+}
+_POE_ERROR_TEXTS: tuple[tuple[re.Pattern[str], int, str, str], ...] = (
+    (re.compile(r"points|quota|insufficient fund|subscription", re.I), 429, "insufficient_quota", "insufficient_quota"),
+    (re.compile(r"rate.?limit|too many requests", re.I), 429, "rate_limit_error", "rate_limit_exceeded"),
+    (re.compile(r"invalid (api )?(token|key)|unauthori[sz]ed|invalid access key|not authenticated", re.I),
+     401, "authentication_error", "invalid_api_key"),
+    (re.compile(r"access denied|forbidden|permission", re.I), 403, "permission_error", "permission_denied"),
+    (re.compile(r"bot does not exist|does not exist|not found|unknown bot|no such bot", re.I),
+     404, "invalid_request_error", "model_not_found"),
+    (re.compile(r"too long|context length|too many tokens", re.I), 400, "invalid_request_error",
+     "context_length_exceeded"),
+)
+
+
+def classify_poe_error(data: Mapping[str, Any]) -> ProxyError:
+    """Turn the data of a Poe `error` event into a ProxyError: error_type first, then the text."""
+    text = data.get("text")
+    message = text.strip() if isinstance(text, str) and text.strip() else "Poe reported an error without a message"
+    error_type = data.get("error_type")
+    no_retry = data.get("allow_retry") is False
+    headers = [("x-should-retry", "false")] if no_retry else []
+    if isinstance(error_type, str) and error_type in _POE_ERROR_TYPES:
+        status, type_, code = _POE_ERROR_TYPES[error_type]
+    else:
+        for pattern, status, type_, code in _POE_ERROR_TEXTS:
+            if pattern.search(message):
+                break
+        else:
+            # Nothing we recognise: the bot failed on Poe's side; a gateway error is the honest status.
+            status, type_, code = 502, "upstream_error", "bot_error"
+    if code == "insufficient_quota":
+        headers = [("x-should-retry", "false")]  # retrying an empty account only burns time
+    return ProxyError(status, message, type_, code, headers=headers)
+
+
+def classify_poe_status(status: int, body: bytes, what: str) -> ProxyError:
+    """Map a non-2xx HTTP answer from Poe to our error, keeping Poe's own message when it gives one."""
+    detail = _error_text_from_body(body)
+    message = f"{what}: Poe answered HTTP {status}" + (f": {detail}" if detail else "")
+    if status in (401, 403):
+        return ProxyError(401 if status == 401 else 403, message,
+                          "authentication_error" if status == 401 else "permission_error",
+                          "invalid_api_key" if status == 401 else "permission_denied")
+    if status == 404:
+        return ProxyError(404, message, "invalid_request_error", "model_not_found")
+    if status == 402:
+        return ProxyError(429, message, "insufficient_quota", "insufficient_quota", headers=[("x-should-retry", "false")])
+    if status == 429:
+        return ProxyError(429, message, "rate_limit_error", "rate_limit_exceeded")
+    if status in (400, 413, 422):
+        return ProxyError(400, message, "invalid_request_error", "bad_request")
+    if status in (502, 503, 504):
+        return upstream_error(message, 502 if status != 504 else 504)
+    return upstream_error(message)
+
+
+def _error_text_from_body(body: bytes) -> str:
+    text = body[:4096].decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:300]
+    if isinstance(data, dict):
+        err = data.get("error", data.get("detail", data.get("message")))
+        if isinstance(err, dict):
+            err = err.get("message") or err.get("text")
+        if isinstance(err, str):
+            return err[:300]
+    return text[:300]
+
+
+###############################################################################
+###############################################################################
+# Pure helpers: ids, JSON, SSE, tokens
+###############################################################################
+
+def new_id(prefix: str) -> str:
+    """A random id such as chatcmpl-3f9a...; hex only, so safe in any client's id field."""
+    return prefix + secrets.token_hex(12)
+
+
+_json_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+def dump_json(obj: Any) -> bytes:
+    """Compact UTF-8 JSON. Lone surrogates (legal in JSON input) fall back to \\u escapes."""
+    text = _json_compact(obj)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _json_ascii(obj).encode("ascii")
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    event: str
+    data: str
+
+
+_LINE_SPLIT = re.compile(r"\r\n|\r|\n")
+
+
+class SSEDecoder:
+    """Incremental server-sent-events parser: bytes in, complete events out.
+
+    Handles LF, CRLF and CR line ends (also a CRLF split across reads), UTF-8 characters split across
+    reads, comments, `data:` with or without the space, and multi-line data. Pure: no I/O.
+    """
+
+    def __init__(self, max_line_chars: int = 64 * 1024 * 1024) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._partial = ""          # text after the last line end
+        self._after_cr = False      # the previous text ended in CR: a leading LF belongs to it
+        self._event = ""
+        self._data: list[str] = []
+        self._max_line_chars = max_line_chars
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        return self._feed_text(self._utf8.decode(chunk))
+
+    def close(self) -> list[SSEEvent]:
+        """End of stream: flush a last line without a line end and a last event without a blank line."""
+        events = self._feed_text(self._utf8.decode(b"", final=True))
+        if self._partial:
+            self._line(self._partial, events)
+            self._partial = ""
+        self._dispatch(events)
+        return events
+
+    def _feed_text(self, text: str) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        if not text:
+            return events
+        if self._after_cr and text[0] == "\n":
+            text = text[1:]
+        buffered = self._partial + text
+        lines = _LINE_SPLIT.split(buffered)
+        self._partial = lines.pop()
+        self._after_cr = buffered.endswith("\r")
+        if len(self._partial) > self._max_line_chars:
+            raise ValueError("an SSE line is longer than the limit")
+        for line in lines:
+            self._line(line, events)
+        return events
+
+    def _line(self, line: str, events: list[SSEEvent]) -> None:
+        if not line:
+            self._dispatch(events)
+            return
+        if line[0] == ":":
+            return  # comment (keep-alive ping)
+        name, sep, value = line.partition(":")
+        if sep and value[:1] == " ":
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        # `id` and `retry` mean nothing to a one-shot bot answer; unknown fields are ignored by the spec.
+
+    def _dispatch(self, events: list[SSEEvent]) -> None:
+        if self._data or self._event:
+            events.append(SSEEvent(self._event or "message", "\n".join(self._data)))
+        self._event = ""
+        self._data = []
+
+
+def sse_data(obj: Any) -> bytes:
+    return b"data: " + dump_json(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"
+
+
+# A small token estimator, calibrated by eye against o200k_base: no tokenizer tables at runtime.
+_TOKEN_PIECES = re.compile(
+    r"[A-Za-z]+|[0-9]{1,3}|[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|\s+|[^\sA-Za-z0-9]")
+
+
+def estimate_tokens(text: str) -> int:
+    """Approximate o200k_base token count of `text` (English words ~1, CJK characters ~1 each)."""
+    if not text:
+        return 0
+    count = 0
+    for piece in _TOKEN_PIECES.findall(text):
+        first = piece[0]
+        if first.isspace():
+            count += 1 if ("\n" in piece or len(piece) > 1) else 0
+        elif first.isascii() and first.isalpha():
+            count += 1 + max(0, len(piece) - 6) // 4
+        else:
+            count += 1
+    return count
+
+
+###############################################################################
+###############################################################################
+# Small machines: the rate gate
+###############################################################################
+
+class RateGate:
+    """Spaces request starts at least `interval_s` apart, first come first served (monotonic clock).
+
+    Each caller reserves the next free slot on arrival, so the order is FIFO without a lock, and
+    streams already running are never touched: only starts are spaced.
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._next_slot_s = -math.inf  # the first request never waits
+
+    def reserve(self) -> tuple[float, float]:
+        """Reserve the next start slot; returns (slot time, seconds to wait for it)."""
+        now = self._clock()
+        slot = max(now, self._next_slot_s)
+        self._next_slot_s = slot + self.interval_s
+        return slot, slot - now
+
+    def cancel(self, slot: float) -> None:
+        """A caller left the queue before its slot. Only the newest slot can be handed back
+        without reordering the callers behind it."""
+        if self._next_slot_s == slot + self.interval_s:
+            self._next_slot_s = slot
+
+    async def wait(self) -> None:
+        if self.interval_s <= 0:
+            return
+        slot, wait_s = self.reserve()
+        if wait_s > 0:
+            try:
+                await asyncio.sleep(wait_s)
+            except asyncio.CancelledError:
+                self.cancel(slot)
+                raise
+
+
+###############################################################################
+###############################################################################
+# Converters: OpenAI chat request -> Poe query (pure)
+###############################################################################
+
+POE_PROTOCOL_VERSION = "1.2"
+# OpenAI role -> Poe role. Poe knows system/user/bot/tool; `developer` is OpenAI's newer name for system.
+ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "bot",
+            "tool": "user", "function": "user"}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """The parts of an OpenAI chat request we act on, validated. Unknown fields are ignored."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    include_usage: bool = False
+    temperature: float | None = None
+    stop: list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate an OpenAI chat body leniently: refuse only what OpenAI itself would refuse."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' is required: the name of a Poe bot, e.g. 'GPT-4o'.", "model",
+                          "missing_required_parameter")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array.", "messages", "missing_required_parameter")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object.", f"messages[{i}]")
+        if not isinstance(message.get("role"), str):
+            raise bad_request(f"messages[{i}].role must be a string.", f"messages[{i}].role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list, dict)):
+            raise bad_request(f"messages[{i}].content must be a string or an array of parts.",
+                              f"messages[{i}].content")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, (bool, int)):
+        raise bad_request("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    temperature = body.get("temperature")
+    if temperature is not None and not _is_number(temperature):
+        raise bad_request("'temperature' must be a number.", "temperature")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise bad_request("'stop' must be a string or an array of strings.", "stop")
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None and not (isinstance(logit_bias, dict)
+                                       and all(_is_number(v) for v in logit_bias.values())):
+        raise bad_request("'logit_bias' must map token ids to numbers.", "logit_bias")
+    n = body.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise bad_request("'n' must be a positive integer.", "n")
+    if n is not None and n > 1:
+        raise bad_request("'n' greater than 1 is not supported: a Poe bot gives one answer per request.", "n",
+                          "unsupported_value")
+    return ChatRequest(model=model.strip(), messages=messages, stream=bool(stream), include_usage=include_usage,
+                       temperature=float(temperature) if temperature is not None else None,
+                       stop=stop or None, logit_bias={str(k): float(v) for k, v in logit_bias.items()} or None
+                       if logit_bias else None)
+
+
+def content_text(content: Any) -> str:
+    """The text of an OpenAI message content: a string, or the text parts of an array joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    texts: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            kind = part.get("type")
+            text = part.get("text")
+            if kind in ("text", "input_text", "output_text", None) and isinstance(text, str):
+                texts.append(text)
+            elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                texts.append(part["refusal"])
+            else:
+                log.warning("skipping a content part of type %r (not supported in this version)", kind)
+    return "\n".join(texts)
+
+
+def _tool_calls_text(tool_calls: Any) -> str:
+    lines: list[str] = []
+    for call in tool_calls if isinstance(tool_calls, list) else []:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            lines.append(f"Tool call {call.get('id', '')}: {fn.get('name', '')}({fn.get('arguments', '')})")
+    return "\n".join(lines)
+
+
+def poe_message(role: str, content: str) -> dict[str, Any]:
+    return {"role": role, "content": content, "content_type": "text/markdown"}
+
+
+def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False) -> list[dict[str, Any]]:
+    """OpenAI messages -> Poe `query` messages, in order, one for one."""
+    query: list[dict[str, Any]] = []
+    for message in messages:
+        role = message["role"]
+        poe_role = ROLE_MAP.get(role, "user")
+        if poe_role == "system" and system_as_user:
+            poe_role = "user"  # replace_response bots take no system prompt
+        text = content_text(message.get("content"))
+        if role == "assistant" and message.get("tool_calls"):
+            text = "\n".join(t for t in (text, _tool_calls_text(message["tool_calls"])) if t)
+        elif role in ("tool", "function"):
+            ref = message.get("tool_call_id") or message.get("name") or ""
+            text = f"Tool result {ref}:\n{text}" if ref else text
+        query.append(poe_message(poe_role, text))
+    return query
+
+
+def build_poe_query(chat: ChatRequest, system_as_user: bool = False) -> dict[str, Any]:
+    """The body of a Poe bot `query` request for this chat request (a fastapi_poe QueryRequest)."""
+    query: dict[str, Any] = {
+        "version": POE_PROTOCOL_VERSION,
+        "type": "query",
+        "query": to_poe_messages(chat.messages, system_as_user),
+        "user_id": "",
+        "conversation_id": "",
+        "message_id": "",
+    }
+    if chat.temperature is not None:
+        query["temperature"] = chat.temperature
+    if chat.logit_bias:
+        query["logit_bias"] = chat.logit_bias
+    if chat.stop:
+        query["stop_sequences"] = chat.stop
+    return query
+
+
+def count_prompt_tokens(query: Mapping[str, Any]) -> int:
+    """Prompt tokens of a Poe query: message texts plus OpenAI's per-message overhead."""
+    return sum(4 + estimate_tokens(m.get("content", "")) for m in query.get("query", ())) + 2
+
+
+###############################################################################
+###############################################################################
+# Converters: Poe events -> neutral deltas -> OpenAI chunks / body (pure)
+###############################################################################
+
+# Delta kinds. One translator produces them; the stream encoder and the non-stream fold render them,
+# so streaming and non-streaming answers cannot drift apart.
+TEXT, REASONING, REPLACE, FINISH, ERROR = "text", "reasoning", "replace", "finish", "error"
+
+
+@dataclass(slots=True)
+class Delta:
+    kind: str
+    text: str = ""
+    error: ProxyError | None = None
+
+
+class PoeTranslator:
+    """Turns Poe SSE events into neutral deltas; `finished` once `done` or `error` was seen."""
+
+    def __init__(self) -> None:
+        self.finished = False
+        self.saw_done = False
+
+    def feed(self, event: SSEEvent) -> list[Delta]:
+        if self.finished:
+            return []
+        name = event.event
+        if name not in ("text", "replace_response", "error", "done", "file"):
+            return []  # meta, json, suggested_reply, data, ping: nothing for the client here
+        try:
+            data = json.loads(event.data) if event.data.strip() else {}
+        except ValueError:
+            log.warning("Poe sent a %s event whose data is not JSON; ignored", name)
+            return []
+        if not isinstance(data, dict):
+            data = {}
+        if name == "text":
+            text = data.get("text")
+            return [Delta(TEXT, text)] if isinstance(text, str) and text else []
+        if name == "replace_response":
+            text = data.get("text")
+            return [Delta(REPLACE, text if isinstance(text, str) else "")]
+        if name == "file":
+            return self._file(data)
+        self.finished = True
+        if name == "done":
+            self.saw_done = True
+            return [Delta(FINISH, "stop")]
+        return [Delta(ERROR, error=classify_poe_error(data))]
+
+    def end(self) -> list[Delta]:
+        """Poe's body ended cleanly. Without `done` we still finish: the text we got is the answer."""
+        if self.finished:
+            return []
+        self.finished = True
+        log.warning("Poe ended the answer without a `done` event; finishing it here")
+        return [Delta(FINISH, "stop")]
+
+    @staticmethod
+    def _file(data: Mapping[str, Any]) -> list[Delta]:
+        url = data.get("url")
+        if not isinstance(url, str) or not url:
+            return []
+        name = data.get("name") if isinstance(data.get("name"), str) else "file"
+        image = str(data.get("content_type") or "").startswith("image/")
+        return [Delta(TEXT, f"\n\n{'!' if image else ''}[{name}]({url})\n")]
+
+
+def openai_usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
+                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+
+class OpenAIStreamEncoder:
+    """Renders deltas as `chat.completion.chunk` SSE lines (never an `event:` line)."""
+
+    def __init__(self, completion_id: str, created_s: int, model: str, include_usage: bool) -> None:
+        # Every chunk shares this head; building it once keeps per-chunk work to one small dumps().
+        self._head = (b'data: {"id":' + dump_json(completion_id) + b',"object":"chat.completion.chunk","created":'
+                      + str(created_s).encode() + b',"model":' + dump_json(model) + b',"choices":[')
+        self._include_usage = include_usage
+        self._sent: list[str] = []       # content already streamed, for replace_response
+        self.content_chars = 0
+        self.reasoning: list[str] = []
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return self._head + dump_json(choice) + b"]}\n\n"
+
+    def start(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def encode(self, delta: Delta) -> bytes:
+        kind = delta.kind
+        if kind == TEXT:
+            self._sent.append(delta.text)
+            return self._chunk({"content": delta.text})
+        if kind == REASONING:
+            self.reasoning.append(delta.text)
+            return self._chunk({"reasoning_content": delta.text, "reasoning": delta.text})
+        if kind == REPLACE:
+            # A stream cannot take back what it sent: send only the new tail when the replacement
+            # extends what the client has, otherwise start the replacement after a blank line.
+            seen = "".join(self._sent)
+            new = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
+            self._sent = [delta.text]
+            return self._chunk({"content": new}) if new else b""
+        raise ValueError(f"not a content delta: {kind}")
+
+    def content(self) -> str:
+        return "".join(self._sent)
+
+    def finish(self, reason: str, usage: dict[str, Any] | None) -> bytes:
+        out = self._chunk({}, reason)
+        if self._include_usage and usage is not None:
+            out += self._head[:-len(b"[")] + b"[],\"usage\":" + dump_json(usage) + b"}\n\n"
+        return out + SSE_DONE
+
+    @staticmethod
+    def error(err: ProxyError) -> bytes:
+        return sse_data(err.openai_body()) + SSE_DONE
+
+
+class ChatFold:
+    """Folds deltas into a non-streaming `chat.completion` body: the same deltas a stream would carry."""
+
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self.finish_reason = "stop"
+
+    def add(self, delta: Delta) -> None:
+        if delta.kind == TEXT:
+            self._content.append(delta.text)
+        elif delta.kind == REPLACE:
+            self._content = [delta.text]   # non-stream answers carry exactly Poe's final text
+        elif delta.kind == REASONING:
+            self._reasoning.append(delta.text)
+        elif delta.kind == FINISH:
+            self.finish_reason = delta.text
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    def body(self, completion_id: str, created_s: int, model: str, usage: dict[str, Any]) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None}
+        if self._reasoning:
+            message["reasoning_content"] = message["reasoning"] = self.reasoning
+        return {"id": completion_id, "object": "chat.completion", "created": created_s, "model": model,
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": self.finish_reason}],
+                "usage": usage, "system_fingerprint": None}
+
+
+###############################################################################
+###############################################################################
+# Model registry: models.yaml (hot reload) and the model-list cache
+###############################################################################
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """models.yaml, in the Rust original's schema. `enable` is the master switch for renaming,
+    hiding and custom models."""
+
+    enable: bool = False
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    custom_models: list[dict[str, Any]] = field(default_factory=list)
+    api_token: str | None = None
+    use_v1_api: bool = False
+
+    @classmethod
+    def from_yaml(cls, text: str) -> ModelConfig:
+        data = yaml.safe_load(text)
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise ValueError("the top level must be a mapping")
+        models = data.get("models") or {}
+        if not isinstance(models, dict):
+            raise ValueError("`models` must be a mapping of bot name to settings")
+        clean: dict[str, dict[str, Any]] = {}
+        for name, entry in models.items():
+            if entry is not None and not isinstance(entry, dict):
+                raise ValueError(f"models.{name} must be a mapping")
+            clean[str(name)] = dict(entry or {})
+        custom = data.get("custom_models") or []
+        if not isinstance(custom, list) or not all(isinstance(c, dict) and c.get("id") for c in custom):
+            raise ValueError("`custom_models` must be a list of entries with an `id`")
+        token = data.get("api_token")
+        return cls(enable=bool(data.get("enable")), models=clean, custom_models=custom,
+                   api_token=str(token) if token else None, use_v1_api=bool(data.get("use_v1_api")))
+
+    def entry(self, name: str) -> dict[str, Any] | None:
+        """The models entry for a bot name, compared case-insensitively (exact match preferred)."""
+        if name in self.models:
+            return self.models[name]
+        folded = name.casefold()
+        for key, entry in self.models.items():
+            if key.casefold() == folded:
+                return entry
+        return None
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    bot: str                  # the Poe bot name used in /bot/{name}
+    display: str              # the name echoed to the client
+    replace_response: bool = False
+
+
+class ModelRegistry:
+    """Reads models.yaml, notices hand edits within `check_interval_s`, and keeps the last good
+    configuration in force when an edit does not parse."""
+
+    def __init__(self, path: str, check_interval_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._check_interval_s = check_interval_s
+        self._clock = clock
+        self._config = ModelConfig()
+        self._stamp: tuple[int, int] | None = None
+        self._checked_at = -math.inf
+        self.last_error: str | None = None
+
+    def config(self) -> ModelConfig:
+        now = self._clock()
+        if now - self._checked_at >= self._check_interval_s:
+            self._checked_at = now
+            self._reload_if_changed()
+        return self._config
+
+    def _reload_if_changed(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._stamp is not None:
+                log.warning("%s is gone; using the default model configuration", self.path)
+            self._config, self._stamp, self.last_error = ModelConfig(), None, None
+            return
+        except OSError as exc:
+            self.last_error = f"cannot read {self.path}: {exc}"
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                self._config = ModelConfig.from_yaml(fh.read())
+            self.last_error = None
+            log.info("loaded model configuration from %s", self.path)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            # Keep the last good configuration; never fall back to defaults and never rewrite the file.
+            self.last_error = f"{self.path} is not valid, keeping the previous configuration: {exc}"
+            log.error("%s", self.last_error.replace("\n", " "))
+
+    def resolve(self, requested: str) -> ModelRoute:
+        """Map the client's model name to a Poe bot. Refuses disabled models with 404."""
+        cfg = self.config()
+        bot = requested
+        if cfg.enable:
+            folded = requested.casefold()
+            for key, entry in cfg.models.items():  # file order: deterministic when names collide
+                mapping = entry.get("mapping")
+                if isinstance(mapping, str) and mapping.casefold() == folded:
+                    bot = key
+                    break
+            entry = cfg.entry(bot)
+            if entry is not None and entry.get("enable") is False:
+                raise ProxyError(404, f"The model '{requested}' is disabled on this proxy.",
+                                 "invalid_request_error", "model_not_found", "model")
+        entry = cfg.entry(bot)
+        return ModelRoute(bot=bot, display=requested,
+                          replace_response=bool(entry and entry.get("replace_response")))
+
+    def public_list(self, upstream: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The upstream list with this configuration applied: hidden, renamed and custom models."""
+        cfg = self.config()
+        if not cfg.enable:
+            return upstream
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for model in upstream:
+            entry = cfg.entry(model["id"])
+            if entry is not None and entry.get("enable") is False:
+                continue
+            mapping = entry.get("mapping") if entry else None
+            item = dict(model, id=mapping) if isinstance(mapping, str) and mapping else model
+            if item["id"].casefold() not in seen:
+                seen.add(item["id"].casefold())
+                out.append(item)
+        for custom in cfg.custom_models:
+            cid = str(custom["id"])
+            entry = cfg.entry(cid)
+            if entry is not None and entry.get("enable") is False:
+                continue
+            mapping = entry.get("mapping") if entry else None
+            public = mapping if isinstance(mapping, str) and mapping else cid
+            if public.casefold() in seen:
+                continue
+            seen.add(public.casefold())
+            created = custom.get("created")
+            out.append({"id": public, "object": "model",
+                        "created": _seconds(created) if _is_number(created) else int(time.time()),
+                        "owned_by": str(custom.get("owned_by") or "custom")})
+        return out
+
+
+def _seconds(stamp: float) -> int:
+    """Poe's /v1/models gives `created` in milliseconds; OpenAI clients expect seconds."""
+    return int(stamp // 1000) if stamp > 100_000_000_000 else int(stamp)
+
+
+def normalise_model_list(payload: Any) -> list[dict[str, Any]]:
+    """Poe's /v1/models answer -> OpenAI model objects (`created` in seconds). Bad entries skipped."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise upstream_error("Poe's model list has no `data` array")
+    models = []
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]:
+            continue
+        created = item.get("created")
+        models.append({"id": item["id"], "object": "model",
+                       "created": _seconds(created) if _is_number(created) else 0,
+                       "owned_by": str(item.get("owned_by") or "poe")})
+    return models
+
+
+###############################################################################
+###############################################################################
+# HTTP plumbing: one h11 stream class, used inbound (SERVER) and outbound (CLIENT)
+###############################################################################
+
+READ_CHUNK_BYTES = 64 * 1024
+WRITE_TIMEOUT_S = 30.0
+INBOUND_MAX_HEAD_BYTES = 64 * 1024
+OUTBOUND_MAX_HEAD_BYTES = 128 * 1024
+
+
+class HTTPStream:
+    """An h11.Connection over an asyncio (reader, writer) pair, with a deadline on every await."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 role: type[h11.CLIENT] | type[h11.SERVER], max_head_bytes: int) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
+        self.bytes_sent = 0
+
+    async def send(self, *events: h11._events.Event, timeout_s: float = WRITE_TIMEOUT_S) -> None:
+        try:
+            for event in events:
+                data = self.conn.send(event)
+                if data:
+                    self.writer.write(data)
+                    self.bytes_sent += len(data)
+            # drain() only blocks when the peer is slow; skip the timer in the common case.
+            if self.writer.transport.get_write_buffer_size() > 0:
+                await asyncio.wait_for(self.writer.drain(), timeout_s)
+            else:
+                await self.writer.drain()
+        except BaseException:
+            self.conn.send_failed()
+            raise
+
+    async def next_event(self, timeout_s: float) -> Any:
+        """The next h11 event; raises asyncio.TimeoutError when the peer is silent for timeout_s."""
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), timeout_s)
+            self.conn.receive_data(data)  # b"" tells h11 the peer closed
+
+    def is_reusable(self) -> bool:
+        return (self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+                and not self.writer.transport.is_closing() and not self.reader.at_eof())
+
+    async def aclose(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+            pass  # the socket is going away either way
+
+
+# ----------------------------------------------------------------------------- outbound
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: str) -> Origin:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme
+        return cls(scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def _target(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+class UpstreamResponse:
+    """A response from Poe whose body is read piece by piece; the connection goes back to the pool
+    only when the body was read to the end."""
+
+    def __init__(self, pool: UpstreamPool, origin: Origin, stream: HTTPStream, response: h11.Response) -> None:
+        self.status = response.status_code
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+        self._pool = pool
+        self._origin = origin
+        self._stream: HTTPStream | None = stream
+        self.complete = False
+
+    async def read_chunk(self, timeout_s: float) -> bytes | None:
+        """The next piece of the body, or None at its end. Raises asyncio.TimeoutError on silence and
+        ProxyError when Poe drops the connection before the body is complete."""
+        stream = self._stream
+        if stream is None or self.complete:
+            return None
+        try:
+            event = await stream.next_event(timeout_s)
+        except (h11.RemoteProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
+            await self.aclose()
+            raise upstream_error(f"Poe closed the connection before the answer was complete ({_describe(exc)})") \
+                from None
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            self.complete = True
+            self._release()
+            return None
+        await self.aclose()
+        raise upstream_error("Poe closed the connection before the answer was complete")
+
+    async def read_all(self, limit_bytes: int, timeout_s: float) -> bytes:
+        body = bytearray()
+        while True:
+            chunk = await self.read_chunk(timeout_s)
+            if chunk is None:
+                return bytes(body)
+            body += chunk
+            if len(body) > limit_bytes:
+                await self.aclose()
+                raise upstream_error(f"Poe's answer is larger than {limit_bytes} bytes")
+
+    def _release(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            self._pool.release(self._origin, stream)
+
+    async def aclose(self) -> None:
+        """Drop the connection (closing it makes Poe stop generating)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.aclose()
+
+    async def finish(self, timeout_s: float = 1.0) -> None:
+        """Read what is left of the body briefly so the connection can be reused, else close it."""
+        try:
+            while await self.read_chunk(timeout_s) is not None:
+                pass
+        except (ProxyError, asyncio.TimeoutError):
+            await self.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class UpstreamPool:
+    """Keep-alive connections to Poe, per origin; HTTPS with verification; HTTP(S)_PROXY aware."""
+
+    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None,
+                 max_idle_per_origin: int = 16, idle_expiry_s: float = 60.0) -> None:
+        self._settings = settings
+        self._ssl = ssl_context or _default_ssl_context()
+        self._proxies = dict(settings.proxies)
+        self._idle: dict[Origin, deque[tuple[HTTPStream, float]]] = {}
+        self._max_idle = max_idle_per_origin
+        self._idle_expiry_s = idle_expiry_s
+        self.connections_opened = 0
+
+    def release(self, origin: Origin, stream: HTTPStream) -> None:
+        if not stream.is_reusable():
+            asyncio.ensure_future(stream.aclose())
+            return
+        stream.conn.start_next_cycle()
+        idle = self._idle.setdefault(origin, deque())
+        idle.append((stream, time.monotonic()))
+        while len(idle) > self._max_idle:
+            asyncio.ensure_future(idle.popleft()[0].aclose())
+
+    def _take_idle(self, origin: Origin) -> HTTPStream | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            stream, since = idle.pop()
+            if now - since < self._idle_expiry_s and stream.is_reusable():
+                return stream
+            asyncio.ensure_future(stream.aclose())
+        return None
+
+    async def close(self) -> None:
+        for idle in self._idle.values():
+            while idle:
+                await idle.pop()[0].aclose()
+
+    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
+                      what: str, timeout_s: float | None = None) -> UpstreamResponse:
+        """Send one request and return once the response head arrived (or raise ProxyError).
+
+        A pooled connection that turns out to be dead before any answer is replaced once by a
+        fresh one; nothing reached Poe in that case, so the retry is safe.
+        """
+        origin = Origin.of(url)
+        read_timeout_s = timeout_s or self._settings.read_timeout_seconds
+        for attempt in (0, 1):
+            stream = self._take_idle(origin) if attempt == 0 else None
+            reused = stream is not None
+            if stream is None:
+                stream = await self._connect(origin, what)
+            proxy_http = self._proxy_for(origin) is not None and origin.scheme == "http"
+            target = url if proxy_http else _target(url)
+            all_headers = [("Host", origin.netloc), *headers, ("Content-Length", str(len(body)))]
+            try:
+                await stream.send(h11.Request(method=method, target=target, headers=all_headers),
+                                  h11.Data(data=body), h11.EndOfMessage())
+                while True:
+                    event = await stream.next_event(read_timeout_s)
+                    if isinstance(event, h11.Response):
+                        return UpstreamResponse(self, origin, stream, event)
+                    if isinstance(event, h11.InformationalResponse):
+                        continue
+                    raise h11.RemoteProtocolError("connection closed before a response")
+            except asyncio.TimeoutError:
+                await stream.aclose()
+                raise upstream_error(f"{what}: Poe did not answer within {read_timeout_s:g} s", 504,
+                                     "upstream_timeout") from None
+            except (h11.RemoteProtocolError, h11.LocalProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
+                await stream.aclose()
+                if reused:
+                    continue
+                raise upstream_error(f"{what}: the connection to {origin.host} failed ({_describe(exc)})") from None
+        raise AssertionError("unreachable")
+
+    def _proxy_for(self, origin: Origin) -> str | None:
+        if not self._proxies or urllib.request.proxy_bypass_environment(origin.host, self._proxies):
+            return None
+        return self._proxies.get(origin.scheme)
+
+    async def _connect(self, origin: Origin, what: str) -> HTTPStream:
+        timeout_s = self._settings.connect_timeout_seconds
+        proxy = self._proxy_for(origin)
+        where = f"{origin.host}:{origin.port}"
+        try:
+            if proxy is None:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    origin.host, origin.port,
+                    ssl=self._ssl if origin.scheme == "https" else None,
+                    server_hostname=origin.host if origin.scheme == "https" else None,
+                    ssl_handshake_timeout=timeout_s if origin.scheme == "https" else None,
+                    limit=READ_CHUNK_BYTES), timeout_s)
+            else:
+                where = f"{where} through the proxy {_redact_url(proxy)}"
+                reader, writer = await asyncio.wait_for(self._via_proxy(origin, proxy), timeout_s)
+        except asyncio.TimeoutError:
+            raise upstream_error(f"{what}: timed out connecting to {where} after {timeout_s:g} s", 504,
+                                 "upstream_timeout") from None
+        except ProxyError:
+            raise
+        except socket.gaierror as exc:
+            raise upstream_error(f"{what}: cannot resolve {origin.host} (DNS failure: {exc.strerror or exc})",
+                                 code="upstream_dns_error") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise upstream_error(f"{what}: TLS certificate verification failed for {where}: "
+                                 f"{exc.verify_message or exc.reason}", code="upstream_tls_error") from None
+        except ssl.SSLError as exc:
+            raise upstream_error(f"{what}: TLS handshake with {where} failed ({exc.reason or exc})",
+                                 code="upstream_tls_error") from None
+        except ConnectionRefusedError:
+            raise upstream_error(f"{what}: connection refused by {where}", code="upstream_unreachable") from None
+        except OSError as exc:
+            raise upstream_error(f"{what}: cannot connect to {where} ({_describe(exc)})",
+                                 code="upstream_unreachable") from None
+        self.connections_opened += 1
+        return HTTPStream(reader, writer, h11.CLIENT, OUTBOUND_MAX_HEAD_BYTES)
+
+    async def _via_proxy(self, origin: Origin, proxy_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        proxy = urllib.parse.urlsplit(proxy_url if "://" in proxy_url else "http://" + proxy_url)
+        if proxy.scheme != "http":
+            raise upstream_error(f"proxy {_redact_url(proxy_url)}: only http:// proxy URLs are supported",
+                                 code="upstream_proxy_error")
+        proxy_host, proxy_port = proxy.hostname or "", proxy.port or 8080
+        if origin.scheme == "http":
+            # Plain HTTP goes to the proxy in absolute form; no tunnel needed.
+            return await asyncio.open_connection(proxy_host, proxy_port, limit=READ_CHUNK_BYTES)
+        # HTTPS: open a TCP socket to the proxy, ask for a CONNECT tunnel on the raw socket, then
+        # run TLS over it. Working on the socket before asyncio wraps it avoids start_tls, which
+        # StreamWriter only has from Python 3.11.
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(proxy_host, proxy_port, type=socket.SOCK_STREAM)
+        sock: socket.socket | None = None
+        last_error: OSError | None = None
+        for family, type_, proto, _, address in infos:
+            candidate = socket.socket(family, type_, proto)
+            candidate.setblocking(False)
+            try:
+                await loop.sock_connect(candidate, address)
+                sock = candidate
+                break
+            except OSError as exc:
+                candidate.close()
+                last_error = exc
+        if sock is None:
+            raise last_error or OSError(f"cannot connect to proxy {proxy_host}")
+        try:
+            authority = f"{origin.host}:{origin.port}"
+            headers = [("Host", authority)]
+            if proxy.username:
+                creds = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+                headers.append(("Proxy-Authorization", "Basic " + base64.b64encode(creds.encode()).decode()))
+            tunnel = h11.Connection(h11.CLIENT)
+            await loop.sock_sendall(sock, tunnel.send(h11.Request(method="CONNECT", target=authority,
+                                                                  headers=headers)))
+            while True:
+                event = tunnel.next_event()
+                if event is h11.NEED_DATA:
+                    tunnel.receive_data(await loop.sock_recv(sock, 4096))
+                    continue
+                if isinstance(event, h11.Response):
+                    break
+                if isinstance(event, h11.InformationalResponse):
+                    continue
+                raise ConnectionError("the proxy closed the connection")
+            if not 200 <= event.status_code < 300:
+                raise upstream_error(f"the proxy {proxy_host}:{proxy_port} refused the tunnel to {authority} "
+                                     f"(HTTP {event.status_code})", code="upstream_proxy_error")
+            if tunnel.trailing_data[0]:
+                raise upstream_error("the proxy sent data before the TLS handshake", code="upstream_proxy_error")
+            return await asyncio.open_connection(sock=sock, ssl=self._ssl, server_hostname=origin.host,
+                                                 ssl_handshake_timeout=self._settings.connect_timeout_seconds,
+                                                 limit=READ_CHUNK_BYTES)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()   # CERT_REQUIRED + hostname check, system CA store
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _redact_url(url: str) -> str:
+    """A URL fit for logs and error messages: user and password removed."""
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+###############################################################################
+###############################################################################
+# Poe client: bot queries (SSE), model list
+###############################################################################
+
+USER_AGENT = f"poe2openai/{__version__}"
+
+
+class PoeEventStream:
+    """The SSE events of one bot answer, pulled piece by piece with an idle deadline."""
+
+    def __init__(self, response: UpstreamResponse, idle_timeout_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._response = response
+        self._decoder = SSEDecoder()
+        self._idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._last_bytes_at = clock()
+        self.ended = False
+
+    async def read(self, wait_s: float) -> list[SSEEvent] | None:
+        """Events from the next piece of the body: [] when nothing came within wait_s, None once the
+        body has ended. Raises ProxyError when Poe has been silent past the idle timeout or drops
+        the connection."""
+        if self.ended:
+            return None
+        idle_left_s = self._idle_timeout_s - (self._clock() - self._last_bytes_at)
+        if idle_left_s <= 0:
+            await self._response.aclose()
+            raise upstream_error(f"Poe sent nothing for {self._idle_timeout_s:g} s", 504, "upstream_timeout")
+        try:
+            chunk = await self._response.read_chunk(min(wait_s, idle_left_s))
+        except asyncio.TimeoutError:
+            return []
+        if chunk is None:
+            self.ended = True
+            try:
+                return self._decoder.close()
+            except ValueError as exc:
+                raise upstream_error(f"Poe's event stream is malformed ({exc})") from None
+        self._last_bytes_at = self._clock()
+        try:
+            return self._decoder.feed(chunk)
+        except ValueError as exc:
+            await self._response.aclose()
+            raise upstream_error(f"Poe's event stream is malformed ({exc})") from None
+
+    async def finish(self) -> None:
+        """Called once we have what we need: reuse the connection if the body ends promptly."""
+        if not self.ended:
+            await self._response.finish()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class PoeClient:
+    def __init__(self, settings: Settings, pool: UpstreamPool) -> None:
+        self._settings = settings
+        self._pool = pool
+
+    async def open_bot_stream(self, bot: str, query: dict[str, Any], api_key: str) -> PoeEventStream:
+        """POST the query to /bot/{bot}. Returns once Poe accepted it; raises ProxyError otherwise."""
+        url = f"{self._settings.poe_base_url}/bot/{urllib.parse.quote(bot, safe='')}"
+        headers = [("Authorization", f"Bearer {api_key}"), ("Content-Type", "application/json"),
+                   ("Accept", "text/event-stream"), ("Accept-Encoding", "identity"),
+                   ("Cache-Control", "no-store"), ("User-Agent", USER_AGENT)]
+        response = await self._pool.request("POST", url, headers, dump_json(query), f"bot {bot}")
+        if response.status != 200:
+            body = await _read_error_body(response)
+            raise classify_poe_status(response.status, body, f"bot {bot}")
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:
+            body = await _read_error_body(response)
+            detail = _error_text_from_body(body)
+            raise upstream_error(f"bot {bot}: Poe answered with {content_type or 'no content type'} instead of "
+                                 f"an event stream" + (f": {detail}" if detail else ""))
+        return PoeEventStream(response, self._settings.read_timeout_seconds)
+
+    async def list_models(self, api_key: str | None) -> list[dict[str, Any]]:
+        url = f"{self._settings.poe_base_url}/v1/models"
+        headers = [("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
+        if api_key:
+            headers.append(("Authorization", f"Bearer {api_key}"))
+        response = await self._pool.request("GET", url, headers, b"", "model list")
+        body = await response.read_all(32 * 1024 * 1024, self._settings.read_timeout_seconds)
+        if response.status != 200:
+            raise classify_poe_status(response.status, body, "model list")
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise upstream_error("model list: Poe's answer is not JSON") from None
+        return normalise_model_list(payload)
+
+
+async def _read_error_body(response: UpstreamResponse) -> bytes:
+    try:
+        return await response.read_all(64 * 1024, 5.0)
+    except (ProxyError, asyncio.TimeoutError):
+        await response.aclose()
+        return b""
+
+
+class ModelCatalog:
+    """Poe's model list, cached for a TTL, fetched by one caller at a time, and served stale when
+    Poe cannot be reached."""
+
+    def __init__(self, client: PoeClient, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._models: list[dict[str, Any]] | None = None
+        self._fetched_at = -math.inf
+        self._lock = asyncio.Lock()
+
+    async def models(self, api_key: str | None) -> list[dict[str, Any]]:
+        if self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
+            return self._models
+        async with self._lock:
+            if self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
+                return self._models  # someone else refreshed it while we waited
+            try:
+                self._models = await self._client.list_models(api_key)
+                self._fetched_at = self._clock()
+            except ProxyError as exc:
+                if self._models is None:
+                    raise
+                log.warning("model list refresh failed, serving the cached list: %s", exc.message)
+            return self._models
+
+
+###############################################################################
+###############################################################################
+# Handlers and the route table
+###############################################################################
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]     # lower-case names; repeated headers joined with ", "
+    body: bytes
+    request_id: str
+    client: str = ""
+    # Filled in by handlers for the access log.
+    model: str = ""
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None   # set for streamed bodies (no Content-Length)
+
+
+def json_response(status: int, obj: Any, headers: Iterable[tuple[str, str]] = ()) -> Response:
+    return Response(status, [("Content-Type", "application/json"), *headers], dump_json(obj))
+
+
+def error_response(err: ProxyError) -> Response:
+    return json_response(err.status, err.openai_body(), err.headers)
+
+
+SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
+               ("X-Accel-Buffering", "no")]
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, X-Api-Key, " \
+                     "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, " \
+                     "X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, " \
+                     "X-Stainless-Timeout, Anthropic-Version, Anthropic-Beta"
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def api_key_of(request: Request) -> str:
+    """The client's Poe key from `Authorization: Bearer …` (or `x-api-key`). Never logged."""
+    auth = request.headers.get("authorization", "").strip()
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    key = request.headers.get("x-api-key", "").strip()
+    if key:
+        return key
+    if auth:
+        raise ProxyError(401, "The Authorization header must be 'Bearer <your Poe API key>'.",
+                         "invalid_request_error", "invalid_api_key")
+    raise ProxyError(401, "Missing API key: send your Poe API key as 'Authorization: Bearer <key>' "
+                     "(get one at https://poe.com/api_key).", "invalid_request_error", "invalid_api_key")
+
+
+def parse_json_body(request: Request) -> Any:
+    if not request.body.strip():
+        raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
+    try:
+        return json.loads(request.body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+
+class App:
+    """The proxy: settings, shared state and the request handlers."""
+
+    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.settings = settings
+        self.pool = UpstreamPool(settings, ssl_context)
+        self.poe = PoeClient(settings, self.pool)
+        self.registry = ModelRegistry(settings.models_path)
+        self.catalog = ModelCatalog(self.poe, settings.models_cache_ttl_seconds)
+        self.gate = RateGate(settings.rate_limit_ms / 1000.0)
+        self.started_at = time.time()
+        self.admin_page = _load_admin_page()
+        # path -> {method: handler}; 404 and 405 are decided from this table alone.
+        self.routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
+            "/v1/chat/completions": {"POST": self.chat},
+            "/chat/completions": {"POST": self.chat},
+            "/v1/models": {"GET": self.list_models},
+            "/models": {"GET": self.list_models},
+            "/healthz": {"GET": self.health},
+            "/admin": {"GET": self.admin},
+            "/": {"GET": self.index},
+        }
+        self.api_paths = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models"}
+
+    async def dispatch(self, request: Request) -> Response:
+        """Route a request; every error becomes an OpenAI-shaped response here and only here."""
+        path = request.path if request.path == "/" else request.path.rstrip("/")
+        cors = path in self.api_paths
+        try:
+            methods = self.routes.get(path)
+            if methods is None:
+                raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions "
+                                 "and /v1/models.", "invalid_request_error", "not_found")
+            if request.method == "OPTIONS" and cors:
+                return self._preflight(request)
+            handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
+            if handler is None:
+                allowed = ", ".join(sorted(methods) + (["OPTIONS"] if cors else []))
+                raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
+                                 "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
+            response = await handler(request)
+        except ProxyError as exc:
+            response = error_response(exc)
+        except Exception:
+            # A bug of ours: log it with its traceback, never show it to the client.
+            log.exception("request %s failed", request.request_id)
+            response = error_response(ProxyError(500, "Internal error in the proxy; see its log "
+                                                 f"(request {request.request_id}).", "server_error", "internal_error"))
+        if cors:
+            response.headers.extend(self._cors_headers(request))
+        return response
+
+    @staticmethod
+    def _cors_headers(request: Request) -> list[tuple[str, str]]:
+        return [("Access-Control-Allow-Origin", "*"),
+                ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After")]
+
+    @staticmethod
+    def _preflight(request: Request) -> Response:
+        asked = request.headers.get("access-control-request-headers", "")
+        extra = [h.strip() for h in asked.split(",") if _TOKEN_RE.match(h.strip())
+                 and h.strip().lower() not in ("cookie", "set-cookie")]
+        allow = CORS_ALLOW_HEADERS + "".join(", " + h for h in extra
+                                             if h.lower() not in CORS_ALLOW_HEADERS.lower().split(", "))
+        return Response(204, [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                              ("Access-Control-Allow-Headers", allow),
+                              ("Access-Control-Max-Age", "3600")])
+
+    # --------------------------------------------------------------------- simple routes
+
+    async def health(self, request: Request) -> Response:
+        return json_response(200, {"status": "ok", "version": __version__,
+                                   "uptime_s": round(time.time() - self.started_at, 1)})
+
+    async def index(self, request: Request) -> Response:
+        return json_response(200, {"name": "poe2openai", "version": __version__,
+                                   "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /healthz",
+                                                 "GET /admin"]})
+
+    async def admin(self, request: Request) -> Response:
+        self._check_admin(request)
+        if self.admin_page is None:
+            raise ProxyError(404, "adminpage.html was not found next to poe2openai.py.", "invalid_request_error",
+                             "not_found")
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")],
+                        self.admin_page)
+
+    def _check_admin(self, request: Request) -> None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        user = password = b""
+        if scheme.lower() == "basic":
+            try:
+                user, _, password = base64.b64decode(value.strip(), validate=True).partition(b":")
+            except ValueError:
+                pass
+        # Compare both parts in constant time, and both always, so timing tells nothing.
+        ok_user = hmac.compare_digest(user, self.settings.admin_username.encode())
+        ok_password = hmac.compare_digest(password, self.settings.admin_password.encode())
+        if not (ok_user and ok_password):
+            raise ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
+                             headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
+
+    # --------------------------------------------------------------------- models
+
+    async def list_models(self, request: Request) -> Response:
+        cfg = self.registry.config()
+        key = cfg.api_token or _optional_key(request)
+        models = self.registry.public_list(await self.catalog.models(key))
+        return json_response(200, {"object": "list", "data": models})
+
+    # --------------------------------------------------------------------- chat
+
+    async def chat(self, request: Request) -> Response:
+        api_key = api_key_of(request)
+        chat = parse_chat_request(parse_json_body(request))
+        request.model = chat.model
+        route = self.registry.resolve(chat.model)
+        query = build_poe_query(chat, system_as_user=route.replace_response)
+        completion_id, created_s = new_id("chatcmpl-"), int(time.time())
+        prompt_tokens = count_prompt_tokens(query)
+        await self.gate.wait()
+        events = await self.poe.open_bot_stream(route.bot, query, api_key)
+        translator = PoeTranslator()
+        if not chat.stream:
+            return await self._chat_whole(events, translator, completion_id, created_s, route, prompt_tokens)
+        return await self._chat_stream(events, translator, completion_id, created_s, route, chat, prompt_tokens)
+
+    async def _next_deltas(self, events: PoeEventStream, translator: PoeTranslator, wait_s: float) -> list[Delta]:
+        """Deltas from the next piece of Poe's answer ([] if it was silent for wait_s)."""
+        batch = await events.read(wait_s)
+        if batch is None:
+            return translator.end()
+        deltas: list[Delta] = []
+        for event in batch:
+            deltas.extend(translator.feed(event))
+        return deltas
+
+    async def _chat_whole(self, events: PoeEventStream, translator: PoeTranslator, completion_id: str,
+                          created_s: int, route: ModelRoute, prompt_tokens: int) -> Response:
+        fold = ChatFold()
+        try:
+            while not translator.finished:
+                for delta in await self._next_deltas(events, translator, self.settings.read_timeout_seconds):
+                    if delta.kind == ERROR:
+                        assert delta.error is not None
+                        raise delta.error
+                    fold.add(delta)
+        except BaseException:
+            await events.aclose()
+            raise
+        await events.finish()
+        usage = openai_usage(prompt_tokens, estimate_tokens(fold.content) + estimate_tokens(fold.reasoning),
+                             estimate_tokens(fold.reasoning))
+        return json_response(200, fold.body(completion_id, created_s, route.display, usage))
+
+    async def _chat_stream(self, events: PoeEventStream, translator: PoeTranslator, completion_id: str,
+                           created_s: int, route: ModelRoute, chat: ChatRequest, prompt_tokens: int) -> Response:
+        # Hold the response head until Poe's first real event (or STREAM_HOLD_SECONDS), so an error
+        # that comes first still gets its real HTTP status instead of a 200 with an error chunk.
+        held: list[Delta] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.stream_hold_seconds
+        try:
+            while not held and not translator.finished:
+                left_s = deadline - loop.time()
+                if left_s <= 0:
+                    break
+                held.extend(await self._next_deltas(events, translator, left_s))
+        except BaseException:
+            await events.aclose()
+            raise
+        if held and held[0].kind == ERROR:
+            await events.aclose()
+            assert held[0].error is not None
+            raise held[0].error
+        encoder = OpenAIStreamEncoder(completion_id, created_s, route.display, chat.include_usage)
+        return Response(200, list(SSE_HEADERS),
+                        stream=self._sse_body(events, translator, encoder, held, prompt_tokens))
+
+    async def _sse_body(self, events: PoeEventStream, translator: PoeTranslator, encoder: OpenAIStreamEncoder,
+                        held: list[Delta], prompt_tokens: int) -> AsyncIterator[bytes]:
+        """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
+        clean = False
+        loop = asyncio.get_running_loop()
+        keepalive_s = self.settings.sse_keepalive_seconds
+        last_write_s = loop.time()
+        try:
+            out = encoder.start()
+            deltas = held
+            while True:
+                for delta in deltas:
+                    if delta.kind == FINISH:
+                        content = encoder.content()
+                        reasoning = "".join(encoder.reasoning)
+                        usage = openai_usage(prompt_tokens, estimate_tokens(content) + estimate_tokens(reasoning),
+                                             estimate_tokens(reasoning))
+                        yield out + encoder.finish(delta.text, usage)
+                        clean = True
+                        return
+                    if delta.kind == ERROR:
+                        assert delta.error is not None
+                        yield out + encoder.error(delta.error)
+                        return
+                    out += encoder.encode(delta)
+                if out:
+                    yield out
+                    out = b""
+                    last_write_s = loop.time()
+                # Poe's own pings do not reach the client, so time keep-alives from our last write.
+                wait_s = keepalive_s - (loop.time() - last_write_s)
+                if wait_s <= 0:
+                    yield SSE_KEEPALIVE
+                    last_write_s = loop.time()
+                    wait_s = keepalive_s
+                deltas = await self._next_deltas(events, translator, wait_s)
+        except ProxyError as exc:
+            log.warning("stream failed after it started: %s", exc.message)
+            yield encoder.error(exc)
+        finally:
+            if clean:
+                await events.finish()
+            else:
+                await events.aclose()   # the client left or Poe failed: stop Poe generating
+
+
+def _optional_key(request: Request) -> str | None:
+    try:
+        return api_key_of(request)
+    except ProxyError:
+        return None
+
+
+def _load_admin_page() -> bytes | None:
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adminpage.html")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+###############################################################################
+###############################################################################
+# Inbound connections
+###############################################################################
+
+access_log = logging.getLogger("poe2openai.access")
+
+
+@dataclass
+class ServerState:
+    closing: bool = False
+    connections: set[InboundConnection] = field(default_factory=set)
+
+
+def _raw_error(status: int, reason: str, err: ProxyError) -> bytes:
+    """A complete close-delimited error response, for failures before h11 has a request to answer."""
+    body = dump_json(err.openai_body())
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode() + body
+
+
+class InboundConnection:
+    """One client connection: reads requests with h11, runs them through the App, writes responses."""
+
+    def __init__(self, app: App, state: ServerState, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.app = app
+        self.settings = app.settings
+        self.state = state
+        self.http = HTTPStream(reader, writer, h11.SERVER, INBOUND_MAX_HEAD_BYTES)
+        peer = writer.get_extra_info("peername")
+        self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
+        self.busy = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        try:
+            while not self.state.closing:
+                if not await self._one_request():
+                    break
+                if self.http.conn.our_state is h11.MUST_CLOSE or self.state.closing:
+                    break
+                try:
+                    self.http.conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    break  # the client has not finished its request body (we answered early): close
+        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
+            pass  # the client went away or stalled; nothing left to tell it
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+        finally:
+            await self.http.aclose()
+
+    async def _read_head(self) -> Any:
+        """Wait for the next request head: idle keep-alive time first, then HEADER_TIMEOUT_SECONDS once
+        its first byte arrived (a new connection gets the header timeout from the start)."""
+        conn = self.http.conn
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.header_timeout_seconds \
+            if conn.their_state is h11.IDLE and self.http.bytes_sent == 0 else None
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if deadline is None and conn.trailing_data[0]:
+                deadline = loop.time() + self.settings.header_timeout_seconds
+            timeout_s = deadline - loop.time() if deadline is not None else self.settings.keepalive_timeout_seconds
+            if timeout_s <= 0:
+                raise asyncio.TimeoutError
+            data = await asyncio.wait_for(self.http.reader.read(READ_CHUNK_BYTES), timeout_s)
+            if deadline is None and data:
+                deadline = loop.time() + self.settings.header_timeout_seconds
+            conn.receive_data(data)
+
+    async def _one_request(self) -> bool:
+        """Serve one request; False when the connection should close."""
+        try:
+            event = await self._read_head()
+        except asyncio.TimeoutError:
+            if self.http.conn.trailing_data[0]:
+                await self._write_raw(_raw_error(408, "Request Timeout", ProxyError(
+                    408, "The request head did not arrive in time.", "invalid_request_error", "request_timeout")))
+            return False
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            reason = "Request Header Fields Too Large" if status == 431 else "Bad Request"
+            message = "The request headers are too large." if status == 431 else f"Malformed HTTP request: {exc}"
+            await self._write_raw(_raw_error(status, reason, ProxyError(status, message, "invalid_request_error",
+                                                                        "bad_http_request")))
+            return False
+        if not isinstance(event, h11.Request):
+            return False  # ConnectionClosed or PAUSED: the client is done
+        self.busy = True
+        started_s = time.perf_counter()
+        sent_before = self.http.bytes_sent
+        request = self._request_from(event, new_id("req_")[:16])
+        response: Response | None = None
+        try:
+            response = await self._read_body(request) or await self.app.dispatch(request)
+            await self._send(request, response)
+            return True
+        finally:
+            self.busy = False
+            access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
+                            response.status if response else 0, (time.perf_counter() - started_s) * 1000,
+                            self.http.bytes_sent - sent_before, request.model or "-", request.request_id)
+
+    def _request_from(self, event: h11.Request, request_id: str) -> Request:
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        if "://" in path:  # absolute-form target: keep only the path
+            path = urllib.parse.urlsplit(path).path or "/"
+        return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
+                       query=query, headers=headers, body=b"", request_id=request_id, client=self.client)
+
+    async def _read_body(self, request: Request) -> Response | None:
+        """Read the body under MAX_REQUEST_SIZE; returns an error response instead when it cannot."""
+        limit = self.settings.max_request_size
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return self._too_large(limit)
+        conn = self.http.conn
+        if conn.they_are_waiting_for_100_continue:
+            await self.http.send(h11.InformationalResponse(status_code=100, headers=[]))
+        body = bytearray()
+        while True:
+            try:
+                event = await self.http.next_event(self.settings.read_timeout_seconds)
+            except h11.RemoteProtocolError as exc:
+                return self._closing(error_response(bad_request(f"Malformed request body: {exc}", None,
+                                                                "bad_http_request")))
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limit:
+                    return self._too_large(limit)
+            elif isinstance(event, h11.EndOfMessage):
+                request.body = bytes(body)
+                return None
+            else:
+                raise ConnectionError("client closed the connection while sending its body")
+
+    def _too_large(self, limit: int) -> Response:
+        return self._closing(error_response(ProxyError(
+            413, f"The request body is larger than MAX_REQUEST_SIZE ({limit} bytes).", "invalid_request_error",
+            "payload_too_large")))
+
+    @staticmethod
+    def _closing(response: Response) -> Response:
+        response.headers.append(("Connection", "close"))
+        return response
+
+    async def _send(self, request: Request, response: Response) -> None:
+        headers = list(response.headers)
+        if self.state.closing and ("Connection", "close") not in headers:
+            headers.append(("Connection", "close"))
+        headers.append(("Server", f"poe2openai/{__version__}"))
+        headers.append(("X-Request-Id", request.request_id))
+        if response.stream is None:
+            headers.append(("Content-Length", str(len(response.body))))
+            events: list[Any] = [h11.Response(status_code=response.status, headers=headers)]
+            if response.body and request.method != "HEAD":
+                events.append(h11.Data(data=response.body))
+            events.append(h11.EndOfMessage())
+            await self.http.send(*events)
+            return
+        stream = response.stream
+        try:
+            await self.http.send(h11.Response(status_code=response.status, headers=headers))
+            async for chunk in stream:
+                if chunk:
+                    await self.http.send(h11.Data(data=chunk))
+            await self.http.send(h11.EndOfMessage())
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # async generator: closes Poe's side too
+
+    async def _write_raw(self, data: bytes) -> None:
+        try:
+            self.http.writer.write(data)
+            await asyncio.wait_for(self.http.writer.drain(), 5.0)
+        except (ConnectionError, asyncio.TimeoutError, OSError):
+            pass
+
+
+###############################################################################
+###############################################################################
+# Server lifecycle
+###############################################################################
+
+SHUTDOWN_GRACE_S = 30.0
+
+
+async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None,
+                stop: asyncio.Event | None = None, ssl_context: ssl.SSLContext | None = None,
+                install_signal_handlers: bool = False, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+    """Run the proxy until `stop` is set (or SIGTERM/SIGINT when install_signal_handlers).
+
+    For embedding: ``await serve(Settings(port=0), ready=print_port, stop=event)``. `ready` gets the
+    bound port. On stop, new connections are refused, idle ones closed, and running streams get
+    `shutdown_grace_s` to finish.
+    """
+    app = App(settings, ssl_context)
+    state = ServerState()
+    loop = asyncio.get_running_loop()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = InboundConnection(app, state, reader, writer)
+        connection.task = asyncio.current_task()  # type: ignore[assignment]
+        state.connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            state.connections.discard(connection)
+
+    server = await asyncio.start_server(on_connect, settings.host or None, settings.port,
+                                        limit=READ_CHUNK_BYTES, backlog=1024, reuse_address=True)
+    port = server.sockets[0].getsockname()[1]
+    log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
+             settings.host or "*", port, settings.poe_base_url, os.path.abspath(settings.models_path))
+    if ready is not None:
+        ready(port)
+    stop = stop or asyncio.Event()
+    if install_signal_handlers:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(signum, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass  # not the main thread, or Windows
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: no new connections, %d open", len(state.connections))
+        state.closing = True
+        server.close()
+        for connection in list(state.connections):
+            if not connection.busy and connection.task is not None:
+                connection.task.cancel()
+        busy = [c.task for c in state.connections if c.task is not None]
+        if busy:
+            _, pending = await asyncio.wait(busy, timeout=shutdown_grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+        await app.pool.close()
+        log.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = Settings.from_env(argv=sys.argv[1:] if argv is None else argv)
+    except SettingsError as exc:
+        print(f"poe2openai: invalid setting: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if settings.admin_password == Settings.admin_password:
+        loopback = settings.host in ("127.0.0.1", "localhost", "::1")
+        (log.info if loopback else log.warning)(
+            "the admin page uses the default password; set ADMIN_PASSWORD%s",
+            "" if loopback else f" (listening on {settings.host or 'all addresses'}: anyone who reaches this "
+                                "port can change your model settings)")
+    try:
+        asyncio.run(serve(settings, install_signal_handlers=True))
+    except OSError as exc:
+        print(f"poe2openai: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

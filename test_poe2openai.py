@@ -1,0 +1,482 @@
+"""Tests for poe2openai, in three tiers mirroring the module: pure pieces, settings and HTTP, and
+end-to-end runs with the official openai SDK against the proxy and a hand-written fake Poe upstream
+that controls the raw bytes (line ends, chunk splits, disconnects, statuses).
+
+Run: python -m pytest -q test_poe2openai.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import h11
+import httpx
+import openai
+import pytest
+from fastapi_poe.types import QueryRequest
+from hypothesis import given, settings as hsettings, strategies as st
+
+import poe2openai as p2o
+
+HERE = Path(__file__).resolve().parent
+FIXTURES = HERE.parent / "shared" / "fixtures"
+KEY = "poe-test-key-0123456789abcdef"
+
+
+###############################################################################
+# The fake Poe upstream
+###############################################################################
+
+def sse(event: str, data: Any, eol: str = "\n") -> bytes:
+    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"event: {event}{eol}data: {body}{eol}{eol}".encode()
+
+
+def text_events(*texts: str, eol: str = "\n", done: bool = True) -> list[bytes]:
+    steps = [sse("meta", {"content_type": "text/markdown", "suggested_replies": False}, eol)]
+    steps += [sse("text", {"text": t}, eol) for t in texts]
+    if done:
+        steps.append(sse("done", {}, eol))
+    return steps
+
+
+@dataclass
+class Script:
+    """What the fake Poe does for one bot: a status and a list of steps. A bytes step is one HTTP
+    chunk written on its own; a float step sleeps; DISCONNECT drops the connection mid-body."""
+    steps: list[Any] = field(default_factory=list)
+    status: int = 200
+    content_type: str = "text/event-stream"
+    body: bytes = b""      # for non-200 answers
+
+
+DISCONNECT = "DISCONNECT"
+
+
+class FakePoe:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.models: Any = {"object": "list", "data": [
+            {"id": "GPT-4o", "object": "model", "created": 1715644800000, "owned_by": "OpenAI"},
+            {"id": "Claude-Sonnet-4.5", "object": "model", "created": 1727000000000, "owned_by": "Anthropic"}]}
+        self.models_status = 200
+        self.requests: list[dict[str, Any]] = []
+        self.invalid_queries: list[str] = []
+        self.connections = 0
+        self.closed_midway = asyncio.Event
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.disconnects: list[float] = []   # when a client dropped us while we streamed
+
+    def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
+        self.scripts[bot] = Script(steps=list(steps or []), **kw)
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=ssl_context)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body = await self._read_request(conn, reader)
+                if request is None:
+                    return
+                keep = await self._answer(conn, writer, request, body)
+                if not keep or conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError):
+            return
+        finally:
+            writer.close()
+
+    async def _read_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> tuple[Any, bytes]:
+        request = None
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return request, body
+            else:
+                return None, b""
+
+    async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, request: h11.Request,
+                      body: bytes) -> bool:
+        path = request.target.decode()
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        record = {"method": request.method.decode(), "path": path, "headers": headers, "body": body}
+        self.requests.append(record)
+        if path == "/v1/models":
+            payload = json.dumps(self.models).encode()
+            await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
+                ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
+                h11.Data(data=payload), h11.EndOfMessage())
+            return True
+        bot = path.rsplit("/", 1)[-1]
+        query = json.loads(body)
+        record["query"] = query
+        try:
+            QueryRequest.model_validate(query)   # every query must parse as fastapi_poe's QueryRequest
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted by the tests
+            self.invalid_queries.append(f"{bot}: {exc}")
+        script = self.scripts.get(bot) or Script(text_events(f"Hello from {bot}"))
+        if script.status != 200:
+            await self._send(conn, writer, h11.Response(status_code=script.status, headers=[
+                ("Content-Type", "application/json"), ("Content-Length", str(len(script.body)))]),
+                h11.Data(data=script.body), h11.EndOfMessage())
+            return True
+        await self._send(conn, writer, h11.Response(status_code=200, headers=[
+            ("Content-Type", script.content_type), ("Transfer-Encoding", "chunked")]))
+        for step in script.steps:
+            if step == DISCONNECT:
+                writer.transport.abort()
+                return False
+            if isinstance(step, (int, float)):
+                await asyncio.sleep(step)
+                continue
+            try:
+                await self._send(conn, writer, h11.Data(data=step))
+            except ConnectionError:
+                self.disconnects.append(time.monotonic())
+                return False
+            await asyncio.sleep(0.002)   # let each chunk arrive in a read of its own
+        await self._send(conn, writer, h11.EndOfMessage())
+        return True
+
+    @staticmethod
+    async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, *events: Any) -> None:
+        for event in events:
+            writer.write(conn.send(event))
+        await writer.drain()
+
+
+###############################################################################
+# The harness: proxy + fake Poe in a background event loop, the SDK in the test thread
+###############################################################################
+
+class LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Proxy:
+    def __init__(self, lt: LoopThread, settings: p2o.Settings, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.lt = lt
+        self.settings = settings
+        ready: "asyncio.Future[int]" = lt.loop.create_future() if False else None  # type: ignore[assignment]
+        self._port: list[int] = []
+        self._stop: asyncio.Event | None = None
+        started = threading.Event()
+
+        async def run() -> None:
+            self._stop = asyncio.Event()
+            await p2o.serve(settings, ready=lambda port: (self._port.append(port), started.set()),
+                            stop=self._stop, ssl_context=ssl_context, shutdown_grace_s=2)
+
+        self.future = asyncio.run_coroutine_threadsafe(run(), lt.loop)
+        if not started.wait(10):
+            raise RuntimeError(f"proxy did not start: {self.future}")
+        self.port = self._port[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0,
+                             timeout=kw.pop("timeout", 20), **kw)
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self.lt.loop.call_soon_threadsafe(self._stop.set)
+        self.future.result(10)
+
+
+@pytest.fixture(scope="module")
+def lt() -> Any:
+    loop_thread = LoopThread()
+    yield loop_thread
+    loop_thread.stop()
+
+
+@pytest.fixture()
+def poe(lt: LoopThread) -> Any:
+    fake = FakePoe()
+    lt.run(fake.start())
+    yield fake
+    assert fake.server is not None
+    fake.server.close()
+    assert not fake.invalid_queries, fake.invalid_queries
+
+
+def make_settings(poe: FakePoe, tmp_path: Path, **kw: Any) -> p2o.Settings:
+    base = dict(host="127.0.0.1", port=0, config_dir=str(tmp_path), rate_limit_ms=0,
+                poe_base_url=f"http://127.0.0.1:{poe.port}", read_timeout_seconds=5.0,
+                stream_hold_seconds=2.0, sse_keepalive_seconds=5.0, connect_timeout_seconds=2.0)
+    base.update(kw)
+    return p2o.Settings(**base)
+
+
+@pytest.fixture()
+def start(lt: LoopThread, poe: FakePoe, tmp_path: Path) -> Any:
+    proxies: list[Proxy] = []
+
+    def _start(ssl_context: ssl.SSLContext | None = None, **kw: Any) -> Proxy:
+        proxy = Proxy(lt, make_settings(poe, tmp_path, **kw), ssl_context)
+        proxies.append(proxy)
+        return proxy
+
+    yield _start
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture()
+def proxy(start: Callable[..., Proxy]) -> Proxy:
+    return start()
+
+
+def raw_sse(proxy: Proxy, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """POST a chat request and return the status and the raw SSE lines (data and comments)."""
+    with httpx.Client(timeout=20) as http:
+        with http.stream("POST", proxy.url + "/v1/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {KEY}", **(headers or {})}) as r:
+            text = "".join(r.iter_text())
+    return r.status_code, [line for line in text.split("\n") if line]
+
+
+def data_chunks(lines: list[str]) -> list[Any]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            payload = line[6:]
+            out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+###############################################################################
+# Pure: SSE decoder
+###############################################################################
+
+SAMPLE_STREAM = (
+    'event: meta\r\ndata: {"content_type": "text/markdown"}\r\n\r\n'
+    ': ping - 2026-11-25 21:36:09\r\n\r\n'
+    'event: text\r\ndata: {"text": "héllo 世界 🎉"}\r\n\r\n'
+    'event: text\ndata:{"text": "no space"}\n\n'
+    'event: text\rdata: {"text": "cr only"}\r\r'
+    'event: text\ndata: {"a":\ndata: 1}\n\n'
+    'event: done\r\ndata: {}\r\n\r\n'
+).encode()
+
+EXPECTED_EVENTS = [
+    ("meta", '{"content_type": "text/markdown"}'),
+    ("text", '{"text": "héllo 世界 🎉"}'),
+    ("text", '{"text": "no space"}'),
+    ("text", '{"text": "cr only"}'),
+    ("text", '{"a":\n1}'),
+    ("done", "{}"),
+]
+
+
+def decode_all(chunks: list[bytes]) -> list[tuple[str, str]]:
+    decoder = p2o.SSEDecoder()
+    events = []
+    for chunk in chunks:
+        events += decoder.feed(chunk)
+    events += decoder.close()
+    return [(e.event, e.data) for e in events]
+
+
+def test_sse_decoder_whole() -> None:
+    assert decode_all([SAMPLE_STREAM]) == EXPECTED_EVENTS
+
+
+def test_sse_decoder_byte_by_byte() -> None:
+    # Splits every CRLF and every multi-byte character across feeds.
+    assert decode_all([bytes([b]) for b in SAMPLE_STREAM]) == EXPECTED_EVENTS
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(SAMPLE_STREAM) - 1), unique=True, max_size=40))
+@hsettings(max_examples=200, deadline=None)
+def test_sse_decoder_any_chunking(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(SAMPLE_STREAM)]
+    chunks = [SAMPLE_STREAM[a:b] for a, b in zip(bounds, bounds[1:])]
+    assert decode_all(chunks) == EXPECTED_EVENTS
+
+
+def test_sse_decoder_flushes_last_event_without_blank_line() -> None:
+    assert decode_all([b'event: text\ndata: {"text": "x"}\n\nevent: done\ndata: {}']) == [
+        ("text", '{"text": "x"}'), ("done", "{}")]
+
+
+def test_sse_decoder_invalid_utf8_is_replaced_not_fatal() -> None:
+    assert decode_all([b'event: text\ndata: \xff\xfe\n\n']) == [("text", "\ufffd\ufffd")]
+
+
+###############################################################################
+# Pure: converters
+###############################################################################
+
+def test_role_mapping_and_params_reach_poe_query() -> None:
+    chat = p2o.parse_chat_request({
+        "model": "GPT-4o", "temperature": 0.3, "stop": "END", "logit_bias": {"50256": -100},
+        "max_tokens": 10, "max_completion_tokens": 10, "user": "x", "seed": 1, "unknown_field": {"a": 1},
+        "messages": [{"role": "developer", "content": "be brief"},
+                     {"role": "system", "content": [{"type": "text", "text": "s1"}, {"type": "text", "text": "s2"}]},
+                     {"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": "hello"},
+                     {"role": "user", "content": [{"type": "text", "text": "again"}]}]})
+    query = p2o.build_poe_query(chat)
+    assert [m["role"] for m in query["query"]] == ["system", "system", "user", "bot", "user"]
+    assert query["query"][1]["content"] == "s1\ns2"
+    assert query["temperature"] == 0.3 and query["stop_sequences"] == ["END"]
+    assert query["logit_bias"] == {"50256": -100.0}
+    QueryRequest.model_validate(query)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+    ({"model": "m"}, "messages"),
+    ({"model": "m", "messages": []}, "messages"),
+    ({"model": "m", "messages": ["hi"]}, "messages[0]"),
+    ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": [1]}, "stop"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+])
+def test_invalid_chat_requests_name_the_field(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(p2o.ProxyError) as info:
+        p2o.parse_chat_request(body)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_lenient_fields_are_accepted() -> None:
+    chat = p2o.parse_chat_request({"model": "m", "n": 1, "stop": ["a", "b"], "stream": True,
+                                   "stream_options": {"include_usage": False},
+                                   "tools": [{"type": "function", "function": {"name": "f"}}],
+                                   "messages": [{"role": "user", "content": None}]})
+    assert chat.stream and not chat.include_usage and chat.stop == ["a", "b"]
+
+
+@pytest.mark.parametrize("data, status, code", [
+    ({"text": "x", "error_type": "insufficient_fund", "allow_retry": False}, 429, "insufficient_quota"),
+    ({"text": "You do not have enough points to message this bot."}, 429, "insufficient_quota"),
+    ({"text": "This bot needs more points to answer your request."}, 429, "insufficient_quota"),
+    ({"text": "Rate limit exceeded"}, 429, "rate_limit_exceeded"),
+    ({"text": "Invalid token"}, 401, "invalid_api_key"),
+    ({"text": "Unauthorized"}, 401, "invalid_api_key"),
+    ({"text": "Bot does not exist"}, 404, "model_not_found"),
+    ({"text": "msg", "error_type": "user_message_too_long"}, 400, "context_length_exceeded"),
+    ({"text": "Internal server error", "allow_retry": True}, 502, "bot_error"),
+    ({}, 502, "bot_error"),
+])
+def test_poe_error_classification(data: dict[str, Any], status: int, code: str) -> None:
+    err = p2o.classify_poe_error(data)
+    assert (err.status, err.code) == (status, code)
+    assert err.openai_body()["error"]["message"]
+
+
+def test_stream_and_fold_agree_on_replace_response() -> None:
+    deltas = [p2o.Delta(p2o.TEXT, "Hello"), p2o.Delta(p2o.REPLACE, "Hello, world"), p2o.Delta(p2o.TEXT, "!"),
+              p2o.Delta(p2o.REPLACE, "Other"), p2o.Delta(p2o.TEXT, " end")]
+    fold = p2o.ChatFold()
+    enc = p2o.OpenAIStreamEncoder("id", 1, "m", False)
+    streamed = ""
+    for d in deltas:
+        fold.add(d)
+        out = enc.encode(d)
+        for line in out.decode().split("\n\n"):
+            if line.startswith("data: "):
+                streamed += json.loads(line[6:])["choices"][0]["delta"]["content"]
+    assert fold.content == "Other end"          # non-stream: exactly Poe's final text
+    assert streamed == "Hello, world!\n\nOther end"   # stream: nothing repeated, nothing lost
+
+
+def test_rate_gate_spaces_starts_in_order() -> None:
+    now = [100.0]
+    gate = p2o.RateGate(0.5, clock=lambda: now[0])
+    waits = [gate.reserve()[1] for _ in range(3)]
+    assert waits == [0.0, 0.5, 1.0]
+    slot, _ = gate.reserve()
+    gate.cancel(slot)                            # the newest waiter leaves: its slot is reused
+    assert gate.reserve()[0] == slot
+
+
+def test_token_estimator_is_in_a_sane_range() -> None:
+    assert p2o.estimate_tokens("") == 0
+    assert 8 <= p2o.estimate_tokens("The quick brown fox jumps over the lazy dog.") <= 12
+    assert 4 <= p2o.estimate_tokens("你好，世界") <= 7
+
+
+###############################################################################
+# Settings and the command line
+###############################################################################
+
+def test_settings_defaults_match_the_reference() -> None:
+    s = p2o.Settings.from_env({}, [])
+    assert (s.host, s.port, s.admin_username, s.admin_password) == ("0.0.0.0", 8080, "admin", "123456")
+    assert (s.max_request_size, s.log_level, s.config_dir, s.rate_limit_ms) == (1073741824, "info", "./", 100)
+    assert (s.url_cache_ttl_seconds, s.url_cache_size_mb) == (259200, 100)
+    assert s.poe_base_url == "https://api.poe.com"
+    assert s.poe_file_upload_url == "https://www.quora.com/poe_api/file_upload_3RD_PARTY_POST"
+
+
+def test_settings_env_and_flags() -> None:
+    s = p2o.Settings.from_env({"PORT": "9000", "LOG_LEVEL": "info,hyper=warn", "POE_BASE_URL": "http://x:1/",
+                               "RATE_LIMIT_MS": "0"}, ["--port", "9100"])
+    assert s.port == 9100 and s.log_level == "info" and s.poe_base_url == "http://x:1" and s.rate_limit_ms == 0
+
+
+@pytest.mark.parametrize("name, value", [("PORT", "abc"), ("PORT", "70000"), ("MAX_REQUEST_SIZE", "-1"),
+                                         ("LOG_LEVEL", "loud"), ("RATE_LIMIT_MS", "1.5"),
+                                         ("URL_CACHE_TTL_SECONDS", "x"), ("URL_CACHE_SIZE_MB", "-3"),
+                                         ("POE_BASE_URL", "ftp://poe"), ("POE_FILE_UPLOAD_URL", "nope")])
+def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> None:
+    env = {**os.environ, name: value}
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env=env, capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0]
+
+
+def test_help_lists_every_setting() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--help"], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0
+    for name in ("HOST", "PORT", "ADMIN_USERNAME", "ADMIN_PASSWORD", "MAX_REQUEST_SIZE", "LOG_LEVEL", "CONFIG_DIR",
+                 "RATE_LIMIT_MS", "URL_CACHE_TTL_SECONDS", "URL_CACHE_SIZE_MB", "POE_BASE_URL", "POE_FILE_UPLOAD_URL"):
+        assert f"[{name}]" in result.stdout and f"--{name.lower().replace('_', '-')}" in result.stdout
+
+
+def test_import_starts_nothing() -> None:
+    code = ("import threading, asyncio, poe2openai; "
+            "assert threading.active_count() == 1; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
+    assert result.stdout.strip() == "ok", result.stderr
