@@ -1070,7 +1070,9 @@ class HTTPStream:
             self.conn.receive_data(data)  # b"" tells h11 the peer closed
 
     def is_reusable(self) -> bool:
-        return (self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        """Both sides finished their messages (or a new cycle began) and the socket is still open."""
+        states = (self.conn.our_state, self.conn.their_state)
+        return (states in ((h11.DONE, h11.DONE), (h11.IDLE, h11.IDLE))
                 and not self.writer.transport.is_closing() and not self.reader.at_eof())
 
     async def aclose(self) -> None:
@@ -1127,6 +1129,8 @@ class UpstreamResponse:
             return None
         try:
             event = await stream.next_event(timeout_s)
+        except asyncio.TimeoutError:
+            raise  # silence, not a failure: the caller decides (on 3.11+ this is an OSError too)
         except (h11.RemoteProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
             await self.aclose()
             raise upstream_error(f"Poe closed the connection before the answer was complete ({_describe(exc)})") \
@@ -1163,7 +1167,8 @@ class UpstreamResponse:
             await stream.aclose()
 
     async def finish(self, timeout_s: float = 1.0) -> None:
-        """Read what is left of the body briefly so the connection can be reused, else close it."""
+        """Read what is left of the body briefly so the connection can be reused, else close it
+        (which also tells Poe to stop)."""
         try:
             while await self.read_chunk(timeout_s) is not None:
                 pass
@@ -1414,10 +1419,11 @@ class PoeEventStream:
             await self._response.aclose()
             raise upstream_error(f"Poe's event stream is malformed ({exc})") from None
 
-    async def finish(self) -> None:
+    async def finish(self, wait_s: float = 1.0) -> None:
         """Called once we have what we need: reuse the connection if the body ends promptly."""
         if not self.ended:
-            await self._response.finish()
+            await self._response.finish(wait_s)
+            self.ended = True
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -1758,6 +1764,9 @@ class App:
             while True:
                 for delta in deltas:
                     if delta.kind == FINISH:
+                        # Poe's body ends right after `done`: read its end first, so the connection
+                        # is back in the pool before the client can send its next request.
+                        await events.finish(0.05)
                         content = encoder.content()
                         reasoning = "".join(encoder.reasoning)
                         usage = openai_usage(prompt_tokens, estimate_tokens(content) + estimate_tokens(reasoning),

@@ -183,6 +183,12 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.run(cancel_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
@@ -230,7 +236,7 @@ def poe(lt: LoopThread) -> Any:
     lt.run(fake.start())
     yield fake
     assert fake.server is not None
-    fake.server.close()
+    lt.loop.call_soon_threadsafe(fake.server.close)
     assert not fake.invalid_queries, fake.invalid_queries
 
 
@@ -480,3 +486,262 @@ def test_import_starts_nothing() -> None:
             "assert threading.active_count() == 1; print('ok')")
     result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+###############################################################################
+# End to end: the openai SDK -> proxy -> fake Poe
+###############################################################################
+
+def last_query(poe: FakePoe) -> dict[str, Any]:
+    return [r for r in poe.requests if r["path"].startswith("/bot/")][-1]
+
+
+def test_models_list_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
+    models = proxy.client().models.list()
+    ids = [m.id for m in models.data]
+    assert ids == ["GPT-4o", "Claude-Sonnet-4.5"]
+    assert models.data[0].created == 1715644800 and models.data[0].object == "model"   # ms -> s
+    with httpx.Client() as http:   # the un-prefixed path works too, and needs no key
+        body = http.get(proxy.url + "/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ids
+
+
+def test_models_list_is_cached_and_served_stale(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start(models_cache_ttl_seconds=0.0)
+    client = proxy.client()
+    assert len(client.models.list().data) == 2
+    poe.models_status = 500                      # Poe now fails: the last good list is served
+    assert [m.id for m in client.models.list().data] == ["GPT-4o", "Claude-Sonnet-4.5"]
+    fresh = start()                              # nothing cached yet: the failure is a 502
+    with pytest.raises(openai.InternalServerError) as info:
+        fresh.client().models.list()
+    assert info.value.status_code == 502
+
+
+def test_non_stream_chat_returns_poe_text_and_usage(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("Hello", ", ", "world", " — 世界 🎉"))
+    result = proxy.client().chat.completions.create(
+        model="GPT-4o", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        temperature=0.5, stop="END")
+    assert result.choices[0].message.content == "Hello, world — 世界 🎉"
+    assert result.choices[0].finish_reason == "stop" and result.model == "GPT-4o"
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    assert result.usage is not None and result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    sent = last_query(poe)
+    assert sent["headers"]["authorization"] == f"Bearer {KEY}"        # the client's key goes to Poe
+    assert sent["query"]["temperature"] == 0.5 and sent["query"]["stop_sequences"] == ["END"]
+    assert [m["role"] for m in sent["query"]["query"]] == ["system", "user"]
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_stream_chat_exact_text(proxy: Proxy, poe: FakePoe, eol: str) -> None:
+    poe.on("GPT-4o", text_events("Hel", "lo ", "wörld", eol=eol))
+    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello wörld"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
+
+
+def test_utf8_character_split_across_reads(proxy: Proxy, poe: FakePoe) -> None:
+    event = sse("text", {"text": "前🎉後"})
+    cut = event.index("🎉".encode()) + 2                # inside the 4-byte emoji
+    cut2 = event.index("後".encode()) + 1               # inside a 3-byte character
+    poe.on("GPT-4o", [event[:cut], event[cut:cut2], event[cut2:], sse("done", {})])
+    client = proxy.client()
+    result = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert result.choices[0].message.content == "前🎉後"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]) if c.choices)
+    assert streamed == "前🎉後"
+
+
+def test_stream_include_usage_sends_one_usage_chunk_last(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("one ", "two"))
+    status, lines = raw_sse(proxy, {"model": "GPT-4o", "stream": True, "stream_options": {"include_usage": True},
+                                    "messages": [{"role": "user", "content": "count"}]})
+    chunks = data_chunks(lines)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    usage_chunk = chunks[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
+    assert not any("usage" in c for c in chunks[:-2])
+    assert not any(line.startswith("event:") for line in lines)
+    # the SDK sees the same
+    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
+                                                    stream_options={"include_usage": True},
+                                                    messages=[{"role": "user", "content": "count"}])
+    last = list(stream)[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.total_tokens > 0
+
+
+def test_stream_helper_accumulates(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("a", "b", "c"))
+    with proxy.client().chat.completions.stream(model="GPT-4o", messages=[{"role": "user", "content": "x"}]) as s:
+        final = s.get_final_completion()
+    assert final.choices[0].message.content == "abc" and final.choices[0].message.role == "assistant"
+
+
+def test_replace_response_stream_and_non_stream(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("Img", [sse("text", {"text": "Generating"}), sse("replace_response", {"text": "Generating done"}),
+                   sse("text", {"text": "!"}), sse("done", {})])
+    client = proxy.client()
+    whole = client.chat.completions.create(model="Img", messages=[{"role": "user", "content": "x"}])
+    assert whole.choices[0].message.content == "Generating done!"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="Img", stream=True, messages=[{"role": "user", "content": "x"}]) if c.choices)
+    assert streamed == "Generating done!"
+
+
+def test_missing_done_still_finishes(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("partial", " answer", done=False))
+    client = proxy.client()
+    assert client.chat.completions.create(
+        model="GPT-4o", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "partial answer"
+    chunks = list(client.chat.completions.create(model="GPT-4o", stream=True,
+                                                 messages=[{"role": "user", "content": "x"}]))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+
+
+def test_missing_key_is_401(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("script, exc, status", [
+    (Script(status=401, body=b'{"error": {"message": "Invalid API key"}}'), openai.AuthenticationError, 401),
+    (Script([sse("error", {"text": "Invalid token", "allow_retry": False}), sse("done", {})]),
+     openai.AuthenticationError, 401),
+    (Script(status=404, body=b'{"detail": "Bot not found"}'), openai.NotFoundError, 404),
+    (Script([sse("error", {"text": "Bot does not exist"})]), openai.NotFoundError, 404),
+    (Script(status=429, body=b'{"error": "slow down"}'), openai.RateLimitError, 429),
+    (Script([sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund",
+                           "allow_retry": False})]), openai.RateLimitError, 429),
+    (Script(status=500, body=b"oops"), openai.InternalServerError, 502),
+    (Script([sse("error", {"text": "too long", "error_type": "user_message_too_long"})]),
+     openai.BadRequestError, 400),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_failures_get_real_statuses(proxy: Proxy, poe: FakePoe, script: Script, exc: type, status: int,
+                                        stream: bool) -> None:
+    poe.scripts["Bot"] = script
+    with pytest.raises(exc) as info:
+        result = proxy.client().chat.completions.create(model="Bot", stream=stream,
+                                                        messages=[{"role": "user", "content": "x"}])
+        if stream:
+            list(result)
+    assert info.value.status_code == status
+    assert isinstance(info.value.body, dict) and info.value.body.get("message")
+
+
+def test_error_after_text_is_an_in_stream_error(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", [sse("text", {"text": "partial "}),
+                      sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund"}),
+                      sse("done", {})])
+    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
+                                                    messages=[{"role": "user", "content": "x"}])
+    seen = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            seen.append(chunk.choices[0].delta.content)
+    assert "partial " in seen and "points" in str(info.value.message)
+    status, lines = raw_sse(proxy, {"model": "GPT-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    chunks = data_chunks(lines)
+    assert status == 200 and chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == "insufficient_quota"
+    assert not any(c != "[DONE]" and c.get("choices") and c["choices"][0]["finish_reason"] for c in chunks)
+
+
+def test_mid_stream_disconnect(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", [sse("text", {"text": "Hel"}), DISCONNECT])
+    client = proxy.client()
+    with pytest.raises(openai.APIError) as info:
+        list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
+    assert "closed the connection" in info.value.message
+    with pytest.raises(openai.InternalServerError) as info2:
+        client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert info2.value.status_code == 502
+
+
+def test_upstream_unreachable_is_502(start: Callable[..., Proxy]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    proxy = start(poe_base_url=f"http://127.0.0.1:{dead_port}")
+    with pytest.raises(openai.InternalServerError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and "refused" in info.value.message
+
+
+def test_keepalive_comments_while_poe_is_silent(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start(stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
+    poe.on("Slow", [sse("meta", {}), 1.0, sse("text", {"text": "late"}), sse("done", {})])
+    status, lines = raw_sse(proxy, {"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and lines.count(": keep-alive") >= 2
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in data_chunks(lines)
+                   if c != "[DONE]" and c["choices"]) == "late"
+
+
+def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start(read_timeout_seconds=0.6, stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
+    # 1.5 s in total, never silent for more than 0.3 s: never cut.
+    poe.on("Talker", [x for i in range(6) for x in (sse("text", {"text": f"{i}"}), 0.25)] + [sse("done", {})])
+    client = proxy.client()
+    assert client.chat.completions.create(
+        model="Talker", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "012345"
+    # silent for longer than the idle timeout after starting: an in-stream error, or a 504
+    poe.on("Mute", [sse("text", {"text": "start"}), 2.0, sse("done", {})])
+    status, lines = raw_sse(proxy, {"model": "Mute", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    chunks = data_chunks(lines)
+    assert status == 200 and chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == "upstream_timeout"
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="Mute", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 504
+
+
+def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    for _ in range(3):
+        client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+        list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
+    assert len([r for r in poe.requests if r["path"].startswith("/bot/")]) == 6
+    assert poe.connections == 1
+
+
+def test_stale_pooled_connection_is_replaced(proxy: Proxy, poe: FakePoe, lt: LoopThread) -> None:
+    client = proxy.client()
+    client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    # Poe closes idle keep-alive connections: the pooled one must not fail the next request.
+    lt.run(_close_all_server_sides(poe))
+    assert client.chat.completions.create(
+        model="GPT-4o", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "Hello from GPT-4o"
+
+
+async def _close_all_server_sides(poe: FakePoe) -> None:
+    assert poe.server is not None
+    poe.server.close()
+    if sys.version_info >= (3, 12):
+        poe.server.close_clients()
+    else:  # no public way before 3.12: restart the fake on the same port after closing transports
+        for task in asyncio.all_tasks():
+            if "_handle" in repr(task.get_coro()):
+                task.cancel()
+    await asyncio.sleep(0.05)
+    poe.server = await asyncio.start_server(poe._handle, "127.0.0.1", poe.port)
+
+
+def test_fixtures_from_real_clients(proxy: Proxy, poe: FakePoe) -> None:
+    for name in ("cline-chat.json", "langchain-chat.json", "openwebui-chat.json"):
+        body = json.loads((FIXTURES / name).read_text())
+        poe.on(body["model"], text_events("ok"))
+        if body.get("stream"):
+            status, lines = raw_sse(proxy, body)
+            chunks = data_chunks(lines)
+            assert status == 200 and chunks[-1] == "[DONE]", name
+            usage_chunks = [c for c in chunks[:-1] if c.get("usage")]
+            assert len(usage_chunks) == (1 if body.get("stream_options", {}).get("include_usage") else 0), name
+        query = last_query(poe)["query"]
+        assert query["query"][-1]["role"] == "user", name
