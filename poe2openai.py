@@ -1605,14 +1605,15 @@ class App:
             if methods is None:
                 raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions "
                                  "and /v1/models.", "invalid_request_error", "not_found")
-            if request.method == "OPTIONS" and cors:
-                return self._preflight(request)
             handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
-            if handler is None:
+            if request.method == "OPTIONS" and cors:
+                response = self._preflight(request)
+            elif handler is None:
                 allowed = ", ".join(sorted(methods) + (["OPTIONS"] if cors else []))
                 raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
                                  "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
-            response = await handler(request)
+            else:
+                response = await handler(request)
         except ProxyError as exc:
             response = error_response(exc)
         except Exception:

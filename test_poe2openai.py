@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -121,7 +122,7 @@ class FakePoe:
 
     async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, request: h11.Request,
                       body: bytes) -> bool:
-        path = request.target.decode()
+        path = urllib.parse.urlsplit(request.target.decode()).path   # absolute-form via an HTTP proxy too
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         record = {"method": request.method.decode(), "path": path, "headers": headers, "body": body}
         self.requests.append(record)
@@ -745,3 +746,238 @@ def test_fixtures_from_real_clients(proxy: Proxy, poe: FakePoe) -> None:
             assert len(usage_chunks) == (1 if body.get("stream_options", {}).get("include_usage") else 0), name
         query = last_query(poe)["query"]
         assert query["query"][-1]["role"] == "user", name
+
+
+###############################################################################
+# Outbound: TLS and proxies
+###############################################################################
+
+class TunnelProxy:
+    """A tiny forward proxy: CONNECT tunnels, and absolute-form requests piped to their origin."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            first = head.split(b"\r\n", 1)[0].decode()
+            self.requests.append(first)
+            method, target, _ = first.split(" ")
+            if method == "CONNECT":
+                host, port = target.rsplit(":", 1)
+                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            else:
+                parts = urllib.parse.urlsplit(target)
+                up_reader, up_writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+                up_writer.write(head)
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except ConnectionError:
+            pass
+        finally:
+            dst.close()
+
+
+@pytest.fixture(scope="module")
+def ca() -> Any:
+    trustme = pytest.importorskip("trustme")
+    return trustme.CA()
+
+
+@pytest.fixture()
+def tls_poe(lt: LoopThread, ca: Any) -> Any:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
+    fake = FakePoe()
+    lt.run(fake.start(server_ctx))
+    yield fake
+    lt.loop.call_soon_threadsafe(fake.server.close)   # type: ignore[union-attr]
+
+
+def trusting_context(ca: Any) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+def test_https_upstream_with_verification(start: Callable[..., Proxy], tls_poe: FakePoe, ca: Any) -> None:
+    base = f"https://127.0.0.1:{tls_poe.port}"
+    proxy = start(trusting_context(ca), poe_base_url=base)
+    client = proxy.client()
+    for _ in range(2):
+        result = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+        assert result.choices[0].message.content == "Hello from GPT-4o"
+    assert tls_poe.connections == 1                       # keep-alive over TLS too
+    untrusting = start(poe_base_url=base)                # system CAs only: the fake's cert is refused
+    with pytest.raises(openai.InternalServerError) as info:
+        untrusting.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and "certificate verification failed" in info.value.message
+
+
+def test_https_proxy_connect_tunnel(start: Callable[..., Proxy], tls_poe: FakePoe, ca: Any, lt: LoopThread) -> None:
+    tunnel = TunnelProxy()
+    lt.run(tunnel.start())
+    proxy = start(trusting_context(ca), poe_base_url=f"https://127.0.0.1:{tls_poe.port}",
+                  proxies=(("https", f"http://user:secret@127.0.0.1:{tunnel.port}"),))
+    result = proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert result.choices[0].message.content == "Hello from GPT-4o"
+    assert tunnel.requests == [f"CONNECT 127.0.0.1:{tls_poe.port} HTTP/1.1"]
+    lt.loop.call_soon_threadsafe(tunnel.server.close)   # type: ignore[union-attr]
+
+
+def test_http_proxy_and_no_proxy(start: Callable[..., Proxy], poe: FakePoe, lt: LoopThread) -> None:
+    tunnel = TunnelProxy()
+    lt.run(tunnel.start())
+    via = start(proxies=(("http", f"http://127.0.0.1:{tunnel.port}"),))
+    assert via.client().models.list().data[0].id == "GPT-4o"
+    assert tunnel.requests == [f"GET http://127.0.0.1:{poe.port}/v1/models HTTP/1.1"]
+    direct = start(proxies=(("http", f"http://127.0.0.1:{tunnel.port}"), ("no", "127.0.0.1,localhost")))
+    direct.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert len(tunnel.requests) == 1                       # NO_PROXY: straight to Poe
+    lt.loop.call_soon_threadsafe(tunnel.server.close)   # type: ignore[union-attr]
+
+
+def test_proxy_settings_come_from_the_environment() -> None:
+    s = p2o.Settings.from_env({"HTTPS_PROXY": "http://p:3128", "no_proxy": "internal"}, [])
+    assert dict(s.proxies) == {"https": "http://p:3128", "no": "internal"}
+
+
+###############################################################################
+# Inbound HTTP: framing, keep-alive, routing, CORS, limits
+###############################################################################
+
+def raw_exchange(proxy: Proxy, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except socket.timeout:
+            pass
+    return out
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(proxy: Proxy) -> None:
+    req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = raw_exchange(proxy, req + req + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200 ") == 3 and out.count(b'"status":"ok"') == 3
+
+
+def test_http_10_client_gets_a_closed_response(proxy: Proxy) -> None:
+    out = raw_exchange(proxy, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in out.lower()
+
+
+def test_unknown_path_and_wrong_method_are_openai_errors(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.get(proxy.url + "/v1/nothing")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+        r = http.get(proxy.url + "/v1/chat/completions")
+        assert r.status_code == 405 and "POST" in r.headers["allow"] and r.json()["error"]["code"]
+        r = http.post(proxy.url + "/v1/chat/completions", content=b"{not json",
+                      headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = http.get(proxy.url + "/healthz")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_cors_preflight(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.options(proxy.url + "/v1/chat/completions", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, x-custom-thing, cookie"})
+        assert r.status_code == 204 and r.content == b""
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "POST" in r.headers["access-control-allow-methods"]
+        allowed = r.headers["access-control-allow-headers"].lower()
+        assert "authorization" in allowed and "x-custom-thing" in allowed and "cookie" not in allowed
+        r = http.get(proxy.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in r.headers
+
+
+def test_body_over_max_request_size_is_413_and_closes(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_request_size=100)
+    body = b"x" * 1000
+    out = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                              b"Content-Length: 1000\r\n\r\n" + body)
+    assert out.startswith(b"HTTP/1.1 413 ") and b"connection: close" in out.lower()
+    assert b"payload_too_large" in out
+    chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(3)) + b"0\r\n\r\n"
+    out = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + chunked)
+    assert out.startswith(b"HTTP/1.1 413 ")
+
+
+def test_garbage_gets_400_and_the_server_lives_on(proxy: Proxy) -> None:
+    out = raw_exchange(proxy, b"\x16\x03\x01 garbage\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ") and b'"error"' in out
+    with httpx.Client() as http:
+        assert http.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_slow_request_head_times_out_with_408(start: Callable[..., Proxy]) -> None:
+    proxy = start(header_timeout_seconds=0.3)
+    out = raw_exchange(proxy, b"GET /healthz HTTP/1.1\r\nHost:", timeout=3)
+    assert out.startswith(b"HTTP/1.1 408 ")
+
+
+def test_admin_page_needs_basic_auth(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.get(proxy.url + "/admin")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
+        assert http.get(proxy.url + "/admin", auth=("admin", "wrong")).status_code == 401
+        r = http.get(proxy.url + "/admin", auth=("admin", "123456"))
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+
+
+###############################################################################
+# models.yaml: mapping, hiding, custom models, hand edits
+###############################################################################
+
+def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], poe: FakePoe,
+                                                   tmp_path: Path) -> None:
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("enable: true\nmodels:\n  gpt-4o: {mapping: gpt-4o-poe}\n  Claude-Sonnet-4.5: {enable: false}\n"
+                   "custom_models:\n  - {id: MyPrivateBot}\n")
+    proxy = start()
+    client = proxy.client()
+    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "MyPrivateBot"]
+    result = client.chat.completions.create(model="GPT-4O-POE", messages=[{"role": "user", "content": "x"}])
+    assert last_query(poe)["path"] == "/bot/gpt-4o" and result.model == "GPT-4O-POE"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="Claude-Sonnet-4.5", messages=[{"role": "user", "content": "x"}])
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed}\n")    # a hand edit...
+    deadline = time.time() + 5
+    while time.time() < deadline and client.models.list().data[0].id != "renamed":
+        time.sleep(0.2)
+    assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...takes effect
+    cfg.write_text("enable: true\nmodels: [broken\n")                            # a broken edit...
+    time.sleep(2.5)
+    assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...changes nothing
+    assert cfg.read_text() == "enable: true\nmodels: [broken\n"                  # and the file is left alone
+
+
+def test_shipped_models_yaml_is_valid() -> None:
+    cfg = p2o.ModelConfig.from_yaml((HERE / "models.yaml").read_text())
+    assert cfg.enable is False and cfg.models == {}
