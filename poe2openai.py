@@ -51,8 +51,8 @@ import argparse
 import asyncio
 import base64
 import codecs
-import dataclasses
 import hmac
+import http
 import json
 import logging
 import math
@@ -182,6 +182,10 @@ class Settings:
 
         proxies = urllib.request.getproxies_environment() if environ is None else {
             k[:-6].lower(): v for k, v in env.items() if k.lower().endswith("_proxy") and v}
+        for scheme, url in proxies.items():
+            if scheme != "no" and urllib.parse.urlsplit(url if "://" in url else "http://" + url).scheme != "http":
+                raise SettingsError(f"{scheme.upper()}_PROXY={_redact_url(url)!r} must be an http:// proxy URL "
+                                    "(TLS to the proxy itself is not supported)")
         return cls(
             host=get("HOST", lambda n, v: v.strip(), defaults.host),
             port=get("PORT", lambda n, v: _int_setting(n, v, 0, 65535), defaults.port),
@@ -221,7 +225,7 @@ SETTING_HELP: tuple[tuple[str, str], ...] = (
     ("ADMIN_USERNAME", "admin page user (default admin)"),
     ("ADMIN_PASSWORD", "admin page password (default 123456; change it)"),
     ("MAX_REQUEST_SIZE", "largest request body in bytes (default 1073741824)"),
-    ("LOG_LEVEL", "debug, info, warning or error (default info)"),
+    ("LOG_LEVEL", "debug, info, warning, error or critical (default info)"),
     ("CONFIG_DIR", "folder holding models.yaml (default ./)"),
     ("RATE_LIMIT_MS", "minimum milliseconds between chat request starts, 0 = off (default 100)"),
     ("URL_CACHE_TTL_SECONDS", "upload cache lifetime in seconds (default 259200)"),
@@ -366,6 +370,13 @@ def _error_text_from_body(body: bytes) -> str:
 ###############################################################################
 # Pure helpers: ids, JSON, SSE, tokens
 ###############################################################################
+
+def _redact_url(url: str) -> str:
+    """A URL fit for logs and error messages: user and password removed."""
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
 
 def new_id(prefix: str) -> str:
     """A random id such as chatcmpl-3f9a...; hex only, so safe in any client's id field."""
@@ -539,6 +550,32 @@ POE_PROTOCOL_VERSION = "1.2"
 # OpenAI role -> Poe role. Poe knows system/user/bot/tool; `developer` is OpenAI's newer name for system.
 ROLE_MAP = {"system": "system", "developer": "system", "user": "user", "assistant": "bot",
             "tool": "user", "function": "user"}
+EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]   # a JSON schema, kept as the client sent it
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """The tools of a request after `tool_choice` and `parallel_tool_calls` were applied."""
+
+    tools: tuple[Tool, ...] = ()     # offered to the bot
+    flags: tuple[str, ...] = ()      # description-less "tools": sent as Poe bot flags (--name)
+    choice: str = "auto"             # auto | none | required | function
+    forced: str | None = None        # the tool `tool_choice` names
+    parallel: bool = True
+
+    def find(self, name: str) -> Tool | None:
+        folded = name.strip().casefold()
+        for tool in self.tools:
+            if tool.name.casefold() == folded:
+                return tool
+        return None
 
 
 @dataclass(frozen=True)
@@ -552,6 +589,7 @@ class ChatRequest:
     temperature: float | None = None
     stop: list[str] | None = None
     logit_bias: dict[str, float] | None = None
+    tools: ToolSpec | None = None
 
 
 def _is_number(value: Any) -> bool:
@@ -603,8 +641,62 @@ def parse_chat_request(body: Any) -> ChatRequest:
                           "unsupported_value")
     return ChatRequest(model=model.strip(), messages=messages, stream=bool(stream), include_usage=include_usage,
                        temperature=float(temperature) if temperature is not None else None,
-                       stop=stop or None, logit_bias={str(k): float(v) for k, v in logit_bias.items()} or None
-                       if logit_bias else None)
+                       stop=stop or None,
+                       logit_bias={str(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
+                       tools=parse_tools(body))
+
+
+def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` -> ToolSpec (None when there are no tools).
+
+    Schemas are taken as they come (no `required`, `strict`, `$defs`, `additionalProperties` needed).
+    Tools without a description are Poe bot flags, as in the Rust original: `{"name": "web_search"}`
+    appends ` --web_search` to the last user message.
+    """
+    raw_tools = body.get("tools")
+    if raw_tools is None or raw_tools == []:
+        return None
+    if not isinstance(raw_tools, list):
+        raise bad_request("'tools' must be an array.", "tools")
+    tools: list[Tool] = []
+    flags: list[str] = []
+    for i, item in enumerate(raw_tools):
+        if not isinstance(item, dict):
+            raise bad_request(f"tools[{i}] must be an object.", f"tools[{i}]")
+        fn = item.get("function") if isinstance(item.get("function"), dict) else item   # nested or flat form
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise bad_request(f"tools[{i}].function.name is required.", f"tools[{i}].function.name",
+                              "missing_required_parameter")
+        description = fn.get("description")
+        parameters = fn.get("parameters", fn.get("input_schema"))
+        if not isinstance(description, str) or not description.strip():
+            flags.append(name.strip())
+            continue
+        tools.append(Tool(name.strip(), description.strip(),
+                          parameters if isinstance(parameters, dict) and parameters else dict(EMPTY_SCHEMA)))
+    choice, forced = "auto", None
+    raw_choice = body.get("tool_choice")
+    if isinstance(raw_choice, str):
+        choice = {"none": "none", "required": "required", "any": "required"}.get(raw_choice, "auto")
+    elif isinstance(raw_choice, dict):
+        fn = raw_choice.get("function") if isinstance(raw_choice.get("function"), dict) else raw_choice
+        name = fn.get("name")
+        if raw_choice.get("type") in ("none",):
+            choice = "none"
+        elif raw_choice.get("type") in ("required", "any"):
+            choice = "required"
+        elif isinstance(name, str) and name:
+            known = next((t for t in tools if t.name.casefold() == name.casefold()), None)
+            if known is None:
+                raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'.",
+                                  "tool_choice")
+            choice, forced = "function", known.name
+            tools = [known]   # forcing one function: offer only that one
+    if choice == "none":
+        tools = []
+    parallel = body.get("parallel_tool_calls")
+    return ToolSpec(tuple(tools), tuple(flags), choice, forced, parallel is not False)
 
 
 def content_text(content: Any) -> str:
@@ -630,47 +722,201 @@ def content_text(content: Any) -> str:
     return "\n".join(texts)
 
 
-def _tool_calls_text(tool_calls: Any) -> str:
-    lines: list[str] = []
-    for call in tool_calls if isinstance(tool_calls, list) else []:
-        fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict):
-            lines.append(f"Tool call {call.get('id', '')}: {fn.get('name', '')}({fn.get('arguments', '')})")
-    return "\n".join(lines)
-
-
 def poe_message(role: str, content: str) -> dict[str, Any]:
     return {"role": role, "content": content, "content_type": "text/markdown"}
 
 
-def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False) -> list[dict[str, Any]]:
-    """OpenAI messages -> Poe `query` messages, in order, one for one."""
+# ----------------------------------------------------------------------------- tool calls as text
+
+TOOL_PROMPT = """\
+# Tools
+
+You can call the tools listed in <tools> below. To call a tool, write a block in exactly this form:
+
+<tool_call>
+<invoke name="TOOL_NAME">
+<parameter name="PARAMETER_NAME">value</parameter>
+</invoke>
+</tool_call>
+
+Rules:
+- Use only the tool names and parameter names defined below, with every required parameter.
+- Write string values as plain text, exactly as they should be, with no quotes or escaping. Write numbers and
+  booleans as they are (42, true), and objects or arrays as JSON.
+- {parallel}
+- Put any explanation before the tool calls. After your last tool call, stop: the results will be sent to you in
+  the next message. Never write a tool result yourself.
+- When no tool is needed, answer normally without any <tool_call>.{choice}
+"""
+
+
+def tool_prompt(spec: ToolSpec) -> str:
+    """The instruction block and tool catalogue appended to the last user turn (XML tool mode)."""
+    parallel = ("To call several tools at once, write one <tool_call> block per call, one after another."
+                if spec.parallel else "Call at most one tool per reply.")
+    choice = ""
+    if spec.choice == "required":
+        choice = "\n\nIn this reply you must call at least one tool."
+    elif spec.choice == "function" and spec.forced:
+        choice = f"\n\nIn this reply you must call the tool {spec.forced}."
+    lines = [TOOL_PROMPT.format(parallel=parallel, choice=choice), "<tools>"]
+    for tool in spec.tools:
+        lines.append(f'<tool name="{_xml_attr(tool.name)}">')
+        lines.append(f"<description>{tool.description}</description>")
+        lines.append(f"<parameters>{_json_compact(tool.parameters)}</parameters>")
+        lines.append("</tool>")
+    lines.append("</tools>")
+    return "\n".join(lines)
+
+
+def _xml_attr(value: str) -> str:
+    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+
+
+def _arguments_dict(arguments: Any) -> dict[str, Any] | None:
+    if isinstance(arguments, dict):
+        return arguments
+    if isinstance(arguments, str):
+        try:
+            value = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def tool_call_xml(name: str, arguments: Any) -> str:
+    """An earlier assistant tool call, written the way the bot is asked to write calls."""
+    args = _arguments_dict(arguments)
+    if args is None:   # not a JSON object: keep it whole rather than lose it
+        params = [("arguments", str(arguments))]
+    else:
+        params = [(k, v if isinstance(v, str) else _json_compact(v)) for k, v in args.items()]
+    body = "".join(f'<parameter name="{_xml_attr(str(k))}">{v}</parameter>\n' for k, v in params)
+    return f'<tool_call>\n<invoke name="{_xml_attr(name)}">\n{body}</invoke>\n</tool_call>'
+
+
+def _call_parts(call: Any) -> tuple[str, str, Any]:
+    """(id, name, arguments) of an OpenAI tool call, tolerating odd shapes."""
+    if not isinstance(call, dict):
+        return "", "", ""
+    fn = call.get("function") if isinstance(call.get("function"), dict) else call
+    return str(call.get("id") or ""), str(fn.get("name") or ""), fn.get("arguments", "")
+
+
+def _tool_result_text(message: Mapping[str, Any], names: Mapping[str, str], xml: bool) -> str:
+    call_id = str(message.get("tool_call_id") or "")
+    name = str(message.get("name") or names.get(call_id, ""))
+    content = content_text(message.get("content"))
+    if xml:
+        attrs = f' tool_call_id="{_xml_attr(call_id)}"' if call_id else ""
+        attrs += f' name="{_xml_attr(name)}"' if name else ""
+        return f"<tool_result{attrs}>\n{content}\n</tool_result>"
+    return f"[Result of tool {name or 'call'} {call_id}]\n{content}".rstrip()
+
+
+def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False,
+                    xml_tools: bool = True) -> list[dict[str, Any]]:
+    """OpenAI messages -> Poe `query` messages, in order.
+
+    Assistant tool calls become text in the bot's message, and tool results a user message (several
+    results in a row share one), so that every call and every result reaches Poe exactly once.
+    """
     query: list[dict[str, Any]] = []
+    names: dict[str, str] = {}       # tool_call_id -> function name, from earlier assistant turns
+    pending_results: list[str] = []
+
+    def flush_results() -> None:
+        if pending_results:
+            query.append(poe_message("user", "\n\n".join(pending_results)))
+            pending_results.clear()
+
     for message in messages:
         role = message["role"]
+        if role in ("tool", "function"):
+            pending_results.append(_tool_result_text(message, names, xml_tools))
+            continue
+        flush_results()
         poe_role = ROLE_MAP.get(role, "user")
         if poe_role == "system" and system_as_user:
             poe_role = "user"  # replace_response bots take no system prompt
         text = content_text(message.get("content"))
-        if role == "assistant" and message.get("tool_calls"):
-            text = "\n".join(t for t in (text, _tool_calls_text(message["tool_calls"])) if t)
-        elif role in ("tool", "function"):
-            ref = message.get("tool_call_id") or message.get("name") or ""
-            text = f"Tool result {ref}:\n{text}" if ref else text
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if isinstance(calls, list) and calls:
+            rendered = []
+            for call in calls:
+                call_id, name, arguments = _call_parts(call)
+                names[call_id] = name
+                rendered.append(tool_call_xml(name, arguments) if xml_tools else
+                                f"[Called tool {name} {call_id} with arguments {arguments}]")
+            text = "\n\n".join(t for t in (text, *rendered) if t)
         query.append(poe_message(poe_role, text))
+    flush_results()
     return query
 
 
-def build_poe_query(chat: ChatRequest, system_as_user: bool = False) -> dict[str, Any]:
+def _native_round(messages: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Native tool mode: if the conversation ends with an assistant tool-call turn and its results, return
+    (where that round starts, Poe `tool_calls`, Poe `tool_results`); else (len(messages), [], [])."""
+    end = len(messages)
+    start = end
+    while start > 0 and messages[start - 1]["role"] == "tool":
+        start -= 1
+    if start == end or start == 0 or not messages[start - 1].get("tool_calls") \
+            or messages[start - 1]["role"] != "assistant":
+        return end, [], []
+    calls, names = [], {}
+    for call in messages[start - 1]["tool_calls"]:
+        call_id, name, arguments = _call_parts(call)
+        names[call_id] = name
+        calls.append({"id": call_id, "type": "function",
+                      "function": {"name": name, "arguments": arguments if isinstance(arguments, str)
+                                   else _json_compact(arguments)}})
+    results = [{"role": "tool", "tool_call_id": str(m.get("tool_call_id") or ""),
+                "name": str(m.get("name") or names.get(str(m.get("tool_call_id") or ""), "")),
+                "content": content_text(m.get("content"))} for m in messages[start:]]
+    return start - 1, calls, results
+
+
+def _append_to_last_user(query: list[dict[str, Any]], text: str) -> None:
+    for message in reversed(query):
+        if message["role"] == "user":
+            message["content"] = f"{message['content']}{text}" if message["content"] else text.lstrip()
+            return
+    query.append(poe_message("user", text.lstrip()))
+
+
+def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: str = "xml") -> dict[str, Any]:
     """The body of a Poe bot `query` request for this chat request (a fastapi_poe QueryRequest)."""
+    spec = chat.tools
+    native = tool_mode == "native"
+    messages = chat.messages
+    tool_calls: list[dict[str, Any]] = []
+    tool_results: list[dict[str, Any]] = []
+    if native:
+        cut, tool_calls, tool_results = _native_round(messages)
+        if tool_calls:
+            last_text = content_text(messages[cut].get("content"))
+            messages = messages[:cut] + ([{"role": "assistant", "content": last_text}] if last_text else [])
+    query_messages = to_poe_messages(messages, system_as_user, xml_tools=not native)
+    if spec and spec.tools and not native:
+        _append_to_last_user(query_messages, "\n\n" + tool_prompt(spec))
+    if spec and spec.flags:
+        _append_to_last_user(query_messages, "".join(f" --{flag}" for flag in spec.flags))
     query: dict[str, Any] = {
         "version": POE_PROTOCOL_VERSION,
         "type": "query",
-        "query": to_poe_messages(chat.messages, system_as_user),
+        "query": query_messages,
         "user_id": "",
         "conversation_id": "",
         "message_id": "",
     }
+    if spec and spec.tools and native:
+        query["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                             "parameters": t.parameters}} for t in spec.tools]
+    if tool_calls:
+        query["tool_calls"] = tool_calls
+        query["tool_results"] = tool_results
     if chat.temperature is not None:
         query["temperature"] = chat.temperature
     if chat.logit_bias:
@@ -681,8 +927,12 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False) -> dict[str
 
 
 def count_prompt_tokens(query: Mapping[str, Any]) -> int:
-    """Prompt tokens of a Poe query: message texts plus OpenAI's per-message overhead."""
-    return sum(4 + estimate_tokens(m.get("content", "")) for m in query.get("query", ())) + 2
+    """Prompt tokens of a Poe query: message texts, native tool fields, and OpenAI's per-message overhead."""
+    total = sum(4 + estimate_tokens(m.get("content", "")) for m in query.get("query", ())) + 2
+    for key in ("tools", "tool_calls", "tool_results"):
+        if query.get(key):
+            total += estimate_tokens(_json_compact(query[key]))
+    return total
 
 
 ###############################################################################
@@ -692,29 +942,313 @@ def count_prompt_tokens(query: Mapping[str, Any]) -> int:
 
 # Delta kinds. One translator produces them; the stream encoder and the non-stream fold render them,
 # so streaming and non-streaming answers cannot drift apart.
-TEXT, REASONING, REPLACE, FINISH, ERROR = "text", "reasoning", "replace", "finish", "error"
+TEXT, REASONING, REPLACE, TOOL_START, TOOL_ARGS, FINISH, ERROR = (
+    "text", "reasoning", "replace", "tool_start", "tool_args", "finish", "error")
 
 
 @dataclass(slots=True)
 class Delta:
     kind: str
-    text: str = ""
+    text: str = ""                   # text, reasoning, replacement, argument piece, or finish reason
     error: ProxyError | None = None
+    index: int = 0                   # tool calls: position in this answer, from 0
+    call_id: str = ""
+    name: str = ""
 
+
+# ----------------------------------------------------------------------------- XML tool calls
+
+_OPENER = re.compile(r"<(tool_call|invoke|function_calls)(?=[\s>/])")
+_OPENER_NAMES = ("<tool_call", "<invoke", "<function_calls")
+_CLOSERS = {"tool_call": "</tool_call>", "invoke": "</invoke>", "function_calls": "</function_calls>"}
+_INVOKE = re.compile(r"""<invoke\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>(.*?)(?:</invoke>|\Z)""", re.S)
+_PARAMETER = re.compile(r"""<parameter\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>(.*?)</parameter>""", re.S)
+_CHILD = re.compile(r"<([A-Za-z_][\w.\-]*)>(.*?)</\1>", re.S)
+_FENCE_TAIL = re.compile(r"(?:^|\n)[ \t]*```[A-Za-z]*[ \t]*\n?[ \t]*\Z")
+_ENTITY = re.compile(r"&(lt|gt|amp|quot|apos|#\d+|#x[0-9a-fA-F]+);")
+MAX_TOOL_BLOCK_CHARS = 4 * 1024 * 1024   # a block that never closes is released as text past this
+
+
+def _clean_value(raw: str) -> str:
+    """A parameter value as the model meant it: CDATA unwrapped, layout newlines around it removed, and
+    XML entities decoded only when the model clearly escaped (no raw `<` and every `&` an entity)."""
+    stripped = raw.strip()
+    if stripped.startswith("<![CDATA[") and stripped.endswith("]]>"):
+        return stripped[9:-3]
+    if "\n" not in stripped:
+        value = stripped
+    else:   # multi-line: keep inner layout, drop the newline after the tag and the indent before the close
+        value = raw[1:] if raw.startswith("\n") else raw
+        value = re.sub(r"\n[ \t]*\Z", "", value)
+    if "&" in value and "<" not in value and value.count("&") == len(_ENTITY.findall(value)):
+        value = _ENTITY.sub(lambda m: _decode_entity(m.group(1)), value)
+    return value
+
+
+def _decode_entity(name: str) -> str:
+    if name.startswith("#x"):
+        return chr(int(name[2:], 16))
+    if name.startswith("#"):
+        return chr(int(name[1:]))
+    return {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}[name]
+
+
+def _schema_types(schema: Any) -> list[str]:
+    if not isinstance(schema, dict):
+        return []
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return [kind]
+    if isinstance(kind, list):
+        return [k for k in kind if isinstance(k, str)]
+    types: list[str] = []
+    for key in ("anyOf", "oneOf", "allOf"):
+        for sub in schema.get(key) or []:
+            types += [t for t in _schema_types(sub) if t not in types]
+    if not types and "properties" in schema:
+        return ["object"]
+    if not types and "items" in schema:
+        return ["array"]
+    return types
+
+
+def coerce_argument(value: str, schema: Any) -> Any:
+    """Type a parameter value by its JSON schema; anything that does not fit stays the string it was."""
+    types = _schema_types(schema)
+    text = value.strip()
+    for kind in [t for t in types if t != "string"]:
+        if kind == "integer" and re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        if kind == "number":
+            if re.fullmatch(r"[+-]?\d+", text):
+                return int(text)
+            try:
+                number = float(text)
+                if math.isfinite(number):
+                    return number
+            except ValueError:
+                pass
+        if kind == "boolean" and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if kind == "null" and text.lower() in ("null", "none", ""):
+            return None
+        if kind in ("object", "array"):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(parsed, dict if kind == "object" else list):
+                return parsed
+    return value
+
+
+def _typed_arguments(raw_args: Mapping[str, str], tool: Tool) -> dict[str, Any]:
+    properties = tool.parameters.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    return {key: coerce_argument(value, properties.get(key)) if key in properties else value
+            for key, value in raw_args.items()}
+
+
+class XMLToolParser:
+    """Finds `<tool_call><invoke name=…><parameter name=…>` calls in streamed text (also the older
+    `<name>`/`<arguments>` and JSON-in-<tool_call> forms) and turns them into tool-call deltas.
+
+    Text before a call goes out at once. Only a tail that could still be the start of a call is held
+    back, and text that merely mentions a tag is released as soon as it cannot be a call, so the
+    stream never stalls. Splitting the input differently never changes the output.
+    """
+
+    def __init__(self, spec: ToolSpec, make_id: Callable[[], str] = lambda: new_id("call_")) -> None:
+        self._spec = spec
+        self._make_id = make_id
+        self._buf = ""
+        self._block: str | None = None      # the opening tag name of the block being read
+        self._fences = 0                     # ``` seen in released text: odd = inside a code block
+        self.calls = 0
+        self.stopped = False                 # parallel_tool_calls=false and a call was made
+
+    def feed(self, text: str) -> list[Delta]:
+        if self.stopped:
+            return []
+        self._buf += text
+        return self._drain(final=False)
+
+    def end(self) -> list[Delta]:
+        return [] if self.stopped else self._drain(final=True)
+
+    def _text(self, text: str, out: list[Delta]) -> None:
+        if not text:
+            return
+        if self.calls:   # prose after a call is the model talking past its turn: drop it
+            if text.strip():
+                log.debug("dropping %d characters the bot wrote after its tool calls", len(text))
+            return
+        self._fences += text.count("```")
+        out.append(Delta(TEXT, text))
+
+    def _drain(self, final: bool) -> list[Delta]:
+        out: list[Delta] = []
+        while not self.stopped:
+            if self._block is None:
+                match = self._find_opener()
+                if match is None:
+                    keep = 0 if final else self._holdback()
+                    self._text(self._buf[:len(self._buf) - keep], out)
+                    self._buf = self._buf[len(self._buf) - keep:]
+                    return out
+                before = self._buf[:match.start()]
+                if self._fences % 2 == 0:
+                    fence = _FENCE_TAIL.search(before)   # a ```xml line opening the call: not prose
+                    if fence and before[fence.start():].count("```") == 1:
+                        before = before[:fence.start()]
+                self._text(before, out)
+                self._buf = self._buf[match.start():]
+                self._block = match.group(1)
+            verdict = self._read_block(final, out)
+            if verdict == "more":
+                return out
+            if verdict == "text":   # not a call after all: release the opening `<` and scan on
+                self._text(self._buf[:1], out)
+                self._buf = self._buf[1:]
+            self._block = None
+        return out
+
+    def _find_opener(self) -> re.Match[str] | None:
+        start = 0
+        while True:
+            match = _OPENER.search(self._buf, start)
+            if match is None or match.start() == 0 or self._buf[match.start() - 1] != "`":
+                return match
+            start = match.start() + 1   # `<tool_call>` in backticks is a mention
+
+    def _holdback(self) -> int:
+        """How many trailing characters might still become an opening tag (or the fence before one)."""
+        buf = self._buf
+        cut = buf.rfind("<", max(0, len(buf) - 16))
+        keep = 0
+        if cut != -1 and (cut == 0 or buf[cut - 1] != "`"):
+            tail = buf[cut:]
+            if any(name.startswith(tail) or tail == name for name in _OPENER_NAMES):
+                keep = len(tail)
+        if self._fences % 2 == 0:
+            fence = _FENCE_TAIL.search(buf[:len(buf) - keep])
+            if fence:
+                keep = len(buf) - fence.start()
+        return keep
+
+    def _read_block(self, final: bool, out: list[Delta]) -> str:
+        """Parse the block at the start of the buffer: "more" (wait), "text" (not a call) or "done"."""
+        buf, name = self._buf, self._block
+        assert name is not None
+        tag_end = buf.find(">")
+        if tag_end == -1:
+            return "text" if final or "<" in buf[1:] or len(buf) > 1000 else "more"
+        if "<" in buf[1:tag_end]:
+            return "text"
+        if name == "invoke" and not _INVOKE.match(buf[:tag_end + 1] + "</invoke>"):
+            return "text"
+        rest = buf[tag_end + 1:].lstrip()
+        if name != "invoke":
+            if not rest:
+                return "text" if final else "more"
+            if rest[0] not in "<{":
+                return "text"
+        closer = _CLOSERS[name]
+        close_at = buf.find(closer, tag_end)
+        if close_at == -1:
+            if len(buf) > MAX_TOOL_BLOCK_CHARS:
+                return "text"
+            if not final:
+                return "more"
+            block = buf   # the bot stopped before closing its call: take what is complete
+        else:
+            block = buf[:close_at + len(closer)]
+        calls = self._parse(block)
+        if not calls:
+            return "text"
+        self._buf = buf[len(block):]
+        for tool, arguments in calls:
+            if self.stopped:
+                break
+            index = self.calls
+            self.calls += 1
+            out.append(Delta(TOOL_START, index=index, call_id=self._make_id(), name=tool.name))
+            out.append(Delta(TOOL_ARGS, _json_compact(arguments), index=index))
+            if not self._spec.parallel:
+                self.stopped = True
+        return "done"
+
+    def _parse(self, block: str) -> list[tuple[Tool, dict[str, Any]]]:
+        calls: list[tuple[Tool, dict[str, Any]]] = []
+        for match in _INVOKE.finditer(block):
+            tool = self._spec.find(match.group(1))
+            if tool is None:
+                continue
+            body = match.group(2)
+            params = {m.group(1).strip(): _clean_value(m.group(2)) for m in _PARAMETER.finditer(body)}
+            if not params:
+                params = {m.group(1): _clean_value(m.group(2)) for m in _CHILD.finditer(body)}
+            calls.append((tool, _typed_arguments(params, tool)))
+        if calls or _INVOKE.search(block):
+            return calls
+        inner = re.sub(r"^<tool_call[^>]*>|</tool_call>\s*\Z", "", block.strip()).strip()
+        return [call for call in (self._legacy(inner),) if call is not None]
+
+    def _legacy(self, inner: str) -> tuple[Tool, dict[str, Any]] | None:
+        if inner.startswith("{"):   # {"name": …, "arguments": {…}}
+            try:
+                data = json.loads(inner)
+            except ValueError:
+                return None
+            tool = self._spec.find(str(data.get("name", ""))) if isinstance(data, dict) else None
+            args = data.get("arguments", data.get("parameters", {})) if tool else None
+            args = _arguments_dict(args)
+            return (tool, args) if tool and args is not None else None
+        named = re.search(r"<name>\s*(.*?)\s*</name>", inner, re.S)
+        if named:   # <name>X</name><arguments>{…}</arguments>
+            tool = self._spec.find(named.group(1))
+            raw = re.search(r"<arguments>(.*?)</arguments>", inner, re.S)
+            if tool is None:
+                return None
+            args = _arguments_dict(raw.group(1).strip()) if raw else {}
+            if args is None:
+                args = _typed_arguments({m.group(1): _clean_value(m.group(2))
+                                         for m in _CHILD.finditer(raw.group(1))}, tool) if raw else {}
+            return tool, args
+        bare = re.fullmatch(r"<([A-Za-z_][\w.\-]*)>(.*)</\1>", inner, re.S)   # <toolname><k>v</k></toolname>
+        if bare and (tool := self._spec.find(bare.group(1))) is not None:
+            return tool, _typed_arguments({m.group(1): _clean_value(m.group(2))
+                                           for m in _CHILD.finditer(bare.group(2))}, tool)
+        return None
+
+
+# ----------------------------------------------------------------------------- the translator
 
 class PoeTranslator:
-    """Turns Poe SSE events into neutral deltas; `finished` once `done` or `error` was seen."""
+    """Turns Poe SSE events into neutral deltas; `finished` once `done` or `error` was seen.
 
-    def __init__(self) -> None:
+    Text runs through the tool-call parser (XML mode); native tool calls arrive as `json` events.
+    """
+
+    def __init__(self, tools: ToolSpec | None = None, native_tools: bool = False,
+                 make_id: Callable[[], str] = lambda: new_id("call_")) -> None:
         self.finished = False
         self.saw_done = False
+        self.tool_calls = 0
+        self._make_id = make_id
+        offered = tools is not None and bool(tools.tools)
+        self._xml = XMLToolParser(tools, make_id) if offered and not native_tools and tools else None
+        self._native = offered and native_tools
+        self._native_index: dict[int, int] = {}    # Poe's tool-call index -> ours
+        self._native_pending: dict[int, str] = {}  # arguments that came before the call's name
+        self._seen = ""                            # text fed to the XML parser, for replace_response
 
     def feed(self, event: SSEEvent) -> list[Delta]:
         if self.finished:
             return []
         name = event.event
-        if name not in ("text", "replace_response", "error", "done", "file"):
-            return []  # meta, json, suggested_reply, data, ping: nothing for the client here
+        if name not in ("text", "replace_response", "error", "done", "file", "json"):
+            return []  # meta, suggested_reply, data, ping: nothing for the client
         try:
             data = json.loads(event.data) if event.data.strip() else {}
         except ValueError:
@@ -724,25 +1258,82 @@ class PoeTranslator:
             data = {}
         if name == "text":
             text = data.get("text")
-            return [Delta(TEXT, text)] if isinstance(text, str) and text else []
+            return self._text(text) if isinstance(text, str) and text else []
         if name == "replace_response":
             text = data.get("text")
-            return [Delta(REPLACE, text if isinstance(text, str) else "")]
+            return self._replace(text if isinstance(text, str) else "")
         if name == "file":
             return self._file(data)
-        self.finished = True
+        if name == "json":
+            return self._json(data)
         if name == "done":
             self.saw_done = True
-            return [Delta(FINISH, "stop")]
+            return self._finish()
+        self.finished = True
         return [Delta(ERROR, error=classify_poe_error(data))]
 
     def end(self) -> list[Delta]:
-        """Poe's body ended cleanly. Without `done` we still finish: the text we got is the answer."""
+        """Poe's body ended cleanly. Without `done` we still finish: what we got is the answer."""
         if self.finished:
             return []
-        self.finished = True
         log.warning("Poe ended the answer without a `done` event; finishing it here")
-        return [Delta(FINISH, "stop")]
+        return self._finish()
+
+    def _finish(self) -> list[Delta]:
+        out = self._xml.end() if self._xml else []
+        self._count(out)
+        self.finished = True
+        out.append(Delta(FINISH, "tool_calls" if self.tool_calls else "stop"))
+        return out
+
+    def _count(self, deltas: list[Delta]) -> None:
+        self.tool_calls += sum(1 for d in deltas if d.kind == TOOL_START)
+
+    def _text(self, text: str) -> list[Delta]:
+        if self._xml is None:
+            return [Delta(TEXT, text)]
+        self._seen += text
+        out = self._xml.feed(text)
+        self._count(out)
+        if self._xml.stopped:   # parallel_tool_calls=false: one call is the whole answer
+            out += self._finish()
+        return out
+
+    def _replace(self, text: str) -> list[Delta]:
+        if self._xml is not None and text.startswith(self._seen):
+            return self._text(text[len(self._seen):]) if len(text) > len(self._seen) else []
+        return [Delta(REPLACE, text)]
+
+    def _json(self, data: Mapping[str, Any]) -> list[Delta]:
+        """A native tool-call chunk (an OpenAI chat.completion.chunk inside a Poe `json` event)."""
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+            return []
+        delta = choices[0].get("delta")
+        if not isinstance(delta, dict):
+            return []
+        out: list[Delta] = []
+        if isinstance(delta.get("content"), str) and delta["content"]:
+            out += self._text(delta["content"])
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                continue
+            poe_index = call.get("index") if isinstance(call.get("index"), int) else 0
+            fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+            args = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
+            if poe_index not in self._native_index:
+                name = fn.get("name")
+                if not isinstance(name, str) or not name:
+                    self._native_pending[poe_index] = self._native_pending.get(poe_index, "") + args
+                    continue
+                index = self._native_index[poe_index] = self.tool_calls
+                self.tool_calls += 1
+                call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else self._make_id()
+                out.append(Delta(TOOL_START, index=index, call_id=call_id, name=name))
+                args = self._native_pending.pop(poe_index, "") + args
+            if args:
+                out.append(Delta(TOOL_ARGS, args, index=self._native_index[poe_index]))
+        return out
 
     @staticmethod
     def _file(data: Mapping[str, Any]) -> list[Delta]:
@@ -754,12 +1345,29 @@ class PoeTranslator:
         return [Delta(TEXT, f"\n\n{'!' if image else ''}[{name}]({url})\n")]
 
 
+# ----------------------------------------------------------------------------- OpenAI renderings
+
 def openai_usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+
+
+class AnswerText:
+    """What an answer has said so far, for usage counts: content, reasoning and tool arguments."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.arguments: list[str] = []
+
+    def usage(self, prompt_tokens: int) -> dict[str, Any]:
+        reasoning = estimate_tokens("".join(self.reasoning))
+        completion = (estimate_tokens("".join(self.content)) + reasoning
+                      + estimate_tokens("".join(self.arguments)))
+        return openai_usage(prompt_tokens, completion, reasoning)
 
 
 class OpenAIStreamEncoder:
@@ -770,9 +1378,7 @@ class OpenAIStreamEncoder:
         self._head = (b'data: {"id":' + dump_json(completion_id) + b',"object":"chat.completion.chunk","created":'
                       + str(created_s).encode() + b',"model":' + dump_json(model) + b',"choices":[')
         self._include_usage = include_usage
-        self._sent: list[str] = []       # content already streamed, for replace_response
-        self.content_chars = 0
-        self.reasoning: list[str] = []
+        self.said = AnswerText()
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -784,27 +1390,30 @@ class OpenAIStreamEncoder:
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
         if kind == TEXT:
-            self._sent.append(delta.text)
+            self.said.content.append(delta.text)
             return self._chunk({"content": delta.text})
         if kind == REASONING:
-            self.reasoning.append(delta.text)
+            self.said.reasoning.append(delta.text)
             return self._chunk({"reasoning_content": delta.text, "reasoning": delta.text})
+        if kind == TOOL_START:
+            return self._chunk({"tool_calls": [{"index": delta.index, "id": delta.call_id, "type": "function",
+                                                "function": {"name": delta.name, "arguments": ""}}]})
+        if kind == TOOL_ARGS:
+            self.said.arguments.append(delta.text)
+            return self._chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})
         if kind == REPLACE:
             # A stream cannot take back what it sent: send only the new tail when the replacement
             # extends what the client has, otherwise start the replacement after a blank line.
-            seen = "".join(self._sent)
+            seen = "".join(self.said.content)
             new = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-            self._sent = [delta.text]
+            self.said.content = [delta.text]
             return self._chunk({"content": new}) if new else b""
         raise ValueError(f"not a content delta: {kind}")
 
-    def content(self) -> str:
-        return "".join(self._sent)
-
-    def finish(self, reason: str, usage: dict[str, Any] | None) -> bytes:
+    def finish(self, reason: str, prompt_tokens: int) -> bytes:
         out = self._chunk({}, reason)
-        if self._include_usage and usage is not None:
-            out += self._head[:-len(b"[")] + b"[],\"usage\":" + dump_json(usage) + b"}\n\n"
+        if self._include_usage:
+            out += self._head[:-1] + b'[],"usage":' + dump_json(self.said.usage(prompt_tokens)) + b"}\n\n"
         return out + SSE_DONE
 
     @staticmethod
@@ -816,42 +1425,52 @@ class ChatFold:
     """Folds deltas into a non-streaming `chat.completion` body: the same deltas a stream would carry."""
 
     def __init__(self) -> None:
-        self._content: list[str] = []
-        self._reasoning: list[str] = []
+        self.said = AnswerText()
+        self._calls: list[dict[str, Any]] = []
         self.finish_reason = "stop"
 
     def add(self, delta: Delta) -> None:
-        if delta.kind == TEXT:
-            self._content.append(delta.text)
-        elif delta.kind == REPLACE:
-            self._content = [delta.text]   # non-stream answers carry exactly Poe's final text
-        elif delta.kind == REASONING:
-            self._reasoning.append(delta.text)
-        elif delta.kind == FINISH:
+        kind = delta.kind
+        if kind == TEXT:
+            self.said.content.append(delta.text)
+        elif kind == REPLACE:
+            self.said.content = [delta.text]   # non-stream answers carry exactly Poe's final text
+        elif kind == REASONING:
+            self.said.reasoning.append(delta.text)
+        elif kind == TOOL_START:
+            self._calls.append({"id": delta.call_id, "type": "function",
+                                "function": {"name": delta.name, "arguments": ""}})
+        elif kind == TOOL_ARGS:
+            self.said.arguments.append(delta.text)
+            self._calls[delta.index]["function"]["arguments"] += delta.text
+        elif kind == FINISH:
             self.finish_reason = delta.text
 
     @property
     def content(self) -> str:
-        return "".join(self._content)
+        return "".join(self.said.content)
 
-    @property
-    def reasoning(self) -> str:
-        return "".join(self._reasoning)
-
-    def body(self, completion_id: str, created_s: int, model: str, usage: dict[str, Any]) -> dict[str, Any]:
-        message: dict[str, Any] = {"role": "assistant", "content": self.content, "refusal": None}
-        if self._reasoning:
-            message["reasoning_content"] = message["reasoning"] = self.reasoning
+    def body(self, completion_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
+        content = self.content
+        message: dict[str, Any] = {"role": "assistant", "content": content if content or not self._calls else None,
+                                   "refusal": None}
+        if self._calls:
+            message["tool_calls"] = self._calls
+        if self.said.reasoning:
+            message["reasoning_content"] = message["reasoning"] = "".join(self.said.reasoning)
         return {"id": completion_id, "object": "chat.completion", "created": created_s, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": self.finish_reason}],
-                "usage": usage, "system_fingerprint": None}
+                "usage": self.said.usage(prompt_tokens), "system_fingerprint": None}
 
 
 ###############################################################################
 ###############################################################################
 # Model registry: models.yaml (hot reload) and the model-list cache
 ###############################################################################
+
+TOOL_MODES = ("xml", "native")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -878,6 +1497,8 @@ class ModelConfig:
         for name, entry in models.items():
             if entry is not None and not isinstance(entry, dict):
                 raise ValueError(f"models.{name} must be a mapping")
+            if entry and entry.get("tool_mode") not in (None, *TOOL_MODES):
+                raise ValueError(f"models.{name}.tool_mode must be one of {', '.join(TOOL_MODES)}")
             clean[str(name)] = dict(entry or {})
         custom = data.get("custom_models") or []
         if not isinstance(custom, list) or not all(isinstance(c, dict) and c.get("id") for c in custom):
@@ -902,6 +1523,7 @@ class ModelRoute:
     bot: str                  # the Poe bot name used in /bot/{name}
     display: str              # the name echoed to the client
     replace_response: bool = False
+    tool_mode: str = "xml"    # xml: tools as prompt text, calls parsed from the answer; native: Poe's fields
 
 
 class ModelRegistry:
@@ -910,7 +1532,7 @@ class ModelRegistry:
 
     def __init__(self, path: str, check_interval_s: float = 2.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.path = path
+        self.path = os.path.abspath(path)
         self._check_interval_s = check_interval_s
         self._clock = clock
         self._config = ModelConfig()
@@ -965,9 +1587,9 @@ class ModelRegistry:
             if entry is not None and entry.get("enable") is False:
                 raise ProxyError(404, f"The model '{requested}' is disabled on this proxy.",
                                  "invalid_request_error", "model_not_found", "model")
-        entry = cfg.entry(bot)
-        return ModelRoute(bot=bot, display=requested,
-                          replace_response=bool(entry and entry.get("replace_response")))
+        entry = cfg.entry(bot) or {}
+        return ModelRoute(bot=bot, display=requested, replace_response=bool(entry.get("replace_response")),
+                          tool_mode=entry.get("tool_mode") or "xml")
 
     def public_list(self, upstream: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The upstream list with this configuration applied: hidden, renamed and custom models."""
@@ -1365,11 +1987,6 @@ def _default_ssl_context() -> ssl.SSLContext:
     return ctx
 
 
-def _redact_url(url: str) -> str:
-    """A URL fit for logs and error messages: user and password removed."""
-    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 ###############################################################################
@@ -1690,12 +2307,12 @@ class App:
         chat = parse_chat_request(parse_json_body(request))
         request.model = chat.model
         route = self.registry.resolve(chat.model)
-        query = build_poe_query(chat, system_as_user=route.replace_response)
+        query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode)
         completion_id, created_s = new_id("chatcmpl-"), int(time.time())
         prompt_tokens = count_prompt_tokens(query)
         await self.gate.wait()
         events = await self.poe.open_bot_stream(route.bot, query, api_key)
-        translator = PoeTranslator()
+        translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native")
         if not chat.stream:
             return await self._chat_whole(events, translator, completion_id, created_s, route, prompt_tokens)
         return await self._chat_stream(events, translator, completion_id, created_s, route, chat, prompt_tokens)
@@ -1724,9 +2341,7 @@ class App:
             await events.aclose()
             raise
         await events.finish()
-        usage = openai_usage(prompt_tokens, estimate_tokens(fold.content) + estimate_tokens(fold.reasoning),
-                             estimate_tokens(fold.reasoning))
-        return json_response(200, fold.body(completion_id, created_s, route.display, usage))
+        return json_response(200, fold.body(completion_id, created_s, route.display, prompt_tokens))
 
     async def _chat_stream(self, events: PoeEventStream, translator: PoeTranslator, completion_id: str,
                            created_s: int, route: ModelRoute, chat: ChatRequest, prompt_tokens: int) -> Response:
@@ -1768,11 +2383,7 @@ class App:
                         # Poe's body ends right after `done`: read its end first, so the connection
                         # is back in the pool before the client can send its next request.
                         await events.finish(0.05)
-                        content = encoder.content()
-                        reasoning = "".join(encoder.reasoning)
-                        usage = openai_usage(prompt_tokens, estimate_tokens(content) + estimate_tokens(reasoning),
-                                             estimate_tokens(reasoning))
-                        yield out + encoder.finish(delta.text, usage)
+                        yield out + encoder.finish(delta.text, prompt_tokens)
                         clean = True
                         return
                     if delta.kind == ERROR:
@@ -1829,6 +2440,13 @@ access_log = logging.getLogger("poe2openai.access")
 class ServerState:
     closing: bool = False
     connections: set[InboundConnection] = field(default_factory=set)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return http.HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _raw_error(status: int, reason: str, err: ProxyError) -> bytes:
@@ -1983,7 +2601,8 @@ class InboundConnection:
         headers.append(("X-Request-Id", request.request_id))
         if response.stream is None:
             headers.append(("Content-Length", str(len(response.body))))
-            events: list[Any] = [h11.Response(status_code=response.status, headers=headers)]
+            events: list[Any] = [h11.Response(status_code=response.status, headers=headers,
+                                              reason=_reason(response.status))]
             if response.body and request.method != "HEAD":
                 events.append(h11.Data(data=response.body))
             events.append(h11.EndOfMessage())
@@ -1991,7 +2610,8 @@ class InboundConnection:
             return
         stream = response.stream
         try:
-            await self.http.send(h11.Response(status_code=response.status, headers=headers))
+            await self.http.send(h11.Response(status_code=response.status, headers=headers,
+                                              reason=_reason(response.status)))
             async for chunk in stream:
                 if chunk:
                     await self.http.send(h11.Data(data=chunk))
@@ -2042,6 +2662,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     port = server.sockets[0].getsockname()[1]
     log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
              settings.host or "*", port, settings.poe_base_url, os.path.abspath(settings.models_path))
+    if not os.path.exists(settings.models_path):
+        log.warning("no models.yaml in %s: model names pass to Poe unchanged", os.path.abspath(settings.config_dir))
     if ready is not None:
         ready(port)
     stop = stop or asyncio.Event()
@@ -2088,7 +2710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (log.info if loopback else log.warning)(
             "the admin page uses the default password; set ADMIN_PASSWORD%s",
             "" if loopback else f" (listening on {settings.host or 'all addresses'}: anyone who reaches this "
-                                "port can change your model settings)")
+                                "port can open the admin page)")
     try:
         asyncio.run(serve(settings, install_signal_handlers=True))
     except OSError as exc:

@@ -17,21 +17,25 @@ import sys
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import warnings
 
 import h11
 import httpx
 import openai
 import pytest
-from fastapi_poe.types import QueryRequest
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="pydantic")   # fastapi_poe's own
+warnings.filterwarnings("ignore", message=".*class-based `config`.*")
+from fastapi_poe.types import QueryRequest  # noqa: E402
 from hypothesis import given, settings as hsettings, strategies as st
 
 import poe2openai as p2o
 
 HERE = Path(__file__).resolve().parent
-FIXTURES = HERE.parent / "shared" / "fixtures"
+FIXTURES = HERE / "fixtures"   # request bodies as real clients send them
 KEY = "poe-test-key-0123456789abcdef"
 
 
@@ -198,7 +202,6 @@ class Proxy:
     def __init__(self, lt: LoopThread, settings: p2o.Settings, ssl_context: ssl.SSLContext | None = None) -> None:
         self.lt = lt
         self.settings = settings
-        ready: "asyncio.Future[int]" = lt.loop.create_future() if False else None  # type: ignore[assignment]
         self._port: list[int] = []
         self._stop: asyncio.Event | None = None
         started = threading.Event()
