@@ -984,3 +984,293 @@ def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], 
 def test_shipped_models_yaml_is_valid() -> None:
     cfg = p2o.ModelConfig.from_yaml((HERE / "models.yaml").read_text())
     assert cfg.enable is False and cfg.models == {}
+
+
+###############################################################################
+# Tool calling
+###############################################################################
+
+WEATHER_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+            "ratio": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}},
+            "where": {"type": "object"}, "note": {"type": ["string", "null"]}},
+            "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time", "parameters": {}}},
+]
+TOOL_REPLY = ('Let me check both.\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n'
+              '<parameter name="days">3</parameter>\n<parameter name="metric">true</parameter>\n'
+              '<parameter name="ratio">0.5</parameter>\n<parameter name="tags">["a", "b"]</parameter>\n'
+              '<parameter name="where">{"lat": 48.8}</parameter>\n<parameter name="extra">kept</parameter>\n'
+              '</invoke>\n</tool_call>\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>')
+EXPECTED_CALLS = [("get_weather", {"city": "Paris", "days": 3, "metric": True, "ratio": 0.5, "tags": ["a", "b"],
+                                   "where": {"lat": 48.8}, "extra": "kept"}),
+                  ("get_time", {})]
+
+
+def parse_reply(chunks: list[str], tools: Any = WEATHER_TOOLS, **body: Any) -> tuple[str, list[Any], str]:
+    """Run chunks through the translator as Poe text events; (text, [(name, args)], finish)."""
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": tools, **body}))
+    deltas = []
+    for chunk in chunks:
+        deltas += translator.feed(p2o.SSEEvent("text", json.dumps({"text": chunk})))
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    fold = p2o.ChatFold()
+    for d in deltas:
+        fold.add(d)
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in fold.body("x", 0, "m", 0)["choices"][0]["message"].get("tool_calls", [])]
+    return fold.content, calls, fold.finish_reason
+
+
+def test_xml_tool_calls_are_typed_by_schema() -> None:
+    text, calls, finish = parse_reply([TOOL_REPLY])
+    assert text == "Let me check both.\n" and calls == EXPECTED_CALLS and finish == "tool_calls"
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(TOOL_REPLY) - 1), unique=True, max_size=60))
+@hsettings(max_examples=300, deadline=None)
+def test_any_chunking_gives_the_same_tool_calls(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(TOOL_REPLY)]
+    assert parse_reply([TOOL_REPLY[a:b] for a, b in zip(bounds, bounds[1:])]) == (
+        "Let me check both.\n", EXPECTED_CALLS, "tool_calls")
+
+
+MENTION_REPLY = "Write `<tool_call>` to call; a < b, and <invoke> alone, or <tool_call> then prose </tool_call>."
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(MENTION_REPLY) - 1), unique=True, max_size=30))
+@hsettings(max_examples=200, deadline=None)
+def test_text_that_mentions_tags_is_released_unchanged(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(MENTION_REPLY)]
+    assert parse_reply([MENTION_REPLY[a:b] for a, b in zip(bounds, bounds[1:])]) == (MENTION_REPLY, [], "stop")
+
+
+def test_mention_does_not_stall_the_stream() -> None:
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS}))
+    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "Use <tool_call> like this: "})))
+    # the tag was followed by prose, so everything is out before `done`
+    assert "".join(d.text for d in out if d.kind == p2o.TEXT) == "Use <tool_call> like this: "
+    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "it wraps a call. And <tool"})))
+    assert "".join(d.text for d in out) == "it wraps a call. And "     # only a possible tag start is held
+
+
+def test_other_tool_call_forms() -> None:
+    assert parse_reply(['<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'])[1] == [
+        ("get_weather", {"city": "Oslo"})]
+    assert parse_reply(['<tool_call><name>get_weather</name><arguments>{"city": "Rome"}</arguments></tool_call>'])[1] \
+        == [("get_weather", {"city": "Rome"})]
+    assert parse_reply(["```xml\n<tool_call>\n<invoke name=\"get_time\"></invoke>\n</tool_call>\n```"]) == (
+        "", [("get_time", {})], "tool_calls")
+    # an unclosed call at the end of the answer is still taken
+    assert parse_reply(['<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Nice</parameter>\n'])[1] == [
+        ("get_weather", {"city": "Nice"})]
+    # unknown tools are not calls
+    assert parse_reply(['<tool_call><invoke name="rm_rf"></invoke></tool_call>'])[1] == []
+
+
+def test_parameter_values_keep_code_intact() -> None:
+    code = "if a < b && c:\n    print('<tag>')\n"
+    tools = [{"type": "function", "function": {"name": "write", "description": "w", "parameters": {
+        "type": "object", "properties": {"content": {"type": "string"}, "path": {"type": "string"}}}}}]
+    reply = f'<tool_call>\n<invoke name="write">\n<parameter name="path"> a.py </parameter>\n' \
+            f'<parameter name="content">\n{code}</parameter>\n</invoke>\n</tool_call>'
+    # the newline after the opening tag and before the closing tag are layout, not content
+    assert parse_reply([reply], tools)[1] == [("write", {"path": "a.py", "content": code.rstrip("\n")})]
+    escaped = '<tool_call><invoke name="write"><parameter name="content">x &lt; y &amp;&amp; z</parameter>' \
+              '</invoke></tool_call>'
+    assert parse_reply([escaped], tools)[1] == [("write", {"content": "x < y && z"})]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    text, calls, finish = parse_reply([TOOL_REPLY], parallel_tool_calls=False)
+    assert [c[0] for c in calls] == ["get_weather"] and finish == "tool_calls"
+
+
+def test_tool_prompt_follows_tool_choice() -> None:
+    def query(**body: Any) -> str:
+        chat = p2o.parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                       "tools": WEATHER_TOOLS, **body})
+        q = p2o.build_poe_query(chat)
+        QueryRequest.model_validate(q)
+        assert "tools" not in q          # XML mode never sends Poe's native field
+        return q["query"][-1]["content"]
+    auto = query()
+    assert auto.startswith("hi\n\n") and '<tool name="get_weather">' in auto and '<tool name="get_time">' in auto
+    assert query(tool_choice="none") == "hi"
+    assert "must call at least one tool" in query(tool_choice="required")
+    forced = query(tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert "must call the tool get_time" in forced and "get_weather" not in forced
+    assert "at most one tool" in query(parallel_tool_calls=False)
+    with pytest.raises(p2o.ProxyError) as info:
+        query(tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert info.value.status == 400 and info.value.param == "tool_choice"
+
+
+def test_description_less_tools_become_poe_flags() -> None:
+    chat = p2o.parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "draw a cat"}],
+                                   "tools": [{"type": "function", "function": {"name": "no_watermark"}}]})
+    assert p2o.build_poe_query(chat)["query"][-1]["content"] == "draw a cat --no_watermark"
+
+
+def test_lenient_tool_schemas() -> None:
+    tools = [{"type": "function", "function": {"name": "a", "description": "d", "strict": True, "parameters": {
+        "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
+        "$defs": {"X": {"type": "string"}}, "properties": {"x": {"$ref": "#/$defs/X"}}}}},
+             {"type": "function", "function": {"name": "b", "description": "d"}},
+             {"type": "function", "name": "c", "description": "flat form", "parameters": {"type": "object"}}]
+    spec = p2o.parse_tools({"tools": tools})
+    assert spec is not None and [t.name for t in spec.tools] == ["a", "b", "c"]
+
+
+def test_tool_history_reaches_poe_once_each_in_order() -> None:
+    body = json.loads((FIXTURES / "cline-chat.json").read_text())
+    for mode in ("xml", "native"):
+        q = p2o.build_poe_query(p2o.parse_chat_request(body), tool_mode=mode)
+        QueryRequest.model_validate(q)
+        text = json.dumps(q)
+        assert text.count("call_3Zp8VqLk2MwN7xRt4Yb1Hs6C") == (1 if mode == "xml" else 2), mode
+        assert text.count("def build_parser") == 1, mode
+    xml = p2o.build_poe_query(p2o.parse_chat_request(body))
+    roles = [m["role"] for m in xml["query"]]
+    assert roles == ["system", "user", "bot", "user", "user"]
+    assert '<invoke name="read_file">' in xml["query"][2]["content"]
+    assert xml["query"][3]["content"].startswith('<tool_result tool_call_id="call_3Zp8VqLk2MwN7xRt4Yb1Hs6C" '
+                                                 'name="read_file">')
+
+
+def test_native_mode_sends_poe_tool_fields() -> None:
+    body = {"model": "m", "tools": WEATHER_TOOLS, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}]}
+    q = p2o.build_poe_query(p2o.parse_chat_request(body), tool_mode="native")
+    QueryRequest.model_validate(q)
+    assert [t["function"]["name"] for t in q["tools"]] == ["get_weather", "get_time"]
+    assert q["tools"][1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert q["tool_calls"] == [{"id": "call_1", "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]
+    assert q["tool_results"] == [{"role": "tool", "tool_call_id": "call_1", "name": "get_weather",
+                                  "content": "sunny"}]
+    assert [m["content"] for m in q["query"]] == ["weather?"]
+
+
+def native_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return sse("json", {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+@pytest.mark.parametrize("with_finish_chunk", [True, False])
+def test_native_mode_end_to_end(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path,
+                                with_finish_chunk: bool) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    steps = [native_chunk({"role": "assistant", "content": None, "tool_calls": [
+                 {"index": 0, "id": "call_abc123", "type": "function",
+                  "function": {"name": "get_weather", "arguments": ""}}]}),
+             native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+             native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})]
+    if with_finish_chunk:
+        steps.append(native_chunk({}, "tool_calls"))
+    poe.on("NativeBot", steps + [sse("done", {})])
+    client = proxy_client = start().client()
+    result = client.chat.completions.create(model="NativeBot", tools=WEATHER_TOOLS,
+                                            messages=[{"role": "user", "content": "weather in Paris?"}])
+    call = result.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+        "call_abc123", "get_weather", {"city": "Paris"})
+    assert result.choices[0].finish_reason == "tool_calls" and result.choices[0].message.content is None
+    assert last_query(poe)["query"]["tools"][0]["function"]["name"] == "get_weather"
+    with proxy_client.chat.completions.stream(model="NativeBot", tools=WEATHER_TOOLS,
+                                              messages=[{"role": "user", "content": "weather?"}]) as stream:
+        final = stream.get_final_completion()
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
+def xml_reply_steps(reply: str, sizes: int = 7) -> list[bytes]:
+    return [sse("text", {"text": reply[i:i + sizes]}) for i in range(0, len(reply), sizes)] + [sse("done", {})]
+
+
+def test_cline_request_gets_structured_tool_calls(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "cline-chat.json").read_text())
+    reply = ('I will edit the parser.\n<tool_call>\n<invoke name="replace_in_file">\n'
+             '<parameter name="path">src/cli.py</parameter>\n<parameter name="diff">\n------- SEARCH\n'
+             "    p.add_argument('--quiet', action='store_true')\n=======\n"
+             "    p.add_argument('--quiet', action='store_true')\n    p.add_argument('--verbose', action='store_true')\n"
+             "+++++++ REPLACE\n</parameter>\n</invoke>\n</tool_call>")
+    poe.on(body["model"], xml_reply_steps(reply))
+    status, lines = raw_sse(proxy, body)
+    chunks = [c for c in data_chunks(lines) if c != "[DONE]"]
+    assert status == 200
+    tool_deltas = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    first = tool_deltas[0]
+    assert first["index"] == 0 and first["type"] == "function" and first["id"].startswith("call_")
+    assert first["function"] == {"name": "replace_in_file", "arguments": ""}
+    args = json.loads("".join(d["function"]["arguments"] for d in tool_deltas))
+    assert args["path"] == "src/cli.py" and "--verbose" in args["diff"] and args["diff"].startswith("------- SEARCH")
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes == ["tool_calls"]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content == "I will edit the parser.\n"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0   # include_usage
+
+
+def test_agent_loop_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    poe.on("GPT-4o", xml_reply_steps(TOOL_REPLY, 5))
+    messages: list[Any] = [{"role": "user", "content": "Weather and time?"}]
+    with client.chat.completions.stream(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS) as stream:
+        first = stream.get_final_completion()
+    calls = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == EXPECTED_CALLS
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages += [{"role": "tool", "tool_call_id": calls[0].id, "content": "Sunny, 21 C"},
+                 {"role": "tool", "tool_call_id": calls[1].id, "content": [{"type": "text", "text": "10:42"}]}]
+    poe.on("GPT-4o", text_events("It is sunny and 10:42."))
+    answer = client.chat.completions.create(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS)
+    assert answer.choices[0].message.content == "It is sunny and 10:42."
+    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+    sent = json.dumps(last_query(poe)["query"])
+    for needle in (calls[0].id, calls[1].id, "Sunny, 21 C", "10:42"):
+        assert sent.count(needle) == 1, needle
+    query = last_query(poe)["query"]["query"]
+    assert [m["role"] for m in query] == ["user", "bot", "user"]
+    assert query[2]["content"].index("Sunny") < query[2]["content"].index("10:42") < query[2]["content"].index("<tools>")
+
+
+def test_claude_code_router_style_request(proxy: Proxy, poe: FakePoe) -> None:
+    # What claude-code-router sends after converting a Claude Code turn: $schema / additionalProperties in the
+    # schemas, parallel calls answered by part-array tool results, and a system-reminder after them.
+    src = json.loads((FIXTURES / "claude-code-messages.json").read_text())
+    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                               "parameters": t["input_schema"]}} for t in src["tools"]]
+    body = {"model": "Claude-Sonnet-4.5", "stream": True, "tools": tools, "max_tokens": 32000, "messages": [
+        {"role": "system", "content": [{"type": "text", "text": b["text"]} for b in src["system"]]},
+        {"role": "user", "content": "Fix the failing test."},
+        {"role": "assistant", "content": "Looking.", "tool_calls": [
+            {"id": "toolu_01", "type": "function", "function": {"name": tools[0]["function"]["name"],
+                                                                "arguments": '{"command": "pytest -q"}'}},
+            {"id": "toolu_02", "type": "function", "function": {"name": tools[1]["function"]["name"],
+                                                                "arguments": '{"file_path": "/x.py"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_01", "content": "1 failed"},
+        {"role": "tool", "tool_call_id": "toolu_02", "content": [{"type": "text", "text": "print(1)"}]},
+        {"role": "user", "content": [{"type": "text", "text": "<system-reminder>keep going</system-reminder>"}]}]}
+    name = tools[0]["function"]["name"]
+    reply = f'<tool_call>\n<invoke name="{name}">\n<parameter name="command">pytest -q -x</parameter>\n</invoke>\n</tool_call>'
+    poe.on("Claude-Sonnet-4.5", xml_reply_steps(reply, 3))
+    client = proxy.client()
+    stream = client.chat.completions.create(**body)
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in stream:
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            entry["name"] += (tc.function.name or "") if tc.function else ""
+            entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
+    assert calls == {0: {"name": name, "arguments": '{"command":"pytest -q -x"}'}}
+    body["stream"] = False
+    result = client.chat.completions.create(**body)
+    assert json.loads(result.choices[0].message.tool_calls[0].function.arguments) == {"command": "pytest -q -x"}
