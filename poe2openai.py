@@ -779,7 +779,7 @@ def _arguments_dict(arguments: Any) -> dict[str, Any] | None:
     if isinstance(arguments, str):
         try:
             value = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
         return value if isinstance(value, dict) else None
     return None
@@ -986,10 +986,13 @@ def _clean_value(raw: str) -> str:
 
 
 def _decode_entity(name: str) -> str:
-    if name.startswith("#x"):
-        return chr(int(name[2:], 16))
-    if name.startswith("#"):
-        return chr(int(name[1:]))
+    try:
+        if name.startswith("#x"):
+            return chr(int(name[2:], 16))
+        if name.startswith("#"):
+            return chr(int(name[1:]))
+    except (ValueError, OverflowError):
+        return f"&{name};"   # not a character: keep the text as the bot wrote it
     return {"lt": "<", "gt": ">", "amp": "&", "quot": '"', "apos": "'"}[name]
 
 
@@ -1014,7 +1017,13 @@ def _schema_types(schema: Any) -> list[str]:
 
 def coerce_argument(value: str, schema: Any) -> Any:
     """Type a parameter value by its JSON schema; anything that does not fit stays the string it was."""
-    types = _schema_types(schema)
+    try:
+        return _coerce(value, _schema_types(schema))
+    except (ValueError, OverflowError, RecursionError):   # absurd digits or nesting: keep the text
+        return value
+
+
+def _coerce(value: str, types: list[str]) -> Any:
     text = value.strip()
     for kind in [t for t in types if t != "string"]:
         if kind == "integer" and re.fullmatch(r"[+-]?\d+", text):
@@ -1035,7 +1044,7 @@ def coerce_argument(value: str, schema: Any) -> Any:
         if kind in ("object", "array"):
             try:
                 parsed = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(parsed, dict if kind == "object" else list):
                 return parsed
@@ -1198,7 +1207,7 @@ class XMLToolParser:
         if inner.startswith("{"):   # {"name": …, "arguments": {…}}
             try:
                 data = json.loads(inner)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
             tool = self._spec.find(str(data.get("name", ""))) if isinstance(data, dict) else None
             args = data.get("arguments", data.get("parameters", {})) if tool else None
@@ -1251,7 +1260,7 @@ class PoeTranslator:
             return []  # meta, suggested_reply, data, ping: nothing for the client
         try:
             data = json.loads(event.data) if event.data.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("Poe sent a %s event whose data is not JSON; ignored", name)
             return []
         if not isinstance(data, dict):
@@ -1315,7 +1324,7 @@ class PoeTranslator:
         out: list[Delta] = []
         if isinstance(delta.get("content"), str) and delta["content"]:
             out += self._text(delta["content"])
-        for call in delta.get("tool_calls") or []:
+        for call in (delta.get("tool_calls") or []) if self._native else []:
             if not isinstance(call, dict):
                 continue
             poe_index = call.get("index") if isinstance(call.get("index"), int) else 0
@@ -1569,7 +1578,7 @@ class ModelRegistry:
             log.info("loaded model configuration from %s", self.path)
         except (OSError, ValueError, yaml.YAMLError) as exc:
             # Keep the last good configuration; never fall back to defaults and never rewrite the file.
-            self.last_error = f"{self.path} is not valid, keeping the previous configuration: {exc}"
+            self.last_error = f"{self.path} is not valid, keeping the previous configuration: {_yaml_problem(exc)}"
             log.error("%s", self.last_error.replace("\n", " "))
 
     def resolve(self, requested: str) -> ModelRoute:
@@ -1624,6 +1633,15 @@ class ModelRegistry:
         return out
 
 
+def _yaml_problem(exc: BaseException) -> str:
+    """What is wrong with a YAML file, without quoting its lines (they may hold api_token)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{exc.problem or exc.context or 'syntax error'}{where}"
+    return str(exc)
+
+
 def _seconds(stamp: float) -> int:
     """Poe's /v1/models gives `created` in milliseconds; OpenAI clients expect seconds."""
     return int(stamp // 1000) if stamp > 100_000_000_000 else int(stamp)
@@ -1668,11 +1686,11 @@ class HTTPStream:
 
     async def send(self, *events: h11._events.Event, timeout_s: float = WRITE_TIMEOUT_S) -> None:
         try:
-            for event in events:
-                data = self.conn.send(event)
-                if data:
-                    self.writer.write(data)
-                    self.bytes_sent += len(data)
+            # One write per call: a response head and its first data leave in one segment.
+            data = b"".join(self.conn.send(event) or b"" for event in events)
+            if data:
+                self.writer.write(data)
+                self.bytes_sent += len(data)
             # drain() only blocks when the peer is slow; skip the timer in the common case.
             if self.writer.transport.get_write_buffer_size() > 0:
                 await asyncio.wait_for(self.writer.drain(), timeout_s)
@@ -1769,7 +1787,11 @@ class UpstreamResponse:
     async def read_all(self, limit_bytes: int, timeout_s: float) -> bytes:
         body = bytearray()
         while True:
-            chunk = await self.read_chunk(timeout_s)
+            try:
+                chunk = await self.read_chunk(timeout_s)
+            except asyncio.TimeoutError:
+                await self.aclose()
+                raise upstream_error(f"Poe stopped sending for {timeout_s:g} s", 504, "upstream_timeout") from None
             if chunk is None:
                 return bytes(body)
             body += chunk
@@ -1877,6 +1899,9 @@ class UpstreamPool:
                 if reused:
                     continue
                 raise upstream_error(f"{what}: the connection to {origin.host} failed ({_describe(exc)})") from None
+            except BaseException:
+                stream.writer.close()   # cancelled mid-request: the connection is in an unknown state
+                raise
         raise AssertionError("unreachable")
 
     def _proxy_for(self, origin: Origin) -> str | None:
@@ -2187,6 +2212,8 @@ def parse_json_body(request: Request) -> Any:
         return json.loads(request.body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.", None, "invalid_json") from None
 
 
 class App:
@@ -2405,6 +2432,10 @@ class App:
         except ProxyError as exc:
             log.warning("stream failed after it started: %s", exc.message)
             yield encoder.error(exc)
+        except Exception:
+            log.exception("stream failed after it started")
+            yield encoder.error(ProxyError(500, "Internal error in the proxy; see its log.", "server_error",
+                                           "internal_error"))
         finally:
             if clean:
                 await events.finish()
@@ -2468,6 +2499,7 @@ class InboundConnection:
         peer = writer.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
         self.busy = False
+        self.client_gone = False
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -2534,15 +2566,37 @@ class InboundConnection:
         sent_before = self.http.bytes_sent
         request = self._request_from(event, new_id("req_")[:16])
         response: Response | None = None
+        watcher: asyncio.Future[None] | None = None
         try:
-            response = await self._read_body(request) or await self.app.dispatch(request)
+            response = await self._read_body(request)
+            if response is None:
+                # While we answer, notice at once if the client leaves, so Poe stops generating.
+                watcher = asyncio.ensure_future(self._watch_disconnect())
+                response = await self.app.dispatch(request)
             await self._send(request, response)
             return True
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.wait([watcher])   # its read must be over before the next request is read
             self.busy = False
             access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
                             response.status if response else 0, (time.perf_counter() - started_s) * 1000,
                             self.http.bytes_sent - sent_before, request.model or "-", request.request_id)
+
+    async def _watch_disconnect(self) -> None:
+        """Runs while a request is handled: end of input means the client left, so cancel the handler
+        (its cleanup closes the Poe connection). Bytes of a pipelined next request are kept for h11."""
+        try:
+            data = await self.http.reader.read(READ_CHUNK_BYTES)
+        except (ConnectionError, OSError):
+            data = b""
+        if data:
+            self.http.conn.receive_data(data)
+            return
+        self.client_gone = True
+        if self.task is not None:
+            self.task.cancel()
 
     def _request_from(self, event: h11.Request, request_id: str) -> Request:
         headers: dict[str, str] = {}
@@ -2610,8 +2664,14 @@ class InboundConnection:
             return
         stream = response.stream
         try:
+            # Take the first piece before writing the head: once the generator has started, closing it
+            # runs its cleanup (which closes Poe's side) even if the head cannot be written.
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        try:
             await self.http.send(h11.Response(status_code=response.status, headers=headers,
-                                              reason=_reason(response.status)))
+                                              reason=_reason(response.status)), h11.Data(data=first))
             async for chunk in stream:
                 if chunk:
                     await self.http.send(h11.Data(data=chunk))
@@ -2654,6 +2714,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         state.connections.add(connection)
         try:
             await connection.run()
+        except asyncio.CancelledError:
+            if not (state.closing or connection.client_gone):
+                raise   # someone else's cancellation; ours (shutdown, client gone) ends here quietly
         finally:
             state.connections.discard(connection)
 

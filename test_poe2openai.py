@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import ssl
@@ -99,7 +100,14 @@ class FakePoe:
                 request, body = await self._read_request(conn, reader)
                 if request is None:
                     return
-                keep = await self._answer(conn, writer, request, body)
+                watch = asyncio.ensure_future(reader.read(65536))   # notices when the proxy hangs up
+                try:
+                    keep = await self._answer(conn, writer, request, body, watch)
+                finally:
+                    watch.cancel()
+                    await asyncio.wait([watch])
+                    if not watch.cancelled() and watch.exception() is None and watch.result():
+                        conn.receive_data(watch.result())
                 if not keep or conn.our_state is h11.MUST_CLOSE:
                     return
                 conn.start_next_cycle()
@@ -125,7 +133,7 @@ class FakePoe:
                 return None, b""
 
     async def _answer(self, conn: h11.Connection, writer: asyncio.StreamWriter, request: h11.Request,
-                      body: bytes) -> bool:
+                      body: bytes, watch: "asyncio.Future[bytes]") -> bool:
         path = urllib.parse.urlsplit(request.target.decode()).path   # absolute-form via an HTTP proxy too
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         record = {"method": request.method.decode(), "path": path, "headers": headers, "body": body}
@@ -156,7 +164,10 @@ class FakePoe:
                 writer.transport.abort()
                 return False
             if isinstance(step, (int, float)):
-                await asyncio.sleep(step)
+                await asyncio.wait([watch], timeout=step)
+                if watch.done() and (watch.exception() is not None or not watch.result()):
+                    self.disconnects.append(time.monotonic())   # the proxy closed on us while we were silent
+                    return False
                 continue
             try:
                 await self._send(conn, writer, h11.Data(data=step))
@@ -1274,3 +1285,87 @@ def test_claude_code_router_style_request(proxy: Proxy, poe: FakePoe) -> None:
     body["stream"] = False
     result = client.chat.completions.create(**body)
     assert json.loads(result.choices[0].message.tool_calls[0].function.arguments) == {"command": "pytest -q -x"}
+
+
+###############################################################################
+# Faults found in review: disconnects, hostile bot output, stalls, shutdown
+###############################################################################
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_closes_the_poe_connection_at_once(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        got = b""
+        while b"thinking..." not in got:
+            got += sock.recv(65536)
+    else:
+        time.sleep(0.3)
+    left_at = time.monotonic()
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
+
+
+def test_hostile_bot_output_never_breaks_the_stream() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object",
+              "properties": {"n": {"type": "integer"}, "o": {"type": "object"}, "s": {"type": "string"}}}}}]
+    reply = ('<tool_call><invoke name="f"><parameter name="s">&#99999999; &#x110000;</parameter>'
+             f'<parameter name="n">{"9" * 5000}</parameter><parameter name="o">{"[" * 100000}</parameter>'
+             '</invoke></tool_call>')
+    text, calls, finish = parse_reply([reply], tools)
+    assert finish == "tool_calls" and calls[0][1]["s"] == "&#99999999; &#x110000;"
+    assert calls[0][1]["n"] == "9" * 5000 and calls[0][1]["o"] == "[" * 100000   # kept as text
+
+
+def test_deeply_nested_request_json_is_a_400(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/chat/completions", content=b"[" * 100000,
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_stalled_model_list_is_a_504(start: Callable[..., Proxy], poe: FakePoe, lt: LoopThread) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\"")
+        await asyncio.sleep(3)
+        writer.close()
+
+    async def serve_stall() -> int:
+        server = await asyncio.start_server(stall, "127.0.0.1", 0)
+        return server.sockets[0].getsockname()[1]
+    port = lt.run(serve_stall())
+    proxy = start(poe_base_url=f"http://127.0.0.1:{port}", read_timeout_seconds=0.5)
+    with pytest.raises(openai.APIStatusError) as info:
+        proxy.client().models.list()
+    assert info.value.status_code == 504
+
+
+def test_shutdown_is_quiet_and_prompt(start: Callable[..., Proxy], caplog: pytest.LogCaptureFixture) -> None:
+    proxy = start()
+    idle = socket.create_connection(("127.0.0.1", proxy.port))
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    while b"uptime_s" not in got:
+        got += idle.recv(65536)                     # now an idle keep-alive connection
+    began = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        proxy.stop()
+    assert time.monotonic() - began < 2
+    assert idle.recv(65536) == b""                  # closed by the shutdown
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_yaml_errors_do_not_leak_the_api_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "models.yaml").write_text("models: {}\napi_token: sk-SECRET-123: x\n")
+    registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))
+    with caplog.at_level(logging.INFO):
+        registry.config()
+    assert registry.last_error and "line 2" in registry.last_error
+    assert "SECRET" not in registry.last_error and "SECRET" not in caplog.text
