@@ -51,6 +51,8 @@ import argparse
 import asyncio
 import base64
 import codecs
+import dataclasses
+import hashlib
 import hmac
 import http
 import json
@@ -66,7 +68,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 
@@ -478,6 +480,89 @@ SSE_DONE = b"data: [DONE]\n\n"
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
+# ----------------------------------------------------------------------------- files: data URLs, MIME, multipart
+
+POE_CDN_HOSTS = ("poecdn.net",)
+_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp",
+               "image/svg+xml": "svg", "image/bmp": "bmp", "image/tiff": "tiff", "image/heic": "heic",
+               "application/pdf": "pdf", "text/plain": "txt", "text/csv": "csv", "text/markdown": "md",
+               "text/html": "html", "application/json": "json", "application/xml": "xml", "text/xml": "xml",
+               "application/zip": "zip", "audio/mpeg": "mp3", "audio/mp3": "mp3", "audio/wav": "wav",
+               "audio/x-wav": "wav", "audio/ogg": "ogg", "audio/flac": "flac", "audio/webm": "webm",
+               "audio/mp4": "m4a", "video/mp4": "mp4", "video/webm": "webm", "video/quicktime": "mov"}
+_TYPES_BY_EXTENSION = {ext: mime for mime, ext in reversed(list(_EXTENSIONS.items()))}
+_TYPES_BY_EXTENSION.update({"jpeg": "image/jpeg", "jpg": "image/jpeg", "htm": "text/html", "py": "text/x-python",
+                            "js": "text/javascript", "ts": "text/plain", "yaml": "text/yaml", "yml": "text/yaml",
+                            "docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+                            "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                            "pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation"})
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+          (b"%PDF-", "application/pdf"), (b"RIFF", "audio/wav"), (b"ID3", "audio/mpeg"), (b"PK\x03\x04", "application/zip"))
+
+
+def extension_for(content_type: str) -> str:
+    return _EXTENSIONS.get(content_type.split(";")[0].strip().lower(), "bin")
+
+
+def guess_content_type(name: str = "", data: bytes = b"") -> str:
+    """A MIME type from a file name's extension, else from the first bytes, else a neutral default."""
+    base = urllib.parse.urlsplit(name).path if "://" in name else name
+    ext = base.rsplit(".", 1)[-1].lower() if "." in base.rsplit("/", 1)[-1] else ""
+    if ext in _TYPES_BY_EXTENSION:
+        return _TYPES_BY_EXTENSION[ext]
+    for magic, mime in _MAGIC:
+        if data.startswith(magic):
+            return "image/webp" if mime == "audio/wav" and data[8:12] == b"WEBP" else mime
+    return "application/octet-stream"
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard or URL-safe base64, padding optional, whitespace ignored. Raises ValueError."""
+    compact = "".join(text.split())
+    compact += "=" * (-len(compact) % 4)
+    if "-" in compact or "_" in compact:
+        compact = compact.replace("-", "+").replace("_", "/")
+    return base64.b64decode(compact, validate=True)
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    """`data:[type][;base64],payload` -> (content type, bytes). Raises ValueError."""
+    head, sep, payload = url.partition(",")
+    if not head.lower().startswith("data:") or not sep:
+        raise ValueError("not a data: URL")
+    params = head[5:].split(";")
+    content_type = params[0].strip().lower() or "text/plain"
+    if any(p.strip().lower() == "base64" for p in params[1:]):
+        return content_type, decode_base64(payload)
+    return content_type, urllib.parse.unquote_to_bytes(payload)
+
+
+def is_poe_cdn(url: str) -> bool:
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    return any(host == h or host.endswith("." + h) for h in POE_CDN_HOSTS)
+
+
+def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
+                     boundary: str | None = None) -> tuple[str, bytes]:
+    """multipart/form-data: (Content-Type header value, body). files are (field, filename, type, data)."""
+    boundary = boundary or "poe2openai-" + secrets.token_hex(16)
+    out: list[bytes] = []
+    for name, value in fields:
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote_param(name)}"\r\n\r\n'
+                   .encode() + value.encode() + b"\r\n")
+    for name, filename, content_type, data in files:
+        out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote_param(name)}"; '
+                   f'filename="{_quote_param(filename)}"\r\nContent-Type: {content_type}\r\n\r\n'.encode()
+                   + data + b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}", b"".join(out)
+
+
+def _quote_param(value: str) -> str:
+    # Header parameters cannot carry CR, LF or quotes; file names from clients are not trusted.
+    return "".join("_" if ch in '"\\\r\n' else ch for ch in value)
+
+
 # A small token estimator, calibrated by eye against o200k_base: no tokenizer tables at runtime.
 _TOKEN_PIECES = re.compile(
     r"[A-Za-z]+|[0-9]{1,3}|[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]|\s+|[^\sA-Za-z0-9]")
@@ -539,6 +624,50 @@ class RateGate:
             except asyncio.CancelledError:
                 self.cancel(slot)
                 raise
+
+
+class LRUCache:
+    """An OrderedDict LRU with a time-to-live and a byte budget; entries cost their real size.
+
+    Time comes from an injectable monotonic clock, so tests step it instead of sleeping.
+    """
+
+    def __init__(self, max_bytes: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[Any, int, float]] = OrderedDict()   # key -> (value, bytes, expiry)
+        self.total_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[2] <= self._clock():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def put(self, key: str, value: Any, size_bytes: int) -> None:
+        if key in self._entries:
+            self._drop(key)
+        if size_bytes > self.max_bytes or self.ttl_s <= 0:
+            return   # would not fit even alone (or caching is off)
+        self._entries[key] = (value, size_bytes, self._clock() + self.ttl_s)
+        self.total_bytes += size_bytes
+        now = self._clock()
+        for old in [k for k, (_, _, expiry) in self._entries.items() if expiry <= now]:
+            self._drop(old)
+        while self.total_bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        _, size, _ = self._entries.pop(key)
+        self.total_bytes -= size
 
 
 ###############################################################################
@@ -717,9 +846,161 @@ def content_text(content: Any) -> str:
                 texts.append(text)
             elif kind == "refusal" and isinstance(part.get("refusal"), str):
                 texts.append(part["refusal"])
-            else:
-                log.warning("skipping a content part of type %r (not supported in this version)", kind)
     return "\n".join(texts)
+
+
+# ----------------------------------------------------------------------------- images and files in
+
+TEXT_PART_TYPES = {"text", "input_text", "output_text", "refusal", None}
+MEDIA_PART_TYPES = {"image_url", "input_image", "image", "file", "input_file", "document", "input_audio"}
+
+
+@dataclass(frozen=True)
+class Media:
+    """An image, file or sound a message carries: inline bytes or a URL for Poe to fetch."""
+
+    where: str             # "messages[1].content[2]", for error messages
+    message_index: int
+    content_type: str
+    name: str
+    data: bytes | None = None
+    url: str | None = None
+
+    @property
+    def cache_key(self) -> str:
+        # The whole decoded content is hashed: two files never share a key by accident.
+        return "sha256:" + hashlib.sha256(self.data).hexdigest() if self.data is not None else "url:" + str(self.url)
+
+
+def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
+    """Every image, file and audio part of the messages, decoded and checked (400 naming the part if
+    it cannot be). Unknown part types are skipped with a warning, never refused."""
+    found: list[Media] = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [content] if isinstance(content, dict) else []
+        for j, part in enumerate(parts):
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            where = f"messages[{i}].content[{j}]"
+            if kind in TEXT_PART_TYPES and kind is not None or (kind is None and "text" in part):
+                continue
+            if kind not in MEDIA_PART_TYPES:
+                log.warning("%s: skipping a content part of unknown type %r", where, kind)
+                continue
+            media = _media_of(part, kind, where, i)
+            if media is not None:
+                found.append(media)
+    return found
+
+
+def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Media | None:
+    if kind in ("image_url", "input_image"):
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) and isinstance(part.get("file_data"), str):
+            url = part["file_data"]
+        if not isinstance(url, str) or not url.strip():
+            if part.get("file_id"):
+                log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+                return None
+            raise bad_request(f"{where}: image_url.url is required.", where)
+        mime = value.get("mime_type") if isinstance(value, dict) and isinstance(value.get("mime_type"), str) else ""
+        return _media_from_url(url.strip(), where, index, "image", mime)
+    if kind in ("image", "document"):   # Anthropic-style blocks: {"source": {"type": "base64"|"url", …}}
+        source = part.get("source") if isinstance(part.get("source"), dict) else {}
+        if source.get("type") == "url" and isinstance(source.get("url"), str):
+            return _media_from_url(source["url"], where, index, kind, "")
+        data = _decode_part_base64(source.get("data"), where)
+        mime = str(source.get("media_type") or guess_content_type("", data))
+        return Media(where, index, mime, f"{kind if kind == 'image' else 'document'}.{extension_for(mime)}", data=data)
+    if kind == "input_audio":
+        audio = part.get("input_audio") if isinstance(part.get("input_audio"), dict) else {}
+        fmt = str(audio.get("format") or "wav").lower()
+        data = _decode_part_base64(audio.get("data"), where)
+        mime = {"mp3": "audio/mpeg", "wav": "audio/wav"}.get(fmt, f"audio/{fmt}")
+        return Media(where, index, mime, f"audio.{fmt}", data=data)
+    # file / input_file: {"file": {"file_data", "filename"}} or the same keys on the part itself
+    spec = part.get("file") if isinstance(part.get("file"), dict) else part
+    filename = str(spec.get("filename") or "")
+    file_data, file_url = spec.get("file_data"), spec.get("file_url")
+    if isinstance(file_data, str) and file_data.strip():
+        if file_data.startswith("data:"):
+            media = _media_from_url(file_data, where, index, "file", "")
+            return dataclasses.replace(media, name=filename or media.name,
+                                       content_type=media.content_type if media.content_type not in
+                                       ("", "application/octet-stream") else guess_content_type(filename, media.data
+                                                                                               or b""))
+        data = _decode_part_base64(file_data, where)
+        return Media(where, index, guess_content_type(filename, data), filename or "file.bin", data=data)
+    if isinstance(file_url, str) and file_url.strip():
+        return _media_from_url(file_url.strip(), where, index, "file", "", filename)
+    if spec.get("file_id"):
+        log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+        return None
+    raise bad_request(f"{where}: the file part has no file_data.", where)
+
+
+def _decode_part_base64(value: Any, where: str) -> bytes:
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"{where}: the base64 data is missing.", where)
+    try:
+        return decode_base64(value)
+    except ValueError:
+        raise bad_request(f"{where}: the data is not valid base64.", where) from None
+
+
+def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, filename: str = "") -> Media:
+    if url.lower().startswith("data:"):
+        try:
+            content_type, data = decode_data_url(url)
+        except ValueError:
+            raise bad_request(f"{where}: the data: URL cannot be decoded (expected data:TYPE;base64,DATA).",
+                              where) from None
+        content_type = mime or content_type
+        return Media(where, index, content_type, filename or f"{kind}.{extension_for(content_type)}", data=data)
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise bad_request(f"{where}: only http(s) and data: URLs are supported.", where)
+    name = filename or _name_from_url(url)
+    return Media(where, index, mime or guess_content_type(name), name, url=url)
+
+
+def _name_from_url(url: str) -> str:
+    segment = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    if "." in segment and len(segment) <= 200:
+        return segment
+    return "image.jpg" if "/image/" in url else (segment or "file")
+
+
+_URL_IN_TEXT = re.compile(r"https?://[^\s()<>\[\]\"'`]+")
+
+
+def carry_over_images(messages: Sequence[Mapping[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    """Follow-up edits: the Poe CDN images of the assistant turn just before the last user turn,
+    as attachments for that user turn (so "make it blue" can see the picture). (-1, []) if none."""
+    last_user = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "user"), -1)
+    previous = next((i for i in range(last_user - 1, -1, -1) if messages[i].get("role") == "assistant"), -1)
+    if last_user < 0 or previous < 0:
+        return -1, []
+    content = messages[previous].get("content")
+    urls = _URL_IN_TEXT.findall(content_text(content))
+    for part in content if isinstance(content, list) else []:
+        if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+            value = part.get("image_url")
+            url = value.get("url") if isinstance(value, dict) else value
+            if isinstance(url, str):
+                urls.append(url)
+    found: list[dict[str, Any]] = []
+    for url in urls:
+        url = url.rstrip(".,;:!?")
+        mime = guess_content_type(url)
+        if is_poe_cdn(url) and (mime.startswith("image/") or "/image/" in url) \
+                and url not in [a["url"] for a in found]:
+            found.append({"url": url, "content_type": mime if mime.startswith("image/") else "image/jpeg",
+                          "name": _name_from_url(url)})
+    return last_user, found
 
 
 def poe_message(role: str, content: str) -> dict[str, Any]:
@@ -815,9 +1096,9 @@ def _tool_result_text(message: Mapping[str, Any], names: Mapping[str, str], xml:
     return f"[Result of tool {name or 'call'} {call_id}]\n{content}".rstrip()
 
 
-def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False,
-                    xml_tools: bool = True) -> list[dict[str, Any]]:
-    """OpenAI messages -> Poe `query` messages, in order.
+def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False, xml_tools: bool = True,
+                    attachments: Mapping[int, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """OpenAI messages -> Poe `query` messages, in order; `attachments` by OpenAI message index.
 
     Assistant tool calls become text in the bot's message, and tool results a user message (several
     results in a row share one), so that every call and every result reaches Poe exactly once.
@@ -825,16 +1106,22 @@ def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False
     query: list[dict[str, Any]] = []
     names: dict[str, str] = {}       # tool_call_id -> function name, from earlier assistant turns
     pending_results: list[str] = []
+    pending_files: list[dict[str, Any]] = []
+    attachments = attachments or {}
 
     def flush_results() -> None:
         if pending_results:
             query.append(poe_message("user", "\n\n".join(pending_results)))
+            if pending_files:
+                query[-1]["attachments"] = list(pending_files)
             pending_results.clear()
+            pending_files.clear()
 
-    for message in messages:
+    for i, message in enumerate(messages):
         role = message["role"]
         if role in ("tool", "function"):
             pending_results.append(_tool_result_text(message, names, xml_tools))
+            pending_files.extend(attachments.get(i, ()))
             continue
         flush_results()
         poe_role = ROLE_MAP.get(role, "user")
@@ -851,6 +1138,8 @@ def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False
                                 f"[Called tool {name} {call_id} with arguments {arguments}]")
             text = "\n\n".join(t for t in (text, *rendered) if t)
         query.append(poe_message(poe_role, text))
+        if attachments.get(i):
+            query[-1]["attachments"] = list(attachments[i])
     flush_results()
     return query
 
@@ -886,11 +1175,18 @@ def _append_to_last_user(query: list[dict[str, Any]], text: str) -> None:
     query.append(poe_message("user", text.lstrip()))
 
 
-def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: str = "xml") -> dict[str, Any]:
-    """The body of a Poe bot `query` request for this chat request (a fastapi_poe QueryRequest)."""
+def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: str = "xml",
+                    attachments: Mapping[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The body of a Poe bot `query` request for this chat request (a fastapi_poe QueryRequest).
+    `attachments` are the uploaded files by message index (see collect_media)."""
     spec = chat.tools
     native = tool_mode == "native"
     messages = chat.messages
+    files = {i: list(found) for i, found in (attachments or {}).items()}
+    target, carried = carry_over_images(messages)
+    if carried:
+        have = {a["url"] for a in files.get(target, ())}
+        files.setdefault(target, []).extend(a for a in carried if a["url"] not in have)
     tool_calls: list[dict[str, Any]] = []
     tool_results: list[dict[str, Any]] = []
     if native:
@@ -898,7 +1194,7 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
         if tool_calls:
             last_text = content_text(messages[cut].get("content"))
             messages = messages[:cut] + ([{"role": "assistant", "content": last_text}] if last_text else [])
-    query_messages = to_poe_messages(messages, system_as_user, xml_tools=not native)
+    query_messages = to_poe_messages(messages, system_as_user, xml_tools=not native, attachments=files)
     if spec and spec.tools and not native:
         _append_to_last_user(query_messages, "\n\n" + tool_prompt(spec))
     if spec and spec.flags:
@@ -926,9 +1222,13 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
     return query
 
 
+ATTACHMENT_TOKENS = 765   # what OpenAI bills a typical high-detail 1024x1024 image; Poe reports nothing
+
+
 def count_prompt_tokens(query: Mapping[str, Any]) -> int:
     """Prompt tokens of a Poe query: message texts, native tool fields, and OpenAI's per-message overhead."""
-    total = sum(4 + estimate_tokens(m.get("content", "")) for m in query.get("query", ())) + 2
+    total = sum(4 + estimate_tokens(m.get("content", "")) + ATTACHMENT_TOKENS * len(m.get("attachments") or ())
+                for m in query.get("query", ())) + 2
     for key in ("tools", "tool_calls", "tool_results"):
         if query.get(key):
             total += estimate_tokens(_json_compact(query[key]))
@@ -1231,6 +1531,75 @@ class XMLToolParser:
         return None
 
 
+# ----------------------------------------------------------------------------- files out
+
+_REF_LINK = re.compile(r"\]\[([^\[\]\s]{1,200})\]")
+_REF_TAIL = re.compile(r"\](?:\[[^\[\]\s]{0,200})?\Z")
+MAX_HELD_REF_CHARS = 4096
+
+
+class FileRefs:
+    """Every file Poe sends reaches the client. Reference-style links to them (`![cat][ref]`) become
+    inline links (`![cat](url)`), also when the text names the file before its `file` event arrives
+    (that text is held back, at most MAX_HELD_REF_CHARS); files never referenced are appended as links
+    at the end, images as images."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, str] = {}             # inline_ref -> url
+        self._all: list[tuple[str, str, str, str]] = []   # (ref, url, name, content type), in arrival order
+        self._used: set[str] = set()
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        held, self._held = self._held, ""
+        return self._release(held + text, final=False)
+
+    def replace(self, text: str) -> str:
+        self._held = ""
+        return self._release(text, final=False)
+
+    def add(self, data: Mapping[str, Any]) -> str:
+        url = data.get("url")
+        if not isinstance(url, str) or not url:
+            return ""
+        ref = data.get("inline_ref") if isinstance(data.get("inline_ref"), str) else ""
+        name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else "file"
+        self._all.append((ref, url, name, str(data.get("content_type") or guess_content_type(name))))
+        if ref:
+            self._files[ref] = url
+        return self.feed("") if self._held else ""
+
+    def end(self) -> str:
+        held, self._held = self._held, ""
+        out = self._release(held, final=True)
+        for ref, url, name, content_type in self._all:
+            if ref not in self._used:
+                bang = "!" if content_type.startswith("image/") else ""
+                out += f"\n\n{bang}[{name}]({url})"
+        return out
+
+    def _release(self, text: str, final: bool) -> str:
+        out: list[str] = []
+        pos = 0
+        for match in _REF_LINK.finditer(text):
+            ref = match.group(1)
+            if ref in self._files:
+                out.append(text[pos:match.start()] + f"]({self._files[ref]})")
+                self._used.add(ref)
+                pos = match.end()
+            elif not final and len(text) - match.start() <= MAX_HELD_REF_CHARS:
+                out.append(text[pos:match.start()])    # its file may still come: wait for it
+                self._held = text[match.start():]
+                return "".join(out)
+        rest = text[pos:]
+        tail = None if final else _REF_TAIL.search(rest)
+        if tail is not None:   # a `]` that may become `][ref]`
+            self._held = rest[tail.start():]
+            rest = rest[:tail.start()]
+        out.append(rest)
+        return "".join(out)
+
+
 # ----------------------------------------------------------------------------- the translator
 
 class PoeTranslator:
@@ -1251,6 +1620,7 @@ class PoeTranslator:
         self._native_index: dict[int, int] = {}    # Poe's tool-call index -> ours
         self._native_pending: dict[int, str] = {}  # arguments that came before the call's name
         self._seen = ""                            # text fed to the XML parser, for replace_response
+        self._refs = FileRefs()
 
     def feed(self, event: SSEEvent) -> list[Delta]:
         if self.finished:
@@ -1267,12 +1637,12 @@ class PoeTranslator:
             data = {}
         if name == "text":
             text = data.get("text")
-            return self._text(text) if isinstance(text, str) and text else []
+            return self._text(self._refs.feed(text)) if isinstance(text, str) and text else []
         if name == "replace_response":
             text = data.get("text")
-            return self._replace(text if isinstance(text, str) else "")
+            return self._replace(self._refs.replace(text if isinstance(text, str) else ""))
         if name == "file":
-            return self._file(data)
+            return self._text(self._refs.add(data))
         if name == "json":
             return self._json(data)
         if name == "done":
@@ -1289,7 +1659,8 @@ class PoeTranslator:
         return self._finish()
 
     def _finish(self) -> list[Delta]:
-        out = self._xml.end() if self._xml else []
+        out = self._text(self._refs.end())
+        out += self._xml.end() if self._xml else []
         self._count(out)
         self.finished = True
         out.append(Delta(FINISH, "tool_calls" if self.tool_calls else "stop"))
@@ -1299,6 +1670,8 @@ class PoeTranslator:
         self.tool_calls += sum(1 for d in deltas if d.kind == TOOL_START)
 
     def _text(self, text: str) -> list[Delta]:
+        if not text:
+            return []
         if self._xml is None:
             return [Delta(TEXT, text)]
         self._seen += text
@@ -1343,15 +1716,6 @@ class PoeTranslator:
             if args:
                 out.append(Delta(TOOL_ARGS, args, index=self._native_index[poe_index]))
         return out
-
-    @staticmethod
-    def _file(data: Mapping[str, Any]) -> list[Delta]:
-        url = data.get("url")
-        if not isinstance(url, str) or not url:
-            return []
-        name = data.get("name") if isinstance(data.get("name"), str) else "file"
-        image = str(data.get("content_type") or "").startswith("image/")
-        return [Delta(TEXT, f"\n\n{'!' if image else ''}[{name}]({url})\n")]
 
 
 # ----------------------------------------------------------------------------- OpenAI renderings
@@ -1670,6 +2034,7 @@ def normalise_model_list(payload: Any) -> list[dict[str, Any]]:
 
 READ_CHUNK_BYTES = 64 * 1024
 WRITE_TIMEOUT_S = 30.0
+BODY_PIECE_BYTES = 256 * 1024
 INBOUND_MAX_HEAD_BYTES = 64 * 1024
 OUTBOUND_MAX_HEAD_BYTES = 128 * 1024
 
@@ -1881,8 +2246,15 @@ class UpstreamPool:
             target = url if proxy_http else _target(url)
             all_headers = [("Host", origin.netloc), *headers, ("Content-Length", str(len(body)))]
             try:
-                await stream.send(h11.Request(method=method, target=target, headers=all_headers),
-                                  h11.Data(data=body), h11.EndOfMessage())
+                if len(body) <= BODY_PIECE_BYTES:
+                    await stream.send(h11.Request(method=method, target=target, headers=all_headers),
+                                      h11.Data(data=body), h11.EndOfMessage())
+                else:   # a big upload: write it piece by piece, each write with its own deadline
+                    await stream.send(h11.Request(method=method, target=target, headers=all_headers))
+                    view = memoryview(body)
+                    for start in range(0, len(body), BODY_PIECE_BYTES):
+                        await stream.send(h11.Data(data=view[start:start + BODY_PIECE_BYTES]))
+                    await stream.send(h11.EndOfMessage())
                 while True:
                     event = await stream.next_event(read_timeout_s)
                     if isinstance(event, h11.Response):
@@ -2146,6 +2518,91 @@ class ModelCatalog:
             return self._models
 
 
+class Uploader:
+    """Uploads the images and files of a request to Poe, each at most once: an LRU cache remembers
+    what was uploaded (by content hash or URL), and concurrent requests carrying the same new file
+    share one upload."""
+
+    def __init__(self, settings: Settings, pool: UpstreamPool, clock: Callable[[], float] = time.monotonic,
+                 concurrency: int = 4) -> None:
+        self._settings = settings
+        self._pool = pool
+        self.cache = LRUCache(settings.url_cache_size_mb * 1024 * 1024, settings.url_cache_ttl_seconds, clock)
+        self._inflight: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._concurrency = concurrency
+        self.uploads = 0
+
+    async def attachments_for(self, media: Sequence[Media], api_key: str) -> dict[int, list[dict[str, Any]]]:
+        """Poe attachments ({url, content_type, name}) by message index, in the order of the parts."""
+        gate = asyncio.Semaphore(self._concurrency)
+
+        async def one(item: Media) -> dict[str, Any]:
+            async with gate:
+                return await self.attach(item, api_key)
+
+        results = await asyncio.gather(*(one(m) for m in media), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        by_message: dict[int, list[dict[str, Any]]] = {}
+        for item, result in zip(media, results):
+            by_message.setdefault(item.message_index, []).append(result)   # type: ignore[arg-type]
+        return by_message
+
+    async def attach(self, media: Media, api_key: str) -> dict[str, Any]:
+        if media.url is not None and is_poe_cdn(media.url):
+            return {"url": media.url, "content_type": _attachment_type(media.content_type, media.url),
+                    "name": media.name}   # already on Poe's CDN: nothing to upload
+        key = media.cache_key
+        stored = self.cache.get(key)
+        if stored is None:
+            task = self._inflight.get(key)
+            if task is None:
+                task = self._inflight[key] = asyncio.ensure_future(self._upload(media, api_key))
+                task.add_done_callback(lambda t: (self._inflight.pop(key, None),
+                                                  t.cancelled() or t.exception()))
+            try:
+                stored = await asyncio.shield(task)   # a leaving client must not cancel others' upload
+            except ProxyError as exc:
+                status = exc.status if exc.status in (401, 403, 504) else 502
+                raise ProxyError(status, f"Uploading {media.where} ({media.name}) to Poe failed: {exc.message}",
+                                 "upstream_error", "upload_failed", media.where) from None
+        return {"url": stored["url"], "content_type": stored["content_type"], "name": media.name}
+
+    async def _upload(self, media: Media, api_key: str) -> dict[str, Any]:
+        if media.data is not None:
+            content_type, body = encode_multipart([], [("file", media.name, media.content_type, media.data)])
+        else:
+            content_type, body = encode_multipart([("download_url", str(media.url))], [])
+        headers = [("Authorization", f"Bearer {api_key}"), ("Content-Type", content_type),
+                   ("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
+        response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
+        raw = await response.read_all(1024 * 1024, self._settings.read_timeout_seconds)
+        if response.status != 200:
+            raise classify_poe_status(response.status, raw, "file upload")
+        try:
+            payload = json.loads(raw)
+            url = payload["attachment_url"]
+            if not isinstance(url, str) or not url:
+                raise ValueError
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise upstream_error("file upload: Poe's answer has no attachment_url") from None
+        mime = payload.get("mime_type") if isinstance(payload.get("mime_type"), str) else ""
+        size = payload.get("size")
+        stored = {"url": url, "content_type": _attachment_type(mime or media.content_type, url)}
+        self.uploads += 1
+        self.cache.put(media.cache_key, stored,
+                       len(media.data) if media.data is not None else size if _is_number(size) else len(url))
+        return stored
+
+
+def _attachment_type(content_type: str, url: str) -> str:
+    if content_type and content_type != "application/octet-stream":
+        return content_type
+    guessed = guess_content_type(url)
+    return "image/jpeg" if guessed == "application/octet-stream" and "/image/" in url else guessed
+
+
 ###############################################################################
 ###############################################################################
 # Handlers and the route table
@@ -2225,6 +2682,7 @@ class App:
         self.poe = PoeClient(settings, self.pool)
         self.registry = ModelRegistry(settings.models_path)
         self.catalog = ModelCatalog(self.poe, settings.models_cache_ttl_seconds)
+        self.uploader = Uploader(settings, self.pool)
         self.gate = RateGate(settings.rate_limit_ms / 1000.0)
         self.started_at = time.time()
         self.admin_page = _load_admin_page()
@@ -2334,7 +2792,10 @@ class App:
         chat = parse_chat_request(parse_json_body(request))
         request.model = chat.model
         route = self.registry.resolve(chat.model)
-        query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode)
+        media = collect_media(chat.messages)
+        attachments = await self.uploader.attachments_for(media, api_key) if media else {}
+        query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
+                                attachments=attachments)
         completion_id, created_s = new_id("chatcmpl-"), int(time.time())
         prompt_tokens = count_prompt_tokens(query)
         await self.gate.wait()

@@ -8,6 +8,10 @@ Run: python -m pytest -q test_poe2openai.py
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
+import email.policy
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +23,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,6 +73,7 @@ class Script:
 
 
 DISCONNECT = "DISCONNECT"
+UPLOAD_PATH = "/poe_api/file_upload_3RD_PARTY_POST"
 
 
 class FakePoe:
@@ -84,6 +90,9 @@ class FakePoe:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
         self.disconnects: list[float] = []   # when a client dropped us while we streamed
+        self.uploads: list[dict[str, Any]] = []   # parsed multipart uploads
+        self.upload_status = 200
+        self.upload_delay_s = 0.0
 
     def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
         self.scripts[bot] = Script(steps=list(steps or []), **kw)
@@ -144,6 +153,8 @@ class FakePoe:
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
                 h11.Data(data=payload), h11.EndOfMessage())
             return True
+        if path == UPLOAD_PATH:
+            return await self._upload(conn, writer, headers, body)
         bot = path.rsplit("/", 1)[-1]
         query = json.loads(body)
         record["query"] = query
@@ -176,6 +187,36 @@ class FakePoe:
                 return False
             await asyncio.sleep(0.002)   # let each chunk arrive in a read of its own
         await self._send(conn, writer, h11.EndOfMessage())
+        return True
+
+    async def _upload(self, conn: h11.Connection, writer: asyncio.StreamWriter, headers: dict[str, str],
+                      body: bytes) -> bool:
+        # Parse the multipart body with the standard library's email parser: our encoder must agree with it.
+        message = BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + headers["content-type"].encode() + b"\r\n\r\n" + body)
+        assert message.is_multipart(), headers["content-type"]
+        parts = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+        record: dict[str, Any] = {"authorization": headers.get("authorization")}
+        if "file" in parts:
+            part = parts["file"]
+            record.update(data=part.get_payload(decode=True), filename=part.get_filename(),
+                          content_type=part.get_content_type())
+        if "download_url" in parts:
+            record["download_url"] = parts["download_url"].get_payload(decode=True).decode()
+        self.uploads.append(record)
+        await asyncio.sleep(self.upload_delay_s)
+        if self.upload_status != 200:
+            payload = b'{"error": "upload rejected"}'
+            status = self.upload_status
+        else:
+            token = hashlib.sha256(record.get("data") or record.get("download_url", "").encode()).hexdigest()[:16]
+            payload = json.dumps({"attachment_url": f"https://pfst.cf2.poecdn.net/base/image/{token}",
+                                  "mime_type": record.get("content_type", "image/jpeg"),
+                                  "size": len(record.get("data") or b"")}).encode()
+            status = 200
+        await self._send(conn, writer, h11.Response(status_code=status, headers=[
+            ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
+            h11.Data(data=payload), h11.EndOfMessage())
         return True
 
     @staticmethod
@@ -258,6 +299,7 @@ def poe(lt: LoopThread) -> Any:
 def make_settings(poe: FakePoe, tmp_path: Path, **kw: Any) -> p2o.Settings:
     base = dict(host="127.0.0.1", port=0, config_dir=str(tmp_path), rate_limit_ms=0,
                 poe_base_url=f"http://127.0.0.1:{poe.port}", read_timeout_seconds=5.0,
+                poe_file_upload_url=f"http://127.0.0.1:{poe.port}{UPLOAD_PATH}",
                 stream_hold_seconds=2.0, sse_keepalive_seconds=5.0, connect_timeout_seconds=2.0)
     base.update(kw)
     return p2o.Settings(**base)
@@ -1369,3 +1411,181 @@ def test_yaml_errors_do_not_leak_the_api_token(tmp_path: Path, caplog: pytest.Lo
         registry.config()
     assert registry.last_error and "line 2" in registry.last_error
     assert "SECRET" not in registry.last_error and "SECRET" not in caplog.text
+
+
+###############################################################################
+# Images and files: in, out, and the upload cache
+###############################################################################
+
+PNG_2X2 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAEklEQVR42mP4z8DA0PCfAUIBACFyBP2pJ3SLAAAAAElFTkSuQmCC")
+PDF_LIKE = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def image_message(url: str, text: str = "What is in this image?") -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}
+
+
+def test_multipart_encoder_round_trips_through_the_email_parser() -> None:
+    content_type, body = p2o.encode_multipart([("download_url", "https://e.com/a b.png")],
+                                              [("file", 'we"ird\r\nname.pdf', "application/pdf", PDF_LIKE)])
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    parts = list(message.iter_parts())
+    assert parts[0].get_payload(decode=True) == b"https://e.com/a b.png"
+    assert parts[1].get_payload(decode=True) == PDF_LIKE and parts[1].get_content_type() == "application/pdf"
+    assert "\r" not in parts[1].get_filename() and '"' not in parts[1].get_filename()
+
+
+def test_lru_cache_evicts_by_bytes_and_by_ttl() -> None:
+    now = [0.0]
+    cache = p2o.LRUCache(max_bytes=100, ttl_s=10, clock=lambda: now[0])
+    cache.put("a", "A", 40)
+    cache.put("b", "B", 40)
+    assert cache.get("a") == "A"           # a is now the most recently used
+    cache.put("c", "C", 40)                # 120 > 100: the least recently used (b) goes
+    assert cache.get("b") is None and cache.get("a") == "A" and cache.get("c") == "C"
+    assert cache.total_bytes == 80
+    cache.put("huge", "H", 101)            # larger than the whole budget: not stored, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 2
+    now[0] = 10.5                          # past the TTL
+    assert cache.get("a") is None and cache.get("c") is None and cache.total_bytes == 0
+
+
+def test_content_parts_are_collected_and_checked() -> None:
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "hi"},
+        {"type": "image_url", "image_url": data_url(PNG_2X2)},                       # bare string form
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
+        {"type": "file", "file": {"file_data": base64.b64encode(PDF_LIKE).decode(), "filename": "raw.pdf"}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF0000WAVE").decode(), "format": "wav"}},
+        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}]   # unknown: skipped
+    media = p2o.collect_media(messages)
+    assert [(m.where, m.content_type, m.name) for m in media] == [
+        ("messages[0].content[1]", "image/png", "image.png"),
+        ("messages[0].content[2]", "image/jpeg", "cat.jpg"),
+        ("messages[0].content[3]", "application/pdf", "spec.pdf"),
+        ("messages[0].content[4]", "application/pdf", "raw.pdf"),
+        ("messages[0].content[5]", "audio/wav", "audio.wav")]
+    assert media[0].data == PNG_2X2 and media[1].url == "https://example.com/cat.jpg" and media[3].data == PDF_LIKE
+    assert media[0].cache_key == "sha256:" + hashlib.sha256(PNG_2X2).hexdigest()
+    with pytest.raises(p2o.ProxyError) as info:
+        p2o.collect_media([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}])
+    assert info.value.status == 400 and info.value.param == "messages[0].content[0]"
+
+
+def test_open_webui_screenshot_reaches_the_bot(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "openwebui-chat.json").read_text())
+    body["stream"] = False
+    result = proxy.client().chat.completions.create(**body)
+    assert result.choices[0].message.content == "Hello from gpt-4o"
+    upload = poe.uploads[0]
+    assert upload["data"] == PNG_2X2 and upload["content_type"] == "image/png"
+    assert upload["authorization"] == f"Bearer {KEY}"
+    sent = last_query(poe)["query"]["query"][-1]
+    assert sent["content"] == "What colours do you see in this image?"
+    assert sent["attachments"] == [{"url": sent["attachments"][0]["url"], "content_type": "image/png",
+                                    "name": "image.png"}]
+    assert result.usage is not None and result.usage.prompt_tokens > p2o.ATTACHMENT_TOKENS
+
+
+def test_same_image_twice_is_uploaded_once(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    url = data_url(PNG_2X2 + b"twice")
+    for _ in range(2):
+        client.chat.completions.create(model="GPT-4o", messages=[image_message(url)])
+    assert len(poe.uploads) == 1
+    first, second = [r["query"]["query"][-1]["attachments"] for r in poe.requests if r["path"].startswith("/bot/")]
+    assert first == second
+
+
+def test_twenty_concurrent_requests_share_one_upload(proxy: Proxy, poe: FakePoe) -> None:
+    poe.upload_delay_s = 0.3                # all twenty arrive while the first upload is still running
+    url = data_url(PNG_2X2 + b"concurrent")
+    client = proxy.client()
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: client.chat.completions.create(
+            model="GPT-4o", messages=[image_message(url)]).choices[0].message.content, range(20)))
+    assert results == ["Hello from GPT-4o"] * 20 and len(poe.uploads) == 1
+
+
+def test_remote_and_cdn_urls(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    cdn = "https://pfst.cf2.poecdn.net/base/image/abc123?w=100"
+    client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/photos/dog.webp"}},
+        {"type": "image_url", "image_url": {"url": cdn}}]}])
+    assert [u.get("download_url") for u in poe.uploads] == ["https://example.com/photos/dog.webp"]   # Poe fetches it
+    attachments = last_query(poe)["query"]["query"][-1]["attachments"]
+    assert attachments[1] == {"url": cdn, "content_type": "image/jpeg", "name": "image.jpg"}   # untouched
+    assert attachments[0]["name"] == "dog.webp"
+
+
+def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe) -> None:
+    proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "summarise"},
+        {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(), "format": "mp3"}},
+        {"type": "mystery_part", "x": 1}]}])
+    assert [(u["filename"], u["content_type"], u["data"]) for u in poe.uploads] == [
+        ("spec.pdf", "application/pdf", PDF_LIKE), ("audio.mp3", "audio/mpeg", b"ID3fake-mp3")]
+    assert [a["name"] for a in last_query(poe)["query"]["query"][-1]["attachments"]] == ["spec.pdf", "audio.mp3"]
+
+
+def test_upload_failure_names_the_part(proxy: Proxy, poe: FakePoe) -> None:
+    poe.upload_status = 500
+    with pytest.raises(openai.InternalServerError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[
+            {"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+            image_message(data_url(PNG_2X2 + b"fail"))])
+    assert info.value.status_code == 502 and "messages[2].content[1]" in info.value.message
+    assert not [r for r in poe.requests if r["path"].startswith("/bot/")]   # nothing was asked of the bot
+
+
+FILE_EVENT = {"url": "https://pfst.cf2.poecdn.net/base/image/out1", "content_type": "image/png",
+              "name": "cat.png", "inline_ref": "ref1"}
+
+
+@pytest.mark.parametrize("order", ["file_first", "text_first"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_image_bot_pictures_reach_the_client(proxy: Proxy, poe: FakePoe, order: str, stream: bool) -> None:
+    text = [sse("text", {"text": "Here is your cat: ![cat]["}), sse("text", {"text": "ref1] Enjoy."})]
+    other = sse("file", {"url": "https://pfst.cf2.poecdn.net/base/text/notes", "content_type": "text/plain",
+                         "name": "notes.txt", "inline_ref": "ref2"})
+    file_event = sse("file", FILE_EVENT)
+    steps = [file_event, *text] if order == "file_first" else [*text, file_event]
+    poe.on("ImageBot", [*steps, other, sse("done", {})])
+    client = proxy.client()
+    messages = [{"role": "user", "content": "draw a cat"}]
+    if stream:
+        content = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="ImageBot", messages=messages, stream=True) if c.choices)
+    else:
+        content = client.chat.completions.create(model="ImageBot", messages=messages).choices[0].message.content
+    assert content == ("Here is your cat: ![cat](https://pfst.cf2.poecdn.net/base/image/out1) Enjoy."
+                       "\n\n[notes.txt](https://pfst.cf2.poecdn.net/base/text/notes)")
+
+
+def test_follow_up_edit_sees_the_previous_picture() -> None:
+    picture = "https://pfst.cf2.poecdn.net/base/image/out1"
+    messages = [{"role": "user", "content": "draw a cat"},
+                {"role": "assistant", "content": f"Here: ![cat]({picture}) and again {picture}."},
+                {"role": "user", "content": "make it blue"}]
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages}))
+    QueryRequest.model_validate(q)
+    assert q["query"][-1]["attachments"] == [{"url": picture, "content_type": "image/jpeg", "name": "image.jpg"}]
+    assert "attachments" not in q["query"][0]
+    # the last user turn comes before the assistant's picture: nothing is carried back
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages[:2]}))
+    assert all("attachments" not in m for m in q["query"])
+    # the picture is already attached by the client: no duplicate
+    again = [*messages[:2], image_message(picture, "make it blue")]
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": again}),
+                            attachments={2: [{"url": picture, "content_type": "image/png", "name": "cat.png"}]})
+    assert [a["url"] for a in q["query"][-1]["attachments"]] == [picture]
