@@ -719,6 +719,7 @@ class ChatRequest:
     stop: list[str] | None = None
     logit_bias: dict[str, float] | None = None
     tools: ToolSpec | None = None
+    flags: tuple[str, ...] = ()      # Poe reasoning flags for the end of the last user turn
 
 
 def _is_number(value: Any) -> bool:
@@ -772,7 +773,44 @@ def parse_chat_request(body: Any) -> ChatRequest:
                        temperature=float(temperature) if temperature is not None else None,
                        stop=stop or None,
                        logit_bias={str(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
-                       tools=parse_tools(body))
+                       tools=parse_tools(body), flags=reasoning_flags(body))
+
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def reasoning_flags(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """Reasoning controls of the OpenAI, Anthropic and Gemini dialects -> Poe's bot flags.
+
+    `thinking.budget_tokens` (or, without `thinking`, Gemini's `thinking_config.thinking_budget`, also
+    inside `extra_body`) gives `--thinking_budget N`; `reasoning_effort` or `reasoning.effort` gives
+    `--reasoning_effort X`. Bad values are a 400 naming the field.
+    """
+    flags: list[str] = []
+    budget, field = None, ""
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict):
+        if thinking.get("type") != "disabled" and "budget_tokens" in thinking:
+            budget, field = thinking.get("budget_tokens"), "thinking.budget_tokens"
+    else:
+        extra = body.get("extra_body") if isinstance(body.get("extra_body"), dict) else {}
+        google = extra.get("google", body.get("google"))
+        config = google.get("thinking_config") if isinstance(google, dict) else None
+        if isinstance(config, dict) and "thinking_budget" in config:
+            budget, field = config.get("thinking_budget"), "extra_body.google.thinking_config.thinking_budget"
+    if field:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < -1:
+            raise bad_request(f"'{field}' must be a whole number of tokens.", field)
+        if budget >= 0:   # Gemini's -1 means "let the model decide": no flag
+            flags.append(f"--thinking_budget {budget}")
+    effort, field = body.get("reasoning_effort"), "reasoning_effort"
+    if effort is None and isinstance(body.get("reasoning"), dict):
+        effort, field = body["reasoning"].get("effort"), "reasoning.effort"
+    if effort is not None:
+        if not isinstance(effort, str) or effort.lower() not in REASONING_EFFORTS:
+            raise bad_request(f"'{field}' must be one of {', '.join(REASONING_EFFORTS)}.", field)
+        flags.append(f"--reasoning_effort {effort.lower()}")
+    return tuple(flags)
 
 
 def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
@@ -1197,8 +1235,10 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
     query_messages = to_poe_messages(messages, system_as_user, xml_tools=not native, attachments=files)
     if spec and spec.tools and not native:
         _append_to_last_user(query_messages, "\n\n" + tool_prompt(spec))
-    if spec and spec.flags:
-        _append_to_last_user(query_messages, "".join(f" --{flag}" for flag in spec.flags))
+    # Bot flags go at the very end of the last user turn, after any tool block, where Poe reads them.
+    flags = [f"--{flag}" for flag in (spec.flags if spec else ())] + list(chat.flags)
+    if flags:
+        _append_to_last_user(query_messages, "".join(" " + flag for flag in flags))
     query: dict[str, Any] = {
         "version": POE_PROTOCOL_VERSION,
         "type": "query",
@@ -1254,6 +1294,166 @@ class Delta:
     index: int = 0                   # tool calls: position in this answer, from 0
     call_id: str = ""
     name: str = ""
+
+
+# ----------------------------------------------------------------------------- reasoning ("Thinking...")
+
+_THINK_MARKERS = ("*Thinking...*", "Thinking...", "*Thinking…*", "Thinking…")
+_THINK_TAG, _THINK_END = "<think>", "</think>"
+
+
+class ThinkingSplitter:
+    """Splits a reasoning bot's thoughts from its answer, exactly, however the text is chunked.
+
+    Poe's reasoning bots open with `*Thinking...*` (or `Thinking...`) alone on a line, then quote their
+    thoughts as `> ` lines, then a blank line and the answer; others wrap thoughts in `<think>…</think>`.
+    Only the very start of an answer is looked at: "Thinking..." later in ordinary text is left alone.
+    feed() returns (reasoning, content) text released so far; nothing is held longer than needed to
+    decide (a line's first characters, a possible marker or closing tag).
+    """
+
+    def __init__(self) -> None:
+        self._state = "start"    # start | quote | tag | answer
+        self._buf = ""
+        self._line = "begin"     # in quote state: begin (at a line start) | reason (inside a > line)
+        self._strip_lead = False  # answer after </think>: drop the blank lines that separate it
+        self._tag_lead = False    # right after <think>: drop leading blank space
+
+    def feed(self, text: str) -> tuple[str, str]:
+        if self._state == "answer" and not self._strip_lead:
+            return "", text
+        self._buf += text
+        return self._run(final=False)
+
+    def end(self) -> tuple[str, str]:
+        return self._run(final=True)
+
+    def _run(self, final: bool) -> tuple[str, str]:
+        reasoning: list[str] = []
+        content: list[str] = []
+        while True:
+            state = self._state
+            if state == "start":
+                if not self._start(final):
+                    break
+            elif state == "quote":
+                if not self._quote(final, reasoning):
+                    break
+            elif state == "tag":
+                if not self._tag(final, reasoning):
+                    break
+            else:
+                if self._strip_lead:
+                    body = self._buf.lstrip()
+                    if not body and not final:
+                        break   # still only blank: the answer has not begun
+                    lead = self._buf[:len(self._buf) - len(body)]
+                    cut = max(lead.rfind("\n"), lead.rfind("\r"))
+                    self._buf = self._buf[cut + 1:] if body else ""
+                    self._strip_lead = False
+                content.append(self._buf)
+                self._buf = ""
+                break
+        return "".join(reasoning), "".join(content)
+
+    def _start(self, final: bool) -> bool:
+        """Decide whether the answer opens with thoughts. False = wait for more text."""
+        body = self._buf.lstrip()
+        if body.startswith(_THINK_TAG):
+            self._buf = body[len(_THINK_TAG):]
+            self._state, self._strip_lead, self._tag_lead = "tag", True, True
+            return True
+        for marker in _THINK_MARKERS:
+            if body.startswith(marker):
+                rest = body[len(marker):]
+                line_end = min((i for i in (rest.find("\n"), rest.find("\r")) if i != -1), default=-1)
+                if line_end == -1:
+                    if rest.strip() or final:
+                        break          # text on the marker's line: an ordinary answer
+                    return False       # the line is not complete yet
+                if rest[:line_end].strip():
+                    break
+                self._buf = rest[line_end + 1:]
+                self._state, self._line = "quote", "begin"
+                return True
+        else:
+            if not final and any(m.startswith(body) for m in (*_THINK_MARKERS, _THINK_TAG)):
+                return False           # could still become a marker
+        self._state = "answer"
+        return True
+
+    def _quote(self, final: bool, reasoning: list[str]) -> bool:
+        """Inside `> ` thoughts: quoted lines are reasoning; the first other line starts the answer."""
+        while self._buf:
+            if self._line == "reason":
+                cut = _first_line_end(self._buf)
+                if cut == -1:
+                    reasoning.append(self._buf)
+                    self._buf = ""
+                    break
+                reasoning.append(self._buf[:cut] + "\n")
+                self._buf = self._buf[_after_line_end(self._buf, cut):]
+                self._line = "begin"
+                continue
+            body = self._buf.lstrip(" \t")
+            if not body:
+                break                  # only indentation so far
+            if body[0] in "\r\n":      # a blank line: a separator, dropped
+                self._buf = body[_after_line_end(body, 0):]
+                continue
+            if body[0] == ">":
+                if len(body) == 1 and not final:
+                    break              # is a space after the `>`? wait and see
+                self._buf = body[2:] if body[1:2] == " " else body[1:]
+                self._line = "reason"
+                continue
+            self._state = "answer"     # the first unquoted line: the answer, from here on
+            return True
+        if final:
+            self._state = "answer"
+            self._buf = "" if not self._buf.strip() else self._buf
+            return True
+        return False
+
+    def _tag(self, final: bool, reasoning: list[str]) -> bool:
+        """Inside <think>…</think>: hold only a possible closing tag and trailing blank space."""
+        if self._tag_lead:   # the blank space right after <think> is layout
+            self._buf = self._buf.lstrip()
+            if not self._buf and not final:
+                return False
+            self._tag_lead = False
+        close = self._buf.find(_THINK_END)
+        if close != -1:
+            reasoning.append(self._buf[:close].rstrip() if self._buf[:close].strip() else "")
+            self._buf = self._buf[close + len(_THINK_END):]
+            self._state = "answer"
+            return True
+        if final:
+            reasoning.append(self._buf.rstrip())
+            self._buf = ""
+            self._state = "answer"
+            return True
+        keep = 0
+        for size in range(min(len(_THINK_END) - 1, len(self._buf)), 0, -1):
+            if _THINK_END.startswith(self._buf[-size:]):
+                keep = size            # maybe the start of </think>
+                break
+        head = self._buf[:len(self._buf) - keep]
+        keep += len(head) - len(head.rstrip())   # and blank space before it, dropped if the close follows
+        release = self._buf[:len(self._buf) - keep]
+        if release:
+            reasoning.append(release)
+        self._buf = self._buf[len(release):]
+        return False
+
+
+def _first_line_end(text: str) -> int:
+    positions = [i for i in (text.find("\n"), text.find("\r")) if i != -1]
+    return min(positions) if positions else -1
+
+
+def _after_line_end(text: str, cut: int) -> int:
+    return cut + 2 if text[cut:cut + 2] == "\r\n" else cut + 1
 
 
 # ----------------------------------------------------------------------------- XML tool calls
@@ -1621,6 +1821,7 @@ class PoeTranslator:
         self._native_pending: dict[int, str] = {}  # arguments that came before the call's name
         self._seen = ""                            # text fed to the XML parser, for replace_response
         self._refs = FileRefs()
+        self._think = ThinkingSplitter()
 
     def feed(self, event: SSEEvent) -> list[Delta]:
         if self.finished:
@@ -1637,10 +1838,12 @@ class PoeTranslator:
             data = {}
         if name == "text":
             text = data.get("text")
-            return self._text(self._refs.feed(text)) if isinstance(text, str) and text else []
+            return self._answer(text) if isinstance(text, str) and text else []
         if name == "replace_response":
             text = data.get("text")
-            return self._replace(self._refs.replace(text if isinstance(text, str) else ""))
+            reasoning, _ = self._think.end()   # a replacement is the answer itself: stop looking for thoughts
+            out = [Delta(REASONING, reasoning)] if reasoning else []
+            return out + self._replace(self._refs.replace(text if isinstance(text, str) else ""))
         if name == "file":
             return self._text(self._refs.add(data))
         if name == "json":
@@ -1658,8 +1861,15 @@ class PoeTranslator:
         log.warning("Poe ended the answer without a `done` event; finishing it here")
         return self._finish()
 
+    def _answer(self, text: str, final: bool = False) -> list[Delta]:
+        """Bot text: thoughts split off first, then file references, then tool calls."""
+        reasoning, content = self._think.end() if final else self._think.feed(text)
+        out = [Delta(REASONING, reasoning)] if reasoning else []
+        return out + self._text(self._refs.feed(content)) if content else out
+
     def _finish(self) -> list[Delta]:
-        out = self._text(self._refs.end())
+        out = self._answer("", final=True)
+        out += self._text(self._refs.end())
         out += self._xml.end() if self._xml else []
         self._count(out)
         self.finished = True
@@ -1696,7 +1906,7 @@ class PoeTranslator:
             return []
         out: list[Delta] = []
         if isinstance(delta.get("content"), str) and delta["content"]:
-            out += self._text(delta["content"])
+            out += self._answer(delta["content"])
         for call in (delta.get("tool_calls") or []) if self._native else []:
             if not isinstance(call, dict):
                 continue

@@ -1589,3 +1589,98 @@ def test_follow_up_edit_sees_the_previous_picture() -> None:
     q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": again}),
                             attachments={2: [{"url": picture, "content_type": "image/png", "name": "cat.png"}]})
     assert [a["url"] for a in q["query"][-1]["attachments"]] == [picture]
+
+
+###############################################################################
+# Reasoning: the thinking splitter and the reasoning flags
+###############################################################################
+
+THINKING_REPLIES = [
+    ("*Thinking...*\n\n> The user wants a number.\n> Forty-two fits.\n>\n> Done.\n\nThe answer is **42**.\n"
+     "Thinking... is a word I may use later.",
+     "The user wants a number.\nForty-two fits.\n\nDone.\n",
+     "The answer is **42**.\nThinking... is a word I may use later."),
+    ("Thinking...\r\n\r\n> crlf thoughts\r\n\r\nAnswer\r\n", "crlf thoughts\n", "Answer\r\n"),
+    ("<think>\nStep 1: add.\nStep 2: done.\n</think>\n\nResult: 3", "Step 1: add.\nStep 2: done.", "Result: 3"),
+    ("Thinking... about it, the answer is 3.", "", "Thinking... about it, the answer is 3."),
+    ("No thoughts here. *Thinking...* appears late.", "", "No thoughts here. *Thinking...* appears late."),
+]
+
+
+def split_reply(chunks: list[str]) -> tuple[str, str]:
+    translator = p2o.PoeTranslator()
+    fold = p2o.ChatFold()
+    for chunk in chunks:
+        for d in translator.feed(p2o.SSEEvent("text", json.dumps({"text": chunk}))):
+            fold.add(d)
+    for d in translator.feed(p2o.SSEEvent("done", "{}")):
+        fold.add(d)
+    body = fold.body("x", 0, "m", 0)["choices"][0]["message"]
+    return body.get("reasoning_content", ""), body["content"]
+
+
+@pytest.mark.parametrize("reply, reasoning, content", THINKING_REPLIES)
+def test_thinking_is_split_from_the_answer(reply: str, reasoning: str, content: str) -> None:
+    assert split_reply([reply]) == (reasoning, content)
+    assert split_reply(list(reply)) == (reasoning, content)          # one character at a time
+
+
+@given(st.sampled_from(THINKING_REPLIES), st.lists(st.integers(min_value=1, max_value=400), max_size=25))
+@hsettings(max_examples=400, deadline=None)
+def test_any_chunking_gives_the_same_reasoning_and_content(case: tuple[str, str, str], cuts: list[int]) -> None:
+    reply, reasoning, content = case
+    bounds = [0, *sorted({c for c in cuts if c < len(reply)}), len(reply)]
+    assert split_reply([reply[a:b] for a, b in zip(bounds, bounds[1:])]) == (reasoning, content)
+
+
+def test_reasoning_stream_and_non_stream_agree(proxy: Proxy, poe: FakePoe) -> None:
+    reply, reasoning, content = THINKING_REPLIES[0]
+    poe.on("Thinker", xml_reply_steps(reply, 4))
+    client = proxy.client()
+    whole = client.chat.completions.create(model="Thinker", messages=[{"role": "user", "content": "?"}])
+    message = whole.model_dump()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (reasoning, content)
+    assert message["reasoning"] == reasoning                       # the other name some clients read
+    assert whole.usage is not None and whole.usage.completion_tokens_details is not None
+    assert whole.usage.completion_tokens_details.reasoning_tokens > 0
+    status, lines = raw_sse(proxy, {"model": "Thinker", "stream": True, "messages": [{"role": "user", "content": "?"}]})
+    deltas = [c["choices"][0]["delta"] for c in data_chunks(lines) if c != "[DONE]" and c["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == reasoning
+    assert "".join(d.get("reasoning") or "" for d in deltas) == reasoning
+    assert "".join(d.get("content") or "" for d in deltas) == content
+
+
+@pytest.mark.parametrize("body, flags", [
+    ({"reasoning_effort": "high"}, " --reasoning_effort high"),
+    ({"reasoning": {"effort": "minimal"}}, " --reasoning_effort minimal"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, " --thinking_budget 2048"),
+    ({"extra_body": {"google": {"thinking_config": {"thinking_budget": 512}}}}, " --thinking_budget 512"),
+    ({"google": {"thinking_config": {"thinking_budget": 0}}}, " --thinking_budget 0"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 100}, "reasoning_effort": "low"},
+     " --thinking_budget 100 --reasoning_effort low"),
+    ({"thinking": {"type": "disabled"}}, ""),
+])
+def test_reasoning_controls_become_flags_at_the_very_end(body: dict[str, Any], flags: str) -> None:
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "10:00"}]
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages, "tools": WEATHER_TOOLS,
+                                                    **body}))
+    last = q["query"][-1]["content"]
+    assert last.startswith("<tool_result") and "</tools>" in last      # the last turn is the tool result
+    assert last.endswith("</tools>" + flags)                           # flags after the tool block
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"reasoning_effort": "maximal"}, "reasoning_effort"),
+    ({"reasoning": {"effort": 3}}, "reasoning.effort"),
+    ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens"),
+    ({"extra_body": {"google": {"thinking_config": {"thinking_budget": -5}}}},
+     "extra_body.google.thinking_config.thinking_budget"),
+])
+def test_invalid_reasoning_controls_are_400(proxy: Proxy, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}],
+                                               extra_body=body)
+    assert info.value.body["param"] == param  # type: ignore[index]
