@@ -65,6 +65,7 @@ import signal
 import socket
 import ssl
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -624,6 +625,48 @@ class RateGate:
             except asyncio.CancelledError:
                 self.cancel(slot)
                 raise
+
+
+class UsageStats:
+    """Requests, errors, tokens and latency percentiles per model since start (bounded memory)."""
+
+    def __init__(self, max_samples: int = 1000) -> None:
+        self.since_s = time.time()
+        self._max_samples = max_samples
+        self._models: dict[str, dict[str, Any]] = {}
+
+    def record(self, model: str, *, ok: bool, latency_s: float, prompt_tokens: int = 0,
+               completion_tokens: int = 0) -> None:
+        entry = self._models.get(model)
+        if entry is None:
+            if len(self._models) >= 1000:   # model names come from clients: cap the table
+                model = "(other)"
+                entry = self._models.get(model)
+            if entry is None:
+                entry = self._models[model] = {"requests": 0, "errors": 0, "prompt_tokens": 0,
+                                               "completion_tokens": 0, "latency": deque(maxlen=self._max_samples)}
+        entry["requests"] += 1
+        entry["errors"] += 0 if ok else 1
+        entry["prompt_tokens"] += prompt_tokens
+        entry["completion_tokens"] += completion_tokens
+        entry["latency"].append(latency_s * 1000.0)
+
+    def snapshot(self) -> dict[str, Any]:
+        models = []
+        for name, entry in sorted(self._models.items()):
+            samples = sorted(entry["latency"])
+            models.append({"model": name, **{k: entry[k] for k in ("requests", "errors", "prompt_tokens",
+                                                                 "completion_tokens")},
+                           "latency_ms": {f"p{q}": round(_percentile(samples, q / 100), 1) for q in (50, 95, 99)}})
+        totals = {k: sum(m[k] for m in models) for k in ("requests", "errors", "prompt_tokens", "completion_tokens")}
+        return {"since": int(self.since_s), "uptime_s": round(time.time() - self.since_s, 1), "totals": totals,
+                "models": models}
+
+
+def _percentile(sorted_samples: Sequence[float], q: float) -> float:
+    if not sorted_samples:
+        return 0.0
+    return sorted_samples[min(len(sorted_samples) - 1, round(q * (len(sorted_samples) - 1)))]
 
 
 class LRUCache:
@@ -2069,8 +2112,11 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, text: str) -> ModelConfig:
         data = yaml.safe_load(text)
-        if data is None:
-            return cls()
+        return cls() if data is None else cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelConfig:
+        """Validate a configuration (from the file or the admin API). Raises ValueError saying what is wrong."""
         if not isinstance(data, dict):
             raise ValueError("the top level must be a mapping")
         models = data.get("models") or {}
@@ -2082,6 +2128,11 @@ class ModelConfig:
                 raise ValueError(f"models.{name} must be a mapping")
             if entry and entry.get("tool_mode") not in (None, *TOOL_MODES):
                 raise ValueError(f"models.{name}.tool_mode must be one of {', '.join(TOOL_MODES)}")
+            if entry and entry.get("mapping") is not None and not isinstance(entry.get("mapping"), str):
+                raise ValueError(f"models.{name}.mapping must be a string")
+            for flag in ("enable", "replace_response"):
+                if entry and entry.get(flag) is not None and not isinstance(entry.get(flag), bool):
+                    raise ValueError(f"models.{name}.{flag} must be true or false")
             clean[str(name)] = dict(entry or {})
         custom = data.get("custom_models") or []
         if not isinstance(custom, list) or not all(isinstance(c, dict) and c.get("id") for c in custom):
@@ -2089,6 +2140,14 @@ class ModelConfig:
         token = data.get("api_token")
         return cls(enable=bool(data.get("enable")), models=clean, custom_models=custom,
                    api_token=str(token) if token else None, use_v1_api=bool(data.get("use_v1_api")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration in the file's schema; settings left unset are left out."""
+        models = {name: {k: v for k, v in entry.items() if v is not None and v != ""}
+                  for name, entry in self.models.items()}
+        return {"enable": self.enable, "models": {k: v for k, v in models.items() if v},
+                "custom_models": [dict(c) for c in self.custom_models], "api_token": self.api_token,
+                "use_v1_api": self.use_v1_api}
 
     def entry(self, name: str) -> dict[str, Any] | None:
         """The models entry for a bot name, compared case-insensitively (exact match preferred)."""
@@ -2155,6 +2214,26 @@ class ModelRegistry:
             self.last_error = f"{self.path} is not valid, keeping the previous configuration: {_yaml_problem(exc)}"
             log.error("%s", self.last_error.replace("\n", " "))
 
+    def save(self, config: ModelConfig) -> None:
+        """Write the configuration atomically (temporary file + rename, both in CONFIG_DIR), keeping the
+        previous file as models.yaml.bak, and take it into use at once. Raises OSError."""
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
+        header = ("# models.yaml for poe2openai, written by the admin page. Hand edits are welcome and take\n"
+                  "# effect within seconds; comments are not kept when the admin page saves.\n")
+        text = header + yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        try:
+            mode = os.stat(self.path).st_mode & 0o777
+            with open(self.path, "rb") as fh:
+                _atomic_write(self.path + ".bak", fh.read(), mode)
+        except FileNotFoundError:
+            mode = 0o600   # it may hold api_token: private by default
+        _atomic_write(self.path, text.encode("utf-8"), mode)
+        self._config, self.last_error = config, None
+        st = os.stat(self.path)
+        self._stamp = (st.st_mtime_ns, st.st_size)
+        log.info("saved the model configuration to %s", self.path)
+
     def resolve(self, requested: str) -> ModelRoute:
         """Map the client's model name to a Poe bot. Refuses disabled models with 404."""
         cfg = self.config()
@@ -2205,6 +2284,24 @@ class ModelRegistry:
                         "created": _seconds(created) if _is_number(created) else int(time.time()),
                         "owned_by": str(custom.get("owned_by") or "custom")})
         return out
+
+
+def _atomic_write(path: str, data: bytes, mode: int) -> None:
+    """Readers see the old file or the new one, never half of either."""
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
 
 
 def _yaml_problem(exc: BaseException) -> str:
@@ -2700,6 +2797,9 @@ async def _read_error_body(response: UpstreamResponse) -> bytes:
         return b""
 
 
+STALE_RETRY_S = 30.0
+
+
 class ModelCatalog:
     """Poe's model list, cached for a TTL, fetched by one caller at a time, and served stale when
     Poe cannot be reached."""
@@ -2712,19 +2812,24 @@ class ModelCatalog:
         self._fetched_at = -math.inf
         self._lock = asyncio.Lock()
 
-    async def models(self, api_key: str | None) -> list[dict[str, Any]]:
-        if self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
+    async def models(self, api_key: str | None, refresh: bool = False) -> list[dict[str, Any]]:
+        if not refresh and self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
             return self._models
+        asked_at = self._clock()
         async with self._lock:
-            if self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
+            if self._models is not None and self._fetched_at >= asked_at:
                 return self._models  # someone else refreshed it while we waited
+            if not refresh and self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
+                return self._models
             try:
                 self._models = await self._client.list_models(api_key)
                 self._fetched_at = self._clock()
             except ProxyError as exc:
-                if self._models is None:
+                if self._models is None or refresh:
                     raise
                 log.warning("model list refresh failed, serving the cached list: %s", exc.message)
+                # Try again in a while, not on every request, while Poe is down.
+                self._fetched_at = self._clock() - self._ttl_s + min(STALE_RETRY_S, self._ttl_s)
             return self._models
 
 
@@ -2893,6 +2998,7 @@ class App:
         self.registry = ModelRegistry(settings.models_path)
         self.catalog = ModelCatalog(self.poe, settings.models_cache_ttl_seconds)
         self.uploader = Uploader(settings, self.pool)
+        self.stats = UsageStats()
         self.gate = RateGate(settings.rate_limit_ms / 1000.0)
         self.started_at = time.time()
         self.admin_page = _load_admin_page()
@@ -2904,6 +3010,9 @@ class App:
             "/models": {"GET": self.list_models},
             "/healthz": {"GET": self.health},
             "/admin": {"GET": self.admin},
+            "/api/admin/config": {"GET": self.admin_get_config, "POST": self.admin_post_config},
+            "/api/admin/stats": {"GET": self.admin_stats},
+            "/api/models": {"GET": self.admin_models},
             "/": {"GET": self.index},
         }
         self.api_paths = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models"}
@@ -2987,6 +3096,37 @@ class App:
             raise ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
                              headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
 
+    async def admin_get_config(self, request: Request) -> Response:
+        self._check_admin(request)
+        return json_response(200, {**self.registry.config().to_dict(), "load_error": self.registry.last_error},
+                             [("Cache-Control", "no-store")])
+
+    async def admin_post_config(self, request: Request) -> Response:
+        self._check_admin(request)
+        body = parse_json_body(request)
+        if isinstance(body, dict):
+            body.pop("load_error", None)
+        try:
+            config = ModelConfig.from_dict(body)
+        except ValueError as exc:
+            raise bad_request(f"Invalid configuration: {exc}", None, "invalid_config") from None
+        try:
+            self.registry.save(config)
+        except OSError as exc:
+            raise ProxyError(500, f"Cannot write {self.registry.path}: {exc.strerror or exc}", "server_error",
+                             "write_failed") from None
+        return json_response(200, {"status": "success"})
+
+    async def admin_stats(self, request: Request) -> Response:
+        self._check_admin(request)
+        return json_response(200, self.stats.snapshot(), [("Cache-Control", "no-store")])
+
+    async def admin_models(self, request: Request) -> Response:
+        """Poe's own list, unrenamed and unfiltered, fetched afresh (the admin page shows every bot)."""
+        self._check_admin(request)
+        key = self.registry.config().api_token or _optional_key(request)
+        return json_response(200, {"object": "list", "data": await self.catalog.models(key, refresh=True)})
+
     # --------------------------------------------------------------------- models
 
     async def list_models(self, request: Request) -> Response:
@@ -2998,22 +3138,26 @@ class App:
     # --------------------------------------------------------------------- chat
 
     async def chat(self, request: Request) -> Response:
+        started_s = time.perf_counter()
         api_key = api_key_of(request)
         chat = parse_chat_request(parse_json_body(request))
         request.model = chat.model
-        route = self.registry.resolve(chat.model)
-        media = collect_media(chat.messages)
-        attachments = await self.uploader.attachments_for(media, api_key) if media else {}
-        query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
-                                attachments=attachments)
-        completion_id, created_s = new_id("chatcmpl-"), int(time.time())
-        prompt_tokens = count_prompt_tokens(query)
-        await self.gate.wait()
-        events = await self.poe.open_bot_stream(route.bot, query, api_key)
-        translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native")
-        if not chat.stream:
-            return await self._chat_whole(events, translator, completion_id, created_s, route, prompt_tokens)
-        return await self._chat_stream(events, translator, completion_id, created_s, route, chat, prompt_tokens)
+        try:
+            route = self.registry.resolve(chat.model)
+            media = collect_media(chat.messages)
+            attachments = await self.uploader.attachments_for(media, api_key) if media else {}
+            query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
+                                    attachments=attachments)
+            run = ChatRun(chat, route, new_id("chatcmpl-"), int(time.time()), count_prompt_tokens(query), started_s)
+            await self.gate.wait()
+            events = await self.poe.open_bot_stream(route.bot, query, api_key)
+            translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native")
+            if not chat.stream:
+                return await self._chat_whole(run, events, translator)
+            return await self._chat_stream(run, events, translator)
+        except ProxyError:
+            self.stats.record(chat.model, ok=False, latency_s=time.perf_counter() - started_s)
+            raise
 
     async def _next_deltas(self, events: PoeEventStream, translator: PoeTranslator, wait_s: float) -> list[Delta]:
         """Deltas from the next piece of Poe's answer ([] if it was silent for wait_s)."""
@@ -3025,8 +3169,7 @@ class App:
             deltas.extend(translator.feed(event))
         return deltas
 
-    async def _chat_whole(self, events: PoeEventStream, translator: PoeTranslator, completion_id: str,
-                          created_s: int, route: ModelRoute, prompt_tokens: int) -> Response:
+    async def _chat_whole(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
         fold = ChatFold()
         try:
             while not translator.finished:
@@ -3039,10 +3182,15 @@ class App:
             await events.aclose()
             raise
         await events.finish()
-        return json_response(200, fold.body(completion_id, created_s, route.display, prompt_tokens))
+        body = fold.body(run.completion_id, run.created_s, run.route.display, run.prompt_tokens)
+        self._record(run, True, body["usage"])
+        return json_response(200, body)
 
-    async def _chat_stream(self, events: PoeEventStream, translator: PoeTranslator, completion_id: str,
-                           created_s: int, route: ModelRoute, chat: ChatRequest, prompt_tokens: int) -> Response:
+    def _record(self, run: ChatRun, ok: bool, usage: Mapping[str, Any]) -> None:
+        self.stats.record(run.chat.model, ok=ok, latency_s=time.perf_counter() - run.started_s,
+                          prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
+
+    async def _chat_stream(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
         # Hold the response head until Poe's first real event (or STREAM_HOLD_SECONDS), so an error
         # that comes first still gets its real HTTP status instead of a 200 with an error chunk.
         held: list[Delta] = []
@@ -3061,12 +3209,11 @@ class App:
             await events.aclose()
             assert held[0].error is not None
             raise held[0].error
-        encoder = OpenAIStreamEncoder(completion_id, created_s, route.display, chat.include_usage)
-        return Response(200, list(SSE_HEADERS),
-                        stream=self._sse_body(events, translator, encoder, held, prompt_tokens))
+        encoder = OpenAIStreamEncoder(run.completion_id, run.created_s, run.route.display, run.chat.include_usage)
+        return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, events, translator, encoder, held))
 
-    async def _sse_body(self, events: PoeEventStream, translator: PoeTranslator, encoder: OpenAIStreamEncoder,
-                        held: list[Delta], prompt_tokens: int) -> AsyncIterator[bytes]:
+    async def _sse_body(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator,
+                        encoder: OpenAIStreamEncoder, held: list[Delta]) -> AsyncIterator[bytes]:
         """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
         clean = False
         loop = asyncio.get_running_loop()
@@ -3081,7 +3228,7 @@ class App:
                         # Poe's body ends right after `done`: read its end first, so the connection
                         # is back in the pool before the client can send its next request.
                         await events.finish(0.05)
-                        yield out + encoder.finish(delta.text, prompt_tokens)
+                        yield out + encoder.finish(delta.text, run.prompt_tokens)
                         clean = True
                         return
                     if delta.kind == ERROR:
@@ -3108,10 +3255,23 @@ class App:
             yield encoder.error(ProxyError(500, "Internal error in the proxy; see its log.", "server_error",
                                            "internal_error"))
         finally:
+            self._record(run, clean, encoder.said.usage(run.prompt_tokens))
             if clean:
                 await events.finish()
             else:
                 await events.aclose()   # the client left or Poe failed: stop Poe generating
+
+
+@dataclass
+class ChatRun:
+    """One chat request on its way: what every stage of answering it needs to know."""
+
+    chat: ChatRequest
+    route: ModelRoute
+    completion_id: str
+    created_s: int
+    prompt_tokens: int
+    started_s: float      # perf_counter() at arrival, for latency
 
 
 def _optional_key(request: Request) -> str | None:

@@ -33,6 +33,7 @@ import h11
 import httpx
 import openai
 import pytest
+import yaml
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="pydantic")   # fastapi_poe's own
 warnings.filterwarnings("ignore", message=".*class-based `config`.*")
 from fastapi_poe.types import QueryRequest  # noqa: E402
@@ -1684,3 +1685,75 @@ def test_invalid_reasoning_controls_are_400(proxy: Proxy, body: dict[str, Any], 
         proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}],
                                                extra_body=body)
     assert info.value.body["param"] == param  # type: ignore[index]
+
+
+###############################################################################
+# Admin API
+###############################################################################
+
+ADMIN = ("admin", "123456")
+
+
+def test_admin_api_needs_credentials(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        for method, path in (("GET", "/api/admin/config"), ("POST", "/api/admin/config"), ("GET", "/api/models"),
+                             ("GET", "/api/admin/stats")):
+            r = http.request(method, proxy.url + path, json={})
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic"), path
+            assert http.request(method, proxy.url + path, auth=("admin", "nope"), json={}).status_code == 401
+
+
+def test_admin_config_round_trip_is_atomic_and_takes_effect(proxy: Proxy, poe: FakePoe, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("# my notes\nenable: false\nmodels: {}\n")
+    with httpx.Client(auth=ADMIN) as http:
+        got = http.get(proxy.url + "/api/admin/config").json()
+        assert got == {"enable": False, "models": {}, "custom_models": [], "api_token": None, "use_v1_api": False,
+                       "load_error": None}
+        new = {"enable": True, "models": {"GPT-4o": {"mapping": "gpt-4o-poe"}, "Claude-Sonnet-4.5": {"enable": False},
+                                          "Img": {"replace_response": True, "tool_mode": "native"}},
+               "custom_models": [{"id": "MyBot", "owned_by": "me", "created": 1700000000}],
+               "api_token": None, "use_v1_api": True}
+        assert http.post(proxy.url + "/api/admin/config", json=new).json() == {"status": "success"}
+        assert http.get(proxy.url + "/api/admin/config").json() == {**new, "load_error": None}
+        bad = http.post(proxy.url + "/api/admin/config", json={**new, "models": {"X": {"tool_mode": "telepathy"}}})
+        assert bad.status_code == 400 and "tool_mode" in bad.json()["error"]["message"]
+        raw = http.get(proxy.url + "/api/models").json()
+        assert [m["id"] for m in raw["data"]] == ["GPT-4o", "Claude-Sonnet-4.5"]     # Poe's own names
+    assert yaml.safe_load(path.read_text())["models"]["GPT-4o"] == {"mapping": "gpt-4o-poe"}
+    assert (tmp_path / "models.yaml.bak").read_text() == "# my notes\nenable: false\nmodels: {}\n"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".models.yaml")]       # no temp files left
+    client = proxy.client()
+    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "MyBot"]        # at once
+    client.chat.completions.create(model="gpt-4o-poe", messages=[{"role": "user", "content": "x"}])
+    assert last_query(poe)["path"] == "/bot/GPT-4o"
+
+
+def test_broken_file_is_reported_and_never_replaced(proxy: Proxy, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("enable: true\nmodels: {GPT-4o: {mapping: first}}\n")
+    client = proxy.client()
+    assert client.models.list().data[0].id == "first"
+    path.write_text("enable: true\nmodels: {GPT-4o: {mapping: second}\n")      # a typo
+    time.sleep(2.2)
+    with httpx.Client(auth=ADMIN) as http:
+        got = http.get(proxy.url + "/api/admin/config").json()
+    assert got["load_error"] and "line" in got["load_error"] and got["models"] == {"GPT-4o": {"mapping": "first"}}
+    assert client.models.list().data[0].id == "first"
+    assert path.read_text() == "enable: true\nmodels: {GPT-4o: {mapping: second}\n"
+
+
+def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
+    poe.scripts["Broken"] = Script(status=500, body=b"x")
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="Broken", messages=[{"role": "user", "content": "x"}])
+    with httpx.Client(auth=ADMIN) as http:
+        stats = http.get(proxy.url + "/api/admin/stats").json()
+    by_model = {m["model"]: m for m in stats["models"]}
+    assert by_model["GPT-4o"]["requests"] == 2 and by_model["GPT-4o"]["errors"] == 0
+    assert by_model["GPT-4o"]["completion_tokens"] > 0 and by_model["GPT-4o"]["latency_ms"]["p50"] > 0
+    assert by_model["Broken"] == {**by_model["Broken"], "requests": 1, "errors": 1}
+    assert stats["totals"]["requests"] == 3
