@@ -132,6 +132,14 @@ def _log_level_setting(raw: str) -> str:
     return first
 
 
+def _origins_setting(raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise SettingsError(f"CORS_ALLOW_ORIGINS: {origin!r} must be '*' or an origin like https://app.example.com")
+    return origins or ("*",)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, read once at start-up and passed down; never re-read from os.environ."""
@@ -155,6 +163,11 @@ class Settings:
     models_cache_ttl_seconds: float = 600.0
     header_timeout_seconds: float = 10.0
     keepalive_timeout_seconds: float = 30.0
+    max_connections: int = 4096
+    rate_limit_max_wait_seconds: float = 30.0
+    cors_allow_origins: tuple[str, ...] = ("*",)
+    shutdown_grace_seconds: float = 30.0
+    workers: int = 1
     # Outbound proxy variables (lower-case keys: "https", "http", "no"), captured at start-up.
     proxies: tuple[tuple[str, str], ...] = ()
 
@@ -217,6 +230,13 @@ class Settings:
                                        defaults.header_timeout_seconds),
             keepalive_timeout_seconds=get("KEEPALIVE_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
                                           defaults.keepalive_timeout_seconds),
+            max_connections=get("MAX_CONNECTIONS", lambda n, v: _int_setting(n, v, 1), defaults.max_connections),
+            rate_limit_max_wait_seconds=get("RATE_LIMIT_MAX_WAIT_SECONDS", lambda n, v: _float_setting(n, v, 0),
+                                            defaults.rate_limit_max_wait_seconds),
+            cors_allow_origins=get("CORS_ALLOW_ORIGINS", lambda n, v: _origins_setting(v), defaults.cors_allow_origins),
+            shutdown_grace_seconds=get("SHUTDOWN_GRACE_SECONDS", lambda n, v: _float_setting(n, v, 0),
+                                       defaults.shutdown_grace_seconds),
+            workers=get("WORKERS", lambda n, v: _int_setting(n, v, 1, 256), defaults.workers),
             proxies=tuple(sorted(proxies.items())),
         )
 
@@ -242,6 +262,11 @@ SETTING_HELP: tuple[tuple[str, str], ...] = (
     ("MODELS_CACHE_TTL_SECONDS", "lifetime of the cached model list (default 600)"),
     ("HEADER_TIMEOUT_SECONDS", "time a client gets to send its request head (default 10)"),
     ("KEEPALIVE_TIMEOUT_SECONDS", "idle keep-alive connections close after this (default 30)"),
+    ("MAX_CONNECTIONS", "open client connections allowed; more get 503 (default 4096)"),
+    ("RATE_LIMIT_MAX_WAIT_SECONDS", "longest wait in the rate gate; beyond it 429 with Retry-After (default 30)"),
+    ("CORS_ALLOW_ORIGINS", "comma-separated origins allowed by CORS, or * (default *; never with credentials)"),
+    ("SHUTDOWN_GRACE_SECONDS", "on SIGTERM, how long running answers may take to finish (default 30)"),
+    ("WORKERS", "worker processes sharing the port with SO_REUSEPORT (default 1)"),
 )
 
 
@@ -593,38 +618,63 @@ def estimate_tokens(text: str) -> int:
 class RateGate:
     """Spaces request starts at least `interval_s` apart, first come first served (monotonic clock).
 
-    Each caller reserves the next free slot on arrival, so the order is FIFO without a lock, and
-    streams already running are never touched: only starts are spaced.
+    Waiters queue in arrival order; one that leaves (its client hung up) leaves the queue and those
+    behind it move up. A request that would wait longer than `max_wait_s` is refused at once with 429
+    and Retry-After. Only starts are spaced: answers already streaming are never touched.
     """
 
-    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, interval_s: float, max_wait_s: float = math.inf,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
+        self.max_wait_s = max_wait_s
         self._clock = clock
-        self._next_slot_s = -math.inf  # the first request never waits
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._last_start_s = -math.inf   # the first request never waits
+        self._timer: asyncio.TimerHandle | None = None
 
-    def reserve(self) -> tuple[float, float]:
-        """Reserve the next start slot; returns (slot time, seconds to wait for it)."""
-        now = self._clock()
-        slot = max(now, self._next_slot_s)
-        self._next_slot_s = slot + self.interval_s
-        return slot, slot - now
+    @property
+    def queued(self) -> int:
+        return sum(1 for w in self._waiters if not w.done())
 
-    def cancel(self, slot: float) -> None:
-        """A caller left the queue before its slot. Only the newest slot can be handed back
-        without reordering the callers behind it."""
-        if self._next_slot_s == slot + self.interval_s:
-            self._next_slot_s = slot
+    def expected_wait_s(self) -> float:
+        """How long a request arriving now would wait for its turn."""
+        return max(0.0, self._last_start_s + self.interval_s * (self.queued + 1) - self._clock())
 
     async def wait(self) -> None:
         if self.interval_s <= 0:
             return
-        slot, wait_s = self.reserve()
-        if wait_s > 0:
-            try:
-                await asyncio.sleep(wait_s)
-            except asyncio.CancelledError:
-                self.cancel(slot)
-                raise
+        if not self.queued and self._clock() - self._last_start_s >= self.interval_s:
+            self._last_start_s = self._clock()
+            return
+        wait_s = self.expected_wait_s()
+        if wait_s > self.max_wait_s:
+            raise ProxyError(429, f"Too many requests are queued to start (about {wait_s:.0f} s of waiting); "
+                             "try again shortly.", "rate_limit_error", "rate_limit_exceeded",
+                             headers=[("Retry-After", str(max(1, math.ceil(wait_s))))])
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        self._arm()
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn in self._waiters:
+                self._waiters.remove(turn)
+            raise
+
+    def _arm(self) -> None:
+        if self._timer is None and self._waiters:
+            delay_s = max(0.0, self._last_start_s + self.interval_s - self._clock())
+            self._timer = asyncio.get_running_loop().call_later(delay_s, self._next)
+
+    def _next(self) -> None:
+        self._timer = None
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():        # skip those that left while waiting
+                turn.set_result(None)
+                self._last_start_s = self._clock()
+                break
+        self._arm()
 
 
 class UsageStats:
@@ -2988,6 +3038,10 @@ def parse_json_body(request: Request) -> Any:
         raise bad_request("The request body is nested too deeply.", None, "invalid_json") from None
 
 
+ADMIN_MAX_FAILURES = 5            # failed admin logins per address ...
+ADMIN_FAILURE_WINDOW_S = 300.0    # ... within this window, then 429 until it ends
+
+
 class App:
     """The proxy: settings, shared state and the request handlers."""
 
@@ -2999,7 +3053,8 @@ class App:
         self.catalog = ModelCatalog(self.poe, settings.models_cache_ttl_seconds)
         self.uploader = Uploader(settings, self.pool)
         self.stats = UsageStats()
-        self.gate = RateGate(settings.rate_limit_ms / 1000.0)
+        self.gate = RateGate(settings.rate_limit_ms / 1000.0, settings.rate_limit_max_wait_seconds)
+        self._admin_failures: dict[str, tuple[int, float]] = {}   # client address -> (failures, first at)
         self.started_at = time.time()
         self.admin_page = _load_admin_page()
         # path -> {method: handler}; 404 and 405 are decided from this table alone.
@@ -3046,10 +3101,18 @@ class App:
             response.headers.extend(self._cors_headers(request))
         return response
 
-    @staticmethod
-    def _cors_headers(request: Request) -> list[tuple[str, str]]:
-        return [("Access-Control-Allow-Origin", "*"),
-                ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After")]
+    def _cors_headers(self, request: Request) -> list[tuple[str, str]]:
+        """Any origin by default, never with credentials; or only the listed CORS_ALLOW_ORIGINS."""
+        allowed = self.settings.cors_allow_origins
+        if "*" in allowed:
+            origin = "*"
+        else:
+            origin = request.headers.get("origin", "").rstrip("/")
+            if origin not in allowed:
+                return [("Vary", "Origin")]
+        return [("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After"),
+                *([] if origin == "*" else [("Vary", "Origin")])]
 
     @staticmethod
     def _preflight(request: Request) -> Response:
@@ -3082,6 +3145,15 @@ class App:
                         self.admin_page)
 
     def _check_admin(self, request: Request) -> None:
+        address = request.client.rpartition(":")[0] or request.client
+        failures, first_s = self._admin_failures.get(address, (0, 0.0))
+        now = time.monotonic()
+        if now - first_s > ADMIN_FAILURE_WINDOW_S:
+            failures = 0
+        if failures >= ADMIN_MAX_FAILURES:
+            retry_s = math.ceil(first_s + ADMIN_FAILURE_WINDOW_S - now)
+            raise ProxyError(429, "Too many failed admin logins from your address; try again later.",
+                             "rate_limit_error", "too_many_login_failures", headers=[("Retry-After", str(retry_s))])
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         user = password = b""
         if scheme.lower() == "basic":
@@ -3093,8 +3165,13 @@ class App:
         ok_user = hmac.compare_digest(user, self.settings.admin_username.encode())
         ok_password = hmac.compare_digest(password, self.settings.admin_password.encode())
         if not (ok_user and ok_password):
+            if scheme:   # a browser's first, credential-less request is not a failure
+                if len(self._admin_failures) > 10000:
+                    self._admin_failures.clear()   # bounded memory under a spray of addresses
+                self._admin_failures[address] = (failures + 1, first_s if failures else now)
             raise ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
                              headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
+        self._admin_failures.pop(address, None)
 
     async def admin_get_config(self, request: Request) -> Response:
         self._check_admin(request)
@@ -3523,23 +3600,30 @@ class InboundConnection:
 # Server lifecycle
 ###############################################################################
 
-SHUTDOWN_GRACE_S = 30.0
-
-
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None,
                 stop: asyncio.Event | None = None, ssl_context: ssl.SSLContext | None = None,
-                install_signal_handlers: bool = False, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
+                install_signal_handlers: bool = False, shutdown_grace_s: float | None = None,
+                reuse_port: bool = False) -> None:
     """Run the proxy until `stop` is set (or SIGTERM/SIGINT when install_signal_handlers).
 
     For embedding: ``await serve(Settings(port=0), ready=print_port, stop=event)``. `ready` gets the
-    bound port. On stop, new connections are refused, idle ones closed, and running streams get
-    `shutdown_grace_s` to finish.
+    bound port. On stop, new connections are refused, idle ones closed, and running answers get
+    `shutdown_grace_s` (default SHUTDOWN_GRACE_SECONDS) to finish. `ssl_context` replaces the default
+    one for calls to Poe (a corporate CA, say).
     """
     app = App(settings, ssl_context)
     state = ServerState()
     loop = asyncio.get_running_loop()
+    grace_s = settings.shutdown_grace_seconds if shutdown_grace_s is None else shutdown_grace_s
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(state.connections) >= settings.max_connections:
+            # Over the cap: say so cheaply and hang up, so the connections we hold keep working.
+            writer.write(_raw_error(503, "Service Unavailable", ProxyError(
+                503, "The proxy is at its connection limit (MAX_CONNECTIONS); try again shortly.", "server_error",
+                "too_many_connections")))
+            writer.close()
+            return
         connection = InboundConnection(app, state, reader, writer)
         connection.task = asyncio.current_task()  # type: ignore[assignment]
         state.connections.add(connection)
@@ -3552,7 +3636,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             state.connections.discard(connection)
 
     server = await asyncio.start_server(on_connect, settings.host or None, settings.port,
-                                        limit=READ_CHUNK_BYTES, backlog=1024, reuse_address=True)
+                                        limit=READ_CHUNK_BYTES, backlog=1024, reuse_address=True,
+                                        reuse_port=reuse_port or None)
     port = server.sockets[0].getsockname()[1]
     log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
              settings.host or "*", port, settings.poe_base_url, os.path.abspath(settings.models_path))
@@ -3578,13 +3663,75 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 connection.task.cancel()
         busy = [c.task for c in state.connections if c.task is not None]
         if busy:
-            _, pending = await asyncio.wait(busy, timeout=shutdown_grace_s)
+            _, pending = await asyncio.wait(busy, timeout=grace_s)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
         await app.pool.close()
         log.info("stopped")
+
+
+def run_workers(settings: Settings) -> int:
+    """--workers N: N processes, each with its own listening socket on the same port (SO_REUSEPORT), so
+    the kernel spreads connections over the cores. Each keeps its own rate gate and upload cache. The
+    parent forwards SIGTERM/SIGINT and restarts a worker that dies unexpectedly."""
+    if settings.port == 0 or not hasattr(socket, "SO_REUSEPORT") or not hasattr(os, "fork"):
+        print("poe2openai: WORKERS > 1 needs a fixed PORT and a system with SO_REUSEPORT and fork", file=sys.stderr)
+        return 2
+    children: dict[int, int] = {}   # pid -> worker number
+    stopping = False
+
+    def start(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:   # the worker
+            code = 0
+            try:
+                asyncio.run(serve(settings, install_signal_handlers=True, reuse_port=True))
+            except BaseException:   # noqa: BLE001 - a worker reports and exits; the parent decides
+                log.exception("worker %d failed", number)
+                code = 1
+            os._exit(code)
+        children[pid] = number
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for number in range(settings.workers):
+        start(number)
+    log.info("started %d workers on port %d", settings.workers, settings.port)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        number = children.pop(pid, None)
+        if number is not None and not stopping:
+            log.error("worker %d exited (status %d); starting it again", number, status)
+            time.sleep(0.5)
+            start(number)
+    return 0
+
+
+def _raise_open_file_limit() -> None:
+    """Each client stream holds two sockets: allow as many open files as the system lets us."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+    except (ImportError, ValueError, OSError):
+        pass   # not on this platform, or not allowed: the default will do
 
 
 def configure_logging(level: str) -> None:
@@ -3605,6 +3752,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the admin page uses the default password; set ADMIN_PASSWORD%s",
             "" if loopback else f" (listening on {settings.host or 'all addresses'}: anyone who reaches this "
                                 "port can open the admin page)")
+    _raise_open_file_limit()
+    if settings.workers > 1:
+        return run_workers(settings)
     try:
         asyncio.run(serve(settings, install_signal_handlers=True))
     except OSError as exc:

@@ -482,14 +482,45 @@ def test_stream_and_fold_agree_on_replace_response() -> None:
     assert streamed == "Hello, world!\n\nOther end"   # stream: nothing repeated, nothing lost
 
 
-def test_rate_gate_spaces_starts_in_order() -> None:
-    now = [100.0]
-    gate = p2o.RateGate(0.5, clock=lambda: now[0])
-    waits = [gate.reserve()[1] for _ in range(3)]
-    assert waits == [0.0, 0.5, 1.0]
-    slot, _ = gate.reserve()
-    gate.cancel(slot)                            # the newest waiter leaves: its slot is reused
-    assert gate.reserve()[0] == slot
+def test_rate_gate_is_fifo_and_a_leaver_leaves_the_queue() -> None:
+    async def scenario() -> list[tuple[str, float]]:
+        gate = p2o.RateGate(0.1)
+        started: list[tuple[str, float]] = []
+        t0 = time.monotonic()
+
+        async def client(name: str) -> None:
+            await gate.wait()
+            started.append((name, time.monotonic() - t0))
+
+        tasks = {}
+        for name in "abcd":
+            tasks[name] = asyncio.ensure_future(client(name))
+            await asyncio.sleep(0)                     # arrive in this order
+        await asyncio.sleep(0.02)
+        tasks["b"].cancel()                           # b hangs up while queued
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return started
+
+    started = asyncio.run(scenario())
+    assert [n for n, _ in started] == ["a", "c", "d"]   # first come first served, b gone
+    times = [t for _, t in started]
+    assert times[0] < 0.05                              # the first never waits
+    assert all(later - earlier >= 0.09 for earlier, later in zip(times, times[1:]))
+    assert times[1] < 0.15 and times[2] < 0.25          # c and d moved up into b's slot
+
+
+def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
+    async def scenario() -> p2o.ProxyError:
+        gate = p2o.RateGate(0.1, max_wait_s=0.25)
+        queued = [asyncio.ensure_future(gate.wait()) for _ in range(3)]   # waits of 0, 0.1 and 0.2 s
+        await asyncio.sleep(0)
+        with pytest.raises(p2o.ProxyError) as info:
+            await gate.wait()                                              # would wait 0.3 s
+        await asyncio.gather(*queued)
+        return info.value
+
+    err = asyncio.run(scenario())
+    assert err.status == 429 and dict(err.headers)["Retry-After"] == "1"
 
 
 def test_token_estimator_is_in_a_sane_range() -> None:
