@@ -2392,7 +2392,7 @@ def normalise_model_list(payload: Any) -> list[dict[str, Any]]:
 READ_CHUNK_BYTES = 64 * 1024
 WRITE_TIMEOUT_S = 30.0
 BODY_PIECE_BYTES = 256 * 1024
-INBOUND_MAX_HEAD_BYTES = 64 * 1024
+INBOUND_MAX_HEAD_BYTES = 32 * 1024
 OUTBOUND_MAX_HEAD_BYTES = 128 * 1024
 
 
@@ -3128,7 +3128,7 @@ class App:
     # --------------------------------------------------------------------- simple routes
 
     async def health(self, request: Request) -> Response:
-        return json_response(200, {"status": "ok", "version": __version__,
+        return json_response(200, {"status": "ok", "version": __version__, "pid": os.getpid(),
                                    "uptime_s": round(time.time() - self.started_at, 1)})
 
     async def index(self, request: Request) -> Response:
@@ -3521,6 +3521,10 @@ class InboundConnection:
 
     async def _read_body(self, request: Request) -> Response | None:
         """Read the body under MAX_REQUEST_SIZE; returns an error response instead when it cannot."""
+        head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4 for k, v in request.headers.items())
+        if head_bytes > INBOUND_MAX_HEAD_BYTES:   # h11 caps only a head that arrives in pieces
+            return self._closing(error_response(ProxyError(431, "The request headers are too large.",
+                                                           "invalid_request_error", "bad_http_request")))
         limit = self.settings.max_request_size
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -3622,6 +3626,11 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             writer.write(_raw_error(503, "Service Unavailable", ProxyError(
                 503, "The proxy is at its connection limit (MAX_CONNECTIONS); try again shortly.", "server_error",
                 "too_many_connections")))
+            try:   # read what the client sent before closing, so the kernel does not reset the 503 away
+                writer.write_eof()
+                await asyncio.wait_for(reader.read(READ_CHUNK_BYTES), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                pass
             writer.close()
             return
         connection = InboundConnection(app, state, reader, writer)

@@ -1788,3 +1788,196 @@ def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePo
     assert by_model["GPT-4o"]["completion_tokens"] > 0 and by_model["GPT-4o"]["latency_ms"]["p50"] > 0
     assert by_model["Broken"] == {**by_model["Broken"], "requests": 1, "errors": 1}
     assert stats["totals"]["requests"] == 3
+
+
+###############################################################################
+# Hardening: hostile bytes, limits, secrets, shutdown, workers, soak
+###############################################################################
+
+def exchange_closing(port: int, data: bytes, timeout: float = 3.0) -> bytes:
+    """Send bytes, half-close, and read whatever comes back until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return out
+
+
+VALID_REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n"
+                 b'{"model":"GPT-4o","messages":[{"role":"user","content":"hi"}]}')
+hostile_bytes = st.one_of(
+    st.binary(max_size=300),
+    st.integers(min_value=0, max_value=len(VALID_REQUEST)).map(lambda n: VALID_REQUEST[:n]),   # truncated
+    st.binary(max_size=40).map(lambda junk: VALID_REQUEST.replace(b"Content-Length: 60", b"Content-Length: " + junk)),
+    st.tuples(st.integers(1, 3), st.binary(max_size=30)).map(      # bad chunked framing
+        lambda t: b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  + b"zz\r\n" * t[0] + t[1]),
+    st.integers(70, 200).map(lambda kib: b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (kib * 1024)
+                             + b"\r\n\r\n"),                    # huge headers
+    st.lists(st.sampled_from([b"GET ", b"/", b"healthz", b" HTTP/1.1", b"\r\n", b"\n", b"Host: x", b":", b"\x00",
+                              b"Content-Length: 5", b"Transfer-Encoding: chunked", b"\r\n\r\n"]), max_size=20)
+    .map(b"".join),
+)
+
+
+def test_hostile_bytes_never_take_the_server_down(start: Callable[..., Proxy]) -> None:
+    proxy = start(header_timeout_seconds=0.5)
+
+    @given(hostile_bytes)
+    @hsettings(max_examples=150, deadline=None)
+    def one(data: bytes) -> None:
+        out = exchange_closing(proxy.port, data)
+        assert out == b"" or out.startswith(b"HTTP/1.1 "), out[:80]
+        assert b"Traceback" not in out
+
+    one()
+    with httpx.Client() as http:
+        assert http.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_huge_headers_get_431(proxy: Proxy) -> None:
+    out = exchange_closing(proxy.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 431 ")
+
+
+def test_connection_cap_answers_503(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_connections=2)
+    held = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(2)]
+    time.sleep(0.1)
+    try:
+        out = raw_exchange(proxy, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", timeout=2)
+        assert out.startswith(b"HTTP/1.1 503 ") and b"MAX_CONNECTIONS" in out
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.1)
+    with httpx.Client() as http:
+        assert http.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_dns_failure_is_a_502_that_says_so(start: Callable[..., Proxy]) -> None:
+    proxy = start(poe_base_url="http://poe-does-not-exist.invalid")
+    with pytest.raises(openai.InternalServerError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and "DNS" in info.value.message
+
+
+def test_secrets_never_reach_the_logs(start: Callable[..., Proxy], poe: FakePoe,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    secret_key, secret_password = "poe-SECRET-KEY-1234567890", "admin-SECRET-PASSWORD"
+    proxy = start(admin_password=secret_password)
+    poe.on("Bad", [sse("error", {"text": "Invalid token"})])
+    with caplog.at_level(logging.DEBUG):
+        client = proxy.client(api_key=secret_key)
+        client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"log"))])
+        list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="Bad", messages=[{"role": "user", "content": "x"}])
+        with httpx.Client() as http:
+            http.get(proxy.url + "/admin", auth=("admin", secret_password))
+            http.get(proxy.url + "/admin", auth=("admin", secret_password + "x"))
+    assert "POST /v1/chat/completions" in caplog.text             # the access log is there...
+    assert secret_key not in caplog.text and secret_password not in caplog.text   # ...the secrets are not
+
+
+def test_cors_allowed_origins_setting(start: Callable[..., Proxy]) -> None:
+    proxy = start(cors_allow_origins=("https://app.example.com",))
+    with httpx.Client() as http:
+        ok = http.get(proxy.url + "/v1/models", headers={"Origin": "https://app.example.com"})
+        assert ok.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "Origin" in ok.headers["vary"] and "access-control-allow-credentials" not in ok.headers
+        other = http.get(proxy.url + "/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_admin_login_back_off(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        statuses = [http.get(proxy.url + "/api/admin/config", auth=("admin", "guess")).status_code for _ in range(6)]
+        assert statuses == [401] * 5 + [429]
+        locked = http.get(proxy.url + "/api/admin/config", auth=ADMIN)    # even the right password waits
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+
+
+def test_graceful_shutdown_lets_running_streams_finish(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start()
+    poe.on("Slow", [sse("text", {"text": "one "}), 0.5, sse("text", {"text": "two"}), sse("done", {})])
+    results: list[str] = []
+
+    def consume() -> None:
+        results.append("".join(c.choices[0].delta.content or "" for c in proxy.client().chat.completions.create(
+            model="Slow", stream=True, messages=[{"role": "user", "content": "x"}]) if c.choices))
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    time.sleep(0.2)                              # the stream is running
+    stopper = threading.Thread(target=proxy.stop)
+    stopper.start()
+    time.sleep(0.1)
+    with pytest.raises(OSError):                  # no new connections once stopping
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=1).recv(1)
+    reader.join(5)
+    stopper.join(5)
+    assert results == ["one two"]
+
+
+def test_workers_share_the_port(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(HERE / "poe2openai.py"), "--workers", "2", "--host", "127.0.0.1",
+                             "--port", str(port), "--config-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pids = set()
+        deadline = time.time() + 10
+        while time.time() < deadline and len(pids) < 2:
+            try:
+                with httpx.Client() as http:   # a new connection each time: the kernel spreads them
+                    pids.add(http.get(f"http://127.0.0.1:{port}/healthz").json()["pid"])
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert len(pids) == 2 and proc.pid not in pids
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory use")
+def test_soak_hundreds_of_concurrent_streams_with_bounded_memory(proxy: Proxy, poe: FakePoe,
+                                                                 lt: LoopThread) -> None:
+    poe.on("Soak", [x for i in range(10) for x in (sse("text", {"text": f"chunk {i} " * 5}), 0.01)]
+           + [sse("done", {})])
+    body = json.dumps({"model": "Soak", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(body), body))
+
+    async def one() -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(request)
+        data = await reader.read()
+        writer.close()
+        return b"chunk 9 " * 5 in data and b"data: [DONE]" in data and data.endswith(b"0\r\n\r\n")
+
+    async def wave(n: int) -> list[bool]:
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    assert all(lt.run(wave(300), timeout=60))
+    before = _rss_bytes()
+    for _ in range(2):
+        assert all(lt.run(wave(300), timeout=60))
+    assert _rss_bytes() - before < 30 * 1024 * 1024      # no growth from wave to wave
