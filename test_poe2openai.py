@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -1981,3 +1983,87 @@ def test_soak_hundreds_of_concurrent_streams_with_bounded_memory(proxy: Proxy, p
     for _ in range(2):
         assert all(lt.run(wave(300), timeout=60))
     assert _rss_bytes() - before < 30 * 1024 * 1024      # no growth from wave to wave
+
+
+###############################################################################
+# Packaging: the Dockerfile, a bare install, embedding
+###############################################################################
+
+def test_dockerfile_has_the_promised_properties() -> None:
+    text = (HERE / "Dockerfile").read_text()
+    instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    base = next(line for line in instructions if line.startswith("FROM "))
+    assert re.fullmatch(r"FROM python:3\.\d+-(alpine|slim)(\d+(\.\d+)?)?", base), base     # slim official base
+    installs = " ".join(line for line in instructions if "pip install" in line)
+    assert re.search(r"h11==[\d.]+", installs) and re.search(r"PyYAML==[\d.]+", installs, re.I)   # pinned
+    assert not re.search(r"\b(gcc|build-base|build-essential|musl-dev)\b", text)          # no build tools
+    assert [w for w in re.findall(r"pip install[^&]*", installs)[0].split()
+            if not w.startswith("-") and w not in ("pip", "install", "\\")] == ["h11==0.16.0", "PyYAML==6.0.3"]
+    assert any(line.startswith("USER ") and "root" not in line for line in instructions)   # non-root
+    assert "CONFIG_DIR=/data" in text and any(line.startswith("VOLUME /data") for line in instructions)
+    assert "EXPOSE 8080" in instructions
+    cmd = next(line for line in instructions if line.startswith("CMD "))
+    assert json.loads(cmd[4:])[0] == "python"                                              # exec form
+    health = text[text.index("HEALTHCHECK"):]
+    assert "urllib.request" in health and "/healthz" in health and "curl" not in health    # stdlib only
+    for name in ("poe2openai.py", "adminpage.html", "models.yaml"):
+        assert name in text
+
+
+@pytest.mark.skipif(os.environ.get("POE2OPENAI_SKIP_VENV_TEST") == "1", reason="needs the package index")
+def test_requirements_alone_run_the_proxy(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                    str(HERE / "requirements.txt")], check=True, timeout=300, capture_output=True)
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                            check=True).stdout.lower()
+    installed = {line.split("==")[0] for line in listed.split()} - {"pip", "setuptools", "wheel"}
+    assert installed == {"h11", "pyyaml"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(python), "-B", str(HERE / "poe2openai.py"), "--host", "127.0.0.1", "--port", str(port),
+                             "--config-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 10
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+def test_embedding_imports_quietly_and_serves_in_process(tmp_path: Path) -> None:
+    # Importing starts nothing and writes nothing (byte-code caching is Python's, so -B).
+    before = sorted(os.listdir(HERE))
+    code = ("import threading, poe2openai; assert threading.active_count() == 1; "
+            "import logging; assert not logging.getLogger().handlers; print('ok')")
+    result = subprocess.run([sys.executable, "-B", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=20, env={**os.environ, "PYTHONPATH": str(HERE)})
+    assert result.stdout.strip() == "ok", result.stderr
+    assert sorted(os.listdir(HERE)) == before and os.listdir(tmp_path) == []
+
+    async def embedded() -> int:
+        stop = asyncio.Event()
+        ports: list[int] = []
+        server = asyncio.ensure_future(p2o.serve(p2o.Settings(host="127.0.0.1", port=0, config_dir=str(tmp_path)),
+                                                 ready=ports.append, stop=stop))
+        while not ports:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        stop.set()
+        await asyncio.wait_for(server, 5)
+        return int(answer.split(b" ")[1])
+
+    assert asyncio.run(embedded()) == 200
+    assert os.listdir(tmp_path) == []      # not even models.yaml: nothing was saved
