@@ -47,6 +47,11 @@ Importing this module starts nothing and writes nothing; ``serve(settings)`` run
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info < (3, 10):   # say so plainly instead of failing on newer syntax further down
+    raise SystemExit("poe2openai needs Python 3.10 or newer")
+
 import argparse
 import asyncio
 import base64
@@ -64,7 +69,6 @@ import secrets
 import signal
 import socket
 import ssl
-import sys
 import tempfile
 import time
 import urllib.parse
@@ -2653,9 +2657,9 @@ class UpstreamPool:
             else:
                 where = f"{where} through the proxy {_redact_url(proxy)}"
                 reader, writer = await asyncio.wait_for(self._via_proxy(origin, proxy), timeout_s)
-        except asyncio.TimeoutError:
-            raise upstream_error(f"{what}: timed out connecting to {where} after {timeout_s:g} s", 504,
-                                 "upstream_timeout") from None
+        except asyncio.TimeoutError:   # nothing answered: unreachable, a gateway error like the others
+            raise upstream_error(f"{what}: {where} is unreachable (no connection within {timeout_s:g} s)",
+                                 code="upstream_unreachable") from None
         except ProxyError:
             raise
         except socket.gaierror as exc:

@@ -1302,6 +1302,9 @@ def test_cline_request_gets_structured_tool_calls(proxy: Proxy, poe: FakePoe) ->
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert content == "I will edit the parser.\n"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0   # include_usage
+    whole = proxy.client().chat.completions.create(**{**body, "stream": False})        # and not streamed
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content == content
+    assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments) == args
 
 
 def test_agent_loop_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
@@ -1561,12 +1564,16 @@ def test_remote_and_cdn_urls(proxy: Proxy, poe: FakePoe) -> None:
     assert attachments[0]["name"] == "dog.webp"
 
 
-def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe) -> None:
-    proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "summarise"},
-        {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(), "format": "mp3"}},
-        {"type": "mystery_part", "x": 1}]}])
+def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "summarise"},
+            {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(),
+                                                    "format": "mp3"}},
+            {"type": "mystery_part", "x": 1}]}])
+    assert "messages[0].content[3]: skipping a content part of unknown type 'mystery_part'" in caplog.text
     assert [(u["filename"], u["content_type"], u["data"]) for u in poe.uploads] == [
         ("spec.pdf", "application/pdf", PDF_LIKE), ("audio.mp3", "audio/mpeg", b"ID3fake-mp3")]
     assert [a["name"] for a in last_query(poe)["query"]["query"][-1]["attachments"]] == ["spec.pdf", "audio.mp3"]
@@ -1744,7 +1751,8 @@ def test_admin_config_round_trip_is_atomic_and_takes_effect(proxy: Proxy, poe: F
         assert got == {"enable": False, "models": {}, "custom_models": [], "api_token": None, "use_v1_api": False,
                        "load_error": None}
         new = {"enable": True, "models": {"GPT-4o": {"mapping": "gpt-4o-poe"}, "Claude-Sonnet-4.5": {"enable": False},
-                                          "Img": {"replace_response": True, "tool_mode": "native"}},
+                                          "Img": {"replace_response": True, "tool_mode": "native"},
+                                          "MyBot": {"mapping": "my-bot"}},
                "custom_models": [{"id": "MyBot", "owned_by": "me", "created": 1700000000}],
                "api_token": None, "use_v1_api": True}
         assert http.post(proxy.url + "/api/admin/config", json=new).json() == {"status": "success"}
@@ -1757,9 +1765,11 @@ def test_admin_config_round_trip_is_atomic_and_takes_effect(proxy: Proxy, poe: F
     assert (tmp_path / "models.yaml.bak").read_text() == "# my notes\nenable: false\nmodels: {}\n"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".models.yaml")]       # no temp files left
     client = proxy.client()
-    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "MyBot"]        # at once
+    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "my-bot"]       # at once; custom renamed
     client.chat.completions.create(model="gpt-4o-poe", messages=[{"role": "user", "content": "x"}])
     assert last_query(poe)["path"] == "/bot/GPT-4o"
+    client.chat.completions.create(model="MY-BOT", messages=[{"role": "user", "content": "x"}])
+    assert last_query(poe)["path"] == "/bot/MyBot"
 
 
 def test_broken_file_is_reported_and_never_replaced(proxy: Proxy, tmp_path: Path) -> None:
@@ -2067,3 +2077,14 @@ def test_embedding_imports_quietly_and_serves_in_process(tmp_path: Path) -> None
 
     assert asyncio.run(embedded()) == 200
     assert os.listdir(tmp_path) == []      # not even models.yaml: nothing was saved
+
+
+def test_idle_keep_alive_connections_are_closed(start: Callable[..., Proxy]) -> None:
+    proxy = start(keepalive_timeout_seconds=0.3)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        began = time.monotonic()
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        assert got.count(b"HTTP/1.1 200 ") == 1 and 0.25 < time.monotonic() - began < 2
