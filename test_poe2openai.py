@@ -27,7 +27,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import warnings
 
@@ -525,10 +525,15 @@ def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
     assert err.status == 429 and dict(err.headers)["Retry-After"] == "1"
 
 
-def test_token_estimator_is_in_a_sane_range() -> None:
-    assert p2o.estimate_tokens("") == 0
-    assert 8 <= p2o.estimate_tokens("The quick brown fox jumps over the lazy dog.") <= 12
-    assert 4 <= p2o.estimate_tokens("你好，世界") <= 7
+def test_token_estimator_matches_o200k_on_the_corpus() -> None:
+    # tokens/corpus.jsonl: English, code, Chinese, Japanese, JSON, emoji, … with o200k_base counts made by
+    # tokens/count_o200k.mjs (js-tiktoken). Targets: median error <= 5 %, no text worse than 20 %.
+    rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
+    errors = sorted(abs(p2o.estimate_tokens(r["text"]) - r["o200k"]) / r["o200k"] for r in rows)
+    kinds = {r["kind"] for r in rows}
+    assert len(rows) >= 50 and {"english", "code", "chinese", "japanese", "json", "emoji"} <= kinds
+    assert errors[len(errors) // 2] <= 0.05 and errors[-1] <= 0.20
+    assert p2o.estimate_tokens("") == 0 and p2o.estimate_tokens("Hello") == 1
 
 
 ###############################################################################
@@ -2020,7 +2025,7 @@ def test_dockerfile_has_the_promised_properties() -> None:
         assert name in text
 
 
-@pytest.mark.skipif(os.environ.get("POE2OPENAI_SKIP_VENV_TEST") == "1", reason="needs the package index")
+@pytest.mark.skipif(os.environ.get("POE2OPENAI_SKIP_VENV_TEST") == "1", reason="runs once per CI run")
 def test_requirements_alone_run_the_proxy(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -2088,3 +2093,396 @@ def test_idle_keep_alive_connections_are_closed(start: Callable[..., Proxy]) -> 
         while chunk := sock.recv(65536):
             got += chunk
         assert got.count(b"HTTP/1.1 200 ") == 1 and 0.25 < time.monotonic() - began < 2
+
+
+###############################################################################
+# The admin page in a real browser (headless Chromium through playwright)
+###############################################################################
+
+# Debian's Chromium driven by the playwright package (its own browser download cannot work here).
+# Without either, these tests skip, except under CI=true or REQUIRE_BROWSER=1, where they fail.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+ADMIN_LOGIN = {"username": ADMIN[0], "password": ADMIN[1]}
+UPSTREAM_MODELS = ["GPT-4o", "Claude-Sonnet-4.5", "Gemini-2.5-Pro", "Llama-3-70b", "Claude-Haiku-3"]
+TIMEOUT_MS = 5000
+_REQUIRED = os.environ.get("CI") == "true" or os.environ.get("REQUIRE_BROWSER") == "1"
+try:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+    expect.set_options(timeout=TIMEOUT_MS)
+except ImportError:   # pragma: no cover - depends on the machine
+    sync_playwright = None
+    Browser = Page = Any   # type: ignore[misc,assignment]
+
+
+@dataclass
+class AdminProxy:
+    """A proxy in front of the fake Poe, as the admin page tests see it."""
+
+    url: str
+    config_path: Path
+    poe: FakePoe
+    proxy: Proxy
+
+    def chat(self, model: str) -> str:
+        """One chat request for `model`; returns the Poe bot that received it."""
+        result = self.proxy.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        bot = last_query(self.poe)["path"][len("/bot/"):]
+        assert result.choices[0].message.content == f"Hello from {bot}"
+        return bot
+
+
+@pytest.fixture()
+def admin_proxy(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> AdminProxy:
+    poe.models = {"object": "list", "data": [{"id": m, "object": "model", "created": 1715644800, "owned_by": "poe"}
+                                             for m in UPSTREAM_MODELS]}
+    proxy = start()
+    return AdminProxy(proxy.url, tmp_path / "models.yaml", poe, proxy)
+
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if os.environ.get("POE2OPENAI_SKIP_BROWSER") == "1":
+        pytest.skip("browser tests run once per CI run, on the main Python")
+    missing = ("the playwright package (pip install playwright)" if sync_playwright is None
+               else f"{CHROMIUM} (apt-get install -y chromium)" if not os.path.exists(CHROMIUM) else None)
+    if missing:
+        (pytest.fail if _REQUIRED else pytest.skip)(f"browser tests need {missing}")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_admin(browser: Browser, proxy: Any, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
+               credentials: dict[str, str] | None = ADMIN_LOGIN) -> Page:
+    """A fresh context (own localStorage) with the page loaded and its cards drawn."""
+    context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=color_scheme,
+                                  http_credentials=credentials)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors   # type: ignore[attr-defined]
+    page.goto(proxy.url + "/admin")
+    expect(page.get_by_test_id("cards")).to_be_visible()
+    return page
+
+
+def close_page(page: Page) -> None:
+    errors = page.errors   # type: ignore[attr-defined]
+    page.context.close()
+    assert not errors, errors
+
+
+def admin_api(proxy: Any, path: str, body: Any = None) -> Any:
+    """GET (or POST `body` to) an admin API path with the admin credentials."""
+    with httpx.Client(auth=ADMIN, timeout=10) as http:
+        response = http.get(proxy.url + path) if body is None else http.post(proxy.url + path, json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+def seed_config(proxy: Any, **config: Any) -> None:
+    base = {"enable": True, "models": {}, "custom_models": [], "api_token": None, "use_v1_api": True}
+    assert admin_api(proxy, "/api/admin/config", {**base, **config}) == {"status": "success"}
+
+
+def public_ids(proxy: Any) -> list[str]:
+    return [m["id"] for m in httpx.get(proxy.url + "/v1/models", timeout=10).json()["data"]]
+
+
+def card_ids(page: Page) -> list[str]:
+    return page.locator('[data-testid^="card-"]').evaluate_all(
+        "els => els.map(e => e.getAttribute('data-testid').slice(5))")
+
+
+
+def test_admin_wrong_credentials_get_401(admin_proxy: Any, browser: Browser) -> None:
+    context = browser.new_context(http_credentials={"username": "admin", "password": "wrong"})
+    page = context.new_page()
+    response = page.goto(admin_proxy.url + "/admin")
+    assert response is not None and response.status == 401
+    assert response.headers["www-authenticate"].startswith("Basic")
+    assert page.get_by_test_id("cards").count() == 0
+    for path in ("/api/admin/config", "/api/admin/stats", "/api/models"):
+        assert page.request.get(admin_proxy.url + path).status == 401, path
+    context.close()
+
+
+def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -> None:
+    seed_config(admin_proxy, custom_models=[{"id": "Old-Custom", "owned_by": "me"}])
+    page = open_admin(browser, admin_proxy)
+    for model in UPSTREAM_MODELS + ["Old-Custom"]:
+        expect(page.get_by_test_id(f"card-{model}")).to_be_visible()
+    assert sorted(card_ids(page)) == sorted(UPSTREAM_MODELS + ["Old-Custom"])
+    expect(page.get_by_test_id("stat-total")).to_contain_text("6")
+    expect(page.get_by_test_id("tag-Old-Custom")).to_be_visible()
+    expect(page.get_by_test_id("dirty")).to_be_hidden()
+
+    # Rename GPT-4o through the modal (Enter saves the name), disable Llama-3-70b: both wait for Save.
+    page.get_by_test_id("rename-GPT-4o").click()
+    dialog = page.get_by_test_id("rename-dialog")
+    expect(dialog).to_be_visible()
+    page.get_by_test_id("rename-input").fill("gpt-4o-poe")
+    page.get_by_test_id("rename-input").press("Enter")
+    expect(dialog).to_be_hidden()
+    expect(page.get_by_test_id("rename-GPT-4o")).to_be_focused()      # focus goes back to the opener
+    expect(page.get_by_test_id("mapping-GPT-4o")).to_have_text("gpt-4o-poe")
+    expect(page.get_by_test_id("orig-GPT-4o")).to_have_text("GPT-4o")  # struck through (<s>)
+    state = page.get_by_test_id("state-Llama-3-70b")
+    state.click()
+    expect(state).to_have_attribute("data-state", "R")
+    state.click()
+    expect(state).to_have_attribute("data-state", "X")
+    page.get_by_test_id("state-Claude-Haiku-3").click()
+    expect(page.get_by_test_id("state-Claude-Haiku-3")).to_have_attribute("data-state", "R")
+    page.get_by_test_id("tool-Claude-Sonnet-4.5").select_option("native")
+    expect(page.get_by_test_id("dirty")).to_be_visible()
+
+    # Adding and deleting custom models is saved at once, and leaves the unsaved edits alone.
+    page.get_by_test_id("add-custom").click()
+    page.get_by_test_id("custom-id").fill("gpt-4O")                    # already listed (case-insensitive)
+    page.get_by_test_id("custom-id").press("Enter")
+    expect(page.get_by_test_id("custom-dialog")).to_contain_text("already listed")
+    page.get_by_test_id("custom-id").fill("My-Private-Bot")
+    page.get_by_test_id("custom-owner").fill("me")
+    page.get_by_test_id("custom-submit").click()
+    expect(page.get_by_test_id("custom-dialog")).to_be_hidden()
+    expect(page.get_by_test_id("card-My-Private-Bot")).to_be_visible()
+    expect(page.get_by_test_id("tag-My-Private-Bot")).to_be_visible()
+    page.get_by_test_id("delete-Old-Custom").click()
+    page.get_by_test_id("confirm-ok").click()
+    expect(page.get_by_test_id("card-Old-Custom")).to_have_count(0)
+    on_disk = yaml.safe_load(admin_proxy.config_path.read_text())
+    assert [c["id"] for c in on_disk["custom_models"]] == ["My-Private-Bot"]
+    assert on_disk["custom_models"][0]["owned_by"] == "me" and isinstance(on_disk["custom_models"][0]["created"], int)
+    assert on_disk["models"] == {}                                       # the rename is not saved yet
+    expect(page.get_by_test_id("dirty")).to_be_visible()
+
+    page.get_by_test_id("save").click()
+    expect(page.get_by_test_id("dirty")).to_be_hidden()
+    on_disk = yaml.safe_load(admin_proxy.config_path.read_text())
+    assert on_disk["enable"] is True
+    assert on_disk["models"] == {"GPT-4o": {"mapping": "gpt-4o-poe"}, "Llama-3-70b": {"enable": False},
+                                 "Claude-Haiku-3": {"replace_response": True},
+                                 "Claude-Sonnet-4.5": {"tool_mode": "native"}}
+    assert [c["id"] for c in on_disk["custom_models"]] == ["My-Private-Bot"]
+
+    # A reload shows the saved state.
+    page.reload()
+    expect(page.get_by_test_id("mapping-GPT-4o")).to_have_text("gpt-4o-poe")
+    expect(page.get_by_test_id("state-Llama-3-70b")).to_have_attribute("data-state", "X")
+    expect(page.get_by_test_id("card-My-Private-Bot")).to_be_visible()
+    expect(page.get_by_test_id("card-Old-Custom")).to_have_count(0)
+    expect(page.get_by_test_id("tool-Claude-Sonnet-4.5")).to_have_value("native")
+    expect(page.get_by_test_id("dirty")).to_be_hidden()
+    for name, count in (("total", 6), ("custom", 1), ("mapped", 1), ("replace", 1), ("disabled", 1)):
+        expect(page.get_by_test_id(f"stat-{name}")).to_contain_text(str(count))
+
+    # Search matches the original name and the mapping, case-insensitively.
+    search = page.get_by_test_id("search")
+    search.fill("POE")
+    expect(page.locator('[data-testid^="card-"]')).to_have_count(1)
+    assert card_ids(page) == ["GPT-4o"]
+    search.fill("claude")
+    expect(page.locator('[data-testid^="card-"]')).to_have_count(2)
+    search.fill("nothing-like-this")
+    expect(page.get_by_test_id("empty")).to_be_visible()
+    search.fill("")
+    # Filters.
+    expectations = {"custom": ["My-Private-Bot"], "mapped": ["GPT-4o"], "disabled": ["Llama-3-70b"],
+                    "replace": ["Claude-Haiku-3"]}
+    for value, ids in expectations.items():
+        page.get_by_test_id("filter").select_option(value)
+        expect(page.locator('[data-testid^="card-"]')).to_have_count(len(ids))
+        assert card_ids(page) == ids, value
+    page.get_by_test_id("filter").select_option("all")
+    expect(page.locator('[data-testid^="card-"]')).to_have_count(6)
+    page.get_by_test_id("hide-disabled").click()
+    expect(page.locator('[data-testid^="card-"]')).to_have_count(5)
+    expect(page.get_by_test_id("card-Llama-3-70b")).to_have_count(0)
+    close_page(page)
+
+    # The proxy serves the new configuration.
+    ids = public_ids(admin_proxy)
+    assert "gpt-4o-poe" in ids and "My-Private-Bot" in ids
+    assert "GPT-4o" not in ids and "Llama-3-70b" not in ids and "Old-Custom" not in ids
+    assert admin_proxy.chat("gpt-4o-poe") == "GPT-4o"
+
+
+def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: Browser) -> None:
+    seed_config(admin_proxy, enable=False, use_v1_api=False)
+    page = open_admin(browser, admin_proxy)
+    master = page.get_by_test_id("master")
+    expect(master).to_have_attribute("aria-checked", "false")
+    expect(page.get_by_test_id("master-note")).to_be_visible()
+    master.click()
+    expect(master).to_have_attribute("aria-checked", "true")
+    expect(page.get_by_test_id("master-note")).to_be_hidden()
+    page.get_by_test_id("v1").click()
+    expect(page.get_by_test_id("v1")).to_have_attribute("aria-checked", "true")
+    page.get_by_test_id("token").click()
+    token = page.get_by_test_id("token-input")
+    expect(token).to_be_focused()
+    assert token.get_attribute("type") == "password"
+    token.fill("secret-poe-key")
+    token.press("Enter")
+    expect(page.get_by_test_id("token-dialog")).to_be_hidden()
+    expect(page.get_by_test_id("toast").last).to_be_visible()
+    on_disk = yaml.safe_load(admin_proxy.config_path.read_text())
+    assert (on_disk["enable"], on_disk["use_v1_api"], on_disk["api_token"]) == (True, True, "secret-poe-key")
+    page.get_by_test_id("token").click()
+    page.get_by_test_id("token-input").fill("")
+    page.get_by_test_id("token-input").press("Enter")
+    expect(page.get_by_test_id("token-dialog")).to_be_hidden()
+    assert yaml.safe_load(admin_proxy.config_path.read_text())["api_token"] is None
+    # Toasts go away after 3 s.
+    expect(page.get_by_test_id("toast")).to_have_count(0, timeout=TIMEOUT_MS)
+    close_page(page)
+
+
+def test_admin_modals_close_on_escape_and_backdrop(admin_proxy: Any, browser: Browser) -> None:
+    page = open_admin(browser, admin_proxy)
+    help_button = page.get_by_test_id("help")
+    help_button.click()
+    expect(page.get_by_test_id("help-dialog")).to_be_visible()
+    expect(page.get_by_test_id("help-dialog")).to_contain_text("native")
+    page.keyboard.press("Escape")
+    expect(page.get_by_test_id("help-dialog")).to_be_hidden()
+    expect(help_button).to_be_focused()
+    page.get_by_test_id("rename-Gemini-2.5-Pro").click()
+    for _ in range(6):   # Tab stays inside the dialog
+        page.keyboard.press("Tab")
+        assert page.evaluate("document.getElementById('rename-modal').contains(document.activeElement)")
+    page.mouse.click(5, 5)   # the backdrop
+    expect(page.get_by_test_id("rename-dialog")).to_be_hidden()
+    expect(page.get_by_test_id("mapping-Gemini-2.5-Pro")).to_have_count(0)
+    # Rename by keyboard alone, then undo.
+    page.get_by_test_id("rename-Gemini-2.5-Pro").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("rename-input")).to_be_focused()
+    page.keyboard.type("gemini")
+    page.keyboard.press("Enter")
+    expect(page.get_by_test_id("mapping-Gemini-2.5-Pro")).to_have_text("gemini")
+    expect(page.get_by_test_id("dirty")).to_be_visible()
+    page.get_by_test_id("undo-Gemini-2.5-Pro").click()
+    expect(page.get_by_test_id("mapping-Gemini-2.5-Pro")).to_have_count(0)
+    expect(page.get_by_test_id("dirty")).to_be_hidden()
+    close_page(page)
+
+
+def test_admin_grouping_and_pagination(admin_proxy: Any, browser: Browser) -> None:
+    seed_config(admin_proxy, custom_models=[{"id": f"Bulk-{i:03d}", "owned_by": "me"} for i in range(70)])
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("stat-total")).to_contain_text("75")
+    expect(page.locator('[data-testid^="card-"]')).to_have_count(60)
+    expect(page.get_by_test_id("range")).to_contain_text("1–60 of 75")
+    page.get_by_test_id("page-next").click()
+    expect(page.locator('[data-testid^="card-"]')).to_have_count(15)
+    expect(page.get_by_test_id("page-2")).to_have_attribute("aria-current", "page")
+    page.get_by_test_id("search").fill("gpt")   # a search goes back to page 1
+    expect(page.get_by_test_id("page-1")).to_have_count(0)
+    assert card_ids(page) == ["GPT-4o"]
+    page.get_by_test_id("search").fill("")
+    page.get_by_test_id("group").click()
+    headers = page.locator('[data-testid^="group-"]')
+    testids = "els => els.map(e => e.getAttribute('data-testid'))"
+    expect(headers).to_have_count(1)
+    expect(page.get_by_test_id("group-bulk")).to_contain_text("BULK")
+    expect(page.get_by_test_id("group-bulk")).to_contain_text("70")
+    page.reload()   # grouping is remembered
+    expect(page.get_by_test_id("group")).to_have_attribute("aria-checked", "true")
+    page.get_by_test_id("page-2").click()
+    expect(headers).to_have_count(3)
+    assert headers.evaluate_all(testids) == ["group-bulk", "group-claude", "group-other"]   # sorted, Other last
+    expect(page.get_by_test_id("group-claude")).to_contain_text("CLAUDE")
+    expect(page.get_by_test_id("group-claude")).to_contain_text("2")
+    expect(page.get_by_test_id("group-other")).to_contain_text("3")   # Gemini, GPT, Llama: one each
+    assert card_ids(page)[-3:] == ["Gemini-2.5-Pro", "GPT-4o", "Llama-3-70b"]
+    close_page(page)
+
+
+def test_admin_language_switch_is_remembered(admin_proxy: Any, browser: Browser) -> None:
+    page = open_admin(browser, admin_proxy)
+    save = page.get_by_test_id("save")
+    expect(save).to_have_text("Save")
+    page.get_by_test_id("lang").select_option("zh-Hant")
+    expect(save).to_have_text("儲存")
+    expect(page.get_by_test_id("add-custom")).to_have_text("新增自訂模型")
+    assert page.evaluate("document.documentElement.lang") == "zh-Hant"
+    page.get_by_test_id("lang").select_option("zh-Hans")
+    expect(save).to_have_text("保存")
+    page.reload()
+    expect(page.get_by_test_id("save")).to_have_text("保存")
+    expect(page.get_by_test_id("reload")).to_have_text("重新加载配置")
+    close_page(page)
+
+
+def test_admin_dark_mode_follows_the_system_and_is_remembered(admin_proxy: Any, browser: Browser) -> None:
+    page = open_admin(browser, admin_proxy, color_scheme="dark")
+    theme = "document.documentElement.getAttribute('data-theme')"
+    assert page.evaluate(theme) == "dark"
+    expect(page.get_by_test_id("dark")).to_have_attribute("aria-checked", "true")
+    page.get_by_test_id("dark").click()
+    assert page.evaluate(theme) == "light"
+    page.reload()
+    expect(page.get_by_test_id("dark")).to_have_attribute("aria-checked", "false")
+    assert page.evaluate(theme) == "light"
+    close_page(page)
+
+
+def test_admin_phone_width_has_no_horizontal_overflow(admin_proxy: Any, browser: Browser, tmp_path: Path) -> None:
+    seed_config(admin_proxy, models={"GPT-4o": {"mapping": "a-rather-long-public-model-name-for-a-phone"}},
+         custom_models=[{"id": "An-Extremely-Long-Custom-Model-Identifier-That-Must-Wrap"}])
+    admin_proxy.chat("Claude-Haiku-3")   # something for the usage panel
+    page = open_admin(browser, admin_proxy, width=375, height=800)
+    expect(page.get_by_test_id("stats-table")).to_be_visible()
+    page.screenshot(path=str(tmp_path / "admin-375.png"), full_page=True)
+    assert (tmp_path / "admin-375.png").stat().st_size > 0
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    page.get_by_test_id("rename-GPT-4o").click()    # a dialog fits too
+    expect(page.get_by_test_id("rename-dialog")).to_be_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    box = page.get_by_test_id("rename-dialog").bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
+    close_page(page)
+
+
+def test_admin_usage_panel(admin_proxy: Any, browser: Browser) -> None:
+    for _ in range(2):
+        assert admin_proxy.chat("GPT-4o") == "GPT-4o"
+    page = open_admin(browser, admin_proxy)
+    panel = page.get_by_test_id("stats-panel")
+    expect(panel.get_by_test_id("stats-row-GPT-4o")).to_be_visible()
+    expect(panel.get_by_test_id("stats-row-GPT-4o").locator("td").first).to_have_text("2")
+    expect(panel.get_by_test_id("stats-total-requests")).to_contain_text("2")
+    assert panel.get_by_test_id("stats-chart").locator("svg rect").count() == 2   # requests and tokens bars
+    expect(panel.locator("th", has_text="p95")).to_have_count(1)
+    admin_proxy.chat("Claude-Sonnet-4.5")
+    page.get_by_test_id("stats-refresh").click()
+    expect(panel.get_by_test_id("stats-row-Claude-Sonnet-4.5")).to_be_visible()
+    close_page(page)
+
+
+def test_admin_shows_load_error_and_failed_loads(admin_proxy: Any, browser: Browser) -> None:
+    seed_config(admin_proxy, models={"GPT-4o": {"mapping": "kept"}})
+    time.sleep(0.01)
+    admin_proxy.config_path.write_text("enable: true\nmodels: [broken\n")
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline and not admin_api(admin_proxy, "/api/admin/config")["load_error"]:
+        time.sleep(0.2)   # the proxy looks at the file every 2 s
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("load-error")).to_be_visible()
+    expect(page.get_by_test_id("load-error")).to_contain_text("models.yaml")
+    expect(page.get_by_test_id("mapping-GPT-4o")).to_have_text("kept")   # the last good configuration
+    # A failed load shows the error panel; Retry loads again.
+    page.route("**/api/models", lambda route: route.fulfill(status=502, content_type="application/json",
+               body='{"error": {"message": "Poe is down", "type": "upstream_error"}}'))
+    page.get_by_test_id("fetch-models").click()
+    expect(page.get_by_test_id("error-panel")).to_contain_text("Poe is down")
+    page.unroute("**/api/models")
+    page.get_by_test_id("retry").click()
+    expect(page.get_by_test_id("error-panel")).to_be_hidden()
+    close_page(page)

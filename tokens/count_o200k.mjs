@@ -7,6 +7,8 @@
 // How to run (from the repository root; keep node_modules out of the repo):
 //   mkdir -p /tmp/tok && (cd /tmp/tok && npm install js-tiktoken@1.0.21)
 //   NODE_PATH=/tmp/tok/node_modules node tokens/count_o200k.mjs
+// or, equivalently, from the folder that has node_modules:
+//   cd /tmp/tok && node /path/to/repo/tokens/count_o200k.mjs
 //
 // It reads every line of tokens/corpus.jsonl ({"name", "kind", "text", "o200k"}),
 // sets "o200k" to the token count of "text", and rewrites the file in place.
