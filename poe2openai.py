@@ -188,89 +188,63 @@ class Settings:
         """
         env = dict(os.environ if environ is None else environ)
         flags = vars(build_arg_parser().parse_args([] if argv is None else list(argv)))
-        defaults = cls()
-
-        def raw(name: str) -> str | None:
-            flag = flags.get(name.lower())
-            if flag is not None:
-                return str(flag)
-            return env.get(name)
-
-        def get(name: str, convert: Callable[[str, str], Any], default: Any) -> Any:
-            value = raw(name)
-            return default if value is None or value.strip() == "" else convert(name, value)
-
+        values: dict[str, Any] = {}
+        for name, convert, _ in SETTINGS_SPEC:
+            raw = flags.get(name.lower())
+            raw = env.get(name) if raw is None else str(raw)
+            if raw is not None and raw.strip() != "":
+                values[name.lower()] = convert(name, raw)
         proxies = urllib.request.getproxies_environment() if environ is None else {
             k[:-6].lower(): v for k, v in env.items() if k.lower().endswith("_proxy") and v}
         for scheme, url in proxies.items():
             if scheme != "no" and urllib.parse.urlsplit(url if "://" in url else "http://" + url).scheme != "http":
                 raise SettingsError(f"{scheme.upper()}_PROXY={_redact_url(url)!r} must be an http:// proxy URL "
                                     "(TLS to the proxy itself is not supported)")
-        return cls(
-            host=get("HOST", lambda n, v: v.strip(), defaults.host),
-            port=get("PORT", lambda n, v: _int_setting(n, v, 0, 65535), defaults.port),
-            admin_username=raw("ADMIN_USERNAME") or defaults.admin_username,
-            admin_password=raw("ADMIN_PASSWORD") or defaults.admin_password,
-            max_request_size=get("MAX_REQUEST_SIZE", lambda n, v: _int_setting(n, v, 1), defaults.max_request_size),
-            log_level=get("LOG_LEVEL", lambda n, v: _log_level_setting(v), defaults.log_level),
-            config_dir=raw("CONFIG_DIR") or defaults.config_dir,
-            rate_limit_ms=get("RATE_LIMIT_MS", lambda n, v: _int_setting(n, v, 0), defaults.rate_limit_ms),
-            url_cache_ttl_seconds=get("URL_CACHE_TTL_SECONDS", lambda n, v: _int_setting(n, v, 0),
-                                      defaults.url_cache_ttl_seconds),
-            url_cache_size_mb=get("URL_CACHE_SIZE_MB", lambda n, v: _int_setting(n, v, 0), defaults.url_cache_size_mb),
-            poe_base_url=get("POE_BASE_URL", _url_setting, defaults.poe_base_url),
-            poe_file_upload_url=get("POE_FILE_UPLOAD_URL", _url_setting, defaults.poe_file_upload_url),
-            connect_timeout_seconds=get("CONNECT_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
-                                        defaults.connect_timeout_seconds),
-            read_timeout_seconds=get("READ_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
-                                     defaults.read_timeout_seconds),
-            stream_hold_seconds=get("STREAM_HOLD_SECONDS", lambda n, v: _float_setting(n, v, 0),
-                                    defaults.stream_hold_seconds),
-            sse_keepalive_seconds=get("SSE_KEEPALIVE_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
-                                      defaults.sse_keepalive_seconds),
-            models_cache_ttl_seconds=get("MODELS_CACHE_TTL_SECONDS", lambda n, v: _float_setting(n, v, 0),
-                                         defaults.models_cache_ttl_seconds),
-            header_timeout_seconds=get("HEADER_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
-                                       defaults.header_timeout_seconds),
-            keepalive_timeout_seconds=get("KEEPALIVE_TIMEOUT_SECONDS", lambda n, v: _float_setting(n, v, 0.001),
-                                          defaults.keepalive_timeout_seconds),
-            max_connections=get("MAX_CONNECTIONS", lambda n, v: _int_setting(n, v, 1), defaults.max_connections),
-            rate_limit_max_wait_seconds=get("RATE_LIMIT_MAX_WAIT_SECONDS", lambda n, v: _float_setting(n, v, 0),
-                                            defaults.rate_limit_max_wait_seconds),
-            cors_allow_origins=get("CORS_ALLOW_ORIGINS", lambda n, v: _origins_setting(v), defaults.cors_allow_origins),
-            shutdown_grace_seconds=get("SHUTDOWN_GRACE_SECONDS", lambda n, v: _float_setting(n, v, 0),
-                                       defaults.shutdown_grace_seconds),
-            workers=get("WORKERS", lambda n, v: _int_setting(n, v, 1, 256), defaults.workers),
-            proxies=tuple(sorted(proxies.items())),
-        )
+        return cls(**values, proxies=tuple(sorted(proxies.items())))
 
 
-# (environment variable, help) in the order --help lists them.
-SETTING_HELP: tuple[tuple[str, str], ...] = (
-    ("HOST", "bind address (default 0.0.0.0)"),
-    ("PORT", "bind port (default 8080; 0 picks a free port)"),
-    ("ADMIN_USERNAME", "admin page user (default admin)"),
-    ("ADMIN_PASSWORD", "admin page password (default 123456; change it)"),
-    ("MAX_REQUEST_SIZE", "largest request body in bytes (default 1073741824)"),
-    ("LOG_LEVEL", "debug, info, warning, error or critical (default info)"),
-    ("CONFIG_DIR", "folder holding models.yaml (default ./)"),
-    ("RATE_LIMIT_MS", "minimum milliseconds between chat request starts, 0 = off (default 100)"),
-    ("URL_CACHE_TTL_SECONDS", "upload cache lifetime in seconds (default 259200)"),
-    ("URL_CACHE_SIZE_MB", "upload cache budget in MB (default 100)"),
-    ("POE_BASE_URL", "Poe API base URL (default https://api.poe.com)"),
-    ("POE_FILE_UPLOAD_URL", "Poe file upload URL"),
-    ("CONNECT_TIMEOUT_SECONDS", "deadline for connecting to Poe, TLS included (default 10)"),
-    ("READ_TIMEOUT_SECONDS", "longest silence accepted from Poe while it answers (default 120)"),
-    ("STREAM_HOLD_SECONDS", "streaming: wait this long for Poe's first event so errors keep real statuses (default 5)"),
-    ("SSE_KEEPALIVE_SECONDS", "interval of SSE keep-alive comments during silence (default 15)"),
-    ("MODELS_CACHE_TTL_SECONDS", "lifetime of the cached model list (default 600)"),
-    ("HEADER_TIMEOUT_SECONDS", "time a client gets to send its request head (default 10)"),
-    ("KEEPALIVE_TIMEOUT_SECONDS", "idle keep-alive connections close after this (default 30)"),
-    ("MAX_CONNECTIONS", "open client connections allowed; more get 503 (default 4096)"),
-    ("RATE_LIMIT_MAX_WAIT_SECONDS", "longest wait in the rate gate; beyond it 429 with Retry-After (default 30)"),
-    ("CORS_ALLOW_ORIGINS", "comma-separated origins allowed by CORS, or * (default *; never with credentials)"),
-    ("SHUTDOWN_GRACE_SECONDS", "on SIGTERM, how long running answers may take to finish (default 30)"),
-    ("WORKERS", "worker processes sharing the port with SO_REUSEPORT (default 1)"),
+def _text(name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _whole(low: int, high: int | None = None) -> Callable[[str, str], int]:
+    return lambda name, raw: _int_setting(name, raw, low, high)
+
+
+def _number(low: float) -> Callable[[str, str], float]:
+    return lambda name, raw: _float_setting(name, raw, low)
+
+
+# Every setting: (environment variable = flag name, parser, help), in the order --help lists them.
+# The dataclass field is the variable's name in lower case.
+SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
+    ("HOST", _text, "bind address (default 0.0.0.0)"),
+    ("PORT", _whole(0, 65535), "bind port (default 8080; 0 picks a free port)"),
+    ("ADMIN_USERNAME", lambda n, v: v, "admin page user (default admin)"),
+    ("ADMIN_PASSWORD", lambda n, v: v, "admin page password (default 123456; change it)"),
+    ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 1073741824)"),
+    ("LOG_LEVEL", lambda n, v: _log_level_setting(v), "debug, info, warning, error or critical (default info)"),
+    ("CONFIG_DIR", lambda n, v: v, "folder holding models.yaml (default ./)"),
+    ("RATE_LIMIT_MS", _whole(0), "minimum milliseconds between chat request starts, 0 = off (default 100)"),
+    ("URL_CACHE_TTL_SECONDS", _whole(0), "upload cache lifetime in seconds (default 259200)"),
+    ("URL_CACHE_SIZE_MB", _whole(0), "upload cache budget in MB (default 100)"),
+    ("POE_BASE_URL", _url_setting, "Poe API base URL (default https://api.poe.com)"),
+    ("POE_FILE_UPLOAD_URL", _url_setting, "Poe file upload URL"),
+    ("CONNECT_TIMEOUT_SECONDS", _number(0.001), "deadline for connecting to Poe, TLS included (default 10)"),
+    ("READ_TIMEOUT_SECONDS", _number(0.001), "longest silence accepted from Poe while it answers (default 120)"),
+    ("STREAM_HOLD_SECONDS", _number(0),
+     "streaming: wait this long for Poe's first event so errors keep real statuses (default 5)"),
+    ("SSE_KEEPALIVE_SECONDS", _number(0.001), "interval of SSE keep-alive comments during silence (default 15)"),
+    ("MODELS_CACHE_TTL_SECONDS", _number(0), "lifetime of the cached model list (default 600)"),
+    ("HEADER_TIMEOUT_SECONDS", _number(0.001), "time a client gets to send its request head (default 10)"),
+    ("KEEPALIVE_TIMEOUT_SECONDS", _number(0.001), "idle keep-alive connections close after this (default 30)"),
+    ("MAX_CONNECTIONS", _whole(1), "open client connections allowed; more get 503 (default 4096)"),
+    ("RATE_LIMIT_MAX_WAIT_SECONDS", _number(0),
+     "longest wait in the rate gate; beyond it 429 with Retry-After (default 30)"),
+    ("CORS_ALLOW_ORIGINS", lambda n, v: _origins_setting(v),
+     "comma-separated origins allowed by CORS, or * (default *; never with credentials)"),
+    ("SHUTDOWN_GRACE_SECONDS", _number(0), "on SIGTERM, how long running answers may take to finish (default 30)"),
+    ("WORKERS", _whole(1, 256), "worker processes sharing the port with SO_REUSEPORT (default 1)"),
 )
 
 
@@ -279,7 +253,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="poe2openai",
         description="OpenAI-compatible proxy for Poe bots. Every flag can also be set by the "
                     "environment variable named in brackets; a flag wins.")
-    for name, help_text in SETTING_HELP:
+    for name, _, help_text in SETTINGS_SPEC:
         parser.add_argument("--" + name.lower().replace("_", "-"), dest=name.lower(), metavar="VALUE",
                             default=None, help=f"{help_text} [{name}]")
     parser.add_argument("--version", action="version", version=f"poe2openai {__version__}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import dataclasses
 import email.policy
 import hashlib
 import json
@@ -575,6 +576,13 @@ def test_help_lists_every_setting() -> None:
     for name in ("HOST", "PORT", "ADMIN_USERNAME", "ADMIN_PASSWORD", "MAX_REQUEST_SIZE", "LOG_LEVEL", "CONFIG_DIR",
                  "RATE_LIMIT_MS", "URL_CACHE_TTL_SECONDS", "URL_CACHE_SIZE_MB", "POE_BASE_URL", "POE_FILE_UPLOAD_URL"):
         assert f"[{name}]" in result.stdout and f"--{name.lower().replace('_', '-')}" in result.stdout
+
+
+def test_every_setting_has_a_variable_and_a_flag() -> None:
+    fields = {f.name for f in dataclasses.fields(p2o.Settings)} - {"proxies"}
+    assert {name.lower() for name, _, _ in p2o.SETTINGS_SPEC} == fields
+    s = p2o.Settings.from_env({}, [f"--{f.replace('_', '-')}=7" for f in ("port", "workers", "rate_limit_ms")])
+    assert (s.port, s.workers, s.rate_limit_ms) == (7, 7, 7)
 
 
 def test_import_starts_nothing() -> None:
