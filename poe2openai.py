@@ -57,28 +57,23 @@ import asyncio
 import base64
 import codecs
 import dataclasses
-import hashlib
-import hmac
 import http
 import json
 import logging
 import math
 import os
 import re
-import secrets
 import signal
 import socket
 import ssl
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 
 import h11
-import yaml
 
 __version__ = "0.1.0"
 __all__ = ["Settings", "ProxyError", "SSEDecoder", "serve", "main"]
@@ -194,8 +189,7 @@ class Settings:
             raw = env.get(name) if raw is None else str(raw)
             if raw is not None and raw.strip() != "":
                 values[name.lower()] = convert(name, raw)
-        proxies = urllib.request.getproxies_environment() if environ is None else {
-            k[:-6].lower(): v for k, v in env.items() if k.lower().endswith("_proxy") and v}
+        proxies = proxies_from_env(env)
         for scheme, url in proxies.items():
             if scheme != "no" and urllib.parse.urlsplit(url if "://" in url else "http://" + url).scheme != "http":
                 raise SettingsError(f"{scheme.upper()}_PROXY={_redact_url(url)!r} must be an http:// proxy URL "
@@ -384,9 +378,40 @@ def _redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
+def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY (lower-case names win, as curl and urllib have it) ->
+    {"https": url, "http": url, "no": list}. REQUEST_METHOD set means we run under CGI: HTTP_PROXY is
+    then a client-sent header, never trusted (httpoxy)."""
+    found: dict[str, str] = {}
+    for scheme in ("https", "http", "no"):
+        if scheme == "http" and "REQUEST_METHOD" in env:
+            continue
+        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+        if value and value.strip():
+            found[scheme] = value.strip()
+    return found
+
+
+def bypasses_proxy(host: str, port: int, no_proxy: str) -> bool:
+    """NO_PROXY matching: `*`, exact hosts or IPs, `host:port`, and domain suffixes (`.corp`, `corp`)."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
 def new_id(prefix: str) -> str:
     """A random id such as chatcmpl-3f9a...; hex only, so safe in any client's id field."""
-    return prefix + secrets.token_hex(12)
+    return prefix + os.urandom(12).hex()
 
 
 _json_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -549,7 +574,7 @@ def is_poe_cdn(url: str) -> bool:
 def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
                      boundary: str | None = None) -> tuple[str, bytes]:
     """multipart/form-data: (Content-Type header value, body). files are (field, filename, type, data)."""
-    boundary = boundary or "poe2openai-" + secrets.token_hex(16)
+    boundary = boundary or "poe2openai-" + os.urandom(16).hex()
     out: list[bytes] = []
     for name, value in fields:
         out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote_param(name)}"\r\n\r\n'
@@ -1088,6 +1113,7 @@ class Media:
     @property
     def cache_key(self) -> str:
         # The whole decoded content is hashed: two files never share a key by accident.
+        import hashlib   # here, not at the top: the OpenSSL bindings cost memory a text-only proxy never uses
         return "sha256:" + hashlib.sha256(self.data).hexdigest() if self.data is not None else "url:" + str(self.url)
 
 
@@ -2249,7 +2275,7 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> ModelConfig:
-        data = yaml.safe_load(text)
+        data = _yaml().safe_load(text)
         return cls() if data is None else cls.from_dict(data)
 
     @classmethod
@@ -2342,6 +2368,7 @@ class ModelRegistry:
         if stamp == self._stamp:
             return
         self._stamp = stamp
+        yaml = _yaml()
         try:
             with open(self.path, encoding="utf-8") as fh:
                 self._config = ModelConfig.from_yaml(fh.read())
@@ -2359,7 +2386,7 @@ class ModelRegistry:
         os.makedirs(folder, exist_ok=True)
         header = ("# models.yaml for poe2openai, written by the admin page. Hand edits are welcome and take\n"
                   "# effect within seconds; comments are not kept when the admin page saves.\n")
-        text = header + yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        text = header + _yaml().safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
         try:
             mode = os.stat(self.path).st_mode & 0o777
             with open(self.path, "rb") as fh:
@@ -2424,6 +2451,12 @@ class ModelRegistry:
         return out
 
 
+def _yaml() -> Any:
+    """PyYAML, imported on first use: a proxy that never reads models.yaml never pays for the parser."""
+    import yaml
+    return yaml
+
+
 def _atomic_write(path: str, data: bytes, mode: int) -> None:
     """Readers see the old file or the new one, never half of either."""
     fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".")
@@ -2444,7 +2477,7 @@ def _atomic_write(path: str, data: bytes, mode: int) -> None:
 
 def _yaml_problem(exc: BaseException) -> str:
     """What is wrong with a YAML file, without quoting its lines (they may hold api_token)."""
-    if isinstance(exc, yaml.MarkedYAMLError):
+    if isinstance(exc, _yaml().MarkedYAMLError):
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         return f"{exc.problem or exc.context or 'syntax error'}{where}"
@@ -2484,6 +2517,17 @@ INBOUND_MAX_HEAD_BYTES = 32 * 1024
 OUTBOUND_MAX_HEAD_BYTES = 128 * 1024
 
 
+if sys.version_info >= (3, 11):
+    async def read_within(reader: asyncio.StreamReader, timeout_s: float) -> bytes:
+        """One read with a deadline (asyncio.TimeoutError). asyncio.timeout is a timer, not a task."""
+        async with asyncio.timeout(timeout_s):  # novermin - this branch runs on 3.11+ only
+            return await reader.read(READ_CHUNK_BYTES)
+else:
+    async def read_within(reader: asyncio.StreamReader, timeout_s: float) -> bytes:
+        """One read with a deadline (asyncio.TimeoutError)."""
+        return await asyncio.wait_for(reader.read(READ_CHUNK_BYTES), timeout_s)
+
+
 class HTTPStream:
     """An h11.Connection over an asyncio (reader, writer) pair, with a deadline on every await."""
 
@@ -2516,7 +2560,7 @@ class HTTPStream:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), timeout_s)
+            data = await read_within(self.reader, timeout_s)
             self.conn.receive_data(data)  # b"" tells h11 the peer closed
 
     def is_reusable(self) -> bool:
@@ -2585,14 +2629,28 @@ class UpstreamResponse:
             await self.aclose()
             raise upstream_error(f"Poe closed the connection before the answer was complete ({_describe(exc)})") \
                 from None
-        if isinstance(event, h11.Data):
-            return bytes(event.data)
         if isinstance(event, h11.EndOfMessage):
             self.complete = True
             self._release()
             return None
-        await self.aclose()
-        raise upstream_error("Poe closed the connection before the answer was complete")
+        if not isinstance(event, h11.Data):
+            await self.aclose()
+            raise upstream_error("Poe closed the connection before the answer was complete")
+        # Take everything h11 already holds in one go: one read often carries many HTTP chunks.
+        pieces = [event.data]
+        try:
+            while True:
+                more = stream.conn.next_event()
+                if isinstance(more, h11.Data):
+                    pieces.append(more.data)
+                    continue
+                if isinstance(more, h11.EndOfMessage):
+                    self.complete = True
+                    self._release()
+                break   # NEED_DATA (or anything else: the next call deals with it)
+        except h11.RemoteProtocolError:
+            pass        # the next call reports it
+        return b"".join(pieces)
 
     async def read_all(self, limit_bytes: int, timeout_s: float) -> bytes:
         body = bytearray()
@@ -2722,7 +2780,7 @@ class UpstreamPool:
         raise AssertionError("unreachable")
 
     def _proxy_for(self, origin: Origin) -> str | None:
-        if not self._proxies or urllib.request.proxy_bypass_environment(origin.host, self._proxies):
+        if not self._proxies or bypasses_proxy(origin.host, origin.port, self._proxies.get("no", "")):
             return None
         return self._proxies.get(origin.scheme)
 
@@ -3250,6 +3308,7 @@ class App:
             except ValueError:
                 pass
         # Compare both parts in constant time, and both always, so timing tells nothing.
+        import hmac   # here, not at the top: it drags in hashlib, which the idle proxy does not need
         ok_user = hmac.compare_digest(user, self.settings.admin_username.encode())
         ok_password = hmac.compare_digest(password, self.settings.admin_password.encode())
         if not (ok_user and ok_password):
@@ -3837,6 +3896,10 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import importlib.util
+    if importlib.util.find_spec("yaml") is None:   # imported lazily, so check it is there before serving
+        print("poe2openai: PyYAML is missing: pip install h11 pyyaml", file=sys.stderr)
+        return 2
     try:
         settings = Settings.from_env(argv=sys.argv[1:] if argv is None else argv)
     except SettingsError as exc:
