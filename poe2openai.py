@@ -2699,12 +2699,22 @@ class UpstreamPool:
     def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None,
                  max_idle_per_origin: int = 16, idle_expiry_s: float = 60.0) -> None:
         self._settings = settings
-        self._ssl = ssl_context or _default_ssl_context()
+        self._ssl_given = ssl_context
+        self._ssl_default: ssl.SSLContext | None = None
         self._proxies = dict(settings.proxies)
         self._idle: dict[Origin, deque[tuple[HTTPStream, float]]] = {}
         self._max_idle = max_idle_per_origin
         self._idle_expiry_s = idle_expiry_s
         self.connections_opened = 0
+
+    def _ssl(self) -> ssl.SSLContext:
+        """The TLS context, built on first use: loading the CA store costs about 2 MB, which a proxy
+        talking plain HTTP (tests, a local Poe stand-in) never needs."""
+        if self._ssl_given is not None:
+            return self._ssl_given
+        if self._ssl_default is None:
+            self._ssl_default = _default_ssl_context()
+        return self._ssl_default
 
     def release(self, origin: Origin, stream: HTTPStream) -> None:
         if not stream.is_reusable():
@@ -2792,7 +2802,7 @@ class UpstreamPool:
             if proxy is None:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
                     origin.host, origin.port,
-                    ssl=self._ssl if origin.scheme == "https" else None,
+                    ssl=self._ssl() if origin.scheme == "https" else None,
                     server_hostname=origin.host if origin.scheme == "https" else None,
                     ssl_handshake_timeout=timeout_s if origin.scheme == "https" else None,
                     limit=READ_CHUNK_BYTES), timeout_s)
@@ -2873,7 +2883,7 @@ class UpstreamPool:
                                      f"(HTTP {event.status_code})", code="upstream_proxy_error")
             if tunnel.trailing_data[0]:
                 raise upstream_error("the proxy sent data before the TLS handshake", code="upstream_proxy_error")
-            return await asyncio.open_connection(sock=sock, ssl=self._ssl, server_hostname=origin.host,
+            return await asyncio.open_connection(sock=sock, ssl=self._ssl(), server_hostname=origin.host,
                                                  ssl_handshake_timeout=self._settings.connect_timeout_seconds,
                                                  limit=READ_CHUNK_BYTES)
         except BaseException:
