@@ -14,15 +14,16 @@ Run it::
 Then point any OpenAI client at ``http://HOST:8080/v1`` and use your Poe API key as the API key.
 
 Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models`` (and
-``/models``), ``GET /healthz``, ``GET /admin``.
+``/models``), ``GET /healthz``, ``GET /admin`` with ``/api/admin/config``, ``/api/admin/stats`` and
+``/api/models`` behind Basic auth.
 
 Settings (environment variable, or the command-line flag of the same name in lower case with dashes;
-a flag wins over the environment):
+a flag wins over the environment; ``--help`` lists them with their defaults):
 
     HOST, PORT                      bind address (0.0.0.0, 8080)
     ADMIN_USERNAME, ADMIN_PASSWORD  Basic-auth credentials of /admin (admin, 123456: change them)
     MAX_REQUEST_SIZE                largest request body in bytes (1073741824)
-    LOG_LEVEL                       debug, info, warning, error (info)
+    LOG_LEVEL                       debug, info, warning, error, critical (info)
     CONFIG_DIR                      folder of models.yaml (./)
     RATE_LIMIT_MS                   minimum spacing of chat request starts, 0 = off (100)
     URL_CACHE_TTL_SECONDS           upload cache lifetime (259200)
@@ -37,10 +38,23 @@ a flag wins over the environment):
     MODELS_CACHE_TTL_SECONDS        lifetime of the cached Poe model list (600)
     HEADER_TIMEOUT_SECONDS          time a client gets to send its request head (10)
     KEEPALIVE_TIMEOUT_SECONDS       idle keep-alive connections are closed after this (30)
+    MAX_CONNECTIONS                 open client connections; beyond, 503 (4096)
+    RATE_LIMIT_MAX_WAIT_SECONDS     longest queueing in the rate gate; beyond, 429 + Retry-After (30)
+    CORS_ALLOW_ORIGINS              *, or a comma-separated list of origins (never with credentials)
+    SHUTDOWN_GRACE_SECONDS          on SIGTERM, time running answers get to finish (30)
+    WORKERS                         processes sharing the port with SO_REUSEPORT (1)
     HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy (CONNECT for https), standard meaning
 
-Policy choices (where we differ from the Rust original on purpose) are listed in README.md. Known
-limits: tools, images and reasoning are handled as plain text in this version; see README.md.
+What it does beyond passing text through: tool calls emulated with an XML prompt and parsed from the
+streamed answer (or Poe's native tool fields, per model); images and files uploaded to Poe through an
+LRU cache, and files Poe sends made visible; "Thinking..." blocks moved to ``reasoning_content``;
+reasoning controls turned into Poe bot flags; usage estimated with a built-in o200k_base approximation.
+Policy choices (where we differ from the Rust original on purpose) and known gaps are in README.md.
+
+Sections, each depending only on those above it: Settings; Errors; Pure helpers (ids, JSON, SSE,
+files, tokens); Small machines (rate gate, stats, LRU cache); Converters (request -> Poe query; Poe
+events -> neutral deltas -> OpenAI chunks or body); Model registry; HTTP plumbing; Poe client;
+Handlers and the route table; Inbound connections; Server lifecycle; main().
 
 Importing this module starts nothing and writes nothing; ``serve(settings)`` runs the server.
 """
@@ -368,7 +382,7 @@ def _error_text_from_body(body: bytes) -> str:
 
 ###############################################################################
 ###############################################################################
-# Pure helpers: ids, JSON, SSE, tokens
+# Pure helpers: ids, JSON, SSE, files, tokens
 ###############################################################################
 
 def _redact_url(url: str) -> str:
@@ -725,7 +739,7 @@ def estimate_tokens(text: str) -> int:
 
 ###############################################################################
 ###############################################################################
-# Small machines: the rate gate
+# Small machines: the rate gate, usage stats, the LRU cache
 ###############################################################################
 
 class RateGate:
@@ -2901,7 +2915,7 @@ def _default_ssl_context() -> ssl.SSLContext:
 
 ###############################################################################
 ###############################################################################
-# Poe client: bot queries (SSE), model list
+# Poe client: bot queries (SSE), model list, uploads
 ###############################################################################
 
 USER_AGENT = f"poe2openai/{__version__}"
