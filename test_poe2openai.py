@@ -2494,3 +2494,122 @@ def test_admin_shows_load_error_and_failed_loads(admin_proxy: Any, browser: Brow
     page.get_by_test_id("retry").click()
     expect(page.get_by_test_id("error-panel")).to_be_hidden()
     close_page(page)
+
+
+###############################################################################
+# Against a real Poe bot server: fastapi_poe's own make_app behind uvicorn
+###############################################################################
+
+class RealPoeBot:
+    """A fastapi_poe bot served by uvicorn in a thread: the real Poe library as the upstream. It
+    answers by the last user message: "error" -> partial text then an insufficient_fund error;
+    "think" -> a reasoning answer; "file" -> a text with an attachment; "tool" -> an XML tool call in
+    split chunks; anything else -> an echo of the bot name, the message and the flags it saw."""
+
+    def __init__(self) -> None:
+        import fastapi_poe as fp
+        import uvicorn
+
+        owner = self
+        self.queries: list[Any] = []
+
+        class Bot(fp.PoeBot):
+            async def get_response_with_context(self, request: Any, context: Any) -> Any:
+                owner.queries.append(request)
+                name = context.http_request.path_params.get("bot_name")
+                last = request.query[-1].content
+                word = last.strip().split()[0].lower() if last.strip() else ""
+                yield fp.MetaResponse(text="", content_type="text/markdown", suggested_replies=False)
+                if word == "error":
+                    yield fp.PartialResponse(text="partial ")
+                    yield fp.ErrorResponse(text="You do not have enough points.", allow_retry=False,
+                                           error_type="insufficient_fund")
+                elif word == "think":
+                    for piece in ("*Thinking...*\n\n> weigh", "ing it\n> done\n\n", "Forty-", "two."):
+                        yield fp.PartialResponse(text=piece)
+                elif word == "file":
+                    yield fp.PartialResponse(text="See ![chart][c1] here.")
+                    yield fp.PartialResponse(text="", attachment=fp.Attachment(
+                        url="https://pfst.cf2.poecdn.net/base/image/chart", content_type="image/png",
+                        name="chart.png", inline_ref="c1"))
+                elif word == "tool":
+                    call = ('Checking.\n<tool_call>\n<invoke name="get_weather">\n'
+                            '<parameter name="city">Zürich</parameter>\n<parameter name="days">2</parameter>\n'
+                            '</invoke>\n</tool_call>')
+                    for i in range(0, len(call), 9):
+                        yield fp.PartialResponse(text=call[i:i + 9])
+                else:
+                    yield fp.PartialResponse(text=f"{name} heard: {last}")
+
+        bot = Bot(path="/bot/{bot_name}", access_key=None, should_insert_attachment_messages=False)
+        app = fp.make_app(bot, allow_without_key=True)
+
+        @app.get("/v1/models")
+        async def models() -> Any:
+            return {"object": "list", "data": [{"id": "GPT-4o", "object": "model", "created": 1715644800000,
+                                                "owned_by": "OpenAI"}]}
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                   lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture()
+def real_poe(monkeypatch: pytest.MonkeyPatch) -> Any:
+    pytest.importorskip("uvicorn")
+    monkeypatch.delenv("POE_ACCESS_KEY", raising=False)
+    server = RealPoeBot()
+    yield server
+    server.stop()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # fastapi_poe's own use of old pydantic APIs
+def test_real_fastapi_poe_bot_as_upstream(lt: LoopThread, tmp_path: Path, real_poe: RealPoeBot) -> None:
+    proxy = Proxy(lt, p2o.Settings(host="127.0.0.1", port=0, config_dir=str(tmp_path), rate_limit_ms=0,
+                                   poe_base_url=f"http://127.0.0.1:{real_poe.port}"))
+    try:
+        client = proxy.client()
+        assert [m.id for m in client.models.list().data] == ["GPT-4o"]
+        hello = client.chat.completions.create(model="GPT-4o", reasoning_effort="low", messages=[
+            {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "héllo 世界"}])
+        assert hello.choices[0].message.content == "GPT-4o heard: héllo 世界 --reasoning_effort low"
+        assert [m.role for m in real_poe.queries[-1].query] == ["system", "user"]
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="Claude-Sonnet-4.5", stream=True, messages=[{"role": "user", "content": "again"}]) if c.choices)
+        assert streamed == "Claude-Sonnet-4.5 heard: again"
+
+        think = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "think"}])
+        message = think.model_dump()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == ("weighing it\ndone\n", "Forty-two.")
+
+        picture = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "file"}])
+        assert picture.choices[0].message.content == \
+            "See ![chart](https://pfst.cf2.poecdn.net/base/image/chart) here."
+
+        with client.chat.completions.stream(model="GPT-4o", tools=WEATHER_TOOLS,
+                                            messages=[{"role": "user", "content": "tool please"}]) as stream:
+            final = stream.get_final_completion()
+        call = final.choices[0].message.tool_calls[0]
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Zürich", "days": 2})
+        assert final.choices[0].message.content == "Checking.\n" and final.choices[0].finish_reason == "tool_calls"
+
+        with pytest.raises(openai.APIError) as info:     # text first, then the error: an in-stream error
+            list(client.chat.completions.create(model="GPT-4o", stream=True,
+                                                messages=[{"role": "user", "content": "error"}]))
+        assert "points" in info.value.message
+        with pytest.raises(openai.RateLimitError):       # non-stream: the real status
+            client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "error"}])
+    finally:
+        proxy.stop()
