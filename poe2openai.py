@@ -940,6 +940,7 @@ class ChatRequest:
     logit_bias: dict[str, float] | None = None
     tools: ToolSpec | None = None
     flags: tuple[str, ...] = ()      # Poe reasoning flags for the end of the last user turn
+    json_instruction: str = ""       # response_format as words for the bot ("" = free text)
 
 
 def _is_number(value: Any) -> bool:
@@ -993,7 +994,27 @@ def parse_chat_request(body: Any) -> ChatRequest:
                        temperature=float(temperature) if temperature is not None else None,
                        stop=stop or None,
                        logit_bias={str(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
-                       tools=parse_tools(body), flags=reasoning_flags(body))
+                       tools=parse_tools(body), flags=reasoning_flags(body),
+                       json_instruction=json_instruction(body.get("response_format")))
+
+
+def json_instruction(response_format: Any) -> str:
+    """`response_format` has no field in Poe's protocol: say it in words at the end of the last user turn
+    (JSON mode and structured outputs then work with any bot; the answer's code fences are removed)."""
+    if not isinstance(response_format, dict):
+        return ""
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "Answer with one valid JSON object and nothing else: no prose, no code fences."
+    if kind == "json_schema":
+        spec = response_format.get("json_schema") if isinstance(response_format.get("json_schema"), dict) else {}
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise bad_request("response_format.json_schema.schema must be a JSON schema object.",
+                              "response_format.json_schema.schema")
+        return ("Answer with one valid JSON value and nothing else (no prose, no code fences) that conforms to "
+                f"this JSON schema:\n{_json_compact(schema)}")
+    return ""   # "text", or a kind we do not know: nothing to ask
 
 
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
@@ -1456,6 +1477,8 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
     query_messages = to_poe_messages(messages, system_as_user, xml_tools=not native, attachments=files)
     if spec and spec.tools and not native:
         _append_to_last_user(query_messages, "\n\n" + tool_prompt(spec))
+    if chat.json_instruction:
+        _append_to_last_user(query_messages, "\n\n" + chat.json_instruction)
     # Bot flags go at the very end of the last user turn, after any tool block, where Poe reads them.
     flags = [f"--{flag}" for flag in (spec.flags if spec else ())] + list(chat.flags)
     if flags:
@@ -1675,6 +1698,50 @@ def _first_line_end(text: str) -> int:
 
 def _after_line_end(text: str, cut: int) -> int:
     return cut + 2 if text[cut:cut + 2] == "\r\n" else cut + 1
+
+
+# ----------------------------------------------------------------------------- JSON answers
+
+_FENCE_TAIL_CHARS = re.compile(r"[\s`]*\Z")
+
+
+class FenceStripper:
+    """For JSON answers (response_format): removes a ```json … ``` fence around the whole answer,
+    exactly, however the text is chunked. Only the opening fence line and a closing run of blanks and
+    backticks are ever held back."""
+
+    def __init__(self) -> None:
+        self._state = "start"     # start | fenced | plain
+        self._buf = ""
+
+    def feed(self, text: str) -> str:
+        if self._state == "plain":
+            return text
+        self._buf += text
+        if self._state == "start":
+            body = self._buf.lstrip()
+            if body.startswith("```"):
+                line_end = body.find("\n")
+                if line_end == -1:
+                    return ""                        # the fence line is not complete yet
+                self._buf, self._state = body[line_end + 1:], "fenced"
+            elif body and not "```".startswith(body):
+                self._state = "plain"
+                out, self._buf = self._buf, ""
+                return out
+            else:
+                return ""                            # only blanks or a partial fence so far
+        tail = _FENCE_TAIL_CHARS.search(self._buf)
+        cut = tail.start() if tail else len(self._buf)
+        out, self._buf = self._buf[:cut], self._buf[cut:]
+        return out
+
+    def end(self) -> str:
+        out, self._buf = self._buf, ""
+        if self._state == "fenced":
+            stripped = out.rstrip()
+            out = stripped[:-3].rstrip() if stripped.endswith("```") else out
+        return out
 
 
 # ----------------------------------------------------------------------------- XML tool calls
@@ -2030,7 +2097,7 @@ class PoeTranslator:
     """
 
     def __init__(self, tools: ToolSpec | None = None, native_tools: bool = False,
-                 make_id: Callable[[], str] = lambda: new_id("call_")) -> None:
+                 make_id: Callable[[], str] = lambda: new_id("call_"), json_answer: bool = False) -> None:
         self.finished = False
         self.saw_done = False
         self.tool_calls = 0
@@ -2043,6 +2110,7 @@ class PoeTranslator:
         self._seen = ""                            # text fed to the XML parser, for replace_response
         self._refs = FileRefs()
         self._think = ThinkingSplitter()
+        self._fence = FenceStripper() if json_answer else None
 
     def feed(self, event: SSEEvent) -> list[Delta]:
         if self.finished:
@@ -2085,6 +2153,8 @@ class PoeTranslator:
     def _answer(self, text: str, final: bool = False) -> list[Delta]:
         """Bot text: thoughts split off first, then file references, then tool calls."""
         reasoning, content = self._think.end() if final else self._think.feed(text)
+        if self._fence is not None:
+            content = self._fence.feed(content) + (self._fence.end() if final else "")
         out = [Delta(REASONING, reasoning)] if reasoning else []
         return out + self._text(self._refs.feed(content)) if content else out
 
@@ -3200,8 +3270,9 @@ def api_key_of(request: Request) -> str:
 def parse_json_body(request: Request) -> Any:
     if not request.body.strip():
         raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
+    body = request.body[3:] if request.body.startswith(b"\xef\xbb\xbf") else request.body   # a BOM is harmless
     try:
-        return json.loads(request.body)
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
     except RecursionError:
@@ -3239,12 +3310,17 @@ class App:
             "/api/admin/stats": {"GET": self.admin_stats},
             "/api/models": {"GET": self.admin_models},
             "/": {"GET": self.index},
+            "/v1/models/*": {"GET": self.get_model},   # one model: the id is the rest of the path
+            "/models/*": {"GET": self.get_model},
         }
-        self.api_paths = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models"}
+        self.api_paths = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models", "/v1/models/*",
+                          "/models/*"}
 
     async def dispatch(self, request: Request) -> Response:
         """Route a request; every error becomes an OpenAI-shaped response here and only here."""
         path = request.path if request.path == "/" else request.path.rstrip("/")
+        if path.startswith(("/v1/models/", "/models/")):
+            path = path[:path.index("/models/") + len("/models/")] + "*"
         cors = path in self.api_paths
         try:
             methods = self.routes.get(path)
@@ -3383,6 +3459,16 @@ class App:
         models = self.registry.public_list(await self.catalog.models(key))
         return json_response(200, {"object": "list", "data": models})
 
+    async def get_model(self, request: Request) -> Response:
+        """GET /v1/models/{id} (the SDKs' models.retrieve): one entry of the public list."""
+        wanted = request.path.rstrip("/").split("/models/", 1)[1]
+        cfg = self.registry.config()
+        for model in self.registry.public_list(await self.catalog.models(cfg.api_token or _optional_key(request))):
+            if model["id"].casefold() == wanted.casefold():
+                return json_response(200, model)
+        raise ProxyError(404, f"The model '{wanted}' does not exist or is hidden on this proxy.",
+                         "invalid_request_error", "model_not_found", "model")
+
     # --------------------------------------------------------------------- chat
 
     async def chat(self, request: Request) -> Response:
@@ -3399,7 +3485,8 @@ class App:
             run = ChatRun(chat, route, new_id("chatcmpl-"), int(time.time()), count_prompt_tokens(query), started_s)
             await self.gate.wait()
             events = await self.poe.open_bot_stream(route.bot, query, api_key)
-            translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native")
+            translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native",
+                                       json_answer=bool(chat.json_instruction))
             if not chat.stream:
                 return await self._chat_whole(run, events, translator)
             return await self._chat_stream(run, events, translator)

@@ -2613,3 +2613,45 @@ def test_real_fastapi_poe_bot_as_upstream(lt: LoopThread, tmp_path: Path, real_p
             client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "error"}])
     finally:
         proxy.stop()
+
+
+###############################################################################
+# More of what clients do: models.retrieve, structured outputs, odd bodies
+###############################################################################
+
+def test_models_retrieve(proxy: Proxy) -> None:
+    client = proxy.client()
+    model = client.models.retrieve("gpt-4o")                      # any case
+    assert (model.id, model.object, model.created) == ("GPT-4o", "model", 1715644800)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("No-Such-Bot")
+
+
+def test_structured_outputs_with_the_sdk_parse_helper(proxy: Proxy, poe: FakePoe) -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    poe.on("GPT-4o", xml_reply_steps('```json\n{"name": "Oslo", "population": 709000}\n```', 4))
+    client = proxy.client()
+    parsed = client.chat.completions.parse(model="GPT-4o", response_format=City,
+                                           messages=[{"role": "user", "content": "Biggest city of Norway?"}])
+    assert parsed.choices[0].message.parsed == City(name="Oslo", population=709000)
+    asked = last_query(poe)["query"]["query"][-1]["content"]
+    assert asked.startswith("Biggest city of Norway?\n\n") and '"population"' in asked and "JSON schema" in asked
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="GPT-4o", stream=True, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "x"}]) if c.choices)
+    assert json.loads(streamed) == {"name": "Oslo", "population": 709000}
+    plain = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert plain.choices[0].message.content.startswith("```json")     # fences are only removed in JSON mode
+
+
+def test_body_with_a_byte_order_mark(proxy: Proxy) -> None:
+    body = "\ufeff" + json.dumps({"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]})
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/chat/completions", content=body.encode(),
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
