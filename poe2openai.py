@@ -71,6 +71,7 @@ import asyncio
 import base64
 import codecs
 import dataclasses
+import errno
 import http
 import json
 import logging
@@ -920,11 +921,11 @@ class ToolSpec:
     parallel: bool = True
 
     def find(self, name: str) -> Tool | None:
-        folded = name.strip().casefold()
-        for tool in self.tools:
-            if tool.name.casefold() == folded:
-                return tool
-        return None
+        """The tool of that name: exactly, or else case-insensitively."""
+        name = name.strip()
+        folded = name.casefold()
+        exact = [t for t in self.tools if t.name == name]
+        return exact[0] if exact else next((t for t in self.tools if t.name.casefold() == folded), None)
 
 
 @dataclass(frozen=True)
@@ -1409,6 +1410,8 @@ def to_poe_messages(messages: list[dict[str, Any]], system_as_user: bool = False
             poe_role = "user"  # replace_response bots take no system prompt
         text = content_text(message.get("content"))
         calls = message.get("tool_calls") if role == "assistant" else None
+        if role == "assistant" and not calls and isinstance(message.get("function_call"), dict):
+            calls = [{"id": "", "type": "function", "function": message["function_call"]}]   # the legacy form
         if isinstance(calls, list) and calls:
             rendered = []
             for call in calls:
@@ -1750,9 +1753,12 @@ _OPENER = re.compile(r"<(tool_call|invoke|function_calls)(?=[\s>/])")
 _OPENER_NAMES = ("<tool_call", "<invoke", "<function_calls")
 _CLOSERS = {"tool_call": "</tool_call>", "invoke": "</invoke>", "function_calls": "</function_calls>"}
 _INVOKE = re.compile(r"""<invoke\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>(.*?)(?:</invoke>|\Z)""", re.S)
-_PARAMETER = re.compile(r"""<parameter\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>(.*?)</parameter>""", re.S)
+_PARAMETER = re.compile(
+    r"""<parameter\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>((?:<!\[CDATA\[.*?\]\]>|.)*?)</parameter>""", re.S)
 _CHILD = re.compile(r"<([A-Za-z_][\w.\-]*)>(.*?)</\1>", re.S)
-_FENCE_TAIL = re.compile(r"(?:^|\n)[ \t]*```[A-Za-z]*[ \t]*\n?[ \t]*\Z")
+_FENCE_TAIL = re.compile(r"(?:\A|(?<=\n))[ \t]*```[A-Za-z]*[ \t]*\n?[ \t]*\Z")
+_FENCE_TAIL_PARTIAL = re.compile(r"(?:\A|(?<=\n))[ \t]*`{1,3}[A-Za-z]*[ \t]*\n?[ \t]*\Z")   # may become the above
+_TAGS_AND_PARAMETERS = re.compile(_PARAMETER.pattern + r"|<[^<>]*>", re.S)
 _ENTITY = re.compile(r"&(lt|gt|amp|quot|apos|#\d+|#x[0-9a-fA-F]+);")
 MAX_TOOL_BLOCK_CHARS = 4 * 1024 * 1024   # a block that never closes is released as text past this
 
@@ -1842,6 +1848,9 @@ def _coerce(value: str, types: list[str]) -> Any:
 def _typed_arguments(raw_args: Mapping[str, str], tool: Tool) -> dict[str, Any]:
     properties = tool.parameters.get("properties")
     properties = properties if isinstance(properties, dict) else {}
+    spelled = {str(k).casefold(): k for k in properties}
+    # A parameter written in another case ("Path" for "path") takes the schema's spelling and type.
+    raw_args = {(k if k in properties else spelled.get(k.casefold(), k)): v for k, v in raw_args.items()}
     return {key: coerce_argument(value, properties.get(key)) if key in properties else value
             for key, value in raw_args.items()}
 
@@ -1860,18 +1869,39 @@ class XMLToolParser:
         self._make_id = make_id
         self._buf = ""
         self._block: str | None = None      # the opening tag name of the block being read
-        self._fences = 0                     # ``` seen in released text: odd = inside a code block
+        self._closer_parts: list[str] = []  # while only the closing tag is missing: later chunks, unjoined
+        self._closer_seen = 0               # how much of _buf was already searched for the closing tag
+        self._closer_size = 0               # _buf plus the collected parts, in characters
+        self._fence = ""                    # a ```xml line held until we know a call follows it
+        self._fences = 0                    # ``` runs in released text: odd = inside a code block
+        self._released_tail = ""            # the last characters released, for backticks split across chunks
         self.calls = 0
-        self.stopped = False                 # parallel_tool_calls=false and a call was made
+        self.stopped = False                # parallel_tool_calls=false and a call was made
 
     def feed(self, text: str) -> list[Delta]:
         if self.stopped:
             return []
-        self._buf += text
+        if self._block is not None and self._closer_seen:
+            # A long call (a whole file as a parameter) arrives in many small chunks: collect them and
+            # look for the closing tag around each new one, instead of rebuilding the buffer each time.
+            closer = _CLOSERS[self._block]
+            previous = self._closer_parts[-1] if self._closer_parts else self._buf
+            self._closer_parts.append(text)
+            self._closer_size += len(text)
+            if closer not in previous[-len(closer):] + text and self._closer_size <= MAX_TOOL_BLOCK_CHARS:
+                return []
+        else:
+            self._buf += text
         return self._drain(final=False)
 
     def end(self) -> list[Delta]:
         return [] if self.stopped else self._drain(final=True)
+
+    def _join(self) -> None:
+        if self._closer_parts:
+            self._buf += "".join(self._closer_parts)
+            self._closer_parts = []
+        self._closer_size = len(self._buf)
 
     def _text(self, text: str, out: list[Delta]) -> None:
         if not text:
@@ -1880,41 +1910,57 @@ class XMLToolParser:
             if text.strip():
                 log.debug("dropping %d characters the bot wrote after its tool calls", len(text))
             return
-        self._fences += text.count("```")
+        self._fences = self._fences_after(text)
+        self._released_tail = (self._released_tail + text)[-2:]
         out.append(Delta(TEXT, text))
 
+    def _fences_after(self, text: str) -> int:
+        """The count of ``` runs once `text` is released too (a run may straddle the two)."""
+        return self._fences + (self._released_tail + text).count("```") - self._released_tail.count("```")
+
     def _drain(self, final: bool) -> list[Delta]:
+        self._join()
         out: list[Delta] = []
         while not self.stopped:
             if self._block is None:
                 match = self._find_opener()
                 if match is None:
                     keep = 0 if final else self._holdback()
-                    self._text(self._buf[:len(self._buf) - keep], out)
-                    self._buf = self._buf[len(self._buf) - keep:]
+                    self._text(self._fence + self._buf[:len(self._buf) - keep], out)
+                    self._buf, self._fence = self._buf[len(self._buf) - keep:], ""
                     return out
-                before = self._buf[:match.start()]
-                if self._fences % 2 == 0:
-                    fence = _FENCE_TAIL.search(before)   # a ```xml line opening the call: not prose
-                    if fence and before[fence.start():].count("```") == 1:
-                        before = before[:fence.start()]
+                before = self._fence + self._buf[:match.start()]
+                self._fence = ""
+                fence = _FENCE_TAIL.search(before)
+                if fence and self._fences_after(before[:fence.start()]) % 2 == 0:
+                    # A ```xml line right before the call (not the end of a code block): hold it until
+                    # we know the block is a call, then drop it.
+                    self._fence = before[fence.start():]
+                    before = before[:fence.start()]
                 self._text(before, out)
                 self._buf = self._buf[match.start():]
                 self._block = match.group(1)
+                self._closer_seen = 0
             verdict = self._read_block(final, out)
             if verdict == "more":
                 return out
             if verdict == "text":   # not a call after all: release the opening `<` and scan on
-                self._text(self._buf[:1], out)
-                self._buf = self._buf[1:]
+                self._text(self._fence + self._buf[:1], out)
+                self._buf, self._fence = self._buf[1:], ""
+            self._fence = "" if verdict == "done" else self._fence
             self._block = None
+            self._closer_seen = 0
         return out
+
+    def _before(self, index: int) -> str:
+        """The character before position `index` of the buffer, released text included."""
+        return self._buf[index - 1] if index > 0 else (self._fence or self._released_tail)[-1:]
 
     def _find_opener(self) -> re.Match[str] | None:
         start = 0
         while True:
             match = _OPENER.search(self._buf, start)
-            if match is None or match.start() == 0 or self._buf[match.start() - 1] != "`":
+            if match is None or self._before(match.start()) != "`":
                 return match
             start = match.start() + 1   # `<tool_call>` in backticks is a mention
 
@@ -1923,14 +1969,13 @@ class XMLToolParser:
         buf = self._buf
         cut = buf.rfind("<", max(0, len(buf) - 16))
         keep = 0
-        if cut != -1 and (cut == 0 or buf[cut - 1] != "`"):
+        if cut != -1 and self._before(cut) != "`":
             tail = buf[cut:]
             if any(name.startswith(tail) or tail == name for name in _OPENER_NAMES):
                 keep = len(tail)
-        if self._fences % 2 == 0:
-            fence = _FENCE_TAIL.search(buf[:len(buf) - keep])
-            if fence:
-                keep = len(buf) - fence.start()
+        fence = _FENCE_TAIL_PARTIAL.search(buf[:len(buf) - keep])
+        if fence and self._fences_after(buf[:fence.start()]) % 2 == 0:
+            keep = len(buf) - fence.start()
         return keep
 
     def _read_block(self, final: bool, out: list[Delta]) -> str:
@@ -1951,13 +1996,18 @@ class XMLToolParser:
             if rest[0] not in "<{":
                 return "text"
         closer = _CLOSERS[name]
-        close_at = buf.find(closer, tag_end)
+        close_at = buf.find(closer, max(tag_end, self._closer_seen - len(closer)))
         if close_at == -1:
             if len(buf) > MAX_TOOL_BLOCK_CHARS:
                 return "text"
             if not final:
+                self._closer_seen = len(buf)
                 return "more"
-            block = buf   # the bot stopped before closing its call: take what is complete
+            # The answer ended inside the block: a call only if nothing in it reads as prose (a bot cut
+            # off after its last parameter), never a sentence that happens to contain a tag.
+            if _TAGS_AND_PARAMETERS.sub("", buf[tag_end + 1:]).strip():
+                return "text"
+            block = buf
         else:
             block = buf[:close_at + len(closer)]
         calls = self._parse(block)
@@ -2024,6 +2074,13 @@ class XMLToolParser:
 _REF_LINK = re.compile(r"\]\[([^\[\]\s]{1,200})\]")
 _REF_TAIL = re.compile(r"\](?:\[[^\[\]\s]{0,200})?\Z")
 MAX_HELD_REF_CHARS = 4096
+_IMAGE_ALT = re.compile(r"!\[[^\[\]\n]{0,200}\Z")
+
+
+def _is_image_ref(text: str, bracket: int) -> bool:
+    """Whether the `][ref]` at `bracket` closes an image reference `![alt][ref]`. Only those wait for
+    their file: `[text][1]` or `m[0][1]` are ordinary text and must never hold up the stream."""
+    return _IMAGE_ALT.search(text, max(0, bracket - 202), bracket) is not None
 
 
 class FileRefs:
@@ -2037,13 +2094,14 @@ class FileRefs:
         self._all: list[tuple[str, str, str, str]] = []   # (ref, url, name, content type), in arrival order
         self._used: set[str] = set()
         self._held = ""
+        self._tail = ""                              # the end of what was released
 
     def feed(self, text: str) -> str:
         held, self._held = self._held, ""
         return self._release(held + text, final=False)
 
     def replace(self, text: str) -> str:
-        self._held = ""
+        self._held = self._tail = ""
         return self._release(text, final=False)
 
     def add(self, data: Mapping[str, Any]) -> str:
@@ -2057,9 +2115,14 @@ class FileRefs:
             self._files[ref] = url
         return self.feed("") if self._held else ""
 
-    def end(self) -> str:
+    def flush(self) -> str:
+        """The end of the answer: text still waiting for a file is released as it is."""
         held, self._held = self._held, ""
-        out = self._release(held, final=True)
+        return self._release(held, final=True)
+
+    def links(self) -> str:
+        """Links to the files the text never named, images as images."""
+        out = ""
         for ref, url, name, content_type in self._all:
             if ref not in self._used:
                 bang = "!" if content_type.startswith("image/") else ""
@@ -2075,17 +2138,22 @@ class FileRefs:
                 out.append(text[pos:match.start()] + f"]({self._files[ref]})")
                 self._used.add(ref)
                 pos = match.end()
-            elif not final and len(text) - match.start() <= MAX_HELD_REF_CHARS:
-                out.append(text[pos:match.start()])    # its file may still come: wait for it
+            elif (not final and len(text) - match.start() <= MAX_HELD_REF_CHARS
+                  and _is_image_ref(self._tail + text, len(self._tail) + match.start())):
+                out.append(text[pos:match.start()])    # an image whose file may still come: wait for it
                 self._held = text[match.start():]
-                return "".join(out)
+                return self._remember("".join(out))
         rest = text[pos:]
         tail = None if final else _REF_TAIL.search(rest)
         if tail is not None:   # a `]` that may become `][ref]`
             self._held = rest[tail.start():]
             rest = rest[:tail.start()]
         out.append(rest)
-        return "".join(out)
+        return self._remember("".join(out))
+
+    def _remember(self, released: str) -> str:
+        self._tail = (self._tail + released)[-210:]   # enough to see the `![alt` of a reference later
+        return released
 
 
 # ----------------------------------------------------------------------------- the translator
@@ -2159,11 +2227,17 @@ class PoeTranslator:
         return out + self._text(self._refs.feed(content)) if content else out
 
     def _finish(self) -> list[Delta]:
+        if self.finished:
+            return []
+        self.finished = True   # first: the stages flushed below may end the answer themselves
         out = self._answer("", final=True)
-        out += self._text(self._refs.end())
-        out += self._xml.end() if self._xml else []
-        self._count(out)
-        self.finished = True
+        out += self._text(self._refs.flush())
+        tail = self._xml.end() if self._xml else []
+        self._count(tail)
+        out += tail
+        links = self._refs.links()   # files the text never named: links at the very end, after any calls
+        if links:
+            out.append(Delta(TEXT, links))
         out.append(Delta(FINISH, "tool_calls" if self.tool_calls else "stop"))
         return out
 
@@ -2178,7 +2252,7 @@ class PoeTranslator:
         self._seen += text
         out = self._xml.feed(text)
         self._count(out)
-        if self._xml.stopped:   # parallel_tool_calls=false: one call is the whole answer
+        if self._xml.stopped and not self.finished:   # parallel_tool_calls=false: one call is the whole answer
             out += self._finish()
         return out
 
@@ -2477,7 +2551,18 @@ class ModelRegistry:
                 _atomic_write(self.path + ".bak", fh.read(), mode)
         except FileNotFoundError:
             mode = 0o600   # it may hold api_token: private by default
-        _atomic_write(self.path, text.encode("utf-8"), mode)
+        try:
+            _atomic_write(self.path, text.encode("utf-8"), mode)
+        except OSError as exc:
+            if exc.errno not in (errno.EBUSY, errno.EXDEV):
+                raise
+            # models.yaml is a single bind-mounted file (Docker -v file:file): it cannot be replaced,
+            # only rewritten in place. The backup above keeps the previous content safe.
+            with open(self.path, "r+b") as fh:
+                fh.truncate(0)
+                fh.write(text.encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
         self._config, self.last_error = config, None
         st = os.stat(self.path)
         self._stamp = (st.st_mtime_ns, st.st_size)
@@ -2763,11 +2848,13 @@ class UpstreamResponse:
             await stream.aclose()
 
     async def finish(self, timeout_s: float = 1.0) -> None:
-        """Read what is left of the body briefly so the connection can be reused, else close it
-        (which also tells Poe to stop)."""
+        """Read what is left of the body, for at most timeout_s in all, so the connection can be
+        reused; else close it (which also tells Poe to stop generating)."""
+        deadline = time.monotonic() + timeout_s
         try:
-            while await self.read_chunk(timeout_s) is not None:
-                pass
+            while await self.read_chunk(max(0.001, deadline - time.monotonic())) is not None:
+                if time.monotonic() >= deadline:
+                    raise asyncio.TimeoutError
         except (ProxyError, asyncio.TimeoutError):
             await self.aclose()
 
@@ -3030,10 +3117,14 @@ class PoeEventStream:
             await self._response.aclose()
             raise upstream_error(f"Poe's event stream is malformed ({exc})") from None
 
-    async def finish(self, wait_s: float = 1.0) -> None:
-        """Called once we have what we need: reuse the connection if the body ends promptly."""
+    async def finish(self, complete: bool, wait_s: float = 1.0) -> None:
+        """Called once we have what we need. After Poe's `done` the body ends at once: read its end so
+        the connection can be reused. Otherwise (we stopped early) close it so Poe stops generating."""
         if not self.ended:
-            await self._response.finish(wait_s)
+            if complete:
+                await self._response.finish(wait_s)
+            else:
+                await self._response.aclose()
             self.ended = True
 
     async def aclose(self) -> None:
@@ -3161,10 +3252,13 @@ class Uploader:
         key = media.cache_key
         stored = self.cache.get(key)
         if stored is None:
-            task = self._inflight.get(key)
+            # Uploads in flight are shared per key as well as per content: a caller with a bad key must
+            # not decide the outcome for another caller with a good one.
+            flight = f"{key}|{hash(api_key)}"
+            task = self._inflight.get(flight)
             if task is None:
-                task = self._inflight[key] = asyncio.ensure_future(self._upload(media, api_key))
-                task.add_done_callback(lambda t: (self._inflight.pop(key, None),
+                task = self._inflight[flight] = asyncio.ensure_future(self._upload(media, api_key))
+                task.add_done_callback(lambda t: (self._inflight.pop(flight, None),
                                                   t.cancelled() or t.exception()))
             try:
                 stored = await asyncio.shield(task)   # a leaving client must not cancel others' upload
@@ -3516,7 +3610,7 @@ class App:
         except BaseException:
             await events.aclose()
             raise
-        await events.finish()
+        await events.finish(translator.saw_done)
         body = fold.body(run.completion_id, run.created_s, run.route.display, run.prompt_tokens)
         self._record(run, True, body["usage"])
         return json_response(200, body)
@@ -3562,7 +3656,7 @@ class App:
                     if delta.kind == FINISH:
                         # Poe's body ends right after `done`: read its end first, so the connection
                         # is back in the pool before the client can send its next request.
-                        await events.finish(0.05)
+                        await events.finish(translator.saw_done, 0.05)
                         yield out + encoder.finish(delta.text, run.prompt_tokens)
                         clean = True
                         return
@@ -3592,7 +3686,7 @@ class App:
         finally:
             self._record(run, clean, encoder.said.usage(run.prompt_tokens))
             if clean:
-                await events.finish()
+                await events.finish(translator.saw_done)
             else:
                 await events.aclose()   # the client left or Poe failed: stop Poe generating
 

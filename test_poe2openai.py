@@ -97,6 +97,7 @@ class FakePoe:
         self.uploads: list[dict[str, Any]] = []   # parsed multipart uploads
         self.upload_status = 200
         self.upload_delay_s = 0.0
+        self.upload_bad_keys: set[str] = set()
 
     def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
         self.scripts[bot] = Script(steps=list(steps or []), **kw)
@@ -209,9 +210,9 @@ class FakePoe:
             record["download_url"] = parts["download_url"].get_payload(decode=True).decode()
         self.uploads.append(record)
         await asyncio.sleep(self.upload_delay_s)
-        if self.upload_status != 200:
+        if self.upload_status != 200 or headers.get("authorization", "")[7:] in self.upload_bad_keys:
             payload = b'{"error": "upload rejected"}'
-            status = self.upload_status
+            status = self.upload_status if self.upload_status != 200 else 401
         else:
             token = hashlib.sha256(record.get("data") or record.get("download_url", "").encode()).hexdigest()[:16]
             payload = json.dumps({"attachment_url": f"https://pfst.cf2.poecdn.net/base/image/{token}",
@@ -2655,3 +2656,112 @@ def test_body_with_a_byte_order_mark(proxy: Proxy) -> None:
         r = http.post(proxy.url + "/v1/chat/completions", content=body.encode(),
                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
+
+
+###############################################################################
+# Tool-call parsing: what real models write (cases found in review)
+###############################################################################
+
+@pytest.mark.parametrize("chunks", [
+    ['I would use <invoke name="get_weather"> to look it up. Done.'],
+    ['Calling <tool_call>\n<invoke name="get_weather">\n<parameter name="city">Par'],     # cut off mid-value
+    ['Use the `', '<invoke name="get_weather">` tag. Bye'],                                # split mention
+    ['```xml\n<tool_call><invoke name="rm_rf"></invoke></tool_call>\n```'],               # not our tool
+])
+def test_prose_is_never_taken_for_a_call(chunks: list[str]) -> None:
+    assert parse_reply(chunks) == ("".join(chunks), [], "stop")
+
+
+@pytest.mark.parametrize("chunks, text", [
+    (['Here:\n```\nfoo\n```\n<tool_call><invoke name="get_time"></invoke></tool_call>'], "Here:\n```\nfoo\n```\n"),
+    (['Sure.\n``', '`xml\n<tool_call><invoke name="get_time"></invoke></tool_call>\n```'], "Sure.\n"),
+])
+def test_fences_around_calls(chunks: list[str], text: str) -> None:
+    assert parse_reply(chunks) == (text, [("get_time", {})], "tool_calls")
+
+
+def test_parameter_spelling_and_cdata() -> None:
+    reply = ('<tool_call><invoke name="GET_WEATHER"><parameter name="City">Oslo</parameter>'
+             '<parameter name="Days">4</parameter><parameter name="note"><![CDATA[a </parameter> b]]></parameter>'
+             '</invoke></tool_call>')
+    assert parse_reply([reply])[1] == [("get_weather", {"city": "Oslo", "days": 4, "note": "a </parameter> b"})]
+
+
+def test_a_huge_argument_in_small_chunks_is_linear() -> None:
+    content = "x = 1  # filler line\n" * 25_000            # ~500 KB of code
+    tools = [{"type": "function", "function": {"name": "write", "description": "w", "parameters": {
+        "type": "object", "properties": {"content": {"type": "string"}}}}}]
+    reply = f'<tool_call><invoke name="write"><parameter name="content">{content}</parameter></invoke></tool_call>'
+    began = time.process_time()
+    calls = parse_reply([reply[i:i + 4] for i in range(0, len(reply), 4)], tools)[1]
+    assert calls == [("write", {"content": content.rstrip("\n")})]
+    assert time.process_time() - began < 5.0               # quadratic buffering took 15 s here
+
+
+FENCED_MIX = ('Plan:\n```python\nprint("<tool_call>")\n```\nNow `<invoke>` it:\n```xml\n<tool_call>\n'
+              '<invoke name="get_weather">\n<parameter name="city">Bergen</parameter>\n</invoke>\n</tool_call>\n```')
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(FENCED_MIX) - 1), unique=True, max_size=40))
+@hsettings(max_examples=300, deadline=None)
+def test_fenced_mix_under_any_chunking(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(FENCED_MIX)]
+    assert parse_reply([FENCED_MIX[a:b] for a, b in zip(bounds, bounds[1:])]) == (
+        'Plan:\n```python\nprint("<tool_call>")\n```\nNow `<invoke>` it:\n', [("get_weather", {"city": "Bergen"})],
+        "tool_calls")
+
+
+###############################################################################
+# Translator edge cases found in review
+###############################################################################
+
+def test_file_then_single_tool_call_finishes_once() -> None:
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS, "parallel_tool_calls": False}))
+    deltas = translator.feed(p2o.SSEEvent("file", json.dumps(FILE_EVENT)))
+    deltas += translator.feed(p2o.SSEEvent("text", json.dumps(
+        {"text": '<tool_call><invoke name="get_time"></invoke></tool_call> and more talk'})))
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    assert [d.kind for d in deltas].count(p2o.FINISH) == 1
+    fold = p2o.ChatFold()
+    for d in deltas:
+        fold.add(d)
+    message = fold.body("x", 0, "m", 0)["choices"][0]["message"]
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
+    assert message["content"] == "\n\n![cat.png](https://pfst.cf2.poecdn.net/base/image/out1)"   # not lost
+
+
+def test_ordinary_brackets_never_hold_the_stream() -> None:
+    translator = p2o.PoeTranslator()
+    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "v = m[0][1] and see [the docs][1] too"})))
+    assert "".join(d.text for d in out) == "v = m[0][1] and see [the docs][1] too"
+
+
+def test_single_call_answer_stops_poe_at_once(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("Chatty", [sse("text", {"text": '<tool_call><invoke name="get_time"></invoke></tool_call>'}),
+                      sse("text", {"text": " Now I will also"}), 3.0, sse("text", {"text": " go on."}),
+                      sse("done", {})])
+    began = time.monotonic()
+    result = proxy.client().chat.completions.create(model="Chatty", tools=WEATHER_TOOLS, parallel_tool_calls=False,
+                                                    messages=[{"role": "user", "content": "time?"}])
+    assert time.monotonic() - began < 1.5 and result.choices[0].message.tool_calls[0].function.name == "get_time"
+    deadline = time.monotonic() + 2
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert poe.disconnects                              # Poe was told to stop
+
+
+def test_a_bad_key_does_not_fail_someone_elses_upload(proxy: Proxy, poe: FakePoe) -> None:
+    poe.upload_delay_s = 0.3
+    poe.upload_bad_keys = {"bad-key"}
+    url = data_url(PNG_2X2 + b"two keys")
+
+    def ask(key: str) -> Any:
+        try:
+            return proxy.client(api_key=key).chat.completions.create(
+                model="GPT-4o", messages=[image_message(url)]).choices[0].message.content
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad, good = pool.map(ask, ["bad-key", KEY])
+    assert bad == 401 and good == "Hello from GPT-4o"
