@@ -2765,3 +2765,40 @@ def test_a_bad_key_does_not_fail_someone_elses_upload(proxy: Proxy, poe: FakePoe
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         bad, good = pool.map(ask, ["bad-key", KEY])
     assert bad == 401 and good == "Hello from GPT-4o"
+
+
+awkward_text = st.lists(st.sampled_from(list("ab <>/`\n\"'=![]()*>{}:&;#x") + [
+    "<tool_call>", "</tool_call>", '<invoke name="get_time">', "</invoke>", '<parameter name="city">',
+    "</parameter>", "```", "```xml\n", "*Thinking...*\n", "> ", "<think>", "</think>", "![c][ref1]", "🎉", "世"]),
+    max_size=30).map("".join)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["text", "text", "text", "file", "replace_response", "json"]), awkward_text),
+                max_size=12),
+       st.booleans(), st.booleans(), st.booleans())
+@hsettings(max_examples=300, deadline=None)
+def test_translator_survives_anything_a_bot_sends(events: list[tuple[str, str]], with_tools: bool, parallel: bool,
+                                                  json_answer: bool) -> None:
+    body = {"tools": WEATHER_TOOLS, "parallel_tool_calls": parallel} if with_tools else {}
+    translator = p2o.PoeTranslator(p2o.parse_tools(body), json_answer=json_answer)
+    deltas: list[p2o.Delta] = []
+    for kind, text in events:
+        data = {"url": "https://pfst.cf2.poecdn.net/x", "content_type": "image/png", "name": "x.png",
+                "inline_ref": "ref1"} if kind == "file" else {"choices": [{"delta": {"content": text}}]} \
+            if kind == "json" else {"text": text}
+        deltas += translator.feed(p2o.SSEEvent(kind, json.dumps(data)))
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    assert [d.kind for d in deltas].count(p2o.FINISH) == 1 and deltas[-1].kind == p2o.FINISH
+    fold = p2o.ChatFold()
+    encoder = p2o.OpenAIStreamEncoder("x", 0, "m", True)
+    stream = encoder.start()
+    for d in deltas:
+        fold.add(d)
+        if d.kind != p2o.FINISH:
+            stream += encoder.encode(d)
+    stream += encoder.finish(deltas[-1].text, 5)
+    for line in stream.decode().split("\n\n"):
+        assert not line or line == "data: [DONE]" or json.loads(line[6:])   # every chunk is JSON
+    body_out = fold.body("x", 0, "m", 5)
+    for call in body_out["choices"][0]["message"].get("tool_calls", []):
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
