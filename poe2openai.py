@@ -3537,7 +3537,11 @@ class App:
 
     async def admin_stats(self, request: Request) -> Response:
         self._check_admin(request)
-        return json_response(200, self.stats.snapshot(), [("Cache-Control", "no-store")])
+        snapshot = self.stats.snapshot()
+        snapshot["upstream"] = {"connections_opened": self.pool.connections_opened, "uploads": self.uploader.uploads,
+                                "upload_cache_entries": len(self.uploader.cache),
+                                "upload_cache_bytes": self.uploader.cache.total_bytes}
+        return json_response(200, snapshot, [("Cache-Control", "no-store")])
 
     async def admin_models(self, request: Request) -> Response:
         """Poe's own list, unrenamed and unfiltered, fetched afresh (the admin page shows every bot)."""

@@ -1814,6 +1814,7 @@ def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePo
     assert by_model["GPT-4o"]["completion_tokens"] > 0 and by_model["GPT-4o"]["latency_ms"]["p50"] > 0
     assert by_model["Broken"] == {**by_model["Broken"], "requests": 1, "errors": 1}
     assert stats["totals"]["requests"] == 3
+    assert stats["upstream"]["connections_opened"] >= 1 and stats["upstream"]["uploads"] == 0
 
 
 ###############################################################################
