@@ -266,6 +266,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         parser.add_argument("--" + name.lower().replace("_", "-"), dest=name.lower(), metavar="VALUE",
                             default=None, help=f"{help_text} [{name}]")
     parser.add_argument("--version", action="version", version=f"poe2openai {__version__}")
+    parser.epilog = ("Outbound proxy: HTTPS_PROXY, HTTP_PROXY and NO_PROXY (environment only) are honoured for "
+                     "the calls to Poe; HTTPS goes through a CONNECT tunnel.")
     return parser
 
 
@@ -3524,6 +3526,7 @@ class App:
         body = parse_json_body(request)
         if isinstance(body, dict):
             body.pop("load_error", None)
+            body = {**self.registry.config().to_dict(), **body}   # fields left out keep their values
         try:
             config = ModelConfig.from_dict(body)
         except ValueError as exc:
@@ -3572,8 +3575,10 @@ class App:
     async def chat(self, request: Request) -> Response:
         started_s = time.perf_counter()
         api_key = api_key_of(request)
-        chat = parse_chat_request(parse_json_body(request))
-        request.model = chat.model
+        body = parse_json_body(request)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            request.model = body["model"][:100]   # for the access log, even if the request is refused
+        chat = parse_chat_request(body)
         try:
             route = self.registry.resolve(chat.model)
             media = collect_media(chat.messages)
@@ -4104,6 +4109,9 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s %(message)s")
 
 
+WEAK_ADMIN_PASSWORDS = {Settings.admin_password, "change-me", "changeme", "admin", "password"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import importlib.util
     if importlib.util.find_spec("yaml") is None:   # imported lazily, so check it is there before serving
@@ -4115,7 +4123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"poe2openai: invalid setting: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    if settings.admin_password == Settings.admin_password:
+    if settings.admin_password in WEAK_ADMIN_PASSWORDS:
         loopback = settings.host in ("127.0.0.1", "localhost", "::1")
         (log.info if loopback else log.warning)(
             "the admin page uses the default password; set ADMIN_PASSWORD%s",
