@@ -3892,7 +3892,7 @@ class InboundConnection:
             return self._too_large(limit)
         conn = self.http.conn
         if conn.they_are_waiting_for_100_continue:
-            await self.http.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await self.http.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         body = bytearray()
         while True:
             try:
