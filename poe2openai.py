@@ -2416,6 +2416,247 @@ class ChatFold:
 
 ###############################################################################
 ###############################################################################
+# Converters: the Anthropic Messages dialect (pure)
+###############################################################################
+
+# Anthropic model ids as Claude Code sends them -> Poe bot names, unless models.yaml maps them.
+_CLAUDE_NEW = re.compile(r"claude-(opus|sonnet|haiku)-(\d+)(?:-(\d))?(?:-\d{8})?(?:-latest)?", re.I)
+_CLAUDE_OLD = re.compile(r"claude-(\d)(?:-(\d))?-(opus|sonnet|haiku)(?:-\d{8})?(?:-latest)?", re.I)
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error"}
+THINKING_SIGNATURE = base64.b64encode(b"poe2openai:no-signature").decode()   # opaque; clients echo it back
+
+
+def claude_alias(model: str) -> str:
+    """`claude-sonnet-4-5-20250929` -> `Claude-Sonnet-4.5`, `claude-3-5-haiku-latest` -> `Claude-Haiku-3.5`;
+    any other name is returned unchanged."""
+    match = _CLAUDE_NEW.fullmatch(model.strip())
+    if match:
+        family, major, minor = match.group(1), match.group(2), match.group(3)
+    else:
+        match = _CLAUDE_OLD.fullmatch(model.strip())
+        if not match:
+            return model
+        major, minor, family = match.group(1), match.group(2), match.group(3)
+    return f"Claude-{family.capitalize()}-{major}" + (f".{minor}" if minor else "")
+
+
+def anthropic_to_openai(body: Any) -> dict[str, Any]:
+    """An Anthropic Messages request -> the equivalent OpenAI chat request, so that one pipeline serves
+    both dialects. Thinking blocks from earlier turns and server tools are dropped (Poe cannot use them)."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    messages: list[dict[str, Any]] = []
+    system = body.get("system")
+    if isinstance(system, (str, list)) and content_text(system):
+        messages.append({"role": "system", "content": content_text(system)})
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad_request("'messages' must be a non-empty array.", "messages", "missing_required_parameter")
+    for i, message in enumerate(raw_messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            raise bad_request(f"messages[{i}].role must be user, assistant or system.", f"messages[{i}].role")
+        messages.extend(_anthropic_message(message))
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": bool(body.get("stream"))}
+    for source, target in (("temperature", "temperature"), ("stop_sequences", "stop"), ("thinking", "thinking")):
+        if body.get(source) is not None:
+            out[target] = body[source]
+    effort = body.get("output_config", {}).get("effort") if isinstance(body.get("output_config"), dict) else None
+    if isinstance(effort, str):
+        out["reasoning_effort"] = "high" if effort == "max" else effort
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "input_schema" in t]   # no server tools
+    if tools:
+        out["tools"] = [{"type": "function", "function": {
+            "name": t.get("name"), "description": t.get("description") or str(t.get("name") or ""),
+            "parameters": t.get("input_schema")}} for t in tools]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(kind, "auto") if kind != "tool" \
+            else {"type": "function", "function": {"name": choice.get("name")}}
+        if choice.get("disable_parallel_tool_use"):
+            out["parallel_tool_calls"] = False
+    return out
+
+
+def _anthropic_message(message: Mapping[str, Any]) -> list[dict[str, Any]]:
+    role, content = message["role"], message.get("content")
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else \
+        [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+    parts: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for block in blocks:
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind in ("image", "document"):
+            source = block.get("source") if isinstance(block.get("source"), dict) else {}
+            if source.get("type") == "text" and isinstance(source.get("data"), str):
+                parts.append({"type": "text", "text": source["data"]})   # a plain-text document
+            else:
+                parts.append(block)   # collect_media reads Anthropic image/document blocks as they are
+        elif kind == "tool_use" and role == "assistant":
+            calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
+                "name": str(block.get("name") or ""), "arguments": _json_compact(block.get("input") or {})}})
+        elif kind == "tool_result":
+            value = block.get("content")
+            inner = [{"type": "text", "text": value}] if isinstance(value, str) else \
+                [b for b in value if isinstance(b, dict)] if isinstance(value, list) else []
+            if block.get("is_error"):
+                inner.insert(0, {"type": "text", "text": "Error:"})
+            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""), "content": inner})
+        # thinking, redacted_thinking and server-tool blocks: nothing Poe can use
+    out: list[dict[str, Any]] = list(results)
+    if role == "assistant":
+        if parts or calls:
+            out.append({"role": "assistant", "content": parts or None, **({"tool_calls": calls} if calls else {})})
+    elif parts or not results:
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def anthropic_error_body(err: ProxyError, request_id: str = "") -> dict[str, Any]:
+    kind = ANTHROPIC_ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}, "request_id": request_id}
+
+
+def _stop_reason(finish: str) -> str:
+    return {"tool_calls": "tool_use", "length": "max_tokens"}.get(finish, "end_turn")
+
+
+def _anthropic_usage(said: AnswerText, prompt_tokens: int) -> dict[str, int]:
+    usage = said.usage(prompt_tokens)
+    return {"input_tokens": prompt_tokens, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+            "output_tokens": usage["completion_tokens"]}
+
+
+def _anthropic_event(name: str, data: Mapping[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + dump_json(data) + b"\n\n"
+
+
+class AnthropicStreamEncoder:
+    """Renders deltas as Anthropic Messages SSE: message_start, one content block at a time (thinking,
+    text or tool_use), message_delta with the stop reason and usage, message_stop."""
+
+    def __init__(self, message_id: str, model: str, prompt_tokens: int) -> None:
+        self._message_id, self._model, self._prompt_tokens = message_id, model, prompt_tokens
+        self.said = AnswerText()
+        self._open: str | None = None     # the type of the open block
+        self._index = -1
+        self._tool_index = -1             # our tool-call index of the open tool_use block
+
+    def start(self) -> bytes:
+        return _anthropic_event("message_start", {"type": "message_start", "message": {
+            "id": self._message_id, "type": "message", "role": "assistant", "model": self._model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self._prompt_tokens, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "output_tokens": 1}}})
+
+    def _close(self) -> bytes:
+        if self._open is None:
+            return b""
+        out = b""
+        if self._open == "thinking":
+            out += _anthropic_event("content_block_delta", {"type": "content_block_delta", "index": self._index,
+                                                            "delta": {"type": "signature_delta",
+                                                                      "signature": THINKING_SIGNATURE}})
+        self._open = None
+        return out + _anthropic_event("content_block_stop", {"type": "content_block_stop", "index": self._index})
+
+    def _begin(self, kind: str, block: dict[str, Any]) -> bytes:
+        out = self._close()
+        self._index += 1
+        self._open = kind
+        return out + _anthropic_event("content_block_start", {"type": "content_block_start", "index": self._index,
+                                                              "content_block": block})
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return _anthropic_event("content_block_delta", {"type": "content_block_delta", "index": self._index,
+                                                        "delta": delta})
+
+    def encode(self, delta: Delta) -> bytes:
+        kind = delta.kind
+        if kind == REPLACE:   # as in the OpenAI stream: only what the client has not seen
+            seen = "".join(self.said.content)
+            text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
+            self.said.content = [delta.text]
+            if not text:
+                return b""
+            out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
+            return out + self._delta({"type": "text_delta", "text": text})
+        if kind == TEXT:
+            self.said.content.append(delta.text)
+            out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
+            return out + self._delta({"type": "text_delta", "text": delta.text})
+        if kind == REASONING:
+            self.said.reasoning.append(delta.text)
+            out = b"" if self._open == "thinking" else self._begin("thinking", {"type": "thinking", "thinking": "",
+                                                                                "signature": ""})
+            return out + self._delta({"type": "thinking_delta", "thinking": delta.text})
+        if kind == TOOL_START:
+            self._tool_index = delta.index
+            return self._begin("tool_use", {"type": "tool_use", "id": delta.call_id, "name": delta.name, "input": {}})
+        if kind == TOOL_ARGS:
+            self.said.arguments.append(delta.text)
+            return self._delta({"type": "input_json_delta", "partial_json": delta.text})
+        raise ValueError(f"not a content delta: {kind}")
+
+    def finish(self, reason: str, prompt_tokens: int) -> bytes:
+        usage = _anthropic_usage(self.said, prompt_tokens)
+        return (self._close()
+                + _anthropic_event("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": _stop_reason(reason), "stop_sequence": None}, "usage": usage})
+                + _anthropic_event("message_stop", {"type": "message_stop"}))
+
+    @staticmethod
+    def error(err: ProxyError) -> bytes:
+        return _anthropic_event("error", anthropic_error_body(err))
+
+
+class AnthropicFold:
+    """Folds deltas into a non-streaming Anthropic `message`: the same deltas a stream would carry."""
+
+    def __init__(self) -> None:
+        self.said = AnswerText()
+        self._calls: list[dict[str, Any]] = []
+        self.finish_reason = "stop"
+
+    def add(self, delta: Delta) -> None:
+        kind = delta.kind
+        if kind == TEXT:
+            self.said.content.append(delta.text)
+        elif kind == REPLACE:
+            self.said.content = [delta.text]
+        elif kind == REASONING:
+            self.said.reasoning.append(delta.text)
+        elif kind == TOOL_START:
+            self._calls.append({"type": "tool_use", "id": delta.call_id, "name": delta.name, "arguments": ""})
+        elif kind == TOOL_ARGS:
+            self.said.arguments.append(delta.text)
+            self._calls[delta.index]["arguments"] += delta.text
+        elif kind == FINISH:
+            self.finish_reason = delta.text
+
+    def body(self, message_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if self.said.reasoning:
+            content.append({"type": "thinking", "thinking": "".join(self.said.reasoning),
+                            "signature": THINKING_SIGNATURE})
+        if "".join(self.said.content):
+            content.append({"type": "text", "text": "".join(self.said.content)})
+        for call in self._calls:
+            arguments = _arguments_dict(call["arguments"])
+            content.append({"type": "tool_use", "id": call["id"], "name": call["name"],
+                            "input": arguments if arguments is not None else {}})
+        return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
+                "stop_reason": _stop_reason(self.finish_reason), "stop_sequence": None,
+                "usage": _anthropic_usage(self.said, prompt_tokens)}
+
+
+###############################################################################
+###############################################################################
 # Model registry: models.yaml (hot reload) and the model-list cache
 ###############################################################################
 
@@ -3408,9 +3649,12 @@ class App:
             "/": {"GET": self.index},
             "/v1/models/*": {"GET": self.get_model},   # one model: the id is the rest of the path
             "/models/*": {"GET": self.get_model},
+            "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_tokens},
         }
+        self.anthropic_paths = {"/v1/messages", "/v1/messages/count_tokens"}
         self.api_paths = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models", "/v1/models/*",
-                          "/models/*"}
+                          "/models/*", *self.anthropic_paths}
 
     async def dispatch(self, request: Request) -> Response:
         """Route a request; every error becomes an OpenAI-shaped response here and only here."""
@@ -3433,15 +3677,22 @@ class App:
             else:
                 response = await handler(request)
         except ProxyError as exc:
-            response = error_response(exc)
+            response = self._error(path, exc, request)
         except Exception:
             # A bug of ours: log it with its traceback, never show it to the client.
             log.exception("request %s failed", request.request_id)
-            response = error_response(ProxyError(500, "Internal error in the proxy; see its log "
-                                                 f"(request {request.request_id}).", "server_error", "internal_error"))
+            response = self._error(path, ProxyError(500, "Internal error in the proxy; see its log "
+                                                    f"(request {request.request_id}).", "server_error",
+                                                    "internal_error"), request)
         if cors:
             response.headers.extend(self._cors_headers(request))
         return response
+
+    def _error(self, path: str, err: ProxyError, request: Request) -> Response:
+        """Errors in the dialect of the route: Anthropic's shape on /v1/messages, OpenAI's elsewhere."""
+        if path in self.anthropic_paths:
+            return json_response(err.status, anthropic_error_body(err, request.request_id), err.headers)
+        return error_response(err)
 
     def _cors_headers(self, request: Request) -> list[tuple[str, str]]:
         """Any origin by default, never with credentials; or only the listed CORS_ALLOW_ORIGINS."""
@@ -3573,23 +3824,51 @@ class App:
     # --------------------------------------------------------------------- chat
 
     async def chat(self, request: Request) -> Response:
-        started_s = time.perf_counter()
         api_key = api_key_of(request)
         body = parse_json_body(request)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.model = body["model"][:100]   # for the access log, even if the request is refused
-        chat = parse_chat_request(body)
+        return await self._answer(parse_chat_request(body), api_key, "openai")
+
+    async def messages(self, request: Request) -> Response:
+        """POST /v1/messages: the Anthropic Messages API (Claude Code) for any Poe bot."""
+        api_key = api_key_of(request)
+        body = parse_json_body(request)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            request.model = body["model"][:100]
+        return await self._answer(parse_chat_request(anthropic_to_openai(body)), api_key, "anthropic")
+
+    async def count_tokens(self, request: Request) -> Response:
+        """POST /v1/messages/count_tokens: answered here from the estimator, never sent to Poe."""
+        body = parse_json_body(request)
+        if isinstance(body, dict) and not body.get("model"):
+            body = {**body, "model": "unknown"}
+        chat = parse_chat_request(anthropic_to_openai(body))
+        return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat))})
+
+    def _route(self, model: str, dialect: str) -> ModelRoute:
+        route = self.registry.resolve(model)
+        if dialect == "anthropic" and route.bot == model and claude_alias(model) != model:
+            # Claude Code asks for dated Anthropic ids; unless models.yaml maps them, use Poe's bot name.
+            route = dataclasses.replace(self.registry.resolve(claude_alias(model)), display=model)
+        return route
+
+    async def _answer(self, chat: ChatRequest, api_key: str, dialect: str) -> Response:
+        started_s = time.perf_counter()
         try:
-            route = self.registry.resolve(chat.model)
+            route = self._route(chat.model, dialect)
             media = collect_media(chat.messages)
             attachments = await self.uploader.attachments_for(media, api_key) if media else {}
             query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
                                     attachments=attachments)
-            run = ChatRun(chat, route, new_id("chatcmpl-"), int(time.time()), count_prompt_tokens(query), started_s)
+            anthropic = dialect == "anthropic"
+            run = ChatRun(chat, route, new_id("msg_" if anthropic else "chatcmpl-"), int(time.time()),
+                          count_prompt_tokens(query), started_s, dialect)
             await self.gate.wait()
             events = await self.poe.open_bot_stream(route.bot, query, api_key)
             translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native",
-                                       json_answer=bool(chat.json_instruction))
+                                       json_answer=bool(chat.json_instruction),
+                                       make_id=lambda: new_id("toolu_" if anthropic else "call_"))
             if not chat.stream:
                 return await self._chat_whole(run, events, translator)
             return await self._chat_stream(run, events, translator)
@@ -3608,7 +3887,7 @@ class App:
         return deltas
 
     async def _chat_whole(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
-        fold = ChatFold()
+        fold: ChatFold | AnthropicFold = AnthropicFold() if run.dialect == "anthropic" else ChatFold()
         try:
             while not translator.finished:
                 for delta in await self._next_deltas(events, translator, self.settings.read_timeout_seconds):
@@ -3621,10 +3900,11 @@ class App:
             raise
         await events.finish(translator.saw_done)
         body = fold.body(run.completion_id, run.created_s, run.route.display, run.prompt_tokens)
-        self._record(run, True, body["usage"])
+        self._record(run, True, fold.said)
         return json_response(200, body)
 
-    def _record(self, run: ChatRun, ok: bool, usage: Mapping[str, Any]) -> None:
+    def _record(self, run: ChatRun, ok: bool, said: AnswerText) -> None:
+        usage = said.usage(run.prompt_tokens)
         self.stats.record(run.chat.model, ok=ok, latency_s=time.perf_counter() - run.started_s,
                           prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
 
@@ -3647,11 +3927,15 @@ class App:
             await events.aclose()
             assert held[0].error is not None
             raise held[0].error
-        encoder = OpenAIStreamEncoder(run.completion_id, run.created_s, run.route.display, run.chat.include_usage)
+        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder = (
+            AnthropicStreamEncoder(run.completion_id, run.route.display, run.prompt_tokens)
+            if run.dialect == "anthropic" else
+            OpenAIStreamEncoder(run.completion_id, run.created_s, run.route.display, run.chat.include_usage))
         return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, events, translator, encoder, held))
 
     async def _sse_body(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator,
-                        encoder: OpenAIStreamEncoder, held: list[Delta]) -> AsyncIterator[bytes]:
+                        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder,
+                        held: list[Delta]) -> AsyncIterator[bytes]:
         """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
         clean = False
         loop = asyncio.get_running_loop()
@@ -3693,7 +3977,7 @@ class App:
             yield encoder.error(ProxyError(500, "Internal error in the proxy; see its log.", "server_error",
                                            "internal_error"))
         finally:
-            self._record(run, clean, encoder.said.usage(run.prompt_tokens))
+            self._record(run, clean, encoder.said)
             if clean:
                 await events.finish(translator.saw_done)
             else:
@@ -3710,6 +3994,7 @@ class ChatRun:
     created_s: int
     prompt_tokens: int
     started_s: float      # perf_counter() at arrival, for latency
+    dialect: str = "openai"   # openai | anthropic: how answers and errors are rendered
 
 
 def _optional_key(request: Request) -> str | None:

@@ -39,6 +39,8 @@ import pytest
 import yaml
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="pydantic")   # fastapi_poe's own
 warnings.filterwarnings("ignore", message=".*class-based `config`.*")
+# The anthropic SDK warns about dated model ids, which Claude Code sends and these tests replay.
+pytestmark = pytest.mark.filterwarnings("ignore:The model:DeprecationWarning")
 from fastapi_poe.types import QueryRequest  # noqa: E402
 from hypothesis import given, settings as hsettings, strategies as st
 
@@ -2803,3 +2805,126 @@ def test_translator_survives_anything_a_bot_sends(events: list[tuple[str, str]],
     body_out = fold.body("x", 0, "m", 5)
     for call in body_out["choices"][0]["message"].get("tool_calls", []):
         assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+###############################################################################
+# The Anthropic Messages API (Claude Code), with the official anthropic SDK
+###############################################################################
+
+
+
+def anthropic_client(proxy: Proxy, **kw: Any) -> Any:
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic.Anthropic(base_url=proxy.url, api_key=kw.pop("api_key", KEY), max_retries=0, timeout=20, **kw)
+
+
+def sdk_args(body: dict[str, Any]) -> dict[str, Any]:
+    """A captured request body as SDK keyword arguments: fields the SDK no longer types go in extra_body."""
+    typed = {"model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "stop_sequences",
+             "metadata"}
+    args = {k: v for k, v in body.items() if k in typed}
+    extra = {k: v for k, v in body.items() if k not in typed and k != "stream"}
+    return {**args, "extra_body": extra} if extra else args
+
+
+def test_claude_model_ids_are_aliased_to_poe_bots() -> None:
+    assert p2o.claude_alias("claude-sonnet-4-5-20250929") == "Claude-Sonnet-4.5"
+    assert p2o.claude_alias("claude-haiku-4-5-20251001") == "Claude-Haiku-4.5"
+    assert p2o.claude_alias("claude-3-5-sonnet-latest") == "Claude-Sonnet-3.5"
+    assert p2o.claude_alias("claude-opus-4-1") == "Claude-Opus-4.1"
+    assert p2o.claude_alias("GPT-4o") == "GPT-4o"
+
+
+def test_messages_non_stream_and_stream(proxy: Proxy, poe: FakePoe) -> None:
+    client = anthropic_client(proxy)
+    poe.on("Claude-Sonnet-4.5", text_events("Hello", " from Poe"))
+    message = client.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=100, system="Be brief.",
+                                     messages=[{"role": "user", "content": "Hi"}])
+    assert message.model == "claude-sonnet-4-5-20250929" and message.stop_reason == "end_turn"
+    assert [b.type for b in message.content] == ["text"] and message.content[0].text == "Hello from Poe"
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    assert last_query(poe)["path"] == "/bot/Claude-Sonnet-4.5"
+    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user"]
+    with client.messages.stream(model="claude-sonnet-4-5-20250929", max_tokens=100,
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        assert "".join(stream.text_stream) == "Hello from Poe"
+        final = stream.get_final_message()
+    assert final.content[0].text == "Hello from Poe" and final.usage.output_tokens > 0
+
+
+def test_claude_code_turn_with_thinking_and_tools(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "claude-code-messages.json").read_text())
+    reply = ("*Thinking...*\n\n> Run the tests first.\n\nRunning them now.\n<tool_call>\n<invoke name=\"Bash\">\n"
+             "<parameter name=\"command\">pytest -q</parameter>\n</invoke>\n</tool_call>")
+    poe.on("Claude-Sonnet-4.5", xml_reply_steps(reply, 6))
+    client = anthropic_client(proxy)
+    with client.messages.stream(**sdk_args(body)) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text", "tool_use"]
+    assert final.content[0].thinking == "Run the tests first.\n" and final.content[0].signature
+    assert final.content[1].text == "Running them now.\n"
+    assert (final.content[2].name, final.content[2].input) == ("Bash", {"command": "pytest -q"})
+    assert final.content[2].id.startswith("toolu_") and final.stop_reason == "tool_use"
+    query = last_query(poe)["query"]
+    assert query["query"][-1]["content"].endswith(" --thinking_budget 10000")      # thinking budget as a flag
+    sent = "\n".join(m["content"] for m in query["query"])
+    assert "<tools>" in sent and '<tool name="Bash">' in sent and "<tool_result" in sent
+    whole = client.messages.create(**sdk_args(body))                                  # and not streamed
+    assert [b.type for b in whole.content] == ["thinking", "text", "tool_use"]
+    assert whole.content[2].input == {"command": "pytest -q"}
+
+
+def test_inline_system_messages_and_count_tokens(proxy: Proxy, poe: FakePoe) -> None:
+    client = anthropic_client(proxy)
+    body = json.loads((FIXTURES / "claude-code-inline-system.json").read_text())
+    message = client.messages.create(**sdk_args(body))
+    assert message.content[0].text == "Hello from Claude-Haiku-4.5"
+    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user", "system", "bot", "user"]
+    before = len(poe.requests)
+    counted = client.messages.count_tokens(**sdk_args(json.loads((FIXTURES / "claude-code-count-tokens.json")
+                                                                 .read_text())))
+    assert counted.input_tokens > 20 and len(poe.requests) == before      # answered locally
+
+
+def test_messages_errors_have_anthropic_shape(proxy: Proxy, poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.on("Broke", [sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund"})])
+    with pytest.raises(anthropic.RateLimitError) as info:
+        anthropic_client(proxy).messages.create(model="Broke", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "rate_limit_error"
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/messages?beta=true", json={"model": "m", "max_tokens": 5, "messages": []},
+                      headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    poe.on("Late", [sse("text", {"text": "partial"}), sse("error", {"text": "Internal server error"})])
+    with pytest.raises(anthropic.APIStatusError):
+        with anthropic_client(proxy).messages.stream(model="Late", max_tokens=10,
+                                                     messages=[{"role": "user", "content": "x"}]) as stream:
+            stream.get_final_message()
+
+
+def test_messages_stream_events_are_named_and_ordered(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps(THINKING_REPLIES[0][0] + '\n<tool_call><invoke name="get_time"></invoke>'
+                                     '</tool_call>', 7))
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/messages", headers={"x-api-key": KEY}, json={
+            "model": "GPT-4o", "max_tokens": 50, "stream": True, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "get_time", "description": "time", "input_schema": {"type": "object"}}]})
+    events = [block.split("\n") for block in r.text.strip().split("\n\n") if not block.startswith(":")]
+    names = [lines[0][len("event: "):] for lines in events]
+    datas = [json.loads(lines[1][len("data: "):]) for lines in events]
+    assert all(d["type"] == n for n, d in zip(names, datas))                 # every event named, type matching
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    starts = [d["content_block"]["type"] for d in datas if d["type"] == "content_block_start"]
+    assert starts == ["thinking", "text", "tool_use"]
+    opened: list[int] = []
+    for d in datas:                                                          # one block at a time, in order
+        if d["type"] == "content_block_start":
+            assert not opened and d["index"] == len(starts[:0]) + sum(1 for x in datas[:datas.index(d)]
+                                                                       if x["type"] == "content_block_stop")
+            opened.append(d["index"])
+        elif d["type"] == "content_block_stop":
+            assert opened.pop() == d["index"]
+        elif d["type"] == "content_block_delta":
+            assert opened == [d["index"]]
+    assert datas[-2]["delta"]["stop_reason"] == "tool_use" and datas[-2]["usage"]["output_tokens"] > 0
