@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""poe2openai: use every Poe bot through the OpenAI Chat Completions API.
+"""poe2openai: use every Poe bot through the OpenAI Chat Completions and Anthropic Messages APIs.
 
 A single-file asyncio proxy built on h11 (the HTTP state machine) and pyyaml, nothing else. It serves
 the OpenAI API to your tools and speaks Poe's bot protocol (server-sent events) upstream, doing both
@@ -14,7 +14,8 @@ Run it::
 Then point any OpenAI client at ``http://HOST:8080/v1`` and use your Poe API key as the API key.
 
 Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models`` (and
-``/models``), ``GET /healthz``, ``GET /admin`` with ``/api/admin/config``, ``/api/admin/stats`` and
+``/models``, ``/v1/models/{id}``), ``POST /v1/messages`` and ``/v1/messages/count_tokens`` (Anthropic),
+``GET /healthz``, ``GET /admin`` with ``/api/admin/config``, ``/api/admin/stats`` and
 ``/api/models`` behind Basic auth.
 
 Settings (environment variable, or the command-line flag of the same name in lower case with dashes;
@@ -53,7 +54,7 @@ Policy choices (where we differ from the Rust original on purpose) and known gap
 
 Sections, each depending only on those above it: Settings; Errors; Pure helpers (ids, JSON, SSE,
 files, tokens); Small machines (rate gate, stats, LRU cache); Converters (request -> Poe query; Poe
-events -> neutral deltas -> OpenAI chunks or body); Model registry; HTTP plumbing; Poe client;
+events -> neutral deltas -> OpenAI chunks or body; the Anthropic dialect); Model registry; HTTP plumbing; Poe client;
 Handlers and the route table; Inbound connections; Server lifecycle; main().
 
 Importing this module starts nothing and writes nothing; ``serve(settings)`` runs the server.
@@ -3665,8 +3666,8 @@ class App:
         try:
             methods = self.routes.get(path)
             if methods is None:
-                raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions "
-                                 "and /v1/models.", "invalid_request_error", "not_found")
+                raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions, "
+                                 "/v1/messages and /v1/models.", "invalid_request_error", "not_found")
             handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
             if request.method == "OPTIONS" and cors:
                 response = self._preflight(request)
@@ -3726,8 +3727,9 @@ class App:
 
     async def index(self, request: Request) -> Response:
         return json_response(200, {"name": "poe2openai", "version": __version__,
-                                   "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /healthz",
-                                                 "GET /admin"]})
+                                   "endpoints": ["POST /v1/chat/completions", "POST /v1/messages",
+                                                 "POST /v1/messages/count_tokens", "GET /v1/models",
+                                                 "GET /healthz", "GET /admin"]})
 
     async def admin(self, request: Request) -> Response:
         self._check_admin(request)
