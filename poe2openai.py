@@ -1453,6 +1453,16 @@ def _native_round(messages: list[dict[str, Any]]) -> tuple[int, list[dict[str, A
     return start - 1, calls, results
 
 
+def _fold_trailing_system(query: list[dict[str, Any]]) -> None:
+    """System messages after the last user turn (Claude Code ends with one) join that user turn: a Poe
+    bot answers the last user message, and a query ending in a system message leaves it nothing to answer."""
+    trailing: list[dict[str, Any]] = []
+    while query and query[-1]["role"] == "system" and any(m["role"] == "user" for m in query[:-1]):
+        trailing.insert(0, query.pop())
+    if trailing:
+        _append_to_last_user(query, "".join("\n\n" + m["content"] for m in trailing if m["content"]))
+
+
 def _append_to_last_user(query: list[dict[str, Any]], text: str) -> None:
     for message in reversed(query):
         if message["role"] == "user":
@@ -1481,6 +1491,7 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
             last_text = content_text(messages[cut].get("content"))
             messages = messages[:cut] + ([{"role": "assistant", "content": last_text}] if last_text else [])
     query_messages = to_poe_messages(messages, system_as_user, xml_tools=not native, attachments=files)
+    _fold_trailing_system(query_messages)
     if spec and spec.tools and not native:
         _append_to_last_user(query_messages, "\n\n" + tool_prompt(spec))
     if chat.json_instruction:
@@ -4299,7 +4310,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
              settings.host or "*", port, settings.poe_base_url, os.path.abspath(settings.models_path))
     if not os.path.exists(settings.models_path):
-        log.warning("no models.yaml in %s: model names pass to Poe unchanged", os.path.abspath(settings.config_dir))
+        log.warning("no models.yaml in %s: no renamed, hidden or custom models (the defaults)",
+                    os.path.abspath(settings.config_dir))
     if ready is not None:
         ready(port)
     stop = stop or asyncio.Event()

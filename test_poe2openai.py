@@ -2928,3 +2928,11 @@ def test_messages_stream_events_are_named_and_ordered(proxy: Proxy, poe: FakePoe
         elif d["type"] == "content_block_delta":
             assert opened == [d["index"]]
     assert datas[-2]["delta"]["stop_reason"] == "tool_use" and datas[-2]["usage"]["output_tokens"] > 0
+
+
+def test_trailing_system_messages_join_the_last_user_turn() -> None:
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "reasoning_effort": "high", "messages": [
+        {"role": "system", "content": "You are Claude Code."}, {"role": "user", "content": "say hello"},
+        {"role": "system", "content": "Available agents: general."}]}))
+    assert [m["role"] for m in q["query"]] == ["system", "user"]
+    assert q["query"][-1]["content"] == "say hello\n\nAvailable agents: general. --reasoning_effort high"
