@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""poe2openai: use every Poe bot through the OpenAI Chat Completions and Anthropic Messages APIs.
+"""poe2openai: use every Poe bot through the OpenAI Chat Completions, Anthropic Messages and OpenAI
+Responses APIs.
 
 A single-file asyncio proxy built on h11 (the HTTP state machine) and pyyaml, nothing else. It serves
 the OpenAI API to your tools and speaks Poe's bot protocol (server-sent events) upstream, doing both
@@ -15,6 +16,7 @@ Then point any OpenAI client at ``http://HOST:8080/v1`` and use your Poe API key
 
 Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models`` (and
 ``/models``, ``/v1/models/{id}``), ``POST /v1/messages`` and ``/v1/messages/count_tokens`` (Anthropic),
+``POST /v1/responses`` (OpenAI Responses),
 ``GET /healthz``, ``GET /admin`` with ``/api/admin/config``, ``/api/admin/stats`` and
 ``/api/models`` behind Basic auth.
 
@@ -54,7 +56,7 @@ Policy choices (where we differ from the Rust original on purpose) and known gap
 
 Sections, each depending only on those above it: Settings; Errors; Pure helpers (ids, JSON, SSE,
 files, tokens); Small machines (rate gate, stats, LRU cache); Converters (request -> Poe query; Poe
-events -> neutral deltas -> OpenAI chunks or body; the Anthropic dialect); Model registry; HTTP plumbing; Poe client;
+events -> neutral deltas -> OpenAI chunks or body; the Anthropic and Responses dialects); Model registry; HTTP plumbing; Poe client;
 Handlers and the route table; Inbound connections; Server lifecycle; main().
 
 Importing this module starts nothing and writes nothing; ``serve(settings)`` runs the server.
@@ -2669,6 +2671,244 @@ class AnthropicFold:
 
 ###############################################################################
 ###############################################################################
+# Converters: the OpenAI Responses dialect (pure)
+###############################################################################
+
+def responses_to_openai(body: Any) -> dict[str, Any]:
+    """An OpenAI Responses request (Codex, the SDKs' client.responses) -> the equivalent chat request.
+    Reasoning items from earlier turns are dropped (Poe cannot use them); there is no server-side store."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    if body.get("previous_response_id"):
+        raise bad_request("previous_response_id is not supported: this proxy keeps no responses; send the whole "
+                          "conversation in 'input' (store: false).", "previous_response_id", "unsupported_value")
+    messages: list[dict[str, Any]] = []
+    if isinstance(body.get("instructions"), str) and body["instructions"].strip():
+        messages.append({"role": "system", "content": body["instructions"]})
+    raw = body.get("input")
+    if isinstance(raw, str):
+        messages.append({"role": "user", "content": raw})
+    elif isinstance(raw, list):
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict):
+                raise bad_request(f"input[{i}] must be an object.", f"input[{i}]")
+            _responses_item(item, messages)
+    else:
+        raise bad_request("'input' must be a string or an array of items.", "input", "missing_required_parameter")
+    out: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": bool(body.get("stream"))}
+    if body.get("temperature") is not None:
+        out["temperature"] = body["temperature"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
+        out["reasoning_effort"] = "xhigh" if reasoning["effort"] == "max" else reasoning["effort"]
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type", "function") == "function"]
+    if tools:
+        out["tools"] = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+                                                          if k in t}} for t in tools]
+    choice = body.get("tool_choice")
+    if isinstance(choice, str):
+        out["tool_choice"] = choice
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(body.get("parallel_tool_calls"), bool):
+        out["parallel_tool_calls"] = body["parallel_tool_calls"]
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) and isinstance(text.get("format"), dict) else None
+    if fmt and fmt.get("type") == "json_object":
+        out["response_format"] = {"type": "json_object"}
+    elif fmt and fmt.get("type") == "json_schema":
+        out["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
+    return out
+
+
+def _responses_item(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> None:
+    kind = item.get("type", "message" if "role" in item else None)
+    if kind == "message":
+        role = item.get("role")
+        content = item.get("content")
+        parts = content if isinstance(content, str) else [p for p in content if isinstance(p, dict)] \
+            if isinstance(content, list) else []
+        messages.append({"role": role if role in ("user", "assistant", "system", "developer") else "user",
+                         "content": parts})
+    elif kind in ("function_call", "custom_tool_call"):
+        arguments = item.get("arguments") if kind == "function_call" else _json_compact({"input": item.get("input")})
+        call = {"id": str(item.get("call_id") or ""), "type": "function",
+                "function": {"name": str(item.get("name") or ""), "arguments": arguments or "{}"}}
+        last = messages[-1] if messages else None
+        if last is not None and last["role"] == "assistant":   # several calls of one turn: one assistant message
+            last.setdefault("tool_calls", []).append(call)
+        else:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+    elif kind in ("function_call_output", "custom_tool_call_output"):
+        output = item.get("output")
+        messages.append({"role": "tool", "tool_call_id": str(item.get("call_id") or ""),
+                         "content": output if isinstance(output, (str, list)) else _json_compact(output)})
+    # reasoning, item_reference, web_search_call, compaction …: nothing Poe can use
+
+
+class ResponsesStreamEncoder:
+    """Renders deltas as Responses API events: response.created, one output item at a time (reasoning,
+    message or function_call, each with its added/delta/done chain), then response.completed."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self._response = response            # the envelope, echoed by every lifecycle event
+        self.said = AnswerText()
+        self._sequence = 0
+        self._output: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+        self._text: list[str] = []
+
+    def _event(self, kind: str, **data: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": self._sequence, **data}
+        self._sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + dump_json(payload) + b"\n\n"
+
+    def _lifecycle(self, kind: str, status: str, **extra: Any) -> bytes:
+        return self._event(kind, response={**self._response, "status": status, "output": list(self._output),
+                                           **extra})
+
+    def start(self) -> bytes:
+        return (self._lifecycle("response.created", "in_progress", usage=None)
+                + self._lifecycle("response.in_progress", "in_progress", usage=None))
+
+    def _add(self, item: dict[str, Any]) -> bytes:
+        out = self._close()
+        self._open, self._text = item, []
+        out += self._event("response.output_item.added", output_index=len(self._output), item=item)
+        where = {"item_id": item["id"], "output_index": len(self._output)}
+        if item["type"] == "reasoning":
+            out += self._event("response.reasoning_summary_part.added", **where, summary_index=0,
+                               part={"type": "summary_text", "text": ""})
+        elif item["type"] == "message":
+            out += self._event("response.content_part.added", **where, content_index=0,
+                               part={"type": "output_text", "text": "", "annotations": []})
+        return out
+
+    def _close(self) -> bytes:
+        item = self._open
+        if item is None:
+            return b""
+        self._open = None
+        text = "".join(self._text)
+        where = {"item_id": item["id"], "output_index": len(self._output)}
+        out = b""
+        if item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            out += self._event("response.reasoning_summary_text.done", **where, summary_index=0, text=text)
+            out += self._event("response.reasoning_summary_part.done", **where, summary_index=0, part=part)
+            done = {**item, "summary": [part], "status": "completed"}
+        elif item["type"] == "message":
+            part = {"type": "output_text", "text": text, "annotations": []}
+            out += self._event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
+            out += self._event("response.content_part.done", **where, content_index=0, part=part)
+            done = {**item, "content": [part], "status": "completed"}
+        else:
+            out += self._event("response.function_call_arguments.done", **where, arguments=text)
+            done = {**item, "arguments": text, "status": "completed"}
+        self._output.append(done)
+        return out + self._event("response.output_item.done", output_index=len(self._output) - 1, item=done)
+
+    def encode(self, delta: Delta) -> bytes:
+        kind = delta.kind
+        if kind in (TEXT, REPLACE):
+            if kind == REPLACE:
+                seen = "".join(self.said.content)
+                text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
+                self.said.content = [delta.text]
+            else:
+                text = delta.text
+                self.said.content.append(text)
+            if not text:
+                return b""
+            out = b"" if self._open and self._open["type"] == "message" else self._add(
+                {"type": "message", "id": new_id("msg_"), "role": "assistant", "status": "in_progress",
+                 "content": []})
+            self._text.append(text)
+            return out + self._event("response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
+                                     output_index=len(self._output), content_index=0, delta=text, logprobs=[])
+        if kind == REASONING:
+            self.said.reasoning.append(delta.text)
+            out = b"" if self._open and self._open["type"] == "reasoning" else self._add(
+                {"type": "reasoning", "id": new_id("rs_"), "summary": [], "status": "in_progress"})
+            self._text.append(delta.text)
+            return out + self._event("response.reasoning_summary_text.delta", item_id=self._open["id"],  # type: ignore[index]
+                                     output_index=len(self._output), summary_index=0, delta=delta.text)
+        if kind == TOOL_START:
+            return self._add({"type": "function_call", "id": new_id("fc_"), "call_id": delta.call_id,
+                              "name": delta.name, "arguments": "", "status": "in_progress"})
+        if kind == TOOL_ARGS:
+            self.said.arguments.append(delta.text)
+            self._text.append(delta.text)
+            return self._event("response.function_call_arguments.delta", item_id=self._open["id"],  # type: ignore[index]
+                               output_index=len(self._output), delta=delta.text)
+        raise ValueError(f"not a content delta: {kind}")
+
+    def finish(self, reason: str, prompt_tokens: int) -> bytes:
+        out = self._close()
+        return out + self._lifecycle("response.completed", "completed",
+                                     usage=_responses_usage(self.said, prompt_tokens))
+
+    def error(self, err: ProxyError) -> bytes:
+        out = self._close()
+        return out + self._lifecycle("response.failed", "failed", usage=None,
+                                     error={"code": err.code or "server_error", "message": err.message})
+
+
+def _responses_usage(said: AnswerText, prompt_tokens: int) -> dict[str, Any]:
+    usage = said.usage(prompt_tokens)
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": usage["completion_tokens_details"]["reasoning_tokens"]},
+            "total_tokens": usage["total_tokens"]}
+
+
+def responses_envelope(response_id: str, created_s: int, model: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields every Responses object carries, echoing the request where it said something."""
+    reasoning = body.get("reasoning") if isinstance(body.get("reasoning"), dict) else {}
+    text = body.get("text") if isinstance(body.get("text"), dict) else {}
+    return {"id": response_id, "object": "response", "created_at": created_s, "status": "in_progress",
+            "error": None, "incomplete_details": None,
+            "instructions": body.get("instructions") if isinstance(body.get("instructions"), str) else None,
+            "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
+            "parallel_tool_calls": body.get("parallel_tool_calls") is not False, "previous_response_id": None,
+            "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+            "store": False, "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+            "text": {"format": text.get("format") or {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": [t for t in body.get("tools") or [] if isinstance(t, dict)], "truncation": "disabled",
+            "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {}, "usage": None}
+
+
+class ResponsesFold:
+    """The non-streaming Responses object: the same events a stream would carry, folded."""
+
+    def __init__(self, envelope: dict[str, Any]) -> None:
+        self._encoder = ResponsesStreamEncoder(envelope)
+        self.finish_reason = "stop"
+
+    @property
+    def said(self) -> AnswerText:
+        return self._encoder.said
+
+    def add(self, delta: Delta) -> None:
+        encoder = self._encoder
+        if delta.kind == FINISH:
+            self.finish_reason = delta.text
+        elif delta.kind == REPLACE and encoder._open is not None and encoder._open["type"] == "message":
+            encoder._text = [delta.text]           # a whole answer: exactly Poe's final text
+            encoder.said.content = [delta.text]
+        else:
+            encoder.encode(delta)
+
+    def body(self, response_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
+        self._encoder._close()
+        return {**self._encoder._response, "status": "completed", "output": list(self._encoder._output),
+                "usage": _responses_usage(self.said, prompt_tokens)}
+
+
+###############################################################################
+###############################################################################
 # Model registry: models.yaml (hot reload) and the model-list cache
 ###############################################################################
 
@@ -3662,11 +3902,13 @@ class App:
             "/v1/models/*": {"GET": self.get_model},   # one model: the id is the rest of the path
             "/models/*": {"GET": self.get_model},
             "/v1/messages": {"POST": self.messages},
+            "/v1/responses": {"POST": self.responses},
+            "/responses": {"POST": self.responses},
             "/v1/messages/count_tokens": {"POST": self.count_tokens},
         }
         self.anthropic_paths = {"/v1/messages", "/v1/messages/count_tokens"}
         self.api_paths = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models", "/v1/models/*",
-                          "/models/*", *self.anthropic_paths}
+                          "/models/*", "/v1/responses", "/responses", *self.anthropic_paths}
 
     async def dispatch(self, request: Request) -> Response:
         """Route a request; every error becomes an OpenAI-shaped response here and only here."""
@@ -3738,7 +3980,7 @@ class App:
 
     async def index(self, request: Request) -> Response:
         return json_response(200, {"name": "poe2openai", "version": __version__,
-                                   "endpoints": ["POST /v1/chat/completions", "POST /v1/messages",
+                                   "endpoints": ["POST /v1/chat/completions", "POST /v1/messages", "POST /v1/responses",
                                                  "POST /v1/messages/count_tokens", "GET /v1/models",
                                                  "GET /healthz", "GET /admin"]})
 
@@ -3851,6 +4093,15 @@ class App:
             request.model = body["model"][:100]
         return await self._answer(parse_chat_request(anthropic_to_openai(body)), api_key, "anthropic")
 
+    async def responses(self, request: Request) -> Response:
+        """POST /v1/responses: the OpenAI Responses API (Codex, client.responses) for any Poe bot."""
+        api_key = api_key_of(request)
+        body = parse_json_body(request)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            request.model = body["model"][:100]
+        chat = parse_chat_request(responses_to_openai(body))
+        return await self._answer(chat, api_key, "responses", body)
+
     async def count_tokens(self, request: Request) -> Response:
         """POST /v1/messages/count_tokens: answered here from the estimator, never sent to Poe."""
         body = parse_json_body(request)
@@ -3866,7 +4117,8 @@ class App:
             route = dataclasses.replace(self.registry.resolve(claude_alias(model)), display=model)
         return route
 
-    async def _answer(self, chat: ChatRequest, api_key: str, dialect: str) -> Response:
+    async def _answer(self, chat: ChatRequest, api_key: str, dialect: str,
+                      raw_body: Mapping[str, Any] | None = None) -> Response:
         started_s = time.perf_counter()
         try:
             route = self._route(chat.model, dialect)
@@ -3875,8 +4127,10 @@ class App:
             query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
                                     attachments=attachments)
             anthropic = dialect == "anthropic"
-            run = ChatRun(chat, route, new_id("msg_" if anthropic else "chatcmpl-"), int(time.time()),
-                          count_prompt_tokens(query), started_s, dialect)
+            prefix = {"anthropic": "msg_", "responses": "resp_"}.get(dialect, "chatcmpl-")
+            run = ChatRun(chat, route, new_id(prefix), int(time.time()), count_prompt_tokens(query), started_s, dialect)
+            if dialect == "responses":
+                run.envelope = responses_envelope(run.completion_id, run.created_s, route.display, raw_body or {})
             await self.gate.wait()
             events = await self.poe.open_bot_stream(route.bot, query, api_key)
             translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native",
@@ -3900,7 +4154,9 @@ class App:
         return deltas
 
     async def _chat_whole(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
-        fold: ChatFold | AnthropicFold = AnthropicFold() if run.dialect == "anthropic" else ChatFold()
+        fold: ChatFold | AnthropicFold | ResponsesFold = (
+            AnthropicFold() if run.dialect == "anthropic" else ResponsesFold(run.envelope)
+            if run.dialect == "responses" else ChatFold())
         try:
             while not translator.finished:
                 for delta in await self._next_deltas(events, translator, self.settings.read_timeout_seconds):
@@ -3940,14 +4196,14 @@ class App:
             await events.aclose()
             assert held[0].error is not None
             raise held[0].error
-        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder = (
+        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder | ResponsesStreamEncoder = (
             AnthropicStreamEncoder(run.completion_id, run.route.display, run.prompt_tokens)
-            if run.dialect == "anthropic" else
+            if run.dialect == "anthropic" else ResponsesStreamEncoder(run.envelope) if run.dialect == "responses" else
             OpenAIStreamEncoder(run.completion_id, run.created_s, run.route.display, run.chat.include_usage))
         return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, events, translator, encoder, held))
 
     async def _sse_body(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator,
-                        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder,
+                        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder | ResponsesStreamEncoder,
                         held: list[Delta]) -> AsyncIterator[bytes]:
         """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
         clean = False
@@ -4007,7 +4263,8 @@ class ChatRun:
     created_s: int
     prompt_tokens: int
     started_s: float      # perf_counter() at arrival, for latency
-    dialect: str = "openai"   # openai | anthropic: how answers and errors are rendered
+    dialect: str = "openai"   # openai | anthropic | responses: how answers and errors are rendered
+    envelope: dict[str, Any] = field(default_factory=dict)   # responses: the object's echoed fields
 
 
 def _optional_key(request: Request) -> str | None:

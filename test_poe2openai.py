@@ -2936,3 +2936,52 @@ def test_trailing_system_messages_join_the_last_user_turn() -> None:
         {"role": "system", "content": "Available agents: general."}]}))
     assert [m["role"] for m in q["query"]] == ["system", "user"]
     assert q["query"][-1]["content"] == "say hello\n\nAvailable agents: general. --reasoning_effort high"
+
+
+###############################################################################
+# The OpenAI Responses API (Codex, client.responses)
+###############################################################################
+
+def test_responses_create_and_stream(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    poe.on("GPT-4o", xml_reply_steps(THINKING_REPLIES[0][0], 5))
+    response = client.responses.create(model="GPT-4o", instructions="Be brief.", input="What is it?")
+    assert response.status == "completed" and response.id.startswith("resp_")
+    assert response.output_text == THINKING_REPLIES[0][2]
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].summary[0].text == THINKING_REPLIES[0][1]
+    assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens > 0
+    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user"]
+    with client.responses.stream(model="GPT-4o", input=[{"role": "user", "content": "What is it?"}]) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert deltas == final.output_text == THINKING_REPLIES[0][2]
+
+
+def test_codex_turn_gets_function_calls(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "codex-responses.json").read_text())
+    reply = ('Updating the plan.\n<tool_call>\n<invoke name="shell">\n<parameter name="command">["pytest", "-q"]'
+             '</parameter>\n</invoke>\n</tool_call>')
+    poe.on(body["model"], xml_reply_steps(reply, 6))
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    events = [block.split("\n", 1) for block in r.text.strip().split("\n\n") if block.startswith("event: ")]
+    datas = [json.loads(data[len("data: "):]) for _, data in events]
+    assert [e[0][len("event: "):] for e in events] == [d["type"] for d in datas]
+    assert [d["sequence_number"] for d in datas] == list(range(len(datas)))
+    assert datas[0]["type"] == "response.created" and datas[-1]["type"] == "response.completed"
+    final = datas[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["message", "function_call"]
+    call = final["output"][1]
+    assert call["name"] == "shell" and json.loads(call["arguments"]) == {"command": ["pytest", "-q"]}
+    assert call["call_id"].startswith("call_") and final["usage"]["input_tokens_details"] == {"cached_tokens": 0}
+    sent = "\n".join(m["content"] for m in last_query(poe)["query"]["query"])
+    # the earlier call and its output reach the bot once each, as XML history
+    assert sent.count('<invoke name="shell">') == 1 and sent.count('tool_call_id="call_Wd81sKq0n3Jt5vLb9XyE2fRm"') == 1
+    QueryRequest.model_validate(last_query(poe)["query"])
+
+
+def test_responses_refuses_previous_response_id(proxy: Proxy) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.client().responses.create(model="GPT-4o", input="hi", previous_response_id="resp_123")
+    assert info.value.body["param"] == "previous_response_id"  # type: ignore[index]
