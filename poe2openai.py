@@ -56,7 +56,8 @@ Policy choices (where we differ from the Rust original on purpose) and known gap
 
 Sections, each depending only on those above it: Settings; Errors; Pure helpers (ids, JSON, SSE,
 files, tokens); Small machines (rate gate, stats, LRU cache); Converters (request -> Poe query; Poe
-events -> neutral deltas -> OpenAI chunks or body; the Anthropic and Responses dialects); Model registry; HTTP plumbing; Poe client;
+events -> neutral deltas -> OpenAI chunks or body; the Anthropic and Responses dialects); Model
+registry; HTTP plumbing; Poe client;
 Handlers and the route table; Inbound connections; Server lifecycle; main().
 
 Importing this module starts nothing and writes nothing; ``serve(settings)`` runs the server.
@@ -361,7 +362,8 @@ def classify_poe_status(status: int, body: bytes, what: str) -> ProxyError:
     if status == 404:
         return ProxyError(404, message, "invalid_request_error", "model_not_found")
     if status == 402:
-        return ProxyError(429, message, "insufficient_quota", "insufficient_quota", headers=[("x-should-retry", "false")])
+        return ProxyError(429, message, "insufficient_quota", "insufficient_quota",
+                          headers=[("x-should-retry", "false")])
     if status == 429:
         return ProxyError(429, message, "rate_limit_error", "rate_limit_exceeded")
     if status in (400, 413, 422):
@@ -546,7 +548,8 @@ _TYPES_BY_EXTENSION.update({"jpeg": "image/jpeg", "jpg": "image/jpeg", "htm": "t
                             "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
                             "pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation"})
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
-          (b"%PDF-", "application/pdf"), (b"RIFF", "audio/wav"), (b"ID3", "audio/mpeg"), (b"PK\x03\x04", "application/zip"))
+          (b"%PDF-", "application/pdf"), (b"RIFF", "audio/wav"), (b"ID3", "audio/mpeg"),
+          (b"PK\x03\x04", "application/zip"))
 
 
 def extension_for(content_type: str) -> str:
@@ -2832,7 +2835,8 @@ class ResponsesStreamEncoder:
             out = b"" if self._open and self._open["type"] == "reasoning" else self._add(
                 {"type": "reasoning", "id": new_id("rs_"), "summary": [], "status": "in_progress"})
             self._text.append(delta.text)
-            return out + self._event("response.reasoning_summary_text.delta", item_id=self._open["id"],  # type: ignore[index]
+            item_id = self._open["id"]   # type: ignore[index]
+            return out + self._event("response.reasoning_summary_text.delta", item_id=item_id,
                                      output_index=len(self._output), summary_index=0, delta=delta.text)
         if kind == TOOL_START:
             return self._add({"type": "function_call", "id": new_id("fc_"), "call_id": delta.call_id,
@@ -2840,7 +2844,8 @@ class ResponsesStreamEncoder:
         if kind == TOOL_ARGS:
             self.said.arguments.append(delta.text)
             self._text.append(delta.text)
-            return self._event("response.function_call_arguments.delta", item_id=self._open["id"],  # type: ignore[index]
+            item_id = self._open["id"]   # type: ignore[index]
+            return self._event("response.function_call_arguments.delta", item_id=item_id,
                                output_index=len(self._output), delta=delta.text)
         raise ValueError(f"not a content delta: {kind}")
 
@@ -4437,7 +4442,8 @@ class InboundConnection:
 
     async def _read_body(self, request: Request) -> Response | None:
         """Read the body under MAX_REQUEST_SIZE; returns an error response instead when it cannot."""
-        head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4 for k, v in request.headers.items())
+        head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
+                                                                  for k, v in request.headers.items())
         if head_bytes > INBOUND_MAX_HEAD_BYTES:   # h11 caps only a head that arrives in pieces
             return self._closing(error_response(ProxyError(431, "The request headers are too large.",
                                                            "invalid_request_error", "bad_http_request")))
