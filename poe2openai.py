@@ -1458,6 +1458,16 @@ def _native_round(messages: list[dict[str, Any]]) -> tuple[int, list[dict[str, A
     return start - 1, calls, results
 
 
+def _poe_parameters(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """Poe's native `tools` need `type` and `properties` (and `required` a list, if any); schemas that
+    leave them out are otherwise kept as the client wrote them."""
+    out = {**schema, "type": schema.get("type") if isinstance(schema.get("type"), str) else "object",
+           "properties": schema.get("properties") if isinstance(schema.get("properties"), dict) else {}}
+    if "required" in out and not isinstance(out["required"], list):
+        del out["required"]
+    return out
+
+
 def _fold_trailing_system(query: list[dict[str, Any]]) -> None:
     """System messages after the last user turn (Claude Code ends with one) join that user turn: a Poe
     bot answers the last user message, and a query ending in a system message leaves it nothing to answer."""
@@ -1490,13 +1500,20 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
         files.setdefault(target, []).extend(a for a in carried if a["url"] not in have)
     tool_calls: list[dict[str, Any]] = []
     tool_results: list[dict[str, Any]] = []
+    carried_files: list[dict[str, Any]] = []
     if native:
         cut, tool_calls, tool_results = _native_round(messages)
         if tool_calls:
             last_text = content_text(messages[cut].get("content"))
+            # Poe's tool_results field holds text only: the round's images go with the last user turn.
+            carried_files = [a for i in range(cut, len(messages)) for a in files.pop(i, [])]
             messages = messages[:cut] + ([{"role": "assistant", "content": last_text}] if last_text else [])
     query_messages = to_poe_messages(messages, system_as_user, xml_tools=not native, attachments=files)
     _fold_trailing_system(query_messages)
+    if carried_files:
+        last_user = next((m for m in reversed(query_messages) if m["role"] == "user"), None)
+        if last_user is not None:
+            last_user.setdefault("attachments", []).extend(carried_files)
     if spec and spec.tools and not native:
         _append_to_last_user(query_messages, "\n\n" + tool_prompt(spec))
     if chat.json_instruction:
@@ -1515,7 +1532,8 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
     }
     if spec and spec.tools and native:
         query["tools"] = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                             "parameters": t.parameters}} for t in spec.tools]
+                                                             "parameters": _poe_parameters(t.parameters)}}
+                          for t in spec.tools]
     if tool_calls:
         query["tool_calls"] = tool_calls
         query["tool_results"] = tool_results
@@ -2192,8 +2210,7 @@ class PoeTranslator:
         offered = tools is not None and bool(tools.tools)
         self._xml = XMLToolParser(tools, make_id) if offered and not native_tools and tools else None
         self._native = offered and native_tools
-        self._native_index: dict[int, int] = {}    # Poe's tool-call index -> ours
-        self._native_pending: dict[int, str] = {}  # arguments that came before the call's name
+        self._native_calls: dict[int, dict[str, str]] = {}   # Poe's tool-call index -> id, name, arguments
         self._seen = ""                            # text fed to the XML parser, for replace_response
         self._refs = FileRefs()
         self._think = ThinkingSplitter()
@@ -2253,6 +2270,7 @@ class PoeTranslator:
         out += self._text(self._refs.flush())
         tail = self._xml.end() if self._xml else []
         self._count(tail)
+        tail += self._native_deltas()   # counts its own calls
         out += tail
         links = self._refs.links()   # files the text never named: links at the very end, after any calls
         if links:
@@ -2291,24 +2309,32 @@ class PoeTranslator:
         out: list[Delta] = []
         if isinstance(delta.get("content"), str) and delta["content"]:
             out += self._answer(delta["content"])
+        # Native calls are gathered by Poe's index and given out whole when the answer ends: Poe may
+        # interleave the pieces of several calls, which Anthropic and Responses streams cannot express.
         for call in (delta.get("tool_calls") or []) if self._native else []:
             if not isinstance(call, dict):
                 continue
             poe_index = call.get("index") if isinstance(call.get("index"), int) else 0
             fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-            args = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
-            if poe_index not in self._native_index:
-                name = fn.get("name")
-                if not isinstance(name, str) or not name:
-                    self._native_pending[poe_index] = self._native_pending.get(poe_index, "") + args
-                    continue
-                index = self._native_index[poe_index] = self.tool_calls
-                self.tool_calls += 1
-                call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else self._make_id()
-                out.append(Delta(TOOL_START, index=index, call_id=call_id, name=name))
-                args = self._native_pending.pop(poe_index, "") + args
-            if args:
-                out.append(Delta(TOOL_ARGS, args, index=self._native_index[poe_index]))
+            entry = self._native_calls.setdefault(poe_index, {"id": "", "name": "", "arguments": ""})
+            if isinstance(call.get("id"), str) and call["id"] and not entry["id"]:
+                entry["id"] = call["id"]
+            if isinstance(fn.get("name"), str) and fn["name"] and not entry["name"]:
+                entry["name"] = fn["name"]
+            if isinstance(fn.get("arguments"), str):
+                entry["arguments"] += fn["arguments"]
+        return out
+
+    def _native_deltas(self) -> list[Delta]:
+        out: list[Delta] = []
+        for entry in self._native_calls.values():
+            if not entry["name"]:
+                continue   # a call without a name cannot be answered; Poe never completed it
+            index = self.tool_calls
+            self.tool_calls += 1
+            out.append(Delta(TOOL_START, index=index, call_id=entry["id"] or self._make_id(), name=entry["name"]))
+            out.append(Delta(TOOL_ARGS, entry["arguments"] or "{}", index=index))
+        self._native_calls.clear()
         return out
 
 
@@ -2456,7 +2482,7 @@ def claude_alias(model: str) -> str:
         if not match:
             return model
         major, minor, family = match.group(1), match.group(2), match.group(3)
-    return f"Claude-{family.capitalize()}-{major}" + (f".{minor}" if minor else "")
+    return f"Claude-{family.capitalize()}-{major}" + (f".{minor}" if minor and minor != "0" else "")
 
 
 def anthropic_to_openai(body: Any) -> dict[str, Any]:
@@ -2506,21 +2532,15 @@ def _anthropic_message(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for block in blocks:
         kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str):
-            parts.append({"type": "text", "text": block["text"]})
-        elif kind in ("image", "document"):
-            source = block.get("source") if isinstance(block.get("source"), dict) else {}
-            if source.get("type") == "text" and isinstance(source.get("data"), str):
-                parts.append({"type": "text", "text": source["data"]})   # a plain-text document
-            else:
-                parts.append(block)   # collect_media reads Anthropic image/document blocks as they are
+        if kind in ("text", "image", "document", "search_result"):
+            parts.extend(_anthropic_part(block))
         elif kind == "tool_use" and role == "assistant":
             calls.append({"id": str(block.get("id") or ""), "type": "function", "function": {
                 "name": str(block.get("name") or ""), "arguments": _json_compact(block.get("input") or {})}})
         elif kind == "tool_result":
             value = block.get("content")
             inner = [{"type": "text", "text": value}] if isinstance(value, str) else \
-                [b for b in value if isinstance(b, dict)] if isinstance(value, list) else []
+                [p for b in value if isinstance(b, dict) for p in _anthropic_part(b)] if isinstance(value, list) else []
             if block.get("is_error"):
                 inner.insert(0, {"type": "text", "text": "Error:"})
             results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id") or ""), "content": inner})
@@ -2532,6 +2552,28 @@ def _anthropic_message(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     elif parts or not results:
         out.append({"role": role, "content": parts})
     return out
+
+
+def _anthropic_part(block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One Anthropic content block -> OpenAI-style parts: text as text (plain-text documents and search
+    results too), images and base64/URL documents as they are (collect_media reads them)."""
+    kind = block.get("type")
+    if kind == "text":
+        return [{"type": "text", "text": block["text"]}] if isinstance(block.get("text"), str) else []
+    if kind == "search_result":
+        texts = [c.get("text") for c in block.get("content") or [] if isinstance(c, dict)]
+        title = block.get("title") if isinstance(block.get("title"), str) else ""
+        return [{"type": "text", "text": "\n".join(t for t in (title, *texts) if isinstance(t, str) and t)}]
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    if source.get("type") == "text" and isinstance(source.get("data"), str):
+        return [{"type": "text", "text": source["data"]}]   # a plain-text document
+    if source.get("type") == "content":                      # a document given as blocks
+        return [p for b in source.get("content") or [] if isinstance(b, dict) for p in _anthropic_part(b)]
+    if source.get("type") in ("base64", "url"):
+        return [dict(block)]
+    log.warning("skipping a %s block whose source is %r (only base64, url and text are supported)", kind,
+                source.get("type"))
+    return []
 
 
 def anthropic_error_body(err: ProxyError, request_id: str = "") -> dict[str, Any]:
@@ -2677,6 +2719,10 @@ class AnthropicFold:
 # Converters: the OpenAI Responses dialect (pure)
 ###############################################################################
 
+CUSTOM_TOOL_SCHEMA = {"type": "object", "properties": {"input": {"type": "string", "description": "The raw input"}},
+                      "required": ["input"]}
+
+
 def responses_to_openai(body: Any) -> dict[str, Any]:
     """An OpenAI Responses request (Codex, the SDKs' client.responses) -> the equivalent chat request.
     Reasoning items from earlier turns are dropped (Poe cannot use them); there is no server-side store."""
@@ -2704,15 +2750,27 @@ def responses_to_openai(body: Any) -> dict[str, Any]:
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
         out["reasoning_effort"] = "xhigh" if reasoning["effort"] == "max" else reasoning["effort"]
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type", "function") == "function"]
+    tools = []
+    for t in body.get("tools") or []:
+        if not isinstance(t, dict) or not t.get("name"):
+            continue   # hosted tools (web_search, local_shell …): nothing a Poe bot can run
+        if t.get("type", "function") == "function":
+            tools.append({"type": "function", "function": {
+                "name": t["name"], "description": t.get("description") or str(t["name"]),
+                "parameters": t.get("parameters") or {"type": "object", "properties": {}}}})
+        elif t.get("type") == "custom":   # free-form tools (Codex's apply_patch): one string of input
+            tools.append({"type": "function", "function": {
+                "name": t["name"], "description": t.get("description") or str(t["name"]),
+                "parameters": CUSTOM_TOOL_SCHEMA}})
     if tools:
-        out["tools"] = [{"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
-                                                          if k in t}} for t in tools]
+        out["tools"] = tools
     choice = body.get("tool_choice")
     if isinstance(choice, str):
         out["tool_choice"] = choice
-    elif isinstance(choice, dict) and choice.get("type") == "function":
+    elif isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
         out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+    elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
+        out["tool_choice"] = "required" if choice.get("mode") == "required" else "auto"
     if isinstance(body.get("parallel_tool_calls"), bool):
         out["parallel_tool_calls"] = body["parallel_tool_calls"]
     text = body.get("text")
@@ -2736,6 +2794,8 @@ def _responses_item(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> 
                          "content": parts})
     elif kind in ("function_call", "custom_tool_call"):
         arguments = item.get("arguments") if kind == "function_call" else _json_compact({"input": item.get("input")})
+        if not isinstance(arguments, str):
+            arguments = _json_compact(arguments)
         call = {"id": str(item.get("call_id") or ""), "type": "function",
                 "function": {"name": str(item.get("name") or ""), "arguments": arguments or "{}"}}
         last = messages[-1] if messages else None
@@ -2756,6 +2816,7 @@ class ResponsesStreamEncoder:
 
     def __init__(self, response: dict[str, Any]) -> None:
         self._response = response            # the envelope, echoed by every lifecycle event
+        self._custom = {t.get("name") for t in response.get("tools", ()) if t.get("type") == "custom"}
         self.said = AnswerText()
         self._sequence = 0
         self._output: list[dict[str, Any]] = []
@@ -2806,6 +2867,10 @@ class ResponsesStreamEncoder:
             out += self._event("response.output_text.done", **where, content_index=0, text=text, logprobs=[])
             out += self._event("response.content_part.done", **where, content_index=0, part=part)
             done = {**item, "content": [part], "status": "completed"}
+        elif item["type"] == "custom_tool_call":
+            arguments = _arguments_dict(text) or {}
+            raw = arguments.get("input", text)
+            done = {**item, "input": raw if isinstance(raw, str) else _json_compact(raw), "status": "completed"}
         else:
             out += self._event("response.function_call_arguments.done", **where, arguments=text)
             done = {**item, "arguments": text, "status": "completed"}
@@ -2839,11 +2904,16 @@ class ResponsesStreamEncoder:
             return out + self._event("response.reasoning_summary_text.delta", item_id=item_id,
                                      output_index=len(self._output), summary_index=0, delta=delta.text)
         if kind == TOOL_START:
+            if delta.name in self._custom:
+                return self._add({"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": delta.call_id,
+                                  "name": delta.name, "input": "", "status": "in_progress"})
             return self._add({"type": "function_call", "id": new_id("fc_"), "call_id": delta.call_id,
                               "name": delta.name, "arguments": "", "status": "in_progress"})
         if kind == TOOL_ARGS:
             self.said.arguments.append(delta.text)
             self._text.append(delta.text)
+            if self._open is not None and self._open["type"] == "custom_tool_call":
+                return b""   # its input is one string, given whole when the item is done
             item_id = self._open["id"]   # type: ignore[index]
             return self._event("response.function_call_arguments.delta", item_id=item_id,
                                output_index=len(self._output), delta=delta.text)
@@ -3947,6 +4017,10 @@ class App:
             response.headers.extend(self._cors_headers(request))
         return response
 
+    def render_error(self, request: Request, err: ProxyError) -> Response:
+        """For errors found before routing (413, 431, a bad body): still in the route's dialect."""
+        return self._error(request.path if request.path == "/" else request.path.rstrip("/"), err, request)
+
     def _error(self, path: str, err: ProxyError, request: Request) -> Response:
         """Errors in the dialect of the route: Anthropic's shape on /v1/messages, OpenAI's elsewhere."""
         if path in self.anthropic_paths:
@@ -4445,12 +4519,12 @@ class InboundConnection:
         head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
                                                                   for k, v in request.headers.items())
         if head_bytes > INBOUND_MAX_HEAD_BYTES:   # h11 caps only a head that arrives in pieces
-            return self._closing(error_response(ProxyError(431, "The request headers are too large.",
-                                                           "invalid_request_error", "bad_http_request")))
+            return self._closing(self.app.render_error(request, ProxyError(
+                431, "The request headers are too large.", "invalid_request_error", "bad_http_request")))
         limit = self.settings.max_request_size
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            return self._too_large(limit)
+            return self._too_large(request, limit)
         conn = self.http.conn
         if conn.they_are_waiting_for_100_continue:
             await self.http.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
@@ -4459,20 +4533,20 @@ class InboundConnection:
             try:
                 event = await self.http.next_event(self.settings.read_timeout_seconds)
             except h11.RemoteProtocolError as exc:
-                return self._closing(error_response(bad_request(f"Malformed request body: {exc}", None,
-                                                                "bad_http_request")))
+                return self._closing(self.app.render_error(request, bad_request(f"Malformed request body: {exc}", None,
+                                                                                "bad_http_request")))
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > limit:
-                    return self._too_large(limit)
+                    return self._too_large(request, limit)
             elif isinstance(event, h11.EndOfMessage):
                 request.body = bytes(body)
                 return None
             else:
                 raise ConnectionError("client closed the connection while sending its body")
 
-    def _too_large(self, limit: int) -> Response:
-        return self._closing(error_response(ProxyError(
+    def _too_large(self, request: Request, limit: int) -> Response:
+        return self._closing(self.app.render_error(request, ProxyError(
             413, f"The request body is larger than MAX_REQUEST_SIZE ({limit} bytes).", "invalid_request_error",
             "payload_too_large")))
 

@@ -2985,3 +2985,88 @@ def test_responses_refuses_previous_response_id(proxy: Proxy) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         proxy.client().responses.create(model="GPT-4o", input="hi", previous_response_id="resp_123")
     assert info.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+###############################################################################
+# Dialect edge cases found in review
+###############################################################################
+
+def test_anthropic_tool_results_with_documents_images_and_search_results(proxy: Proxy, poe: FakePoe) -> None:
+    client = anthropic_client(proxy)
+    png = base64.b64encode(PNG_2X2 + b"tool").decode()
+    client.messages.create(model="GPT-4o", max_tokens=50, tools=[
+        {"name": "read", "description": "read", "input_schema": {"type": "object"}}], messages=[
+        {"role": "user", "content": "look"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Hello, world!"}},
+            {"type": "search_result", "title": "Docs", "source": "s", "content": [{"type": "text", "text": "found"}]},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}]}]}])
+    last = last_query(poe)["query"]["query"][-1]
+    assert "Hello, world!" in last["content"] and "Docs\nfound" in last["content"]
+    assert [u["data"] for u in poe.uploads] == [PNG_2X2 + b"tool"] and last["attachments"][0]["content_type"] == "image/png"
+
+
+INTERLEAVED = [native_chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
+               native_chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                             "function": {"name": "get_time", "arguments": "{"}}]}),
+               native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+               native_chunk({"tool_calls": [{"index": 1, "function": {"arguments": "}"}}]}), sse("done", {})]
+
+
+def test_interleaved_native_calls_in_every_dialect(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    poe.on("NativeBot", INTERLEAVED)
+    proxy = start()
+    expected = [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    with proxy.client().chat.completions.stream(model="NativeBot", tools=WEATHER_TOOLS,
+                                                messages=[{"role": "user", "content": "x"}]) as stream:
+        calls = stream.get_final_completion().choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == expected
+    tools = [{"name": t["function"]["name"], "description": "d", "input_schema": t["function"]["parameters"] or
+              {"type": "object"}} for t in WEATHER_TOOLS]
+    with anthropic_client(proxy).messages.stream(model="NativeBot", max_tokens=50, tools=tools,
+                                                 messages=[{"role": "user", "content": "x"}]) as stream:
+        final = stream.get_final_message()
+    assert [(b.name, b.input) for b in final.content] == expected
+    flat = [{"type": "function", **t["function"]} for t in WEATHER_TOOLS]
+    with proxy.client().responses.stream(model="NativeBot", input="x", tools=flat) as stream:
+        output = stream.get_final_response().output
+    assert [(o.name, json.loads(o.arguments)) for o in output] == expected
+
+
+def test_responses_tools_without_description_and_custom_tools(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('<tool_call><invoke name="apply_patch"><parameter name="input">*** Begin Patch\n'
+                                     '*** End Patch</parameter></invoke></tool_call>', 9))
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, json={
+            "model": "GPT-4o", "input": "patch it", "tools": [
+                {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}},
+                {"type": "custom", "name": "apply_patch", "description": "Apply a patch"}]})
+    body = r.json()
+    assert r.status_code == 200 and body["output"][0]["type"] == "custom_tool_call"
+    assert body["output"][0]["input"] == "*** Begin Patch\n*** End Patch"
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert '<tool name="get_time">' in prompt and "--get_time" not in prompt    # a tool, not a bot flag
+
+
+def test_native_tool_result_images_are_kept(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    proxy = start()
+    proxy.client().chat.completions.create(model="NativeBot", tools=WEATHER_TOOLS, messages=[
+        {"role": "user", "content": "screenshot?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "here"}, {
+            "type": "image_url", "image_url": {"url": data_url(PNG_2X2 + b"native")}}]}])
+    query = last_query(poe)["query"]
+    assert query["tool_results"][0]["content"] == "here"
+    assert query["query"][-1]["role"] == "user" and len(query["query"][-1]["attachments"]) == 1
+
+
+def test_oversized_messages_request_gets_an_anthropic_error(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_request_size=100)
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/messages", content=b"x" * 500, headers={"x-api-key": KEY})
+    assert r.status_code == 413 and r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"
