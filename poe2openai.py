@@ -2202,7 +2202,8 @@ class PoeTranslator:
     """
 
     def __init__(self, tools: ToolSpec | None = None, native_tools: bool = False,
-                 make_id: Callable[[], str] = lambda: new_id("call_"), json_answer: bool = False) -> None:
+                 make_id: Callable[[], str] = lambda: new_id("call_"), json_answer: bool = False,
+                 whole_calls: bool = False) -> None:
         self.finished = False
         self.saw_done = False
         self.tool_calls = 0
@@ -2210,7 +2211,8 @@ class PoeTranslator:
         offered = tools is not None and bool(tools.tools)
         self._xml = XMLToolParser(tools, make_id) if offered and not native_tools and tools else None
         self._native = offered and native_tools
-        self._native_calls: dict[int, dict[str, str]] = {}   # Poe's tool-call index -> id, name, arguments
+        self._native_calls: dict[int, dict[str, Any]] = {}   # Poe's tool-call index -> id, name, arguments
+        self._whole_calls = whole_calls                      # give native calls out whole, at the end
         self._seen = ""                            # text fed to the XML parser, for replace_response
         self._refs = FileRefs()
         self._think = ThinkingSplitter()
@@ -2309,27 +2311,38 @@ class PoeTranslator:
         out: list[Delta] = []
         if isinstance(delta.get("content"), str) and delta["content"]:
             out += self._answer(delta["content"])
-        # Native calls are gathered by Poe's index and given out whole when the answer ends: Poe may
-        # interleave the pieces of several calls, which Anthropic and Responses streams cannot express.
+        # Chat completions stream native calls as they come (deltas carry the call's index, so pieces of
+        # several calls may interleave). Anthropic and Responses streams cannot express interleaving:
+        # for them calls are gathered by Poe's index and given out whole when the answer ends.
         for call in (delta.get("tool_calls") or []) if self._native else []:
             if not isinstance(call, dict):
                 continue
             poe_index = call.get("index") if isinstance(call.get("index"), int) else 0
             fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-            entry = self._native_calls.setdefault(poe_index, {"id": "", "name": "", "arguments": ""})
+            entry = self._native_calls.setdefault(poe_index, {"id": "", "name": "", "arguments": "", "index": -1})
             if isinstance(call.get("id"), str) and call["id"] and not entry["id"]:
                 entry["id"] = call["id"]
             if isinstance(fn.get("name"), str) and fn["name"] and not entry["name"]:
                 entry["name"] = fn["name"]
-            if isinstance(fn.get("arguments"), str):
-                entry["arguments"] += fn["arguments"]
+            piece = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
+            entry["arguments"] += piece
+            if self._whole_calls or not entry["name"]:
+                continue
+            if entry["index"] < 0:   # its first delta: name first, then what arrived so far
+                entry["index"] = self.tool_calls
+                self.tool_calls += 1
+                out.append(Delta(TOOL_START, index=entry["index"], call_id=entry["id"] or self._make_id(),
+                                 name=entry["name"]))
+                piece = entry["arguments"]
+            if piece:
+                out.append(Delta(TOOL_ARGS, piece, index=entry["index"]))
         return out
 
     def _native_deltas(self) -> list[Delta]:
         out: list[Delta] = []
         for entry in self._native_calls.values():
-            if not entry["name"]:
-                continue   # a call without a name cannot be answered; Poe never completed it
+            if not entry["name"] or entry["index"] >= 0:
+                continue   # nameless (Poe never completed it), or already streamed
             index = self.tool_calls
             self.tool_calls += 1
             out.append(Delta(TOOL_START, index=index, call_id=entry["id"] or self._make_id(), name=entry["name"]))
@@ -4214,7 +4227,8 @@ class App:
             events = await self.poe.open_bot_stream(route.bot, query, api_key)
             translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native",
                                        json_answer=bool(chat.json_instruction),
-                                       make_id=lambda: new_id("toolu_" if anthropic else "call_"))
+                                       make_id=lambda: new_id("toolu_" if anthropic else "call_"),
+                                       whole_calls=dialect != "openai")
             if not chat.stream:
                 return await self._chat_whole(run, events, translator)
             return await self._chat_stream(run, events, translator)
