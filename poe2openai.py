@@ -2687,29 +2687,9 @@ class AnthropicStreamEncoder:
         return _anthropic_event("error", anthropic_error_body(err))
 
 
-class AnthropicFold:
-    """Folds deltas into a non-streaming Anthropic `message`: the same deltas a stream would carry."""
-
-    def __init__(self) -> None:
-        self.said = AnswerText()
-        self._calls: list[dict[str, Any]] = []
-        self.finish_reason = "stop"
-
-    def add(self, delta: Delta) -> None:
-        kind = delta.kind
-        if kind == TEXT:
-            self.said.content.append(delta.text)
-        elif kind == REPLACE:
-            self.said.content = [delta.text]
-        elif kind == REASONING:
-            self.said.reasoning.append(delta.text)
-        elif kind == TOOL_START:
-            self._calls.append({"type": "tool_use", "id": delta.call_id, "name": delta.name, "arguments": ""})
-        elif kind == TOOL_ARGS:
-            self.said.arguments.append(delta.text)
-            self._calls[delta.index]["arguments"] += delta.text
-        elif kind == FINISH:
-            self.finish_reason = delta.text
+class AnthropicFold(ChatFold):
+    """Folds deltas into a non-streaming Anthropic `message`: the same folding as chat completions,
+    rendered as Anthropic content blocks."""
 
     def body(self, message_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
@@ -2719,8 +2699,8 @@ class AnthropicFold:
         if "".join(self.said.content):
             content.append({"type": "text", "text": "".join(self.said.content)})
         for call in self._calls:
-            arguments = _arguments_dict(call["arguments"])
-            content.append({"type": "tool_use", "id": call["id"], "name": call["name"],
+            arguments = _arguments_dict(call["function"]["arguments"])
+            content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                             "input": arguments if arguments is not None else {}})
         return {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content,
                 "stop_reason": _stop_reason(self.finish_reason), "stop_sequence": None,
