@@ -653,17 +653,22 @@ def test_stream_chat_exact_text(proxy: Proxy, poe: FakePoe, eol: str) -> None:
     assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
 
 
+def both_ways(proxy: Proxy, model: str) -> tuple[str, str]:
+    """The answer to one question asked without and with streaming: (content, streamed content)."""
+    client = proxy.client()
+    messages = [{"role": "user", "content": "x"}]
+    whole = client.chat.completions.create(model=model, messages=messages).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=model, stream=True, messages=messages) if c.choices)
+    return whole or "", streamed
+
+
 def test_utf8_character_split_across_reads(proxy: Proxy, poe: FakePoe) -> None:
     event = sse("text", {"text": "前🎉後"})
     cut = event.index("🎉".encode()) + 2                # inside the 4-byte emoji
     cut2 = event.index("後".encode()) + 1               # inside a 3-byte character
     poe.on("GPT-4o", [event[:cut], event[cut:cut2], event[cut2:], sse("done", {})])
-    client = proxy.client()
-    result = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
-    assert result.choices[0].message.content == "前🎉後"
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]) if c.choices)
-    assert streamed == "前🎉後"
+    assert both_ways(proxy, "GPT-4o") == ("前🎉後", "前🎉後")
 
 
 def test_stream_include_usage_sends_one_usage_chunk_last(proxy: Proxy, poe: FakePoe) -> None:
@@ -694,12 +699,7 @@ def test_stream_helper_accumulates(proxy: Proxy, poe: FakePoe) -> None:
 def test_replace_response_stream_and_non_stream(proxy: Proxy, poe: FakePoe) -> None:
     poe.on("Img", [sse("text", {"text": "Generating"}), sse("replace_response", {"text": "Generating done"}),
                    sse("text", {"text": "!"}), sse("done", {})])
-    client = proxy.client()
-    whole = client.chat.completions.create(model="Img", messages=[{"role": "user", "content": "x"}])
-    assert whole.choices[0].message.content == "Generating done!"
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="Img", stream=True, messages=[{"role": "user", "content": "x"}]) if c.choices)
-    assert streamed == "Generating done!"
+    assert both_ways(proxy, "Img") == ("Generating done!", "Generating done!")
 
 
 def test_missing_done_still_finishes(proxy: Proxy, poe: FakePoe) -> None:
