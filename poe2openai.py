@@ -158,6 +158,47 @@ def _origins_setting(raw: str) -> tuple[str, ...]:
     return origins or ("*",)
 
 
+# ----------------------------------------------------------------------------- outbound proxy environment
+# Here, not with the other helpers: Settings reads these variables once at start-up.
+
+def _redact_url(url: str) -> str:
+    """A URL fit for logs and error messages: user and password removed."""
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
+    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY (lower-case names win, as curl and urllib have it) ->
+    {"https": url, "http": url, "no": list}. REQUEST_METHOD set means we run under CGI: HTTP_PROXY is
+    then a client-sent header, never trusted (httpoxy)."""
+    found: dict[str, str] = {}
+    for scheme in ("https", "http", "no"):
+        if scheme == "http" and "REQUEST_METHOD" in env:
+            continue
+        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
+        if value and value.strip():
+            found[scheme] = value.strip()
+    return found
+
+
+def bypasses_proxy(host: str, port: int, no_proxy: str) -> bool:
+    """NO_PROXY matching: `*`, exact hosts or IPs, `host:port`, and domain suffixes (`.corp`, `corp`)."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        name = name.lstrip(".")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, read once at start-up and passed down; never re-read from os.environ."""
@@ -392,44 +433,6 @@ def _error_text_from_body(body: bytes) -> str:
 ###############################################################################
 # Pure helpers: ids, JSON, SSE, files, tokens
 ###############################################################################
-
-def _redact_url(url: str) -> str:
-    """A URL fit for logs and error messages: user and password removed."""
-    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-
-
-def proxies_from_env(env: Mapping[str, str]) -> dict[str, str]:
-    """HTTPS_PROXY / HTTP_PROXY / NO_PROXY (lower-case names win, as curl and urllib have it) ->
-    {"https": url, "http": url, "no": list}. REQUEST_METHOD set means we run under CGI: HTTP_PROXY is
-    then a client-sent header, never trusted (httpoxy)."""
-    found: dict[str, str] = {}
-    for scheme in ("https", "http", "no"):
-        if scheme == "http" and "REQUEST_METHOD" in env:
-            continue
-        value = env.get(f"{scheme}_proxy") or env.get(f"{scheme.upper()}_PROXY")
-        if value and value.strip():
-            found[scheme] = value.strip()
-    return found
-
-
-def bypasses_proxy(host: str, port: int, no_proxy: str) -> bool:
-    """NO_PROXY matching: `*`, exact hosts or IPs, `host:port`, and domain suffixes (`.corp`, `corp`)."""
-    host = host.lower().strip("[]")
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry_port and entry_port != str(port):
-            continue
-        name = name.lstrip(".")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
-
 
 def new_id(prefix: str) -> str:
     """A random id such as chatcmpl-3f9a...; hex only, so safe in any client's id field."""
