@@ -90,7 +90,7 @@ import time
 import urllib.parse
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 import h11
 
@@ -3939,12 +3939,97 @@ def parse_json_body(request: Request) -> Any:
         raise bad_request("The request body is nested too deeply.", None, "invalid_json") from None
 
 
-ADMIN_MAX_FAILURES = 5            # failed admin logins per address ...
-ADMIN_FAILURE_WINDOW_S = 300.0    # ... within this window, then 429 until it ends
+# ----------------------------------------------------------------------------- dialects
+
+class StreamEncoder(Protocol):
+    """A dialect's streamed answer: the neutral deltas rendered as its SSE events, and what was said."""
+
+    @property
+    def said(self) -> AnswerText: ...
+
+    def start(self) -> bytes: ...
+
+    def encode(self, delta: Delta) -> bytes: ...
+
+    def finish(self, reason: str, prompt_tokens: int) -> bytes: ...
+
+    def error(self, err: ProxyError) -> bytes: ...
+
+
+class Fold(Protocol):
+    """A dialect's whole answer: the same deltas a stream would carry, folded into one JSON body."""
+
+    @property
+    def said(self) -> AnswerText: ...
+
+    def add(self, delta: Delta) -> None: ...
+
+    def body(self, completion_id: str, created_s: int, model: str, prompt_tokens: int, /) -> dict[str, Any]: ...
+
+
+def openai_error_body(err: ProxyError, request_id: str = "") -> dict[str, Any]:
+    return err.openai_body()
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One API we serve, as data: everything that differs between the APIs. The chat pipeline does the
+    rest the same way for all, on an OpenAI chat request. A new dialect is its request converter, stream
+    encoder and fold, one record like those below, and one entry in the route table."""
+
+    name: str
+    to_openai: Callable[[Any], Any]                # request body -> the equivalent OpenAI chat request body
+    completion_prefix: str                         # of the answer's id
+    call_prefix: str                               # of tool-call ids
+    whole_calls: bool                              # Poe's native tool calls given whole, not piece by piece
+    encoder: Callable[[ChatRun], StreamEncoder]
+    fold: Callable[[ChatRun], Fold]
+    error_body: Callable[[ProxyError, str], dict[str, Any]] = openai_error_body   # (error, request id)
+    alias: Callable[[str], str] = _unchanged       # the client's model id -> the bot it means
+    # (answer id, created, model, request body) -> what every object of the answer echoes (ChatRun.envelope)
+    envelope: Callable[[str, int, str, Mapping[str, Any]], dict[str, Any]] | None = None
+
+
+# POST /v1/chat/completions: native tool calls stream as they come, as OpenAI's own do.
+OPENAI_CHAT = Dialect(
+    "openai", to_openai=_unchanged, completion_prefix="chatcmpl-", call_prefix="call_", whole_calls=False,
+    encoder=lambda run: OpenAIStreamEncoder(run.completion_id, run.created_s, run.route.display,
+                                            run.chat.include_usage),
+    fold=lambda run: ChatFold())
+
+# POST /v1/messages: the Anthropic Messages API (Claude Code) for any Poe bot.
+ANTHROPIC_MESSAGES = Dialect(
+    "anthropic", to_openai=anthropic_to_openai, completion_prefix="msg_", call_prefix="toolu_", whole_calls=True,
+    encoder=lambda run: AnthropicStreamEncoder(run.completion_id, run.route.display, run.prompt_tokens),
+    fold=lambda run: AnthropicFold(), error_body=anthropic_error_body, alias=claude_alias)
+
+# POST /v1/responses: the OpenAI Responses API (Codex, client.responses) for any Poe bot.
+OPENAI_RESPONSES = Dialect(
+    "responses", to_openai=responses_to_openai, completion_prefix="resp_", call_prefix="call_", whole_calls=True,
+    encoder=lambda run: ResponsesStreamEncoder(run.envelope), fold=lambda run: ResponsesFold(run.envelope),
+    envelope=responses_envelope)
+
+
+# ----------------------------------------------------------------------------- the app and its router
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A path's handlers by method, and the dialect of an API path: such a path gets CORS, and its
+    errors that dialect's shape. Other paths (health, admin) get neither."""
+
+    methods: Mapping[str, Handler]
+    dialect: Dialect | None = None
 
 
 class App:
-    """The proxy: settings, shared state and the request handlers."""
+    """The proxy: builds the shared state and wires the pieces that answer with it."""
 
     def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = settings
@@ -3955,43 +4040,62 @@ class App:
         self.uploader = Uploader(settings, self.pool)
         self.stats = UsageStats()
         self.gate = RateGate(settings.rate_limit_ms / 1000.0, settings.rate_limit_max_wait_seconds)
-        self._admin_failures: dict[str, tuple[int, float]] = {}   # client address -> (failures, first at)
-        self.started_at = time.time()
-        self.admin_page = _load_admin_page()
-        # path -> {method: handler}; 404 and 405 are decided from this table alone.
-        self.routes: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {
-            "/v1/chat/completions": {"POST": self.chat},
-            "/chat/completions": {"POST": self.chat},
-            "/v1/models": {"GET": self.list_models},
-            "/models": {"GET": self.list_models},
-            "/healthz": {"GET": self.health},
-            "/admin": {"GET": self.admin},
-            "/api/admin/config": {"GET": self.admin_get_config, "POST": self.admin_post_config},
-            "/api/admin/stats": {"GET": self.admin_stats},
-            "/api/models": {"GET": self.admin_models},
-            "/": {"GET": self.index},
-            "/v1/models/*": {"GET": self.get_model},   # one model: the id is the rest of the path
-            "/models/*": {"GET": self.get_model},
-            "/v1/messages": {"POST": self.messages},
-            "/v1/responses": {"POST": self.responses},
-            "/responses": {"POST": self.responses},
-            "/v1/messages/count_tokens": {"POST": self.count_tokens},
-        }
-        self.anthropic_paths = {"/v1/messages", "/v1/messages/count_tokens"}
-        self.api_paths = {"/v1/chat/completions", "/chat/completions", "/v1/models", "/models", "/v1/models/*",
-                          "/models/*", "/v1/responses", "/responses", *self.anthropic_paths}
+        self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader)
+        self.model_list = ModelList(settings, self.registry, self.catalog)
+        self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate)
+        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline)
+        self.routes = self.router.routes
 
     async def dispatch(self, request: Request) -> Response:
-        """Route a request; every error becomes an OpenAI-shaped response here and only here."""
+        return await self.router.dispatch(request)
+
+    def render_error(self, request: Request, err: ProxyError) -> Response:
+        return self.router.render_error(request, err)
+
+
+class Router:
+    """The route table, and what every request goes through: 404 and 405, CORS and its preflight, and
+    the one place where errors become responses, in the shape of the path's dialect."""
+
+    def __init__(self, settings: Settings, admin: AdminAPI, models: ModelList, chat: ChatPipeline) -> None:
+        self.settings = settings
+        self.started_at = time.time()
+
+        def api(dialect: Dialect) -> Route:   # a dialect's endpoint: POSTs answered by the chat pipeline
+            return Route({"POST": chat.handler(dialect)}, dialect)
+
+        # path -> Route; 404 and 405 are decided from this table alone.
+        self.routes: dict[str, Route] = {
+            "/v1/chat/completions": api(OPENAI_CHAT),
+            "/chat/completions": api(OPENAI_CHAT),
+            "/v1/models": Route({"GET": models.list_models}, OPENAI_CHAT),
+            "/models": Route({"GET": models.list_models}, OPENAI_CHAT),
+            "/healthz": Route({"GET": self.health}),
+            "/admin": Route({"GET": admin.admin}),
+            "/api/admin/config": Route({"GET": admin.admin_get_config, "POST": admin.admin_post_config}),
+            "/api/admin/stats": Route({"GET": admin.admin_stats}),
+            "/api/models": Route({"GET": admin.admin_models}),
+            "/": Route({"GET": self.index}),
+            "/v1/models/*": Route({"GET": models.get_model}, OPENAI_CHAT),   # one model: the id is the rest of the path
+            "/models/*": Route({"GET": models.get_model}, OPENAI_CHAT),
+            "/v1/messages": api(ANTHROPIC_MESSAGES),
+            "/v1/responses": api(OPENAI_RESPONSES),
+            "/responses": api(OPENAI_RESPONSES),
+            "/v1/messages/count_tokens": Route({"POST": chat.count_tokens}, ANTHROPIC_MESSAGES),
+        }
+
+    async def dispatch(self, request: Request) -> Response:
+        """Route a request; every error becomes a response here and only here."""
         path = request.path if request.path == "/" else request.path.rstrip("/")
         if path.startswith(("/v1/models/", "/models/")):
             path = path[:path.index("/models/") + len("/models/")] + "*"
-        cors = path in self.api_paths
+        route = self.routes.get(path)
+        cors = route is not None and route.dialect is not None
         try:
-            methods = self.routes.get(path)
-            if methods is None:
+            if route is None:
                 raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions, "
                                  "/v1/messages and /v1/models.", "invalid_request_error", "not_found")
+            methods = route.methods
             handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
             if request.method == "OPTIONS" and cors:
                 response = self._preflight(request)
@@ -4019,9 +4123,9 @@ class App:
 
     def _error(self, path: str, err: ProxyError, request: Request) -> Response:
         """Errors in the dialect of the route: Anthropic's shape on /v1/messages, OpenAI's elsewhere."""
-        if path in self.anthropic_paths:
-            return json_response(err.status, anthropic_error_body(err, request.request_id), err.headers)
-        return error_response(err)
+        route = self.routes.get(path)
+        dialect = route.dialect if route is not None and route.dialect is not None else OPENAI_CHAT
+        return json_response(err.status, dialect.error_body(err, request.request_id), err.headers)
 
     def _cors_headers(self, request: Request) -> list[tuple[str, str]]:
         """Any origin by default, never with credentials; or only the listed CORS_ALLOW_ORIGINS."""
@@ -4047,7 +4151,7 @@ class App:
                               ("Access-Control-Allow-Headers", allow),
                               ("Access-Control-Max-Age", "3600")])
 
-    # --------------------------------------------------------------------- simple routes
+    # --------------------------------------------------------------------- the router's own routes
 
     async def health(self, request: Request) -> Response:
         return json_response(200, {"status": "ok", "version": __version__, "pid": os.getpid(),
@@ -4058,6 +4162,28 @@ class App:
                                    "endpoints": ["POST /v1/chat/completions", "POST /v1/messages", "POST /v1/responses",
                                                  "POST /v1/messages/count_tokens", "GET /v1/models",
                                                  "GET /healthz", "GET /admin"]})
+
+
+# ----------------------------------------------------------------------------- the admin API
+
+ADMIN_MAX_FAILURES = 5            # failed admin logins per address ...
+ADMIN_FAILURE_WINDOW_S = 300.0    # ... within this window, then 429 until it ends
+
+
+class AdminAPI:
+    """The admin page and its API (models.yaml, stats, Poe's raw model list) behind Basic auth, with a
+    back-off on failed logins per client address."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
+                 pool: UpstreamPool, uploader: Uploader) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.catalog = catalog
+        self.stats = stats
+        self.pool = pool
+        self.uploader = uploader
+        self._admin_failures: dict[str, tuple[int, float]] = {}   # client address -> (failures, first at)
+        self.admin_page = _load_admin_page()
 
     async def admin(self, request: Request) -> Response:
         self._check_admin(request)
@@ -4133,7 +4259,16 @@ class App:
         key = self.registry.config().api_token or _optional_key(request)
         return json_response(200, {"object": "list", "data": await self.catalog.models(key, refresh=True)})
 
-    # --------------------------------------------------------------------- models
+
+# ----------------------------------------------------------------------------- the model list
+
+class ModelList:
+    """GET /v1/models and /v1/models/{id}: Poe's models as models.yaml renames, hides and adds them."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.catalog = catalog
 
     async def list_models(self, request: Request) -> Response:
         cfg = self.registry.config()
@@ -4151,31 +4286,33 @@ class App:
         raise ProxyError(404, f"The model '{wanted}' does not exist or is hidden on this proxy.",
                          "invalid_request_error", "model_not_found", "model")
 
-    # --------------------------------------------------------------------- chat
 
-    async def chat(self, request: Request) -> Response:
+# ----------------------------------------------------------------------------- the chat pipeline
+
+class ChatPipeline:
+    """Answers a chat request of any dialect: converted to an OpenAI chat request, sent to Poe as a
+    query, and Poe's events translated to deltas that the dialect's encoder (streaming) or fold renders."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, uploader: Uploader,
+                 stats: UsageStats, gate: RateGate) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.poe = poe
+        self.uploader = uploader
+        self.stats = stats
+        self.gate = gate
+
+    def handler(self, dialect: Dialect) -> Handler:
+        async def handle(request: Request) -> Response:
+            return await self.chat(request, dialect)
+        return handle
+
+    async def chat(self, request: Request, dialect: Dialect) -> Response:
         api_key = api_key_of(request)
         body = parse_json_body(request)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.model = body["model"][:100]   # for the access log, even if the request is refused
-        return await self._answer(parse_chat_request(body), api_key, "openai")
-
-    async def messages(self, request: Request) -> Response:
-        """POST /v1/messages: the Anthropic Messages API (Claude Code) for any Poe bot."""
-        api_key = api_key_of(request)
-        body = parse_json_body(request)
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            request.model = body["model"][:100]
-        return await self._answer(parse_chat_request(anthropic_to_openai(body)), api_key, "anthropic")
-
-    async def responses(self, request: Request) -> Response:
-        """POST /v1/responses: the OpenAI Responses API (Codex, client.responses) for any Poe bot."""
-        api_key = api_key_of(request)
-        body = parse_json_body(request)
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            request.model = body["model"][:100]
-        chat = parse_chat_request(responses_to_openai(body))
-        return await self._answer(chat, api_key, "responses", body)
+        return await self._answer(parse_chat_request(dialect.to_openai(body)), api_key, dialect, body)
 
     async def count_tokens(self, request: Request) -> Response:
         """POST /v1/messages/count_tokens: answered here from the estimator, never sent to Poe."""
@@ -4185,14 +4322,14 @@ class App:
         chat = parse_chat_request(anthropic_to_openai(body))
         return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat))})
 
-    def _route(self, model: str, dialect: str) -> ModelRoute:
+    def _route(self, model: str, dialect: Dialect) -> ModelRoute:
         route = self.registry.resolve(model)
-        if dialect == "anthropic" and route.bot == model and claude_alias(model) != model:
+        if route.bot == model and dialect.alias(model) != model:
             # Claude Code asks for dated Anthropic ids; unless models.yaml maps them, use Poe's bot name.
-            route = dataclasses.replace(self.registry.resolve(claude_alias(model)), display=model)
+            route = dataclasses.replace(self.registry.resolve(dialect.alias(model)), display=model)
         return route
 
-    async def _answer(self, chat: ChatRequest, api_key: str, dialect: str,
+    async def _answer(self, chat: ChatRequest, api_key: str, dialect: Dialect,
                       raw_body: Mapping[str, Any] | None = None) -> Response:
         started_s = time.perf_counter()
         try:
@@ -4201,17 +4338,16 @@ class App:
             attachments = await self.uploader.attachments_for(media, api_key) if media else {}
             query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
                                     attachments=attachments)
-            anthropic = dialect == "anthropic"
-            prefix = {"anthropic": "msg_", "responses": "resp_"}.get(dialect, "chatcmpl-")
-            run = ChatRun(chat, route, new_id(prefix), int(time.time()), count_prompt_tokens(query), started_s, dialect)
-            if dialect == "responses":
-                run.envelope = responses_envelope(run.completion_id, run.created_s, route.display, raw_body or {})
+            run = ChatRun(chat, route, new_id(dialect.completion_prefix), int(time.time()), count_prompt_tokens(query),
+                          started_s, dialect)
+            if dialect.envelope is not None:
+                run.envelope = dialect.envelope(run.completion_id, run.created_s, route.display, raw_body or {})
             await self.gate.wait()
             events = await self.poe.open_bot_stream(route.bot, query, api_key)
             translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native",
                                        json_answer=bool(chat.json_instruction),
-                                       make_id=lambda: new_id("toolu_" if anthropic else "call_"),
-                                       whole_calls=dialect != "openai")
+                                       make_id=lambda: new_id(dialect.call_prefix),
+                                       whole_calls=dialect.whole_calls)
             if not chat.stream:
                 return await self._chat_whole(run, events, translator)
             return await self._chat_stream(run, events, translator)
@@ -4230,9 +4366,7 @@ class App:
         return deltas
 
     async def _chat_whole(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
-        fold: ChatFold | AnthropicFold | ResponsesFold = (
-            AnthropicFold() if run.dialect == "anthropic" else ResponsesFold(run.envelope)
-            if run.dialect == "responses" else ChatFold())
+        fold = run.dialect.fold(run)
         try:
             while not translator.finished:
                 for delta in await self._next_deltas(events, translator, self.settings.read_timeout_seconds):
@@ -4272,14 +4406,11 @@ class App:
             await events.aclose()
             assert held[0].error is not None
             raise held[0].error
-        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder | ResponsesStreamEncoder = (
-            AnthropicStreamEncoder(run.completion_id, run.route.display, run.prompt_tokens)
-            if run.dialect == "anthropic" else ResponsesStreamEncoder(run.envelope) if run.dialect == "responses" else
-            OpenAIStreamEncoder(run.completion_id, run.created_s, run.route.display, run.chat.include_usage))
+        encoder = run.dialect.encoder(run)
         return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, events, translator, encoder, held))
 
     async def _sse_body(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator,
-                        encoder: OpenAIStreamEncoder | AnthropicStreamEncoder | ResponsesStreamEncoder,
+                        encoder: StreamEncoder,
                         held: list[Delta]) -> AsyncIterator[bytes]:
         """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
         clean = False
@@ -4339,7 +4470,7 @@ class ChatRun:
     created_s: int
     prompt_tokens: int
     started_s: float      # perf_counter() at arrival, for latency
-    dialect: str = "openai"   # openai | anthropic | responses: how answers and errors are rendered
+    dialect: Dialect          # how the request was converted and how its answer is rendered
     envelope: dict[str, Any] = field(default_factory=dict)   # responses: the object's echoed fields
 
 
