@@ -58,7 +58,12 @@ Sections, each depending only on those above it: Settings; Errors; Pure helpers 
 files, tokens); Small machines (rate gate, stats, LRU cache); Converters (request -> Poe query; Poe
 events -> neutral deltas -> OpenAI chunks or body; the Anthropic and Responses dialects); Model
 registry; HTTP plumbing; Poe client;
-Handlers and the route table; Inbound connections; Server lifecycle; main().
+Handlers (the Dialect records; the App wiring a Router, the admin API, the model list and the chat
+pipeline); Inbound connections; Server lifecycle; main().
+
+A dialect (OpenAI chat, Anthropic messages, OpenAI responses) is a ``Dialect`` record: its request
+converter to an OpenAI chat request, its id prefixes, its stream encoder and fold, its error body.
+The chat pipeline answers every dialect the same way through it.
 
 Importing this module starts nothing and writes nothing; ``serve(settings)`` runs the server.
 """
@@ -3870,7 +3875,7 @@ def _attachment_type(content_type: str, url: str) -> str:
 
 ###############################################################################
 ###############################################################################
-# Handlers and the route table
+# Handlers: the dialects, the router, the admin API, the model list, the chat pipeline
 ###############################################################################
 
 @dataclass
@@ -4046,6 +4051,7 @@ class App:
         self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline)
         self.routes = self.router.routes
 
+    # What InboundConnection calls: the router's.
     async def dispatch(self, request: Request) -> Response:
         return await self.router.dispatch(request)
 
@@ -4325,7 +4331,8 @@ class ChatPipeline:
     def _route(self, model: str, dialect: Dialect) -> ModelRoute:
         route = self.registry.resolve(model)
         if route.bot == model and dialect.alias(model) != model:
-            # Claude Code asks for dated Anthropic ids; unless models.yaml maps them, use Poe's bot name.
+            # A dialect's own ids (Claude Code's dated Anthropic ones): unless models.yaml maps them, the
+            # bot they mean.
             route = dataclasses.replace(self.registry.resolve(dialect.alias(model)), display=model)
         return route
 
