@@ -76,6 +76,8 @@ class Script:
     status: int = 200
     content_type: str = "text/event-stream"
     body: bytes = b""      # for non-200 answers
+    headers: list[tuple[str, str]] = field(default_factory=list)   # extra response headers
+    hang_up: bool = False  # read the whole query, then drop the connection without answering
 
 
 DISCONNECT = "DISCONNECT"
@@ -170,9 +172,12 @@ class FakePoe:
         except Exception as exc:  # noqa: BLE001 - recorded and asserted by the tests
             self.invalid_queries.append(f"{bot}: {exc}")
         script = self.scripts.get(bot) or Script(text_events(f"Hello from {bot}"))
+        if script.hang_up:
+            writer.transport.abort()
+            return False
         if script.status != 200:
             await self._send(conn, writer, h11.Response(status_code=script.status, headers=[
-                ("Content-Type", "application/json"), ("Content-Length", str(len(script.body)))]),
+                ("Content-Type", "application/json"), ("Content-Length", str(len(script.body))), *script.headers]),
                 h11.Data(data=script.body), h11.EndOfMessage())
             return True
         await self._send(conn, writer, h11.Response(status_code=200, headers=[
@@ -463,13 +468,64 @@ def test_lenient_fields_are_accepted() -> None:
     ({"text": "Unauthorized"}, 401, "invalid_api_key"),
     ({"text": "Bot does not exist"}, 404, "model_not_found"),
     ({"text": "msg", "error_type": "user_message_too_long"}, 400, "context_length_exceeded"),
+    ({"text": "msg", "error_type": "user_caused_error"}, 400, "bad_request"),
+    ({"text": "msg", "error_type": "privacy_authorization_error"}, 403, "permission_denied"),
+    ({"text": "Access denied", "allow_retry": True}, 403, "permission_denied"),
+    ({"text": "Your message is too long for this bot."}, 400, "context_length_exceeded"),
+    ({"text": "The conversation exceeds the context window."}, 400, "context_length_exceeded"),
+    ({"text": "The bot took too long to respond."}, 504, "upstream_timeout"),   # a timeout, not a long prompt
+    ({"text": "Request timed out"}, 504, "upstream_timeout"),
     ({"text": "Internal server error", "allow_retry": True}, 502, "bot_error"),
+    ({"text": "The endpoints are busy"}, 502, "bot_error"),                  # "points" only as a word
     ({}, 502, "bot_error"),
 ])
 def test_poe_error_classification(data: dict[str, Any], status: int, code: str) -> None:
     err = p2o.classify_poe_error(data)
     assert (err.status, err.code) == (status, code)
     assert err.openai_body()["error"]["message"]
+    retry_after = dict(err.headers).get("Retry-After")
+    assert (retry_after == str(p2o.DEFAULT_RETRY_AFTER_S)) if status == 429 else retry_after is None
+
+
+@pytest.mark.parametrize("status, headers, body, want_status, code, retry_after", [
+    (429, {"retry-after": "17"}, b'{"error": "slow down"}', 429, "rate_limit_exceeded", "17"),
+    (429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, b"", 429, "rate_limit_exceeded",
+     "Wed, 21 Oct 2015 07:28:00 GMT"),
+    (429, {"retry-after": "soon"}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (429, {}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (402, {}, b"", 429, "insufficient_quota", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (413, {}, b'{"error": {"message": "request_too_large"}}', 400, "context_length_exceeded", None),
+    (400, {}, b'{"error": {"message": "Input exceeds the maximum context length"}}', 400,
+     "context_length_exceeded", None),
+    (400, {}, b'{"error": {"message": "temperature must be a number"}}', 400, "bad_request", None),
+    (403, {}, b"", 403, "permission_denied", None),
+    (503, {"retry-after": "3"}, b"", 502, "upstream_error", "3"),
+])
+def test_poe_status_classification(status: int, headers: dict[str, str], body: bytes, want_status: int,
+                                   code: str, retry_after: str | None) -> None:
+    err = p2o.classify_poe_status(status, body, "bot X", headers)
+    assert (err.status, err.code) == (want_status, code)
+    assert dict(err.headers).get("Retry-After") == retry_after
+    assert err.message.startswith(f"bot X: Poe answered HTTP {status}")
+
+
+@pytest.mark.parametrize("status, code, kind", [
+    (400, "bad_request", "invalid_request_error"), (401, "invalid_api_key", "authentication_error"),
+    (403, "permission_denied", "permission_error"), (404, "model_not_found", "not_found_error"),
+    (413, "too_big", "request_too_large"), (429, "rate_limit_exceeded", "rate_limit_error"),
+    (429, "insufficient_quota", "rate_limit_error"), (500, "internal_error", "api_error"),
+    (502, "upstream_proxy_error", "api_error"), (504, "upstream_timeout", "timeout_error"),
+])
+def test_anthropic_error_types_follow_the_status(status: int, code: str, kind: str) -> None:
+    body = p2o.anthropic_error_body(p2o.ProxyError(status, "m", "x", code), "req_1")
+    assert body == {"type": "error", "error": {"type": kind, "message": "m"}, "request_id": "req_1"}
+
+
+def test_anthropic_context_errors_say_prompt_is_too_long() -> None:
+    err = p2o.classify_poe_error({"text": "Message too long for bot", "error_type": "user_message_too_long"})
+    body = p2o.anthropic_error_body(err)
+    assert body["error"] == {"type": "invalid_request_error", "message": "prompt is too long: Message too long for bot"}
+    assert err.openai_body()["error"]["message"] == "Message too long for bot"   # OpenAI's wording is untouched
 
 
 def test_stream_and_fold_agree_on_replace_response() -> None:
