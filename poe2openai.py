@@ -3588,10 +3588,11 @@ class UpstreamPool:
                 raise upstream_error(f"{what}: Poe did not answer within {read_timeout_s:g} s", 504,
                                      "upstream_timeout") from None
             except (h11.RemoteProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
+                detail = "closed without an answer" if stream.reader.at_eof() else _describe(exc)
                 await stream.aclose()
                 raise upstream_error(f"{what}: the connection to {origin.host} was lost after the request was sent "
-                                     f"({_describe(exc)}); it was not sent again, so that Poe does not answer "
-                                     "(and bill) it twice") from None
+                                     f"({detail}); it was not sent again, so that Poe does not answer (and bill) "
+                                     "it twice") from None
             except BaseException:
                 stream.writer.close()
                 raise
@@ -3695,16 +3696,21 @@ class UpstreamPool:
             try:
                 await loop.sock_sendall(sock, tunnel.send(h11.Request(method="CONNECT", target=authority,
                                                                       headers=headers)))
+                answered = False
                 while True:
                     event = tunnel.next_event()
                     if event is h11.NEED_DATA:
-                        tunnel.receive_data(await loop.sock_recv(sock, 4096))   # b"": h11 learns of the close
+                        data = await loop.sock_recv(sock, 4096)
+                        if not data:
+                            how = "in the middle of its answer to" if answered else "without answering"
+                            raise failure(f"closed the connection {how} the CONNECT request for {authority}")
+                        answered = True
+                        tunnel.receive_data(data)
                         continue
                     if isinstance(event, h11.Response):
                         break
-                    if isinstance(event, h11.InformationalResponse):
-                        continue
-                    raise failure(f"closed the connection without answering the CONNECT request for {authority}")
+                    if not isinstance(event, h11.InformationalResponse):
+                        raise failure(f"answered the CONNECT request for {authority} with {type(event).__name__}")
             except h11.RemoteProtocolError as exc:   # not HTTP, or cut off in the middle of its answer
                 raise failure(f"sent an answer to CONNECT that is not valid HTTP ({exc})") from None
             except OSError as exc:
