@@ -403,10 +403,10 @@ def classify_poe_status(status: int, body: bytes, what: str, headers: Mapping[st
         return ProxyError(400, message, "invalid_request_error", "context_length_exceeded")
     if status in (400, 422):
         return ProxyError(400, message, "invalid_request_error", "bad_request")
-    if status == 408:
+    if status in (408, 504):
         return ProxyError(504, message, "upstream_error", "upstream_timeout", headers=retry)
-    if status in (502, 503, 504):
-        return ProxyError(502 if status != 504 else 504, message, "upstream_error", "upstream_error", headers=retry)
+    if status in (502, 503):
+        return ProxyError(502, message, "upstream_error", "upstream_error", headers=retry)
     return upstream_error(message)
 
 

@@ -503,6 +503,8 @@ def test_poe_error_classification(data: dict[str, Any], status: int, code: str) 
     (400, {}, b'{"error": {"message": "temperature must be a number"}}', 400, "bad_request", None),
     (403, {}, b"", 403, "permission_denied", None),
     (503, {"retry-after": "3"}, b"", 502, "upstream_error", "3"),
+    (504, {}, b"", 504, "upstream_timeout", None),
+    (408, {}, b"", 504, "upstream_timeout", None),
 ])
 def test_poe_status_classification(status: int, headers: dict[str, str], body: bytes, want_status: int,
                                    code: str, retry_after: str | None) -> None:
