@@ -340,7 +340,7 @@ _POE_ERROR_TEXTS: tuple[tuple[re.Pattern[str], int, str, str], ...] = (
     (re.compile(r"access denied|forbidden|permission|privacy", re.I), 403, "permission_error", "permission_denied"),
     (re.compile(r"bot does not exist|does not exist|not found|unknown bot|no such bot", re.I),
      404, "invalid_request_error", "model_not_found"),
-    (re.compile(r"timed out|time-?out|took too long|taking too long", re.I), 504, "upstream_error",
+    (re.compile(r"timed out|time-?out|(took|taking|waited|waiting) too long", re.I), 504, "upstream_error",
      "upstream_timeout"),
     (_CONTEXT_TOO_LONG, 400, "invalid_request_error", "context_length_exceeded"),
 )
