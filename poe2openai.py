@@ -326,6 +326,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
 # Errors
 ###############################################################################
 
+# The wait a 429 suggests when nobody said how long: Poe's `error` events carry no header, and Poe's
+# rate limit counts requests per minute, so a few seconds lets a retry land in a quieter moment.
+DEFAULT_RETRY_AFTER_S = 5
+
+
 class ProxyError(Exception):
     """The one error type: an HTTP status plus an OpenAI error object. Caught in one place."""
 
@@ -339,6 +344,10 @@ class ProxyError(Exception):
         self.code = code
         self.param = param
         self.headers = list(headers)
+        if status == 429 and not any(name.lower() == "retry-after" for name, _ in self.headers):
+            # Every 429 says how long to wait: without it the SDKs and Claude Code retry at once and in
+            # quick succession, hitting the same limit again and again.
+            self.headers.append(("Retry-After", str(DEFAULT_RETRY_AFTER_S)))
 
     def openai_body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -363,16 +372,23 @@ _POE_ERROR_TYPES: dict[str, tuple[int, str, str]] = {
     "user_caused_error": (400, "invalid_request_error", "bad_request"),
     "privacy_authorization_error": (403, "permission_error", "permission_denied"),
 }
+# A context-length error makes clients shorten the conversation (Claude Code compacts it), so only texts
+# about the size of the input count: "took too long" is a timeout and is matched before.
+_CONTEXT_TOO_LONG = re.compile(r"too long|(request|message|prompt|input|conversation)s? (is |are )?too large"
+                               r"|context (length|window)|too many (input )?tokens|token limit"
+                               r"|maximum (context|number of tokens)", re.I)
 _POE_ERROR_TEXTS: tuple[tuple[re.Pattern[str], int, str, str], ...] = (
-    (re.compile(r"points|quota|insufficient fund|subscription", re.I), 429, "insufficient_quota", "insufficient_quota"),
+    (re.compile(r"\bpoints\b|quota|insufficient fund|subscription", re.I), 429, "insufficient_quota",
+     "insufficient_quota"),
     (re.compile(r"rate.?limit|too many requests", re.I), 429, "rate_limit_error", "rate_limit_exceeded"),
     (re.compile(r"invalid (api )?(token|key)|unauthori[sz]ed|invalid access key|not authenticated", re.I),
      401, "authentication_error", "invalid_api_key"),
-    (re.compile(r"access denied|forbidden|permission", re.I), 403, "permission_error", "permission_denied"),
+    (re.compile(r"access denied|forbidden|permission|privacy", re.I), 403, "permission_error", "permission_denied"),
     (re.compile(r"bot does not exist|does not exist|not found|unknown bot|no such bot", re.I),
      404, "invalid_request_error", "model_not_found"),
-    (re.compile(r"too long|context length|too many tokens", re.I), 400, "invalid_request_error",
-     "context_length_exceeded"),
+    (re.compile(r"timed out|time-?out|(took|taking|waited|waiting) too long", re.I), 504, "upstream_error",
+     "upstream_timeout"),
+    (_CONTEXT_TOO_LONG, 400, "invalid_request_error", "context_length_exceeded"),
 )
 
 
@@ -397,10 +413,26 @@ def classify_poe_error(data: Mapping[str, Any]) -> ProxyError:
     return ProxyError(status, message, type_, code, headers=headers)
 
 
-def classify_poe_status(status: int, body: bytes, what: str) -> ProxyError:
-    """Map a non-2xx HTTP answer from Poe to our error, keeping Poe's own message when it gives one."""
+_HTTP_DATE = re.compile(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
+
+
+def retry_after_of(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Poe's own Retry-After (seconds or an HTTP date) and retry-after-ms, passed on when well-formed."""
+    found = []
+    value = headers.get("retry-after", "").strip()
+    if value.isdigit() or _HTTP_DATE.fullmatch(value):
+        found.append(("Retry-After", value))
+    value_ms = headers.get("retry-after-ms", "").strip()
+    if value_ms.isdigit():
+        found.append(("retry-after-ms", value_ms))
+    return found
+
+
+def classify_poe_status(status: int, body: bytes, what: str, headers: Mapping[str, str] | None = None) -> ProxyError:
+    """Map a non-2xx HTTP answer from Poe to our error, keeping Poe's own message (and its Retry-After)."""
     detail = _error_text_from_body(body)
     message = f"{what}: Poe answered HTTP {status}" + (f": {detail}" if detail else "")
+    retry = retry_after_of(headers or {})
     if status in (401, 403):
         return ProxyError(401 if status == 401 else 403, message,
                           "authentication_error" if status == 401 else "permission_error",
@@ -409,13 +441,18 @@ def classify_poe_status(status: int, body: bytes, what: str) -> ProxyError:
         return ProxyError(404, message, "invalid_request_error", "model_not_found")
     if status == 402:
         return ProxyError(429, message, "insufficient_quota", "insufficient_quota",
-                          headers=[("x-should-retry", "false")])
+                          headers=[("x-should-retry", "false"), *retry])
     if status == 429:
-        return ProxyError(429, message, "rate_limit_error", "rate_limit_exceeded")
-    if status in (400, 413, 422):
+        return ProxyError(429, message, "rate_limit_error", "rate_limit_exceeded", headers=retry)
+    if status == 413 or (status in (400, 422) and _CONTEXT_TOO_LONG.search(detail)):
+        # Poe's documented 413 is "more tokens than the context window", not a byte limit.
+        return ProxyError(400, message, "invalid_request_error", "context_length_exceeded")
+    if status in (400, 422):
         return ProxyError(400, message, "invalid_request_error", "bad_request")
-    if status in (502, 503, 504):
-        return upstream_error(message, 502 if status != 504 else 504)
+    if status in (408, 504):
+        return ProxyError(504, message, "upstream_error", "upstream_timeout", headers=retry)
+    if status in (502, 503):
+        return ProxyError(502, message, "upstream_error", "upstream_error", headers=retry)
     return upstream_error(message)
 
 
@@ -2599,7 +2636,11 @@ def _anthropic_part(block: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def anthropic_error_body(err: ProxyError, request_id: str = "") -> dict[str, Any]:
     kind = ANTHROPIC_ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": err.message}, "request_id": request_id}
+    message = err.message
+    if err.code == "context_length_exceeded" and not message.lower().startswith("prompt is too long"):
+        # Anthropic's own wording: Claude Code compacts the conversation when a 400 message starts so.
+        message = f"prompt is too long: {message}"
+    return {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
 
 
 def _stop_reason(finish: str) -> str:
@@ -3435,6 +3476,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+# Event-loop turns given to a pooled connection before reuse; see UpstreamPool._take_idle.
+POOL_CHECK_YIELDS = 2
+
+
 class UpstreamPool:
     """Keep-alive connections to Poe, per origin; HTTPS with verification; HTTP(S)_PROXY aware."""
 
@@ -3468,8 +3513,20 @@ class UpstreamPool:
         while len(idle) > self._max_idle:
             asyncio.ensure_future(idle.popleft()[0].aclose())
 
-    def _take_idle(self, origin: Origin) -> HTTPStream | None:
+    async def _take_idle(self, origin: Origin) -> HTTPStream | None:
+        """A pooled connection still open as far as can be known before writing to it, or None.
+
+        Poe closes keep-alive connections it finds idle. A FIN (or RST) that is already in our socket
+        is only seen once the event loop has polled the socket and then run the transport's read
+        callback: the first yield lets the loop poll (its callbacks queue up behind us), the second
+        lets them run, so EOF or a reset shows in `is_reusable()`. A close that is still on the wire
+        when we write cannot be seen by anyone; `request` then answers 502 rather than send again.
+        """
         idle = self._idle.get(origin)
+        if not idle:
+            return None
+        for _ in range(POOL_CHECK_YIELDS):
+            await asyncio.sleep(0)
         now = time.monotonic()
         while idle:
             stream, since = idle.pop()
@@ -3487,13 +3544,15 @@ class UpstreamPool:
                       what: str, timeout_s: float | None = None) -> UpstreamResponse:
         """Send one request and return once the response head arrived (or raise ProxyError).
 
-        A pooled connection that turns out to be dead before any answer is replaced once by a
-        fresh one; nothing reached Poe in that case, so the retry is safe.
+        A request is sent a second time, on a fresh connection, only when it provably never reached
+        Poe: the pooled connection failed while we were still writing it. Once it was written in
+        full, Poe may be generating (and billing) the answer, so a connection lost before the head
+        is a 502 and never a second query.
         """
         origin = Origin.of(url)
         read_timeout_s = timeout_s or self._settings.read_timeout_seconds
         for attempt in (0, 1):
-            stream = self._take_idle(origin) if attempt == 0 else None
+            stream = await self._take_idle(origin) if attempt == 0 else None
             reused = stream is not None
             if stream is None:
                 stream = await self._connect(origin, what)
@@ -3510,6 +3569,21 @@ class UpstreamPool:
                     for start in range(0, len(body), BODY_PIECE_BYTES):
                         await stream.send(h11.Data(data=view[start:start + BODY_PIECE_BYTES]))
                     await stream.send(h11.EndOfMessage())
+            except asyncio.TimeoutError:
+                await stream.aclose()
+                raise upstream_error(f"{what}: Poe did not take the request within {WRITE_TIMEOUT_S:g} s", 504,
+                                     "upstream_timeout") from None
+            except (h11.LocalProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
+                # Part of the request at most reached Poe, which cannot act on a body it did not get whole.
+                await stream.aclose()
+                if reused:
+                    continue
+                raise upstream_error(f"{what}: the connection to {origin.host} failed while sending the request "
+                                     f"({_describe(exc)})") from None
+            except BaseException:
+                stream.writer.close()   # cancelled mid-request: the connection is in an unknown state
+                raise
+            try:
                 while True:
                     event = await stream.next_event(read_timeout_s)
                     if isinstance(event, h11.Response):
@@ -3521,13 +3595,14 @@ class UpstreamPool:
                 await stream.aclose()
                 raise upstream_error(f"{what}: Poe did not answer within {read_timeout_s:g} s", 504,
                                      "upstream_timeout") from None
-            except (h11.RemoteProtocolError, h11.LocalProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
+            except (h11.RemoteProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
+                detail = "closed without an answer" if stream.reader.at_eof() else _describe(exc)
                 await stream.aclose()
-                if reused:
-                    continue
-                raise upstream_error(f"{what}: the connection to {origin.host} failed ({_describe(exc)})") from None
+                raise upstream_error(f"{what}: the connection to {origin.host} was lost after the request was sent "
+                                     f"({detail}); it was not sent again, so that Poe does not answer (and bill) "
+                                     "it twice") from None
             except BaseException:
-                stream.writer.close()   # cancelled mid-request: the connection is in an unknown state
+                stream.writer.close()
                 raise
         raise AssertionError("unreachable")
 
@@ -3540,6 +3615,7 @@ class UpstreamPool:
         timeout_s = self._settings.connect_timeout_seconds
         proxy = self._proxy_for(origin)
         where = f"{origin.host}:{origin.port}"
+        stage: list[str] = []   # how far a proxy got, for the message when the deadline strikes
         try:
             if proxy is None:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(
@@ -3550,10 +3626,10 @@ class UpstreamPool:
                     limit=READ_CHUNK_BYTES), timeout_s)
             else:
                 where = f"{where} through the proxy {_redact_url(proxy)}"
-                reader, writer = await asyncio.wait_for(self._via_proxy(origin, proxy), timeout_s)
+                reader, writer = await asyncio.wait_for(self._via_proxy(origin, proxy, what, stage), timeout_s)
         except asyncio.TimeoutError:   # nothing answered: unreachable, a gateway error like the others
-            raise upstream_error(f"{what}: {where} is unreachable (no connection within {timeout_s:g} s)",
-                                 code="upstream_unreachable") from None
+            raise upstream_error(f"{what}: {where} is unreachable (no connection within {timeout_s:g} s"
+                                 + (f": {stage[0]})" if stage else ")"), code="upstream_unreachable") from None
         except ProxyError:
             raise
         except socket.gaierror as exc:
@@ -3573,20 +3649,36 @@ class UpstreamPool:
         self.connections_opened += 1
         return HTTPStream(reader, writer, h11.CLIENT, OUTBOUND_MAX_HEAD_BYTES)
 
-    async def _via_proxy(self, origin: Origin, proxy_url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _via_proxy(self, origin: Origin, proxy_url: str, what: str,
+                         stage: list[str]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to `origin` through an http:// proxy. Whatever goes wrong with the proxy itself
+        is a ProxyError 502 `upstream_proxy_error`; TLS problems with Poe beyond it stay TLS errors."""
         proxy = urllib.parse.urlsplit(proxy_url if "://" in proxy_url else "http://" + proxy_url)
         if proxy.scheme != "http":
             raise upstream_error(f"proxy {_redact_url(proxy_url)}: only http:// proxy URLs are supported",
                                  code="upstream_proxy_error")
         proxy_host, proxy_port = proxy.hostname or "", proxy.port or 8080
+        name = f"the proxy {proxy_host}:{proxy_port}"
+
+        def failure(what_happened: str, exc: BaseException | None = None) -> ProxyError:
+            return upstream_error(f"{what}: {name} {what_happened}" + (f" ({_describe(exc)})" if exc else ""),
+                                  code="upstream_proxy_error")
+
+        stage[:] = [f"{name} did not accept the connection"]
         if origin.scheme == "http":
             # Plain HTTP goes to the proxy in absolute form; no tunnel needed.
-            return await asyncio.open_connection(proxy_host, proxy_port, limit=READ_CHUNK_BYTES)
+            try:
+                return await asyncio.open_connection(proxy_host, proxy_port, limit=READ_CHUNK_BYTES)
+            except OSError as exc:
+                raise failure("cannot be reached", exc) from None
         # HTTPS: open a TCP socket to the proxy, ask for a CONNECT tunnel on the raw socket, then
         # run TLS over it. Working on the socket before asyncio wraps it avoids start_tls, which
         # StreamWriter only has from Python 3.11.
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(proxy_host, proxy_port, type=socket.SOCK_STREAM)
+        try:
+            infos = await loop.getaddrinfo(proxy_host, proxy_port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise failure("cannot be resolved", exc) from None
         sock: socket.socket | None = None
         last_error: OSError | None = None
         for family, type_, proto, _, address in infos:
@@ -3600,34 +3692,50 @@ class UpstreamPool:
                 candidate.close()
                 last_error = exc
         if sock is None:
-            raise last_error or OSError(f"cannot connect to proxy {proxy_host}")
+            raise failure("cannot be reached", last_error)
         try:
             authority = f"{origin.host}:{origin.port}"
+            stage[:] = [f"{name} did not answer the CONNECT request for {authority}"]
             headers = [("Host", authority)]
             if proxy.username:
                 creds = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
                 headers.append(("Proxy-Authorization", "Basic " + base64.b64encode(creds.encode()).decode()))
             tunnel = h11.Connection(h11.CLIENT)
-            await loop.sock_sendall(sock, tunnel.send(h11.Request(method="CONNECT", target=authority,
-                                                                  headers=headers)))
-            while True:
-                event = tunnel.next_event()
-                if event is h11.NEED_DATA:
-                    tunnel.receive_data(await loop.sock_recv(sock, 4096))
-                    continue
-                if isinstance(event, h11.Response):
-                    break
-                if isinstance(event, h11.InformationalResponse):
-                    continue
-                raise ConnectionError("the proxy closed the connection")
+            try:
+                await loop.sock_sendall(sock, tunnel.send(h11.Request(method="CONNECT", target=authority,
+                                                                      headers=headers)))
+                answered = False
+                while True:
+                    event = tunnel.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await loop.sock_recv(sock, 4096)
+                        if not data:
+                            how = "in the middle of its answer to" if answered else "without answering"
+                            raise failure(f"closed the connection {how} the CONNECT request for {authority}")
+                        answered = True
+                        tunnel.receive_data(data)
+                        continue
+                    if isinstance(event, h11.Response):
+                        break
+                    if not isinstance(event, h11.InformationalResponse):
+                        raise failure(f"answered the CONNECT request for {authority} with {type(event).__name__}")
+            except h11.RemoteProtocolError as exc:   # not HTTP, or cut off in the middle of its answer
+                raise failure(f"sent an answer to CONNECT that is not valid HTTP ({exc})") from None
+            except OSError as exc:
+                raise failure(f"failed while asked for a tunnel to {authority}", exc) from None
             if not 200 <= event.status_code < 300:
-                raise upstream_error(f"the proxy {proxy_host}:{proxy_port} refused the tunnel to {authority} "
-                                     f"(HTTP {event.status_code})", code="upstream_proxy_error")
+                raise failure(f"refused the tunnel to {authority} (HTTP {event.status_code})")
             if tunnel.trailing_data[0]:
-                raise upstream_error("the proxy sent data before the TLS handshake", code="upstream_proxy_error")
-            return await asyncio.open_connection(sock=sock, ssl=self._ssl(), server_hostname=origin.host,
-                                                 ssl_handshake_timeout=self._settings.connect_timeout_seconds,
-                                                 limit=READ_CHUNK_BYTES)
+                raise failure("sent data before the TLS handshake")
+            stage[:] = [f"the TLS handshake with {origin.host} through {name} did not finish"]
+            try:
+                return await asyncio.open_connection(sock=sock, ssl=self._ssl(), server_hostname=origin.host,
+                                                     ssl_handshake_timeout=self._settings.connect_timeout_seconds,
+                                                     limit=READ_CHUNK_BYTES)
+            except ssl.SSLCertVerificationError:
+                raise       # Poe's certificate, seen through the tunnel: a TLS error, reported by _connect
+            except (ssl.SSLEOFError, ConnectionError, EOFError) as exc:
+                raise failure(f"closed the tunnel to {authority} during the TLS handshake", exc) from None
         except BaseException:
             sock.close()
             raise
@@ -3716,7 +3824,7 @@ class PoeClient:
         response = await self._pool.request("POST", url, headers, dump_json(query), f"bot {bot}")
         if response.status != 200:
             body = await _read_error_body(response)
-            raise classify_poe_status(response.status, body, f"bot {bot}")
+            raise classify_poe_status(response.status, body, f"bot {bot}", response.headers)
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             body = await _read_error_body(response)
@@ -3733,7 +3841,7 @@ class PoeClient:
         response = await self._pool.request("GET", url, headers, b"", "model list")
         body = await response.read_all(32 * 1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
-            raise classify_poe_status(response.status, body, "model list")
+            raise classify_poe_status(response.status, body, "model list", response.headers)
         try:
             payload = json.loads(body)
         except ValueError:
@@ -3834,9 +3942,9 @@ class Uploader:
             try:
                 stored = await asyncio.shield(task)   # a leaving client must not cancel others' upload
             except ProxyError as exc:
-                status = exc.status if exc.status in (401, 403, 504) else 502
+                status = exc.status if exc.status in (401, 403, 429, 504) else 502
                 raise ProxyError(status, f"Uploading {media.where} ({media.name}) to Poe failed: {exc.message}",
-                                 "upstream_error", "upload_failed", media.where) from None
+                                 "upstream_error", "upload_failed", media.where, exc.headers) from None
         return {"url": stored["url"], "content_type": stored["content_type"], "name": media.name}
 
     async def _upload(self, media: Media, api_key: str) -> dict[str, Any]:
@@ -3849,7 +3957,7 @@ class Uploader:
         response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
         raw = await response.read_all(1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
-            raise classify_poe_status(response.status, raw, "file upload")
+            raise classify_poe_status(response.status, raw, "file upload", response.headers)
         try:
             payload = json.loads(raw)
             url = payload["attachment_url"]

@@ -76,6 +76,8 @@ class Script:
     status: int = 200
     content_type: str = "text/event-stream"
     body: bytes = b""      # for non-200 answers
+    headers: list[tuple[str, str]] = field(default_factory=list)   # extra response headers
+    hang_up: bool = False  # read the whole query, then drop the connection without answering
 
 
 DISCONNECT = "DISCONNECT"
@@ -100,6 +102,7 @@ class FakePoe:
         self.upload_status = 200
         self.upload_delay_s = 0.0
         self.upload_bad_keys: set[str] = set()
+        self.close_when_done = False   # close each connection right after a model list, as an idle timeout would
 
     def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
         self.scripts[bot] = Script(steps=list(steps or []), **kw)
@@ -124,7 +127,7 @@ class FakePoe:
                     await asyncio.wait([watch])
                     if not watch.cancelled() and watch.exception() is None and watch.result():
                         conn.receive_data(watch.result())
-                if not keep or conn.our_state is h11.MUST_CLOSE:
+                if not keep or conn.our_state is h11.MUST_CLOSE or self.close_when_done:
                     return
                 conn.start_next_cycle()
         except (ConnectionError, h11.ProtocolError):
@@ -159,6 +162,8 @@ class FakePoe:
             await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
                 h11.Data(data=payload), h11.EndOfMessage())
+            if self.close_when_done:
+                writer.write_eof()   # the FIN leaves right behind the answer, before anything else runs
             return True
         if path == UPLOAD_PATH:
             return await self._upload(conn, writer, headers, body)
@@ -170,9 +175,12 @@ class FakePoe:
         except Exception as exc:  # noqa: BLE001 - recorded and asserted by the tests
             self.invalid_queries.append(f"{bot}: {exc}")
         script = self.scripts.get(bot) or Script(text_events(f"Hello from {bot}"))
+        if script.hang_up:
+            writer.transport.abort()
+            return False
         if script.status != 200:
             await self._send(conn, writer, h11.Response(status_code=script.status, headers=[
-                ("Content-Type", "application/json"), ("Content-Length", str(len(script.body)))]),
+                ("Content-Type", "application/json"), ("Content-Length", str(len(script.body))), *script.headers]),
                 h11.Data(data=script.body), h11.EndOfMessage())
             return True
         await self._send(conn, writer, h11.Response(status_code=200, headers=[
@@ -463,13 +471,66 @@ def test_lenient_fields_are_accepted() -> None:
     ({"text": "Unauthorized"}, 401, "invalid_api_key"),
     ({"text": "Bot does not exist"}, 404, "model_not_found"),
     ({"text": "msg", "error_type": "user_message_too_long"}, 400, "context_length_exceeded"),
+    ({"text": "msg", "error_type": "user_caused_error"}, 400, "bad_request"),
+    ({"text": "msg", "error_type": "privacy_authorization_error"}, 403, "permission_denied"),
+    ({"text": "Access denied", "allow_retry": True}, 403, "permission_denied"),
+    ({"text": "Your message is too long for this bot."}, 400, "context_length_exceeded"),
+    ({"text": "The conversation exceeds the context window."}, 400, "context_length_exceeded"),
+    ({"text": "The bot took too long to respond."}, 504, "upstream_timeout"),   # a timeout, not a long prompt
+    ({"text": "Request timed out"}, 504, "upstream_timeout"),
     ({"text": "Internal server error", "allow_retry": True}, 502, "bot_error"),
+    ({"text": "The endpoints are busy"}, 502, "bot_error"),                  # "points" only as a word
     ({}, 502, "bot_error"),
 ])
 def test_poe_error_classification(data: dict[str, Any], status: int, code: str) -> None:
     err = p2o.classify_poe_error(data)
     assert (err.status, err.code) == (status, code)
     assert err.openai_body()["error"]["message"]
+    retry_after = dict(err.headers).get("Retry-After")
+    assert (retry_after == str(p2o.DEFAULT_RETRY_AFTER_S)) if status == 429 else retry_after is None
+
+
+@pytest.mark.parametrize("status, headers, body, want_status, code, retry_after", [
+    (429, {"retry-after": "17"}, b'{"error": "slow down"}', 429, "rate_limit_exceeded", "17"),
+    (429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, b"", 429, "rate_limit_exceeded",
+     "Wed, 21 Oct 2015 07:28:00 GMT"),
+    (429, {"retry-after": "soon"}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (429, {}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (402, {}, b"", 429, "insufficient_quota", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (413, {}, b'{"error": {"message": "request_too_large"}}', 400, "context_length_exceeded", None),
+    (400, {}, b'{"error": {"message": "Input exceeds the maximum context length"}}', 400,
+     "context_length_exceeded", None),
+    (400, {}, b'{"error": {"message": "temperature must be a number"}}', 400, "bad_request", None),
+    (403, {}, b"", 403, "permission_denied", None),
+    (503, {"retry-after": "3"}, b"", 502, "upstream_error", "3"),
+    (504, {}, b"", 504, "upstream_timeout", None),
+    (408, {}, b"", 504, "upstream_timeout", None),
+])
+def test_poe_status_classification(status: int, headers: dict[str, str], body: bytes, want_status: int,
+                                   code: str, retry_after: str | None) -> None:
+    err = p2o.classify_poe_status(status, body, "bot X", headers)
+    assert (err.status, err.code) == (want_status, code)
+    assert dict(err.headers).get("Retry-After") == retry_after
+    assert err.message.startswith(f"bot X: Poe answered HTTP {status}")
+
+
+@pytest.mark.parametrize("status, code, kind", [
+    (400, "bad_request", "invalid_request_error"), (401, "invalid_api_key", "authentication_error"),
+    (403, "permission_denied", "permission_error"), (404, "model_not_found", "not_found_error"),
+    (413, "too_big", "request_too_large"), (429, "rate_limit_exceeded", "rate_limit_error"),
+    (429, "insufficient_quota", "rate_limit_error"), (500, "internal_error", "api_error"),
+    (502, "upstream_proxy_error", "api_error"), (504, "upstream_timeout", "timeout_error"),
+])
+def test_anthropic_error_types_follow_the_status(status: int, code: str, kind: str) -> None:
+    body = p2o.anthropic_error_body(p2o.ProxyError(status, "m", "x", code), "req_1")
+    assert body == {"type": "error", "error": {"type": kind, "message": "m"}, "request_id": "req_1"}
+
+
+def test_anthropic_context_errors_say_prompt_is_too_long() -> None:
+    err = p2o.classify_poe_error({"text": "Message too long for bot", "error_type": "user_message_too_long"})
+    body = p2o.anthropic_error_body(err)
+    assert body["error"] == {"type": "invalid_request_error", "message": "prompt is too long: Message too long for bot"}
+    assert err.openai_body()["error"]["message"] == "Message too long for bot"   # OpenAI's wording is untouched
 
 
 def test_stream_and_fold_agree_on_replace_response() -> None:
@@ -745,6 +806,65 @@ def test_poe_failures_get_real_statuses(proxy: Proxy, poe: FakePoe, script: Scri
     assert isinstance(info.value.body, dict) and info.value.body.get("message")
 
 
+def ask_failing(proxy: Proxy, dialect: str, model: str, stream: bool) -> Any:
+    """The SDK exception a client gets asking `model` in one dialect, whole or streamed."""
+    messages = [{"role": "user", "content": "x"}]
+    errors = (openai.APIStatusError,)
+    if dialect == "messages":
+        errors = (pytest.importorskip("anthropic").APIStatusError,)
+    with pytest.raises(errors) as info:
+        if dialect == "chat":
+            result: Any = proxy.client().chat.completions.create(model=model, messages=messages, stream=stream)
+        elif dialect == "responses":
+            result = proxy.client().responses.create(model=model, input="x", stream=stream)
+        else:
+            result = anthropic_client(proxy).messages.create(model=model, max_tokens=10, messages=messages,
+                                                             stream=stream)
+        if stream:
+            list(result)
+    return info.value
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
+def test_every_429_says_when_to_retry(start: Callable[..., Proxy], poe: FakePoe, dialect: str, stream: bool) -> None:
+    proxy = start()
+    poe.on("Busy", status=429, body=b'{"error": "slow down"}', headers=[("Retry-After", "17")])
+    poe.on("Limited", [sse("error", {"text": "Rate limit exceeded, try again later"})])
+    poe.on("Broke", [sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund",
+                                   "allow_retry": False})])
+    for model, retry_after in (("Busy", "17"), ("Limited", str(p2o.DEFAULT_RETRY_AFTER_S)),
+                               ("Broke", str(p2o.DEFAULT_RETRY_AFTER_S))):
+        err = ask_failing(proxy, dialect, model, stream)
+        assert err.status_code == 429 and type(err).__name__ == "RateLimitError", model
+        assert err.response.headers["retry-after"] == retry_after, model
+        assert err.response.headers.get("x-should-retry") == ("false" if model == "Broke" else None), model
+    gated = start(rate_limit_ms=60000, rate_limit_max_wait_seconds=1)
+    gated.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    err = ask_failing(gated, dialect, "GPT-4o", stream)   # would wait a minute for its turn: refused at once
+    assert err.status_code == 429 and err.response.headers["retry-after"] in ("59", "60")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_error_types_reach_claude_code_as_anthropic_errors(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.on("Long", [sse("error", {"text": "Message too long", "error_type": "user_message_too_long"})])
+    poe.on("Private", [sse("error", {"text": "Not allowed here", "error_type": "privacy_authorization_error"})])
+    poe.on("Odd", [sse("error", {"text": "Bad attachment", "error_type": "user_caused_error"})])
+    poe.on("Gone", status=404, body=b'{"detail": "Bot not found"}')
+    err = ask_failing(proxy, "messages", "Long", stream)
+    assert isinstance(err, anthropic.BadRequestError)
+    assert err.body["error"]["type"] == "invalid_request_error"
+    assert err.body["error"]["message"].startswith("prompt is too long")   # what makes Claude Code compact
+    for model, exc, kind in (("Private", anthropic.PermissionDeniedError, "permission_error"),
+                             ("Odd", anthropic.BadRequestError, "invalid_request_error"),
+                             ("Gone", anthropic.NotFoundError, "not_found_error")):
+        err = ask_failing(proxy, "messages", model, stream)
+        assert isinstance(err, exc) and err.body["type"] == "error" and err.body["error"]["type"] == kind, model
+    err = ask_failing(proxy, "chat", "Long", stream)
+    assert isinstance(err, openai.BadRequestError) and err.code == "context_length_exceeded"
+
+
 def test_error_after_text_is_an_in_stream_error(proxy: Proxy, poe: FakePoe) -> None:
     poe.on("GPT-4o", [sse("text", {"text": "partial "}),
                       sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund"}),
@@ -827,6 +947,40 @@ def test_stale_pooled_connection_is_replaced(proxy: Proxy, poe: FakePoe, lt: Loo
         model="GPT-4o", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "Hello from GPT-4o"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
+def test_query_lost_after_sending_is_never_sent_twice(proxy: Proxy, poe: FakePoe, dialect: str, stream: bool) -> None:
+    proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    poe.on("Dropper", hang_up=True)   # Poe gets the whole query on the pooled connection, then it dies
+    err = ask_failing(proxy, dialect, "Dropper", stream)
+    assert err.status_code == 502 and "not sent again" in str(err.body)
+    assert [r["path"] for r in poe.requests].count("/bot/Dropper") == 1   # one query: paid for at most once
+    assert poe.connections == 1                                            # and no second connection tried
+    assert proxy.client().chat.completions.create(
+        model="GPT-4o", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "Hello from GPT-4o"
+
+
+def test_connection_poe_closed_after_answering_is_not_reused(lt: LoopThread, poe: FakePoe, tmp_path: Path) -> None:
+    # Poe's close arrives right behind its answer: the next request, issued at once, must see it before
+    # writing (else it would be lost after sending, a 502), and go out on a fresh connection instead.
+    poe.close_when_done = True
+
+    async def scenario() -> list[bytes]:
+        pool = p2o.UpstreamPool(make_settings(poe, tmp_path))
+        bodies = []
+        try:
+            for _ in range(4):
+                response = await pool.request("GET", f"http://127.0.0.1:{poe.port}/v1/models", [], b"", "model list")
+                bodies.append(await response.read_all(1 << 20, 5.0))
+        finally:
+            await pool.close()
+        return bodies
+
+    bodies = lt.run(scenario())
+    assert all(json.loads(body)["data"] for body in bodies)
+    assert len(poe.requests) == poe.connections == 4
+
+
 async def _close_all_server_sides(poe: FakePoe) -> None:
     assert poe.server is not None
     poe.server.close()
@@ -859,9 +1013,12 @@ def test_fixtures_from_real_clients(proxy: Proxy, poe: FakePoe) -> None:
 ###############################################################################
 
 class TunnelProxy:
-    """A tiny forward proxy: CONNECT tunnels, and absolute-form requests piped to their origin."""
+    """A tiny forward proxy: CONNECT tunnels, and absolute-form requests piped to their origin. Other
+    modes misbehave on CONNECT: "garbage" answers with bytes that are not HTTP, "close" hangs up
+    before answering, "close_after_200" grants the tunnel and hangs up, "silent" never answers."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "tunnel") -> None:
+        self.mode = mode
         self.requests: list[str] = []
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -876,6 +1033,15 @@ class TunnelProxy:
             first = head.split(b"\r\n", 1)[0].decode()
             self.requests.append(first)
             method, target, _ = first.split(" ")
+            if method == "CONNECT" and self.mode != "tunnel":
+                if self.mode == "garbage":
+                    writer.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+                elif self.mode == "close_after_200":
+                    writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                elif self.mode == "silent":
+                    await reader.read()   # until the client gives up
+                await writer.drain()
+                return
             if method == "CONNECT":
                 host, port = target.rsplit(":", 1)
                 up_reader, up_writer = await asyncio.open_connection(host, int(port))
@@ -947,6 +1113,37 @@ def test_https_proxy_connect_tunnel(start: Callable[..., Proxy], tls_poe: FakePo
     assert result.choices[0].message.content == "Hello from GPT-4o"
     assert tunnel.requests == [f"CONNECT 127.0.0.1:{tls_poe.port} HTTP/1.1"]
     lt.loop.call_soon_threadsafe(tunnel.server.close)   # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode, code, words", [
+    ("garbage", "upstream_proxy_error", "not valid HTTP"),
+    ("close", "upstream_proxy_error", "without answering the CONNECT request"),
+    ("close_after_200", "upstream_proxy_error", "closed the tunnel"),
+    ("silent", "upstream_unreachable", "did not answer the CONNECT request"),   # the connect deadline
+    ("down", "upstream_proxy_error", "cannot be reached"),
+])
+def test_misbehaving_https_proxy_is_a_502(start: Callable[..., Proxy], tls_poe: FakePoe, ca: Any, lt: LoopThread,
+                                          mode: str, code: str, words: str) -> None:
+    tunnel = TunnelProxy(mode)
+    lt.run(tunnel.start())
+    if mode == "down":
+        lt.run(_close_server(tunnel.server))
+    proxy = start(trusting_context(ca), poe_base_url=f"https://127.0.0.1:{tls_poe.port}", connect_timeout_seconds=0.5,
+                  proxies=(("https", f"http://127.0.0.1:{tunnel.port}"),))
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and info.value.code == code, info.value.message
+    assert words in info.value.message and f"127.0.0.1:{tunnel.port}" in info.value.message
+    assert time.monotonic() - started < 3
+    assert not tls_poe.requests                                 # nothing reached Poe
+    lt.loop.call_soon_threadsafe(tunnel.server.close)   # type: ignore[union-attr]
+
+
+async def _close_server(server: asyncio.AbstractServer | None) -> None:
+    assert server is not None
+    server.close()
+    await server.wait_closed()
 
 
 def test_http_proxy_and_no_proxy(start: Callable[..., Proxy], poe: FakePoe, lt: LoopThread) -> None:
