@@ -1002,7 +1002,7 @@ def bot_info_from_poe(entry: Any) -> BotInfo | None:
     display = _dict(entry.get("metadata")).get("display_name")
     window = _dict(entry.get("context_window"))
     architecture = _dict(entry.get("architecture"))
-    created = entry.get("created")
+    created: Any = entry.get("created")
     pricing = entry.get("pricing")
     description = entry.get("description")
     return BotInfo(
@@ -1055,11 +1055,15 @@ def catalogue_from_poe(payload: Any) -> Catalogue:
 EFFORT_SCALE = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 # An effort for a bot that only takes a thinking budget: this share of its largest budget.
 EFFORT_BUDGET_SHARE = {"none": 0.0, "minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8, "xhigh": 1.0, "max": 1.0}
-# Request keys that travel in Poe's own query fields or shape the prompt: never also sent as bot flags.
+# Request keys (of all three dialects) that travel in Poe's own query fields, shape the prompt or are read
+# above: never also sent as bot flags, whatever a bot declares.
 PROTOCOL_KEYS = frozenset({"model", "messages", "stream", "stream_options", "stop", "logit_bias", "tools",
                            "tool_choice", "parallel_tool_calls", "response_format", "n", "user", "metadata", "store",
                            "extra_body", "web_search_options", "reasoning_effort", "reasoning", "thinking",
-                           "output_config", "google", "max_completion_tokens", "max_output_tokens"})
+                           "output_config", "google", "max_completion_tokens", "max_output_tokens", "system",
+                           "stop_sequences", "input", "instructions", "text", "include", "previous_response_id",
+                           "prompt_cache_key", "truncation", "service_tier"})
+REASONING_PARAMETERS = frozenset({"reasoning_effort", "output_effort", "thinking_budget", "enable_thinking"})
 # Numeric controls a client sends by habit: brought into the bot's range rather than refused.
 CLAMPED_PARAMETERS = frozenset({"temperature", "max_tokens", "max_output_tokens", "thinking_budget"})
 
@@ -1221,11 +1225,11 @@ def bot_controls(body: Mapping[str, Any], info: BotInfo | None) -> tuple[list[st
     def effort(word: str, names: Sequence[str], source: str) -> None:
         done = setting(names, word, source, effort=True)
         budget = declared.get("thinking_budget")
-        high = budget.schema.get("maximum") if budget is not None else None
+        high: Any = budget.schema.get("maximum") if budget is not None else None
         if not done and _is_number(high):
             done = setting(["thinking_budget"], round(EFFORT_BUDGET_SHARE[word] * high), source, clamp=True)
         done = setting(["enable_thinking"], word != "none", source) or done
-        if not done:
+        if not done and not REASONING_PARAMETERS & chosen.keys():   # not when another control set it already
             ignored.append(source)
 
     def budget_tokens(tokens: int, source: str) -> None:
@@ -1234,7 +1238,7 @@ def bot_controls(body: Mapping[str, Any], info: BotInfo | None) -> tuple[list[st
         if not done and tokens >= 0 and not any(n in chosen for n in ("reasoning_effort", "output_effort")):
             done = setting(["reasoning_effort", "output_effort"], _effort_from_budget(tokens), source, effort=True)
         done = setting(["enable_thinking"], tokens != 0, source) or done
-        if not done:
+        if not done and not REASONING_PARAMETERS & chosen.keys():
             ignored.append(source)
 
     # Web search, from every dialect's way of asking for it.
@@ -1262,7 +1266,8 @@ def bot_controls(body: Mapping[str, Any], info: BotInfo | None) -> tuple[list[st
         effort(_effort_word(output_config["effort"], "output_config.effort"), ["output_effort", "reasoning_effort"],
                "output_config.effort")
     reasoning = _dict(body.get("reasoning"))
-    for value, source in ((body.get("reasoning_effort"), "reasoning_effort"), (reasoning.get("effort"), "reasoning.effort"),
+    for value, source in ((body.get("reasoning_effort"), "reasoning_effort"),
+                          (reasoning.get("effort"), "reasoning.effort"),
                           (extra.get("reasoning_effort"), "extra_body.reasoning_effort")):
         if value is not None:
             effort(_effort_word(value, source), ["reasoning_effort", "output_effort"], source)
@@ -3718,8 +3723,7 @@ def supported_parameters(info: BotInfo) -> list[str]:
     names = ["max_tokens", "temperature", "stop"]
     if text_out:
         names += ["tools", "tool_choice", "response_format", "structured_outputs"]
-    if {"reasoning_effort", "output_effort", "thinking_budget", "enable_thinking"} & declared.keys() \
-            or info.reasoning is not None:
+    if REASONING_PARAMETERS & declared.keys() or info.reasoning is not None:
         names += ["reasoning", "include_reasoning"]
     if {"web_search", "enable_web_search"} & declared.keys():
         names.append("web_search_options")
