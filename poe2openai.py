@@ -946,6 +946,427 @@ class LRUCache:
 
 ###############################################################################
 ###############################################################################
+# Poe's bot catalogue (pure): what each bot is, declares and accepts
+###############################################################################
+
+@dataclass(frozen=True)
+class BotParameter:
+    """One of a bot's own controls, as Poe's /v1/models declares it (set by `--name value`)."""
+
+    name: str
+    schema: Mapping[str, Any] = field(default_factory=dict)   # JSON schema: type / enum / minimum / maximum
+    default: Any = None
+    has_default: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class BotReasoning:
+    budget_min: int | None = None
+    budget_max: int | None = None
+    supports_effort: bool | None = None
+    required: bool | None = None
+
+
+@dataclass(frozen=True)
+class BotInfo:
+    """One bot of the catalogue. Every field but the names may be unknown (None): Poe leaves any of them
+    out or null for some bot, and custom models in models.yaml declare only what their owner knows."""
+
+    id: str                                    # Poe's id (lower case in today's list)
+    name: str                                  # metadata.display_name (the cased name), else the id
+    created: int = 0                           # seconds
+    owned_by: str = "poe"
+    description: str = ""
+    context_length: int | None = None
+    max_output_tokens: int | None = None
+    input_modalities: tuple[str, ...] | None = None
+    output_modalities: tuple[str, ...] | None = None
+    features: tuple[str, ...] | None = None    # supported_features: tools, web_search
+    parameters: tuple[BotParameter, ...] | None = None   # None: not declared, so nothing is known
+    reasoning: BotReasoning | None = None
+    pricing: Mapping[str, str] | None = None   # USD per token as decimal strings
+
+    def parameter(self, name: str) -> BotParameter | None:
+        return next((p for p in self.parameters or () if p.name == name), None)
+
+
+def _whole_number(value: Any) -> int | None:
+    """A positive whole number of tokens, or None for anything else (null, strings, booleans, <= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return int(value) if value == int(value) and value > 0 else None
+
+
+def _strings(value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, list):
+        return None
+    return tuple(v for v in value if isinstance(v, str) and v)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _bot_parameters(value: Any) -> tuple[BotParameter, ...] | None:
+    if not isinstance(value, list):
+        return None
+    out = []
+    for item in value:
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and item["name"].strip():
+            description = item.get("description")
+            out.append(BotParameter(item["name"].strip(), _dict(item.get("schema")), item.get("default_value"),
+                                    "default_value" in item, description if isinstance(description, str) else ""))
+    return tuple(out)
+
+
+def _bot_reasoning(value: Any) -> BotReasoning | None:
+    if not isinstance(value, dict):
+        return None
+    budget = _dict(value.get("budget"))
+    low = budget.get("min_tokens")
+    flags = {k: value[k] if isinstance(value.get(k), bool) else None for k in ("supports_reasoning_effort", "required")}
+    return BotReasoning(0 if low == 0 else _whole_number(low), _whole_number(budget.get("max_tokens")),
+                        flags["supports_reasoning_effort"], flags["required"])
+
+
+def bot_info_from_poe(entry: Any) -> BotInfo | None:
+    """One entry of Poe's /v1/models -> BotInfo; None when it has no usable id. Any other field may be
+    missing, null or of the wrong type: it is then unknown, never an error."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"].strip():
+        return None
+    bot_id = entry["id"].strip()
+    display = _dict(entry.get("metadata")).get("display_name")
+    window = _dict(entry.get("context_window"))
+    architecture = _dict(entry.get("architecture"))
+    created: Any = entry.get("created")
+    pricing = entry.get("pricing")
+    description = entry.get("description")
+    return BotInfo(
+        id=bot_id, name=display.strip() if isinstance(display, str) and display.strip() else bot_id,
+        created=_seconds(created) if _is_number(created) and created > 0 else 0,
+        owned_by=entry["owned_by"] if isinstance(entry.get("owned_by"), str) and entry["owned_by"] else "poe",
+        description=description if isinstance(description, str) else "",
+        context_length=_whole_number(window.get("context_length")) or _whole_number(entry.get("context_length")),
+        max_output_tokens=_whole_number(window.get("max_output_tokens")),
+        input_modalities=_strings(architecture.get("input_modalities")),
+        output_modalities=_strings(architecture.get("output_modalities")),
+        features=_strings(entry.get("supported_features")),
+        parameters=_bot_parameters(entry.get("parameters")),
+        reasoning=_bot_reasoning(entry.get("reasoning")),
+        pricing={str(k): str(v) for k, v in pricing.items() if isinstance(v, str) or _is_number(v)}
+        if isinstance(pricing, dict) else None)
+
+
+class Catalogue:
+    """The known bots, found by Poe id or display name, case-insensitively (an exact spelling wins)."""
+
+    def __init__(self, bots: Iterable[BotInfo] = ()) -> None:
+        self.bots = tuple(bots)
+        self._exact: dict[str, BotInfo] = {}
+        self._folded: dict[str, BotInfo] = {}
+        for bot in self.bots:   # the first bot of a name wins, in Poe's order
+            for name in (bot.name, bot.id):
+                self._exact.setdefault(name, bot)
+                self._folded.setdefault(name.casefold(), bot)
+
+    def __len__(self) -> int:
+        return len(self.bots)
+
+    def find(self, name: str) -> BotInfo | None:
+        name = name.strip()
+        return self._exact.get(name) or self._folded.get(name.casefold())
+
+
+def catalogue_from_poe(payload: Any) -> Catalogue:
+    """Poe's /v1/models answer -> the catalogue. Entries without an id are skipped."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        raise upstream_error("Poe's model list has no `data` array")
+    return Catalogue(info for info in map(bot_info_from_poe, data) if info is not None)
+
+
+# ----------------------------------------------------------------------------- client controls -> bot parameters
+
+# Effort words on one scale, so that a client's word maps to the nearest word a bot accepts.
+EFFORT_SCALE = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
+# An effort for a bot that only takes a thinking budget: this share of its largest budget.
+EFFORT_BUDGET_SHARE = {"none": 0.0, "minimal": 0.1, "low": 0.2, "medium": 0.5, "high": 0.8, "xhigh": 1.0, "max": 1.0}
+# Request keys (of all three dialects) that travel in Poe's own query fields, shape the prompt or are read
+# above: never also sent as bot flags, whatever a bot declares.
+PROTOCOL_KEYS = frozenset({"model", "messages", "stream", "stream_options", "stop", "logit_bias", "tools",
+                           "tool_choice", "parallel_tool_calls", "response_format", "n", "user", "metadata", "store",
+                           "extra_body", "web_search_options", "reasoning_effort", "reasoning", "thinking",
+                           "output_config", "google", "max_completion_tokens", "max_output_tokens", "system",
+                           "stop_sequences", "input", "instructions", "text", "include", "previous_response_id",
+                           "prompt_cache_key", "truncation", "service_tier"})
+REASONING_PARAMETERS = frozenset({"reasoning_effort", "output_effort", "thinking_budget", "enable_thinking"})
+# Numeric controls a client sends by habit: brought into the bot's range rather than refused.
+CLAMPED_PARAMETERS = frozenset({"temperature", "max_tokens", "max_output_tokens", "thinking_budget"})
+
+
+def _effort_word(value: Any, field_name: str) -> str:
+    if not isinstance(value, str) or value.strip().lower() not in EFFORT_SCALE:
+        raise bad_request(f"'{field_name}' must be one of {', '.join(EFFORT_SCALE)}.", field_name)
+    return value.strip().lower()
+
+
+def _budget(value: Any, field_name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < -1:
+        raise bad_request(f"'{field_name}' must be a whole number of tokens.", field_name)
+    return value
+
+
+def _nearest_effort(word: str, allowed: Sequence[Any]) -> Any:
+    """The allowed value nearest to `word` on EFFORT_SCALE; on a tie the stronger one (the client asked for
+    at least that much). None when the bot's values are not effort words at all."""
+    rank = EFFORT_SCALE.index(word)
+    known = [(EFFORT_SCALE.index(v.lower()), v) for v in allowed if isinstance(v, str) and v.lower() in EFFORT_SCALE]
+    if not known:
+        return None
+    return min(known, key=lambda rv: (abs(rv[0] - rank), -rv[0]))[1]
+
+
+def _effort_from_budget(budget: int) -> str:
+    return "none" if budget == 0 else "low" if 0 < budget < 4096 else "medium" if 0 < budget < 16384 else "high"
+
+
+def _allowed_text(param: BotParameter) -> str:
+    schema = param.schema
+    if isinstance(schema.get("enum"), list):
+        return "one of " + ", ".join(str(v) for v in schema["enum"])
+    kind = schema.get("type")
+    if kind == "boolean":
+        return "true or false"
+    if kind in ("number", "integer"):
+        low, high = schema.get("minimum"), schema.get("maximum")
+        what = "a whole number" if kind == "integer" else "a number"
+        if _is_number(low) and _is_number(high):
+            return f"{what} from {low:g} to {high:g}"
+        if _is_number(low):
+            return f"{what} of at least {low:g}"
+        return f"{what} of at most {high:g}" if _is_number(high) else what
+    return "a string" if kind == "string" else "a number, a string or true/false"
+
+
+def parameter_value(param: BotParameter, value: Any, bot: str, field_name: str = "", clamp: bool = False) -> Any:
+    """`value` checked against the bot's declared schema (with the obvious conversions: 8 for "8", "true"
+    for true). Numbers outside the range are clamped when `clamp`, refused otherwise. Raises a 400 that
+    names the parameter and what it allows."""
+    field_name = field_name or param.name
+    schema = param.schema
+
+    def refuse() -> ProxyError:
+        return bad_request(f"'{field_name}' must be {_allowed_text(param)} for {bot} (its parameter "
+                           f"'{param.name}'); got {json.dumps(value)[:80]}.", field_name)
+
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        for candidate in enum:
+            if candidate == value and type(candidate) is type(value):
+                return candidate
+        if isinstance(value, (str, bool)) or _is_number(value):   # 8 for "8", "High" for "high"
+            text = _flag_text(value).casefold()
+            for candidate in enum:
+                if _flag_text(candidate).casefold() == text:
+                    return candidate
+        raise refuse()
+    kind = schema.get("type")
+    if kind == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise refuse()
+    if kind in ("number", "integer"):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise refuse() from None
+        if not _is_number(number) or (kind == "integer" and number != int(number)):
+            raise refuse()
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if (_is_number(low) and number < low) or (_is_number(high) and number > high):
+            if not clamp:
+                raise refuse()
+            number = min(max(number, low if _is_number(low) else number), high if _is_number(high) else number)
+        return int(number) if number == int(number) else number
+    if kind == "string":
+        if isinstance(value, str):
+            return value
+        if _is_number(value):
+            return _flag_text(value)
+        raise refuse()
+    if isinstance(value, (str, bool)) or _is_number(value):
+        return value
+    raise refuse()
+
+
+def _flag_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value == int(value):
+        return str(int(value))
+    # One line: a newline or a "--" in a value would end the flag or start another.
+    return re.sub(r"(^|\s)--+", r"\1-", re.sub(r"\s+", " ", str(value)).strip())
+
+
+def _declared(info: BotInfo) -> dict[str, BotParameter]:
+    """The bot's parameters, plus what its `reasoning` metadata implies but no parameter declares."""
+    declared = {p.name: p for p in info.parameters or ()}
+    reasoning = info.reasoning
+    if reasoning is not None:
+        if reasoning.supports_effort and "reasoning_effort" not in declared and "output_effort" not in declared:
+            declared["reasoning_effort"] = BotParameter("reasoning_effort", {"enum": ["low", "medium", "high"]})
+        if reasoning.budget_max is not None and "thinking_budget" not in declared:
+            declared["thinking_budget"] = BotParameter("thinking_budget", {
+                "type": "number", "minimum": reasoning.budget_min or 0, "maximum": reasoning.budget_max})
+    return declared
+
+
+def bot_controls(body: Mapping[str, Any], info: BotInfo | None) -> tuple[list[str], list[str]]:
+    """The client's controls in an OpenAI-shaped chat body -> the bot's own parameters as `--name value`
+    flags (for the end of the last user turn), and the names of the controls the bot does not declare
+    (they send nothing). A value outside a declared schema is a 400 naming the parameter.
+
+    Read: web search (`web_search_options`, `web_search*` tools, `web_search` / `enable_web_search`),
+    reasoning (`reasoning_effort`, `reasoning.{effort,max_tokens,enabled}`, `output_config.effort`,
+    `thinking`, Gemini's `thinking_config`), `max_tokens`, and any other key, top-level or in `extra_body`,
+    named like a declared parameter. A bot whose parameters are not known (not in the catalogue, or a
+    custom model that declares none) gets what reasoning_flags() gives, as before the catalogue.
+    """
+    if info is None or info.parameters is None:
+        return list(reasoning_flags(body)), []
+    declared = _declared(info)
+    extra = _dict(body.get("extra_body"))
+    chosen: dict[str, Any] = {}
+    ignored: list[str] = []
+
+    def setting(names: Sequence[str], value: Any, source: str, effort: bool = False, clamp: bool = False) -> bool:
+        """Give `value` to the first of `names` the bot declares and nothing has set yet."""
+        for name in names:
+            param = declared.get(name)
+            if param is None or name in chosen:
+                continue
+            if effort:
+                enum = param.schema.get("enum")
+                nearest = _nearest_effort(value, enum) if isinstance(enum, list) else None
+                chosen[name] = parameter_value(param, value if nearest is None else nearest, info.name, source)
+            else:
+                chosen[name] = parameter_value(param, value, info.name, source, clamp)
+            return True
+        return False
+
+    def effort(word: str, names: Sequence[str], source: str) -> None:
+        done = setting(names, word, source, effort=True)
+        budget = declared.get("thinking_budget")
+        high: Any = budget.schema.get("maximum") if budget is not None else None
+        if not done and _is_number(high):
+            done = setting(["thinking_budget"], round(EFFORT_BUDGET_SHARE[word] * high), source, clamp=True)
+        done = setting(["enable_thinking"], word != "none", source) or done
+        if not done and not REASONING_PARAMETERS & chosen.keys():   # not when another control set it already
+            ignored.append(source)
+
+    def budget_tokens(tokens: int, source: str) -> None:
+        """-1 (Gemini's "let the model decide") switches thinking on without a budget."""
+        done = tokens >= 0 and setting(["thinking_budget"], tokens, source, clamp=True)
+        if not done and tokens >= 0 and not any(n in chosen for n in ("reasoning_effort", "output_effort")):
+            done = setting(["reasoning_effort", "output_effort"], _effort_from_budget(tokens), source, effort=True)
+        done = setting(["enable_thinking"], tokens != 0, source) or done
+        if not done and not REASONING_PARAMETERS & chosen.keys():
+            ignored.append(source)
+
+    # Web search, from every dialect's way of asking for it.
+    searches: list[tuple[str, Any]] = []
+    if body.get("web_search_options") is not None:
+        searches.append(("web_search_options", True))
+    hosted = [t.get("type") for t in body.get("tools") or [] if isinstance(t, dict)
+              and isinstance(t.get("type"), str) and t["type"].startswith("web_search")]
+    if hosted:
+        searches.append((f"tools[type={hosted[0]}]", True))
+    for where, source in ((body, ""), (extra, "extra_body.")):
+        for key in ("web_search", "enable_web_search"):
+            if key in where and where[key] is not None:
+                searches.append((source + key, where[key]))
+    for source, value in searches:
+        names = ["web_search", "enable_web_search"]
+        if source.endswith("enable_web_search"):
+            names.reverse()
+        if not setting(names, value, source) and not any(n in chosen for n in names):
+            ignored.append(source)
+
+    # Reasoning: Anthropic's output effort, then OpenAI's / OpenRouter's effort, then thinking budgets.
+    output_config = _dict(body.get("output_config"))
+    if output_config.get("effort") is not None:
+        effort(_effort_word(output_config["effort"], "output_config.effort"), ["output_effort", "reasoning_effort"],
+               "output_config.effort")
+    reasoning = _dict(body.get("reasoning"))
+    for value, source in ((body.get("reasoning_effort"), "reasoning_effort"),
+                          (reasoning.get("effort"), "reasoning.effort"),
+                          (extra.get("reasoning_effort"), "extra_body.reasoning_effort")):
+        if value is not None:
+            effort(_effort_word(value, source), ["reasoning_effort", "output_effort"], source)
+            break
+    google = _dict(extra.get("google", body.get("google")))
+    gemini = _dict(google.get("thinking_config"))
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict):
+        kind = thinking.get("type")
+        if kind == "disabled":
+            budget_tokens(0, "thinking")
+        elif thinking.get("budget_tokens") is not None:
+            budget_tokens(_budget(thinking["budget_tokens"], "thinking.budget_tokens"), "thinking.budget_tokens")
+        elif kind in ("enabled", "adaptive"):
+            budget_tokens(-1, "thinking")
+    elif reasoning.get("max_tokens") is not None:
+        budget_tokens(_budget(reasoning["max_tokens"], "reasoning.max_tokens"), "reasoning.max_tokens")
+    elif gemini.get("thinking_budget") is not None:
+        field_name = "extra_body.google.thinking_config.thinking_budget"
+        budget_tokens(_budget(gemini["thinking_budget"], field_name), field_name)
+    if isinstance(reasoning.get("enabled"), bool) and "enable_thinking" not in chosen:
+        if not setting(["enable_thinking"], reasoning["enabled"], "reasoning.enabled"):
+            ignored.append("reasoning.enabled")
+    if isinstance(gemini.get("thinking_level"), str):
+        effort(_effort_word(gemini["thinking_level"], "thinking_config.thinking_level"),
+               ["reasoning_effort", "output_effort"], "extra_body.google.thinking_config.thinking_level")
+
+    # The answer's length, for bots that take it as a parameter of their own.
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        if _is_number(body.get(key)):
+            setting(["max_output_tokens", "max_tokens"], body[key], key, clamp=True)
+            break
+
+    # Anything else named like one of the bot's parameters: `aspect_ratio`, `seed`, `negative_prompt` ...
+    for where, source in ((body, ""), (extra, "extra_body.")):
+        for key, value in where.items():
+            if key in chosen or value is None or (not source and key in PROTOCOL_KEYS):
+                continue
+            if key in declared:
+                setting([key], value, source + key, clamp=key in CLAMPED_PARAMETERS)
+            elif source and key not in ("google", "web_search", "enable_web_search", "reasoning_effort"):
+                ignored.append(source + key)
+
+    order = [p.name for p in info.parameters or ()] + [n for n in declared if info.parameter(n) is None]
+    flags = [f"--{name} {_flag_text(chosen[name])}" for name in order if name in chosen]
+    return flags, ignored
+
+
+def check_context(prompt_tokens: int, max_tokens: int | None, info: BotInfo | None) -> int | None:
+    """Refuse a prompt that cannot fit the bot's context window (estimate more than 10 % over it: the
+    estimate is not the bot's tokenizer), before Poe is asked and bills for it; clamp `max_tokens` to the
+    bot's largest answer. Returns the max_tokens to use (None: the client set none)."""
+    if info is not None and info.context_length is not None and prompt_tokens > info.context_length * 1.1:
+        raise ProxyError(400, f"prompt is too long: {prompt_tokens} tokens > {info.context_length} maximum",
+                         "invalid_request_error", "context_length_exceeded", "messages")
+    if max_tokens is not None and info is not None and info.max_output_tokens is not None:
+        return min(max_tokens, info.max_output_tokens)
+    return max_tokens
+
+
+###############################################################################
+###############################################################################
 # Converters: OpenAI chat request -> Poe query (pure)
 ###############################################################################
 
@@ -3071,6 +3492,8 @@ class ModelConfig:
         custom = data.get("custom_models") or []
         if not isinstance(custom, list) or not all(isinstance(c, dict) and c.get("id") for c in custom):
             raise ValueError("`custom_models` must be a list of entries with an `id`")
+        for entry in custom:
+            _check_custom_model(entry)
         token = data.get("api_token")
         return cls(enable=bool(data.get("enable")), models=clean, custom_models=custom,
                    api_token=str(token) if token else None, use_v1_api=bool(data.get("use_v1_api")))
@@ -3092,6 +3515,49 @@ class ModelConfig:
             if key.casefold() == folded:
                 return entry
         return None
+
+
+def _check_custom_model(entry: Mapping[str, Any]) -> None:
+    """What a custom model may declare about itself, in the names of Poe's model list."""
+    where = f"custom_models[{entry['id']}]"
+    for key in ("context_length", "max_output_tokens"):
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{where}.{key} must be a positive whole number of tokens")
+    for key in ("input_modalities", "output_modalities", "supported_features"):
+        value = entry.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+            raise ValueError(f"{where}.{key} must be a list of names, e.g. [text, image]")
+    parameters = entry.get("parameters")
+    if parameters is None:
+        return
+    if not isinstance(parameters, list):
+        raise ValueError(f"{where}.parameters must be a list of {{name, schema, default_value}} entries")
+    for i, parameter in enumerate(parameters):
+        if not isinstance(parameter, dict) or not isinstance(parameter.get("name"), str) \
+                or not parameter["name"].strip():
+            raise ValueError(f"{where}.parameters[{i}] must be a mapping with a `name`")
+        schema = parameter.get("schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise ValueError(f"{where}.parameters[{i}].schema must be a JSON schema mapping, e.g. {{type: boolean}}")
+        enum = (schema or {}).get("enum")
+        if enum is not None and not (isinstance(enum, list) and enum):
+            raise ValueError(f"{where}.parameters[{i}].schema.enum must be a non-empty list")
+
+
+def custom_bot_info(custom: Mapping[str, Any]) -> BotInfo:
+    """A custom model of models.yaml as a catalogue entry: only what its owner declared is known."""
+    cid = str(custom["id"])
+    info = bot_info_from_poe({
+        "id": cid, "created": custom.get("created"), "owned_by": str(custom.get("owned_by") or "custom"),
+        "description": custom.get("description"),
+        "context_window": {"context_length": custom.get("context_length"),
+                           "max_output_tokens": custom.get("max_output_tokens")},
+        "architecture": {"input_modalities": custom.get("input_modalities"),
+                         "output_modalities": custom.get("output_modalities")},
+        "supported_features": custom.get("supported_features"), "parameters": custom.get("parameters")})
+    assert info is not None
+    return info if info.created else dataclasses.replace(info, created=int(time.time()))
 
 
 @dataclass(frozen=True)
@@ -3180,8 +3646,9 @@ class ModelRegistry:
         self._stamp = (st.st_mtime_ns, st.st_size)
         log.info("saved the model configuration to %s", self.path)
 
-    def resolve(self, requested: str) -> ModelRoute:
-        """Map the client's model name to a Poe bot. Refuses disabled models with 404."""
+    def resolve(self, requested: str, catalogue: Catalogue | None = None) -> ModelRoute:
+        """Map the client's model name to a Poe bot. Refuses disabled models with 404. With the catalogue,
+        a known bot is asked for by its display name, whichever of its names the client or models.yaml used."""
         cfg = self.config()
         bot = requested
         if cfg.enable:
@@ -3191,44 +3658,63 @@ class ModelRegistry:
                 if isinstance(mapping, str) and mapping.casefold() == folded:
                     bot = key
                     break
-            entry = cfg.entry(bot)
-            if entry is not None and entry.get("enable") is False:
-                raise ProxyError(404, f"The model '{requested}' is disabled on this proxy.",
-                                 "invalid_request_error", "model_not_found", "model")
-        entry = cfg.entry(bot) or {}
+        info = catalogue.find(bot) if catalogue is not None else None
+        if info is not None:
+            bot = info.name
+        entry = self._entry_of(cfg, bot, info)
+        if cfg.enable and entry is not None and entry.get("enable") is False:
+            raise ProxyError(404, f"The model '{requested}' is disabled on this proxy.",
+                             "invalid_request_error", "model_not_found", "model")
+        entry = entry or {}
         return ModelRoute(bot=bot, display=requested, replace_response=bool(entry.get("replace_response")),
                           tool_mode=entry.get("tool_mode") or "xml")
 
-    def public_list(self, upstream: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The upstream list with this configuration applied: hidden, renamed and custom models."""
+    @staticmethod
+    def _entry_of(cfg: ModelConfig, name: str, info: BotInfo | None = None) -> dict[str, Any] | None:
+        """The models.yaml entry of a bot, keyed by its display name or by Poe's id."""
+        entry = cfg.entry(name)
+        if entry is None and info is not None:
+            entry = cfg.entry(info.name) or cfg.entry(info.id)
+        return entry
+
+    def bot_info(self, bot: str, catalogue: Catalogue | None) -> BotInfo | None:
+        """What is known of a bot: a custom model's own declarations, else the catalogue's entry."""
+        cfg = self.config()
+        if cfg.enable:
+            for custom in cfg.custom_models:
+                if str(custom["id"]).casefold() == bot.casefold():
+                    return custom_bot_info(custom)
+        return catalogue.find(bot) if catalogue is not None else None
+
+    def public_list(self, catalogue: Catalogue) -> list[BotInfo]:
+        """The catalogue with this configuration applied: hidden, renamed and custom models. A bot's public
+        id is its display name (the cased name users type), or its models.yaml mapping."""
         cfg = self.config()
         if not cfg.enable:
-            return upstream
-        out: list[dict[str, Any]] = []
+            return list(catalogue.bots)
+        out: list[BotInfo] = []
         seen: set[str] = set()
-        for model in upstream:
-            entry = cfg.entry(model["id"])
+        for info in catalogue.bots:
+            entry = self._entry_of(cfg, info.name, info)
             if entry is not None and entry.get("enable") is False:
                 continue
             mapping = entry.get("mapping") if entry else None
-            item = dict(model, id=mapping) if isinstance(mapping, str) and mapping else model
-            if item["id"].casefold() not in seen:
-                seen.add(item["id"].casefold())
+            item = dataclasses.replace(info, name=mapping) if isinstance(mapping, str) and mapping else info
+            if item.name.casefold() not in seen:
+                seen.add(item.name.casefold())
                 out.append(item)
         for custom in cfg.custom_models:
-            cid = str(custom["id"])
-            entry = cfg.entry(cid)
+            info = custom_bot_info(custom)
+            entry = cfg.entry(info.name)
             if entry is not None and entry.get("enable") is False:
                 continue
             mapping = entry.get("mapping") if entry else None
-            public = mapping if isinstance(mapping, str) and mapping else cid
-            if public.casefold() in seen:
+            if isinstance(mapping, str) and mapping:
+                info = dataclasses.replace(info, name=mapping)
+            if info.name.casefold() in seen:
                 continue
-            seen.add(public.casefold())
-            created = custom.get("created")
-            out.append({"id": public, "object": "model",
-                        "created": _seconds(created) if _is_number(created) else int(time.time()),
-                        "owned_by": str(custom.get("owned_by") or "custom")})
+            seen.add(info.name.casefold())
+            out.append(info)
         return out
 
 
@@ -3270,20 +3756,74 @@ def _seconds(stamp: float) -> int:
     return int(stamp // 1000) if stamp > 100_000_000_000 else int(stamp)
 
 
-def normalise_model_list(payload: Any) -> list[dict[str, Any]]:
-    """Poe's /v1/models answer -> OpenAI model objects (`created` in seconds). Bad entries skipped."""
-    data = payload.get("data") if isinstance(payload, dict) else None
-    if not isinstance(data, list):
-        raise upstream_error("Poe's model list has no `data` array")
-    models = []
-    for item in data:
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]:
-            continue
-        created = item.get("created")
-        models.append({"id": item["id"], "object": "model",
-                       "created": _seconds(created) if _is_number(created) else 0,
-                       "owned_by": str(item.get("owned_by") or "poe")})
-    return models
+def supported_parameters(info: BotInfo) -> list[str]:
+    """The request fields that do something for this bot through the proxy, in OpenRouter's names, then
+    the bot's own parameters (a request key of that name is forwarded to it)."""
+    declared = _declared(info)
+    text_out = info.output_modalities is None or "text" in info.output_modalities
+    names = ["max_tokens", "temperature", "stop"]
+    if text_out:
+        names += ["tools", "tool_choice", "response_format", "structured_outputs"]
+    if REASONING_PARAMETERS & declared.keys() or info.reasoning is not None:
+        names += ["reasoning", "include_reasoning"]
+    if {"web_search", "enable_web_search"} & declared.keys():
+        names.append("web_search_options")
+    return list(dict.fromkeys(names + list(declared)))
+
+
+def openai_model(info: BotInfo) -> dict[str, Any]:
+    """A bot in /v1/models: OpenAI's fields, plus what it can do in the names OpenRouter uses (which Open
+    WebUI, Cline, Roo Code, Cherry Studio and LiteLLM read) and in Poe's own names. Unknown facts are left
+    out rather than guessed."""
+    out: dict[str, Any] = {"id": info.name, "object": "model", "created": info.created, "owned_by": info.owned_by,
+                           "root": info.id, "name": info.name}
+    if info.description:
+        out["description"] = info.description
+    if info.context_length is not None:
+        out["context_length"] = info.context_length
+    if info.max_output_tokens is not None:
+        out["max_output_tokens"] = info.max_output_tokens
+    if info.context_length is not None or info.max_output_tokens is not None:
+        out["context_window"] = {"context_length": info.context_length, "max_output_tokens": info.max_output_tokens}
+        out["top_provider"] = {"context_length": info.context_length,
+                               "max_completion_tokens": info.max_output_tokens, "is_moderated": False}
+    if info.input_modalities is not None or info.output_modalities is not None:
+        inputs, outputs = list(info.input_modalities or ("text",)), list(info.output_modalities or ("text",))
+        out["architecture"] = {"input_modalities": inputs, "output_modalities": outputs,
+                               "modality": f"{','.join(inputs)}->{','.join(outputs)}"}
+    if info.features is not None:
+        out["supported_features"] = list(info.features)
+    out["supported_parameters"] = supported_parameters(info)
+    if info.parameters is not None:
+        out["parameters"] = [{"name": p.name, "schema": dict(p.schema),
+                              **({"default_value": p.default} if p.has_default else {}),
+                              **({"description": p.description} if p.description else {})} for p in info.parameters]
+    if info.reasoning is not None:
+        r = info.reasoning
+        out["reasoning"] = {"budget": None if r.budget_max is None else
+                            {"min_tokens": r.budget_min or 0, "max_tokens": r.budget_max},
+                            "required": r.required, "supports_reasoning_effort": r.supports_effort}
+    if info.pricing is not None:
+        out["pricing"] = dict(info.pricing)
+    return out
+
+
+def anthropic_model(info: BotInfo) -> dict[str, Any]:
+    """A bot in the Anthropic SDK's shape (models.list / models.retrieve)."""
+    out: dict[str, Any] = {"type": "model", "id": info.name, "display_name": info.name,
+                           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created)),
+                           "lifecycle": "active"}
+    if info.context_length is not None:
+        out["max_input_tokens"] = info.context_length
+    if info.max_output_tokens is not None:
+        out["max_tokens"] = info.max_output_tokens
+    return out
+
+
+def anthropic_model_list(bots: Sequence[BotInfo]) -> dict[str, Any]:
+    data = [anthropic_model(info) for info in bots]
+    return {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
 
 
 ###############################################################################
@@ -3833,7 +4373,7 @@ class PoeClient:
                                  f"an event stream" + (f": {detail}" if detail else ""))
         return PoeEventStream(response, self._settings.read_timeout_seconds)
 
-    async def list_models(self, api_key: str | None) -> list[dict[str, Any]]:
+    async def list_models(self, api_key: str | None) -> Catalogue:
         url = f"{self._settings.poe_base_url}/v1/models"
         headers = [("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
         if api_key:
@@ -3846,7 +4386,7 @@ class PoeClient:
             payload = json.loads(body)
         except ValueError:
             raise upstream_error("model list: Poe's answer is not JSON") from None
-        return normalise_model_list(payload)
+        return catalogue_from_poe(payload)
 
 
 async def _read_error_body(response: UpstreamResponse) -> bytes:
@@ -3858,39 +4398,75 @@ async def _read_error_body(response: UpstreamResponse) -> bytes:
 
 
 STALE_RETRY_S = 30.0
+MODELS_WAIT_SECONDS = 2.0   # how long a chat waits for the catalogue before it goes on without it
 
 
 class ModelCatalog:
-    """Poe's model list, cached for a TTL, fetched by one caller at a time, and served stale when
-    Poe cannot be reached."""
+    """Poe's bot catalogue, cached for a TTL, fetched by one task at a time (every caller waits for the
+    same fetch), and served stale when Poe cannot be reached."""
 
     def __init__(self, client: PoeClient, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._client = client
         self._ttl_s = ttl_s
         self._clock = clock
-        self._models: list[dict[str, Any]] | None = None
+        self._catalogue: Catalogue | None = None
         self._fetched_at = -math.inf
-        self._lock = asyncio.Lock()
+        self._fetch: asyncio.Task[Catalogue] | None = None
+
+    def _fresh(self) -> bool:
+        return self._catalogue is not None and self._clock() - self._fetched_at < self._ttl_s
+
+    def _start_fetch(self, api_key: str | None, refresh: bool) -> asyncio.Task[Catalogue]:
+        if self._fetch is None:
+            self._fetch = asyncio.ensure_future(self._fetch_now(api_key, refresh))
+            # A chat that stopped waiting never reads the outcome; reading it here keeps asyncio quiet.
+            self._fetch.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return self._fetch
+
+    async def _fetch_now(self, api_key: str | None, refresh: bool) -> Catalogue:
+        try:
+            self._catalogue = await self._client.list_models(api_key)
+            self._fetched_at = self._clock()
+            return self._catalogue
+        except ProxyError as exc:
+            if self._catalogue is None or refresh:
+                raise
+            log.warning("model list refresh failed, serving the cached list: %s", exc.message)
+            # Try again in a while, not on every request, while Poe is down.
+            self._fetched_at = self._clock() - self._ttl_s + min(STALE_RETRY_S, self._ttl_s)
+            return self._catalogue
+        finally:
+            self._fetch = None
+
+    async def catalogue(self, api_key: str | None, refresh: bool = False) -> Catalogue:
+        """The catalogue, fetched when stale (or when `refresh`). Raises ProxyError only when Poe fails and
+        nothing is cached (or a refresh was asked for)."""
+        if not refresh and self._fresh():
+            assert self._catalogue is not None
+            return self._catalogue
+        try:
+            # Shielded: a client that hangs up does not cancel the fetch the others wait for.
+            return await asyncio.shield(self._start_fetch(api_key, refresh))
+        except ProxyError:
+            if refresh or self._catalogue is None:
+                raise
+            return self._catalogue   # we joined someone's refresh, which failed: the cached list will do
 
     async def models(self, api_key: str | None, refresh: bool = False) -> list[dict[str, Any]]:
-        if not refresh and self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
-            return self._models
-        asked_at = self._clock()
-        async with self._lock:
-            if self._models is not None and self._fetched_at >= asked_at:
-                return self._models  # someone else refreshed it while we waited
-            if not refresh and self._models is not None and self._clock() - self._fetched_at < self._ttl_s:
-                return self._models
-            try:
-                self._models = await self._client.list_models(api_key)
-                self._fetched_at = self._clock()
-            except ProxyError as exc:
-                if self._models is None or refresh:
-                    raise
-                log.warning("model list refresh failed, serving the cached list: %s", exc.message)
-                # Try again in a while, not on every request, while Poe is down.
-                self._fetched_at = self._clock() - self._ttl_s + min(STALE_RETRY_S, self._ttl_s)
-            return self._models
+        """The catalogue as OpenAI model objects, unrenamed and unfiltered (for the admin page)."""
+        return [openai_model(info) for info in (await self.catalogue(api_key, refresh)).bots]
+
+    async def for_chat(self, api_key: str | None, wait_s: float = MODELS_WAIT_SECONDS) -> Catalogue | None:
+        """The catalogue for a chat: what is cached when fresh; otherwise a fetch is started (or joined) and
+        waited for at most `wait_s`, after which the chat goes on with the stale catalogue, or none, while
+        the fetch goes on in the background. Never raises: a chat does not fail for want of metadata."""
+        if self._fresh():
+            return self._catalogue
+        task = self._start_fetch(api_key, False)
+        done, _ = await asyncio.wait({task}, timeout=wait_s)
+        if done and not task.cancelled() and task.exception() is None:
+            return task.result()
+        return self._catalogue
 
 
 class Uploader:
@@ -4385,20 +4961,27 @@ class ModelList:
         self.catalog = catalog
 
     async def list_models(self, request: Request) -> Response:
+        """GET /v1/models: OpenAI's list shape, or the Anthropic SDK's when it sends `anthropic-version`."""
         cfg = self.registry.config()
-        key = cfg.api_token or _optional_key(request)
-        models = self.registry.public_list(await self.catalog.models(key))
-        return json_response(200, {"object": "list", "data": models})
+        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or _optional_key(request)))
+        if "anthropic-version" in request.headers:
+            return json_response(200, anthropic_model_list(bots))
+        return json_response(200, {"object": "list", "data": [openai_model(info) for info in bots]})
 
     async def get_model(self, request: Request) -> Response:
-        """GET /v1/models/{id} (the SDKs' models.retrieve): one entry of the public list."""
-        wanted = request.path.rstrip("/").split("/models/", 1)[1]
+        """GET /v1/models/{id} (the SDKs' models.retrieve): one entry of the public list, found by its id or
+        by Poe's id, case-insensitively."""
+        wanted = urllib.parse.unquote(request.path.rstrip("/").split("/models/", 1)[1]).strip()
         cfg = self.registry.config()
-        for model in self.registry.public_list(await self.catalog.models(cfg.api_token or _optional_key(request))):
-            if model["id"].casefold() == wanted.casefold():
-                return json_response(200, model)
-        raise ProxyError(404, f"The model '{wanted}' does not exist or is hidden on this proxy.",
-                         "invalid_request_error", "model_not_found", "model")
+        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or _optional_key(request)))
+        folded = wanted.casefold()
+        found = next((b for b in bots if b.name.casefold() == folded), None) \
+            or next((b for b in bots if b.id.casefold() == folded), None)
+        if found is None:
+            raise ProxyError(404, f"The model '{wanted}' does not exist or is hidden on this proxy.",
+                             "invalid_request_error", "model_not_found", "model")
+        return json_response(200, anthropic_model(found) if "anthropic-version" in request.headers
+                             else openai_model(found))
 
 
 # ----------------------------------------------------------------------------- the chat pipeline

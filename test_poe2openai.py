@@ -1287,6 +1287,362 @@ def test_shipped_models_yaml_is_valid() -> None:
 
 
 ###############################################################################
+# The bot catalogue: Poe's model list, /v1/models, bot controls, context windows
+###############################################################################
+
+POE_MODELS = json.loads((FIXTURES / "poe-v1-models-sample.json").read_text())   # a real answer, trimmed
+
+
+def fixture_catalogue() -> p2o.Catalogue:
+    return p2o.catalogue_from_poe(POE_MODELS)
+
+
+def bot(name: str) -> p2o.BotInfo:
+    info = fixture_catalogue().find(name)
+    assert info is not None, name
+    return info
+
+
+def synthetic_bot(*parameters: dict[str, Any], **kw: Any) -> p2o.BotInfo:
+    info = p2o.bot_info_from_poe({"id": "test-bot", "metadata": {"display_name": "Test-Bot"},
+                                  "parameters": list(parameters), **kw})
+    assert info is not None
+    return info
+
+
+def test_bot_info_from_every_entry_of_poes_list() -> None:
+    for entry in POE_MODELS["data"]:
+        info = p2o.bot_info_from_poe(entry)
+        assert info is not None and info.id == entry["id"] and info.name == entry["metadata"]["display_name"]
+        window = entry.get("context_window") or {}
+        assert info.context_length == window.get("context_length")
+        assert info.max_output_tokens == window.get("max_output_tokens")
+        assert list(info.input_modalities or ()) == entry["architecture"]["input_modalities"]
+        assert list(info.output_modalities or ()) == entry["architecture"]["output_modalities"]
+        assert list(info.features or ()) == entry["supported_features"]
+        assert [p.name for p in info.parameters or ()] == [p["name"] for p in entry["parameters"]]
+        assert info.created == entry["created"] // 1000 and info.owned_by == entry["owned_by"]
+        assert (info.reasoning is None) == (entry["reasoning"] is None)
+        assert (info.pricing is None) == (entry["pricing"] is None)
+    sonnet = bot("Claude-Sonnet-4.5")
+    assert (sonnet.context_length, sonnet.max_output_tokens) == (983040, 32768)
+    assert sonnet.reasoning == p2o.BotReasoning(0, 31999, False, False)
+    assert sonnet.parameter("thinking_budget") == p2o.BotParameter(
+        "thinking_budget", {"type": "number", "minimum": 0, "maximum": 31999}, 0, True,
+        "The maximum number of tokens to spend on thinking.")
+    assert bot("claude-opus-4.6").pricing["prompt"] == "0.0000043" and bot("Assistant").pricing is None
+    assert bot("Kimi-K2.5-FW").context_length is None and bot("DeepSeek-R1").max_output_tokens is None
+    assert bot("Veo-3").output_modalities == ("video",) and bot("nano-banana-2").parameter("aspect_ratio").has_default is False
+
+
+@pytest.mark.parametrize("entry", [None, [], "gpt-4o", {}, {"id": None}, {"id": ""}, {"id": "  "}, {"id": 5}])
+def test_bot_info_needs_an_id(entry: Any) -> None:
+    assert p2o.bot_info_from_poe(entry) is None
+
+
+def test_bot_info_from_hostile_entries() -> None:
+    info = p2o.bot_info_from_poe({
+        "id": "odd", "created": "yesterday", "owned_by": 7, "description": ["x"], "metadata": None,
+        "context_window": "big", "context_length": True, "architecture": [], "supported_features": "tools",
+        "parameters": {"name": "web_search"}, "reasoning": "yes", "pricing": [1]})
+    assert info == p2o.BotInfo(id="odd", name="odd")   # everything unknown, nothing invented
+    info = p2o.bot_info_from_poe({
+        "id": "odd", "metadata": {"display_name": ""}, "context_window": {"context_length": -5, "max_output_tokens": 1.5},
+        "context_length": 4096.0, "architecture": {"input_modalities": ["text", None, 3], "output_modalities": None},
+        "parameters": [None, {"name": 3}, {"name": " "}, {"name": "ok", "schema": "bad"}],
+        "reasoning": {"budget": {"min_tokens": "0", "max_tokens": float("inf")}, "required": "no",
+                      "supports_reasoning_effort": None},
+        "pricing": {"prompt": "0.1", "completion": None, "image": {"x": 1}, "request": 0}})
+    assert info is not None and info.name == "odd" and info.context_length == 4096 and info.max_output_tokens is None
+    assert info.input_modalities == ("text",) and info.output_modalities is None
+    assert info.parameters == (p2o.BotParameter("ok"),)
+    assert info.reasoning == p2o.BotReasoning() and info.pricing == {"prompt": "0.1", "request": "0"}
+    # A controls request against such a bot neither crashes nor sends anything it does not declare.
+    assert p2o.bot_controls({"ok": True, "reasoning_effort": "high"}, info) == (["--ok true"], ["reasoning_effort"])
+    with pytest.raises(p2o.ProxyError):
+        p2o.catalogue_from_poe({"object": "list"})
+
+
+def test_catalogue_finds_a_bot_by_id_or_display_name_in_any_case() -> None:
+    cat = fixture_catalogue()
+    assert len(cat) == 16
+    for name in ("Claude-Sonnet-4.5", "claude-sonnet-4.5", "CLAUDE-SONNET-4.5", " claude-sonnet-4.5 "):
+        assert cat.find(name) is cat.bots[2]
+    assert cat.find("Claude-Sonnet") is None
+    twins = p2o.Catalogue([p2o.BotInfo("a", "Bot"), p2o.BotInfo("b", "BOT")])
+    assert twins.find("BOT").id == "b" and twins.find("bot").id == "a"   # an exact spelling wins
+
+
+def test_models_list_tells_what_each_bot_can_do(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    client = proxy.client()
+    models = {m.id: m.model_dump() for m in client.models.list().data}
+    # Poe lists lower-case ids; clients see the cased display names (what users type, and models.yaml keys).
+    assert list(models) == [e["metadata"]["display_name"] for e in POE_MODELS["data"]]
+    sonnet = models["Claude-Sonnet-4.5"]
+    assert (sonnet["object"], sonnet["created"], sonnet["owned_by"]) == ("model", 1758868894, "Anthropic")
+    assert sonnet["name"] == "Claude-Sonnet-4.5" and sonnet["root"] == "claude-sonnet-4.5"
+    assert sonnet["context_length"] == 983040 and sonnet["max_output_tokens"] == 32768
+    assert sonnet["top_provider"] == {"context_length": 983040, "max_completion_tokens": 32768, "is_moderated": False}
+    assert sonnet["architecture"] == {"input_modalities": ["text", "image"], "output_modalities": ["text"],
+                                      "modality": "text,image->text"}
+    assert sonnet["supported_features"] == ["web_search", "tools"]
+    assert {"tools", "reasoning", "web_search_options", "thinking_budget", "web_search"} <= set(
+        sonnet["supported_parameters"])
+    assert sonnet["parameters"][0]["name"] == "thinking_budget" and sonnet["parameters"][0]["schema"]["maximum"] == 31999
+    assert sonnet["reasoning"]["budget"] == {"min_tokens": 0, "max_tokens": 31999}
+    assert sonnet["pricing"]["prompt"] == "0.0000026" and sonnet["pricing"]["completion"] == "0.000013"
+    veo = models["Veo-3"]
+    assert veo["architecture"]["output_modalities"] == ["video"] and "tools" not in veo["supported_parameters"]
+    assert {"aspect_ratio", "duration", "seed"} <= set(veo["supported_parameters"])
+    assert "reasoning" not in models["GPT-4o"]["supported_parameters"]
+    kimi = models["Kimi-K2.5-FW"]                 # no context window known: left out, not guessed
+    assert "context_length" not in kimi and "top_provider" not in kimi
+    one = client.models.retrieve("claude-sonnet-4.5")   # Poe's id works too
+    assert one.id == "Claude-Sonnet-4.5" and one.model_dump()["context_length"] == 983040
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("Claude-Sonnet")
+
+
+def test_models_list_in_the_anthropic_shape(proxy: Proxy, poe: FakePoe) -> None:
+    import datetime
+    poe.models = POE_MODELS
+    client = anthropic_client(proxy)
+    page = client.models.list()
+    assert page.has_more is False and page.first_id == "Assistant" and page.last_id == "Web-Search"
+    models = {m.id: m for m in page}
+    assert len(models) == 16 and all(m.type == "model" and m.display_name == m.id for m in models.values())
+    sonnet = models["Claude-Sonnet-4.5"]
+    assert sonnet.created_at == datetime.datetime(2025, 9, 26, 6, 41, 34, tzinfo=datetime.timezone.utc)
+    assert (sonnet.max_input_tokens, sonnet.max_tokens) == (983040, 32768)
+    one = client.models.retrieve("gpt-4o")
+    assert (one.id, one.display_name, one.max_tokens) == ("GPT-4o", "GPT-4o", 8192)
+    anthropic = pytest.importorskip("anthropic")
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("no-such-bot")
+
+
+def test_models_yaml_applies_to_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    poe.models = POE_MODELS
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"enable": True, "models": {
+        "claude-sonnet-4.5": {"mapping": "sonnet"}, "GPT-4o": {"enable": False}}, "custom_models": [
+        {"id": "My-Image-Bot", "context_length": 4000, "max_output_tokens": 1000, "input_modalities": ["text"],
+         "output_modalities": ["image"], "parameters": [{"name": "style", "schema": {"enum": ["photo", "drawing"]},
+                                                          "default_value": "photo"}]}]}))
+    proxy = start()
+    models = {m.id: m.model_dump() for m in proxy.client().models.list().data}
+    assert "sonnet" in models and "Claude-Sonnet-4.5" not in models and "GPT-4o" not in models   # by Poe id, or name
+    assert models["sonnet"]["context_length"] == 983040            # a renamed bot keeps what it can do
+    custom = models["My-Image-Bot"]
+    assert (custom["context_length"], custom["max_output_tokens"], custom["owned_by"]) == (4000, 1000, "custom")
+    assert custom["architecture"]["modality"] == "text->image" and "style" in custom["supported_parameters"]
+    assert custom["parameters"] == [{"name": "style", "schema": {"enum": ["photo", "drawing"]}, "default_value": "photo"}]
+
+
+def test_models_yaml_resolution_accepts_poe_ids_and_display_names(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("enable: true\nmodels:\n  claude-sonnet-4.5: {mapping: sonnet, tool_mode: native}\n"
+                    "  Claude-Haiku-4.5: {enable: false}\ncustom_models:\n  - {id: Private-Bot, context_length: 100}\n")
+    registry = p2o.ModelRegistry(str(path))
+    cat = fixture_catalogue()
+    for asked in ("sonnet", "SONNET", "Claude-Sonnet-4.5", "claude-sonnet-4.5"):
+        route = registry.resolve(asked, cat)
+        assert (route.bot, route.display, route.tool_mode) == ("Claude-Sonnet-4.5", asked, "native")
+    for asked in ("claude-haiku-4.5", "Claude-Haiku-4.5"):
+        with pytest.raises(p2o.ProxyError) as info:
+            registry.resolve(asked, cat)
+        assert info.value.status == 404
+    assert registry.resolve("private-bot", cat).bot == "private-bot"      # unknown bots pass through as asked
+    assert registry.bot_info("Claude-Sonnet-4.5", cat) is cat.find("claude-sonnet-4.5")
+    assert registry.bot_info("PRIVATE-BOT", cat).context_length == 100
+    assert registry.bot_info("Private-Bot", cat).parameters is None       # declares none: today's flags apply
+    assert registry.bot_info("Unknown-Bot", cat) is None and registry.bot_info("GPT-4o", None) is None
+
+
+@pytest.mark.parametrize("custom, problem", [
+    ({"context_length": "1M"}, "context_length must be a positive whole number"),
+    ({"max_output_tokens": 0}, "max_output_tokens must be a positive whole number"),
+    ({"max_output_tokens": True}, "max_output_tokens must be a positive whole number"),
+    ({"input_modalities": "text"}, "input_modalities must be a list"),
+    ({"supported_features": ["tools", 3]}, "supported_features must be a list"),
+    ({"parameters": {"name": "x"}}, "parameters must be a list"),
+    ({"parameters": [{"schema": {}}]}, "parameters[0] must be a mapping with a `name`"),
+    ({"parameters": [{"name": "x", "schema": "boolean"}]}, "parameters[0].schema must be a JSON schema"),
+    ({"parameters": [{"name": "x", "schema": {"enum": []}}]}, "parameters[0].schema.enum must be a non-empty list"),
+])
+def test_custom_model_declarations_are_checked(custom: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"custom_models[Mine].{problem}")):
+        p2o.ModelConfig.from_dict({"custom_models": [{"id": "Mine", **custom}]})
+
+
+def test_model_catalog_gives_a_chat_what_it_has_within_the_deadline() -> None:
+    class SlowPoe:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.delay_s = 0.3
+            self.fail = False
+
+        async def list_models(self, api_key: str | None) -> p2o.Catalogue:
+            self.calls += 1
+            await asyncio.sleep(self.delay_s)
+            if self.fail:
+                raise p2o.upstream_error("Poe is down")
+            return fixture_catalogue()
+
+    async def scenario() -> None:
+        upstream = SlowPoe()
+        catalog = p2o.ModelCatalog(upstream, ttl_s=60.0)   # type: ignore[arg-type]
+        started = time.monotonic()
+        assert await asyncio.gather(catalog.for_chat(KEY, 0.05), catalog.for_chat(KEY, 0.05)) == [None, None]
+        assert time.monotonic() - started < 0.25 and upstream.calls == 1    # did not wait; one fetch for both
+        listed = await catalog.catalogue(KEY)                               # a model list joins that same fetch
+        assert upstream.calls == 1 and len(listed) == 16
+        assert await catalog.for_chat(KEY, 0.0) is listed                   # fresh: no wait, no fetch
+        stale = p2o.ModelCatalog(upstream, ttl_s=0.0)                       # type: ignore[arg-type]
+        upstream.delay_s = 0.0
+        first = await stale.for_chat(KEY, 1.0)
+        assert first is not None and len(first) == 16                       # a quick fetch is waited for
+        upstream.fail = True
+        assert await stale.for_chat(KEY, 1.0) is first                      # Poe fails: the stale catalogue
+        assert await p2o.ModelCatalog(upstream, 60.0).for_chat(KEY, 1.0) is None   # type: ignore[arg-type]
+        with pytest.raises(p2o.ProxyError):
+            await p2o.ModelCatalog(upstream, 60.0).catalogue(KEY)           # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+
+
+def controls(body: dict[str, Any], name: str) -> tuple[list[str], list[str]]:
+    return p2o.bot_controls(body, bot(name))
+
+
+def test_bot_controls_web_search_from_every_dialect() -> None:
+    on = (["--web_search true"], [])
+    assert controls({"web_search_options": {}}, "GPT-5.4") == on                                  # OpenAI chat
+    assert controls({"tools": [{"type": "web_search_preview"}]}, "GPT-5.4") == on                  # Responses
+    assert controls({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "Claude-Sonnet-4.5") == on
+    assert controls({"extra_body": {"web_search": True}}, "Claude-Opus-4.6") == on
+    assert controls({"enable_web_search": "false"}, "Claude-Opus-4.6") == (["--web_search false"], [])
+    other = synthetic_bot({"name": "enable_web_search", "schema": {"type": "boolean"}})
+    assert p2o.bot_controls({"web_search_options": {"search_context_size": "low"}}, other) == (
+        ["--enable_web_search true"], [])
+    assert controls({"web_search_options": {}}, "GPT-4o") == ([], ["web_search_options"])         # not declared
+    with pytest.raises(p2o.ProxyError) as info:
+        controls({"web_search": "sometimes"}, "GPT-5.4")
+    assert info.value.status == 400 and info.value.param == "web_search" and "true or false" in info.value.message
+
+
+def test_bot_controls_reasoning_effort_goes_to_the_nearest_allowed_value() -> None:
+    assert controls({"reasoning_effort": "medium"}, "GPT-5.4") == (["--reasoning_effort medium"], [])
+    assert controls({"reasoning_effort": "max"}, "GPT-5.4") == (["--reasoning_effort xhigh"], [])
+    assert controls({"reasoning_effort": "minimal"}, "GPT-5.4") == (["--reasoning_effort low"], [])  # tie: stronger
+    assert controls({"reasoning": {"effort": "HIGH"}}, "GPT-5.4") == (["--reasoning_effort high"], [])
+    assert controls({"output_config": {"effort": "max"}}, "Claude-Opus-4.6") == (["--output_effort max"], [])
+    assert controls({"reasoning_effort": "xhigh"}, "Claude-Opus-4.6") == (["--output_effort max"], [])
+    assert controls({"reasoning_effort": "xhigh"}, "Assistant") == (["--reasoning_effort high"], [])  # from `reasoning`
+    assert controls({"reasoning_effort": "high"}, "Claude-Haiku-4.5") == (["--thinking_budget 51199"], [])
+    assert controls({"reasoning_effort": "high"}, "GPT-4o") == ([], ["reasoning_effort"])
+    with pytest.raises(p2o.ProxyError) as info:
+        controls({"reasoning_effort": "turbo"}, "GPT-5.4")
+    assert info.value.param == "reasoning_effort"
+
+
+def test_bot_controls_thinking_budget_is_clamped() -> None:
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 50000}}, "Claude-Sonnet-4.5") == (
+        ["--thinking_budget 31999"], [])
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "Claude-Sonnet-4.5") == (
+        ["--thinking_budget 1024"], [])
+    gemini = {"extra_body": {"google": {"thinking_config": {"thinking_budget": 99999}}}}
+    assert controls(gemini, "Gemini-2.5-Flash") == (["--thinking_budget 24576"], [])
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "GPT-5.4") == (
+        ["--reasoning_effort low"], [])                                  # a budget, for an effort-only bot
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "GPT-4o") == ([], ["thinking.budget_tokens"])
+    with pytest.raises(p2o.ProxyError):
+        controls({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "Claude-Sonnet-4.5")
+
+
+def test_bot_controls_enable_thinking() -> None:
+    qwen = synthetic_bot({"name": "enable_thinking", "schema": {"type": "boolean"}, "default_value": True})
+    assert p2o.bot_controls({"reasoning_effort": "high"}, qwen) == (["--enable_thinking true"], [])
+    assert p2o.bot_controls({"reasoning_effort": "none"}, qwen) == (["--enable_thinking false"], [])
+    assert p2o.bot_controls({"thinking": {"type": "disabled"}}, qwen) == (["--enable_thinking false"], [])
+    assert p2o.bot_controls({"thinking": {"type": "adaptive"}}, qwen) == (["--enable_thinking true"], [])
+    assert p2o.bot_controls({"reasoning": {"enabled": False}}, qwen) == (["--enable_thinking false"], [])
+
+
+def test_bot_controls_forward_the_bots_own_parameters() -> None:
+    assert controls({"aspect_ratio": "16:9"}, "Nano-Banana-2") == (["--aspect_ratio 16:9"], [])
+    assert controls({"extra_body": {"seed": 42, "duration": 6, "resolution": "1080P", "camera": "pan"},
+                     "aspect_ratio": "9:16"}, "Veo-3") == (
+        ["--aspect_ratio 9:16", "--duration 6", "--seed 42", "--resolution 1080p"], ["extra_body.camera"])
+    assert controls({"verbosity": "low", "user": "u-1", "top_p": 0.5}, "GPT-5.4") == (["--verbosity low"], [])
+    assert controls({"no": "blurry\n--seed 1"}, "Veo-3") == (["--no blurry -seed 1"], [])   # one flag stays one
+    assert controls({"speaker_count": 3.0}, "ElevenLabs-v3") == (["--speaker_count 3"], [])
+    limited = synthetic_bot({"name": "max_output_tokens", "schema": {"type": "number", "minimum": 1, "maximum": 8192}},
+                            {"name": "temperature", "schema": {"type": "number", "minimum": 0, "maximum": 1}})
+    assert p2o.bot_controls({"max_tokens": 100000, "temperature": 1.3}, limited) == (
+        ["--max_output_tokens 8192", "--temperature 1"], [])             # habits are clamped, not refused
+
+
+def test_bot_controls_on_converted_anthropic_and_responses_bodies() -> None:
+    """What the chat pipeline passes: the converted body over the client's own, with the client's tools (the
+    converters drop hosted tools and output_config, and keep only a lossy copy of the effort)."""
+    raw = {"model": "claude-opus-4-6", "max_tokens": 32000, "output_config": {"effort": "max"},
+           "thinking": {"type": "adaptive"}, "messages": [{"role": "user", "content": "hi"}],
+           "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                     {"name": "Bash", "description": "Run", "input_schema": {"type": "object"}}]}
+    merged = {**raw, **p2o.anthropic_to_openai(raw), "tools": raw["tools"]}
+    assert controls(merged, "Claude-Opus-4.6") == (["--web_search true", "--output_effort max"], [])
+    assert controls(merged, "Claude-Sonnet-4.5") == (["--thinking_budget 31999", "--web_search true"], [])
+    assert controls(merged, "GPT-4o") == ([], ["tools[type=web_search_20250305]", "output_config.effort",
+                                               "reasoning_effort", "thinking"])
+    codex = json.loads((FIXTURES / "codex-responses.json").read_text())
+    codex["tools"].append({"type": "web_search"})
+    merged = {**codex, **p2o.responses_to_openai(codex), "tools": codex["tools"]}
+    assert controls(merged, "GPT-5.4") == (["--web_search true", f"--reasoning_effort {codex['reasoning']['effort']}"],
+                                           [])
+
+
+@pytest.mark.parametrize("body, bot_name, param, allowed", [
+    ({"aspect_ratio": "7:3"}, "Nano-Banana-2", "aspect_ratio", "one of 1:1, 2:3"),
+    ({"extra_body": {"duration": 5}}, "Veo-3", "extra_body.duration", "one of 4, 6, 8"),
+    ({"speaker_count": 12}, "ElevenLabs-v3", "speaker_count", "a number from 1 to 9"),
+    ({"silent": "loud"}, "Veo-3", "silent", "true or false"),
+    ({"seed": [1]}, "Veo-3", "seed", "a string"),
+])
+def test_bot_controls_refuse_values_outside_the_schema(body: dict[str, Any], bot_name: str, param: str,
+                                                       allowed: str) -> None:
+    with pytest.raises(p2o.ProxyError) as info:
+        controls(body, bot_name)
+    err = info.value
+    assert (err.status, err.param) == (400, param) and allowed in err.message and bot(bot_name).name in err.message
+
+
+def test_bot_controls_for_unknown_bots_are_todays_flags() -> None:
+    body = {"reasoning_effort": "high", "thinking": {"type": "enabled", "budget_tokens": 1000},
+            "web_search_options": {}, "aspect_ratio": "1:1"}
+    assert p2o.bot_controls(body, None) == (list(p2o.reasoning_flags(body)), [])
+    assert p2o.bot_controls(body, None)[0] == ["--thinking_budget 1000", "--reasoning_effort high"]
+    undeclared = p2o.custom_bot_info({"id": "Private-Bot", "context_length": 1000})
+    assert p2o.bot_controls(body, undeclared) == p2o.bot_controls(body, None)
+
+
+def test_check_context_refuses_prompts_that_cannot_fit() -> None:
+    info = p2o.BotInfo("b", "B", context_length=1000, max_output_tokens=300)
+    assert p2o.check_context(1100, 200, info) == 200                    # within the estimate's 10 % margin
+    assert p2o.check_context(900, 5000, info) == 300                    # max_tokens clamped, not refused
+    assert p2o.check_context(900, None, info) is None
+    with pytest.raises(p2o.ProxyError) as caught:
+        p2o.check_context(1101, None, info)
+    err = caught.value
+    assert (err.status, err.code, err.type) == (400, "context_length_exceeded", "invalid_request_error")
+    assert err.message == "prompt is too long: 1101 tokens > 1000 maximum"
+    assert p2o.anthropic_error_body(err)["error"]["message"] == err.message   # Claude Code compacts on it
+    assert p2o.check_context(10 ** 9, 10 ** 6, None) == 10 ** 6          # unknown bot: nothing to check
+    assert p2o.check_context(10 ** 9, 10 ** 6, bot("Kimi-K2.5-FW")) == 10 ** 6
+    assert p2o.check_context(160000, 10 ** 6, bot("DeepSeek-R1")) == 10 ** 6    # no max output known
+
+
+###############################################################################
 # Tool calling
 ###############################################################################
 
