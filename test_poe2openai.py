@@ -3042,7 +3042,8 @@ def test_responses_tools_without_description_and_custom_tools(proxy: Proxy, poe:
     with httpx.Client(timeout=20) as http:
         r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, json={
             "model": "GPT-4o", "input": "patch it", "tools": [
-                {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}},
+                {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}},
                 {"type": "custom", "name": "apply_patch", "description": "Apply a patch"}]})
     body = r.json()
     assert r.status_code == 200 and body["output"][0]["type"] == "custom_tool_call"
