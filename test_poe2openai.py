@@ -1218,6 +1218,59 @@ def test_description_less_tools_become_poe_flags() -> None:
     assert p2o.build_poe_query(chat)["query"][-1]["content"] == "draw a cat --no_watermark"
 
 
+PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                 "required": ["name", "age"]}
+
+
+def tool_in_every_dialect(name: str, description: str | None, schema: Any) -> list[p2o.ChatRequest]:
+    """One tool as the OpenAI chat, Anthropic and Responses dialects send it (description None = absent)."""
+    about = {} if description is None else {"description": description}
+    fn = {"name": name, **about, **({} if schema is None else {"parameters": schema})}
+    messages = [{"role": "user", "content": "go"}]
+    return [p2o.parse_chat_request({"model": "m", "messages": messages, "tools": [{"type": "function", "function": fn}]}),
+            p2o.parse_chat_request(p2o.anthropic_to_openai({"model": "m", "max_tokens": 9, "messages": messages, "tools": [
+                {"name": name, **about, "input_schema": schema if schema is not None else {"type": "object"}}]})),
+            p2o.parse_chat_request(p2o.responses_to_openai({"model": "m", "input": "go", "tools": [
+                {"type": "function", **fn}]}))]
+
+
+@pytest.mark.parametrize("description", [None, ""])
+def test_a_function_without_a_description_is_still_a_tool(description: str | None) -> None:
+    for chat in tool_in_every_dialect("Person", description, PERSON_SCHEMA):
+        assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["Person"] and not chat.tools.flags
+        prompt = p2o.build_poe_query(chat)["query"][-1]["content"]
+        assert '<tool name="Person">' in prompt and "--Person" not in prompt
+        assert "<description>" not in prompt and '"age"' in prompt
+
+
+@pytest.mark.parametrize("schema", [None, {}, {"type": "object"}, {"type": "object", "properties": {}}])
+def test_a_bare_name_is_a_poe_flag_in_every_dialect(schema: Any) -> None:
+    for chat in tool_in_every_dialect("web_search", None, schema):
+        assert chat.tools is not None and chat.tools.flags == ("web_search",) and not chat.tools.tools
+        assert p2o.build_poe_query(chat)["query"][-1]["content"] == "go --web_search"
+
+
+def test_langchain_structured_output_tool_gets_its_call(proxy: Proxy, poe: FakePoe) -> None:
+    # LangChain's with_structured_output(method="function_calling") on a docstring-less pydantic model:
+    # description "", and tool_choice naming the tool.
+    tool = {"type": "function", "function": {"name": "Person", "description": "", "parameters": PERSON_SCHEMA}}
+    poe.on("GPT-4o", xml_reply_steps('<tool_call>\n<invoke name="Person">\n<parameter name="name">Ada</parameter>\n'
+                                     '<parameter name="age">36</parameter>\n</invoke>\n</tool_call>', 5))
+    choice = {"type": "function", "function": {"name": "Person"}}
+    messages = [{"role": "user", "content": "Ada Lovelace, 36"}]
+    result = proxy.client().chat.completions.create(model="GPT-4o", messages=messages, tools=[tool],
+                                                    tool_choice=choice)
+    call = result.choices[0].message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("Person", {"name": "Ada", "age": 36})
+    assert result.choices[0].finish_reason == "tool_calls"
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert "must call the tool Person" in prompt and "--Person" not in prompt
+    # a tool_choice naming a bare-name tool: the client wants a call, so it is offered as a tool
+    chat = p2o.parse_chat_request({"model": "m", "messages": messages, "tool_choice": {
+        "type": "function", "function": {"name": "now"}}, "tools": [{"type": "function", "function": {"name": "now"}}]})
+    assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["now"] and not chat.tools.flags
+
+
 def test_lenient_tool_schemas() -> None:
     tools = [{"type": "function", "function": {"name": "a", "description": "d", "strict": True, "parameters": {
         "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
@@ -2731,6 +2784,119 @@ def test_file_then_single_tool_call_finishes_once() -> None:
     message = fold.body("x", 0, "m", 0)["choices"][0]["message"]
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
     assert message["content"] == "\n\n![cat.png](https://pfst.cf2.poecdn.net/base/image/out1)"   # not lost
+
+
+def translate(events: list[tuple[str, Any]], **kw: Any) -> tuple[dict[str, Any], str]:
+    """Poe events through a translator: (the folded message, the text an OpenAI stream would show)."""
+    body = kw.pop("body", {"tools": WEATHER_TOOLS})
+    translator = p2o.PoeTranslator(p2o.parse_tools(body), **kw)
+    deltas = [d for kind, data in events for d in translator.feed(p2o.SSEEvent(kind, json.dumps(data)))]
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    fold, encoder = p2o.ChatFold(), p2o.OpenAIStreamEncoder("x", 0, "m", False)
+    stream = b""
+    for d in deltas:
+        fold.add(d)
+        stream += encoder.encode(d) if d.kind != p2o.FINISH else b""
+    shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in
+                    (json.loads(line[6:]) for line in stream.decode().split("\n\n") if line))
+    return fold.body("x", 0, "m", 0)["choices"][0], shown
+
+
+def native_call(index: int, call_id: str, name: str, arguments: str) -> tuple[str, Any]:
+    return "json", {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}}]}
+
+
+XML_TIME_CALL = '<tool_call><invoke name="get_time"></invoke></tool_call>'
+
+
+def test_native_calls_are_taken_in_xml_mode_too(proxy: Proxy, poe: FakePoe) -> None:
+    # GPT-4o is in XML mode, but Poe passes the bot's own function calls on as `json` events.
+    poe.on("GPT-4o", [sse("text", {"text": "Checking.\n" + XML_TIME_CALL}),
+                      native_chunk({"tool_calls": [{"index": 0, "id": "call_native1", "type": "function",
+                                                    "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
+                      native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+                      sse("done", {})])
+    client = proxy.client()
+    messages = [{"role": "user", "content": "time and weather?"}]
+    expected = [("get_time", {}), ("get_weather", {"city": "Oslo"})]
+    whole = client.chat.completions.create(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls] == expected
+    assert whole.choices[0].message.tool_calls[1].id == "call_native1"
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content == "Checking.\n"
+    with client.chat.completions.stream(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS) as stream:
+        final = stream.get_final_completion()
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.choices[0].message.tool_calls] == expected
+    message = anthropic_client(proxy).messages.create(model="GPT-4o", max_tokens=50, messages=messages, tools=[
+        {"name": t["function"]["name"], "description": "d", "input_schema": {"type": "object"}} for t in WEATHER_TOOLS])
+    assert [(b.name, b.input) for b in message.content if b.type == "tool_use"] == expected
+    assert message.stop_reason == "tool_use"
+
+
+def test_native_and_xml_calls_share_one_numbering() -> None:
+    message, _ = translate([native_call(0, "c_a", "get_weather", '{"city": "Rome"}'), ("text", {"text": XML_TIME_CALL}),
+                            native_call(1, "c_b", "get_time", "{}")])
+    assert [(c["id"], c["function"]["name"]) for c in message["message"]["tool_calls"]] == [
+        ("c_a", "get_weather"), (message["message"]["tool_calls"][1]["id"], "get_time"), ("c_b", "get_time")]
+    assert message["finish_reason"] == "tool_calls"
+    # parallel_tool_calls=false: the first call, whichever way it came, is the whole answer
+    for events in ([("text", {"text": XML_TIME_CALL}), native_call(0, "c_a", "get_weather", "{}")],
+                   [native_call(0, "c_a", "get_time", "{}"), ("text", {"text": XML_TIME_CALL}),
+                    native_call(1, "c_b", "get_weather", "{}")]):
+        for whole_calls in (False, True):
+            message, _ = translate(events, body={"tools": WEATHER_TOOLS, "parallel_tool_calls": False},
+                                   whole_calls=whole_calls)
+            calls = message["message"]["tool_calls"]
+            assert [c["function"]["name"] for c in calls] == ["get_time"] and message["finish_reason"] == "tool_calls"
+    # without tools in the request there is nothing to call
+    message, _ = translate([native_call(0, "c_a", "get_time", "{}")], body={})
+    assert "tool_calls" not in message["message"] and message["finish_reason"] == "stop"
+
+
+def test_replace_response_goes_through_the_tool_parser(proxy: Proxy, poe: FakePoe) -> None:
+    weather = '<tool_call><invoke name="get_weather"><parameter name="city">Lima</parameter></invoke></tool_call>'
+    # a replacement that extends the text: only its new tail is parsed, and the call is found
+    message, shown = translate([("text", {"text": "Working"}), ("replace_response", {"text": "Working.\n" + weather})])
+    assert message["message"]["content"] == shown == "Working.\n"
+    assert json.loads(message["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Lima"}
+    # a different answer: the client gets exactly the new one whole, a stream what it can after a blank line
+    message, shown = translate([("text", {"text": "Draft"}), ("replace_response", {"text": "Final: " + weather})])
+    assert message["message"]["content"] == "Final: " and shown == "Draft\n\nFinal: "
+    assert message["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    poe.on("GPT-4o", [sse("text", {"text": "One moment"}), sse("replace_response", {"text": "Sure. " + XML_TIME_CALL}),
+                      sse("done", {})])
+    client = proxy.client()
+    for stream in (False, True):
+        if stream:
+            with client.chat.completions.stream(model="GPT-4o", tools=WEATHER_TOOLS,
+                                                messages=[{"role": "user", "content": "x"}]) as s:
+                result = s.get_final_completion()
+        else:
+            result = client.chat.completions.create(model="GPT-4o", tools=WEATHER_TOOLS,
+                                                    messages=[{"role": "user", "content": "x"}])
+        assert result.choices[0].message.tool_calls[0].function.name == "get_time", stream
+        assert result.choices[0].finish_reason == "tool_calls"
+        assert "<tool_call>" not in (result.choices[0].message.content or "")
+
+
+def test_replace_response_goes_through_the_json_stage() -> None:
+    fenced = '```json\n{"a": 1}\n```'
+    for events in ([("text", {"text": '```json\n{"a"'}), ("replace_response", {"text": fenced})],     # extends
+                   [("text", {"text": "Let me think"}), ("replace_response", {"text": fenced})],    # replaces
+                   [("replace_response", {"text": "Here it is:\n" + fenced + "\nDone."})]):
+        message, shown = translate(events, body={}, json_answer=True)
+        assert message["message"]["content"] == shown == '{"a": 1}', events
+
+
+def test_many_small_texts_then_a_replacement_stay_linear() -> None:
+    piece = "0123456789 abcdefghij ABCDEFGHIJ qrstuvw\n"            # 40 characters, no tag in sight
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS}))
+    event = p2o.SSEEvent("text", json.dumps({"text": piece}))
+    began = time.process_time()
+    out = [d for _ in range(100_000) for d in translator.feed(event)]   # 4 MB of answer
+    out += translator.feed(p2o.SSEEvent("replace_response", json.dumps({"text": piece * 100_000 + "!"})))
+    assert time.process_time() - began < 3.0                        # copying what was seen on each piece: 6 s
+    assert "".join(d.text for d in out if d.kind == p2o.TEXT) == piece * 100_000 + "!"
 
 
 def test_ordinary_brackets_never_hold_the_stream() -> None:
