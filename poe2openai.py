@@ -1760,6 +1760,7 @@ def _after_line_end(text: str, cut: int) -> int:
 _JSON_OUTSIDE = re.compile(r'[{}\[\]"]')   # what changes the nesting outside a string
 _JSON_INSIDE = re.compile(r'["\\]')        # what ends a string, or escapes its next character
 _JSON_START = re.compile(r"[{\[]")
+_FENCE_TAIL_CHARS = re.compile(r"[\s`]*\Z")
 _FENCED_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.S)
 MAX_JSON_SEARCH_CHARS = 1024 * 1024   # a longer prose answer is given as it is
 MAX_JSON_SEARCH_TRIES = 200           # `{` and `[` in prose tried as the start of a value
@@ -1815,7 +1816,8 @@ class JSONAnswer:
         self._buf = ""            # start: the opening so far
         self._parts: list[str] = []   # after: what followed the value; hold: the whole answer
         self._fenced = False
-        self._value: list[str] = []   # the value's text, as released
+        self._value: list[str] = []   # the value's text, as read
+        self._held = ""           # fenced: blanks and backticks at the end, maybe the closing fence
         self._depth = 0
         self._in_string = False
         self._escape = False      # a string's backslash ended the last piece
@@ -1846,8 +1848,9 @@ class JSONAnswer:
 
     def end(self) -> str:
         state, self._state = self._state, "done"
-        if state == "value":
-            return ""                                # it never closed: all of it is out already
+        if state == "value":   # it never closed: out already, but for a closing fence
+            stripped = self._held.rstrip()
+            return stripped[:-3].rstrip() if stripped.endswith("```") else self._held
         if state == "after":
             tail = "".join(self._parts)
             if _json_text("".join(self._value)):
@@ -1884,9 +1887,15 @@ class JSONAnswer:
                 if self._depth <= 0:
                     self._state, self._parts = "after", [text[pos:]]
                     self._value.append(text[:pos])
-                    return text[:pos]
+                    out, self._held = self._held + text[:pos], ""
+                    return out
         self._value.append(text)
-        return text
+        if not self._fenced:
+            return text
+        out = self._held + text
+        cut = _FENCE_TAIL_CHARS.search(out)
+        self._held = out[cut.start():] if cut else ""
+        return out[:len(out) - len(self._held)]
 
 
 # ----------------------------------------------------------------------------- XML tool calls

@@ -2706,6 +2706,102 @@ def test_structured_outputs_with_the_sdk_parse_helper(proxy: Proxy, poe: FakePoe
     assert plain.choices[0].message.content.startswith("```json")     # fences are only removed in JSON mode
 
 
+JSON_ANSWERS = [   # (what the bot writes, what a JSON-mode client gets)
+    ('{"a": 1, "s": "x}y\\"z"}', '{"a": 1, "s": "x}y\\"z"}'),
+    ('```json\n{"a": [1, 2]}\n```', '{"a": [1, 2]}'),
+    ('```\n[{"a": 1}]\n```\nThat is all.', '[{"a": 1}]'),
+    ('{"a": 1}\n\nHope this helps!', '{"a": 1}'),
+    ('Here is the JSON:\n```json\n{"a": 1}\n```\nLet me know.', '{"a": 1}'),
+    ('Sure! The answer is {"name": "Oslo", "tags": ["a"]} as asked.', '{"name": "Oslo", "tags": ["a"]}'),
+    ('See [1] and [2]: {"a": 1}', '{"a": 1}'),
+    ("I cannot answer that.", "I cannot answer that."),
+    ('Two of them: {"a": 1} and {"b": 2}', 'Two of them: {"a": 1} and {"b": 2}'),
+    ('```json\n{"a": 1\n```', '{"a": 1'),                          # broken JSON: given as it is, unfenced
+    ('[not json] then {"a": 1}', '[not json] then {"a": 1}'),       # started as JSON: streamed, so kept
+]
+
+
+def shape_json(chunks: list[str]) -> tuple[str, str]:
+    """(everything the client gets, what it got before the end) for a JSON answer fed in these chunks."""
+    shaper = p2o.JSONAnswer()
+    early = "".join(shaper.feed(chunk) for chunk in chunks)
+    return early + shaper.end(), early
+
+
+@pytest.mark.parametrize("reply, expected", JSON_ANSWERS)
+def test_json_answers_give_the_json_value(reply: str, expected: str) -> None:
+    assert shape_json([reply])[0] == expected
+
+
+@given(st.sampled_from(JSON_ANSWERS), st.lists(st.integers(min_value=1, max_value=60), unique=True, max_size=12))
+@hsettings(max_examples=300, deadline=None)
+def test_json_answers_under_any_chunking(case: tuple[str, str], cuts: list[int]) -> None:
+    reply, expected = case
+    bounds = [0, *sorted(c for c in cuts if c < len(reply)), len(reply)]
+    assert shape_json([reply[a:b] for a, b in zip(bounds, bounds[1:])])[0] == expected
+
+
+def test_a_json_answer_streams_and_prose_is_held() -> None:
+    assert shape_json(['```json\n{"city": ', '"Oslo", "n": [1', ", 2]}", "\n```"]) == (
+        '{"city": "Oslo", "n": [1, 2]}', '{"city": "Oslo", "n": [1, 2]}')        # out before the end
+    assert shape_json(["Sure, here:", ' {"a": 1}', " ok"]) == ('{"a": 1}', "")    # held until the end
+
+
+def test_prose_wrapped_json_both_ways(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('Of course! Here is the object:\n\n```json\n{"name": "Oslo"}\n```\nAnything else?', 6))
+    client = proxy.client()
+    for fmt in ({"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}}):
+        messages = [{"role": "user", "content": "x"}]
+        whole = client.chat.completions.create(model="GPT-4o", response_format=fmt, messages=messages)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="GPT-4o", response_format=fmt, stream=True, messages=messages) if c.choices)
+        assert whole.choices[0].message.content == streamed == '{"name": "Oslo"}'
+
+
+CITY_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
+               "required": ["name", "population"], "additionalProperties": False}
+
+
+def test_anthropic_structured_outputs(proxy: Proxy, poe: FakePoe) -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    poe.on("Claude-Sonnet-4.5", xml_reply_steps('Here you go:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
+    client = anthropic_client(proxy)
+    messages = [{"role": "user", "content": "Biggest city of Norway?"}]
+    parsed = client.messages.parse(model="claude-sonnet-4-5", max_tokens=200, messages=messages, output_format=City)
+    assert parsed.parsed_output == City(name="Oslo", population=709000)     # output_config.format, as the SDK sends it
+    asked = last_query(poe)["query"]["query"][-1]["content"]
+    assert asked.startswith("Biggest city of Norway?\n\n") and "JSON schema" in asked and '"population"' in asked
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=200, messages=messages,
+                                output_config={"format": {"type": "json_schema", "schema": CITY_SCHEMA}}) as stream:
+        assert stream.get_final_text() == '{"name": "Oslo", "population": 709000}'
+    older = client.messages.create(model="claude-sonnet-4-5", max_tokens=200, messages=messages,   # the beta's field
+                                   extra_body={"output_format": {"type": "json_schema", "schema": CITY_SCHEMA}})
+    assert older.content[0].text == '{"name": "Oslo", "population": 709000}'
+    assert '"additionalProperties":false' in last_query(poe)["query"]["query"][-1]["content"]
+    anthropic = pytest.importorskip("anthropic")
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=messages,
+                               output_config={"format": {"type": "json_schema"}})  # type: ignore[typeddict-item]
+    assert "output_config.format.schema" in info.value.body["error"]["message"]  # type: ignore[index]
+
+
+def test_responses_text_format_gets_clean_json(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('Sure:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
+    client = proxy.client()
+    fmt = {"format": {"type": "json_schema", "name": "city", "schema": CITY_SCHEMA, "strict": True}}
+    response = client.responses.create(model="GPT-4o", input="Biggest city of Norway?", text=fmt)  # type: ignore[arg-type]
+    assert json.loads(response.output_text) == {"name": "Oslo", "population": 709000}
+    assert '"population"' in last_query(poe)["query"]["query"][-1]["content"]
+    with client.responses.stream(model="GPT-4o", input="x", text=fmt) as stream:  # type: ignore[arg-type]
+        assert stream.get_final_response().output_text == response.output_text
+
+
 def test_body_with_a_byte_order_mark(proxy: Proxy) -> None:
     body = "\ufeff" + json.dumps({"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]})
     with httpx.Client() as http:
@@ -3096,6 +3192,24 @@ def test_messages_stream_events_are_named_and_ordered(proxy: Proxy, poe: FakePoe
     assert datas[-2]["delta"]["stop_reason"] == "tool_use" and datas[-2]["usage"]["output_tokens"] > 0
 
 
+def test_claude_code_billing_line_stays_home(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
+    body = json.loads((FIXTURES / "claude-code-messages.json").read_text())
+    assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
+    body["tools"].append({"type": "web_search_20250305", "name": "web_search", "max_uses": 3})
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        anthropic_client(proxy).messages.create(**sdk_args(body))
+    sent = json.dumps(last_query(poe)["query"])
+    assert "x-anthropic-billing-header" not in sent and "cc_version" not in sent
+    assert last_query(poe)["query"]["query"][0] == {"role": "system", "content_type": "text/markdown", "content":
+                                                    "\n".join(b["text"] for b in body["system"][1:])}
+    assert [r.getMessage() for r in caplog.records if "web_search_20250305" in r.getMessage()] == [
+        "leaving out tools a Poe bot cannot run: web_search_20250305"]
+    # the string form of `system` too, and only that line
+    chat = p2o.anthropic_to_openai({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                    "system": "x-anthropic-billing-header: cc_version=1; cch=0;\nBe brief."})
+    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
 def test_trailing_system_messages_join_the_last_user_turn() -> None:
     q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "reasoning_effort": "high", "messages": [
         {"role": "system", "content": "You are Claude Code."}, {"role": "user", "content": "say hello"},
@@ -3145,6 +3259,59 @@ def test_codex_turn_gets_function_calls(proxy: Proxy, poe: FakePoe) -> None:
     # the earlier call and its output reach the bot once each, as XML history
     assert sent.count('<invoke name="shell">') == 1 and sent.count('tool_call_id="call_Wd81sKq0n3Jt5vLb9XyE2fRm"') == 1
     QueryRequest.model_validate(last_query(poe)["query"])
+
+
+CODEX_NAMESPACES = [
+    {"type": "namespace", "name": "docs", "description": "The docs MCP server", "tools": [
+        {"type": "function", "name": "search", "description": "Search the docs",
+         "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+        {"type": "custom", "name": "note", "description": "Write a note"}]},
+    {"type": "namespace", "name": "agents", "tools": [
+        {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {
+            "task": {"type": "string"}}}}]},
+    {"type": "web_search"}, {"type": "image_generation"},
+]
+
+
+def test_codex_namespace_tools_round_trip(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
+    reply = ('<tool_call><invoke name="docs__search"><parameter name="query">build</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="docs__note"><parameter name="input">remember this</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="agents__spawn"><parameter name="task">lint</parameter></invoke></tool_call>')
+    poe.on("GPT-4o", xml_reply_steps(reply, 8))
+    client = proxy.client()
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        response = client.responses.create(model="GPT-4o", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.type, o.namespace, o.name) for o in response.output] == [   # type: ignore[union-attr]
+        ("function_call", "docs", "search"), ("custom_tool_call", "docs", "note"), ("function_call", "agents", "spawn")]
+    assert json.loads(response.output[0].arguments) == {"query": "build"}    # type: ignore[union-attr]
+    assert response.output[1].input == "remember this"                       # type: ignore[union-attr]
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert '<tool name="docs__search">' in prompt and "The docs MCP server" in prompt and "--agents" not in prompt
+    warnings_seen = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
+    assert warnings_seen == ["leaving out tools a Poe bot cannot run: web_search, image_generation"]
+    with client.responses.stream(model="GPT-4o", input="go", tools=CODEX_NAMESPACES) as stream:  # type: ignore[arg-type]
+        streamed = stream.get_final_response().output
+    assert [(o.namespace, o.name) for o in streamed] == [("docs", "search"), ("docs", "note"), ("agents", "spawn")]  # type: ignore[union-attr]
+    # the next turn: the calls and their outputs, in the client's own names, reach the bot as what it called
+    history = [{"role": "user", "content": "go"}, *[o.model_dump(exclude_none=True) for o in response.output],
+               *[{"type": "function_call_output" if o.type == "function_call" else "custom_tool_call_output",
+                  "call_id": o.call_id, "output": f"result {i}"} for i, o in enumerate(response.output)]]  # type: ignore[union-attr]
+    poe.on("GPT-4o", text_events("Done."))
+    assert client.responses.create(model="GPT-4o", input=history, tools=CODEX_NAMESPACES).output_text == "Done."  # type: ignore[arg-type]
+    sent = "\n".join(m["content"] for m in last_query(poe)["query"]["query"])
+    for name in ("docs__search", "docs__note", "agents__spawn"):
+        assert sent.count(f'<invoke name="{name}">') == 1 and f'name="{name}"' in sent, name
+    assert '<invoke name="search">' not in sent
+
+
+def test_namespace_calls_in_native_mode(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    poe.on("NativeBot", [native_chunk({"tool_calls": [{"index": 0, "id": "call_n1", "type": "function", "function": {
+        "name": "docs__search", "arguments": '{"query": "x"}'}}]}), sse("done", {})])
+    response = start().client().responses.create(model="NativeBot", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.namespace, o.name, o.call_id) for o in response.output] == [("docs", "search", "call_n1")]  # type: ignore[union-attr]
+    assert [t["function"]["name"] for t in last_query(poe)["query"]["tools"]] == [
+        "docs__search", "docs__note", "agents__spawn"]
 
 
 def test_responses_refuses_previous_response_id(proxy: Proxy) -> None:
