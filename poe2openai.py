@@ -2709,7 +2709,7 @@ def anthropic_to_openai(body: Any) -> dict[str, Any]:
         out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     raw_tools = body.get("tools") if isinstance(body.get("tools"), list) else []
     tools = [t for t in raw_tools if isinstance(t, dict) and "input_schema" in t]
-    server = [str(t.get("type") or t.get("name")) for t in raw_tools if t not in tools]
+    server = [str(t.get("type") or t.get("name")) for t in raw_tools if isinstance(t, dict) and "input_schema" not in t]
     if server:   # web_search_20250305, bash_20250124 …: Anthropic runs them, a Poe bot cannot
         log.warning("leaving out tools a Poe bot cannot run: %s", ", ".join(server))
     if tools:
@@ -3013,8 +3013,8 @@ def _responses_tools(raw: Any) -> tuple[list[dict[str, Any]], list[str]]:
                     continue
                 own = inner.get("description") if isinstance(inner.get("description"), str) else ""
                 # Never a bare name: a namespaced tool is always a tool, never a Poe bot flag.
-                description = " ".join(x for x in (own.strip(), f"({t['name']}: {about.strip()})" if about.strip()
-                                                   else f"(part of {t['name']})") if x)
+                part_of = f"({t['name']}: {about.strip()})" if about.strip() else f"(part of {t['name']})"
+                description = f"{own.strip()} {part_of}".lstrip()
                 tools.append(_responses_function(namespaced_name(t["name"], str(inner["name"])), description,
                                                  inner))
         elif kind in ("function", "custom") and t.get("name"):

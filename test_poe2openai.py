@@ -1241,6 +1241,9 @@ def test_a_function_without_a_description_is_still_a_tool(description: str | Non
         prompt = p2o.build_poe_query(chat)["query"][-1]["content"]
         assert '<tool name="Person">' in prompt and "--Person" not in prompt
         assert "<description>" not in prompt and '"age"' in prompt
+        native = p2o.build_poe_query(chat, tool_mode="native")
+        QueryRequest.model_validate(native)
+        assert native["tools"][0]["function"]["name"] == "Person"
 
 
 @pytest.mark.parametrize("schema", [None, {}, {"type": "object"}, {"type": "object", "properties": {}}])
