@@ -1533,8 +1533,9 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
     """`tools`, `tool_choice` and `parallel_tool_calls` -> ToolSpec (None when there are no tools).
 
     Schemas are taken as they come (no `required`, `strict`, `$defs`, `additionalProperties` needed).
-    Tools without a description are Poe bot flags, as in the Rust original: `{"name": "web_search"}`
-    appends ` --web_search` to the last user message.
+    A tool with neither a description nor parameters is a Poe bot flag, as in the Rust original:
+    `{"name": "web_search"}` appends ` --web_search` to the last user message. A tool with a parameter
+    schema stays a tool without a description (LangChain and openai-agents send `""` or nothing).
     """
     raw_tools = body.get("tools")
     if raw_tools is None or raw_tools == []:
@@ -1551,9 +1552,9 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
         if not isinstance(name, str) or not name.strip():
             raise bad_request(f"tools[{i}].function.name is required.", f"tools[{i}].function.name",
                               "missing_required_parameter")
-        description = fn.get("description")
+        description = fn.get("description") if isinstance(fn.get("description"), str) else ""
         parameters = fn.get("parameters", fn.get("input_schema"))
-        if not isinstance(description, str) or not description.strip():
+        if not description.strip() and _is_bare_schema(parameters):
             flags.append(name.strip())
             continue
         tools.append(Tool(name.strip(), description.strip(),
@@ -1571,6 +1572,10 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
             choice = "required"
         elif isinstance(name, str) and name:
             known = next((t for t in tools if t.name.casefold() == name.casefold()), None)
+            flag = next((f for f in flags if f.casefold() == name.strip().casefold()), None)
+            if known is None and flag is not None:   # a client that forces a call wants a call back
+                known = Tool(flag, "", dict(EMPTY_SCHEMA))
+                flags.remove(flag)
             if known is None:
                 raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'.",
                                   "tool_choice")
@@ -1580,6 +1585,15 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
         tools = []
     parallel = body.get("parallel_tool_calls")
     return ToolSpec(tuple(tools), tuple(flags), choice, forced, parallel is not False)
+
+
+def _is_bare_schema(schema: Any) -> bool:
+    """No parameters worth the name: none, `{}`, or `{"type": "object", "properties": {}}` and nothing more.
+    A schema with anything else (`required`, `additionalProperties`, `title`) was made from a function."""
+    if not isinstance(schema, dict) or not schema:
+        return True
+    return not set(schema) - {"type", "properties"} and schema.get("type", "object") == "object" \
+        and not schema.get("properties")
 
 
 def content_text(content: Any) -> str:
@@ -1798,7 +1812,8 @@ def tool_prompt(spec: ToolSpec) -> str:
     lines = [TOOL_PROMPT.format(parallel=parallel, choice=choice), "<tools>"]
     for tool in spec.tools:
         lines.append(f'<tool name="{_xml_attr(tool.name)}">')
-        lines.append(f"<description>{tool.description}</description>")
+        if tool.description:
+            lines.append(f"<description>{tool.description}</description>")
         lines.append(f"<parameters>{_json_compact(tool.parameters)}</parameters>")
         lines.append("</tool>")
     lines.append("</tools>")
@@ -2208,46 +2223,145 @@ def _after_line_end(text: str, cut: int) -> int:
 
 # ----------------------------------------------------------------------------- JSON answers
 
+_JSON_OUTSIDE = re.compile(r'[{}\[\]"]')   # what changes the nesting outside a string
+_JSON_INSIDE = re.compile(r'["\\]')        # what ends a string, or escapes its next character
+_JSON_START = re.compile(r"[{\[]")
 _FENCE_TAIL_CHARS = re.compile(r"[\s`]*\Z")
+_FENCED_BLOCK = re.compile(r"```[^\n`]*\n(.*?)```", re.S)
+MAX_JSON_SEARCH_CHARS = 1024 * 1024   # a longer prose answer is given as it is
+MAX_JSON_SEARCH_TRIES = 200           # `{` and `[` in prose tried as the start of a value
 
 
-class FenceStripper:
-    """For JSON answers (response_format): removes a ```json … ``` fence around the whole answer,
-    exactly, however the text is chunked. Only the opening fence line and a closing run of blanks and
-    backticks are ever held back."""
+def _json_text(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def extract_json(text: str) -> str:
+    """The JSON value in a bot's answer: all of it if it parses; else the one fenced block that holds an
+    object or array; else the one object (or the one value) in the prose. Unchanged if there is none."""
+    body = text.strip()
+    if not body or len(body) > MAX_JSON_SEARCH_CHARS:
+        return text
+    if _json_text(body):
+        return body
+    fenced = [inner.strip() for inner in _FENCED_BLOCK.findall(body)]
+    fenced = [inner for inner in fenced if inner[:1] in ("{", "[") and _json_text(inner)]
+    if len(fenced) == 1:
+        return fenced[0]
+    decoder = json.JSONDecoder()
+    found: list[tuple[int, int]] = []
+    for tries, match in enumerate(_JSON_START.finditer(body)):
+        if tries >= MAX_JSON_SEARCH_TRIES:
+            return text
+        if found and match.start() < found[-1][1]:
+            continue   # inside a value already found
+        try:
+            _, end = decoder.raw_decode(body, match.start())
+        except (ValueError, RecursionError):
+            continue
+        found.append((match.start(), end))
+    objects = [span for span in found if body[span[0]] == "{"]
+    span = objects[0] if len(objects) == 1 else found[0] if len(found) == 1 else None
+    return body[span[0]:span[1]] if span else text
+
+
+class JSONAnswer:
+    """For JSON answers (response_format, Anthropic's output_config.format): the client gets the JSON
+    value, also when the bot fences it or wraps it in prose, the same however the text is chunked.
+
+    An answer that starts as JSON (after an optional ```json line) streams as it comes; what follows the
+    end of the value (the closing fence, a remark) is held, and dropped if the value parses. Any other
+    answer is held to the end, where extract_json() takes the value out of it."""
 
     def __init__(self) -> None:
-        self._state = "start"     # start | fenced | plain
-        self._buf = ""
+        self._state = "start"     # start | value | after | hold
+        self._buf = ""            # start: the opening so far
+        self._parts: list[str] = []   # after: what followed the value; hold: the whole answer
+        self._fenced = False
+        self._value: list[str] = []   # the value's text, as read
+        self._held = ""           # fenced: blanks and backticks at the end, maybe the closing fence
+        self._depth = 0
+        self._in_string = False
+        self._escape = False      # a string's backslash ended the last piece
 
     def feed(self, text: str) -> str:
-        if self._state == "plain":
-            return text
+        if self._state == "value":
+            return self._scan(text)
+        if self._state != "start":
+            self._parts.append(text)
+            return ""
         self._buf += text
-        if self._state == "start":
-            body = self._buf.lstrip()
-            if body.startswith("```"):
-                line_end = body.find("\n")
-                if line_end == -1:
-                    return ""                        # the fence line is not complete yet
-                self._buf, self._state = body[line_end + 1:], "fenced"
-            elif body and not "```".startswith(body):
-                self._state = "plain"
-                out, self._buf = self._buf, ""
-                return out
-            else:
-                return ""                            # only blanks or a partial fence so far
-        tail = _FENCE_TAIL_CHARS.search(self._buf)
-        cut = tail.start() if tail else len(self._buf)
-        out, self._buf = self._buf[:cut], self._buf[cut:]
-        return out
+        body = self._buf.lstrip()
+        if body.startswith("```"):
+            line_end = body.find("\n")
+            rest = body[line_end + 1:].lstrip() if line_end != -1 else ""
+            if not rest:
+                return ""                            # the fence line, or what follows it, is not there yet
+            if rest[0] in "{[":
+                self._state, self._fenced, self._buf = "value", True, ""
+                return self._scan(rest)
+        elif body[:1] in ("{", "["):
+            self._state, self._buf = "value", ""
+            return self._scan(body)
+        elif not body or "```".startswith(body):
+            return ""                                # only blanks or a partial fence so far
+        self._state, self._parts, self._buf = "hold", [self._buf], ""
+        return ""
 
     def end(self) -> str:
-        out, self._buf = self._buf, ""
-        if self._state == "fenced":
-            stripped = out.rstrip()
-            out = stripped[:-3].rstrip() if stripped.endswith("```") else out
-        return out
+        state, self._state = self._state, "done"
+        if state == "value":   # it never closed: out already, but for a closing fence
+            stripped = self._held.rstrip()
+            return stripped[:-3].rstrip() if stripped.endswith("```") else self._held
+        if state == "after":
+            tail = "".join(self._parts)
+            if _json_text("".join(self._value)):
+                return ""
+            stripped = tail.rstrip()
+            return stripped[:-3].rstrip() if self._fenced and stripped.endswith("```") else tail
+        if state in ("start", "hold"):
+            return extract_json(self._buf + "".join(self._parts))
+        return ""
+
+    def _scan(self, text: str) -> str:
+        """Release text up to the end of the value: brackets counted outside strings."""
+        pos = 0
+        while True:
+            if self._escape:
+                if pos >= len(text):
+                    break
+                pos, self._escape = pos + 1, False
+            match = (_JSON_INSIDE if self._in_string else _JSON_OUTSIDE).search(text, pos)
+            if match is None:
+                break
+            char, pos = match.group(), match.end()
+            if self._in_string:
+                if char == "\\":
+                    self._escape = True
+                else:
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            else:
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._state, self._parts = "after", [text[pos:]]
+                    self._value.append(text[:pos])
+                    out, self._held = self._held + text[:pos], ""
+                    return out
+        self._value.append(text)
+        if not self._fenced:
+            return text
+        out = self._held + text
+        cut = _FENCE_TAIL_CHARS.search(out)
+        self._held = out[cut.start():] if cut else ""
+        return out[:len(out) - len(self._held)]
 
 
 # ----------------------------------------------------------------------------- XML tool calls
@@ -2664,7 +2778,10 @@ class FileRefs:
 class PoeTranslator:
     """Turns Poe SSE events into neutral deltas; `finished` once `done` or `error` was seen.
 
-    Text runs through the tool-call parser (XML mode); native tool calls arrive as `json` events.
+    Text runs through the thinking splitter, file references, the tool-call parser (XML mode) and, for
+    JSON answers, JSONAnswer; `replace_response` goes the same way. Native tool calls arrive as `json`
+    events and are taken in either tool mode whenever the request offered tools, numbered with the
+    XML calls.
     """
 
     def __init__(self, tools: ToolSpec | None = None, native_tools: bool = False,
@@ -2674,15 +2791,20 @@ class PoeTranslator:
         self.saw_done = False
         self.tool_calls = 0
         self._make_id = make_id
-        offered = tools is not None and bool(tools.tools)
-        self._xml = XMLToolParser(tools, make_id) if offered and not native_tools and tools else None
-        self._native = offered and native_tools
+        self._spec = tools
+        self._offered = tools is not None and bool(tools.tools)
+        self._xml = XMLToolParser(tools, make_id) if self._offered and not native_tools and tools else None
+        self._xml_index: dict[int, int | None] = {}          # the parser's call index -> ours (None: dropped)
+        self._parallel = tools.parallel if tools is not None else True
+        self._claimed = 0                                    # calls taken, given out yet or not
         self._native_calls: dict[int, dict[str, Any]] = {}   # Poe's tool-call index -> id, name, arguments
         self._whole_calls = whole_calls                      # give native calls out whole, at the end
-        self._seen = ""                            # text fed to the XML parser, for replace_response
+        # The answer's text after thoughts, for replace_response: pieces, joined only when one comes.
+        self._seen: list[str] = []
+        self._seen_chars = 0
         self._refs = FileRefs()
         self._think = ThinkingSplitter()
-        self._fence = FenceStripper() if json_answer else None
+        self._shape = JSONAnswer() if json_answer else None
 
     def feed(self, event: SSEEvent) -> list[Delta]:
         if self.finished:
@@ -2702,9 +2824,11 @@ class PoeTranslator:
             return self._answer(text) if isinstance(text, str) and text else []
         if name == "replace_response":
             text = data.get("text")
-            reasoning, _ = self._think.end()   # a replacement is the answer itself: stop looking for thoughts
+            reasoning, content = self._think.end()   # a replacement is the answer itself: stop looking for thoughts
             out = [Delta(REASONING, reasoning)] if reasoning else []
-            return out + self._replace(self._refs.replace(text if isinstance(text, str) else ""))
+            if content:
+                out += self._content(content)
+            return out if self.finished else out + self._replace(text if isinstance(text, str) else "")
         if name == "file":
             return self._text(self._refs.add(data))
         if name == "json":
@@ -2723,12 +2847,15 @@ class PoeTranslator:
         return self._finish()
 
     def _answer(self, text: str, final: bool = False) -> list[Delta]:
-        """Bot text: thoughts split off first, then file references, then tool calls."""
+        """Bot text: thoughts split off first, then the answer goes on."""
         reasoning, content = self._think.end() if final else self._think.feed(text)
-        if self._fence is not None:
-            content = self._fence.feed(content) + (self._fence.end() if final else "")
         out = [Delta(REASONING, reasoning)] if reasoning else []
-        return out + self._text(self._refs.feed(content)) if content else out
+        return out + self._content(content) if content else out
+
+    def _content(self, content: str) -> list[Delta]:
+        self._seen.append(content)
+        self._seen_chars += len(content)
+        return self._text(self._refs.feed(content))
 
     def _finish(self) -> list[Delta]:
         if self.finished:
@@ -2736,35 +2863,79 @@ class PoeTranslator:
         self.finished = True   # first: the stages flushed below may end the answer themselves
         out = self._answer("", final=True)
         out += self._text(self._refs.flush())
-        tail = self._xml.end() if self._xml else []
-        self._count(tail)
-        tail += self._native_deltas()   # counts its own calls
-        out += tail
+        if self._xml is not None:
+            out += self._shaped(self._numbered(self._xml.end()))
+        if self._shape is not None:
+            held = self._shape.end()
+            if held:
+                out.append(Delta(TEXT, held))
+        out += self._native_deltas()
         links = self._refs.links()   # files the text never named: links at the very end, after any calls
         if links:
             out.append(Delta(TEXT, links))
         out.append(Delta(FINISH, "tool_calls" if self.tool_calls else "stop"))
         return out
 
-    def _count(self, deltas: list[Delta]) -> None:
-        self.tool_calls += sum(1 for d in deltas if d.kind == TOOL_START)
-
     def _text(self, text: str) -> list[Delta]:
+        """Answer text with file links in place: tool calls taken out, then shaped as JSON if asked."""
         if not text:
             return []
         if self._xml is None:
-            return [Delta(TEXT, text)]
-        self._seen += text
-        out = self._xml.feed(text)
-        self._count(out)
+            return self._shaped([Delta(TEXT, text)])
+        out = self._shaped(self._numbered(self._xml.feed(text)))
         if self._xml.stopped and not self.finished:   # parallel_tool_calls=false: one call is the whole answer
             out += self._finish()
         return out
 
+    def _shaped(self, deltas: list[Delta]) -> list[Delta]:
+        if self._shape is None:
+            return deltas
+        out: list[Delta] = []
+        for delta in deltas:
+            if delta.kind == TEXT:
+                delta.text = self._shape.feed(delta.text)
+                if not delta.text:
+                    continue
+            out.append(delta)
+        return out
+
+    def _numbered(self, deltas: list[Delta]) -> list[Delta]:
+        """The parser's calls in the answer's numbering (shared with native calls); with
+        parallel_tool_calls=false, a call after the first is dropped."""
+        out: list[Delta] = []
+        for delta in deltas:
+            if delta.kind == TOOL_START:
+                if not self._parallel and self._claimed:
+                    self._xml_index[delta.index] = None
+                    continue
+                self._xml_index[delta.index] = self.tool_calls
+                delta.index = self.tool_calls
+                self.tool_calls += 1
+                self._claimed += 1
+            elif delta.kind == TOOL_ARGS:
+                index = self._xml_index.get(delta.index)
+                if index is None:
+                    continue
+                delta.index = index
+            out.append(delta)
+        return out
+
     def _replace(self, text: str) -> list[Delta]:
-        if self._xml is not None and text.startswith(self._seen):
-            return self._text(text[len(self._seen):]) if len(text) > len(self._seen) else []
-        return [Delta(REPLACE, text)]
+        if self._seen_chars <= len(text):
+            seen = "".join(self._seen)
+            self._seen = [seen]   # joined once: many replacements stay linear
+            if text.startswith(seen):
+                return self._content(text[len(seen):]) if len(text) > len(seen) else []
+        # A different answer: the stages start over on it. Its first text is a REPLACE delta, so a fold
+        # keeps exactly the new answer and a stream shows what it can (see the encoders).
+        self._seen, self._seen_chars = [text], len(text)
+        if self._xml is not None and self._spec is not None:
+            self._xml, self._xml_index = XMLToolParser(self._spec, self._make_id), {}
+        if self._shape is not None:
+            self._shape = JSONAnswer()
+        deltas = self._text(self._refs.replace(text))
+        lead = next((i for i, d in enumerate(deltas) if d.kind != TEXT), len(deltas))
+        return [Delta(REPLACE, "".join(d.text for d in deltas[:lead]))] + deltas[lead:]
 
     def _json(self, data: Mapping[str, Any]) -> list[Delta]:
         """A native tool-call chunk (an OpenAI chat.completion.chunk inside a Poe `json` event)."""
@@ -2780,16 +2951,23 @@ class PoeTranslator:
         # Chat completions stream native calls as they come (deltas carry the call's index, so pieces of
         # several calls may interleave). Anthropic and Responses streams cannot express interleaving:
         # for them calls are gathered by Poe's index and given out whole when the answer ends.
-        for call in (delta.get("tool_calls") or []) if self._native else []:
+        # A bot may call natively even when asked for XML: the call is taken all the same.
+        for call in (delta.get("tool_calls") or []) if self._offered and not self.finished else []:
             if not isinstance(call, dict):
                 continue
             poe_index = call.get("index") if isinstance(call.get("index"), int) else 0
             fn = call.get("function") if isinstance(call.get("function"), dict) else {}
-            entry = self._native_calls.setdefault(poe_index, {"id": "", "name": "", "arguments": "", "index": -1})
+            entry = self._native_calls.get(poe_index)
+            if entry is None:
+                if not self._parallel and self._claimed:   # a second call: the first was the whole answer
+                    return out + self._finish()
+                entry = self._native_calls[poe_index] = {"id": "", "name": "", "arguments": "", "index": -1}
+                self._claimed += 1
             if isinstance(call.get("id"), str) and call["id"] and not entry["id"]:
                 entry["id"] = call["id"]
             if isinstance(fn.get("name"), str) and fn["name"] and not entry["name"]:
-                entry["name"] = fn["name"]
+                known = self._spec.find(fn["name"]) if self._spec is not None else None
+                entry["name"] = known.name if known is not None else fn["name"]
             piece = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
             entry["arguments"] += piece
             if self._whole_calls or not entry["name"]:
@@ -2970,7 +3148,7 @@ def anthropic_to_openai(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     messages: list[dict[str, Any]] = []
-    system = body.get("system")
+    system = _without_billing_header(body.get("system"))
     if isinstance(system, (str, list)) and content_text(system):
         messages.append({"role": "system", "content": content_text(system)})
     raw_messages = body.get("messages")
@@ -2984,14 +3162,26 @@ def anthropic_to_openai(body: Any) -> dict[str, Any]:
     for source, target in (("temperature", "temperature"), ("stop_sequences", "stop"), ("thinking", "thinking")):
         if body.get(source) is not None:
             out[target] = body[source]
-    effort = body.get("output_config", {}).get("effort") if isinstance(body.get("output_config"), dict) else None
+    config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+    effort = config.get("effort")
     if isinstance(effort, str):
         out["reasoning_effort"] = "high" if effort == "max" else effort
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "input_schema" in t]   # no server tools
+    fmt, where = config.get("format"), "output_config.format"
+    if fmt is None:
+        fmt, where = body.get("output_format"), "output_format"   # the structured-outputs beta's older field
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise bad_request(f"{where}.schema must be a JSON schema object.", f"{where}.schema")
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    raw_tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    tools = [t for t in raw_tools if isinstance(t, dict) and "input_schema" in t]
+    server = [str(t.get("type") or t.get("name")) for t in raw_tools if isinstance(t, dict) and "input_schema" not in t]
+    if server:   # web_search_20250305, bash_20250124 …: Anthropic runs them, a Poe bot cannot
+        log.warning("leaving out tools a Poe bot cannot run: %s", ", ".join(server))
     if tools:
         out["tools"] = [{"type": "function", "function": {
-            "name": t.get("name"), "description": t.get("description") or str(t.get("name") or ""),
-            "parameters": t.get("input_schema")}} for t in tools]
+            "name": t.get("name"), "description": t.get("description"), "parameters": t.get("input_schema")}}
+            for t in tools]
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
@@ -3000,6 +3190,22 @@ def anthropic_to_openai(body: Any) -> dict[str, Any]:
         if choice.get("disable_parallel_tool_use"):
             out["parallel_tool_calls"] = False
     return out
+
+
+BILLING_HEADER = "x-anthropic-billing-header:"
+
+
+def _without_billing_header(system: Any) -> Any:
+    """Claude Code's first system block is its billing line (`x-anthropic-billing-header: cc_version=…`):
+    bookkeeping for Anthropic that changes every call, so it never goes to the bot."""
+    if isinstance(system, str):
+        if not system.lstrip().startswith(BILLING_HEADER):
+            return system
+        return system.lstrip().split("\n", 1)[1] if "\n" in system.lstrip() else ""   # the line, not the rest
+    if isinstance(system, list):
+        return [b for b in system if not (isinstance(b, dict) and isinstance(b.get("text"), str)
+                                          and b["text"].lstrip().startswith(BILLING_HEADER))]
+    return system
 
 
 def _anthropic_message(message: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -3213,25 +3419,19 @@ def responses_to_openai(body: Any) -> dict[str, Any]:
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
         out["reasoning_effort"] = "xhigh" if reasoning["effort"] == "max" else reasoning["effort"]
-    tools = []
-    for t in body.get("tools") or []:
-        if not isinstance(t, dict) or not t.get("name"):
-            continue   # hosted tools (web_search, local_shell …): nothing a Poe bot can run
-        if t.get("type", "function") == "function":
-            tools.append({"type": "function", "function": {
-                "name": t["name"], "description": t.get("description") or str(t["name"]),
-                "parameters": t.get("parameters") or {"type": "object", "properties": {}}}})
-        elif t.get("type") == "custom":   # free-form tools (Codex's apply_patch): one string of input
-            tools.append({"type": "function", "function": {
-                "name": t["name"], "description": t.get("description") or str(t["name"]),
-                "parameters": CUSTOM_TOOL_SCHEMA}})
+    tools, left_out = _responses_tools(body.get("tools"))
+    if left_out:   # hosted tools (web_search, local_shell …) and kinds we do not know: said once, not hidden
+        log.warning("leaving out tools a Poe bot cannot run: %s", ", ".join(left_out))
     if tools:
         out["tools"] = tools
     choice = body.get("tool_choice")
     if isinstance(choice, str):
         out["tool_choice"] = choice
     elif isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
-        out["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
+        name = str(choice.get("name") or "")
+        if isinstance(choice.get("namespace"), str) and choice["namespace"]:
+            name = namespaced_name(choice["namespace"], name)
+        out["tool_choice"] = {"type": "function", "function": {"name": name}}
     elif isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         out["tool_choice"] = "required" if choice.get("mode") == "required" else "auto"
     if isinstance(body.get("parallel_tool_calls"), bool):
@@ -3244,6 +3444,60 @@ def responses_to_openai(body: Any) -> dict[str, Any]:
         out["response_format"] = {"type": "json_schema", "json_schema": {
             "name": fmt.get("name"), "schema": fmt.get("schema"), "strict": fmt.get("strict")}}
     return out
+
+
+def namespaced_name(namespace: str, name: str) -> str:
+    """The name a bot sees for a tool inside a Responses `namespace` tool: `<namespace>__<tool>`, kept to
+    the characters every function-calling API accepts."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{namespace}__{name}")
+
+
+def responses_namespaced(tools: Any) -> dict[str, tuple[str, str, str]]:
+    """The tools inside `namespace` tools (Codex's sub-agents and MCP servers): offered name ->
+    (namespace, the tool's own name, function | custom), so a call comes back as the client named it."""
+    found: dict[str, tuple[str, str, str]] = {}
+    for group in tools if isinstance(tools, list) else []:
+        if not isinstance(group, dict) or group.get("type") != "namespace" or not isinstance(group.get("name"), str):
+            continue
+        for t in group.get("tools") if isinstance(group.get("tools"), list) else []:
+            if isinstance(t, dict) and t.get("type", "function") in ("function", "custom") and t.get("name"):
+                found.setdefault(namespaced_name(group["name"], str(t["name"])),
+                                 (group["name"], str(t["name"]), t.get("type", "function")))
+    return found
+
+
+def _responses_tools(raw: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """Responses tools -> chat tools, and the names of those left out (hosted or unknown kinds)."""
+    tools: list[dict[str, Any]] = []
+    left_out: list[str] = []
+    for t in raw if isinstance(raw, list) else []:
+        if not isinstance(t, dict):
+            continue
+        kind = t.get("type", "function")
+        if kind == "namespace" and isinstance(t.get("name"), str) and isinstance(t.get("tools"), list):
+            about = t.get("description") if isinstance(t.get("description"), str) else ""
+            for inner in t["tools"]:
+                if not isinstance(inner, dict) or inner.get("type", "function") not in ("function", "custom") \
+                        or not inner.get("name"):
+                    left_out.append(f"{t['name']}.{inner.get('type') if isinstance(inner, dict) else inner}")
+                    continue
+                own = inner.get("description") if isinstance(inner.get("description"), str) else ""
+                # Never a bare name: a namespaced tool is always a tool, never a Poe bot flag.
+                part_of = f"({t['name']}: {about.strip()})" if about.strip() else f"(part of {t['name']})"
+                description = f"{own.strip()} {part_of}".lstrip()
+                tools.append(_responses_function(namespaced_name(t["name"], str(inner["name"])), description,
+                                                 inner))
+        elif kind in ("function", "custom") and t.get("name"):
+            tools.append(_responses_function(str(t["name"]), t.get("description"), t))
+        else:
+            left_out.append(str(kind if kind != "function" else t.get("name") or "a nameless function"))
+    return tools, left_out
+
+
+def _responses_function(name: str, description: Any, tool: Mapping[str, Any]) -> dict[str, Any]:
+    # Free-form (custom) tools such as Codex's apply_patch take one string of input.
+    parameters = CUSTOM_TOOL_SCHEMA if tool.get("type") == "custom" else tool.get("parameters")
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
 
 
 def _responses_item(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> None:
@@ -3259,8 +3513,11 @@ def _responses_item(item: Mapping[str, Any], messages: list[dict[str, Any]]) -> 
         arguments = item.get("arguments") if kind == "function_call" else _json_compact({"input": item.get("input")})
         if not isinstance(arguments, str):
             arguments = _json_compact(arguments)
+        name = str(item.get("name") or "")
+        if isinstance(item.get("namespace"), str) and item["namespace"]:
+            name = namespaced_name(item["namespace"], name)   # the name it was offered under
         call = {"id": str(item.get("call_id") or ""), "type": "function",
-                "function": {"name": str(item.get("name") or ""), "arguments": arguments or "{}"}}
+                "function": {"name": name, "arguments": arguments or "{}"}}
         last = messages[-1] if messages else None
         if last is not None and last["role"] == "assistant":   # several calls of one turn: one assistant message
             last.setdefault("tool_calls", []).append(call)
@@ -3280,6 +3537,7 @@ class ResponsesStreamEncoder:
     def __init__(self, response: dict[str, Any]) -> None:
         self._response = response            # the envelope, echoed by every lifecycle event
         self._custom = {t.get("name") for t in response.get("tools", ()) if t.get("type") == "custom"}
+        self._namespaced = responses_namespaced(response.get("tools"))
         self.said = AnswerText()
         self._sequence = 0
         self._output: list[dict[str, Any]] = []
@@ -3367,11 +3625,15 @@ class ResponsesStreamEncoder:
             return out + self._event("response.reasoning_summary_text.delta", item_id=item_id,
                                      output_index=len(self._output), summary_index=0, delta=delta.text)
         if kind == TOOL_START:
-            if delta.name in self._custom:
+            name, where, tool_kind = delta.name, {}, "custom" if delta.name in self._custom else "function"
+            if delta.name in self._namespaced:   # back to the client's own names: the tool and its namespace
+                namespace, name, tool_kind = self._namespaced[delta.name]
+                where = {"namespace": namespace}
+            if tool_kind == "custom":
                 return self._add({"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": delta.call_id,
-                                  "name": delta.name, "input": "", "status": "in_progress"})
+                                  "name": name, **where, "input": "", "status": "in_progress"})
             return self._add({"type": "function_call", "id": new_id("fc_"), "call_id": delta.call_id,
-                              "name": delta.name, "arguments": "", "status": "in_progress"})
+                              "name": name, **where, "arguments": "", "status": "in_progress"})
         if kind == TOOL_ARGS:
             self.said.arguments.append(delta.text)
             self._text.append(delta.text)

@@ -1771,6 +1771,62 @@ def test_description_less_tools_become_poe_flags() -> None:
     assert p2o.build_poe_query(chat)["query"][-1]["content"] == "draw a cat --no_watermark"
 
 
+PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                 "required": ["name", "age"]}
+
+
+def tool_in_every_dialect(name: str, description: str | None, schema: Any) -> list[p2o.ChatRequest]:
+    """One tool as the OpenAI chat, Anthropic and Responses dialects send it (description None = absent)."""
+    about = {} if description is None else {"description": description}
+    fn = {"name": name, **about, **({} if schema is None else {"parameters": schema})}
+    messages = [{"role": "user", "content": "go"}]
+    return [p2o.parse_chat_request({"model": "m", "messages": messages, "tools": [{"type": "function", "function": fn}]}),
+            p2o.parse_chat_request(p2o.anthropic_to_openai({"model": "m", "max_tokens": 9, "messages": messages, "tools": [
+                {"name": name, **about, "input_schema": schema if schema is not None else {"type": "object"}}]})),
+            p2o.parse_chat_request(p2o.responses_to_openai({"model": "m", "input": "go", "tools": [
+                {"type": "function", **fn}]}))]
+
+
+@pytest.mark.parametrize("description", [None, ""])
+def test_a_function_without_a_description_is_still_a_tool(description: str | None) -> None:
+    for chat in tool_in_every_dialect("Person", description, PERSON_SCHEMA):
+        assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["Person"] and not chat.tools.flags
+        prompt = p2o.build_poe_query(chat)["query"][-1]["content"]
+        assert '<tool name="Person">' in prompt and "--Person" not in prompt
+        assert "<description>" not in prompt and '"age"' in prompt
+        native = p2o.build_poe_query(chat, tool_mode="native")
+        QueryRequest.model_validate(native)
+        assert native["tools"][0]["function"]["name"] == "Person"
+
+
+@pytest.mark.parametrize("schema", [None, {}, {"type": "object"}, {"type": "object", "properties": {}}])
+def test_a_bare_name_is_a_poe_flag_in_every_dialect(schema: Any) -> None:
+    for chat in tool_in_every_dialect("web_search", None, schema):
+        assert chat.tools is not None and chat.tools.flags == ("web_search",) and not chat.tools.tools
+        assert p2o.build_poe_query(chat)["query"][-1]["content"] == "go --web_search"
+
+
+def test_langchain_structured_output_tool_gets_its_call(proxy: Proxy, poe: FakePoe) -> None:
+    # LangChain's with_structured_output(method="function_calling") on a docstring-less pydantic model:
+    # description "", and tool_choice naming the tool.
+    tool = {"type": "function", "function": {"name": "Person", "description": "", "parameters": PERSON_SCHEMA}}
+    poe.on("GPT-4o", xml_reply_steps('<tool_call>\n<invoke name="Person">\n<parameter name="name">Ada</parameter>\n'
+                                     '<parameter name="age">36</parameter>\n</invoke>\n</tool_call>', 5))
+    choice = {"type": "function", "function": {"name": "Person"}}
+    messages = [{"role": "user", "content": "Ada Lovelace, 36"}]
+    result = proxy.client().chat.completions.create(model="GPT-4o", messages=messages, tools=[tool],
+                                                    tool_choice=choice)
+    call = result.choices[0].message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("Person", {"name": "Ada", "age": 36})
+    assert result.choices[0].finish_reason == "tool_calls"
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert "must call the tool Person" in prompt and "--Person" not in prompt
+    # a tool_choice naming a bare-name tool: the client wants a call, so it is offered as a tool
+    chat = p2o.parse_chat_request({"model": "m", "messages": messages, "tool_choice": {
+        "type": "function", "function": {"name": "now"}}, "tools": [{"type": "function", "function": {"name": "now"}}]})
+    assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["now"] and not chat.tools.flags
+
+
 def test_lenient_tool_schemas() -> None:
     tools = [{"type": "function", "function": {"name": "a", "description": "d", "strict": True, "parameters": {
         "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
@@ -3206,6 +3262,102 @@ def test_structured_outputs_with_the_sdk_parse_helper(proxy: Proxy, poe: FakePoe
     assert plain.choices[0].message.content.startswith("```json")     # fences are only removed in JSON mode
 
 
+JSON_ANSWERS = [   # (what the bot writes, what a JSON-mode client gets)
+    ('{"a": 1, "s": "x}y\\"z"}', '{"a": 1, "s": "x}y\\"z"}'),
+    ('```json\n{"a": [1, 2]}\n```', '{"a": [1, 2]}'),
+    ('```\n[{"a": 1}]\n```\nThat is all.', '[{"a": 1}]'),
+    ('{"a": 1}\n\nHope this helps!', '{"a": 1}'),
+    ('Here is the JSON:\n```json\n{"a": 1}\n```\nLet me know.', '{"a": 1}'),
+    ('Sure! The answer is {"name": "Oslo", "tags": ["a"]} as asked.', '{"name": "Oslo", "tags": ["a"]}'),
+    ('See [1] and [2]: {"a": 1}', '{"a": 1}'),
+    ("I cannot answer that.", "I cannot answer that."),
+    ('Two of them: {"a": 1} and {"b": 2}', 'Two of them: {"a": 1} and {"b": 2}'),
+    ('```json\n{"a": 1\n```', '{"a": 1'),                          # broken JSON: given as it is, unfenced
+    ('[not json] then {"a": 1}', '[not json] then {"a": 1}'),       # started as JSON: streamed, so kept
+]
+
+
+def shape_json(chunks: list[str]) -> tuple[str, str]:
+    """(everything the client gets, what it got before the end) for a JSON answer fed in these chunks."""
+    shaper = p2o.JSONAnswer()
+    early = "".join(shaper.feed(chunk) for chunk in chunks)
+    return early + shaper.end(), early
+
+
+@pytest.mark.parametrize("reply, expected", JSON_ANSWERS)
+def test_json_answers_give_the_json_value(reply: str, expected: str) -> None:
+    assert shape_json([reply])[0] == expected
+
+
+@given(st.sampled_from(JSON_ANSWERS), st.lists(st.integers(min_value=1, max_value=60), unique=True, max_size=12))
+@hsettings(max_examples=300, deadline=None)
+def test_json_answers_under_any_chunking(case: tuple[str, str], cuts: list[int]) -> None:
+    reply, expected = case
+    bounds = [0, *sorted(c for c in cuts if c < len(reply)), len(reply)]
+    assert shape_json([reply[a:b] for a, b in zip(bounds, bounds[1:])])[0] == expected
+
+
+def test_a_json_answer_streams_and_prose_is_held() -> None:
+    assert shape_json(['```json\n{"city": ', '"Oslo", "n": [1', ", 2]}", "\n```"]) == (
+        '{"city": "Oslo", "n": [1, 2]}', '{"city": "Oslo", "n": [1, 2]}')        # out before the end
+    assert shape_json(["Sure, here:", ' {"a": 1}', " ok"]) == ('{"a": 1}', "")    # held until the end
+
+
+def test_prose_wrapped_json_both_ways(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('Of course! Here is the object:\n\n```json\n{"name": "Oslo"}\n```\nAnything else?', 6))
+    client = proxy.client()
+    for fmt in ({"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}}):
+        messages = [{"role": "user", "content": "x"}]
+        whole = client.chat.completions.create(model="GPT-4o", response_format=fmt, messages=messages)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="GPT-4o", response_format=fmt, stream=True, messages=messages) if c.choices)
+        assert whole.choices[0].message.content == streamed == '{"name": "Oslo"}'
+
+
+CITY_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
+               "required": ["name", "population"], "additionalProperties": False}
+
+
+def test_anthropic_structured_outputs(proxy: Proxy, poe: FakePoe) -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    poe.on("Claude-Sonnet-4.5", xml_reply_steps('Here you go:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
+    client = anthropic_client(proxy)
+    messages = [{"role": "user", "content": "Biggest city of Norway?"}]
+    parsed = client.messages.parse(model="claude-sonnet-4-5", max_tokens=200, messages=messages, output_format=City)
+    assert parsed.parsed_output == City(name="Oslo", population=709000)     # output_config.format, as the SDK sends it
+    asked = last_query(poe)["query"]["query"][-1]["content"]
+    assert asked.startswith("Biggest city of Norway?\n\n") and "JSON schema" in asked and '"population"' in asked
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=200, messages=messages,
+                                output_config={"format": {"type": "json_schema", "schema": CITY_SCHEMA}}) as stream:
+        assert stream.get_final_text() == '{"name": "Oslo", "population": 709000}'
+    older = client.messages.create(model="claude-sonnet-4-5", max_tokens=200, messages=messages,   # the beta's field
+                                   extra_body={"output_format": {"type": "json_schema", "schema": CITY_SCHEMA}})
+    assert older.content[0].text == '{"name": "Oslo", "population": 709000}'
+    assert '"additionalProperties":false' in last_query(poe)["query"]["query"][-1]["content"]
+    anthropic = pytest.importorskip("anthropic")
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=messages,
+                               output_config={"format": {"type": "json_schema"}})  # type: ignore[typeddict-item]
+    assert "output_config.format.schema" in info.value.body["error"]["message"]  # type: ignore[index]
+
+
+def test_responses_text_format_gets_clean_json(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('Sure:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
+    client = proxy.client()
+    fmt = {"format": {"type": "json_schema", "name": "city", "schema": CITY_SCHEMA, "strict": True}}
+    response = client.responses.create(model="GPT-4o", input="Biggest city of Norway?", text=fmt)  # type: ignore[arg-type]
+    assert json.loads(response.output_text) == {"name": "Oslo", "population": 709000}
+    assert '"population"' in last_query(poe)["query"]["query"][-1]["content"]
+    with client.responses.stream(model="GPT-4o", input="x", text=fmt) as stream:  # type: ignore[arg-type]
+        assert stream.get_final_response().output_text == response.output_text
+
+
 def test_body_with_a_byte_order_mark(proxy: Proxy) -> None:
     body = "\ufeff" + json.dumps({"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]})
     with httpx.Client() as http:
@@ -3284,6 +3436,119 @@ def test_file_then_single_tool_call_finishes_once() -> None:
     message = fold.body("x", 0, "m", 0)["choices"][0]["message"]
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
     assert message["content"] == "\n\n![cat.png](https://pfst.cf2.poecdn.net/base/image/out1)"   # not lost
+
+
+def translate(events: list[tuple[str, Any]], **kw: Any) -> tuple[dict[str, Any], str]:
+    """Poe events through a translator: (the folded message, the text an OpenAI stream would show)."""
+    body = kw.pop("body", {"tools": WEATHER_TOOLS})
+    translator = p2o.PoeTranslator(p2o.parse_tools(body), **kw)
+    deltas = [d for kind, data in events for d in translator.feed(p2o.SSEEvent(kind, json.dumps(data)))]
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    fold, encoder = p2o.ChatFold(), p2o.OpenAIStreamEncoder("x", 0, "m", False)
+    stream = b""
+    for d in deltas:
+        fold.add(d)
+        stream += encoder.encode(d) if d.kind != p2o.FINISH else b""
+    shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in
+                    (json.loads(line[6:]) for line in stream.decode().split("\n\n") if line))
+    return fold.body("x", 0, "m", 0)["choices"][0], shown
+
+
+def native_call(index: int, call_id: str, name: str, arguments: str) -> tuple[str, Any]:
+    return "json", {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}}]}
+
+
+XML_TIME_CALL = '<tool_call><invoke name="get_time"></invoke></tool_call>'
+
+
+def test_native_calls_are_taken_in_xml_mode_too(proxy: Proxy, poe: FakePoe) -> None:
+    # GPT-4o is in XML mode, but Poe passes the bot's own function calls on as `json` events.
+    poe.on("GPT-4o", [sse("text", {"text": "Checking.\n" + XML_TIME_CALL}),
+                      native_chunk({"tool_calls": [{"index": 0, "id": "call_native1", "type": "function",
+                                                    "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
+                      native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+                      sse("done", {})])
+    client = proxy.client()
+    messages = [{"role": "user", "content": "time and weather?"}]
+    expected = [("get_time", {}), ("get_weather", {"city": "Oslo"})]
+    whole = client.chat.completions.create(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls] == expected
+    assert whole.choices[0].message.tool_calls[1].id == "call_native1"
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content == "Checking.\n"
+    with client.chat.completions.stream(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS) as stream:
+        final = stream.get_final_completion()
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.choices[0].message.tool_calls] == expected
+    message = anthropic_client(proxy).messages.create(model="GPT-4o", max_tokens=50, messages=messages, tools=[
+        {"name": t["function"]["name"], "description": "d", "input_schema": {"type": "object"}} for t in WEATHER_TOOLS])
+    assert [(b.name, b.input) for b in message.content if b.type == "tool_use"] == expected
+    assert message.stop_reason == "tool_use"
+
+
+def test_native_and_xml_calls_share_one_numbering() -> None:
+    message, _ = translate([native_call(0, "c_a", "get_weather", '{"city": "Rome"}'), ("text", {"text": XML_TIME_CALL}),
+                            native_call(1, "c_b", "get_time", "{}")])
+    assert [(c["id"], c["function"]["name"]) for c in message["message"]["tool_calls"]] == [
+        ("c_a", "get_weather"), (message["message"]["tool_calls"][1]["id"], "get_time"), ("c_b", "get_time")]
+    assert message["finish_reason"] == "tool_calls"
+    # parallel_tool_calls=false: the first call, whichever way it came, is the whole answer
+    for events in ([("text", {"text": XML_TIME_CALL}), native_call(0, "c_a", "get_weather", "{}")],
+                   [native_call(0, "c_a", "get_time", "{}"), ("text", {"text": XML_TIME_CALL}),
+                    native_call(1, "c_b", "get_weather", "{}")]):
+        for whole_calls in (False, True):
+            message, _ = translate(events, body={"tools": WEATHER_TOOLS, "parallel_tool_calls": False},
+                                   whole_calls=whole_calls)
+            calls = message["message"]["tool_calls"]
+            assert [c["function"]["name"] for c in calls] == ["get_time"] and message["finish_reason"] == "tool_calls"
+    # without tools in the request there is nothing to call
+    message, _ = translate([native_call(0, "c_a", "get_time", "{}")], body={})
+    assert "tool_calls" not in message["message"] and message["finish_reason"] == "stop"
+
+
+def test_replace_response_goes_through_the_tool_parser(proxy: Proxy, poe: FakePoe) -> None:
+    weather = '<tool_call><invoke name="get_weather"><parameter name="city">Lima</parameter></invoke></tool_call>'
+    # a replacement that extends the text: only its new tail is parsed, and the call is found
+    message, shown = translate([("text", {"text": "Working"}), ("replace_response", {"text": "Working.\n" + weather})])
+    assert message["message"]["content"] == shown == "Working.\n"
+    assert json.loads(message["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Lima"}
+    # a different answer: the client gets exactly the new one whole, a stream what it can after a blank line
+    message, shown = translate([("text", {"text": "Draft"}), ("replace_response", {"text": "Final: " + weather})])
+    assert message["message"]["content"] == "Final: " and shown == "Draft\n\nFinal: "
+    assert message["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    poe.on("GPT-4o", [sse("text", {"text": "One moment"}), sse("replace_response", {"text": "Sure. " + XML_TIME_CALL}),
+                      sse("done", {})])
+    client = proxy.client()
+    for stream in (False, True):
+        if stream:
+            with client.chat.completions.stream(model="GPT-4o", tools=WEATHER_TOOLS,
+                                                messages=[{"role": "user", "content": "x"}]) as s:
+                result = s.get_final_completion()
+        else:
+            result = client.chat.completions.create(model="GPT-4o", tools=WEATHER_TOOLS,
+                                                    messages=[{"role": "user", "content": "x"}])
+        assert result.choices[0].message.tool_calls[0].function.name == "get_time", stream
+        assert result.choices[0].finish_reason == "tool_calls"
+        assert "<tool_call>" not in (result.choices[0].message.content or "")
+
+
+def test_replace_response_goes_through_the_json_stage() -> None:
+    fenced = '```json\n{"a": 1}\n```'
+    for events in ([("text", {"text": '```json\n{"a"'}), ("replace_response", {"text": fenced})],     # extends
+                   [("text", {"text": "Let me think"}), ("replace_response", {"text": fenced})],    # replaces
+                   [("replace_response", {"text": "Here it is:\n" + fenced + "\nDone."})]):
+        message, shown = translate(events, body={}, json_answer=True)
+        assert message["message"]["content"] == shown == '{"a": 1}', events
+
+
+def test_many_small_texts_then_a_replacement_stay_linear() -> None:
+    piece = "0123456789 abcdefghij ABCDEFGHIJ qrstuvw\n"            # 40 characters, no tag in sight
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS}))
+    event = p2o.SSEEvent("text", json.dumps({"text": piece}))
+    began = time.process_time()
+    out = [d for _ in range(100_000) for d in translator.feed(event)]   # 4 MB of answer
+    out += translator.feed(p2o.SSEEvent("replace_response", json.dumps({"text": piece * 100_000 + "!"})))
+    assert time.process_time() - began < 3.0                        # copying what was seen on each piece: 6 s
+    assert "".join(d.text for d in out if d.kind == p2o.TEXT) == piece * 100_000 + "!"
 
 
 def test_ordinary_brackets_never_hold_the_stream() -> None:
@@ -3483,6 +3748,24 @@ def test_messages_stream_events_are_named_and_ordered(proxy: Proxy, poe: FakePoe
     assert datas[-2]["delta"]["stop_reason"] == "tool_use" and datas[-2]["usage"]["output_tokens"] > 0
 
 
+def test_claude_code_billing_line_stays_home(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
+    body = json.loads((FIXTURES / "claude-code-messages.json").read_text())
+    assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
+    body["tools"].append({"type": "web_search_20250305", "name": "web_search", "max_uses": 3})
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        anthropic_client(proxy).messages.create(**sdk_args(body))
+    sent = json.dumps(last_query(poe)["query"])
+    assert "x-anthropic-billing-header" not in sent and "cc_version" not in sent
+    assert last_query(poe)["query"]["query"][0] == {"role": "system", "content_type": "text/markdown", "content":
+                                                    "\n".join(b["text"] for b in body["system"][1:])}
+    assert [r.getMessage() for r in caplog.records if "web_search_20250305" in r.getMessage()] == [
+        "leaving out tools a Poe bot cannot run: web_search_20250305"]
+    # the string form of `system` too, and only that line
+    chat = p2o.anthropic_to_openai({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                    "system": "x-anthropic-billing-header: cc_version=1; cch=0;\nBe brief."})
+    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
 def test_trailing_system_messages_join_the_last_user_turn() -> None:
     q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "reasoning_effort": "high", "messages": [
         {"role": "system", "content": "You are Claude Code."}, {"role": "user", "content": "say hello"},
@@ -3532,6 +3815,59 @@ def test_codex_turn_gets_function_calls(proxy: Proxy, poe: FakePoe) -> None:
     # the earlier call and its output reach the bot once each, as XML history
     assert sent.count('<invoke name="shell">') == 1 and sent.count('tool_call_id="call_Wd81sKq0n3Jt5vLb9XyE2fRm"') == 1
     QueryRequest.model_validate(last_query(poe)["query"])
+
+
+CODEX_NAMESPACES = [
+    {"type": "namespace", "name": "docs", "description": "The docs MCP server", "tools": [
+        {"type": "function", "name": "search", "description": "Search the docs",
+         "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+        {"type": "custom", "name": "note", "description": "Write a note"}]},
+    {"type": "namespace", "name": "agents", "tools": [
+        {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {
+            "task": {"type": "string"}}}}]},
+    {"type": "web_search"}, {"type": "image_generation"},
+]
+
+
+def test_codex_namespace_tools_round_trip(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
+    reply = ('<tool_call><invoke name="docs__search"><parameter name="query">build</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="docs__note"><parameter name="input">remember this</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="agents__spawn"><parameter name="task">lint</parameter></invoke></tool_call>')
+    poe.on("GPT-4o", xml_reply_steps(reply, 8))
+    client = proxy.client()
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        response = client.responses.create(model="GPT-4o", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.type, o.namespace, o.name) for o in response.output] == [   # type: ignore[union-attr]
+        ("function_call", "docs", "search"), ("custom_tool_call", "docs", "note"), ("function_call", "agents", "spawn")]
+    assert json.loads(response.output[0].arguments) == {"query": "build"}    # type: ignore[union-attr]
+    assert response.output[1].input == "remember this"                       # type: ignore[union-attr]
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert '<tool name="docs__search">' in prompt and "The docs MCP server" in prompt and "--agents" not in prompt
+    warnings_seen = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
+    assert warnings_seen == ["leaving out tools a Poe bot cannot run: web_search, image_generation"]
+    with client.responses.stream(model="GPT-4o", input="go", tools=CODEX_NAMESPACES) as stream:  # type: ignore[arg-type]
+        streamed = stream.get_final_response().output
+    assert [(o.namespace, o.name) for o in streamed] == [("docs", "search"), ("docs", "note"), ("agents", "spawn")]  # type: ignore[union-attr]
+    # the next turn: the calls and their outputs, in the client's own names, reach the bot as what it called
+    history = [{"role": "user", "content": "go"}, *[o.model_dump(exclude_none=True) for o in response.output],
+               *[{"type": "function_call_output" if o.type == "function_call" else "custom_tool_call_output",
+                  "call_id": o.call_id, "output": f"result {i}"} for i, o in enumerate(response.output)]]  # type: ignore[union-attr]
+    poe.on("GPT-4o", text_events("Done."))
+    assert client.responses.create(model="GPT-4o", input=history, tools=CODEX_NAMESPACES).output_text == "Done."  # type: ignore[arg-type]
+    sent = "\n".join(m["content"] for m in last_query(poe)["query"]["query"])
+    for name in ("docs__search", "docs__note", "agents__spawn"):
+        assert sent.count(f'<invoke name="{name}">') == 1 and f'name="{name}"' in sent, name
+    assert '<invoke name="search">' not in sent
+
+
+def test_namespace_calls_in_native_mode(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    poe.on("NativeBot", [native_chunk({"tool_calls": [{"index": 0, "id": "call_n1", "type": "function", "function": {
+        "name": "docs__search", "arguments": '{"query": "x"}'}}]}), sse("done", {})])
+    response = start().client().responses.create(model="NativeBot", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.namespace, o.name, o.call_id) for o in response.output] == [("docs", "search", "call_n1")]  # type: ignore[union-attr]
+    assert [t["function"]["name"] for t in last_query(poe)["query"]["tools"]] == [
+        "docs__search", "docs__note", "agents__spawn"]
 
 
 def test_responses_refuses_previous_response_id(proxy: Proxy) -> None:
@@ -3595,7 +3931,8 @@ def test_responses_tools_without_description_and_custom_tools(proxy: Proxy, poe:
     with httpx.Client(timeout=20) as http:
         r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, json={
             "model": "GPT-4o", "input": "patch it", "tools": [
-                {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {}}},
+                {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}},
                 {"type": "custom", "name": "apply_patch", "description": "Apply a patch"}]})
     body = r.json()
     assert r.status_code == 200 and body["output"][0]["type"] == "custom_tool_call"
