@@ -592,13 +592,16 @@ def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
 
 def test_token_estimator_matches_o200k_on_the_corpus() -> None:
     # tokens/corpus.jsonl: English, code, Chinese, Japanese, JSON, emoji, … with o200k_base counts made by
-    # tokens/count_o200k.mjs (js-tiktoken). Targets: median error <= 5 %, no text worse than 20 %.
+    # tokens/count_o200k.mjs (js-tiktoken). Targets: median error <= 4 %, no text worse than 10 %.
     rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
-    errors = sorted(abs(p2o.estimate_tokens(r["text"]) - r["o200k"]) / r["o200k"] for r in rows)
+    errors = sorted((abs(p2o.estimate_tokens(r["text"]) - r["o200k"]) / r["o200k"], r["name"]) for r in rows)
     kinds = {r["kind"] for r in rows}
-    assert len(rows) >= 50 and {"english", "code", "chinese", "japanese", "json", "emoji"} <= kinds
-    assert errors[len(errors) // 2] <= 0.05 and errors[-1] <= 0.20
+    assert len(rows) >= 100 and {"english", "code", "chinese", "japanese", "korean", "json", "emoji"} <= kinds
+    assert errors[len(errors) // 2][0] <= 0.04 and errors[-1][0] <= 0.10, errors[-5:]
     assert p2o.estimate_tokens("") == 0 and p2o.estimate_tokens("Hello") == 1
+    # Any str is accepted (lone surrogates, control chars) and counted the same way every time.
+    for odd in ("\ud800x\udfff", "\x00\x01\x7f\u200d\ufe0f", "\U0001F1E6" * 3, "中\ud83d文", "\u3000" * 9):
+        assert p2o.estimate_tokens(odd) == p2o.estimate_tokens(odd) >= 1
 
 
 ###############################################################################
