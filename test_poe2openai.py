@@ -572,6 +572,27 @@ def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> Non
     assert len(lines) == 1 and name in lines[0]
 
 
+@pytest.mark.parametrize("argv, flag", [(["--port", "abc"], "--port"), (["--port=70000"], "--port"),
+                                        (["--workers", "0"], "--workers"), (["--log-level", "loud"], "--log-level"),
+                                        (["--shutdown-grace-seconds", "soon"], "--shutdown-grace-seconds"),
+                                        (["--cors-allow-origins", "app.example.com"], "--cors-allow-origins")])
+def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str) -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), *argv], capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], lines
+    assert flag.lstrip("-").replace("-", "_").upper() not in lines[0]    # the flag typed, not the variable
+
+
+def test_a_flag_overrides_a_bad_variable_and_errors_name_their_source() -> None:
+    assert p2o.Settings.from_env({"PORT": "abc"}, ["--port", "9000"]).port == 9000   # the bad value is never read
+    with pytest.raises(p2o.SettingsError, match=r"^PORT='abc'"):
+        p2o.Settings.from_env({"PORT": "abc"}, [])
+    with pytest.raises(p2o.SettingsError, match=r"^--port='x'"):
+        p2o.Settings.from_env({"PORT": "9000"}, ["--port", "x"])
+
+
 def test_help_lists_every_setting() -> None:
     result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--help"], capture_output=True,
                             text=True, timeout=20)
@@ -1978,6 +1999,122 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+class ProxyProcess:
+    """`python poe2openai.py ARGS` in a session of its own (so a test can Ctrl-C its whole process group,
+    as a terminal does), with stderr collected line by line as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in p2o.SETTINGS_SPEC}}
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "poe2openai.py"), "--host", "127.0.0.1",
+                                      "--port", str(self.port), *args], cwd=cwd, env=env, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        deadline = time.time() + 10
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return
+            except httpx.HTTPError:
+                assert time.time() < deadline and self.proc.poll() is None, self.log()
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 5) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [line for line in self.lines if text in line]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+
+
+def start_slow_stream(proxy_port: int, poe: FakePoe) -> tuple[threading.Thread, list[str]]:
+    """A chat stream whose answer takes a minute; returns once its first words arrived."""
+    poe.on("Slow", [sse("text", {"text": "one "}), 60.0, sse("text", {"text": "two"}), sse("done", {})])
+    got: list[str] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        try:
+            with httpx.stream("POST", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", timeout=90,
+                              headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+                for line in r.iter_lines():
+                    got.append(line)
+                    if "one " in line:
+                        started.set()
+        except httpx.HTTPError as exc:
+            got.append(f"error: {exc}")
+        started.set()
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    assert started.wait(10) and any("one " in line for line in got), got
+    return reader, got
+
+
+def test_second_ctrl_c_during_the_grace_stops_at_once(poe: FakePoe, tmp_path: Path) -> None:
+    server = ProxyProcess(["--config-dir", str(tmp_path), "--poe-base-url", f"http://127.0.0.1:{poe.port}"], tmp_path)
+    try:
+        reader, _ = start_slow_stream(server.port, poe)
+        server.proc.send_signal(signal.SIGINT)
+        line = server.wait_for_log("shutting down")
+        assert "waiting up to 30 s for 1 running answer; press Ctrl-C again to stop now" in line
+        time.sleep(0.5)
+        assert server.proc.poll() is None             # the first Ctrl-C waits for the answer
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(5) == 130 and time.monotonic() - began < 2
+        reader.join(5)
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+def test_workers_parent_passes_on_a_second_ctrl_c(poe: FakePoe, tmp_path: Path) -> None:
+    server = ProxyProcess(["--workers", "2", "--config-dir", str(tmp_path),
+                           "--poe-base-url", f"http://127.0.0.1:{poe.port}"], tmp_path)
+    try:
+        reader, _ = start_slow_stream(server.port, poe)
+        os.killpg(server.proc.pid, signal.SIGINT)     # a terminal's Ctrl-C: the parent and the workers get it
+        server.wait_for_log("press Ctrl-C again to stop now")
+        server.wait_for_log("for 1 running answer")   # the worker serving the stream
+        time.sleep(0.6)
+        # The worker got the one Ctrl-C twice (directly and forwarded): still one press, still waiting.
+        assert server.proc.poll() is None and "second signal" not in server.log(), server.log()
+        began = time.monotonic()
+        os.killpg(server.proc.pid, signal.SIGINT)
+        assert server.proc.wait(5) == 130 and time.monotonic() - began < 3
+        reader.join(5)
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+def test_missing_models_yaml_is_a_warning_only_when_config_dir_was_chosen(tmp_path: Path) -> None:
+    for args, level in (([], "INFO"), (["--config-dir", str(tmp_path / "conf")], "WARNING")):
+        server = ProxyProcess(args, tmp_path)
+        try:
+            line = server.wait_for_log("no models.yaml")
+            assert f" {level} " in line and "models are served as they are" in line, line
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(10) == 0      # one signal, nothing running: a clean stop
+        finally:
+            server.stop()
 
 
 def _rss_bytes() -> int:
