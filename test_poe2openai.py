@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -2172,6 +2173,60 @@ def test_dockerfile_has_the_promised_properties() -> None:
     assert "urllib.request" in health and "/healthz" in health and "curl" not in health    # stdlib only
     for name in ("poe2openai.py", "adminpage.html", "models.yaml"):
         assert name in text
+
+
+SYSTEMD_UNIT = HERE / "deploy" / "poe2openai.service"
+
+
+def unit_directives(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as {section: {key: [values in order]}}: keys may repeat (Environment=)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None and "=" in line, f"not a directive: {raw!r}"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_systemd_unit_has_the_promised_properties() -> None:
+    text = SYSTEMD_UNIT.read_text()
+    unit = unit_directives(text)
+    service = {key: values[-1] for key, values in unit["Service"].items()}
+    command = service["ExecStart"].split()
+    assert command[0] == "/usr/bin/python3" and (command[1:] == ["-m", "poe2openai"]
+                                                 or command[1].endswith("/poe2openai.py")), command
+    script_dir = os.path.dirname(command[1]) if command[1] != "-m" else service["WorkingDirectory"]
+    install_lines = [line for line in text.splitlines() if line.startswith("#") and "install " in line]
+    assert any(script_dir in line and "poe2openai.py" in line and "adminpage.html" in line for line in install_lines)
+    assert service.get("DynamicUser") == "yes" or service.get("User", "root") not in ("root", "0")   # never root
+    assert service["Restart"] == "on-failure"
+    environment = dict(v.split("=", 1) for line in unit["Service"]["Environment"] for v in line.split())
+    assert environment["CONFIG_DIR"] == "/var/lib/poe2openai" and service["StateDirectory"] == "poe2openai"
+    assert "/var/lib/poe2openai" in service["ReadWritePaths"]
+    assert service["EnvironmentFile"] == "-/etc/poe2openai.env"        # optional: the service starts without it
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
+                       ("PrivateTmp", "yes"), ("KillMode", "mixed")):
+        assert service[key] == value, key
+    assert float(service["TimeoutStopSec"]) > p2o.Settings.shutdown_grace_seconds   # the grace fits before SIGKILL
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not on this machine")
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("the unit's ExecStart (/usr/bin/python3) is not on this machine; verify would fail on that")
+    unit = tmp_path / SYSTEMD_UNIT.name
+    unit.write_text(SYSTEMD_UNIT.read_text())
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if SYSTEMD_UNIT.name in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(os.environ.get("POE2OPENAI_SKIP_VENV_TEST") == "1", reason="runs once per CI run")
