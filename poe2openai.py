@@ -4180,11 +4180,24 @@ class Router:
 
 ADMIN_MAX_FAILURES = 5            # failed admin logins per address ...
 ADMIN_FAILURE_WINDOW_S = 300.0    # ... within this window, then 429 until it ends
+# The page is one file with its script and style inline; the CSP admits exactly those blocks (by hash)
+# and lets the page talk to nothing but this server. Everything else an injected string could use
+# (other scripts, frames, forms, a <base>) is refused by the browser.
+ADMIN_PAGE_CSP = ("default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; "
+                  "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+ADMIN_PAGE_HEADERS = (("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
+                      ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"))
+# Browsers mark every request with where it came from; only the page itself (same-origin) and the
+# user typing an address (none) may reach the admin API.
+ADMIN_FETCH_SITES = ("same-origin", "none")
 
 
 class AdminAPI:
     """The admin page and its API (models.yaml, stats, Poe's raw model list) behind Basic auth, with a
-    back-off on failed logins per client address."""
+    back-off on failed logins per client address. A browser caches Basic credentials for the origin,
+    so any page on the web could make it send them here: the API answers only requests that the
+    browser marks as coming from this origin, and models.yaml changes only with a JSON body (which
+    a cross-site page cannot send without a CORS preflight, and admin routes answer none)."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
                  pool: UpstreamPool, uploader: Uploader) -> None:
@@ -4196,16 +4209,51 @@ class AdminAPI:
         self.uploader = uploader
         self._admin_failures: dict[str, tuple[int, float]] = {}   # client address -> (failures, first at)
         self.admin_page = _load_admin_page()
+        self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
 
     async def admin(self, request: Request) -> Response:
-        self._check_admin(request)
+        # No same-origin check here: following a link to /admin from elsewhere is fine; the CSP's
+        # frame-ancestors and X-Frame-Options keep other sites from framing it.
+        self._authenticate(request)
         if self.admin_page is None:
             raise ProxyError(404, "adminpage.html was not found next to poe2openai.py.", "invalid_request_error",
                              "not_found")
-        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")],
-                        self.admin_page)
+        if self._admin_csp is None:
+            self._admin_csp = admin_page_csp(self.admin_page)
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Security-Policy", self._admin_csp),
+                              *ADMIN_PAGE_HEADERS], self.admin_page)
+
+    @staticmethod
+    def _check_same_origin(request: Request) -> None:
+        """Refuse what a browser sends on behalf of another site. Sec-Fetch-Site, which page scripts
+        cannot set, decides when present; older browsers send only Origin, which must then name this
+        server (as the Host header, or X-Forwarded-Host behind a reverse proxy, has it)."""
+        site = request.headers.get("sec-fetch-site", "").strip().lower()
+        origin = request.headers.get("origin", "").strip()
+        if site:
+            if site in ADMIN_FETCH_SITES:
+                return
+            why = f"the browser marks it as {site}"
+        elif origin:
+            host = urllib.parse.urlsplit(origin).netloc.lower() if "://" in origin else ""
+            hosts = {h.strip().lower() for h in (request.headers.get("host", ""),
+                                                 request.headers.get("x-forwarded-host", "").split(",")[0]) if h.strip()}
+            default_port = {"http": ":80", "https": ":443"}.get(origin.partition("://")[0].lower(), "")
+            if host and (host in hosts or host + default_port in hosts):
+                return
+            why = f"its Origin {origin[:100]!r} is not this server"
+        else:
+            return   # not a browser (curl, scripts): nothing to guard against, the credentials decide
+        raise ProxyError(403, f"Cross-site request to the admin API refused ({why}); use the admin page at "
+                         "/admin on this server.", "permission_error", "cross_site_request")
 
     def _check_admin(self, request: Request) -> None:
+        """For the API routes: from this origin (checked first: a cross-site request is no failed
+        login), and with the admin credentials."""
+        self._check_same_origin(request)
+        self._authenticate(request)
+
+    def _authenticate(self, request: Request) -> None:
         address = request.client.rpartition(":")[0] or request.client
         failures, first_s = self._admin_failures.get(address, (0, 0.0))
         now = time.monotonic()
@@ -4242,6 +4290,11 @@ class AdminAPI:
 
     async def admin_post_config(self, request: Request) -> Response:
         self._check_admin(request)
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            # A form or a plain-text fetch from another site needs no preflight; a JSON body does.
+            raise ProxyError(415, f"Send the configuration as JSON with Content-Type: application/json (got "
+                             f"{content_type[:60] or 'none'!r}).", "invalid_request_error", "unsupported_media_type")
         body = parse_json_body(request)
         if isinstance(body, dict):
             body.pop("load_error", None)
@@ -4492,6 +4545,21 @@ def _optional_key(request: Request) -> str | None:
         return api_key_of(request)
     except ProxyError:
         return None
+
+
+def admin_page_csp(page: bytes) -> str:
+    """The admin page's Content-Security-Policy: its inline <script> and <style> blocks allowed by
+    their sha256, as the browser hashes them (the exact text between the tags)."""
+    import hashlib   # here, not at the top: only a visit to the admin page needs it
+    text = page.decode("utf-8", "replace")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}\b[^>]*>(.*?)</{tag}>", text, re.S | re.I)
+        found = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
+                         for b in blocks)
+        return found or "'none'"
+
+    return ADMIN_PAGE_CSP.format(scripts=hashes("script"), styles=hashes("style"))
 
 
 def _load_admin_page() -> bytes | None:
