@@ -1824,6 +1824,64 @@ def test_broken_file_is_reported_and_never_replaced(proxy: Proxy, tmp_path: Path
     assert path.read_text() == "enable: true\nmodels: {GPT-4o: {mapping: second}\n"
 
 
+def test_admin_api_refuses_cross_site_requests(proxy: Proxy, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("enable: false\nmodels: {}\n")
+    url = proxy.url + "/api/admin/config"
+    host = f"127.0.0.1:{proxy.port}"
+    evil = {"enable": True, "models": {"GPT-4o": {"mapping": "stolen"}}}
+    with httpx.Client(auth=ADMIN) as http:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Origin": f"http://{host}.evil.example"}):
+            r = http.post(url, json=evil, headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site_request", headers
+            assert "Cross-site request to the admin API refused" in r.json()["error"]["message"]
+            assert "access-control-allow-origin" not in r.headers
+        for method, path_ in (("GET", "/api/admin/config"), ("GET", "/api/admin/stats"), ("GET", "/api/models")):
+            assert http.request(method, proxy.url + path_, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        # Bodies a cross-site page can send without a preflight are not configurations.
+        for content_type, data in (("text/plain", json.dumps(evil)), ("application/x-www-form-urlencoded", "enable=1"),
+                                   ("multipart/form-data; boundary=x", "--x--")):
+            r = http.post(url, content=data, headers={"Content-Type": content_type})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], content_type
+        assert yaml.safe_load(path.read_text()) == {"enable": False, "models": {}}     # untouched by all of that
+        # The page itself, a browser without Sec-Fetch-* (Origin only), one behind a reverse proxy, and curl.
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": f"http://{host}"}, {"Origin": f"http://{host}"},
+                        {"Origin": "https://admin.example.com", "X-Forwarded-Host": "admin.example.com"},
+                        {"Sec-Fetch-Site": "none"}, {}):
+            r = http.post(url, json={"enable": True}, headers={**headers, "Content-Type": "application/json; charset=utf-8"})
+            assert r.status_code == 200, (headers, r.text)
+    with httpx.Client() as http:   # refused before the credentials are looked at: no failed login counted
+        for _ in range(p2o.ADMIN_MAX_FAILURES + 1):
+            assert http.get(url, auth=("admin", "guess"), headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert http.get(url, auth=ADMIN).status_code == 200
+
+
+def test_admin_routes_send_no_cors_headers_and_the_page_strict_headers(proxy: Proxy) -> None:
+    origin = {"Origin": "https://app.example.com"}
+    with httpx.Client(auth=ADMIN) as http:
+        assert http.get(proxy.url + "/v1/models", headers=origin).headers["access-control-allow-origin"] == "*"
+        preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        for path in ("/admin", "/api/admin/config", "/api/admin/stats", "/api/models"):
+            r = http.options(proxy.url + path, headers=preflight)
+            assert r.status_code == 405 and not [h for h in r.headers if h.startswith("access-control-")], path
+            r = http.get(proxy.url + path)
+            assert not [h for h in r.headers if h.startswith("access-control-")], path
+        page = http.get(proxy.url + "/admin")
+    assert page.status_code == 200
+    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'" and csp["img-src"] == "'self' data:"
+    assert (csp["frame-ancestors"], csp["base-uri"], csp["form-action"]) == ("'none'", "'none'", "'none'")
+    for directive, tag in (("script-src", "script"), ("style-src", "style")):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.S)
+        assert blocks and csp[directive].split() == [
+            "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in blocks]
+    assert "unsafe" not in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"
+
+
 def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePoe) -> None:
     client = proxy.client()
     client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
