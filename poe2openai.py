@@ -114,7 +114,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class SettingsError(ValueError):
-    """A setting has a value we cannot use; the message names the variable."""
+    """A setting has a value we cannot use; the message names the flag or variable it came from."""
 
 
 def _int_setting(name: str, raw: str, low: int, high: int | None = None) -> int:
@@ -146,20 +146,20 @@ def _url_setting(name: str, raw: str) -> str:
     return value
 
 
-def _log_level_setting(raw: str) -> str:
+def _log_level_setting(name: str, raw: str) -> str:
     # The Rust original takes an EnvFilter directive ("info,hyper=warn"); its first word is the level.
     first = raw.split(",")[0].strip().lower()
     first = {"warn": "warning", "trace": "debug"}.get(first, first)
     if first not in LOG_LEVELS:
-        raise SettingsError(f"LOG_LEVEL={raw!r} must be one of {', '.join(LOG_LEVELS)}")
+        raise SettingsError(f"{name}={raw!r} must be one of {', '.join(LOG_LEVELS)}")
     return first
 
 
-def _origins_setting(raw: str) -> tuple[str, ...]:
+def _origins_setting(name: str, raw: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
     for origin in origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
-            raise SettingsError(f"CORS_ALLOW_ORIGINS: {origin!r} must be '*' or an origin like https://app.example.com")
+            raise SettingsError(f"{name}: {origin!r} must be '*' or an origin like https://app.example.com")
     return origins or ("*",)
 
 
@@ -244,16 +244,18 @@ class Settings:
                  argv: Sequence[str] | None = None) -> Settings:
         """Build settings from the environment and command-line flags (flags win).
 
-        Raises SettingsError with a one-line message naming the bad variable.
+        Raises SettingsError with a one-line message naming what the user typed: the flag (--port)
+        when the value came from one, else the environment variable (PORT).
         """
         env = dict(os.environ if environ is None else environ)
         flags = vars(build_arg_parser().parse_args([] if argv is None else list(argv)))
         values: dict[str, Any] = {}
         for name, convert, _ in SETTINGS_SPEC:
-            raw = flags.get(name.lower())
-            raw = env.get(name) if raw is None else str(raw)
+            raw, source = flags.get(name.lower()), _flag_of(name)
+            if raw is None:
+                raw, source = env.get(name), name
             if raw is not None and raw.strip() != "":
-                values[name.lower()] = convert(name, raw)
+                values[name.lower()] = convert(source, str(raw))
         proxies = proxies_from_env(env)
         for scheme, url in proxies.items():
             if scheme != "no" and urllib.parse.urlsplit(url if "://" in url else "http://" + url).scheme != "http":
@@ -282,7 +284,7 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("ADMIN_USERNAME", lambda n, v: v, "admin page user (default admin)"),
     ("ADMIN_PASSWORD", lambda n, v: v, "admin page password (default 123456; change it)"),
     ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 1073741824)"),
-    ("LOG_LEVEL", lambda n, v: _log_level_setting(v), "debug, info, warning, error or critical (default info)"),
+    ("LOG_LEVEL", _log_level_setting, "debug, info, warning, error or critical (default info)"),
     ("CONFIG_DIR", lambda n, v: v, "folder holding models.yaml (default ./)"),
     ("RATE_LIMIT_MS", _whole(0), "minimum milliseconds between chat request starts, 0 = off (default 100)"),
     ("URL_CACHE_TTL_SECONDS", _whole(0), "upload cache lifetime in seconds (default 259200)"),
@@ -300,11 +302,15 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("MAX_CONNECTIONS", _whole(1), "open client connections allowed; more get 503 (default 4096)"),
     ("RATE_LIMIT_MAX_WAIT_SECONDS", _number(0),
      "longest wait in the rate gate; beyond it 429 with Retry-After (default 30)"),
-    ("CORS_ALLOW_ORIGINS", lambda n, v: _origins_setting(v),
+    ("CORS_ALLOW_ORIGINS", _origins_setting,
      "comma-separated origins allowed by CORS, or * (default *; never with credentials)"),
     ("SHUTDOWN_GRACE_SECONDS", _number(0), "on SIGTERM, how long running answers may take to finish (default 30)"),
     ("WORKERS", _whole(1, 256), "worker processes sharing the port with SO_REUSEPORT (default 1)"),
 )
+
+
+def _flag_of(name: str) -> str:
+    return "--" + name.lower().replace("_", "-")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -313,7 +319,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="OpenAI-compatible proxy for Poe bots. Every flag can also be set by the "
                     "environment variable named in brackets; a flag wins.")
     for name, _, help_text in SETTINGS_SPEC:
-        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name.lower(), metavar="VALUE",
+        parser.add_argument(_flag_of(name), dest=name.lower(), metavar="VALUE",
                             default=None, help=f"{help_text} [{name}]")
     parser.add_argument("--version", action="version", version=f"poe2openai {__version__}")
     parser.epilog = ("Outbound proxy: HTTPS_PROXY, HTTP_PROXY and NO_PROXY (environment only) are honoured for "
@@ -5203,11 +5209,24 @@ class Router:
 
 ADMIN_MAX_FAILURES = 5            # failed admin logins per address ...
 ADMIN_FAILURE_WINDOW_S = 300.0    # ... within this window, then 429 until it ends
+# The page is one file with its script and style inline; the CSP admits exactly those blocks (by hash)
+# and lets the page talk to nothing but this server. Everything else an injected string could use
+# (other scripts, frames, forms, a <base>) is refused by the browser.
+ADMIN_PAGE_CSP = ("default-src 'none'; script-src {scripts}; style-src {styles}; connect-src 'self'; "
+                  "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+ADMIN_PAGE_HEADERS = (("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
+                      ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"))
+# Browsers mark every request with where it came from; only the page itself (same-origin) and the
+# user typing an address (none) may reach the admin API.
+ADMIN_FETCH_SITES = ("same-origin", "none")
 
 
 class AdminAPI:
     """The admin page and its API (models.yaml, stats, Poe's raw model list) behind Basic auth, with a
-    back-off on failed logins per client address."""
+    back-off on failed logins per client address. A browser caches Basic credentials for the origin,
+    so any page on the web could make it send them here: the API answers only requests that the
+    browser marks as coming from this origin, and models.yaml changes only with a JSON body (which
+    a cross-site page cannot send without a CORS preflight, and admin routes answer none)."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
                  pool: UpstreamPool, uploader: Uploader) -> None:
@@ -5219,16 +5238,51 @@ class AdminAPI:
         self.uploader = uploader
         self._admin_failures: dict[str, tuple[int, float]] = {}   # client address -> (failures, first at)
         self.admin_page = _load_admin_page()
+        self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
 
     async def admin(self, request: Request) -> Response:
-        self._check_admin(request)
+        # No same-origin check here: following a link to /admin from elsewhere is fine; the CSP's
+        # frame-ancestors and X-Frame-Options keep other sites from framing it.
+        self._authenticate(request)
         if self.admin_page is None:
             raise ProxyError(404, "adminpage.html was not found next to poe2openai.py.", "invalid_request_error",
                              "not_found")
-        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")],
-                        self.admin_page)
+        if self._admin_csp is None:
+            self._admin_csp = admin_page_csp(self.admin_page)
+        return Response(200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Security-Policy", self._admin_csp),
+                              *ADMIN_PAGE_HEADERS], self.admin_page)
+
+    @staticmethod
+    def _check_same_origin(request: Request) -> None:
+        """Refuse what a browser sends on behalf of another site. Sec-Fetch-Site, which page scripts
+        cannot set, decides when present; older browsers send only Origin, which must then name this
+        server (as the Host header, or X-Forwarded-Host behind a reverse proxy, has it)."""
+        site = request.headers.get("sec-fetch-site", "").strip().lower()
+        origin = request.headers.get("origin", "").strip()
+        if site:
+            if site in ADMIN_FETCH_SITES:
+                return
+            why = f"the browser marks it as {site}"
+        elif origin:
+            host = urllib.parse.urlsplit(origin).netloc.lower() if "://" in origin else ""
+            hosts = {h.strip().lower() for h in (request.headers.get("host", ""),
+                                                 request.headers.get("x-forwarded-host", "").split(",")[0]) if h.strip()}
+            default_port = {"http": ":80", "https": ":443"}.get(origin.partition("://")[0].lower(), "")
+            if host and (host in hosts or host + default_port in hosts):
+                return
+            why = f"its Origin {origin[:100]!r} is not this server"
+        else:
+            return   # not a browser (curl, scripts): nothing to guard against, the credentials decide
+        raise ProxyError(403, f"Cross-site request to the admin API refused ({why}); use the admin page at "
+                         "/admin on this server.", "permission_error", "cross_site_request")
 
     def _check_admin(self, request: Request) -> None:
+        """For the API routes: from this origin (checked first: a cross-site request is no failed
+        login), and with the admin credentials."""
+        self._check_same_origin(request)
+        self._authenticate(request)
+
+    def _authenticate(self, request: Request) -> None:
         address = request.client.rpartition(":")[0] or request.client
         failures, first_s = self._admin_failures.get(address, (0, 0.0))
         now = time.monotonic()
@@ -5265,6 +5319,11 @@ class AdminAPI:
 
     async def admin_post_config(self, request: Request) -> Response:
         self._check_admin(request)
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type != "application/json":
+            # A form or a plain-text fetch from another site needs no preflight; a JSON body does.
+            raise ProxyError(415, f"Send the configuration as JSON with Content-Type: application/json (got "
+                             f"{content_type[:60] or 'none'!r}).", "invalid_request_error", "unsupported_media_type")
         body = parse_json_body(request)
         if isinstance(body, dict):
             body.pop("load_error", None)
@@ -5524,6 +5583,21 @@ def _optional_key(request: Request) -> str | None:
         return None
 
 
+def admin_page_csp(page: bytes) -> str:
+    """The admin page's Content-Security-Policy: its inline <script> and <style> blocks allowed by
+    their sha256, as the browser hashes them (the exact text between the tags)."""
+    import hashlib   # here, not at the top: only a visit to the admin page needs it
+    text = page.decode("utf-8", "replace")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}\b[^>]*>(.*?)</{tag}>", text, re.S | re.I)
+        found = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'"
+                         for b in blocks)
+        return found or "'none'"
+
+    return ADMIN_PAGE_CSP.format(scripts=hashes("script"), styles=hashes("style"))
+
+
 def _load_admin_page() -> bytes | None:
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "adminpage.html")
     try:
@@ -5771,6 +5845,12 @@ class InboundConnection:
 # Server lifecycle
 ###############################################################################
 
+# A terminal's Ctrl-C reaches a worker twice (directly, as one of the foreground process group, and
+# forwarded by the parent) within milliseconds; only a repeat later than this is a second press.
+SIGNAL_REPEAT_S = 0.25
+EXIT_INTERRUPTED = 130   # a second Ctrl-C or SIGTERM cut the shutdown grace short (128 + SIGINT)
+
+
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None,
                 stop: asyncio.Event | None = None, ssl_context: ssl.SSLContext | None = None,
                 install_signal_handlers: bool = False, shutdown_grace_s: float | None = None,
@@ -5780,7 +5860,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     For embedding: ``await serve(Settings(port=0), ready=print_port, stop=event)``. `ready` gets the
     bound port. On stop, new connections are refused, idle ones closed, and running answers get
     `shutdown_grace_s` (default SHUTDOWN_GRACE_SECONDS) to finish. `ssl_context` replaces the default
-    one for calls to Poe (a corporate CA, say).
+    one for calls to Poe (a corporate CA, say). With install_signal_handlers, a second signal during
+    that grace cancels the running answers at once, and serve raises KeyboardInterrupt once closed.
     """
     app = App(settings, ssl_context)
     state = ServerState()
@@ -5818,53 +5899,89 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
              settings.host or "*", port, settings.poe_base_url, os.path.abspath(settings.models_path))
     if not os.path.exists(settings.models_path):
-        log.warning("no models.yaml in %s: no renamed, hidden or custom models (the defaults)",
-                    os.path.abspath(settings.config_dir))
+        # Nobody chose a CONFIG_DIR: running without models.yaml is the ordinary first start. A folder
+        # that was chosen but holds no models.yaml may be a typo or a missing volume: worth a warning.
+        chosen = settings.config_dir != Settings.config_dir
+        (log.warning if chosen else log.info)(
+            "no models.yaml in %s%s: Poe's models are served as they are (the admin page creates the file "
+            "on its first save)", os.path.abspath(settings.config_dir), " (CONFIG_DIR)" if chosen else "")
     if ready is not None:
         ready(port)
     stop = stop or asyncio.Event()
+    forced = asyncio.Event()      # a second signal: the grace is cut short
     if install_signal_handlers:
+        first_signal_at: list[float] = []
+
+        def on_signal() -> None:
+            now = time.monotonic()
+            if not first_signal_at:
+                first_signal_at.append(now)
+                stop.set()
+            elif now - first_signal_at[0] > SIGNAL_REPEAT_S:
+                log.warning("second signal: stopping now, running answers are cut off")
+                forced.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
-                loop.add_signal_handler(signum, stop.set)
+                loop.add_signal_handler(signum, on_signal)
             except (NotImplementedError, RuntimeError):
                 pass  # not the main thread, or Windows
     try:
         await stop.wait()
     finally:
-        log.info("shutting down: no new connections, %d open", len(state.connections))
         state.closing = True
         server.close()
         for connection in list(state.connections):
             if not connection.busy and connection.task is not None:
                 connection.task.cancel()
+        running = sum(1 for c in state.connections if c.busy)
+        if running:
+            log.info("shutting down: waiting up to %g s for %d running answer%s%s", grace_s, running,
+                     "" if running == 1 else "s", "; press Ctrl-C again to stop now" if install_signal_handlers else "")
+        else:
+            log.info("shutting down: no running answers")
         busy = [c.task for c in state.connections if c.task is not None]
         if busy:
-            _, pending = await asyncio.wait(busy, timeout=grace_s)
+            finished = asyncio.ensure_future(asyncio.wait(busy, timeout=grace_s))
+            interrupted = asyncio.ensure_future(forced.wait())
+            await asyncio.wait([finished, interrupted], return_when=asyncio.FIRST_COMPLETED)
+            finished.cancel()      # only the waiting: the tasks themselves are cancelled below
+            interrupted.cancel()
+            pending = [task for task in busy if not task.done()]
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=2.0)
+                await asyncio.wait(pending, timeout=0.2 if forced.is_set() else 2.0)
         await app.pool.close()
         log.info("stopped")
+    if forced.is_set():
+        raise KeyboardInterrupt   # as an unhandled Ctrl-C would: main() exits with 130
 
 
 def run_workers(settings: Settings) -> int:
     """--workers N: N processes, each with its own listening socket on the same port (SO_REUSEPORT), so
     the kernel spreads connections over the cores. Each keeps its own rate gate and upload cache. The
-    parent forwards SIGTERM/SIGINT and restarts a worker that dies unexpectedly."""
+    parent forwards SIGTERM/SIGINT and restarts a worker that dies unexpectedly; a second signal is
+    forwarded too (the workers stop at once) and the parent then exits with EXIT_INTERRUPTED."""
     if settings.port == 0 or not hasattr(socket, "SO_REUSEPORT") or not hasattr(os, "fork"):
         print("poe2openai: WORKERS > 1 needs a fixed PORT and a system with SO_REUSEPORT and fork", file=sys.stderr)
         return 2
     children: dict[int, int] = {}   # pid -> worker number
     stopping = False
+    forced = False
 
     def start(number: int) -> None:
         pid = os.fork()
         if pid == 0:   # the worker
+            # The parent's forwarding handler is not the worker's: until serve() installs its own, a
+            # signal does what it does by default.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             code = 0
             try:
                 asyncio.run(serve(settings, install_signal_handlers=True, reuse_port=True))
+            except KeyboardInterrupt:
+                code = EXIT_INTERRUPTED
             except BaseException:   # noqa: BLE001 - a worker reports and exits; the parent decides
                 log.exception("worker %d failed", number)
                 code = 1
@@ -5872,7 +5989,12 @@ def run_workers(settings: Settings) -> int:
         children[pid] = number
 
     def forward(signum: int, _frame: Any) -> None:
-        nonlocal stopping
+        nonlocal stopping, forced
+        if not stopping:
+            log.info("stopping %d workers: each waits up to %g s for its running answers; press Ctrl-C again "
+                     "to stop now", len(children), settings.shutdown_grace_seconds)
+        else:
+            forced = True
         stopping = True
         for pid in list(children):
             try:
@@ -5897,7 +6019,7 @@ def run_workers(settings: Settings) -> int:
             log.error("worker %d exited (status %d); starting it again", number, status)
             time.sleep(0.5)
             start(number)
-    return 0
+    return EXIT_INTERRUPTED if forced else 0
 
 
 def _raise_open_file_limit() -> None:
@@ -5944,8 +6066,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"poe2openai: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:   # a second signal during the shutdown grace, or Ctrl-C before serving began
+        return EXIT_INTERRUPTED
     return 0
 
 

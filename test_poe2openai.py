@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -634,6 +635,27 @@ def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> Non
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0]
+
+
+@pytest.mark.parametrize("argv, flag", [(["--port", "abc"], "--port"), (["--port=70000"], "--port"),
+                                        (["--workers", "0"], "--workers"), (["--log-level", "loud"], "--log-level"),
+                                        (["--shutdown-grace-seconds", "soon"], "--shutdown-grace-seconds"),
+                                        (["--cors-allow-origins", "app.example.com"], "--cors-allow-origins")])
+def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str) -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), *argv], capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], lines
+    assert flag.lstrip("-").replace("-", "_").upper() not in lines[0]    # the flag typed, not the variable
+
+
+def test_a_flag_overrides_a_bad_variable_and_errors_name_their_source() -> None:
+    assert p2o.Settings.from_env({"PORT": "abc"}, ["--port", "9000"]).port == 9000   # the bad value is never read
+    with pytest.raises(p2o.SettingsError, match=r"^PORT='abc'"):
+        p2o.Settings.from_env({"PORT": "abc"}, [])
+    with pytest.raises(p2o.SettingsError, match=r"^--port='x'"):
+        p2o.Settings.from_env({"PORT": "9000"}, ["--port", "x"])
 
 
 def test_help_lists_every_setting() -> None:
@@ -2414,6 +2436,64 @@ def test_broken_file_is_reported_and_never_replaced(proxy: Proxy, tmp_path: Path
     assert path.read_text() == "enable: true\nmodels: {GPT-4o: {mapping: second}\n"
 
 
+def test_admin_api_refuses_cross_site_requests(proxy: Proxy, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("enable: false\nmodels: {}\n")
+    url = proxy.url + "/api/admin/config"
+    host = f"127.0.0.1:{proxy.port}"
+    evil = {"enable": True, "models": {"GPT-4o": {"mapping": "stolen"}}}
+    with httpx.Client(auth=ADMIN) as http:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Origin": f"http://{host}.evil.example"}):
+            r = http.post(url, json=evil, headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site_request", headers
+            assert "Cross-site request to the admin API refused" in r.json()["error"]["message"]
+            assert "access-control-allow-origin" not in r.headers
+        for method, path_ in (("GET", "/api/admin/config"), ("GET", "/api/admin/stats"), ("GET", "/api/models")):
+            assert http.request(method, proxy.url + path_, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        # Bodies a cross-site page can send without a preflight are not configurations.
+        for content_type, data in (("text/plain", json.dumps(evil)), ("application/x-www-form-urlencoded", "enable=1"),
+                                   ("multipart/form-data; boundary=x", "--x--")):
+            r = http.post(url, content=data, headers={"Content-Type": content_type})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], content_type
+        assert yaml.safe_load(path.read_text()) == {"enable": False, "models": {}}     # untouched by all of that
+        # The page itself, a browser without Sec-Fetch-* (Origin only), one behind a reverse proxy, and curl.
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": f"http://{host}"}, {"Origin": f"http://{host}"},
+                        {"Origin": "https://admin.example.com", "X-Forwarded-Host": "admin.example.com"},
+                        {"Sec-Fetch-Site": "none"}, {}):
+            r = http.post(url, json={"enable": True}, headers={**headers, "Content-Type": "application/json; charset=utf-8"})
+            assert r.status_code == 200, (headers, r.text)
+    with httpx.Client() as http:   # refused before the credentials are looked at: no failed login counted
+        for _ in range(p2o.ADMIN_MAX_FAILURES + 1):
+            assert http.get(url, auth=("admin", "guess"), headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert http.get(url, auth=ADMIN).status_code == 200
+
+
+def test_admin_routes_send_no_cors_headers_and_the_page_strict_headers(proxy: Proxy) -> None:
+    origin = {"Origin": "https://app.example.com"}
+    with httpx.Client(auth=ADMIN) as http:
+        assert http.get(proxy.url + "/v1/models", headers=origin).headers["access-control-allow-origin"] == "*"
+        preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        for path in ("/admin", "/api/admin/config", "/api/admin/stats", "/api/models"):
+            r = http.options(proxy.url + path, headers=preflight)
+            assert r.status_code == 405 and not [h for h in r.headers if h.startswith("access-control-")], path
+            r = http.get(proxy.url + path)
+            assert not [h for h in r.headers if h.startswith("access-control-")], path
+        page = http.get(proxy.url + "/admin")
+    assert page.status_code == 200
+    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'" and csp["img-src"] == "'self' data:"
+    assert (csp["frame-ancestors"], csp["base-uri"], csp["form-action"]) == ("'none'", "'none'", "'none'")
+    for directive, tag in (("script-src", "script"), ("style-src", "style")):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.S)
+        assert blocks and csp[directive].split() == [
+            "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in blocks]
+    assert "unsafe" not in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"
+
+
 def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePoe) -> None:
     client = proxy.client()
     client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
@@ -2592,6 +2672,122 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         assert proc.wait(10) == 0
 
 
+class ProxyProcess:
+    """`python poe2openai.py ARGS` in a session of its own (so a test can Ctrl-C its whole process group,
+    as a terminal does), with stderr collected line by line as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in p2o.SETTINGS_SPEC}}
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "poe2openai.py"), "--host", "127.0.0.1",
+                                      "--port", str(self.port), *args], cwd=cwd, env=env, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        deadline = time.time() + 10
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return
+            except httpx.HTTPError:
+                assert time.time() < deadline and self.proc.poll() is None, self.log()
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 5) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [line for line in self.lines if text in line]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+
+
+def start_slow_stream(proxy_port: int, poe: FakePoe) -> tuple[threading.Thread, list[str]]:
+    """A chat stream whose answer takes a minute; returns once its first words arrived."""
+    poe.on("Slow", [sse("text", {"text": "one "}), 60.0, sse("text", {"text": "two"}), sse("done", {})])
+    got: list[str] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        try:
+            with httpx.stream("POST", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", timeout=90,
+                              headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
+                for line in r.iter_lines():
+                    got.append(line)
+                    if "one " in line:
+                        started.set()
+        except httpx.HTTPError as exc:
+            got.append(f"error: {exc}")
+        started.set()
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    assert started.wait(10) and any("one " in line for line in got), got
+    return reader, got
+
+
+def test_second_ctrl_c_during_the_grace_stops_at_once(poe: FakePoe, tmp_path: Path) -> None:
+    server = ProxyProcess(["--config-dir", str(tmp_path), "--poe-base-url", f"http://127.0.0.1:{poe.port}"], tmp_path)
+    try:
+        reader, _ = start_slow_stream(server.port, poe)
+        server.proc.send_signal(signal.SIGINT)
+        line = server.wait_for_log("shutting down")
+        assert "waiting up to 30 s for 1 running answer; press Ctrl-C again to stop now" in line
+        time.sleep(0.5)
+        assert server.proc.poll() is None             # the first Ctrl-C waits for the answer
+        began = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(5) == 130 and time.monotonic() - began < 2
+        reader.join(5)
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+def test_workers_parent_passes_on_a_second_ctrl_c(poe: FakePoe, tmp_path: Path) -> None:
+    server = ProxyProcess(["--workers", "2", "--config-dir", str(tmp_path),
+                           "--poe-base-url", f"http://127.0.0.1:{poe.port}"], tmp_path)
+    try:
+        reader, _ = start_slow_stream(server.port, poe)
+        os.killpg(server.proc.pid, signal.SIGINT)     # a terminal's Ctrl-C: the parent and the workers get it
+        server.wait_for_log("press Ctrl-C again to stop now")
+        server.wait_for_log("for 1 running answer")   # the worker serving the stream
+        time.sleep(0.6)
+        # The worker got the one Ctrl-C twice (directly and forwarded): still one press, still waiting.
+        assert server.proc.poll() is None and "second signal" not in server.log(), server.log()
+        began = time.monotonic()
+        os.killpg(server.proc.pid, signal.SIGINT)
+        assert server.proc.wait(5) == 130 and time.monotonic() - began < 3
+        reader.join(5)
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+def test_missing_models_yaml_is_a_warning_only_when_config_dir_was_chosen(tmp_path: Path) -> None:
+    for args, level in (([], "INFO"), (["--config-dir", str(tmp_path / "conf")], "WARNING")):
+        server = ProxyProcess(args, tmp_path)
+        try:
+            line = server.wait_for_log("no models.yaml")
+            assert f" {level} " in line and "models are served as they are" in line, line
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(10) == 0      # one signal, nothing running: a clean stop
+        finally:
+            server.stop()
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -2647,6 +2843,60 @@ def test_dockerfile_has_the_promised_properties() -> None:
     assert "urllib.request" in health and "/healthz" in health and "curl" not in health    # stdlib only
     for name in ("poe2openai.py", "adminpage.html", "models.yaml"):
         assert name in text
+
+
+SYSTEMD_UNIT = HERE / "deploy" / "poe2openai.service"
+
+
+def unit_directives(text: str) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit as {section: {key: [values in order]}}: keys may repeat (Environment=)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None and "=" in line, f"not a directive: {raw!r}"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_systemd_unit_has_the_promised_properties() -> None:
+    text = SYSTEMD_UNIT.read_text()
+    unit = unit_directives(text)
+    service = {key: values[-1] for key, values in unit["Service"].items()}
+    command = service["ExecStart"].split()
+    assert command[0] == "/usr/bin/python3" and (command[1:] == ["-m", "poe2openai"]
+                                                 or command[1].endswith("/poe2openai.py")), command
+    script_dir = os.path.dirname(command[1]) if command[1] != "-m" else service["WorkingDirectory"]
+    install_lines = [line for line in text.splitlines() if line.startswith("#") and "install " in line]
+    assert any(script_dir in line and "poe2openai.py" in line and "adminpage.html" in line for line in install_lines)
+    assert service.get("DynamicUser") == "yes" or service.get("User", "root") not in ("root", "0")   # never root
+    assert service["Restart"] == "on-failure"
+    environment = dict(v.split("=", 1) for line in unit["Service"]["Environment"] for v in line.split())
+    assert environment["CONFIG_DIR"] == "/var/lib/poe2openai" and service["StateDirectory"] == "poe2openai"
+    assert "/var/lib/poe2openai" in service["ReadWritePaths"]
+    assert service["EnvironmentFile"] == "-/etc/poe2openai.env"        # optional: the service starts without it
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
+                       ("PrivateTmp", "yes"), ("KillMode", "mixed")):
+        assert service[key] == value, key
+    assert float(service["TimeoutStopSec"]) > p2o.Settings.shutdown_grace_seconds   # the grace fits before SIGKILL
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not on this machine")
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    if not os.access("/usr/bin/python3", os.X_OK):
+        pytest.skip("the unit's ExecStart (/usr/bin/python3) is not on this machine; verify would fail on that")
+    unit = tmp_path / SYSTEMD_UNIT.name
+    unit.write_text(SYSTEMD_UNIT.read_text())
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in (result.stdout + result.stderr).splitlines() if SYSTEMD_UNIT.name in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(os.environ.get("POE2OPENAI_SKIP_VENV_TEST") == "1", reason="runs once per CI run")
@@ -2781,15 +3031,19 @@ def browser() -> Iterator[Browser]:
 
 
 def open_admin(browser: Browser, proxy: Any, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
-               credentials: dict[str, str] | None = ADMIN_LOGIN) -> Page:
-    """A fresh context (own localStorage) with the page loaded and its cards drawn."""
+               credentials: dict[str, str] | None = ADMIN_LOGIN, url: str | None = None) -> Page:
+    """A fresh context (own localStorage) with the page loaded and its cards drawn. Script errors,
+    anything the Content-Security-Policy blocked and alert() calls are collected for close_page."""
     context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=color_scheme,
                                   http_credentials=credentials)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and (
+        "Content Security Policy" in msg.text or "Failed to fetch" in msg.text) else None)
+    page.on("dialog", lambda dialog: (errors.append(f"{dialog.type}: {dialog.message}"), dialog.dismiss()))
     page.errors = errors   # type: ignore[attr-defined]
-    page.goto(proxy.url + "/admin")
+    page.goto(url or proxy.url + "/admin")
     expect(page.get_by_test_id("cards")).to_be_visible()
     return page
 
@@ -2937,7 +3191,7 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
 
 
 def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: Browser) -> None:
-    seed_config(admin_proxy, enable=False, use_v1_api=False)
+    seed_config(admin_proxy, enable=False, use_v1_api=True)
     page = open_admin(browser, admin_proxy)
     master = page.get_by_test_id("master")
     expect(master).to_have_attribute("aria-checked", "false")
@@ -2945,17 +3199,18 @@ def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: B
     master.click()
     expect(master).to_have_attribute("aria-checked", "true")
     expect(page.get_by_test_id("master-note")).to_be_hidden()
-    page.get_by_test_id("v1").click()
-    expect(page.get_by_test_id("v1")).to_have_attribute("aria-checked", "true")
+    expect(page.get_by_test_id("v1")).to_have_count(0)      # use_v1_api does nothing: no switch for it
     page.get_by_test_id("token").click()
     token = page.get_by_test_id("token-input")
     expect(token).to_be_focused()
     assert token.get_attribute("type") == "password"
+    expect(page.get_by_test_id("token-help")).to_contain_text("never used for a client's chats")
     token.fill("secret-poe-key")
     token.press("Enter")
     expect(page.get_by_test_id("token-dialog")).to_be_hidden()
     expect(page.get_by_test_id("toast").last).to_be_visible()
     on_disk = yaml.safe_load(admin_proxy.config_path.read_text())
+    # use_v1_api is kept as the file had it (the Rust original's schema), whatever the page saves.
     assert (on_disk["enable"], on_disk["use_v1_api"], on_disk["api_token"]) == (True, True, "secret-poe-key")
     page.get_by_test_id("token").click()
     page.get_by_test_id("token-input").fill("")
@@ -3087,6 +3342,81 @@ def test_admin_usage_panel(admin_proxy: Any, browser: Browser) -> None:
     admin_proxy.chat("Claude-Sonnet-4.5")
     page.get_by_test_id("stats-refresh").click()
     expect(panel.get_by_test_id("stats-row-Claude-Sonnet-4.5")).to_be_visible()
+    close_page(page)
+
+
+def test_admin_page_opened_with_credentials_in_the_url(admin_proxy: Any, browser: Browser) -> None:
+    # http://user:pass@host/admin: the browser logs in from the URL. Browsers that keep the user:pass@
+    # in the page's URL make fetch() refuse any URL built from it (relative ones too), so the page
+    # builds its API URLs from location.origin, which never has them.
+    page_text = (HERE / "adminpage.html").read_text()
+    assert page_text.count("fetch(") == page_text.count("fetch(apiUrl(") == 1 and "new Request(" not in page_text
+    url = admin_proxy.url.replace("http://", f"http://{ADMIN[0]}:{ADMIN[1]}@") + "/admin"
+    requested: list[str] = []
+    page = open_admin(browser, admin_proxy, credentials=None, url=url)
+    page.on("request", lambda request: requested.append(request.url))
+    for model in UPSTREAM_MODELS:                             # /api/models answered
+        expect(page.get_by_test_id(f"card-{model}")).to_be_visible()
+    expect(page.get_by_test_id("stats-panel").get_by_test_id("stats-totals")).to_be_visible()   # /api/admin/stats
+    page.get_by_test_id("rename-GPT-4o").click()
+    page.get_by_test_id("rename-input").fill("via-url-login")
+    page.get_by_test_id("rename-input").press("Enter")
+    page.get_by_test_id("save").click()                       # POST /api/admin/config
+    expect(page.get_by_test_id("dirty")).to_be_hidden()
+    assert yaml.safe_load(admin_proxy.config_path.read_text())["models"] == {"GPT-4o": {"mapping": "via-url-login"}}
+    page.get_by_test_id("stats-refresh").click()
+    expect(page.get_by_test_id("stats-refresh")).to_be_enabled()
+    assert requested and all(r.startswith(admin_proxy.url + "/api/") and "@" not in r for r in requested), requested
+    close_page(page)
+
+
+HOSTILE = '<img src=x onerror=alert(1)>'
+
+
+def test_admin_hostile_model_names_render_as_text(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.poe.models["data"].append({"id": HOSTILE, "object": "model", "created": 1715644800,
+                                           "owned_by": '<b onmouseover=alert(2)>poe</b>',
+                                           "description": '<script>alert(3)</script>'})
+    seed_config(admin_proxy, custom_models=[{"id": '"><svg onload=alert(4)>', "owned_by": "<i>me</i>"}],
+                models={HOSTILE: {"mapping": '<iframe src="javascript:alert(5)">'}})
+    page = open_admin(browser, admin_proxy)
+    card = page.get_by_test_id(f"card-{HOSTILE}")
+    expect(card).to_be_visible()
+    expect(page.get_by_test_id(f"orig-{HOSTILE}")).to_have_text(HOSTILE)
+    expect(page.get_by_test_id(f"mapping-{HOSTILE}")).to_have_text('<iframe src="javascript:alert(5)">')
+    expect(card).to_contain_text("<b onmouseover=alert(2)>poe</b>")
+    custom = page.get_by_test_id('card-"><svg onload=alert(4)>')
+    expect(custom).to_contain_text('"><svg onload=alert(4)>')
+    expect(custom).to_contain_text("<i>me</i>")
+    grid = page.get_by_test_id("cards")
+    for tag in ("img", "b", "i", "iframe", "script"):         # nothing the names spell became an element
+        assert grid.locator(tag).count() == 0, tag
+    assert grid.locator("svg").count() == grid.locator("svg.icon").count()
+    page.get_by_test_id(f"rename-{HOSTILE}").click()          # the dialog title names it too
+    expect(page.get_by_test_id("rename-dialog").locator("h2")).to_contain_text(HOSTILE)
+    page.keyboard.press("Escape")
+    page.get_by_test_id(f"card-{HOSTILE}").hover()
+    close_page(page)                                          # and no alert() ran
+
+
+def test_admin_page_runs_under_its_content_security_policy(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.chat("GPT-4o")   # a usage chart to draw (its bars were inline styles once)
+    page = open_admin(browser, admin_proxy)
+    response = page.request.get(admin_proxy.url + "/admin")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    expect(page.get_by_test_id("stats-chart").locator("svg rect")).to_have_count(2)
+    fill = page.get_by_test_id("stats-chart").locator("svg rect").first.evaluate("e => getComputedStyle(e).fill")
+    assert fill not in ("", "none", "rgb(0, 0, 0)"), fill     # coloured by the stylesheet
+    # What the policy is for: script the page did not ship does not run.
+    page.evaluate("""() => { const s = document.createElement('script'); s.textContent = 'window.injected = 1';
+                              document.body.appendChild(s); }""")
+    assert page.evaluate("window.injected") is None
+    errors = page.errors   # type: ignore[attr-defined]
+    assert any("Content Security Policy" in e for e in errors)  # the browser says it refused that one ...
+    errors.clear()                                               # ... and nothing of the page's own
+    page.get_by_test_id("help").click()
+    expect(page.get_by_test_id("help-dialog")).to_contain_text("API token")
+    page.keyboard.press("Escape")
     close_page(page)
 
 
