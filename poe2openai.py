@@ -5083,7 +5083,7 @@ def error_response(err: ProxyError) -> Response:
 
 SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                ("X-Accel-Buffering", "no")]
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, X-Api-Key, " \
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, X-Api-Key, Api-Key, " \
                      "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, " \
                      "X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, " \
                      "X-Stainless-Timeout, Anthropic-Version, Anthropic-Beta"
