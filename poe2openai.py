@@ -5459,7 +5459,7 @@ class ChatPipeline:
         """Poe's catalogue, if it is at hand within MODELS_WAIT_SECONDS; a chat never waits longer."""
         if self.catalog is None:
             return None
-        return await self.catalog.for_chat(self.registry.config().api_token or api_key)
+        return await self.catalog.for_chat(self.registry.config().api_token or api_key, MODELS_WAIT_SECONDS)
 
     @staticmethod
     def _controls(chat: ChatRequest, source: Mapping[str, Any], bot: str, info: BotInfo | None) -> ChatRequest:

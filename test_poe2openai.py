@@ -91,6 +91,8 @@ class FakePoe:
             {"id": "GPT-4o", "object": "model", "created": 1715644800000, "owned_by": "OpenAI"},
             {"id": "Claude-Sonnet-4.5", "object": "model", "created": 1727000000000, "owned_by": "Anthropic"}]}
         self.models_status = 200
+        self.models_delay_s = 0.0   # how long /v1/models takes to answer
+        self.when_native: dict[str, Script] = {}   # what a bot does instead when a query carries native tools
         self.requests: list[dict[str, Any]] = []
         self.invalid_queries: list[str] = []
         self.connections = 0
@@ -158,6 +160,7 @@ class FakePoe:
         record = {"method": request.method.decode(), "path": path, "headers": headers, "body": body}
         self.requests.append(record)
         if path == "/v1/models":
+            await asyncio.sleep(self.models_delay_s)
             payload = json.dumps(self.models).encode()
             await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
@@ -175,6 +178,8 @@ class FakePoe:
         except Exception as exc:  # noqa: BLE001 - recorded and asserted by the tests
             self.invalid_queries.append(f"{bot}: {exc}")
         script = self.scripts.get(bot) or Script(text_events(f"Hello from {bot}"))
+        if query.get("tools") and bot in self.when_native:
+            script = self.when_native[bot]
         if script.hang_up:
             writer.transport.abort()
             return False
@@ -1646,6 +1651,183 @@ def test_check_context_refuses_prompts_that_cannot_fit() -> None:
     assert p2o.check_context(160000, 10 ** 6, bot("DeepSeek-R1")) == 10 ** 6    # no max output known
 
 
+def bot_queries(poe: FakePoe, name: str) -> list[dict[str, Any]]:
+    return [r["query"] for r in poe.requests if r["path"] == f"/bot/{name}"]
+
+
+def last_turn(poe: FakePoe) -> str:
+    """The end of the last user turn of the last query: where the bot's own parameters go."""
+    return [m for m in last_query(poe)["query"]["query"] if m["role"] == "user"][-1]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    poe.models = POE_MODELS
+    client = proxy.client()
+
+    def ask(model: str, **kw: Any) -> str:
+        result = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Q"}],
+                                                stream=stream, **kw)
+        if stream:
+            list(result)
+        return last_turn(poe)
+
+    assert ask("Claude-Sonnet-4.5", web_search_options={}) == "Q --web_search true"
+    assert ask("GPT-4o", web_search_options={}) == "Q"                    # GPT-4o declares no web search
+    assert ask("gpt-5.4", extra_body={"reasoning_effort": "max"}) == "Q --reasoning_effort xhigh"
+    assert last_query(poe)["path"] == "/bot/GPT-5.4"
+    assert ask("Claude-Sonnet-4.5", extra_body={"thinking": {"type": "enabled", "budget_tokens": 50000}}) == (
+        "Q --thinking_budget 31999")
+    assert ask("Nano-Banana-2", extra_body={"aspect_ratio": "16:9", "image_size": "2K", "style": "x"}) == (
+        "Q --aspect_ratio 16:9 --image_size 2K")
+    # A hosted search tool, nameless or Anthropic-style, is the search control: one flag, not a tool or a 400.
+    for tool in ({"type": "web_search"}, {"type": "web_search_20250305", "name": "web_search"}):
+        assert ask("Claude-Sonnet-4.5", tools=[tool]) == "Q --web_search true"
+        assert ask("GPT-4o", tools=[tool]) == "Q"
+    assert ask("GPT-4o", tools=[{"type": "function", "function": {"name": "web_search"}}]) == "Q"   # not declared
+    # Bots the catalogue does not know keep the earlier flags.
+    assert ask("Private-Bot", reasoning_effort="high", web_search_options={}) == "Q --reasoning_effort high"
+    assert ask("Private-Bot", tools=[{"type": "web_search"}]) == "Q --web_search"
+    assert not poe.invalid_queries
+
+
+def test_messages_and_responses_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    poe.models = POE_MODELS
+    claude = anthropic_client(proxy)
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    for stream in (False, True):
+        result = claude.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=64000, stream=stream,
+                                        messages=[{"role": "user", "content": "Q"}], tools=[search],
+                                        thinking={"type": "enabled", "budget_tokens": 50000})
+        if stream:
+            list(result)
+        assert last_query(poe)["path"] == "/bot/Claude-Sonnet-4.5"
+        assert last_turn(poe) == "Q --thinking_budget 31999 --web_search true"
+    claude.messages.create(model="claude-opus-4-6", max_tokens=1000, messages=[{"role": "user", "content": "Q"}],
+                           extra_body={"output_config": {"effort": "max"}})
+    assert last_turn(poe) == "Q --output_effort max"                      # not the lossy `high` of the converter
+    with caplog.at_level(logging.DEBUG, logger="poe2openai"):
+        claude.messages.create(model="GPT-4o", max_tokens=10, messages=[{"role": "user", "content": "Q"}],
+                               tools=[search], extra_body={"output_config": {"effort": "low"}, "top_k": 5})
+    assert last_turn(poe) == "Q"
+    ignored = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(ignored) == 1 and "tools[type=web_search_20250305]" in ignored[0] and "output_config.effort" in ignored[0]
+    client = proxy.client()
+    for stream in (False, True):
+        result = client.responses.create(model="GPT-5.4", input="Q", tools=[{"type": "web_search"}], stream=stream,
+                                         reasoning={"effort": "high"}, extra_body={"verbosity": "low"})
+        if stream:
+            list(result)
+        assert last_turn(poe) == "Q --web_search true --reasoning_effort high --verbosity low"
+    client.responses.create(model="GPT-4o", input="Q", tools=[{"type": "web_search_preview"}])
+    assert last_turn(poe) == "Q"
+    assert not poe.invalid_queries
+
+
+def test_a_value_outside_the_bots_schema_is_a_400_in_every_dialect(proxy: Proxy, poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.models = POE_MODELS
+    messages = [{"role": "user", "content": "a cat"}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            proxy.client().chat.completions.create(model="Nano-Banana-2", messages=messages, stream=stream,
+                                                   extra_body={"aspect_ratio": "7:3"})
+        assert info.value.body["param"] == "aspect_ratio"   # type: ignore[index]
+        assert "'aspect_ratio' must be one of 1:1, 2:3, 3:2" in info.value.message and "Nano-Banana-2" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            proxy.client().responses.create(model="Nano-Banana-2", input="a cat", stream=stream,
+                                            extra_body={"aspect_ratio": "7:3"})
+        assert "one of 1:1, 2:3" in info.value.message
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            anthropic_client(proxy).messages.create(model="Nano-Banana-2", max_tokens=10, messages=messages,
+                                                    stream=stream, extra_body={"aspect_ratio": "7:3"})
+        error = caught.value.body["error"]   # type: ignore[index]
+        assert error["type"] == "invalid_request_error" and "one of 1:1, 2:3" in error["message"]
+    assert bot_queries(poe, "Nano-Banana-2") == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_beyond_the_context_window_is_refused_before_poe(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.models = POE_MODELS
+    prompt = "a watercolour of a lighthouse at dawn, " * 40             # some 400 tokens; FLUX-pro-1.1 takes 256
+    messages = [{"role": "user", "content": prompt}]
+    with pytest.raises(openai.BadRequestError) as info:
+        result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=messages, stream=stream)
+    assert info.value.code == "context_length_exceeded"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", info.value.body["message"])  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.client().responses.create(model="flux-pro-1.1", input=prompt, stream=stream)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        anthropic_client(proxy).messages.create(model="FLUX-pro-1.1", max_tokens=10, messages=messages, stream=stream)
+    error = caught.value.body["error"]   # type: ignore[index]
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", error["message"])   # Claude Code compacts
+    assert bot_queries(poe, "FLUX-pro-1.1") == []                       # refused before Poe was asked
+    result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=[
+        {"role": "user", "content": "a lighthouse"}], stream=stream)   # a prompt that fits goes through
+    if stream:
+        list(result)
+    assert len(bot_queries(poe, "FLUX-pro-1.1")) == 1
+
+
+def test_max_tokens_is_clamped_and_sent_as_the_bots_parameter(start: Callable[..., Proxy], poe: FakePoe,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"enable": True, "custom_models": [
+        {"id": "Short-Bot", "context_length": 100000, "max_output_tokens": 1000, "parameters": [
+            {"name": "max_output_tokens", "schema": {"type": "number", "minimum": 1, "maximum": 4000}}]}]}))
+    proxy = start()
+    messages = [{"role": "user", "content": "Q"}]
+    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_tokens=50000)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"               # the bot's longest answer, not refused
+    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_completion_tokens=300)
+    assert last_turn(poe) == "Q --max_output_tokens 300"
+    proxy.client().responses.create(model="Short-Bot", input="Q", max_output_tokens=20000)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"
+    anthropic_client(proxy).messages.create(model="Short-Bot", max_tokens=64000, messages=messages)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"
+    proxy.client().chat.completions.create(model="GPT-4o", messages=messages, max_tokens=50000)   # declares none
+    assert last_turn(poe) == "Q"
+
+
+def test_a_chat_waits_for_the_catalogue_only_briefly(start: Callable[..., Proxy], poe: FakePoe,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2o, "MODELS_WAIT_SECONDS", 0.3)
+    poe.models = POE_MODELS
+    poe.models_delay_s = 1.5
+    client = start().client()
+    began = time.monotonic()
+    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
+                                   reasoning_effort="high", web_search_options={})
+    assert time.monotonic() - began < 1.2                                # did not wait for the slow list
+    assert last_turn(poe) == "Q --reasoning_effort high"                 # without it: the earlier flags
+    time.sleep(1.5)                                                      # the fetch went on in the background
+    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
+                                   reasoning_effort="high", web_search_options={})
+    assert last_turn(poe) == "Q --web_search true --reasoning_effort high"
+    assert sum(r["path"] == "/v1/models" for r in poe.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
+def test_an_unknown_model_points_to_the_model_list(proxy: Proxy, poe: FakePoe, dialect: str, stream: bool) -> None:
+    poe.models = POE_MODELS
+    poe.on("No-Such-Bot", [sse("error", {"text": "Bot does not exist", "allow_retry": False})])
+    poe.on("Gone-Bot", status=404, body=b'{"detail": "Bot not found"}')
+    for model in ("No-Such-Bot", "Gone-Bot"):
+        err = ask_failing(proxy, dialect, model, stream)
+        assert err.status_code == 404 and type(err).__name__ == "NotFoundError", model
+        message = err.body["error"]["message"] if dialect == "messages" else err.body["message"]
+        assert message.startswith(f"The model '{model}' does not exist on Poe; GET /v1/models lists the bots")
+        if dialect == "messages":
+            assert err.body["error"]["type"] == "not_found_error"
+        else:
+            assert err.code == "model_not_found"
+    assert len(bot_queries(poe, "No-Such-Bot")) == 1                     # not in the catalogue, still asked for
+
+
 ###############################################################################
 # Tool calling
 ###############################################################################
@@ -2149,7 +2331,7 @@ def test_open_webui_screenshot_reaches_the_bot(proxy: Proxy, poe: FakePoe) -> No
     body = json.loads((FIXTURES / "openwebui-chat.json").read_text())
     body["stream"] = False
     result = proxy.client().chat.completions.create(**body)
-    assert result.choices[0].message.content == "Hello from gpt-4o"
+    assert result.choices[0].message.content == "Hello from GPT-4o"   # the catalogue's spelling of the bot
     upload = poe.uploads[0]
     assert upload["data"] == PNG_2X2 and upload["content_type"] == "image/png"
     assert upload["authorization"] == f"Bearer {KEY}"
