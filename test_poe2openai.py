@@ -650,6 +650,15 @@ def test_help_lists_every_setting() -> None:
         assert f"[{name}]" in result.stdout and f"--{name.lower().replace('_', '-')}" in result.stdout
 
 
+def test_tool_mode_setting() -> None:
+    assert p2o.Settings.from_env({}, []).tool_mode == "xml"
+    assert p2o.Settings.from_env({"TOOL_MODE": " Auto "}, []).tool_mode == "auto"
+    assert p2o.Settings.from_env({"TOOL_MODE": "auto"}, ["--tool-mode", "native"]).tool_mode == "native"
+    with pytest.raises(p2o.SettingsError, match="TOOL_MODE='sometimes' must be one of xml, native, auto"):
+        p2o.Settings.from_env({"TOOL_MODE": "sometimes"}, [])
+    assert p2o.ModelConfig.from_dict({"models": {"Bot": {"tool_mode": "auto"}}}).models["Bot"]["tool_mode"] == "auto"
+
+
 def test_every_setting_has_a_variable_and_a_flag() -> None:
     fields = {f.name for f in dataclasses.fields(p2o.Settings)} - {"proxies"}
     assert {name.lower() for name, _, _ in p2o.SETTINGS_SPEC} == fields
@@ -2089,6 +2098,92 @@ def test_native_mode_end_to_end(start: Callable[..., Proxy], poe: FakePoe, tmp_p
 
 def xml_reply_steps(reply: str, sizes: int = 7) -> list[bytes]:
     return [sse("text", {"text": reply[i:i + sizes]}) for i in range(0, len(reply), sizes)] + [sse("done", {})]
+
+
+def test_tool_mode_auto_follows_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    poe.models = POE_MODELS
+    (tmp_path / "models.yaml").write_text("models:\n  Grok-4: {tool_mode: xml}\n  deepseek-r1: {tool_mode: native}\n")
+    client = start(tool_mode="auto").client()
+    messages = [{"role": "user", "content": "weather?"}]
+    sent = {}
+    for model in ("GPT-4o", "Kimi-K2.5-FW", "Grok-4", "DeepSeek-R1", "Private-Bot"):
+        client.chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
+        query = last_query(poe)["query"]
+        sent[model] = ("tools" in query, "<tools>" in query["query"][-1]["content"])
+    assert sent == {"GPT-4o": (True, False),          # Poe lists `tools` for it: Poe's native tool fields
+                    "Kimi-K2.5-FW": (False, True),    # it lists none: the XML prompt
+                    "Grok-4": (False, True),          # models.yaml's tool_mode wins over the setting...
+                    "DeepSeek-R1": (True, False),     # ...either way
+                    "Private-Bot": (False, True)}     # not in the catalogue: XML
+    yaml_auto = start()                                # TOOL_MODE xml (the default), `auto` for one model
+    (tmp_path / "models.yaml").write_text("models:\n  Claude-Sonnet-4.5: {tool_mode: auto}\n")
+    time.sleep(2.1)                                    # the registry notices the edit
+    for model, native in (("Claude-Sonnet-4.5", True), ("GPT-4o", False)):
+        yaml_auto.client().chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
+        assert ("tools" in last_query(poe)["query"]) is native, model
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("refusal", [
+    Script([sse("error", {"text": "This bot does not support tool calling.", "error_type": "user_caused_error",
+                          "allow_retry": False})]),
+    Script([sse("meta", {"content_type": "text/markdown"}), sse("error", {"text": "tools are not supported"})]),
+    Script(status=400, body=b'{"error": {"code": "unsupported_feature_for_model", "message": "Not supported"}}'),
+], ids=["user_caused_error", "unclassified", "http_400"])
+def test_tool_mode_auto_falls_back_to_xml_once_and_remembers(start: Callable[..., Proxy], poe: FakePoe,
+                                                            refusal: Script, stream: bool) -> None:
+    poe.models = POE_MODELS
+    poe.when_native["Grok-4"] = refusal
+    poe.on("Grok-4", xml_reply_steps(TOOL_REPLY))
+    client = start(tool_mode="auto").client()
+
+    def ask() -> list[tuple[str, Any]]:
+        kw: dict[str, Any] = dict(model="Grok-4", tools=WEATHER_TOOLS, messages=[{"role": "user", "content": "?"}])
+        if not stream:
+            message = client.chat.completions.create(**kw).choices[0].message
+        else:
+            with client.chat.completions.stream(**kw) as events:
+                message = events.get_final_completion().choices[0].message
+        return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+    assert ask() == EXPECTED_CALLS                                        # the client saw no refusal
+    first, retry = bot_queries(poe, "Grok-4")
+    assert "tools" in first and "tools" not in retry and "<tools>" in retry["query"][-1]["content"]
+    assert ask() == EXPECTED_CALLS
+    assert len(bot_queries(poe, "Grok-4")) == 3 and "tools" not in bot_queries(poe, "Grok-4")[-1]   # XML at once
+
+
+@pytest.mark.parametrize("error, status", [
+    ({"text": "You do not have enough points.", "error_type": "insufficient_fund", "allow_retry": False}, 429),
+    ({"text": "Bad attachment", "error_type": "user_caused_error"}, 400),
+    ({"text": "Message too long", "error_type": "user_message_too_long"}, 400),
+])
+def test_tool_mode_auto_retries_only_a_refusal_of_tools(start: Callable[..., Proxy], poe: FakePoe,
+                                                       error: dict[str, Any], status: int) -> None:
+    poe.models = POE_MODELS
+    poe.when_native["Grok-4"] = Script([sse("error", error)])
+    client = start(tool_mode="auto").client()
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="Grok-4", tools=WEATHER_TOOLS, messages=[{"role": "user", "content": "?"}])
+        assert info.value.status_code == status
+    assert [("tools" in q) for q in bot_queries(poe, "Grok-4")] == [True, True]   # no retry, and not remembered
+
+
+def test_what_counts_as_a_refusal_of_native_tools() -> None:
+    refuses = p2o.refuses_native_tools
+    assert refuses(p2o.classify_poe_status(400, b'{"error": "unsupported_feature_for_model"}', "bot B"), True)
+    assert refuses(p2o.classify_poe_error({"text": "Function calling is unavailable", "error_type": "user_caused_error"}),
+                   False)
+    assert refuses(p2o.classify_poe_error({"text": "This model does not support tools"}), False)
+    for status, body in ((401, b"nope"), (404, b"Bot not found"), (413, b"too big"), (429, b"slow"), (500, b"x"),
+                         (400, b'{"error": "prompt is too long for the context window"}')):
+        assert not refuses(p2o.classify_poe_status(status, body, "bot B"), True), status
+    for data in ({"text": "Bad attachment", "error_type": "user_caused_error"},
+                 {"text": "tools: you do not have enough points", "error_type": "insufficient_fund"},
+                 {"text": "Too many tool calls, rate limit exceeded"},
+                 {"text": "Internal server error"}):
+        assert not refuses(p2o.classify_poe_error(data), False), data
 
 
 def test_cline_request_gets_structured_tool_calls(proxy: Proxy, poe: FakePoe) -> None:
