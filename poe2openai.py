@@ -5569,7 +5569,8 @@ class ChatPipeline:
             attachments = await self.uploader.attachments_for(media, api_key) if media else {}
             mode = self._tool_mode(route, info)
             query = self._query(chat, route, mode, attachments, info)
-            probe = route.tool_mode == "auto" and mode == "native" and bool(query.get("tools") or query.get("tool_calls"))
+            native_fields = bool(query.get("tools") or query.get("tool_calls"))
+            probe = route.tool_mode == "auto" and mode == "native" and native_fields
             await self.gate.wait()
             asked_poe = True
             events = await self._open(route.bot, query, api_key, (

@@ -1721,7 +1721,8 @@ def test_messages_and_responses_controls_become_the_bots_own_parameters(proxy: P
                                tools=[search], extra_body={"output_config": {"effort": "low"}, "top_k": 5})
     assert last_turn(poe) == "Q"
     ignored = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
-    assert len(ignored) == 1 and "tools[type=web_search_20250305]" in ignored[0] and "output_config.effort" in ignored[0]
+    assert len(ignored) == 1
+    assert "tools[type=web_search_20250305]" in ignored[0] and "output_config.effort" in ignored[0]
     client = proxy.client()
     for stream in (False, True):
         result = client.responses.create(model="GPT-5.4", input="Q", tools=[{"type": "web_search"}], stream=stream,
@@ -1743,7 +1744,8 @@ def test_a_value_outside_the_bots_schema_is_a_400_in_every_dialect(proxy: Proxy,
             proxy.client().chat.completions.create(model="Nano-Banana-2", messages=messages, stream=stream,
                                                    extra_body={"aspect_ratio": "7:3"})
         assert info.value.body["param"] == "aspect_ratio"   # type: ignore[index]
-        assert "'aspect_ratio' must be one of 1:1, 2:3, 3:2" in info.value.message and "Nano-Banana-2" in info.value.message
+        assert "'aspect_ratio' must be one of 1:1, 2:3, 3:2" in info.value.message
+        assert "Nano-Banana-2" in info.value.message
         with pytest.raises(openai.BadRequestError) as info:
             proxy.client().responses.create(model="Nano-Banana-2", input="a cat", stream=stream,
                                             extra_body={"aspect_ratio": "7:3"})
@@ -1765,7 +1767,8 @@ def test_a_prompt_beyond_the_context_window_is_refused_before_poe(proxy: Proxy, 
     with pytest.raises(openai.BadRequestError) as info:
         result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=messages, stream=stream)
     assert info.value.code == "context_length_exceeded"
-    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", info.value.body["message"])  # type: ignore[index]
+    message = info.value.body["message"]   # type: ignore[index]
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", message)
     with pytest.raises(openai.BadRequestError) as info:
         proxy.client().responses.create(model="flux-pro-1.1", input=prompt, stream=stream)
     assert info.value.code == "context_length_exceeded"
@@ -2165,7 +2168,8 @@ def test_tool_mode_auto_retries_only_a_refusal_of_tools(start: Callable[..., Pro
     client = start(tool_mode="auto").client()
     for _ in range(2):
         with pytest.raises(openai.APIStatusError) as info:
-            client.chat.completions.create(model="Grok-4", tools=WEATHER_TOOLS, messages=[{"role": "user", "content": "?"}])
+            client.chat.completions.create(model="Grok-4", tools=WEATHER_TOOLS,
+                                           messages=[{"role": "user", "content": "?"}])
         assert info.value.status_code == status
     assert [("tools" in q) for q in bot_queries(poe, "Grok-4")] == [True, True]   # no retry, and not remembered
 
@@ -2173,8 +2177,8 @@ def test_tool_mode_auto_retries_only_a_refusal_of_tools(start: Callable[..., Pro
 def test_what_counts_as_a_refusal_of_native_tools() -> None:
     refuses = p2o.refuses_native_tools
     assert refuses(p2o.classify_poe_status(400, b'{"error": "unsupported_feature_for_model"}', "bot B"), True)
-    assert refuses(p2o.classify_poe_error({"text": "Function calling is unavailable", "error_type": "user_caused_error"}),
-                   False)
+    assert refuses(p2o.classify_poe_error({"text": "Function calling is unavailable",
+                                           "error_type": "user_caused_error"}), False)
     assert refuses(p2o.classify_poe_error({"text": "This model does not support tools"}), False)
     for status, body in ((401, b"nope"), (404, b"Bot not found"), (413, b"too big"), (429, b"slow"), (500, b"x"),
                          (400, b'{"error": "prompt is too long for the context window"}')):
