@@ -53,9 +53,9 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
 What it does beyond passing text through: tool calls emulated with an XML prompt and parsed from the
 streamed answer (or Poe's native tool fields: per model, or ``auto`` for the bots Poe lists with tools);
 images and files uploaded to Poe through an LRU cache, and files Poe sends made visible; "Thinking..."
-blocks moved to ``reasoning_content``; client controls (web search, reasoning, max_tokens, any declared parameter) turned into each bot's own
-parameters from Poe's model list, and prompts beyond a bot's context window refused before Poe is asked;
-usage estimated with a built-in o200k_base approximation.
+blocks moved to ``reasoning_content``; client controls (web search, reasoning, max_tokens, any declared
+parameter) turned into each bot's own parameters from Poe's model list; prompts beyond a bot's context
+window refused before Poe is asked; usage estimated with a built-in o200k_base approximation.
 Policy choices (where we differ from the Rust original on purpose) and known gaps are in README.md.
 
 Sections, each depending only on those above it: Settings; Errors; Pure helpers (ids, JSON, SSE,
