@@ -3398,7 +3398,9 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
     expect(state).to_have_attribute("data-state", "X")
     page.get_by_test_id("state-Claude-Haiku-3").click()
     expect(page.get_by_test_id("state-Claude-Haiku-3")).to_have_attribute("data-state", "R")
+    expect(page.get_by_test_id("tool-Claude-Sonnet-4.5")).to_have_value("")   # left to TOOL_MODE
     page.get_by_test_id("tool-Claude-Sonnet-4.5").select_option("native")
+    page.get_by_test_id("tool-GPT-4o").select_option("auto")
     expect(page.get_by_test_id("dirty")).to_be_visible()
 
     # Adding and deleting custom models is saved at once, and leaves the unsaved edits alone.
@@ -3425,7 +3427,7 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
     expect(page.get_by_test_id("dirty")).to_be_hidden()
     on_disk = yaml.safe_load(admin_proxy.config_path.read_text())
     assert on_disk["enable"] is True
-    assert on_disk["models"] == {"GPT-4o": {"mapping": "gpt-4o-poe"}, "Llama-3-70b": {"enable": False},
+    assert on_disk["models"] == {"GPT-4o": {"mapping": "gpt-4o-poe", "tool_mode": "auto"}, "Llama-3-70b": {"enable": False},
                                  "Claude-Haiku-3": {"replace_response": True},
                                  "Claude-Sonnet-4.5": {"tool_mode": "native"}}
     assert [c["id"] for c in on_disk["custom_models"]] == ["My-Private-Bot"]
@@ -3437,6 +3439,7 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
     expect(page.get_by_test_id("card-My-Private-Bot")).to_be_visible()
     expect(page.get_by_test_id("card-Old-Custom")).to_have_count(0)
     expect(page.get_by_test_id("tool-Claude-Sonnet-4.5")).to_have_value("native")
+    expect(page.get_by_test_id("tool-GPT-4o")).to_have_value("auto")
     expect(page.get_by_test_id("dirty")).to_be_hidden()
     for name, count in (("total", 6), ("custom", 1), ("mapped", 1), ("replace", 1), ("disabled", 1)):
         expect(page.get_by_test_id(f"stat-{name}")).to_contain_text(str(count))
