@@ -46,12 +46,16 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
     CORS_ALLOW_ORIGINS              *, or a comma-separated list of origins (never with credentials)
     SHUTDOWN_GRACE_SECONDS          on SIGTERM, time running answers get to finish (30)
     WORKERS                         processes sharing the port with SO_REUSEPORT (1)
+    TOOL_MODE                       xml, native or auto: how tools reach a bot whose models.yaml entry
+                                    sets no tool_mode; auto is native for bots Poe lists with tools (xml)
     HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy (CONNECT for https), standard meaning
 
 What it does beyond passing text through: tool calls emulated with an XML prompt and parsed from the
-streamed answer (or Poe's native tool fields, per model); images and files uploaded to Poe through an
-LRU cache, and files Poe sends made visible; "Thinking..." blocks moved to ``reasoning_content``;
-reasoning controls turned into Poe bot flags; usage estimated with a built-in o200k_base approximation.
+streamed answer (or Poe's native tool fields: per model, or ``auto`` for the bots Poe lists with tools);
+images and files uploaded to Poe through an LRU cache, and files Poe sends made visible; "Thinking..."
+blocks moved to ``reasoning_content``; client controls (web search, reasoning, max_tokens, any declared
+parameter) turned into each bot's own parameters from Poe's model list; prompts beyond a bot's context
+window refused before Poe is asked; usage estimated with a built-in o200k_base approximation.
 Policy choices (where we differ from the Rust original on purpose) and known gaps are in README.md.
 
 Sections, each depending only on those above it: Settings; Errors; Pure helpers (ids, JSON, SSE,
@@ -162,6 +166,13 @@ def _origins_setting(name: str, raw: str) -> tuple[str, ...]:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise SettingsError(f"{name}: {origin!r} must be '*' or an origin like https://app.example.com")
     return origins or ("*",)
+
+
+def _tool_mode_setting(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in TOOL_MODES:
+        raise SettingsError(f"TOOL_MODE={raw!r} must be one of {', '.join(TOOL_MODES)}")
+    return value
 
 
 # ----------------------------------------------------------------------------- outbound proxy environment
@@ -305,6 +316,7 @@ class Settings:
     cors_allow_origins: tuple[str, ...] = ("*",)
     shutdown_grace_seconds: float = 30.0
     workers: int = 1
+    tool_mode: str = "xml"   # xml | native | auto, for models whose models.yaml entry sets none
     # Off (""): each client's Bearer key is its own Poe key. Set: clients present one of these keys and
     # the proxy calls Poe with poe_api_key. Both kept out of repr(), which may end up in a log.
     access_keys: str = field(default="", repr=False)
@@ -388,6 +400,8 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
      "comma-separated origins allowed by CORS, or * (default *; never with credentials)"),
     ("SHUTDOWN_GRACE_SECONDS", _number(0), "on SIGTERM, how long running answers may take to finish (default 30)"),
     ("WORKERS", _whole(1, 256), "worker processes sharing the port with SO_REUSEPORT (default 1)"),
+    ("TOOL_MODE", lambda n, v: _tool_mode_setting(v),
+     "xml, native or auto: how tools reach bots whose models.yaml entry sets no tool_mode (default xml)"),
     ("ACCESS_KEYS", _access_keys_setting,
      "share the proxy: keys clients must send, as 'label: key' entries, comma-separated or @FILE with one a "
      "line; needs POE_API_KEY (default: off, each client sends its own Poe key)"),
@@ -1650,8 +1664,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate an OpenAI chat body leniently: refuse only what OpenAI itself would refuse."""
+def parse_chat_request(body: Any, controls: bool = True) -> ChatRequest:
+    """Validate an OpenAI chat body leniently: refuse only what OpenAI itself would refuse. Without
+    `controls` the reasoning flags are left to the caller (the chat pipeline maps them per bot with
+    bot_controls, which knows values such as effort `max` that reasoning_flags refuses)."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     model = body.get("model")
@@ -1697,7 +1713,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
                        temperature=float(temperature) if temperature is not None else None,
                        stop=stop or None,
                        logit_bias={str(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
-                       tools=parse_tools(body), flags=reasoning_flags(body),
+                       tools=parse_tools(body), flags=reasoning_flags(body) if controls else (),
                        json_instruction=json_instruction(body.get("response_format")))
 
 
@@ -1764,6 +1780,8 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
     A tool with neither a description nor parameters is a Poe bot flag, as in the Rust original:
     `{"name": "web_search"}` appends ` --web_search` to the last user message. A tool with a parameter
     schema stays a tool without a description (LangChain and openai-agents send `""` or nothing).
+    A hosted search tool (`{"type": "web_search"}`, `web_search_preview`, Anthropic's `web_search_2025…`)
+    is the web-search control, named or not: the flag `web_search` (bot_controls maps it per bot).
     """
     raw_tools = body.get("tools")
     if raw_tools is None or raw_tools == []:
@@ -1775,6 +1793,11 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
     for i, item in enumerate(raw_tools):
         if not isinstance(item, dict):
             raise bad_request(f"tools[{i}] must be an object.", f"tools[{i}]")
+        kind = item.get("type")
+        if isinstance(kind, str) and kind.startswith("web_search") and not isinstance(item.get("function"), dict):
+            if "web_search" not in flags:
+                flags.append("web_search")
+            continue
         fn = item.get("function") if isinstance(item.get("function"), dict) else item   # nested or flat form
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
@@ -3403,8 +3426,10 @@ def anthropic_to_openai(body: Any) -> dict[str, Any]:
         out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     raw_tools = body.get("tools") if isinstance(body.get("tools"), list) else []
     tools = [t for t in raw_tools if isinstance(t, dict) and "input_schema" in t]
-    server = [str(t.get("type") or t.get("name")) for t in raw_tools if isinstance(t, dict) and "input_schema" not in t]
-    if server:   # web_search_20250305, bash_20250124 …: Anthropic runs them, a Poe bot cannot
+    # Web search is a control, not a tool: the pipeline turns it into the bot's own parameter (bot_controls).
+    server = [str(t.get("type") or t.get("name")) for t in raw_tools if isinstance(t, dict) and "input_schema" not in t
+              and not str(t.get("type") or "").startswith("web_search")]
+    if server:   # bash_20250124, code_execution …: Anthropic runs them, a Poe bot cannot
         log.warning("leaving out tools a Poe bot cannot run: %s", ", ".join(server))
     if tools:
         out["tools"] = [{"type": "function", "function": {
@@ -3648,7 +3673,9 @@ def responses_to_openai(body: Any) -> dict[str, Any]:
     if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
         out["reasoning_effort"] = "xhigh" if reasoning["effort"] == "max" else reasoning["effort"]
     tools, left_out = _responses_tools(body.get("tools"))
-    if left_out:   # hosted tools (web_search, local_shell …) and kinds we do not know: said once, not hidden
+    # Hosted web search is a control the pipeline maps to the bot's own parameter (bot_controls), not a loss.
+    left_out = [kind for kind in left_out if not kind.startswith("web_search")]
+    if left_out:   # hosted tools (local_shell, image_generation …) and kinds we do not know: said once, not hidden
         log.warning("leaving out tools a Poe bot cannot run: %s", ", ".join(left_out))
     if tools:
         out["tools"] = tools
@@ -3940,7 +3967,7 @@ class ResponsesFold:
 # Model registry: models.yaml (hot reload) and the model-list cache
 ###############################################################################
 
-TOOL_MODES = ("xml", "native")
+TOOL_MODES = ("xml", "native", "auto")   # auto: native for bots Poe lists with `tools`, else xml
 
 
 @dataclass(frozen=True)
@@ -4055,7 +4082,8 @@ class ModelRoute:
     bot: str                  # the Poe bot name used in /bot/{name}
     display: str              # the name echoed to the client
     replace_response: bool = False
-    tool_mode: str = "xml"    # xml: tools as prompt text, calls parsed from the answer; native: Poe's fields
+    tool_mode: str = "xml"    # xml: tools as prompt text, calls parsed from the answer; native: Poe's fields;
+                              # auto: native when the catalogue lists `tools` for the bot (decided per chat)
 
 
 class ModelRegistry:
@@ -4136,9 +4164,10 @@ class ModelRegistry:
         self._stamp = (st.st_mtime_ns, st.st_size)
         log.info("saved the model configuration to %s", self.path)
 
-    def resolve(self, requested: str, catalogue: Catalogue | None = None) -> ModelRoute:
+    def resolve(self, requested: str, catalogue: Catalogue | None = None, tool_mode: str = "xml") -> ModelRoute:
         """Map the client's model name to a Poe bot. Refuses disabled models with 404. With the catalogue,
-        a known bot is asked for by its display name, whichever of its names the client or models.yaml used."""
+        a known bot is asked for by its display name, whichever of its names the client or models.yaml used.
+        `tool_mode` (the TOOL_MODE setting) applies when the bot's models.yaml entry sets none."""
         cfg = self.config()
         bot = requested
         if cfg.enable:
@@ -4157,7 +4186,7 @@ class ModelRegistry:
                              "invalid_request_error", "model_not_found", "model")
         entry = entry or {}
         return ModelRoute(bot=bot, display=requested, replace_response=bool(entry.get("replace_response")),
-                          tool_mode=entry.get("tool_mode") or "xml")
+                          tool_mode=entry.get("tool_mode") or tool_mode)
 
     @staticmethod
     def _entry_of(cfg: ModelConfig, name: str, info: BotInfo | None = None) -> dict[str, Any] | None:
@@ -4798,11 +4827,20 @@ class PoeEventStream:
         self._clock = clock
         self._last_bytes_at = clock()
         self.ended = False
+        self._unread: list[SSEEvent] = []
+
+    def unread(self, events: Sequence[SSEEvent]) -> None:
+        """Give back events already read (the chat pipeline looks at the start of an answer before it
+        decides how to go on): the next read() returns them first."""
+        self._unread = [*events, *self._unread]
 
     async def read(self, wait_s: float) -> list[SSEEvent] | None:
         """Events from the next piece of the body: [] when nothing came within wait_s, None once the
         body has ended. Raises ProxyError when Poe has been silent past the idle timeout or drops
         the connection."""
+        if self._unread:
+            events, self._unread = self._unread, []
+            return events
         if self.ended:
             return None
         idle_left_s = self._idle_timeout_s - (self._clock() - self._last_bytes_at)
@@ -5337,7 +5375,7 @@ class App:
                                   self.credentials)
         self.model_list = ModelList(settings, self.registry, self.catalog, self.credentials)
         self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate,
-                                          credentials=self.credentials)
+                                          self.catalog, credentials=self.credentials)
         self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials)
         self.routes = self.router.routes
 
@@ -5646,18 +5684,58 @@ class ModelList:
 
 # ----------------------------------------------------------------------------- the chat pipeline
 
+# Bots remembered (per process, in memory) as refusing Poe's native tool fields under TOOL_MODE auto.
+XML_MEMORY_SIZE = 1024
+# Poe events that are the answer itself: once one has come, the bot has taken the query.
+ANSWER_EVENTS = frozenset({"text", "replace_response", "json", "file", "done"})
+_TOOLS_WORDS = re.compile(r"\btools?\b|tool[ _-]?(call|use)|function[ _-]?call|unsupported[ _]feature", re.I)
+
+
+def refuses_native_tools(err: ProxyError, http_status: bool) -> bool:
+    """Whether Poe's error, come before any output, says that the bot takes no native tools.
+
+    Conservative on purpose, since a bot that matches is then sent XML tools for the life of the process:
+    an HTTP 400 to the query (Poe refused its shape before any bot ran; the tool fields are all that
+    differs from an XML query; its /v1 API answers `unsupported_feature_for_model` so), or an `error`
+    event that mentions tools or function calls and is a user error (`user_caused_error`) or one we could
+    not classify. Quota, rate, auth, unknown-bot and context errors never match: XML would not help.
+    """
+    if http_status:
+        return err.status == 400 and err.code == "bad_request"
+    return err.code in ("bad_request", "bot_error") and bool(_TOOLS_WORDS.search(err.message))
+
+
+def unknown_model(asked: str, bot: str, err: ProxyError) -> ProxyError:
+    """Poe's "no such bot" (HTTP 404, or an error event saying so), in words that tell the client what to do.
+    Only Poe decides: a bot missing from the catalogue is still asked for, since private bots are not listed."""
+    which = f"'{asked}'" if asked.casefold() == bot.casefold() else f"'{asked}' (the Poe bot '{bot}')"
+    return ProxyError(404, f"The model {which} does not exist on Poe; GET /v1/models lists the bots you can use. "
+                      f"(Poe said: {err.message})", "invalid_request_error", "model_not_found", "model", err.headers)
+
+
+def _event_data(event: SSEEvent) -> dict[str, Any]:
+    try:
+        data = json.loads(event.data) if event.data.strip() else {}
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class ChatPipeline:
     """Answers a chat request of any dialect: converted to an OpenAI chat request, sent to Poe as a
     query, and Poe's events translated to deltas that the dialect's encoder (streaming) or fold renders."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, uploader: Uploader,
-                 stats: UsageStats, gate: RateGate, *, credentials: Credentials | None = None) -> None:
+                 stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None, *,
+                 credentials: Credentials | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.poe = poe
         self.uploader = uploader
         self.stats = stats
         self.gate = gate
+        self.catalog = catalog
+        self._xml_bots: OrderedDict[str, None] = OrderedDict()   # casefolded bot names, oldest first
         self.credentials = credentials or Credentials(settings)
 
     def handler(self, dialect: Dialect) -> Handler:
@@ -5670,7 +5748,13 @@ class ChatPipeline:
         body = parse_json_body(request)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.model = body["model"][:100]   # for the access log, even if the request is refused
-        return await self._answer(parse_chat_request(dialect.to_openai(body)), api_key, dialect, body)
+        converted = dialect.to_openai(body)
+        chat = parse_chat_request(converted, controls=False)
+        # The client's controls as its dialect sends them: the converters keep only what a chat request has
+        # a field for (not hosted search tools, output_config, top_k …), so the client's own body lies under
+        # the converted one, with its own tools.
+        source = converted if converted is body else {**body, **converted, "tools": body.get("tools")}
+        return await self._answer(chat, api_key, dialect, source, body)
 
     async def count_tokens(self, request: Request) -> Response:
         """POST /v1/messages/count_tokens: answered here from the estimator, never sent to Poe."""
@@ -5680,38 +5764,162 @@ class ChatPipeline:
         chat = parse_chat_request(anthropic_to_openai(body))
         return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat))})
 
-    def _route(self, model: str, dialect: Dialect) -> ModelRoute:
-        route = self.registry.resolve(model)
+    def _route(self, model: str, dialect: Dialect, catalogue: Catalogue | None = None) -> ModelRoute:
+        route = self.registry.resolve(model, catalogue, self.settings.tool_mode)
         if route.bot == model and dialect.alias(model) != model:
             # A dialect's own ids (Claude Code's dated Anthropic ones): unless models.yaml maps them, the
             # bot they mean.
-            route = dataclasses.replace(self.registry.resolve(dialect.alias(model)), display=model)
+            route = dataclasses.replace(self.registry.resolve(dialect.alias(model), catalogue, self.settings.tool_mode),
+                                        display=model)
         return route
 
-    async def _answer(self, chat: ChatRequest, api_key: str, dialect: Dialect,
-                      raw_body: Mapping[str, Any] | None = None) -> Response:
-        started_s = time.perf_counter()
+    async def _catalogue(self, api_key: str) -> Catalogue | None:
+        """Poe's catalogue, if it is at hand within MODELS_WAIT_SECONDS; a chat never waits longer."""
+        if self.catalog is None:
+            return None
+        return await self.catalog.for_chat(self.registry.config().api_token or api_key, MODELS_WAIT_SECONDS)
+
+    @staticmethod
+    def _controls(chat: ChatRequest, source: Mapping[str, Any], bot: str, info: BotInfo | None) -> ChatRequest:
+        """The client's controls as the bot's own parameters (bot_controls), with max_tokens first brought
+        down to the bot's longest answer, and the description-less tools' flags that would repeat them or
+        that the bot does not declare left out."""
+        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            if _is_number(source.get(key)):   # the one bot_controls reads
+                limit = check_context(0, source[key], info)
+                if limit != source[key]:
+                    log.debug("%s: %s %s lowered to the bot's longest answer, %s", bot, key, source[key], limit)
+                    source = {**source, key: limit}
+                break
+        flags, ignored = bot_controls(source, info)
+        spec = chat.tools
+        if spec is not None and spec.flags:
+            made = {flag[2:].split(" ", 1)[0] for flag in flags}
+            declared = _declared(info) if info is not None and info.parameters is not None else None
+            keep = []
+            for name in spec.flags:
+                if name in made:
+                    continue
+                if declared is not None and name not in declared:
+                    if not any(name in item for item in ignored):
+                        ignored.append(f"tools[{name}]")
+                    continue
+                keep.append(name)
+            spec = dataclasses.replace(spec, flags=tuple(keep))
+        if ignored:
+            log.debug("%s: not sent, the bot declares no such parameter: %s", bot, ", ".join(ignored))
+        return dataclasses.replace(chat, flags=tuple(flags), tools=spec)
+
+    def _tool_mode(self, route: ModelRoute, info: BotInfo | None) -> str:
+        """The route's tool mode, `auto` decided: native for bots the catalogue lists with `tools` (unless
+        the bot refused native tools before), XML for the rest."""
+        if route.tool_mode != "auto":
+            return route.tool_mode
+        if route.bot.casefold() in self._xml_bots:
+            return "xml"
+        return "native" if info is not None and "tools" in (info.features or ()) else "xml"
+
+    def _remember_xml(self, bot: str) -> None:
+        self._xml_bots[bot.casefold()] = None
+        self._xml_bots.move_to_end(bot.casefold())
+        while len(self._xml_bots) > XML_MEMORY_SIZE:
+            self._xml_bots.popitem(last=False)
+
+    @staticmethod
+    def _query(chat: ChatRequest, route: ModelRoute, tool_mode: str, attachments: Mapping[int, list[dict[str, Any]]],
+               info: BotInfo | None) -> dict[str, Any]:
+        """The Poe query, refused (400 context_length_exceeded) when it cannot fit the bot's context window:
+        before Poe is called, so nothing is billed for it."""
+        query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=tool_mode,
+                                attachments=attachments)
+        check_context(count_prompt_tokens(query), None, info)
+        return query
+
+    async def _open(self, bot: str, query: dict[str, Any], api_key: str,
+                    probe_s: float | None = None) -> PoeEventStream | None:
+        """Send the query. With `probe_s` (native tools under TOOL_MODE auto) the start of the answer is
+        read, for up to probe_s, until its first output: None when Poe refused the native tools before
+        any (see refuses_native_tools); otherwise the events read are given back to the stream."""
         try:
-            route = self._route(chat.model, dialect)
+            events = await self.poe.open_bot_stream(bot, query, api_key)
+        except ProxyError as err:
+            if probe_s is not None and refuses_native_tools(err, http_status=True):
+                log.info("%s refused native tools (%s); asking again with XML tools", bot, err.message)
+                return None
+            raise
+        if probe_s is None:
+            return events
+        seen: list[SSEEvent] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + probe_s
+        try:
+            while (left_s := deadline - loop.time()) > 0:
+                batch = await events.read(left_s)
+                if batch is None:
+                    break
+                seen.extend(batch)
+                first = next((e for e in batch if e.event in ANSWER_EVENTS or e.event == "error"), None)
+                if first is None:
+                    continue
+                if first.event == "error" and refuses_native_tools(classify_poe_error(_event_data(first)), False):
+                    log.info("%s refused native tools (%s); asking again with XML tools", bot,
+                             _event_data(first).get("text"))
+                    await events.aclose()
+                    return None
+                break
+        except BaseException:
+            await events.aclose()
+            raise
+        events.unread(seen)
+        return events
+
+    async def _answer(self, chat: ChatRequest, api_key: str, dialect: Dialect, source: Mapping[str, Any],
+                      raw_body: Mapping[str, Any]) -> Response:
+        started_s = time.perf_counter()
+        asked_poe = False
+        route: ModelRoute | None = None
+        try:
+            catalogue = await self._catalogue(api_key)
+            route = self._route(chat.model, dialect, catalogue)
+            info = self.registry.bot_info(route.bot, catalogue)
+            chat = self._controls(chat, source, route.bot, info)
             media = collect_media(chat.messages)
             attachments = await self.uploader.attachments_for(media, api_key) if media else {}
-            query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
-                                    attachments=attachments)
+            mode = self._tool_mode(route, info)
+            query = self._query(chat, route, mode, attachments, info)
+            native_fields = bool(query.get("tools") or query.get("tool_calls"))
+            probe = route.tool_mode == "auto" and mode == "native" and native_fields
+            await self.gate.wait()
+            asked_poe = True
+            events = await self._open(route.bot, query, api_key, (
+                self.settings.stream_hold_seconds if chat.stream else self.settings.read_timeout_seconds)
+                if probe else None)
+            if events is None:
+                # Refused before any output, so the bot generated nothing and Poe billed nothing (points pay
+                # for what a bot answers; a query turned away at the door gets no answer). Asking again
+                # in XML costs the client nothing twice, and no tool ran: tools run on the client's side.
+                mode = "xml"
+                query = self._query(chat, route, mode, attachments, info)
+                await self.gate.wait()
+                events = await self._open(route.bot, query, api_key)
+                assert events is not None
+                self._remember_xml(route.bot)   # only once XML was taken: a 400 of another cause is not a refusal
+            route = dataclasses.replace(route, tool_mode=mode)
             run = ChatRun(chat, route, new_id(dialect.completion_prefix), int(time.time()), count_prompt_tokens(query),
                           started_s, dialect)
             if dialect.envelope is not None:
-                run.envelope = dialect.envelope(run.completion_id, run.created_s, route.display, raw_body or {})
-            await self.gate.wait()
-            events = await self.poe.open_bot_stream(route.bot, query, api_key)
-            translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native",
+                run.envelope = dialect.envelope(run.completion_id, run.created_s, route.display, raw_body)
+            translator = PoeTranslator(chat.tools, native_tools=mode == "native",
                                        json_answer=bool(chat.json_instruction),
                                        make_id=lambda: new_id(dialect.call_prefix),
                                        whole_calls=dialect.whole_calls)
             if not chat.stream:
                 return await self._chat_whole(run, events, translator)
             return await self._chat_stream(run, events, translator)
-        except ProxyError:
+        except ProxyError as err:
             self.stats.record(chat.model, ok=False, latency_s=time.perf_counter() - started_s)
+            if asked_poe and route is not None and err.code == "model_not_found":
+                raise unknown_model(chat.model, route.bot, err) from None
             raise
 
     async def _next_deltas(self, events: PoeEventStream, translator: PoeTranslator, wait_s: float) -> list[Delta]:
