@@ -83,6 +83,7 @@ import argparse
 import asyncio
 import base64
 import codecs
+import contextvars
 import dataclasses
 import errno
 import http
@@ -215,6 +216,78 @@ def bypasses_proxy(host: str, port: int, no_proxy: str) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- access keys
+# Here, not with the handlers: Settings checks ACCESS_KEYS at start-up, so a typo stops the proxy there.
+
+ACCESS_KEY_MIN_LENGTH = 16
+ACCESS_LABEL_MAX_LENGTH = 64
+_ACCESS_KEY_RE = re.compile(r"[^\s,:#]+")      # what a key may be made of: no separator we parse on
+_ACCESS_LABEL_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    label: str
+    digest: bytes = field(repr=False)   # sha256 of the key: every comparison is of equal length
+
+
+def parse_access_keys(text: str, where: str, separator: str = "\n") -> tuple[AccessKey, ...]:
+    """Access keys from a list: entries split by `separator` (lines of a file, commas in the variable),
+    each `label: key` or a bare `key` (labelled `key N`, N its place among the keys). `#` starts a
+    comment; blank entries are skipped. Raises SettingsError naming the entry, never quoting a key."""
+    import hashlib   # here, not at the top: only a proxy with access keys needs it
+    keys: list[AccessKey] = []
+    seen: dict[bytes, str] = {}
+    place = "line" if separator == "\n" else "entry"
+    for number, raw in enumerate(text.split(separator), 1):
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        label, colon, key = entry.rpartition(":")
+        label, key = label.strip(), key.strip()
+        if colon and not label:
+            raise SettingsError(f"{where}, {place} {number}: the label before ':' is empty")
+        if not _ACCESS_KEY_RE.fullmatch(key):
+            raise SettingsError(f"{where}, {place} {number}: a key is one word without spaces, ',', ':' or '#' "
+                                "(write 'label: key')")
+        if len(key) < ACCESS_KEY_MIN_LENGTH:
+            raise SettingsError(f"{where}, {place} {number}: the key is shorter than {ACCESS_KEY_MIN_LENGTH} "
+                                "characters; make one with: python -c \"import secrets; print(secrets.token_urlsafe(24))\"")
+        if len(label) > ACCESS_LABEL_MAX_LENGTH or _ACCESS_LABEL_BAD_RE.search(label):
+            raise SettingsError(f"{where}, {place} {number}: a label is at most {ACCESS_LABEL_MAX_LENGTH} "
+                                "printable characters")
+        label = label or f"key {len(keys) + 1}"
+        digest = hashlib.sha256(key.encode()).digest()
+        if digest in seen:
+            raise SettingsError(f"{where}, {place} {number}: the same key is listed twice ({seen[digest]!r} "
+                                f"and {label!r})")
+        seen[digest] = label
+        keys.append(AccessKey(label, digest))
+    if not keys:
+        raise SettingsError(f"{where} lists no keys")
+    return tuple(keys)
+
+
+def load_access_keys(name: str, spec: str) -> tuple[AccessKey, ...]:
+    """ACCESS_KEYS as written: `@/path/to/file` (one entry a line) or comma-separated entries."""
+    if not spec.startswith("@"):
+        return parse_access_keys(spec, name, ",")
+    path = spec[1:].strip()
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise SettingsError(f"{name}: cannot read the key file {path!r}: {reason}") from None
+    return parse_access_keys(text, f"{name} file {path}")
+
+
+def _access_keys_setting(name: str, raw: str) -> str:
+    spec = raw.strip()
+    load_access_keys(name, spec)   # read now, so a bad entry or a missing file stops the start
+    return spec
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, read once at start-up and passed down; never re-read from os.environ."""
@@ -244,8 +317,17 @@ class Settings:
     shutdown_grace_seconds: float = 30.0
     workers: int = 1
     tool_mode: str = "xml"   # xml | native | auto, for models whose models.yaml entry sets none
+    # Off (""): each client's Bearer key is its own Poe key. Set: clients present one of these keys and
+    # the proxy calls Poe with poe_api_key. Both kept out of repr(), which may end up in a log.
+    access_keys: str = field(default="", repr=False)
+    poe_api_key: str = field(default="", repr=False)
     # Outbound proxy variables (lower-case keys: "https", "http", "no"), captured at start-up.
     proxies: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.access_keys and not self.poe_api_key:
+            raise SettingsError("ACCESS_KEYS is set but POE_API_KEY is not: with access keys, clients send an "
+                                "access key and the proxy calls Poe with its own key; set POE_API_KEY to it")
 
     @property
     def models_path(self) -> str:
@@ -320,6 +402,11 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("WORKERS", _whole(1, 256), "worker processes sharing the port with SO_REUSEPORT (default 1)"),
     ("TOOL_MODE", lambda n, v: _tool_mode_setting(v),
      "xml, native or auto: how tools reach bots whose models.yaml entry sets no tool_mode (default xml)"),
+    ("ACCESS_KEYS", _access_keys_setting,
+     "share the proxy: keys clients must send, as 'label: key' entries, comma-separated or @FILE with one a "
+     "line; needs POE_API_KEY (default: off, each client sends its own Poe key)"),
+    ("POE_API_KEY", _text, "the Poe API key every request uses when ACCESS_KEYS is set (prefer the variable: "
+                           "flags show in ps)"),
 )
 
 
@@ -961,16 +1048,56 @@ class RateGate:
         self._arm()
 
 
+class LoginBackoff:
+    """Failed logins per client address: once `max_failures` fail within `window_s` of the first, every
+    attempt from that address (the right credentials too) is refused with 429 and Retry-After until the
+    window ends. Memory stays bounded under a spray of addresses."""
+
+    def __init__(self, max_failures: int, window_s: float, message: str, code: str = "too_many_login_failures",
+                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 10000) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._message = message
+        self._code = code
+        self._clock = clock
+        self._max_addresses = max_addresses
+        self._failures: dict[str, tuple[int, float]] = {}   # address -> (failures, first at)
+
+    def _current(self, address: str) -> tuple[int, float]:
+        failures, first_s = self._failures.get(address, (0, 0.0))
+        return (0, 0.0) if self._clock() - first_s > self.window_s else (failures, first_s)
+
+    def check(self, address: str) -> None:
+        """Raises the 429 while the address is locked out."""
+        failures, first_s = self._current(address)
+        if failures >= self.max_failures:
+            retry_s = max(1, math.ceil(first_s + self.window_s - self._clock()))
+            raise ProxyError(429, self._message, "rate_limit_error", self._code,
+                             headers=[("Retry-After", str(retry_s))])
+
+    def failed(self, address: str) -> None:
+        failures, first_s = self._current(address)
+        if len(self._failures) > self._max_addresses:
+            self._failures.clear()
+        self._failures[address] = (failures + 1, first_s if failures else self._clock())
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
 class UsageStats:
-    """Requests, errors, tokens and latency percentiles per model since start (bounded memory)."""
+    """Requests, errors, tokens and latency percentiles per model, and the same counts per access key
+    label, since start (bounded memory). The label is never the key itself."""
 
     def __init__(self, max_samples: int = 1000) -> None:
         self.since_s = time.time()
         self._max_samples = max_samples
         self._models: dict[str, dict[str, Any]] = {}
+        self._keys: dict[str, dict[str, int]] = {}
 
     def record(self, model: str, *, ok: bool, latency_s: float, prompt_tokens: int = 0,
-               completion_tokens: int = 0) -> None:
+               completion_tokens: int = 0, key: str | None = None) -> None:
+        """`key`: the label of the request's access key; by default the one its key check set (KEY_LABEL)."""
         entry = self._models.get(model)
         if entry is None:
             if len(self._models) >= 1000:   # model names come from clients: cap the table
@@ -984,6 +1111,17 @@ class UsageStats:
         entry["prompt_tokens"] += prompt_tokens
         entry["completion_tokens"] += completion_tokens
         entry["latency"].append(latency_s * 1000.0)
+        label = KEY_LABEL.get() if key is None else key
+        counts = self._keys.get(label)
+        if counts is None:
+            if len(self._keys) >= 1000:     # labels come from the key file, but edits add up over time
+                label = "(other)"
+            counts = self._keys.setdefault(label, {"requests": 0, "errors": 0, "prompt_tokens": 0,
+                                                   "completion_tokens": 0})
+        counts["requests"] += 1
+        counts["errors"] += 0 if ok else 1
+        counts["prompt_tokens"] += prompt_tokens
+        counts["completion_tokens"] += completion_tokens
 
     def snapshot(self) -> dict[str, Any]:
         models = []
@@ -993,8 +1131,9 @@ class UsageStats:
                                                                  "completion_tokens")},
                            "latency_ms": {f"p{q}": round(_percentile(samples, q / 100), 1) for q in (50, 95, 99)}})
         totals = {k: sum(m[k] for m in models) for k in ("requests", "errors", "prompt_tokens", "completion_tokens")}
+        keys = [{"key": label, **counts} for label, counts in sorted(self._keys.items())]
         return {"since": int(self.since_s), "uptime_s": round(time.time() - self.since_s, 1), "totals": totals,
-                "models": models}
+                "models": models, "keys": keys}
 
 
 def _percentile(sorted_samples: Sequence[float], q: float) -> float:
@@ -4982,7 +5121,7 @@ def error_response(err: ProxyError) -> Response:
 
 SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                ("X-Accel-Buffering", "no")]
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, X-Api-Key, " \
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, X-Api-Key, Api-Key, " \
                      "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, " \
                      "X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, " \
                      "X-Stainless-Timeout, Anthropic-Version, Anthropic-Beta"
@@ -4990,19 +5129,132 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def api_key_of(request: Request) -> str:
-    """The client's Poe key from `Authorization: Bearer …` (or `x-api-key`). Never logged."""
+    """The key the client sent: `Authorization: Bearer …` (the openai SDK; the anthropic SDK's auth_token),
+    `x-api-key` (the anthropic SDK) or `api-key` (Azure-style clients). Never logged."""
     auth = request.headers.get("authorization", "").strip()
     scheme, _, key = auth.partition(" ")
     if scheme.lower() == "bearer" and key.strip():
         return key.strip()
-    key = request.headers.get("x-api-key", "").strip()
-    if key:
-        return key
+    for header in ("x-api-key", "api-key"):
+        key = request.headers.get(header, "").strip()
+        if key:
+            return key
     if auth:
         raise ProxyError(401, "The Authorization header must be 'Bearer <your Poe API key>'.",
                          "invalid_request_error", "invalid_api_key")
     raise ProxyError(401, "Missing API key: send your Poe API key as 'Authorization: Bearer <key>' "
                      "(get one at https://poe.com/api_key).", "invalid_request_error", "invalid_api_key")
+
+
+def client_address(request: Request) -> str:
+    """The client's IP address, without the port (back-offs are per address)."""
+    return request.client.rpartition(":")[0] or request.client
+
+
+# The label of the key the request being handled came with, for UsageStats. A request is handled in
+# its connection's task from routing to the last byte of its answer, so the value set when the key was
+# checked is the request's own, and each request sets it anew.
+KEY_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("poe2openai_key_label", default="-")
+OWN_KEY_LABEL = "own key"          # pass-through: every client's own Poe key, not told apart
+KEY_MAX_FAILURES = 5               # wrong access keys per address ...
+KEY_FAILURE_WINDOW_S = 300.0       # ... within this window, then 429 until it ends (as for the admin login)
+KEY_FILE_CHECK_S = 2.0             # how often the access key file is looked at for changes
+
+
+class Credentials:
+    """Which Poe key a request runs on. Pass-through (the default): the key the client sent is its own
+    Poe key, passed on. Shared (ACCESS_KEYS): the client must present one of the access keys, compared in
+    constant time against every one; everything sent to Poe then carries the server's POE_API_KEY. A
+    key file is re-read when it changes (a broken edit keeps the keys it replaced)."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._spec = settings.access_keys
+        self._clock = clock
+        self.keys: tuple[AccessKey, ...] = load_access_keys("ACCESS_KEYS", self._spec) if self._spec else ()
+        self.server_key = settings.poe_api_key if self._spec else ""
+        self.backoff = LoginBackoff(KEY_MAX_FAILURES, KEY_FAILURE_WINDOW_S,
+                                    "Too many requests with a wrong API key from your address; try again later.")
+        self._file = self._spec[1:].strip() if self._spec.startswith("@") else ""
+        self._file_stamp = self._stamp()
+        self._checked_at = clock()
+
+    @property
+    def shared(self) -> bool:
+        return bool(self._spec)
+
+    def admit(self, request: Request) -> None:
+        """Shared mode: refuse (401, or 429 while the address is locked out) a request without a valid
+        access key; remember the key's label. Pass-through: nothing to check here."""
+        if not self.shared:
+            return
+        address = client_address(request)
+        self.backoff.check(address)
+        try:
+            presented = api_key_of(request)
+        except ProxyError:
+            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
+                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
+                             "invalid_request_error", "invalid_api_key") from None
+        label = self._match(presented)
+        if label is None:
+            self.backoff.failed(address)
+            raise ProxyError(401, "Invalid API key: this proxy is shared and takes only its own access keys "
+                             "(not a Poe key); ask the proxy's owner for one.", "invalid_request_error",
+                             "invalid_api_key")
+        self.backoff.succeeded(address)
+        KEY_LABEL.set(label)
+
+    def _match(self, presented: str) -> str | None:
+        import hashlib
+        import hmac
+        self._reload_if_changed()
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        found: str | None = None
+        for key in self.keys:   # every key, always: the time taken tells neither which nor how many
+            if hmac.compare_digest(digest, key.digest) and found is None:
+                found = key.label
+        return found
+
+    def poe_key(self, request: Request) -> str:
+        """The Poe key for a chat: the server's (after the access check) or the client's own."""
+        if self.shared:
+            self.admit(request)
+            return self.server_key
+        key = api_key_of(request)
+        KEY_LABEL.set(OWN_KEY_LABEL)
+        return key
+
+    def optional_poe_key(self, request: Request) -> str | None:
+        """For Poe's model list, which is public: the same, but a client without a key gets None."""
+        if self.shared:
+            self.admit(request)
+            return self.server_key
+        try:
+            return api_key_of(request)
+        except ProxyError:
+            return None
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self._file)
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_size
+
+    def _reload_if_changed(self) -> None:
+        if not self._file or self._clock() - self._checked_at < KEY_FILE_CHECK_S:
+            return
+        self._checked_at = self._clock()
+        stamp = self._stamp()
+        if stamp is None or stamp == self._file_stamp:
+            return   # unchanged, or gone for a moment (an editor replacing it): keep what we have
+        self._file_stamp = stamp
+        try:
+            self.keys = load_access_keys("ACCESS_KEYS", self._spec)
+        except SettingsError as exc:
+            log.warning("access key file not reloaded, the previous keys stay in force: %s", exc)
+            return
+        log.info("access key file reloaded: %d key%s", len(self.keys), "" if len(self.keys) == 1 else "s")
 
 
 def parse_json_body(request: Request) -> Any:
@@ -5118,11 +5370,13 @@ class App:
         self.uploader = Uploader(settings, self.pool)
         self.stats = UsageStats()
         self.gate = RateGate(settings.rate_limit_ms / 1000.0, settings.rate_limit_max_wait_seconds)
-        self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader)
-        self.model_list = ModelList(settings, self.registry, self.catalog)
+        self.credentials = Credentials(settings)
+        self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader,
+                                  self.credentials)
+        self.model_list = ModelList(settings, self.registry, self.catalog, self.credentials)
         self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate,
-                                          self.catalog)
-        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline)
+                                          self.catalog, credentials=self.credentials)
+        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials)
         self.routes = self.router.routes
 
     # What InboundConnection calls: the router's.
@@ -5137,8 +5391,10 @@ class Router:
     """The route table, and what every request goes through: 404 and 405, CORS and its preflight, and
     the one place where errors become responses, in the shape of the path's dialect."""
 
-    def __init__(self, settings: Settings, admin: AdminAPI, models: ModelList, chat: ChatPipeline) -> None:
+    def __init__(self, settings: Settings, admin: AdminAPI, models: ModelList, chat: ChatPipeline,
+                 credentials: Credentials | None = None) -> None:
         self.settings = settings
+        self.credentials = credentials or Credentials(settings)
         self.started_at = time.time()
 
         def api(dialect: Dialect) -> Route:   # a dialect's endpoint: POSTs answered by the chat pipeline
@@ -5184,6 +5440,8 @@ class Router:
                 raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
                                  "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
             else:
+                if cors:   # an API route: with access keys on, every one needs a key (not the preflight)
+                    self.credentials.admit(request)
                 response = await handler(request)
         except ProxyError as exc:
             response = self._error(path, exc, request)
@@ -5268,14 +5526,16 @@ class AdminAPI:
     a cross-site page cannot send without a CORS preflight, and admin routes answer none)."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
-                 pool: UpstreamPool, uploader: Uploader) -> None:
+                 pool: UpstreamPool, uploader: Uploader, credentials: Credentials | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.catalog = catalog
         self.stats = stats
         self.pool = pool
         self.uploader = uploader
-        self._admin_failures: dict[str, tuple[int, float]] = {}   # client address -> (failures, first at)
+        self.credentials = credentials or Credentials(settings)
+        self._backoff = LoginBackoff(ADMIN_MAX_FAILURES, ADMIN_FAILURE_WINDOW_S,
+                                     "Too many failed admin logins from your address; try again later.")
         self.admin_page = _load_admin_page()
         self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
 
@@ -5322,15 +5582,8 @@ class AdminAPI:
         self._authenticate(request)
 
     def _authenticate(self, request: Request) -> None:
-        address = request.client.rpartition(":")[0] or request.client
-        failures, first_s = self._admin_failures.get(address, (0, 0.0))
-        now = time.monotonic()
-        if now - first_s > ADMIN_FAILURE_WINDOW_S:
-            failures = 0
-        if failures >= ADMIN_MAX_FAILURES:
-            retry_s = math.ceil(first_s + ADMIN_FAILURE_WINDOW_S - now)
-            raise ProxyError(429, "Too many failed admin logins from your address; try again later.",
-                             "rate_limit_error", "too_many_login_failures", headers=[("Retry-After", str(retry_s))])
+        address = client_address(request)
+        self._backoff.check(address)
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         user = password = b""
         if scheme.lower() == "basic":
@@ -5344,12 +5597,10 @@ class AdminAPI:
         ok_password = hmac.compare_digest(password, self.settings.admin_password.encode())
         if not (ok_user and ok_password):
             if scheme:   # a browser's first, credential-less request is not a failure
-                if len(self._admin_failures) > 10000:
-                    self._admin_failures.clear()   # bounded memory under a spray of addresses
-                self._admin_failures[address] = (failures + 1, first_s if failures else now)
+                self._backoff.failed(address)
             raise ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
                              headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
-        self._admin_failures.pop(address, None)
+        self._backoff.succeeded(address)
 
     async def admin_get_config(self, request: Request) -> Response:
         self._check_admin(request)
@@ -5381,6 +5632,8 @@ class AdminAPI:
     async def admin_stats(self, request: Request) -> Response:
         self._check_admin(request)
         snapshot = self.stats.snapshot()
+        snapshot["version"] = __version__
+        snapshot["access_keys"] = len(self.credentials.keys)   # 0: pass-through, each client its own Poe key
         snapshot["upstream"] = {"connections_opened": self.pool.connections_opened, "uploads": self.uploader.uploads,
                                 "upload_cache_entries": len(self.uploader.cache),
                                 "upload_cache_bytes": self.uploader.cache.total_bytes}
@@ -5389,7 +5642,7 @@ class AdminAPI:
     async def admin_models(self, request: Request) -> Response:
         """Poe's own list, unrenamed and unfiltered, fetched afresh (the admin page shows every bot)."""
         self._check_admin(request)
-        key = self.registry.config().api_token or _optional_key(request)
+        key = self.registry.config().api_token or self.credentials.server_key or _optional_key(request)
         return json_response(200, {"object": "list", "data": await self.catalog.models(key, refresh=True)})
 
 
@@ -5398,15 +5651,17 @@ class AdminAPI:
 class ModelList:
     """GET /v1/models and /v1/models/{id}: Poe's models as models.yaml renames, hides and adds them."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog,
+                 credentials: Credentials | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.catalog = catalog
+        self.credentials = credentials or Credentials(settings)
 
     async def list_models(self, request: Request) -> Response:
         """GET /v1/models: OpenAI's list shape, or the Anthropic SDK's when it sends `anthropic-version`."""
         cfg = self.registry.config()
-        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or _optional_key(request)))
+        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or self.credentials.optional_poe_key(request)))
         if "anthropic-version" in request.headers:
             return json_response(200, anthropic_model_list(bots))
         return json_response(200, {"object": "list", "data": [openai_model(info) for info in bots]})
@@ -5416,7 +5671,7 @@ class ModelList:
         by Poe's id, case-insensitively."""
         wanted = urllib.parse.unquote(request.path.rstrip("/").split("/models/", 1)[1]).strip()
         cfg = self.registry.config()
-        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or _optional_key(request)))
+        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or self.credentials.optional_poe_key(request)))
         folded = wanted.casefold()
         found = next((b for b in bots if b.name.casefold() == folded), None) \
             or next((b for b in bots if b.id.casefold() == folded), None)
@@ -5471,7 +5726,8 @@ class ChatPipeline:
     query, and Poe's events translated to deltas that the dialect's encoder (streaming) or fold renders."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, uploader: Uploader,
-                 stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None) -> None:
+                 stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None, *,
+                 credentials: Credentials | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.poe = poe
@@ -5480,6 +5736,7 @@ class ChatPipeline:
         self.gate = gate
         self.catalog = catalog
         self._xml_bots: OrderedDict[str, None] = OrderedDict()   # casefolded bot names, oldest first
+        self.credentials = credentials or Credentials(settings)
 
     def handler(self, dialect: Dialect) -> Handler:
         async def handle(request: Request) -> Response:
@@ -5487,7 +5744,7 @@ class ChatPipeline:
         return handle
 
     async def chat(self, request: Request, dialect: Dialect) -> Response:
-        api_key = api_key_of(request)
+        api_key = self.credentials.poe_key(request)
         body = parse_json_body(request)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.model = body["model"][:100]   # for the access log, even if the request is refused
@@ -6113,6 +6370,10 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         (log.warning if chosen else log.info)(
             "no models.yaml in %s%s: Poe's models are served as they are (the admin page creates the file "
             "on its first save)", os.path.abspath(settings.config_dir), " (CONFIG_DIR)" if chosen else "")
+    if app.credentials.shared:
+        count = len(app.credentials.keys)
+        log.info("shared proxy: clients need one of %d access key%s; every call to Poe uses POE_API_KEY", count,
+                 "" if count == 1 else "s")
     if ready is not None:
         ready(port)
     stop = stop or asyncio.Event()
@@ -6266,6 +6527,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the admin page uses the default password; set ADMIN_PASSWORD%s",
             "" if loopback else f" (listening on {settings.host or 'all addresses'}: anyone who reaches this "
                                 "port can open the admin page)")
+    if settings.poe_api_key and not settings.access_keys:
+        log.warning("POE_API_KEY is set but ACCESS_KEYS is not: it is not used, and each client still sends its "
+                    "own Poe key; set ACCESS_KEYS to share this proxy on POE_API_KEY")
     _raise_open_file_limit()
     if settings.workers > 1:
         return run_workers(settings)

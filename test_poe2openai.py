@@ -2794,6 +2794,203 @@ def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePo
 
 
 ###############################################################################
+# Sharing the proxy: access keys (ACCESS_KEYS + POE_API_KEY)
+###############################################################################
+
+ALICE_KEY = "team-alice-0123456789abcdef"
+BOB_KEY = "team-bob-fedcba9876543210zz"
+SERVER_KEY = "poe-server-key-9876543210abcdef"
+CHAT = {"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]}
+
+
+def start_shared(start: Callable[..., Proxy], **kw: Any) -> Proxy:
+    return start(access_keys=f"alice: {ALICE_KEY}, bob: {BOB_KEY}", poe_api_key=SERVER_KEY, **kw)
+
+
+def keys_poe_saw(poe: FakePoe) -> set[str]:
+    return {r["headers"].get("authorization", "") for r in poe.requests} | {u["authorization"] for u in poe.uploads}
+
+
+def test_access_key_lists_give_each_key_a_label() -> None:
+    text = ("# the team's keys\n\nalice: " + ALICE_KEY + "   # laptop\n" + BOB_KEY + "\n"
+            "ci bot:" + "k" * 16 + "\n")
+    keys = p2o.parse_access_keys(text, "keys.txt")
+    assert [k.label for k in keys] == ["alice", "key 2", "ci bot"]
+    assert [k.label for k in p2o.parse_access_keys(f" alice:{ALICE_KEY},{BOB_KEY} ,", "ACCESS_KEYS", ",")] == [
+        "alice", "key 2"]
+    assert ALICE_KEY not in repr(keys)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("alice: tiny-KEY", "line 1: the key is shorter than 16"),
+    (f"# none\n: {ALICE_KEY}", "line 2: the label before ':' is empty"),
+    (f"alice: {ALICE_KEY}\nbob: {ALICE_KEY}", "line 2: the same key is listed twice ('alice' and 'bob')"),
+    (f"alice: {ALICE_KEY} extra", "line 1: a key is one word"),
+    ("# only comments\n\n", "lists no keys"),
+    (f"{'x' * 65}: {ALICE_KEY}", "a label is at most 64"),
+])
+def test_bad_access_key_lists_name_the_line_but_never_a_key(text: str, problem: str) -> None:
+    with pytest.raises(p2o.SettingsError) as info:
+        p2o.parse_access_keys(text, "keys.txt")
+    assert problem in str(info.value) and ALICE_KEY not in str(info.value) and "tiny-KEY" not in str(info.value)
+
+
+def test_access_keys_need_the_servers_poe_key(tmp_path: Path) -> None:
+    with pytest.raises(p2o.SettingsError, match="ACCESS_KEYS is set but POE_API_KEY is not"):
+        p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY}, [])
+    settings = p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY, "POE_API_KEY": SERVER_KEY}, [])
+    assert settings.access_keys == ALICE_KEY and settings.poe_api_key == SERVER_KEY
+    assert ALICE_KEY not in repr(settings) and SERVER_KEY not in repr(settings)
+    env = {k: v for k, v in os.environ.items() if k != "POE_API_KEY"}
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env={**env, "ACCESS_KEYS": ALICE_KEY},
+                            capture_output=True, text=True, timeout=20)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "ACCESS_KEYS" in lines[0] and "POE_API_KEY" in lines[0]
+    assert ALICE_KEY not in result.stderr
+    missing = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], capture_output=True, text=True, timeout=20,
+                             env={**env, "ACCESS_KEYS": f"@{tmp_path / 'nope.txt'}", "POE_API_KEY": SERVER_KEY})
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr and "cannot read" in missing.stderr
+
+
+def test_version_flag() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--version"], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0 and result.stdout.strip() == f"poe2openai {p2o.__version__}"
+
+
+def test_shared_proxy_runs_every_sdk_on_the_servers_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    client = proxy.client(api_key=ALICE_KEY)
+    assert [m.id for m in client.models.list().data] == ["GPT-4o", "Claude-Sonnet-4.5"]
+    assert client.chat.completions.create(**CHAT).choices[0].message.content == "Hello from GPT-4o"
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**CHAT, stream=True)
+                   if c.choices) == "Hello from GPT-4o"
+    client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"shared"))])
+    assert client.responses.create(model="GPT-4o", input="hi").output_text == "Hello from GPT-4o"
+    message = anthropic_client(proxy, api_key=BOB_KEY).messages.create(   # x-api-key
+        model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello from Claude-Sonnet-4.5"
+    bearer = anthropic_client(proxy, api_key=None, auth_token=BOB_KEY)   # Authorization: Bearer
+    assert bearer.messages.create(model="Claude-Sonnet-4.5", max_tokens=10,
+                                  messages=[{"role": "user", "content": "hi"}]).content[0].text
+    with httpx.Client() as http:   # Azure-style clients send api-key
+        r = http.post(proxy.url + "/v1/chat/completions", json=CHAT, headers={"api-key": ALICE_KEY})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
+        assert http.get(proxy.url + "/healthz").status_code == 200   # health needs no key
+    assert len(poe.uploads) == 1 and {r["path"] for r in poe.requests} >= {"/v1/models", "/bot/GPT-4o"}
+    assert keys_poe_saw(poe) == {f"Bearer {SERVER_KEY}"}   # never an access key
+
+
+def test_shared_proxy_refuses_wrong_and_missing_keys_in_each_dialects_shape(start: Callable[..., Proxy],
+                                                                            poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    proxy = start_shared(start)
+    with pytest.raises(openai.AuthenticationError) as info:
+        proxy.client(api_key=KEY).chat.completions.create(**CHAT)   # a Poe key is not an access key
+    assert info.value.code == "invalid_api_key" and "access key" in info.value.message
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=ALICE_KEY + "x").models.list()
+    with pytest.raises(anthropic.AuthenticationError) as anthropic_info:
+        anthropic_client(proxy, api_key="wrong-key-0123456789").messages.create(
+            model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert anthropic_info.value.body["error"]["type"] == "authentication_error"
+    with httpx.Client() as http:
+        for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None),
+                                   ("GET", "/models/GPT-4o", None), ("POST", "/v1/responses", {"model": "m"}),
+                                   ("POST", "/v1/messages/count_tokens", {"messages": []})):
+            r = http.request(method, proxy.url + path, json=body)
+            assert r.status_code == 401, path
+            shape = r.json()["error"]
+            assert (shape["type"] == "authentication_error" if "messages" in path
+                    else shape["code"] == "invalid_api_key"), (path, shape)
+        preflight = http.options(proxy.url + "/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 204   # browsers send no key on a preflight
+    assert not [r for r in poe.requests if r["path"].startswith("/bot/")] and not poe.uploads
+
+
+def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    with httpx.Client() as http:
+        assert http.post(proxy.url + "/v1/chat/completions", json=CHAT).status_code == 401   # no key: no failure
+        statuses = [http.post(proxy.url + "/v1/chat/completions", json=CHAT,
+                              headers={"Authorization": f"Bearer guess-{n}-0123456789abcdef"}).status_code
+                    for n in range(6)]
+        assert statuses == [401] * 5 + [429]
+        locked = http.post(proxy.url + "/v1/messages", headers={"x-api-key": ALICE_KEY},
+                           json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0   # even the right key waits
+        assert locked.json()["error"]["type"] == "rate_limit_error"
+        assert http.get(proxy.url + "/api/admin/config", auth=ADMIN).status_code == 200   # the admin's own table
+
+
+def test_login_backoff_forgets_after_its_window() -> None:
+    now = [0.0]
+    backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: now[0])
+    backoff.failed("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    with pytest.raises(p2o.ProxyError) as info:
+        backoff.check("10.0.0.1")
+    assert info.value.status == 429 and info.value.headers == [("Retry-After", "60")]
+    backoff.check("10.0.0.2")   # per address
+    now[0] = 61.0
+    backoff.check("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    backoff.succeeded("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    backoff.check("10.0.0.1")   # a success wiped the earlier failure
+
+
+def test_usage_stats_per_access_key_label(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    poe.on("Broken", status=500, body=b"x")
+    alice, bob = proxy.client(api_key=ALICE_KEY), proxy.client(api_key=BOB_KEY)
+    alice.chat.completions.create(**CHAT)
+    list(alice.chat.completions.create(**CHAT, stream=True))
+    with pytest.raises(openai.InternalServerError):
+        bob.chat.completions.create(model="Broken", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key="nobody-0123456789abcdef").chat.completions.create(**CHAT)
+    with httpx.Client(auth=ADMIN) as http:
+        raw = http.get(proxy.url + "/api/admin/stats")
+    stats = raw.json()
+    by_key = {k["key"]: k for k in stats["keys"]}
+    assert set(by_key) == {"alice", "bob"} and stats["access_keys"] == 2 and stats["version"] == p2o.__version__
+    assert by_key["alice"]["requests"] == 2 and by_key["alice"]["errors"] == 0
+    assert by_key["alice"]["completion_tokens"] > 0 and by_key["alice"]["prompt_tokens"] > 0
+    assert (by_key["bob"]["requests"], by_key["bob"]["errors"]) == (1, 1)
+    assert ALICE_KEY not in raw.text and BOB_KEY not in raw.text and SERVER_KEY not in raw.text
+
+
+def test_pass_through_stats_count_under_own_key(proxy: Proxy) -> None:
+    proxy.client().chat.completions.create(**CHAT)
+    stats = httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()
+    assert stats["access_keys"] == 0 and [(k["key"], k["requests"]) for k in stats["keys"]] == [("own key", 1)]
+
+
+def test_access_key_file_is_read_and_reloaded_when_it_changes(start: Callable[..., Proxy], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(p2o, "KEY_FILE_CHECK_S", 0.0)
+    path = tmp_path / "access-keys.txt"
+    path.write_text(f"# who may use the proxy\n\nalice: {ALICE_KEY}   # laptop\n")
+    proxy = start(access_keys=f"@{path}", poe_api_key=SERVER_KEY)
+    assert proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT)
+    path.write_text(f"bob: {BOB_KEY}\n")
+    assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT)
+    with caplog.at_level(logging.WARNING):
+        path.write_text(f"bob: {BOB_KEY}\ncarol: short\n")   # a broken edit: the keys in force stay
+        assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    assert "not reloaded" in caplog.text and "line 2" in caplog.text
+    labels = {k["key"] for k in httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()["keys"]}
+    assert labels == {"alice", "bob"}
+
+
+###############################################################################
 # Hardening: hostile bytes, limits, secrets, shutdown, workers, soak
 ###############################################################################
 
@@ -2888,8 +3085,20 @@ def test_secrets_never_reach_the_logs(start: Callable[..., Proxy], poe: FakePoe,
         with httpx.Client() as http:
             http.get(proxy.url + "/admin", auth=("admin", secret_password))
             http.get(proxy.url + "/admin", auth=("admin", secret_password + "x"))
+        access_key, server_key = "access-SECRET-KEY-0123456789", "poe-SECRET-SERVER-KEY-42"
+        shared = start(access_keys=f"team: {access_key}", poe_api_key=server_key)
+        shared.client(api_key=access_key).chat.completions.create(model="GPT-4o", messages=[
+            image_message(data_url(PNG_2X2 + b"shared log"))])
+        shared.client(api_key=access_key).models.list()
+        with pytest.raises(openai.AuthenticationError):
+            shared.client(api_key=access_key + "-wrong").chat.completions.create(
+                model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.AuthenticationError):
+            shared.client(api_key=access_key).chat.completions.create(model="Bad", messages=[
+                {"role": "user", "content": "x"}])
     assert "POST /v1/chat/completions" in caplog.text             # the access log is there...
     assert secret_key not in caplog.text and secret_password not in caplog.text   # ...the secrets are not
+    assert "SECRET" not in caplog.text, caplog.text               # nor the access key or the server's Poe key
 
 
 def test_cors_allowed_origins_setting(start: Callable[..., Proxy]) -> None:
@@ -3627,6 +3836,38 @@ def test_admin_usage_panel(admin_proxy: Any, browser: Browser) -> None:
     admin_proxy.chat("Claude-Sonnet-4.5")
     page.get_by_test_id("stats-refresh").click()
     expect(panel.get_by_test_id("stats-row-Claude-Sonnet-4.5")).to_be_visible()
+    close_page(page)
+
+
+def test_admin_usage_panel_per_access_key(start: Callable[..., Proxy], poe: FakePoe, browser: Browser) -> None:
+    hostile = "<img src=x onerror=alert(1)>"
+    proxy = start(access_keys=f"alice: {ALICE_KEY}, {hostile}: {BOB_KEY}", poe_api_key=SERVER_KEY)
+    for key in (ALICE_KEY, ALICE_KEY, BOB_KEY):
+        proxy.client(api_key=key).chat.completions.create(**CHAT)
+    page = open_admin(browser, proxy)
+    expect(page.get_by_test_id("version")).to_have_text(f"version {p2o.__version__}")
+    panel = page.get_by_test_id("stats-panel")
+    table = panel.get_by_test_id("keys-table")
+    expect(table.get_by_test_id("key-row-alice").locator("th")).to_have_text("alice")
+    expect(table.get_by_test_id("key-row-alice").locator("td").first).to_have_text("2")
+    expect(table.get_by_test_id(f"key-row-{hostile}").locator("th")).to_have_text(hostile)   # text, not markup
+    expect(table.locator("img")).to_have_count(0)
+    expect(panel.get_by_test_id("keys-mode")).to_contain_text("Access keys: 2")
+    assert ALICE_KEY not in page.content() and BOB_KEY not in page.content()
+    for lang, heading, version in (("zh-Hant", "金鑰（標籤）", "版本"), ("zh-Hans", "密钥（标签）", "版本"),
+                                   ("en", "Key (label)", "version")):
+        page.get_by_test_id("lang").select_option(lang)
+        expect(table.locator("thead th").first).to_have_text(heading)
+        expect(page.get_by_test_id("version")).to_have_text(f"{version} {p2o.__version__}")
+    close_page(page)
+
+
+def test_admin_usage_panel_in_pass_through_mode(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.chat("GPT-4o")
+    page = open_admin(browser, admin_proxy)
+    panel = page.get_by_test_id("stats-panel")
+    expect(panel.get_by_test_id("key-row-own key").locator("th")).to_have_text("own key (each client's Poe key)")
+    expect(panel.get_by_test_id("keys-mode")).to_contain_text("Access keys are off")
     close_page(page)
 
 
