@@ -3130,7 +3130,9 @@ def test_graceful_shutdown_lets_running_streams_finish(start: Callable[..., Prox
 
     reader = threading.Thread(target=consume)
     reader.start()
-    time.sleep(0.2)                              # the stream is running
+    deadline = time.monotonic() + 5
+    while not any(r["path"] == "/bot/Slow" for r in poe.requests) and time.monotonic() < deadline:
+        time.sleep(0.01)                         # wait until the stream is running, however loaded the machine
     stopper = threading.Thread(target=proxy.stop)
     stopper.start()
     time.sleep(0.1)
