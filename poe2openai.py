@@ -1817,11 +1817,11 @@ _CARRY = 24             # longer than any token: what a search keeps for a token
 
 _INVOKE_TAG = re.compile(rf"""<{_NS}invoke\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>""")
 _PARAM_TAG = re.compile(rf"""<{_NS}parameter\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>""")
-_PARAM_OR_INVOKE_END = re.compile(_PARAM_TAG.pattern + rf"|</{_NS}invoke>")
+_PARAM_OR_INVOKE_END = re.compile(_PARAM_TAG.pattern + rf"|</{_NS}invoke>|(?=<{_NS}invoke\s)")   # or the next
 _PARAM_END = re.compile(rf"<!\[CDATA\[|</{_NS}parameter>")
 _FUNCTION_TAG = re.compile(r"<function=([^<>\n]+?)\s*>")
 _QPARAM_TAG = re.compile(r"<parameter=([^<>\n]+?)\s*>")
-_QPARAM_OR_FUNCTION_END = re.compile(_QPARAM_TAG.pattern + r"|</function>")
+_QPARAM_OR_FUNCTION_END = re.compile(_QPARAM_TAG.pattern + r"|</function>|(?=<function=)")
 _QPARAM_END = re.compile(r"<!\[CDATA\[|</parameter>|(?=<parameter=|</function>)")
 _ARG_VALUE_END = re.compile(r"<!\[CDATA\[|</arg_value>")
 _GLM_PAIR = re.compile(r"\s*<arg_key>\s*(.*?)\s*</arg_key>\s*<arg_value>")
@@ -1962,13 +1962,14 @@ class _Block:
     piece is searched once (with a few characters carried over for a tag split across pieces), and the
     pieces are joined only once the block is complete."""
 
-    __slots__ = ("kind", "skip", "give", "fence", "parts", "size", "carry", "state", "back")
+    __slots__ = ("kind", "skip", "give", "fence", "origin", "parts", "size", "carry", "state", "back")
 
-    def __init__(self, kind: str, state: str, skip: int, give: int, fence: bool) -> None:
+    def __init__(self, kind: str, state: str, skip: int, give: int, fence: bool, origin: int) -> None:
         self.kind = kind        # tool_call | function_calls | invoke | function | fence (a ```json block)
         self.skip = skip        # characters before the call itself: a ``` line around it
         self.give = give        # characters released as text if the block is no call after all
         self.fence = fence      # it starts with a ``` line (released, it opens a code block)
+        self.origin = origin    # where it starts in the whole answer
         self.parts: list[str] = []
         self.size = 0
         self.carry = ""
@@ -2035,6 +2036,8 @@ class XMLToolParser:
         self._buf = ""                      # text not yet released, nor part of a block
         self._block: _Block | None = None   # a block that may be a call, being read
         self._last = ""                     # the last character released (or dropped)
+        self._consumed = 0                  # characters released, dropped or made into calls so far
+        self._dead: dict[str, int] = {}     # kind -> where the last block of that kind that was no call ends
         self._in_code = False               # released text is inside a ``` code block
         self.calls = 0
         self.stopped = False                # parallel_tool_calls=false and a call was made
@@ -2070,6 +2073,7 @@ class XMLToolParser:
         if not text:
             return
         self._last = text[-1]
+        self._consumed += len(text)
         if self.calls:   # prose after a call is the model talking past its turn: drop it
             if text.strip():
                 log.debug("dropping %d characters the bot wrote after its tool calls", len(text))
@@ -2113,8 +2117,14 @@ class XMLToolParser:
                 self._release(buf[start:start + give], out)
                 pos = start + give
                 continue
+            if self._consumed < self._dead.get(kind, -1):
+                # Inside a block of the same kind that was no call: it was read as a whole already, and
+                # reading each nested opener to the same end again would cost quadratic time.
+                self._release(buf[start], out)
+                pos = start + 1
+                continue
             give = 1 if tag else match.end() - start
-            self._block = _Block(kind, state, 0 if tag else skip, give, not tag)
+            self._block = _Block(kind, state, 0 if tag else skip, give, not tag, self._consumed)
             self._buf = ""
             return buf[start:]
 
@@ -2234,6 +2244,7 @@ class XMLToolParser:
         calls = None if block.size > MAX_TOOL_BLOCK_CHARS else self._recognise(block, text, closed)
         if calls:
             self._last = text[-1]
+            self._consumed += len(text)
             for tool, arguments in calls:
                 if self.stopped:
                     break
@@ -2247,6 +2258,7 @@ class XMLToolParser:
         # Not a call after all: release its first characters (a fence opens a code block) and scan on.
         if block.fence:
             self._in_code = True
+        self._dead[block.kind] = block.origin + len(text)
         self._release(text[:block.give], out)
         return text[block.give:]
 
@@ -2295,8 +2307,8 @@ class XMLToolParser:
             pos, closed = invoke.end(), False
             while (found := _PARAM_OR_INVOKE_END.search(text, pos)) is not None:
                 clean = clean and _is_layout(text[pos:found.start()])
-                if found.group(1) is None:                  # </invoke>
-                    pos, closed = found.end(), True
+                if found.group(1) is None:                  # </invoke>, or the next one begins
+                    pos, closed = found.end(), bool(found.group())
                     break
                 end, after = _value_end(text, found.end(), _PARAM_END)
                 if end == -1:                               # cut off inside a value
@@ -2326,7 +2338,7 @@ class XMLToolParser:
             pos = function.end()
             while (found := _QPARAM_OR_FUNCTION_END.search(text, pos)) is not None:
                 clean = clean and _is_layout(text[pos:found.start()])
-                if found.group(1) is None:                  # </function>
+                if found.group(1) is None:                  # </function>, or the next one begins
                     pos = found.end()
                     break
                 end, after = _value_end(text, found.end(), _QPARAM_END)
