@@ -1312,7 +1312,9 @@ You can call the tools listed in <tools> below. To call a tool, write a block in
 Rules:
 - Use only the tool names and parameter names defined below, with every required parameter.
 - Write string values as plain text, exactly as they should be, with no quotes or escaping. Write numbers and
-  booleans as they are (42, true), and objects or arrays as JSON.
+  booleans as they are (42, true), and objects or arrays as JSON. Only a value that itself contains the text
+  </parameter> goes inside <![CDATA[ and ]]>.
+- Write the block as plain text, not inside a code block.
 - {parallel}
 - Put any explanation before the tool calls. After your last tool call, stop: the results will be sent to you in
   the next message. Never write a tool result yourself.
@@ -2173,7 +2175,10 @@ class XMLToolParser:
         if first == "<":
             if rest + 1 == len(buf):
                 return undecided
-            return ("commit", kind, "tags") if buf[rest + 1].isalpha() else ("text", "", "")
+            # an element follows (`</invoke>` right away is a call without arguments)
+            after = buf[rest + 1]
+            element = after.isalpha() or (after == "/" and kind in ("invoke", "function"))
+            return ("commit", kind, "tags") if element else ("text", "", "")
         if kind != "tool_call":
             return "text", "", ""
         if first in "{[":
