@@ -2173,12 +2173,21 @@ class XMLToolParser:
             return undecided
         first = buf[rest]
         if first == "<":
-            if rest + 1 == len(buf):
+            if kind in ("invoke", "function"):   # a parameter, or the end tag: a call without arguments
+                if rest + 1 == len(buf):
+                    return undecided
+                after = buf[rest + 1]
+                return ("commit", kind, "tags") if after.isalpha() or after == "/" else ("text", "", "")
+            # A wrapper holds one of the known elements, not just any markup.
+            inner = buf[rest + 1:rest + 1 + 64].casefold()
+            known = ["invoke", "antml:invoke"] + ([] if kind == "function_calls" else
+                                                  ["function=", "name>", *(t.name.casefold() + ">"
+                                                                           for t in self._spec.tools)])
+            if any(inner.startswith(element) for element in known):
+                return "commit", kind, "tags"
+            if any(element.startswith(inner) for element in known):
                 return undecided
-            # an element follows (`</invoke>` right away is a call without arguments)
-            after = buf[rest + 1]
-            element = after.isalpha() or (after == "/" and kind in ("invoke", "function"))
-            return ("commit", kind, "tags") if element else ("text", "", "")
+            return "text", "", ""
         if kind != "tool_call":
             return "text", "", ""
         if first in "{[":

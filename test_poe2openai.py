@@ -2788,6 +2788,7 @@ CORPUS: list[tuple[str, str, str, list[Any]]] = [
     ("call-shown-in-code-block", 'Example:\n```python\nreply = """\n<tool_call>\n<invoke name="get_time"></invoke>\n'
      '</tool_call>\n"""\n```\nThat is all.', "=", []),
     ("tag-then-prose", 'The <tool_call> tag wraps get_weather. <tool_call>get_weather is a tool</tool_call>.', "=", []),
+    ("markup-in-a-wrapper", 'The <tool_call><em>wrapper</em></tool_call> holds <function_calls><b>x</b>.', "=", []),
     ("qwen-mention", 'In Qwen format you write <function=name> tags, or <function=get_time> then words.', "=", []),
     ("cut-off-mid-value", 'Calling <tool_call>\n<invoke name="get_weather">\n<parameter name="city">Par', "=", []),
     ("many-backticks", 'Use ``` fences or `code` spans; ```` too.\n```\nplain < text\n```\n`` ` ```', "=", []),
@@ -2830,6 +2831,27 @@ def test_corpus_under_any_chunking(entry: tuple[str, str, str, list[Any]], cuts:
     bounds = sorted({0, len(reply), *(int(c * len(reply)) for c in cuts)})
     assert parse_directly([reply[a:b] for a, b in zip(bounds, bounds[1:])])[:2] == (
         reply if text == "=" else text, calls)
+
+
+call_pieces = st.lists(st.sampled_from(list("ab <>/`\n\"'=![]{}:,&;x") + [
+    "<tool_call>", "</tool_call>", '<invoke name="get_time">', '<invoke name="nope">', "</invoke>",
+    '<parameter name="city">', "</parameter>", "<function_calls>", "</function_calls>", "<function=get_weather>",
+    "</function>", "<parameter=city>", "get_weather", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+    "<![CDATA[", "]]>", "```", "```json\n", "```xml\n", "\n```\n", '{"name": "get_time", "arguments": {}}',
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "`<tool_call>`", "</", "<tool"]), max_size=40).map("".join)
+
+
+@given(call_pieces, st.lists(st.floats(min_value=0, max_value=1), max_size=30), st.booleans())
+@hsettings(max_examples=500, deadline=None)
+def test_any_text_gives_the_same_result_however_it_is_split(text: str, cuts: list[float], parallel: bool) -> None:
+    bounds = sorted({0, len(text), *(int(c * len(text)) for c in cuts)})
+    whole = parse_directly([text], parallel_tool_calls=parallel)
+    assert parse_directly([text[a:b] for a, b in zip(bounds, bounds[1:])], parallel_tool_calls=parallel) == whole
+    assert parse_directly(list(text), parallel_tool_calls=parallel) == whole
+    if not whole[1]:
+        assert whole[0] == text        # no call: every character reaches the client, in order
+    for name, arguments in whole[1]:
+        assert name in ("get_time", "get_weather") and isinstance(arguments, dict)
 
 
 SSE_SUBSET = ["ours-in-xml-fence", "hermes-string-arguments", "anthropic-namespaced", "qwen3-coder", "glm",
@@ -2886,8 +2908,9 @@ def test_text_before_a_call_goes_out_at_once() -> None:
     assert parser.feed("```xml\n<tool_call>\n<invoke name=\"get_time\">") == []   # might be a call: held
     assert parser.feed("</invoke>\n</tool_call>")[0].kind == p2o.TOOL_START
     prose = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS}))  # type: ignore[arg-type]
-    out = prose.feed("Markup: <div>```json\n<tool_call> then words and <function=nope> and <tool")
-    assert "".join(d.text for d in out) == "Markup: <div>```json\n<tool_call> then words and <function=nope> and "
+    out = prose.feed("Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then <function=nope> and <tool")
+    assert "".join(d.text for d in out) == "Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then " \
+                                           "<function=nope> and "
 
 
 def test_single_call_in_tiny_events_stops_poe_at_once(proxy: Proxy, poe: FakePoe) -> None:
