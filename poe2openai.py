@@ -2109,6 +2109,10 @@ class XMLToolParser:
                 verdict = "prose"
             else:
                 verdict, kind, state, skip = self._fence_head(buf, start, final)
+            if verdict == "commit" and self._consumed < self._dead.get(kind, -1):
+                # Inside a block of the same kind that was no call: it was read as a whole already, and
+                # reading each nested opener to the same end again would cost quadratic time.
+                verdict = "text"
             if verdict == "more":
                 self._buf = buf[start:]
                 return None
@@ -2118,12 +2122,6 @@ class XMLToolParser:
                     self._in_code = True           # an ordinary code block opens
                 self._release(buf[start:start + give], out)
                 pos = start + give
-                continue
-            if self._consumed < self._dead.get(kind, -1):
-                # Inside a block of the same kind that was no call: it was read as a whole already, and
-                # reading each nested opener to the same end again would cost quadratic time.
-                self._release(buf[start], out)
-                pos = start + 1
                 continue
             give = 1 if tag else match.end() - start
             self._block = _Block(kind, state, 0 if tag else skip, give, not tag, self._consumed)
@@ -2176,8 +2174,8 @@ class XMLToolParser:
             if kind in ("invoke", "function"):   # a parameter, or the end tag: a call without arguments
                 if rest + 1 == len(buf):
                     return undecided
-                after = buf[rest + 1]
-                return ("commit", kind, "tags") if after.isalpha() or after == "/" else ("text", "", "")
+                char = buf[rest + 1]
+                return ("commit", kind, "tags") if char.isalpha() or char == "/" else ("text", "", "")
             # A wrapper holds one of the known elements, not just any markup.
             inner = buf[rest + 1:rest + 1 + 64].casefold()
             known = ["invoke", "antml:invoke"] + ([] if kind == "function_calls" else
