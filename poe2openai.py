@@ -2043,7 +2043,9 @@ You can call the tools listed in <tools> below. To call a tool, write a block in
 Rules:
 - Use only the tool names and parameter names defined below, with every required parameter.
 - Write string values as plain text, exactly as they should be, with no quotes or escaping. Write numbers and
-  booleans as they are (42, true), and objects or arrays as JSON.
+  booleans as they are (42, true), and objects or arrays as JSON. Only a value that itself contains the text
+  </parameter> goes inside <![CDATA[ and ]]>.
+- Write the block as plain text, not inside a code block.
 - {parallel}
 - Put any explanation before the tool calls. After your last tool call, stop: the results will be sent to you in
   the next message. Never write a tool result yourself.
@@ -2617,18 +2619,53 @@ class JSONAnswer:
 
 # ----------------------------------------------------------------------------- XML tool calls
 
-_OPENER = re.compile(r"<(tool_call|invoke|function_calls)(?=[\s>/])")
-_OPENER_NAMES = ("<tool_call", "<invoke", "<function_calls")
-_CLOSERS = {"tool_call": "</tool_call>", "invoke": "</invoke>", "function_calls": "</function_calls>"}
-_INVOKE = re.compile(r"""<invoke\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>(.*?)(?:</invoke>|\Z)""", re.S)
-_PARAMETER = re.compile(
-    r"""<parameter\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>((?:<!\[CDATA\[.*?\]\]>|.)*?)</parameter>""", re.S)
-_CHILD = re.compile(r"<([A-Za-z_][\w.\-]*)>(.*?)</\1>", re.S)
-_FENCE_TAIL = re.compile(r"(?:\A|(?<=\n))[ \t]*```[A-Za-z]*[ \t]*\n?[ \t]*\Z")
-_FENCE_TAIL_PARTIAL = re.compile(r"(?:\A|(?<=\n))[ \t]*`{1,3}[A-Za-z]*[ \t]*\n?[ \t]*\Z")   # may become the above
-_TAGS_AND_PARAMETERS = re.compile(_PARAMETER.pattern + r"|<[^<>]*>", re.S)
-_ENTITY = re.compile(r"&(lt|gt|amp|quot|apos|#\d+|#x[0-9a-fA-F]+);")
+# Where a call may begin: one of the known start tags, or a fence line (```xml / ```json) right before one.
+_NS = r"(?:antml:)?"                                    # Anthropic's namespaced spelling of the same tags
+_XML_OPENER = re.compile(rf"<{_NS}(?:tool_call|function_calls|invoke)(?=[\s>/])|<function=")
+_CANDIDATE = re.compile(_XML_OPENER.pattern + r"|(?m:^)[ \t]*```")
+_OPENER_NAME = re.compile(rf"<{_NS}(tool_call|function_calls|invoke)")
+_OPENER_PREFIXES = ("<tool_call", "<function_calls", "<invoke", "<function=",
+                    "<antml:function_calls", "<antml:invoke")
+_FENCE_LINE = re.compile(r"[ \t]*```+([\w+.\-]*)[ \t]*\r?\n")
+_FENCE_LINE_PART = re.compile(r"[ \t]*```+[\w+.\-]*[ \t]*\r?")   # may still become the above
+_LINE_START_PART = re.compile(r"[ \t]*`{0,2}")                    # may still become a fence line
+_WHITESPACE = re.compile(r"\s*")
+_WORD = re.compile(r"[\w.\-]+")
+HEAD_LIMIT = 512        # an opening tag not decided within this many characters is prose
 MAX_TOOL_BLOCK_CHARS = 4 * 1024 * 1024   # a block that never closes is released as text past this
+
+# The end of a block is found by these tokens, per state, never inside CDATA or a parameter's value.
+_CLOSE = {"tool_call": "</tool_call>", "function_calls": f"</{_NS}function_calls>", "invoke": f"</{_NS}invoke>",
+          "function": "</function>", "fence": r"\n[ \t]{0,3}```"}
+_VALUE_OPENERS = rf"<!\[CDATA\[|<{_NS}parameter\s|<parameter=|<arg_value>"
+_TOKENS: dict[str, dict[str, re.Pattern[str]]] = {
+    kind: {"tags": re.compile(closer if kind == "fence" else f"{_VALUE_OPENERS}|{closer}"),
+           "json": re.compile(closer),
+           "value": re.compile(rf"<!\[CDATA\[|</{_NS}parameter>"),          # <parameter name="k">…
+           "qvalue": re.compile(r"<!\[CDATA\[|</parameter>|</function>"),  # Qwen's <parameter=k>…
+           "avalue": re.compile(r"<!\[CDATA\[|</arg_value>"),              # GLM's <arg_value>…
+           "cdata": re.compile(r"\]\]>")}
+    for kind, closer in _CLOSE.items()}
+_CARRY = 24             # longer than any token: what a search keeps for a token split across events
+
+_INVOKE_TAG = re.compile(rf"""<{_NS}invoke\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>""")
+_PARAM_TAG = re.compile(rf"""<{_NS}parameter\s+name\s*=\s*["']([^"'<>]+)["'][^<>]*>""")
+_PARAM_OR_INVOKE_END = re.compile(_PARAM_TAG.pattern + rf"|</{_NS}invoke>|(?=<{_NS}invoke\s)")   # or the next
+_PARAM_END = re.compile(rf"<!\[CDATA\[|</{_NS}parameter>")
+_FUNCTION_TAG = re.compile(r"<function=([^<>\n]+?)\s*>")
+_QPARAM_TAG = re.compile(r"<parameter=([^<>\n]+?)\s*>")
+_QPARAM_OR_FUNCTION_END = re.compile(_QPARAM_TAG.pattern + r"|</function>|(?=<function=)")
+_QPARAM_END = re.compile(r"<!\[CDATA\[|</parameter>|(?=<parameter=|</function>)")
+_ARG_VALUE_END = re.compile(r"<!\[CDATA\[|</arg_value>")
+_GLM_PAIR = re.compile(r"\s*<arg_key>\s*(.*?)\s*</arg_key>\s*<arg_value>")
+_CHILD = re.compile(r"<([A-Za-z_][\w.\-]*)>(.*?)</\1>", re.S)
+_LAYOUT = re.compile(r"(?:\s|</?[A-Za-z_:][\w:.\-]*\s*>)*")    # blanks and bare tags: not prose
+_ENTITY = re.compile(r"&(lt|gt|amp|quot|apos|#\d+|#x[0-9a-fA-F]+);")
+_JSON_KEY = re.compile(r'\[?\s*\{\s*"([^"\\]{0,40})"\s*:')
+_JSON_KEY_PART = re.compile(r'\[?\s*(?:\{\s*(?:"[^"\\]{0,40}(?:"\s*)?)?)?')
+_JSON_STRING = re.compile(r'\s*"([^"\\]{0,200})"')
+_JSON_STRING_PART = re.compile(r'\s*(?:"[^"\\]{0,200})?')
+_JSON_CALL_KEYS = ("name", "type", "function", "arguments", "parameters")
 
 
 def _clean_value(raw: str) -> str:
@@ -2723,205 +2760,487 @@ def _typed_arguments(raw_args: Mapping[str, str], tool: Tool) -> dict[str, Any]:
             for key, value in raw_args.items()}
 
 
+def _typed_json_arguments(args: Mapping[str, Any], tool: Tool) -> dict[str, Any]:
+    """JSON arguments keep their JSON types; only a string where the schema wants another type is typed."""
+    properties = tool.parameters.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    spelled = {str(k).casefold(): k for k in properties}
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        key = key if key in properties else spelled.get(str(key).casefold(), key)
+        out[key] = coerce_argument(value, properties[key]) if isinstance(value, str) and key in properties else value
+    return out
+
+
+def _value_end(text: str, pos: int, ends: re.Pattern[str]) -> tuple[int, int]:
+    """Where a value that starts at `pos` ends and where its closing tag ends, skipping CDATA; -1s if open."""
+    while True:
+        match = ends.search(text, pos)
+        if match is None:
+            return -1, -1
+        if match.group() != "<![CDATA[":
+            return match.start(), match.end()
+        close = text.find("]]>", match.end())
+        if close == -1:
+            return -1, -1
+        pos = close + 3
+
+
+def _is_layout(text: str) -> bool:
+    return _LAYOUT.fullmatch(text) is not None
+
+
+class _Block:
+    """A block that may be a call, from its start up to its end tag, which it finds incrementally: each new
+    piece is searched once (with a few characters carried over for a tag split across pieces), and the
+    pieces are joined only once the block is complete."""
+
+    __slots__ = ("kind", "skip", "give", "fence", "origin", "parts", "size", "carry", "state", "back")
+
+    def __init__(self, kind: str, state: str, skip: int, give: int, fence: bool, origin: int) -> None:
+        self.kind = kind        # tool_call | function_calls | invoke | function | fence (a ```json block)
+        self.skip = skip        # characters before the call itself: a ``` line around it
+        self.give = give        # characters released as text if the block is no call after all
+        self.fence = fence      # it starts with a ``` line (released, it opens a code block)
+        self.origin = origin    # where it starts in the whole answer
+        self.parts: list[str] = []
+        self.size = 0
+        self.carry = ""
+        self.state = state      # tags | json | value | qvalue | avalue | cdata
+        self.back = state       # the state CDATA returns to
+
+    def feed(self, text: str) -> int:
+        """Take a piece; where in it the block ends (just past its end tag), or -1."""
+        tokens = _TOKENS[self.kind]
+        window = self.carry + text
+        base = len(self.carry)
+        pos = 0
+        while True:
+            match = tokens[self.state].search(window, pos)
+            if match is None:
+                break
+            token, pos = match.group(), match.end()
+            if self.state == "cdata":
+                self.state = self.back
+            elif token == "<![CDATA[":
+                self.back, self.state = self.state, "cdata"
+            elif self.state in ("tags", "json"):
+                if token.startswith("</") or self.kind == "fence":
+                    end = pos - base
+                    self.parts.append(text[:end])
+                    self.size += end
+                    return end
+                self.state = "qvalue" if token == "<parameter=" else "avalue" if token == "<arg_value>" else "value"
+            elif token == "</function>":   # Qwen left out </parameter>: the function's end ends the value
+                self.state, pos = "tags", match.start()
+            else:
+                self.state = "tags"
+        self.carry = window[max(pos, len(window) - _CARRY):]
+        self.parts.append(text)
+        self.size += len(text)
+        return -1
+
+    def text(self) -> str:
+        whole = "".join(self.parts)
+        self.parts = [whole]
+        return whole
+
+
+_Call = tuple[Tool, dict[str, Any]]
+
+
 class XMLToolParser:
-    """Finds `<tool_call><invoke name=…><parameter name=…>` calls in streamed text (also the older
-    `<name>`/`<arguments>` and JSON-in-<tool_call> forms) and turns them into tool-call deltas.
+    """Finds tool calls in streamed text and turns them into tool-call deltas.
+
+    Our format is `<tool_call><invoke name=…><parameter name=…>…`; what models write instead of it is
+    recovered too: the same in a code fence or missing its last end tags, Hermes/Qwen JSON in
+    <tool_call>, Anthropic's <function_calls>, Qwen3-Coder's <function=…>, GLM's <arg_key>/<arg_value>
+    and a JSON call object in a ```json fence. Only calls to offered tools are made.
 
     Text before a call goes out at once. Only a tail that could still be the start of a call is held
     back, and text that merely mentions a tag is released as soon as it cannot be a call, so the
-    stream never stalls. Splitting the input differently never changes the output.
+    stream never stalls. Splitting the input differently never changes the output. Each character is
+    searched a bounded number of times, so the cost is linear in the text.
     """
 
     def __init__(self, spec: ToolSpec, make_id: Callable[[], str] = lambda: new_id("call_")) -> None:
         self._spec = spec
         self._make_id = make_id
-        self._buf = ""
-        self._block: str | None = None      # the opening tag name of the block being read
-        self._closer_parts: list[str] = []  # while only the closing tag is missing: later chunks, unjoined
-        self._closer_seen = 0               # how much of _buf was already searched for the closing tag
-        self._closer_size = 0               # _buf plus the collected parts, in characters
-        self._fence = ""                    # a ```xml line held until we know a call follows it
-        self._fences = 0                    # ``` runs in released text: odd = inside a code block
-        self._released_tail = ""            # the last characters released, for backticks split across chunks
+        self._buf = ""                      # text not yet released, nor part of a block
+        self._block: _Block | None = None   # a block that may be a call, being read
+        self._last = ""                     # the last character released (or dropped)
+        self._consumed = 0                  # characters released, dropped or made into calls so far
+        self._dead: dict[str, int] = {}     # kind -> where the last block of that kind that was no call ends
+        self._in_code = False               # released text is inside a ``` code block
         self.calls = 0
         self.stopped = False                # parallel_tool_calls=false and a call was made
 
     def feed(self, text: str) -> list[Delta]:
-        if self.stopped:
-            return []
-        if self._block is not None and self._closer_seen:
-            # A long call (a whole file as a parameter) arrives in many small chunks: collect them and
-            # look for the closing tag around each new one, instead of rebuilding the buffer each time.
-            closer = _CLOSERS[self._block]
-            previous = self._closer_parts[-1] if self._closer_parts else self._buf
-            self._closer_parts.append(text)
-            self._closer_size += len(text)
-            if closer not in previous[-len(closer):] + text and self._closer_size <= MAX_TOOL_BLOCK_CHARS:
-                return []
-        else:
-            self._buf += text
-        return self._drain(final=False)
+        return [] if self.stopped else self._push(text, final=False)
 
     def end(self) -> list[Delta]:
-        return [] if self.stopped else self._drain(final=True)
+        return [] if self.stopped else self._push("", final=True)
 
-    def _join(self) -> None:
-        if self._closer_parts:
-            self._buf += "".join(self._closer_parts)
-            self._closer_parts = []
-        self._closer_size = len(self._buf)
+    # -- driving
 
-    def _text(self, text: str, out: list[Delta]) -> None:
+    def _push(self, text: str, final: bool) -> list[Delta]:
+        out: list[Delta] = []
+        pending: str | None = text
+        while not self.stopped:
+            block = self._block
+            if block is not None:
+                end = block.feed(pending or "")
+                if end == -1 and not final and block.size <= MAX_TOOL_BLOCK_CHARS:
+                    break
+                self._block = None
+                rest = (pending or "")[end:] if end != -1 else ""
+                self._buf = self._close(block, end != -1, out) + rest
+            else:
+                self._buf += pending or ""
+            pending = self._scan(final, out)
+            if pending is None:
+                break
+        return _merge_text(out)
+
+    def _release(self, text: str, out: list[Delta]) -> None:
         if not text:
             return
+        self._last = text[-1]
+        self._consumed += len(text)
         if self.calls:   # prose after a call is the model talking past its turn: drop it
             if text.strip():
                 log.debug("dropping %d characters the bot wrote after its tool calls", len(text))
             return
-        self._fences = self._fences_after(text)
-        self._released_tail = (self._released_tail + text)[-2:]
         out.append(Delta(TEXT, text))
 
-    def _fences_after(self, text: str) -> int:
-        """The count of ``` runs once `text` is released too (a run may straddle the two)."""
-        return self._fences + (self._released_tail + text).count("```") - self._released_tail.count("```")
-
-    def _drain(self, final: bool) -> list[Delta]:
-        self._join()
-        out: list[Delta] = []
-        while not self.stopped:
-            if self._block is None:
-                match = self._find_opener()
-                if match is None:
-                    keep = 0 if final else self._holdback()
-                    self._text(self._fence + self._buf[:len(self._buf) - keep], out)
-                    self._buf, self._fence = self._buf[len(self._buf) - keep:], ""
-                    return out
-                before = self._fence + self._buf[:match.start()]
-                self._fence = ""
-                fence = _FENCE_TAIL.search(before)
-                if fence and self._fences_after(before[:fence.start()]) % 2 == 0:
-                    # A ```xml line right before the call (not the end of a code block): hold it until
-                    # we know the block is a call, then drop it.
-                    self._fence = before[fence.start():]
-                    before = before[:fence.start()]
-                self._text(before, out)
-                self._buf = self._buf[match.start():]
-                self._block = match.group(1)
-                self._closer_seen = 0
-            verdict = self._read_block(final, out)
-            if verdict == "more":
-                return out
-            if verdict == "text":   # not a call after all: release the opening `<` and scan on
-                self._text(self._fence + self._buf[:1], out)
-                self._buf, self._fence = self._buf[1:], ""
-            self._fence = "" if verdict == "done" else self._fence
-            self._block = None
-            self._closer_seen = 0
-        return out
-
-    def _before(self, index: int) -> str:
-        """The character before position `index` of the buffer, released text included."""
-        return self._buf[index - 1] if index > 0 else (self._fence or self._released_tail)[-1:]
-
-    def _find_opener(self) -> re.Match[str] | None:
-        start = 0
+    def _scan(self, final: bool, out: list[Delta]) -> str | None:
+        """Release the buffer up to the next possible call. Returns the text of a block that begins
+        there (now `_block`), or None once the buffer is released or waits for more text."""
+        buf, pos = self._buf, 0
         while True:
-            match = _OPENER.search(self._buf, start)
-            if match is None or self._before(match.start()) != "`":
-                return match
-            start = match.start() + 1   # `<tool_call>` in backticks is a mention
+            match = _CANDIDATE.search(buf, pos)
+            if match is None:
+                hold = len(buf) if final else self._holdback(buf, pos)
+                self._release(buf[pos:hold], out)
+                self._buf = buf[hold:]
+                return None
+            start = match.start()
+            self._release(buf[pos:start], out)
+            in_code = self._in_code and not self.calls
+            tag = buf[start] == "<"
+            if tag:
+                if in_code or self._last == "`":   # a mention: `<tool_call>`, or code being shown
+                    verdict = "text"
+                else:
+                    verdict, kind, state = self._head(buf, start, final)
+            elif start == 0 and self._last not in ("", "\n"):
+                verdict = "prose"                  # ``` in the middle of a line
+            elif in_code:
+                self._in_code = False              # the end of a code block
+                verdict = "prose"
+            else:
+                verdict, kind, state, skip = self._fence_head(buf, start, final)
+            if verdict == "commit" and self._consumed < self._dead.get(kind, -1):
+                # Inside a block of the same kind that was no call: it was read as a whole already, and
+                # reading each nested opener to the same end again would cost quadratic time.
+                verdict = "text"
+            if verdict == "more":
+                self._buf = buf[start:]
+                return None
+            if verdict in ("text", "prose"):
+                give = 1 if tag else match.end() - start
+                if verdict == "text" and not tag:
+                    self._in_code = True           # an ordinary code block opens
+                self._release(buf[start:start + give], out)
+                pos = start + give
+                continue
+            give = 1 if tag else match.end() - start
+            self._block = _Block(kind, state, 0 if tag else skip, give, not tag, self._consumed)
+            self._buf = ""
+            return buf[start:]
 
-    def _holdback(self) -> int:
-        """How many trailing characters might still become an opening tag (or the fence before one)."""
-        buf = self._buf
-        cut = buf.rfind("<", max(0, len(buf) - 16))
-        keep = 0
-        if cut != -1 and self._before(cut) != "`":
+    def _holdback(self, buf: str, pos: int) -> int:
+        """Where the tail that might still become a call (or the fence line before one) begins."""
+        hold = len(buf)
+        line = buf.rfind("\n", pos) + 1
+        if (line or self._last in ("", "\n")) and _LINE_START_PART.fullmatch(buf, max(line, pos)):
+            hold = max(line, pos)
+        if self._in_code and not self.calls:
+            return hold
+        cut = buf.rfind("<", max(pos, len(buf) - 22))
+        if cut != -1 and (buf[cut - 1] if cut > pos else self._last) != "`":
             tail = buf[cut:]
-            if any(name.startswith(tail) or tail == name for name in _OPENER_NAMES):
-                keep = len(tail)
-        fence = _FENCE_TAIL_PARTIAL.search(buf[:len(buf) - keep])
-        if fence and self._fences_after(buf[:fence.start()]) % 2 == 0:
-            keep = len(buf) - fence.start()
-        return keep
+            if any(name.startswith(tail) for name in _OPENER_PREFIXES):
+                hold = min(hold, cut)
+        return hold
 
-    def _read_block(self, final: bool, out: list[Delta]) -> str:
-        """Parse the block at the start of the buffer: "more" (wait), "text" (not a call) or "done"."""
-        buf, name = self._buf, self._block
-        assert name is not None
-        tag_end = buf.find(">")
-        if tag_end == -1:
-            return "text" if final or "<" in buf[1:] or len(buf) > 1000 else "more"
-        if "<" in buf[1:tag_end]:
-            return "text"
-        if name == "invoke" and not _INVOKE.match(buf[:tag_end + 1] + "</invoke>"):
-            return "text"
-        rest = buf[tag_end + 1:].lstrip()
-        if name != "invoke":
-            if not rest:
-                return "text" if final else "more"
-            if rest[0] not in "<{":
-                return "text"
-        closer = _CLOSERS[name]
-        close_at = buf.find(closer, max(tag_end, self._closer_seen - len(closer)))
-        if close_at == -1:
-            if len(buf) > MAX_TOOL_BLOCK_CHARS:
-                return "text"
-            if not final:
-                self._closer_seen = len(buf)
-                return "more"
-            # The answer ended inside the block: a call only if nothing in it reads as prose (a bot cut
-            # off after its last parameter), never a sentence that happens to contain a tag.
-            if _TAGS_AND_PARAMETERS.sub("", buf[tag_end + 1:]).strip():
-                return "text"
-            block = buf
+    # -- is this the start of a call?
+
+    def _head(self, buf: str, start: int, final: bool) -> tuple[str, str, str]:
+        """For an opening tag at `start`: "more" (cannot tell yet), "text" or "commit", the block kind and
+        the state to read it in. Decided within HEAD_LIMIT characters, so mentions never stall."""
+        undecided = ("text" if final or len(buf) - start > HEAD_LIMIT else "more", "", "")
+        limit = start + HEAD_LIMIT
+        gt = buf.find(">", start, limit)
+        if gt == -1:
+            return ("text", "", "") if buf.find("<", start + 1, limit) != -1 else undecided
+        tag = buf[start:gt + 1]
+        if "<" in tag[1:]:
+            return "text", "", ""
+        if tag.startswith("<function="):
+            kind, name = "function", tag[10:-1]
         else:
-            block = buf[:close_at + len(closer)]
-        calls = self._parse(block)
-        if not calls:
-            return "text"
-        self._buf = buf[len(block):]
-        for tool, arguments in calls:
-            if self.stopped:
-                break
-            index = self.calls
-            self.calls += 1
-            out.append(Delta(TOOL_START, index=index, call_id=self._make_id(), name=tool.name))
-            out.append(Delta(TOOL_ARGS, _json_compact(arguments), index=index))
-            if not self._spec.parallel:
-                self.stopped = True
-        return "done"
+            kind = _OPENER_NAME.match(tag).group(1)   # type: ignore[union-attr]
+            invoke = _INVOKE_TAG.fullmatch(tag)
+            name = invoke.group(1) if invoke else ""
+            if kind == "invoke" and not invoke:
+                return "text", "", ""
+        if kind in ("invoke", "function") and self._find(name) is None:
+            return "text", "", ""              # never a call to a tool that was not offered
+        rest = _WHITESPACE.match(buf, gt + 1, limit).end()   # type: ignore[union-attr]
+        if rest >= min(len(buf), limit):
+            return undecided
+        first = buf[rest]
+        if first == "<":
+            if kind in ("invoke", "function"):   # a parameter, or the end tag: a call without arguments
+                if rest + 1 == len(buf):
+                    return undecided
+                char = buf[rest + 1]
+                return ("commit", kind, "tags") if char.isalpha() or char == "/" else ("text", "", "")
+            # A wrapper holds one of the known elements, not just any markup.
+            inner = buf[rest + 1:rest + 1 + 64].casefold()
+            known = ["invoke", "antml:invoke"] + ([] if kind == "function_calls" else
+                                                  ["function=", "name>", *(t.name.casefold() + ">"
+                                                                           for t in self._spec.tools)])
+            if any(inner.startswith(element) for element in known):
+                return "commit", kind, "tags"
+            if any(element.startswith(inner) for element in known):
+                return undecided
+            return "text", "", ""
+        if kind != "tool_call":
+            return "text", "", ""
+        if first in "{[":
+            return "commit", kind, "json"          # Hermes / Qwen: JSON in <tool_call>
+        word = _WORD.match(buf, rest, limit)
+        if word is None:
+            return "text", "", ""
+        if word.end() >= min(len(buf), limit):                 # GLM: the tool's name, perhaps not whole yet
+            folded = word.group().casefold()
+            if not any(t.name.casefold().startswith(folded) for t in self._spec.tools):
+                return "text", "", ""
+            return ("commit", kind, "tags") if final and self._find(word.group()) else undecided
+        if self._find(word.group()) is None:
+            return "text", "", ""
+        after = _WHITESPACE.match(buf, word.end(), limit).end()   # type: ignore[union-attr]
+        if after >= min(len(buf), limit):
+            return ("commit", kind, "tags") if final else undecided
+        return ("commit", kind, "tags") if buf[after] == "<" else ("text", "", "")
 
-    def _parse(self, block: str) -> list[tuple[Tool, dict[str, Any]]]:
-        calls: list[tuple[Tool, dict[str, Any]]] = []
-        for match in _INVOKE.finditer(block):
-            tool = self._spec.find(match.group(1))
+    def _fence_head(self, buf: str, start: int, final: bool) -> tuple[str, str, str, int]:
+        """For a ``` line at `start` (not in a code block): is a call inside it? Also gives the length of
+        what comes before the call (the fence line and blanks)."""
+        undecided = ("text" if final or len(buf) - start > HEAD_LIMIT else "more", "", "", 0)
+        line = _FENCE_LINE.match(buf, start)
+        if line is None:
+            return undecided if _FENCE_LINE_PART.fullmatch(buf, start) else ("text", "", "", 0)
+        after = _WHITESPACE.match(buf, line.end(), start + HEAD_LIMIT).end()   # type: ignore[union-attr]
+        if after >= min(len(buf), start + HEAD_LIMIT):
+            return undecided
+        if _XML_OPENER.match(buf, after):
+            verdict, kind, state = self._head(buf, after, final)
+            return verdict, kind, state, after - start
+        if buf[after] == "<" and not final and any(n.startswith(buf[after:after + 22]) for n in _OPENER_PREFIXES):
+            return undecided
+        if buf[after] in "{[" and line.group(1).lower() in ("json", ""):
+            verdict = self._json_head(buf, after, final)
+            return verdict, "fence", "tags", line.end() - start
+        return "text", "", "", 0
+
+    def _json_head(self, buf: str, start: int, final: bool) -> str:
+        """Does the JSON at `start` begin like a call object ({"name": an offered tool, …})?"""
+        undecided = "text" if final or len(buf) - start > HEAD_LIMIT else "more"
+        key = _JSON_KEY.match(buf, start)
+        if key is None:
+            return undecided if _JSON_KEY_PART.fullmatch(buf, start) else "text"
+        if key.group(1) not in _JSON_CALL_KEYS:
+            return "text"
+        if key.group(1) not in ("name", "type"):
+            return "commit"
+        value = _JSON_STRING.match(buf, key.end())
+        if value is None:
+            return undecided if _JSON_STRING_PART.fullmatch(buf, key.end()) else "text"
+        if key.group(1) == "type":
+            return "commit" if value.group(1) == "function" else "text"
+        return "commit" if self._find(value.group(1)) is not None else "text"
+
+    def _find(self, name: str) -> Tool | None:
+        tool = self._spec.find(name)
+        if tool is None and name.strip().startswith("functions."):   # OpenAI's namespace for tools
+            tool = self._spec.find(name.strip()[10:])
+        return tool
+
+    # -- a block is complete (or the answer ended inside it)
+
+    def _close(self, block: _Block, closed: bool, out: list[Delta]) -> str:
+        """Make the block's calls, or give it back as text; returns the text to scan on."""
+        text = block.text()
+        calls = None if block.size > MAX_TOOL_BLOCK_CHARS else self._recognise(block, text, closed)
+        if calls:
+            self._last = text[-1]
+            self._consumed += len(text)
+            for tool, arguments in calls:
+                if self.stopped:
+                    break
+                index = self.calls
+                self.calls += 1
+                out.append(Delta(TOOL_START, index=index, call_id=self._make_id(), name=tool.name))
+                out.append(Delta(TOOL_ARGS, _json_compact(arguments), index=index))
+                if not self._spec.parallel:
+                    self.stopped = True
+            return ""
+        # Not a call after all: release its first characters (a fence opens a code block) and scan on.
+        if block.fence:
+            self._in_code = True
+        self._dead[block.kind] = block.origin + len(text)
+        self._release(text[:block.give], out)
+        return text[block.give:]
+
+    def _recognise(self, block: _Block, text: str, closed: bool) -> list[_Call] | None:
+        """The calls in a block. One the answer ended inside counts only if nothing in it reads as prose
+        (a bot cut off after its last parameter), never a sentence that happens to contain a tag."""
+        body = text[block.skip:]
+        if block.kind == "fence":
+            inner = body[:body.rfind("\n")] if closed else body.rstrip().rstrip("`")
+            return self._json_calls(inner)
+        if block.kind in ("invoke", "function"):
+            inner, head = body, ""
+        else:
+            gt = body.find(">")
+            head, inner = body[:gt + 1], body[gt + 1:]
+            if closed:
+                inner = inner[:inner.rfind("</")]
+        calls, clean = self._xml_calls(block.kind, inner)
+        return calls if calls and (closed or clean) else None
+
+    def _xml_calls(self, kind: str, inner: str) -> tuple[list[_Call], bool]:
+        if kind == "tool_call":
+            stripped = inner.strip()
+            if stripped[:1] in ("{", "["):
+                calls = self._json_calls(stripped)
+                return calls or [], True
+            if "<function=" in inner and not _INVOKE_TAG.search(inner):
+                return self._qwen_calls(inner)
+            if _INVOKE_TAG.search(inner) is None:
+                glm = self._glm_call(inner)
+                if glm[0]:
+                    return glm
+                legacy = self._legacy(stripped)
+                return ([legacy], False) if legacy else ([], False)
+        if kind == "function":
+            return self._qwen_calls(inner)
+        return self._invoke_calls(inner)
+
+    def _invoke_calls(self, text: str) -> tuple[list[_Call], bool]:
+        """<invoke name="X"><parameter name="k">v</parameter>…</invoke>, any number of them."""
+        calls: list[_Call] = []
+        clean, pos = True, 0
+        while (invoke := _INVOKE_TAG.search(text, pos)) is not None:
+            clean = clean and _is_layout(text[pos:invoke.start()])
+            params: dict[str, str] = {}
+            pos, closed = invoke.end(), False
+            while (found := _PARAM_OR_INVOKE_END.search(text, pos)) is not None:
+                clean = clean and _is_layout(text[pos:found.start()])
+                if found.group(1) is None:                  # </invoke>, or the next one begins
+                    pos, closed = found.end(), bool(found.group())
+                    break
+                end, after = _value_end(text, found.end(), _PARAM_END)
+                if end == -1:                               # cut off inside a value
+                    clean, pos = False, len(text)
+                    break
+                params[found.group(1).strip()] = _clean_value(text[found.end():end])
+                pos = after
+            else:
+                clean = clean and _is_layout(text[pos:])
+                pos = len(text)
+            tool = self._find(invoke.group(1))
             if tool is None:
                 continue
-            body = match.group(2)
-            params = {m.group(1).strip(): _clean_value(m.group(2)) for m in _PARAMETER.finditer(body)}
-            if not params:
+            if not params:   # the older <invoke name="X"><k>v</k></invoke>
+                body = text[invoke.end():pos]
                 params = {m.group(1): _clean_value(m.group(2)) for m in _CHILD.finditer(body)}
             calls.append((tool, _typed_arguments(params, tool)))
-        if calls or _INVOKE.search(block):
-            return calls
-        inner = re.sub(r"^<tool_call[^>]*>|</tool_call>\s*\Z", "", block.strip()).strip()
-        return [call for call in (self._legacy(inner),) if call is not None]
+        return calls, clean and _is_layout(text[pos:])
 
-    def _legacy(self, inner: str) -> tuple[Tool, dict[str, Any]] | None:
-        if inner.startswith("{"):   # {"name": …, "arguments": {…}}
-            try:
-                data = json.loads(inner)
-            except (ValueError, RecursionError):
-                return None
-            tool = self._spec.find(str(data.get("name", ""))) if isinstance(data, dict) else None
-            args = data.get("arguments", data.get("parameters", {})) if tool else None
-            args = _arguments_dict(args)
-            return (tool, args) if tool and args is not None else None
+    def _qwen_calls(self, text: str) -> tuple[list[_Call], bool]:
+        """Qwen3-Coder: <function=X><parameter=k>v</parameter>…</function>, `</parameter>` optional."""
+        calls: list[_Call] = []
+        clean, pos = True, 0
+        while (function := _FUNCTION_TAG.search(text, pos)) is not None:
+            clean = clean and _is_layout(text[pos:function.start()])
+            params: dict[str, str] = {}
+            pos = function.end()
+            while (found := _QPARAM_OR_FUNCTION_END.search(text, pos)) is not None:
+                clean = clean and _is_layout(text[pos:found.start()])
+                if found.group(1) is None:                  # </function>, or the next one begins
+                    pos = found.end()
+                    break
+                end, after = _value_end(text, found.end(), _QPARAM_END)
+                if end == -1:
+                    clean, pos = False, len(text)
+                    break
+                params[found.group(1).strip()] = _clean_value(text[found.end():end])
+                pos = after
+            else:
+                clean = clean and _is_layout(text[pos:])
+                pos = len(text)
+            tool = self._find(function.group(1))
+            if tool is not None:
+                calls.append((tool, _typed_arguments(params, tool)))
+        return calls, clean and _is_layout(text[pos:])
+
+    def _glm_call(self, text: str) -> tuple[list[_Call], bool]:
+        """GLM-4.5/4.6: NAME<arg_key>k</arg_key><arg_value>v</arg_value>…"""
+        name = _WORD.match(text, _WHITESPACE.match(text).end())   # type: ignore[union-attr]
+        tool = self._find(name.group()) if name else None
+        if name is None or tool is None:
+            return [], False
+        params: dict[str, str] = {}
+        pos, clean = name.end(), True
+        while (pair := _GLM_PAIR.match(text, pos)) is not None:
+            end, after = _value_end(text, pair.end(), _ARG_VALUE_END)
+            if end == -1:
+                clean, pos = False, len(text)
+                break
+            params[pair.group(1)] = _clean_value(text[pair.end():end])
+            pos = after
+        rest = text[pos:]
+        if rest.strip() and not _is_layout(rest):
+            return [], False   # something else after the name: not GLM's form
+        return [(tool, _typed_arguments(params, tool))], clean
+
+    def _json_calls(self, text: str) -> list[_Call] | None:
+        """{"name": …, "arguments": {…}} (or "parameters", or OpenAI's {"type": "function", "function": …}),
+        or a list of them; all must name offered tools."""
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            return None
+        calls = [self._json_call(item) for item in (data if isinstance(data, list) else [data])]
+        return calls if calls and all(calls) else None   # type: ignore[return-value]
+
+    def _json_call(self, data: Any) -> _Call | None:
+        if isinstance(data, dict) and isinstance(data.get("function"), dict):
+            data = data["function"]
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            return None
+        tool = self._find(data["name"])
+        args = _arguments_dict(data.get("arguments", data.get("parameters", {})))
+        return (tool, _typed_json_arguments(args, tool)) if tool and args is not None else None
+
+    def _legacy(self, inner: str) -> _Call | None:
         named = re.search(r"<name>\s*(.*?)\s*</name>", inner, re.S)
         if named:   # <name>X</name><arguments>{…}</arguments>
-            tool = self._spec.find(named.group(1))
+            tool = self._find(named.group(1))
             raw = re.search(r"<arguments>(.*?)</arguments>", inner, re.S)
             if tool is None:
                 return None
@@ -2931,10 +3250,25 @@ class XMLToolParser:
                                          for m in _CHILD.finditer(raw.group(1))}, tool) if raw else {}
             return tool, args
         bare = re.fullmatch(r"<([A-Za-z_][\w.\-]*)>(.*)</\1>", inner, re.S)   # <toolname><k>v</k></toolname>
-        if bare and (tool := self._spec.find(bare.group(1))) is not None:
+        if bare and (tool := self._find(bare.group(1))) is not None:
             return tool, _typed_arguments({m.group(1): _clean_value(m.group(2))
                                            for m in _CHILD.finditer(bare.group(2))}, tool)
         return None
+
+
+def _merge_text(deltas: list[Delta]) -> list[Delta]:
+    """Adjacent text deltas of one feed as one."""
+    out: list[Delta] = []
+    run: list[str] = []
+    for delta in [*deltas, Delta(FINISH)]:
+        if delta.kind == TEXT:
+            run.append(delta.text)
+            continue
+        if run:
+            out.append(Delta(TEXT, "".join(run)))
+            run = []
+        out.append(delta)
+    return out[:-1]
 
 
 # ----------------------------------------------------------------------------- files out

@@ -1975,6 +1975,7 @@ def test_tool_prompt_follows_tool_choice() -> None:
         return q["query"][-1]["content"]
     auto = query()
     assert auto.startswith("hi\n\n") and '<tool name="get_weather">' in auto and '<tool name="get_time">' in auto
+    assert "<![CDATA[" in auto and "not inside a code block" in auto   # how to write values that hold tags
     assert query(tool_choice="none") == "hi"
     assert "must call at least one tool" in query(tool_choice="required")
     forced = query(tool_choice={"type": "function", "function": {"name": "get_time"}})
@@ -4278,6 +4279,249 @@ def test_fenced_mix_under_any_chunking(cuts: list[int]) -> None:
     assert parse_reply([FENCED_MIX[a:b] for a, b in zip(bounds, bounds[1:])]) == (
         'Plan:\n```python\nprint("<tool_call>")\n```\nNow `<invoke>` it:\n', [("get_weather", {"city": "Bergen"})],
         "tool_calls")
+
+
+# A corpus of what models write when told to use our format: (id, reply, text the client sees, calls).
+# Every entry must come out the same however it is split (see the tests below).
+WRITE_FILE = {"type": "function", "function": {"name": "write_file", "description": "Write a file", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}}}}}
+CORPUS_TOOLS = [*WEATHER_TOOLS, WRITE_FILE]
+NS = "antml:"   # Anthropic's namespace, spelled out of band
+TAGGY = "Close with </parameter></invoke></tool_call> and ]]-free text."
+CORPUS: list[tuple[str, str, str, list[Any]]] = [
+    ("ours", 'I will check.\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n'
+             '<parameter name="days">2</parameter>\n</invoke>\n</tool_call>',
+     "I will check.\n", [("get_weather", {"city": "Oslo", "days": 2})]),
+    ("ours-in-xml-fence", 'Sure.\n```xml\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>\n```',
+     "Sure.\n", [("get_time", {})]),
+    ("ours-in-plain-fence-two-calls", '```\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Rome'
+     '</parameter>\n</invoke>\n</tool_call>\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>\n```\n',
+     "", [("get_weather", {"city": "Rome"}), ("get_time", {})]),
+    ("ours-cut-before-end-tags", '<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Nice</parameter>\n'
+     '<parameter name="metric">false</parameter>\n', "", [("get_weather", {"city": "Nice", "metric": False})]),
+    ("ours-without-tool_call-end", '<tool_call><invoke name="get_weather"><parameter name="city">Nice</parameter>'
+     '</invoke>', "", [("get_weather", {"city": "Nice"})]),
+    ("ours-prose-after-is-dropped", '<tool_call><invoke name="get_time"></invoke></tool_call>\nI will now wait.',
+     "", [("get_time", {})]),
+    ("wrong-case", '<tool_call><invoke name="Get_Weather"><parameter name="CITY">Oslo</parameter>'
+     '<parameter name="Days">3</parameter></invoke></tool_call>', "", [("get_weather", {"city": "Oslo", "days": 3})]),
+    ("hermes", 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": 3}}\n'
+     '</tool_call>', "Let me look.\n", [("get_weather", {"city": "Lima", "days": 3})]),
+    ("hermes-string-arguments", '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Lima\\", '
+     '\\"days\\": \\"4\\"}"}</tool_call>', "", [("get_weather", {"city": "Lima", "days": 4})]),
+    ("hermes-two-calls", '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "get_weather", "parameters": {"city": "Cusco"}}\n</tool_call>', "",
+     [("get_time", {}), ("get_weather", {"city": "Cusco"})]),
+    ("anthropic", 'Checking.\n<function_calls>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n'
+     '<parameter name="tags">["x"]</parameter>\n</invoke>\n<invoke name="get_time">\n</invoke>\n</function_calls>',
+     "Checking.\n", [("get_weather", {"city": "Oslo", "tags": ["x"]}), ("get_time", {})]),
+    ("anthropic-namespaced", f'<{NS}function_calls>\n<{NS}invoke name="get_weather">\n<{NS}parameter name="city">'
+     f'Bergen</{NS}parameter>\n<{NS}parameter name="ratio">1.5</{NS}parameter>\n</{NS}invoke>\n</{NS}function_calls>',
+     "", [("get_weather", {"city": "Bergen", "ratio": 1.5})]),
+    ("qwen3-coder", 'Okay.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n'
+     '<parameter=days>\n5\n</parameter>\n</function>\n</tool_call>', "Okay.\n",
+     [("get_weather", {"city": "San Francisco", "days": 5})]),
+    ("qwen3-coder-bare", '<function=get_weather>\n<parameter=city>\nBerlin\n</parameter>\n<parameter=where>\n'
+     '{"lat": 52.5}\n</parameter>\n</function>', "", [("get_weather", {"city": "Berlin", "where": {"lat": 52.5}})]),
+    ("qwen3-coder-no-parameter-ends", '<tool_call>\n<function=get_weather>\n<parameter=city>\nBern\n<parameter=metric>\n'
+     'true\n</function>\n</tool_call>', "", [("get_weather", {"city": "Bern", "metric": True})]),
+    ("glm", '<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n<arg_key>days</arg_key>\n'
+     '<arg_value>2</arg_value>\n</tool_call>', "", [("get_weather", {"city": "Beijing", "days": 2})]),
+    ("glm-inline-no-arguments", 'Time first.<tool_call>get_time</tool_call>', "Time first.", [("get_time", {})]),
+    ("json-fence", 'Calling the tool:\n```json\n{"name": "get_weather", "arguments": {"city": "Quito"}}\n```',
+     "Calling the tool:\n", [("get_weather", {"city": "Quito"})]),
+    ("json-fence-parameters", '```json\n{\n  "name": "get_weather",\n  "parameters": {"city": "Quito", "ratio": "0.25"}\n'
+     '}\n```', "", [("get_weather", {"city": "Quito", "ratio": 0.25})]),
+    ("json-fence-openai-shape", '```json\n{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}\n```',
+     "", [("get_time", {})]),
+    ("cdata-with-tags", '<tool_call>\n<invoke name="write_file">\n<parameter name="path">notes.md</parameter>\n'
+     f'<parameter name="content"><![CDATA[{TAGGY}]]></parameter>\n</invoke>\n</tool_call>', "",
+     [("write_file", {"path": "notes.md", "content": TAGGY})]),
+    ("raw-value-with-end-tags", '<tool_call>\n<invoke name="write_file">\n<parameter name="content">A block ends with '
+     '</invoke> and </tool_call>.</parameter>\n</invoke>\n</tool_call>', "",
+     [("write_file", {"content": "A block ends with </invoke> and </tool_call>."})]),
+    # what must stay text, unchanged
+    ("not-offered", '<tool_call>\n<invoke name="delete_everything">\n<parameter name="path">/</parameter>\n</invoke>\n'
+     '</tool_call>', "=", []),
+    ("hermes-not-offered", 'Try <tool_call>{"name": "launch", "arguments": {}}</tool_call> now.', "=", []),
+    ("backtick-mentions", 'Wrap each call in `<tool_call>` and `<invoke name="get_time">`, then `</tool_call>`.', "=", []),
+    ("json-fence-not-a-call", 'Here is the data:\n```json\n{"name": "Ada", "arguments": ["x"]}\n```\nAnd:\n```json\n'
+     '{"city": "Oslo", "days": 3}\n```\n', "=", []),
+    ("html-answer", 'Use this markup:\n<div class="card">\n  <h1>Title</h1>\n  <p>a < b && c > d</p>\n</div>\n', "=", []),
+    ("xml-answer", '<?xml version="1.0"?>\n<config><tool name="x"/><invoke>no</invoke><function>f</function></config>',
+     "=", []),
+    ("unclosed-invoke-in-prose", 'You could call <invoke name="get_weather"> with a city, e.g. Paris.', "=", []),
+    ("call-shown-in-code-block", 'Example:\n```python\nreply = """\n<tool_call>\n<invoke name="get_time"></invoke>\n'
+     '</tool_call>\n"""\n```\nThat is all.', "=", []),
+    ("tag-then-prose", 'The <tool_call> tag wraps get_weather. <tool_call>get_weather is a tool</tool_call>.', "=", []),
+    ("markup-in-a-wrapper", 'The <tool_call><em>wrapper</em></tool_call> holds <function_calls><b>x</b>.', "=", []),
+    ("qwen-mention", 'In Qwen format you write <function=name> tags, or <function=get_time> then words.', "=", []),
+    ("cut-off-mid-value", 'Calling <tool_call>\n<invoke name="get_weather">\n<parameter name="city">Par', "=", []),
+    ("many-backticks", 'Use ``` fences or `code` spans; ```` too.\n```\nplain < text\n```\n`` ` ```', "=", []),
+]
+CORPUS_IDS = [entry[0] for entry in CORPUS]
+
+
+def pieces(text: str, sizes: list[int]) -> list[str]:
+    """`text` cut into pieces of the given sizes, cycling through them."""
+    out, at, i = [], 0, 0
+    while at < len(text):
+        out.append(text[at:at + sizes[i % len(sizes)]])
+        at += sizes[i % len(sizes)]
+        i += 1
+    return out
+
+
+def parse_directly(chunks: list[str], tools: Any = CORPUS_TOOLS, **body: Any) -> tuple[str, list[Any], bool]:
+    """Run chunks through the parser itself; (text, [(name, args)], whether it stopped)."""
+    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": tools, **body}))  # type: ignore[arg-type]
+    deltas = [d for chunk in chunks for d in parser.feed(chunk)] + parser.end()
+    calls = [(d.name, json.loads(args.text)) for d, args in zip(deltas, deltas[1:]) if d.kind == p2o.TOOL_START]
+    assert [d.index for d in deltas if d.kind == p2o.TOOL_START] == list(range(len(calls)))
+    return "".join(d.text for d in deltas if d.kind == p2o.TEXT), calls, parser.stopped
+
+
+@pytest.mark.parametrize("name, reply, text, calls", CORPUS, ids=CORPUS_IDS)
+def test_corpus_of_model_outputs_in_token_sized_pieces(name: str, reply: str, text: str, calls: list[Any]) -> None:
+    expected = (reply if text == "=" else text, calls)
+    for sizes in ([len(reply)], [1], [2], [3], [4], [5], [1, 3, 2, 5, 4]):
+        assert parse_directly(pieces(reply, sizes))[:2] == expected, sizes
+        got = parse_reply(pieces(reply, sizes), CORPUS_TOOLS)
+        assert got == (*expected, "tool_calls" if calls else "stop"), sizes
+
+
+@given(st.sampled_from(CORPUS), st.lists(st.floats(min_value=0, max_value=1), max_size=40))
+@hsettings(max_examples=400, deadline=None)
+def test_corpus_under_any_chunking(entry: tuple[str, str, str, list[Any]], cuts: list[float]) -> None:
+    _, reply, text, calls = entry
+    bounds = sorted({0, len(reply), *(int(c * len(reply)) for c in cuts)})
+    assert parse_directly([reply[a:b] for a, b in zip(bounds, bounds[1:])])[:2] == (
+        reply if text == "=" else text, calls)
+
+
+call_pieces = st.lists(st.sampled_from(list("ab <>/`\n\"'=![]{}:,&;x") + [
+    "<tool_call>", "</tool_call>", '<invoke name="get_time">', '<invoke name="nope">', "</invoke>",
+    '<parameter name="city">', "</parameter>", "<function_calls>", "</function_calls>", "<function=get_weather>",
+    "</function>", "<parameter=city>", "get_weather", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+    "<![CDATA[", "]]>", "```", "```json\n", "```xml\n", "\n```\n", '{"name": "get_time", "arguments": {}}',
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "`<tool_call>`", "</", "<tool"]), max_size=40).map("".join)
+
+
+@given(call_pieces, st.lists(st.floats(min_value=0, max_value=1), max_size=30), st.booleans())
+@hsettings(max_examples=500, deadline=None)
+def test_any_text_gives_the_same_result_however_it_is_split(text: str, cuts: list[float], parallel: bool) -> None:
+    bounds = sorted({0, len(text), *(int(c * len(text)) for c in cuts)})
+    whole = parse_directly([text], parallel_tool_calls=parallel)
+    assert parse_directly([text[a:b] for a, b in zip(bounds, bounds[1:])], parallel_tool_calls=parallel) == whole
+    assert parse_directly(list(text), parallel_tool_calls=parallel) == whole
+    if not whole[1]:
+        assert whole[0] == text        # no call: every character reaches the client, in order
+    for name, arguments in whole[1]:
+        assert name in ("get_time", "get_weather") and isinstance(arguments, dict)
+
+
+SSE_SUBSET = ["ours-in-xml-fence", "hermes-string-arguments", "anthropic-namespaced", "qwen3-coder", "glm",
+              "json-fence", "cdata-with-tags", "not-offered", "json-fence-not-a-call", "call-shown-in-code-block"]
+
+
+@pytest.mark.parametrize("name", SSE_SUBSET)
+def test_corpus_through_the_proxy_streamed_and_not(proxy: Proxy, poe: FakePoe, name: str) -> None:
+    _, reply, text, calls = CORPUS[CORPUS_IDS.index(name)]
+    text = reply if text == "=" else text
+    client = proxy.client()
+    ask = {"model": "GPT-4o", "tools": CORPUS_TOOLS, "messages": [{"role": "user", "content": "go"}]}
+    poe.on("GPT-4o", xml_reply_steps(reply, 3))
+    content, streamed, finishes = "", {}, []
+    for chunk in client.chat.completions.create(stream=True, **ask):
+        choice = chunk.choices[0] if chunk.choices else None
+        if choice is None:
+            continue
+        content += choice.delta.content or ""
+        finishes += [choice.finish_reason] if choice.finish_reason else []
+        for tc in choice.delta.tool_calls or []:
+            entry = streamed.setdefault(tc.index, ["", ""])
+            entry[0] += tc.function.name or "" if tc.function else ""
+            entry[1] += tc.function.arguments or "" if tc.function else ""
+    assert content == text
+    assert [(n, json.loads(a)) for n, a in (streamed[i] for i in sorted(streamed))] == calls
+    assert finishes == ["tool_calls" if calls else "stop"]
+    poe.on("GPT-4o", xml_reply_steps(reply, 2))
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert (whole.message.content or "") == text and whole.finish_reason == ("tool_calls" if calls else "stop")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []] == calls
+
+
+@pytest.mark.parametrize("reply", [TOOL_REPLY, CORPUS[CORPUS_IDS.index("qwen3-coder")][1],
+                                   CORPUS[CORPUS_IDS.index("json-fence")][1], CORPUS[CORPUS_IDS.index("glm")][1],
+                                   CORPUS[CORPUS_IDS.index("anthropic")][1]])
+def test_a_call_is_made_as_soon_as_its_end_tag_arrives(reply: str) -> None:
+    # Poe streams token by token, so an end tag comes in many pieces: the call must not wait for the answer's end.
+    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS, "parallel_tool_calls": False}))  # type: ignore
+    closer = next(c for c in ("</tool_call>", "</function_calls>", "\n```") if c in reply)
+    done_at = (reply.rindex(closer) if closer == "\n```" else reply.index(closer)) + len(closer)
+    for at in range(len(reply)):
+        out = parser.feed(reply[at])
+        assert parser.stopped == (at + 1 >= done_at), at
+        if parser.stopped:
+            assert [d.kind for d in out].count(p2o.TOOL_START) == 1
+            break
+    assert parser.stopped and parser.feed("more prose") == [] and parser.end() == []
+
+
+def test_text_before_a_call_goes_out_at_once() -> None:
+    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS}))  # type: ignore[arg-type]
+    assert [d.text for d in parser.feed("Let me check the weather.\n")] == ["Let me check the weather.\n"]
+    assert parser.feed("```xml\n<tool_call>\n<invoke name=\"get_time\">") == []   # might be a call: held
+    assert parser.feed("</invoke>\n</tool_call>")[0].kind == p2o.TOOL_START
+    prose = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS}))  # type: ignore[arg-type]
+    out = prose.feed("Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then <function=nope> and <tool")
+    assert "".join(d.text for d in out) == "Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then " \
+                                           "<function=nope> and "
+
+
+def test_single_call_in_tiny_events_stops_poe_at_once(proxy: Proxy, poe: FakePoe) -> None:
+    call = '<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n</invoke>\n</tool_call>'
+    poe.on("Chatty", [sse("text", {"text": call[i:i + 2]}) for i in range(0, len(call), 2)]
+           + [sse("text", {"text": " And now"}), 3.0, sse("text", {"text": " more."}), sse("done", {})])
+    began = time.monotonic()
+    with proxy.client().chat.completions.stream(model="Chatty", tools=WEATHER_TOOLS, parallel_tool_calls=False,
+                                                messages=[{"role": "user", "content": "weather?"}]) as stream:
+        final = stream.get_final_completion()
+    assert time.monotonic() - began < 1.5
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+
+
+def parser_cost(text: str, step: int = 64) -> float:
+    """CPU seconds to stream `text` through the parser in `step`-character events (best of three)."""
+    spec = p2o.parse_tools({"tools": CORPUS_TOOLS})
+    chunks = [text[i:i + step] for i in range(0, len(text), step)]
+    best = float("inf")
+    for _ in range(3):
+        parser = p2o.XMLToolParser(spec)  # type: ignore[arg-type]
+        began = time.process_time()
+        for chunk in chunks:
+            parser.feed(chunk)
+        parser.end()
+        best = min(best, time.process_time() - began)
+    return best
+
+
+def test_a_megabyte_argument_costs_no_more_than_plain_text() -> None:
+    content = ("    if a < b and `c`:  # ``` a <tag> line\n" * 30_000)[:1_000_000]
+    plain = parser_cost(content)
+    for value in (content, f"<![CDATA[{content}]]>"):
+        call = f'<tool_call>\n<invoke name="write_file">\n<parameter name="content">{value}</parameter>\n</invoke>\n' \
+               '</tool_call>'
+        assert parser_cost(call) <= 2 * plain + 0.05
+    assert parser_cost(f"<function=write_file>\n<parameter=content>\n{content}\n</parameter>\n</function>") \
+        <= 2 * plain + 0.05
+
+
+@pytest.mark.parametrize("unit", ["a < b <c <t <tool <invoke x <function=y ``` `` \n```\n", "``` `a` ```\n" * 3,
+                                  "<tool_call><x>", '<invoke name="get_time">', "\n```json\n{\"name\": \"get_time\""])
+def test_awkward_text_costs_linear_time(unit: str) -> None:
+    small = unit * (100_000 // len(unit))
+    assert parser_cost(small * 4) <= 4 * 2.5 * parser_cost(small) + 0.05
 
 
 ###############################################################################
