@@ -4628,6 +4628,13 @@ class InboundProtocol:
     def send_failed(self) -> None:
         self._conn.send_failed()
 
+    def abort(self) -> list[InboundAction]:
+        """The answer could not be written (or failed): nothing more to say on this connection."""
+        if self._phase is _CLOSED:
+            return []
+        self._close()
+        return [CLOSE]
+
     def response_done(self, now: float, closing: bool = False) -> list[InboundAction]:
         """The answer is written: close, or start the next cycle (and parse what the client pipelined)."""
         if self._phase is _CLOSED:
@@ -4778,18 +4785,22 @@ class InboundConnection:
                 response = await self.app.dispatch(request)
             await self._send(request, response)
         except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
-            self._apply([CLOSE])   # the client went away or stalled; nothing left to tell it
+            self._apply(self.protocol.abort())   # the client went away or stalled; nothing left to tell it
             return
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("connection from %s failed", self.client)
-            self._apply([CLOSE])
+            self._apply(self.protocol.abort())
             return
         finally:
             self._answering = None
             self._log(ready, response.status if response else 0, self.bytes_sent - sent_before)
-        self._apply(self.protocol.response_done(self.loop.time(), self.state.closing))
+        try:
+            self._apply(self.protocol.response_done(self.loop.time(), self.state.closing))
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+            self._apply(self.protocol.abort())
         self._wake()
 
     def _log(self, ready: RequestReady, status: int, sent: int) -> None:
