@@ -3239,7 +3239,7 @@ def normalise_model_list(payload: Any) -> list[dict[str, Any]]:
 
 ###############################################################################
 ###############################################################################
-# HTTP plumbing: one h11 stream class, used inbound (SERVER) and outbound (CLIENT)
+# HTTP plumbing: an h11 stream class for calls to Poe (inbound has its own protocol, below)
 ###############################################################################
 
 READ_CHUNK_BYTES = 64 * 1024
