@@ -4419,11 +4419,12 @@ class InboundProtocol:
     sockets, no tasks, no clock of its own, so it is tested by feeding it bytes.
 
     The adapter feeds what it reads (`receive_data`, b"" at end of input; `connection_lost` on a reset),
-    calls `handle_timer` once `deadline()` passes, and writes the bytes that `respond`/`start_stream`/
-    `send_data`/`end_stream` return. Each of those calls returns actions, in order: bytes to write, a
-    `RequestReady` to answer, `DISCONNECTED` (cancel the answer), `CloseConnection`. It owns the limits:
-    head size (431) and head time (408), body size (413), body idle time, keep-alive idle time, and the
-    100 Continue, sent only once we start reading the body it asks for."""
+    calls `handle_timer` once `deadline()` passes and `response_done` once an answer is written; each
+    returns actions, in order: bytes to write, a `RequestReady` to answer, `DISCONNECTED` (cancel the
+    answer), `CloseConnection`. The answer itself is the bytes `respond` (whole) or `start_stream`,
+    `send_data`, `end_stream` return. It owns the limits: head size (431) and head time (408), body size
+    (413), body idle time, keep-alive idle time, and the 100 Continue, sent only once we start reading
+    the body it asks for. Pipelined requests wait in h11 until the current answer is done."""
 
     def __init__(self, settings: Settings, now: float, client: str = "-",
                  max_head_bytes: int = INBOUND_MAX_HEAD_BYTES) -> None:
