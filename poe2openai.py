@@ -4708,7 +4708,8 @@ class InboundConnection:
         try:
             while not protocol.closed:
                 if not protocol.wants_data:
-                    # Hold off reading while we answer: enough of the next request is buffered already.
+                    # Nothing to read for now (an error answer is going out, or enough of a pipelined
+                    # request is held): wait until the answer is done.
                     self._resume = self.loop.create_future()
                     await self._resume
                     continue
