@@ -4898,8 +4898,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         try:
             await connection.run()
         except asyncio.CancelledError:
-            if not (state.closing or connection.client_gone):
-                raise   # someone else's cancellation; ours (shutdown, client gone) ends here quietly
+            if not state.closing:
+                raise   # someone else's cancellation; ours (shutdown) ends here quietly
         finally:
             state.connections.discard(connection)
 
