@@ -2203,7 +2203,10 @@ def test_graceful_shutdown_lets_running_streams_finish(start: Callable[..., Prox
 
     reader = threading.Thread(target=consume)
     reader.start()
-    time.sleep(0.2)                              # the stream is running
+    deadline = time.monotonic() + 10              # the stream is running (the SDK can be slow to start)
+    while not any(r["path"].endswith("/Slow") for r in poe.requests) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
     stopper = threading.Thread(target=proxy.stop)
     stopper.start()
     time.sleep(0.1)
