@@ -4381,7 +4381,7 @@ def _reason(status: int) -> bytes:
 
 def _raw_error(status: int, reason: str, err: ProxyError) -> bytes:
     """A complete close-delimited error response, written without h11: only for the over-capacity 503,
-    which must cost nothing (no parser, no task) before hanging up."""
+    which must cost next to nothing (no parser, no connection object) before hanging up."""
     body = dump_json(err.openai_body())
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode() + body
