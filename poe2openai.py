@@ -4681,7 +4681,7 @@ def anthropic_model_list(bots: Sequence[BotInfo]) -> dict[str, Any]:
 
 ###############################################################################
 ###############################################################################
-# HTTP plumbing: one h11 stream class, used inbound (SERVER) and outbound (CLIENT)
+# HTTP plumbing: an h11 stream class for calls to Poe (inbound has its own protocol, below)
 ###############################################################################
 
 READ_CHUNK_BYTES = 64 * 1024
@@ -6413,6 +6413,8 @@ def _load_admin_page() -> bytes | None:
 
 access_log = logging.getLogger("poe2openai.access")
 
+PIPELINE_BUFFER_BYTES = 64 * 1024   # a pipelined next request held while we answer; beyond it we stop reading
+
 
 @dataclass
 class ServerState:
@@ -6428,176 +6430,436 @@ def _reason(status: int) -> bytes:
 
 
 def _raw_error(status: int, reason: str, err: ProxyError) -> bytes:
-    """A complete close-delimited error response, for failures before h11 has a request to answer."""
+    """A complete close-delimited error response, written without h11: only for the over-capacity 503,
+    which must cost next to nothing (no parser, no connection object) before hanging up."""
     body = dump_json(err.openai_body())
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode() + body
 
 
+# ----------------------------------------------------------------------------- the protocol, without I/O
+
+@dataclass(frozen=True)
+class RequestReady:
+    """A request to answer: complete with its body, or refused by `error` (then answer it and close)."""
+    request: Request
+    error: ProxyError | None
+    started: float            # clock time its head arrived, for the access log
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    """Write what came before, then close. `abandoned`: a request whose body never finished (logged)."""
+    abandoned: RequestReady | None = None
+
+
+class Disconnected:
+    """The client left while its answer was being made: cancel the answer (which closes Poe)."""
+
+
+CLOSE = CloseConnection()
+DISCONNECTED = Disconnected()
+InboundAction = bytes | RequestReady | CloseConnection | Disconnected
+
+_HEAD, _BODY, _ANSWER, _CLOSED = "head", "body", "answer", "closed"
+
+
+class InboundProtocol:
+    """The server side of one HTTP/1.1 connection as a state machine over bytes and clock times: no
+    sockets, no tasks, no clock of its own, so it is tested by feeding it bytes.
+
+    The adapter feeds what it reads (`receive_data`, b"" at end of input; `connection_lost` on a reset),
+    calls `handle_timer` once `deadline()` passes and `response_done` once an answer is written; each
+    returns actions, in order: bytes to write, a `RequestReady` to answer, `DISCONNECTED` (cancel the
+    answer), `CloseConnection`. The answer itself is the bytes `respond` (whole) or `start_stream`,
+    `send_data`, `end_stream` return. It owns the limits: head size (431) and head time (408), body size
+    (413), body idle time, keep-alive idle time, and the 100 Continue, sent only once we start reading
+    the body it asks for. Pipelined requests wait in h11 until the current answer is done."""
+
+    def __init__(self, settings: Settings, now: float, client: str = "-",
+                 max_head_bytes: int = INBOUND_MAX_HEAD_BYTES) -> None:
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._max_head_bytes = max_head_bytes
+        self._max_body_bytes = settings.max_request_size
+        self._header_timeout_s = settings.header_timeout_seconds
+        self._keepalive_timeout_s = settings.keepalive_timeout_seconds
+        self._body_timeout_s = settings.read_timeout_seconds
+        self._client = client
+        self._phase = _HEAD
+        self._deadline: float | None = now + self._header_timeout_s   # a new connection owes us a head
+        self._head_timed = True       # the header deadline (not the keep-alive one) is running
+        self._current: RequestReady | None = None
+        self._body = bytearray()
+        self._refused = False         # answering with an error: the rest of the input is dropped
+        self._is_head = False         # HEAD request: the body of the answer is not sent
+        self._held = 0                # bytes of a pipelined next request fed to h11 while we answer
+        self._eof = False
+
+    # -- state the adapter asks about
+
+    @property
+    def closed(self) -> bool:
+        return self._phase is _CLOSED
+
+    @property
+    def busy(self) -> bool:
+        """A request has begun (its head arrived) and is not answered yet."""
+        return self._phase is _BODY or self._phase is _ANSWER
+
+    @property
+    def wants_data(self) -> bool:
+        """False when reading more would only pile up input (the adapter then waits for the answer)."""
+        return not (self._eof or self._phase is _CLOSED or (self._phase is _ANSWER and
+                                                             (self._refused or self._held > PIPELINE_BUFFER_BYTES)))
+
+    def deadline(self) -> float | None:
+        """When `handle_timer` must be called (None: no deadline, as while an answer is made)."""
+        return self._deadline
+
+    # -- input
+
+    def receive_data(self, data: bytes, now: float) -> list[InboundAction]:
+        phase = self._phase
+        if phase is _CLOSED or self._eof:
+            return []   # bytes after the end of input, or after we decided to close
+        if not data:
+            self._eof = True
+        if phase is _ANSWER:
+            if self._refused:
+                return []
+            if not data:   # end of input while we answer: the client left (or gave up on the answer)
+                self._close()
+                return [DISCONNECTED]
+            self._held += len(data)
+            self._conn.receive_data(data)   # h11 keeps it for the next cycle
+            return []
+        if phase is _HEAD:
+            if not self._head_timed and data:
+                self._head_timed = True
+                self._deadline = now + self._header_timeout_s
+        else:
+            self._deadline = now + self._body_timeout_s
+        self._conn.receive_data(data)
+        return self._parse(now)
+
+    def connection_lost(self, now: float) -> list[InboundAction]:
+        """The socket failed (reset): nothing more can be written."""
+        phase, current = self._phase, self._current
+        if phase is _CLOSED:
+            return []
+        self._close()
+        if phase is _ANSWER:
+            return [] if self._refused else [DISCONNECTED]
+        return [CloseConnection(current if phase is _BODY else None)]
+
+    def handle_timer(self, now: float) -> list[InboundAction]:
+        if self._deadline is None or now < self._deadline:
+            return []
+        phase, current = self._phase, self._current
+        if phase is _HEAD and self._conn.trailing_data[0]:
+            out = self._error(ProxyError(408, "The request head did not arrive in time.", "invalid_request_error",
+                                         "request_timeout"))
+            self._close()
+            return [out, CLOSE]
+        self._close()   # an idle keep-alive connection, or a body that stopped coming: close without a word
+        return [CloseConnection(current if phase is _BODY else None)]
+
+    def _parse(self, now: float) -> list[InboundAction]:
+        actions: list[InboundAction] = []
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                actions.extend(self._remote_error(exc))
+                return actions
+            kind = type(event)
+            if kind is h11.Data:
+                self._body += event.data
+                if len(self._body) > self._max_body_bytes:
+                    actions.append(self._refuse(self._too_large()))
+                    return actions
+            elif kind is h11.Request:
+                refusal = self._begin(event, now)
+                if refusal is not None:
+                    actions.append(refusal)
+                    return actions
+                if conn.they_are_waiting_for_100_continue:
+                    actions.append(conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                       reason=b"Continue")))
+            elif kind is h11.EndOfMessage:
+                assert self._current is not None
+                self._current.request.body = bytes(self._body)
+                self._body = bytearray()
+                self._phase = _ANSWER
+                self._deadline = None
+                actions.append(self._current)
+                return actions
+            elif event is h11.NEED_DATA or event is h11.PAUSED:
+                return actions
+            else:   # ConnectionClosed: the client is done
+                self._close()
+                actions.append(CLOSE)
+                return actions
+
+    def _begin(self, event: h11.Request, now: float) -> RequestReady | None:
+        request = request_from(event, new_id("req_")[:16], self._client)
+        self._current = RequestReady(request, None, now)
+        self._phase = _BODY
+        self._deadline = now + self._body_timeout_s
+        self._is_head = request.method == "HEAD"
+        head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
+                                                                  for k, v in request.headers.items())
+        if head_bytes > self._max_head_bytes:   # h11 caps only a head that arrives in pieces
+            return self._refuse(ProxyError(431, "The request headers are too large.", "invalid_request_error",
+                                           "bad_http_request"))
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body_bytes:
+            return self._refuse(self._too_large())
+        return None
+
+    def _too_large(self) -> ProxyError:
+        return ProxyError(413, f"The request body is larger than MAX_REQUEST_SIZE ({self._max_body_bytes} bytes).",
+                          "invalid_request_error", "payload_too_large")
+
+    def _refuse(self, err: ProxyError) -> RequestReady:
+        """Answer the current request with err instead of routing it; what else it sends is dropped."""
+        assert self._current is not None
+        self._current = RequestReady(self._current.request, err, self._current.started)
+        self._phase = _ANSWER
+        self._deadline = None
+        self._refused = True
+        self._body = bytearray()
+        return self._current
+
+    def _remote_error(self, exc: h11.RemoteProtocolError) -> list[InboundAction]:
+        if self._phase is _BODY:
+            return [self._refuse(bad_request(f"Malformed request body: {exc}", None, "bad_http_request"))]
+        status = exc.error_status_hint
+        message = "The request headers are too large." if status == 431 else f"Malformed HTTP request: {exc}"
+        out = self._error(ProxyError(status, message, "invalid_request_error", "bad_http_request"))
+        self._close()
+        return [out, CLOSE]
+
+    def _error(self, err: ProxyError) -> bytes:
+        """A whole error answer for a request that never got as far as a head we could route."""
+        response = error_response(err)
+        response.headers.append(("Connection", "close"))
+        response.headers.append(("Server", f"poe2openai/{__version__}"))
+        return self.respond(response.status, response.headers, response.body)
+
+    def _close(self) -> None:
+        self._phase = _CLOSED
+        self._deadline = None
+        self._current = None
+
+    # -- output: the answer to the current request
+
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+        """A whole answer (Content-Length framing; no body bytes on HEAD). `headers` is extended."""
+        conn = self._conn
+        headers.append(("Content-Length", str(len(body))))
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        if body and not self._is_head:
+            out += conn.send(h11.Data(data=body))
+        return out + conn.send(h11.EndOfMessage())
+
+    def start_stream(self, status: int, headers: list[tuple[str, str]], first: bytes) -> bytes:
+        """The head of a streamed answer (h11 frames it: chunked for 1.1, close-delimited for 1.0), with
+        its first piece, so both leave in one segment."""
+        out = self._conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        return out + self.send_data(first) if first else out
+
+    def send_data(self, data: bytes) -> bytes:
+        return b"" if self._is_head else self._conn.send(h11.Data(data=data))
+
+    def end_stream(self) -> bytes:
+        return self._conn.send(h11.EndOfMessage())
+
+    def send_failed(self) -> None:
+        self._conn.send_failed()
+
+    def abort(self) -> list[InboundAction]:
+        """The answer could not be written (or failed): nothing more to say on this connection."""
+        if self._phase is _CLOSED:
+            return []
+        self._close()
+        return [CLOSE]
+
+    def response_done(self, now: float, closing: bool = False) -> list[InboundAction]:
+        """The answer is written: close, or start the next cycle (and parse what the client pipelined)."""
+        if self._phase is _CLOSED:
+            return []
+        conn = self._conn
+        if closing or self._refused or conn.our_state is not h11.DONE:
+            self._close()
+            return [CLOSE]
+        try:
+            conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            self._close()
+            return [CLOSE]
+        self._phase = _HEAD
+        self._current = None
+        self._is_head = False
+        self._head_timed = bool(conn.trailing_data[0])   # a pipelined head is already here
+        self._deadline = now + (self._header_timeout_s if self._head_timed else self._keepalive_timeout_s)
+        self._held = 0
+        return self._parse(now) if self._head_timed else []
+
+
+def request_from(event: h11.Request, request_id: str, client: str) -> Request:
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    target = event.target.decode("latin-1")
+    path, _, query = target.partition("?")
+    if "://" in path:  # absolute-form target: keep only the path
+        path = urllib.parse.urlsplit(path).path or "/"
+    return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
+                   query=query, headers=headers, body=b"", request_id=request_id, client=client)
+
+
+# ----------------------------------------------------------------------------- the asyncio adapter
+
 class InboundConnection:
-    """One client connection: reads requests with h11, runs them through the App, writes responses."""
+    """One client connection: the asyncio side of an InboundProtocol. The task running `run` is the
+    connection's one reader; it keeps reading while an answer is made, so a client that leaves is
+    noticed at once and its answer (a task of its own) is cancelled, which closes Poe's side."""
 
     def __init__(self, app: App, state: ServerState, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.app = app
-        self.settings = app.settings
         self.state = state
-        self.http = HTTPStream(reader, writer, h11.SERVER, INBOUND_MAX_HEAD_BYTES)
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
-        self.busy = False
+        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client)
         self.client_gone = False
         self.task: asyncio.Task[None] | None = None
+        self.bytes_sent = 0
+        self._answer: asyncio.Task[None] | None = None
+        self._answering: RequestReady | None = None   # set until its access-log line is written
+        self._timer: asyncio.TimerHandle | None = None
+        self._resume: asyncio.Future[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.protocol.busy
 
     async def run(self) -> None:
+        protocol = self.protocol
+        self._arm()
         try:
-            while not self.state.closing:
-                if not await self._one_request():
-                    break
-                if self.http.conn.our_state is h11.MUST_CLOSE or self.state.closing:
-                    break
+            while not protocol.closed:
+                if not protocol.wants_data:
+                    # Nothing to read for now (an error answer is going out, or enough of a pipelined
+                    # request is held): wait until the answer is done.
+                    self._resume = self.loop.create_future()
+                    await self._resume
+                    continue
                 try:
-                    self.http.conn.start_next_cycle()
-                except h11.LocalProtocolError:
-                    break  # the client has not finished its request body (we answered early): close
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
-            pass  # the client went away or stalled; nothing left to tell it
+                    data = await self.reader.read(READ_CHUNK_BYTES)
+                except (ConnectionError, OSError, ssl.SSLError):
+                    self._apply(protocol.connection_lost(self.loop.time()))
+                    break
+                self._apply(protocol.receive_data(data, self.loop.time()))
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("connection from %s failed", self.client)
         finally:
-            await self.http.aclose()
+            if self._timer is not None:
+                self._timer.cancel()
+            answer = self._answer
+            if answer is not None and not answer.done():
+                answer.cancel()   # shutdown, or a failure of ours: its cleanup closes Poe's side
+                await asyncio.wait([answer])
+            if self._answering is not None:   # cancelled before it could start
+                self._log(self._answering, 0, 0)
+            await self._aclose()
 
-    async def _read_head(self) -> Any:
-        """Wait for the next request head: idle keep-alive time first, then HEADER_TIMEOUT_SECONDS once
-        its first byte arrived (a new connection gets the header timeout from the start)."""
-        conn = self.http.conn
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.header_timeout_seconds \
-            if conn.their_state is h11.IDLE and self.http.bytes_sent == 0 else None
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if deadline is None and conn.trailing_data[0]:
-                deadline = loop.time() + self.settings.header_timeout_seconds
-            timeout_s = deadline - loop.time() if deadline is not None else self.settings.keepalive_timeout_seconds
-            if timeout_s <= 0:
-                raise asyncio.TimeoutError
-            data = await asyncio.wait_for(self.http.reader.read(READ_CHUNK_BYTES), timeout_s)
-            if deadline is None and data:
-                deadline = loop.time() + self.settings.header_timeout_seconds
-            conn.receive_data(data)
+    def _apply(self, actions: list[InboundAction]) -> None:
+        for action in actions:
+            if type(action) is bytes:
+                self.writer.write(action)   # small (a 100 Continue or an error): no drain needed
+                self.bytes_sent += len(action)
+            elif type(action) is RequestReady:
+                self._answering = action
+                self._answer = self.loop.create_task(self._answer_one(action))
+            elif action is DISCONNECTED:
+                self.client_gone = True
+                if self._answer is not None:
+                    self._answer.cancel()
+            elif type(action) is CloseConnection:
+                if action.abandoned is not None:
+                    self._log(action.abandoned, 0, 0)
+                self.transport.close()   # after what is buffered; the reader then sees the end and stops
+                self._wake()
+        self._arm()
 
-    async def _one_request(self) -> bool:
-        """Serve one request; False when the connection should close."""
-        try:
-            event = await self._read_head()
-        except asyncio.TimeoutError:
-            if self.http.conn.trailing_data[0]:
-                await self._write_raw(_raw_error(408, "Request Timeout", ProxyError(
-                    408, "The request head did not arrive in time.", "invalid_request_error", "request_timeout")))
-            return False
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            reason = "Request Header Fields Too Large" if status == 431 else "Bad Request"
-            message = "The request headers are too large." if status == 431 else f"Malformed HTTP request: {exc}"
-            await self._write_raw(_raw_error(status, reason, ProxyError(status, message, "invalid_request_error",
-                                                                        "bad_http_request")))
-            return False
-        if not isinstance(event, h11.Request):
-            return False  # ConnectionClosed or PAUSED: the client is done
-        self.busy = True
-        started_s = time.perf_counter()
-        sent_before = self.http.bytes_sent
-        request = self._request_from(event, new_id("req_")[:16])
+    def _arm(self) -> None:
+        """One timer per connection, moved only when the protocol's deadline comes earlier (a later one is
+        handled when the timer fires and finds it has not passed)."""
+        at = self.protocol.deadline()
+        timer = self._timer
+        if at is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+        elif timer is None or at < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._apply(self.protocol.handle_timer(self.loop.time()))
+
+    def _wake(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+
+    async def _answer_one(self, ready: RequestReady) -> None:
+        request = ready.request
         response: Response | None = None
-        watcher: asyncio.Future[None] | None = None
+        sent_before = self.bytes_sent
         try:
-            response = await self._read_body(request)
-            if response is None:
-                # While we answer, notice at once if the client leaves, so Poe stops generating.
-                watcher = asyncio.ensure_future(self._watch_disconnect())
+            if ready.error is not None:
+                response = self.app.render_error(request, ready.error)
+                response.headers.append(("Connection", "close"))
+            else:
                 response = await self.app.dispatch(request)
             await self._send(request, response)
-            return True
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.wait([watcher])   # its read must be over before the next request is read
-            self.busy = False
-            access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
-                            response.status if response else 0, (time.perf_counter() - started_s) * 1000,
-                            self.http.bytes_sent - sent_before, request.model or "-", request.request_id)
-
-    async def _watch_disconnect(self) -> None:
-        """Runs while a request is handled: end of input means the client left, so cancel the handler
-        (its cleanup closes the Poe connection). Bytes of a pipelined next request are kept for h11."""
-        try:
-            data = await self.http.reader.read(READ_CHUNK_BYTES)
-        except (ConnectionError, OSError):
-            data = b""
-        if data:
-            self.http.conn.receive_data(data)
+        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
+            self._apply(self.protocol.abort())   # the client went away or stalled; nothing left to tell it
             return
-        self.client_gone = True
-        if self.task is not None:
-            self.task.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+            self._apply(self.protocol.abort())
+            return
+        finally:
+            self._answering = None
+            self._log(ready, response.status if response else 0, self.bytes_sent - sent_before)
+        try:
+            self._apply(self.protocol.response_done(self.loop.time(), self.state.closing))
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+            self._apply(self.protocol.abort())
+        self._wake()
 
-    def _request_from(self, event: h11.Request, request_id: str) -> Request:
-        headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        if "://" in path:  # absolute-form target: keep only the path
-            path = urllib.parse.urlsplit(path).path or "/"
-        return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
-                       query=query, headers=headers, body=b"", request_id=request_id, client=self.client)
-
-    async def _read_body(self, request: Request) -> Response | None:
-        """Read the body under MAX_REQUEST_SIZE; returns an error response instead when it cannot."""
-        head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
-                                                                  for k, v in request.headers.items())
-        if head_bytes > INBOUND_MAX_HEAD_BYTES:   # h11 caps only a head that arrives in pieces
-            return self._closing(self.app.render_error(request, ProxyError(
-                431, "The request headers are too large.", "invalid_request_error", "bad_http_request")))
-        limit = self.settings.max_request_size
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return self._too_large(request, limit)
-        conn = self.http.conn
-        if conn.they_are_waiting_for_100_continue:
-            await self.http.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
-        body = bytearray()
-        while True:
-            try:
-                event = await self.http.next_event(self.settings.read_timeout_seconds)
-            except h11.RemoteProtocolError as exc:
-                return self._closing(self.app.render_error(request, bad_request(f"Malformed request body: {exc}", None,
-                                                                                "bad_http_request")))
-            if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > limit:
-                    return self._too_large(request, limit)
-            elif isinstance(event, h11.EndOfMessage):
-                request.body = bytes(body)
-                return None
-            else:
-                raise ConnectionError("client closed the connection while sending its body")
-
-    def _too_large(self, request: Request, limit: int) -> Response:
-        return self._closing(self.app.render_error(request, ProxyError(
-            413, f"The request body is larger than MAX_REQUEST_SIZE ({limit} bytes).", "invalid_request_error",
-            "payload_too_large")))
-
-    @staticmethod
-    def _closing(response: Response) -> Response:
-        response.headers.append(("Connection", "close"))
-        return response
+    def _log(self, ready: RequestReady, status: int, sent: int) -> None:
+        request = ready.request
+        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
+                        status, (self.loop.time() - ready.started) * 1000, sent, request.model or "-",
+                        request.request_id)
 
     async def _send(self, request: Request, response: Response) -> None:
         headers = list(response.headers)
@@ -6605,14 +6867,9 @@ class InboundConnection:
             headers.append(("Connection", "close"))
         headers.append(("Server", f"poe2openai/{__version__}"))
         headers.append(("X-Request-Id", request.request_id))
+        protocol = self.protocol
         if response.stream is None:
-            headers.append(("Content-Length", str(len(response.body))))
-            events: list[Any] = [h11.Response(status_code=response.status, headers=headers,
-                                              reason=_reason(response.status))]
-            if response.body and request.method != "HEAD":
-                events.append(h11.Data(data=response.body))
-            events.append(h11.EndOfMessage())
-            await self.http.send(*events)
+            await self._write(protocol.respond(response.status, headers, response.body))
             return
         stream = response.stream
         try:
@@ -6622,21 +6879,33 @@ class InboundConnection:
         except StopAsyncIteration:
             first = b""
         try:
-            await self.http.send(h11.Response(status_code=response.status, headers=headers,
-                                              reason=_reason(response.status)), h11.Data(data=first))
-            async for chunk in stream:
+            await self._write(protocol.start_stream(response.status, headers, first))
+            async for chunk in stream:   # pulled one piece at a time: the client's pace sets Poe's
                 if chunk:
-                    await self.http.send(h11.Data(data=chunk))
-            await self.http.send(h11.EndOfMessage())
+                    await self._write(protocol.send_data(chunk))
+            await self._write(protocol.end_stream())
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # async generator: closes Poe's side too
 
-    async def _write_raw(self, data: bytes) -> None:
+    async def _write(self, data: bytes) -> None:
         try:
-            self.http.writer.write(data)
-            await asyncio.wait_for(self.http.writer.drain(), 5.0)
-        except (ConnectionError, asyncio.TimeoutError, OSError):
-            pass
+            self.writer.write(data)
+            self.bytes_sent += len(data)
+            # drain() only blocks when the client is slow; skip the timer in the common case.
+            if self.transport.get_write_buffer_size() > 0:
+                await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+            else:
+                await self.writer.drain()
+        except BaseException:
+            self.protocol.send_failed()
+            raise
+
+    async def _aclose(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+            pass  # the socket is going away either way
 
 
 ###############################################################################
@@ -6686,8 +6955,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         try:
             await connection.run()
         except asyncio.CancelledError:
-            if not (state.closing or connection.client_gone):
-                raise   # someone else's cancellation; ours (shutdown, client gone) ends here quietly
+            if not state.closing:
+                raise   # someone else's cancellation; ours (shutdown) ends here quietly
         finally:
             state.connections.discard(connection)
 

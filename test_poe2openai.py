@@ -1293,6 +1293,233 @@ def test_admin_page_needs_basic_auth(proxy: Proxy) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
 
 
+# ----------------------------------------------------------------------------- the inbound protocol, in memory
+
+POST_HI = (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 11\r\n\r\n" b'{"a": "hi"}')
+GET_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+GET_CLOSE = b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def inbound(**kw: Any) -> p2o.InboundProtocol:
+    return p2o.InboundProtocol(p2o.Settings(**kw), now=0.0, client="test")
+
+
+def feed(protocol: p2o.InboundProtocol, data: bytes, cuts: list[int] | None = None, now: float = 0.0) -> list[Any]:
+    """Feed data in pieces (cut at the given offsets) and collect every action."""
+    bounds = [0, *(cuts or []), len(data)]
+    actions: list[Any] = []
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            actions += protocol.receive_data(data[a:b], now)
+    return actions
+
+
+def answer(protocol: p2o.InboundProtocol, body: bytes = b"ok", now: float = 0.0) -> tuple[bytes, list[Any]]:
+    out = protocol.respond(200, [("Content-Type", "text/plain")], body)
+    return out, protocol.response_done(now)
+
+
+def responses_of(data: bytes, count: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    """Parse bytes the way a client does (h11 as the peer): raises unless they are well-formed HTTP."""
+    client = h11.Connection(h11.CLIENT)
+    client.receive_data(data)
+    out = []
+    for _ in range(count):
+        client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        client.send(h11.EndOfMessage())
+        status, headers, body = 0, {}, b""
+        while True:
+            event = client.next_event()
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(f"incomplete response: {event}")
+        out.append((status, headers, body))
+        if client.our_state is h11.DONE and client.their_state is h11.DONE:
+            client.start_next_cycle()
+    return out
+
+
+@pytest.mark.parametrize("cuts", [[], list(range(1, len(POST_HI))), [POST_HI.index(b"\r\n\r\n") + 4], [5, 40, 90]],
+                         ids=["whole", "byte-by-byte", "head-then-body", "odd"])
+def test_inbound_protocol_any_chunking_gives_one_request(cuts: list[int]) -> None:
+    protocol = inbound()
+    actions = feed(protocol, POST_HI, cuts)
+    assert [type(a) for a in actions] == [p2o.RequestReady]
+    ready = actions[0]
+    assert ready.error is None and protocol.busy and protocol.deadline() is None   # no read deadline while we answer
+    request = ready.request
+    assert (request.method, request.path, request.query, request.body) == ("POST", "/v1/chat/completions", "x=1",
+                                                                           b'{"a": "hi"}')
+    assert request.headers["content-type"] == "application/json" and request.request_id.startswith("req_")
+    out, after = answer(protocol, b"hello")
+    assert after == [] and not protocol.busy and not protocol.closed
+    assert responses_of(out) == [(200, {"content-type": "text/plain", "content-length": "5"}, b"hello")]
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_inbound_protocol_pipelined_requests_one_at_a_time() -> None:
+    protocol = inbound()
+    actions = feed(protocol, GET_HEALTH + POST_HI + GET_CLOSE)
+    assert [a.request.path for a in actions] == ["/healthz"]          # the rest waits for our answer
+    assert protocol.receive_data(GET_HEALTH, 0.0) == []               # still held, not parsed
+    wire = b""
+    paths = []
+    while not protocol.closed:
+        out, actions = answer(protocol, b"x")
+        wire += out
+        paths += [a.request.path for a in actions if isinstance(a, p2o.RequestReady)]
+        if any(isinstance(a, p2o.CloseConnection) for a in actions):
+            break
+    assert paths == ["/v1/chat/completions", "/last"]                 # "Connection: close" ended it
+    assert protocol.closed and wire.count(b"HTTP/1.1 200 ") == 3
+    assert [r[0] for r in responses_of(wire, 3)] == [200, 200, 200]
+
+
+def test_inbound_protocol_keep_alive_reuse_and_its_idle_timeout() -> None:
+    protocol = inbound(header_timeout_seconds=10, keepalive_timeout_seconds=30)
+    assert protocol.deadline() == 10                               # a new connection owes us a head
+    feed(protocol, GET_HEALTH, now=1.0)
+    assert answer(protocol, now=2.0)[1] == []
+    assert protocol.deadline() == 32                               # idle keep-alive
+    assert protocol.handle_timer(31.9) == []
+    assert [type(a) for a in feed(protocol, GET_HEALTH[:5], now=20.0)] == []
+    assert protocol.deadline() == 30                               # a head began: the header deadline
+    assert [type(a) for a in feed(protocol, GET_HEALTH[5:], now=21.0)] == [p2o.RequestReady]
+    answer(protocol, now=22.0)
+    assert protocol.handle_timer(52.0) == [p2o.CLOSE] and protocol.closed   # idle too long: closed silently
+
+
+def test_inbound_protocol_slow_head_is_408_and_close() -> None:
+    protocol = inbound(header_timeout_seconds=10)
+    feed(protocol, b"GET /healthz HTTP/1.1\r\nHost:", now=1.0)
+    assert protocol.handle_timer(9.0) == []
+    out, close = protocol.handle_timer(10.0)
+    assert close == p2o.CLOSE and protocol.closed
+    status, headers, body = responses_of(out)[0]
+    assert status == 408 and headers["connection"] == "close" and json.loads(body)["error"]["code"] == "request_timeout"
+    assert inbound().handle_timer(10.0) == [p2o.CLOSE]              # nothing sent at all: just close
+
+
+def test_inbound_protocol_slow_body_closes_and_names_the_request() -> None:
+    protocol = inbound(read_timeout_seconds=5)
+    feed(protocol, POST_HI[:-3], now=1.0)
+    feed(protocol, POST_HI[-3:-1], now=4.0)
+    assert protocol.deadline() == 9.0 and protocol.handle_timer(8.0) == []   # idle time, not total
+    (close,) = protocol.handle_timer(9.0)
+    assert close.abandoned.request.path == "/v1/chat/completions" and protocol.closed
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_inbound_protocol_huge_head_is_431_and_close(whole: bool) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"
+    protocol = inbound()
+    actions = feed(protocol, head, [] if whole else list(range(1024, len(head), 1024)))
+    if whole:   # h11 parsed it in one go: refused once we see its size, still answered through h11
+        (ready,) = actions
+        assert ready.error.status == 431
+        out, after = answer(protocol)
+        assert after == [p2o.CLOSE]
+    else:
+        out, close = actions
+        assert close == p2o.CLOSE and protocol.closed
+        status, headers, body = responses_of(out)[0]
+        assert status == 431 and headers["connection"] == "close" and b"too large" in body
+        assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+def test_inbound_protocol_garbage_is_400_and_close() -> None:
+    protocol = inbound()
+    out, close = feed(protocol, b"\x16\x03\x01 garbage\r\n\r\n")
+    assert close == p2o.CLOSE and protocol.closed
+    status, headers, body = responses_of(out)[0]
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_http_request"
+
+
+def test_inbound_protocol_body_over_the_limit_is_413_and_close() -> None:
+    protocol = inbound(max_request_size=100)
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n"
+    (ready,) = feed(protocol, head)                                  # declared too big: no 100 Continue
+    assert ready.error.status == 413 and ready.error.code == "payload_too_large"
+    assert feed(protocol, b"x" * 1000) == [] and not protocol.wants_data   # the rest is dropped, not read
+    assert answer(protocol)[1] == [p2o.CLOSE] and protocol.closed
+
+    protocol = inbound(max_request_size=100)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(3)) + b"0\r\n\r\n"
+    actions = feed(protocol, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + chunked, list(range(10, 300, 10)))
+    assert [a.error.status for a in actions] == [413]                # counted as it comes, refused once
+    assert answer(protocol)[1] == [p2o.CLOSE]
+
+
+def test_inbound_protocol_100_continue_only_when_the_body_is_read() -> None:
+    expect = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+              b"Content-Length: 11\r\n\r\n")
+    protocol = inbound()
+    assert feed(protocol, expect) == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert [a.request.body for a in feed(protocol, b'{"a": "hi"}')] == [b'{"a": "hi"}']
+
+    protocol = inbound()                                               # the same, pipelined behind a GET
+    assert [type(a) for a in feed(protocol, GET_HEALTH + expect)] == [p2o.RequestReady]   # no 100 yet
+    out, actions = answer(protocol)
+    assert actions == [b"HTTP/1.1 100 Continue\r\n\r\n"]               # now we read its body
+    assert [a.request.path for a in feed(protocol, b'{"a": "hi"}')] == ["/v1/chat/completions"]
+
+
+def test_inbound_protocol_end_of_input() -> None:
+    protocol = inbound()
+    assert protocol.receive_data(b"", 0.0) == [p2o.CLOSE] and protocol.closed   # an idle client left
+    assert protocol.receive_data(GET_HEALTH, 0.0) == []                 # bytes after the end are ignored
+
+    protocol = inbound()                                                # in the middle of a head: 400
+    out, close = feed(protocol, GET_HEALTH[:10]) + protocol.receive_data(b"", 0.0)
+    assert responses_of(out)[0][0] == 400 and close == p2o.CLOSE
+
+    protocol = inbound()                                                # in the middle of a body: refused
+    (ready,) = feed(protocol, POST_HI[:-2]) + protocol.receive_data(b"", 0.0)
+    assert ready.error.status == 400 and "Malformed request body" in ready.error.message
+
+    protocol = inbound()                                                # while we answer: the client left
+    feed(protocol, POST_HI)
+    assert protocol.receive_data(b"", 0.0) == [p2o.DISCONNECTED] and protocol.closed
+    assert protocol.receive_data(b"more", 0.0) == []
+
+    protocol = inbound()                                                # a reset while we answer: the same
+    feed(protocol, GET_HEALTH)
+    assert protocol.connection_lost(0.0) == [p2o.DISCONNECTED]
+
+    protocol = inbound(max_request_size=5)                              # an error answer still goes out
+    feed(protocol, POST_HI)
+    assert protocol.receive_data(b"", 0.0) == []
+    assert answer(protocol)[1] == [p2o.CLOSE]
+
+
+def test_inbound_protocol_holds_at_most_a_bounded_pipeline() -> None:
+    protocol = inbound()
+    feed(protocol, GET_HEALTH)
+    assert protocol.wants_data                                          # watching for the client leaving
+    size = p2o.PIPELINE_BUFFER_BYTES + 10
+    feed(protocol, b"POST /next HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (size + 10) + b"p" * size)
+    assert not protocol.wants_data                                      # enough held: stop reading
+    assert answer(protocol)[1] == [] and protocol.busy                  # now reading that body...
+    assert protocol.wants_data
+    assert [a.request.path for a in feed(protocol, b"p" * 10)] == ["/next"]   # ...to its end
+
+
+def test_inbound_protocol_http_10_and_head() -> None:
+    protocol = inbound()
+    feed(protocol, b"HEAD /healthz HTTP/1.0\r\n\r\n")
+    out, after = answer(protocol, b"twelve bytes")
+    assert out.endswith(b"\r\n\r\n") and b"Content-Length: 12" in out    # the length of the GET body, none of it
+    assert b"connection: close" in out.lower() and after == [p2o.CLOSE]
+
+
 ###############################################################################
 # models.yaml: mapping, hiding, custom models, hand edits
 ###############################################################################
@@ -2324,6 +2551,35 @@ def test_client_leaving_closes_the_poe_connection_at_once(proxy: Proxy, poe: Fak
     assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
 
 
+@pytest.mark.parametrize("how", ["close", "half-close", "pipeline-then-half-close"])
+def test_client_leaving_mid_stream_closes_poe_while_it_is_still_sending(proxy: Proxy, poe: FakePoe, how: str) -> None:
+    poe.on("Trickle", [x for i in range(20) for x in (sse("text", {"text": f"piece{i} "}), 0.25)] + [sse("done", {})])
+    body = json.dumps({"model": "Trickle", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"piece0" not in got:
+            got += sock.recv(65536)
+        if how.startswith("pipeline"):     # a next request already came: the leaving is noticed all the same
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.05)
+        left_at = time.monotonic()
+        if how.endswith("half-close"):     # the client still reads, so writes to it keep succeeding
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            sock.close()
+        deadline = time.monotonic() + 3
+        while not poe.disconnects and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
+        if how.endswith("half-close"):
+            rest = b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+            assert b"piece19" not in rest and b"[DONE]" not in rest   # the answer was cut, not finished
+
+
 def test_hostile_bot_output_never_breaks_the_stream() -> None:
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object",
               "properties": {"n": {"type": "integer"}, "o": {"type": "object"}, "s": {"type": "string"}}}}}]
@@ -3131,9 +3387,10 @@ def test_graceful_shutdown_lets_running_streams_finish(start: Callable[..., Prox
 
     reader = threading.Thread(target=consume)
     reader.start()
-    deadline = time.monotonic() + 5
-    while not any(r["path"] == "/bot/Slow" for r in poe.requests) and time.monotonic() < deadline:
-        time.sleep(0.01)                         # wait until the stream is running, however loaded the machine
+    deadline = time.monotonic() + 10              # the stream is running (the SDK can be slow to start)
+    while not any(r["path"].endswith("/Slow") for r in poe.requests) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
     stopper = threading.Thread(target=proxy.stop)
     stopper.start()
     time.sleep(0.1)
