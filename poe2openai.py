@@ -1048,6 +1048,10 @@ class RateGate:
         self._arm()
 
 
+STATS_KEY_CHARS = 100
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 class UsageStats:
     """Requests, errors, tokens and latency percentiles per model since start (bounded memory)."""
 
@@ -1057,7 +1061,11 @@ class UsageStats:
         self._models: dict[str, dict[str, Any]] = {}
 
     def record(self, model: str, *, ok: bool, latency_s: float, prompt_tokens: int = 0,
-               completion_tokens: int = 0) -> None:
+               completion_tokens: int = 0, refused: bool | None = None) -> None:
+        """Count one request. `refused`: it never reached a model (None: inferred from a failure
+        without any tokens), so it goes to the one "(refused)" row, whatever model string it named."""
+        model = self._bounded_key(model, refused if refused is not None
+                                  else not ok and not prompt_tokens and not completion_tokens)
         entry = self._models.get(model)
         if entry is None:
             if len(self._models) >= 1000:   # model names come from clients: cap the table
@@ -1071,6 +1079,14 @@ class UsageStats:
         entry["prompt_tokens"] += prompt_tokens
         entry["completion_tokens"] += completion_tokens
         entry["latency"].append(latency_s * 1000.0)
+
+    @staticmethod
+    def _bounded_key(model: str, refused: bool) -> str:
+        """Model strings come from clients: a stranger's junk must not become a row of any size."""
+        if refused:
+            return "(refused)"
+        name = _CONTROL_CHARS.sub("", str(model)[:400]).strip()[:STATS_KEY_CHARS]
+        return name or "(unnamed)"
 
     def snapshot(self) -> dict[str, Any]:
         models = []
@@ -1835,6 +1851,7 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
     """Every image, file and audio part of the messages, decoded and checked (400 naming the part if
     it cannot be). Unknown part types are skipped with a warning, never refused."""
     found: list[Media] = []
+    skipped: list[str] = []   # said in one warning per request: a request of many odd parts is not a log flood
     for i, message in enumerate(messages):
         content = message.get("content")
         parts = content if isinstance(content, list) else [content] if isinstance(content, dict) else []
@@ -1846,15 +1863,19 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
             if kind in TEXT_PART_TYPES and kind is not None or (kind is None and "text" in part):
                 continue
             if kind not in MEDIA_PART_TYPES:
-                log.warning("%s: skipping a content part of unknown type %r", where, kind)
+                skipped.append(f"{where}: a content part of unknown type {str(kind)[:40]!r}")
                 continue
-            media = _media_of(part, kind, where, i)
+            media = _media_of(part, kind, where, i, skipped)
             if media is not None:
                 found.append(media)
+    if skipped:
+        log.warning("skipping %d content part(s) this proxy cannot pass on: %s", len(skipped),
+                    "; ".join(skipped[:3]) + ("; …" if len(skipped) > 3 else ""))
     return found
 
 
-def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Media | None:
+def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int,
+              skipped: list[str] | None = None) -> Media | None:
     if kind in ("image_url", "input_image"):
         value = part.get("image_url")
         url = value.get("url") if isinstance(value, dict) else value
@@ -1862,7 +1883,7 @@ def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Med
             url = part["file_data"]
         if not isinstance(url, str) or not url.strip():
             if part.get("file_id"):
-                log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+                _skip(skipped, where, "a file_id reference, which this proxy cannot resolve")
                 return None
             raise bad_request(f"{where}: image_url.url is required.", where)
         mime = value.get("mime_type") if isinstance(value, dict) and isinstance(value.get("mime_type"), str) else ""
@@ -1896,9 +1917,16 @@ def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Med
     if isinstance(file_url, str) and file_url.strip():
         return _media_from_url(file_url.strip(), where, index, "file", "", filename)
     if spec.get("file_id"):
-        log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+        _skip(skipped, where, "a file_id reference, which this proxy cannot resolve")
         return None
     raise bad_request(f"{where}: the file part has no file_data.", where)
+
+
+def _skip(skipped: list[str] | None, where: str, why: str) -> None:
+    if skipped is None:
+        log.warning("%s: skipping %s", where, why)
+    else:
+        skipped.append(f"{where}: {why}")
 
 
 def _decode_part_base64(value: Any, where: str) -> bytes:
@@ -5004,6 +5032,7 @@ class PoeClient:
         if response.status != 200:
             body = await _read_error_body(response)
             raise classify_poe_status(response.status, body, f"bot {bot}", response.headers)
+        await _refuse_encoded(response, f"bot {bot}")
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             body = await _read_error_body(response)
@@ -5018,6 +5047,8 @@ class PoeClient:
         if api_key:
             headers.append(("Authorization", f"Bearer {api_key}"))
         response = await self._pool.request("GET", url, headers, b"", "model list")
+        if response.status == 200:
+            await _refuse_encoded(response, "model list")
         body = await response.read_all(32 * 1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, body, "model list", response.headers)
@@ -5026,6 +5057,16 @@ class PoeClient:
         except ValueError:
             raise upstream_error("model list: Poe's answer is not JSON") from None
         return catalogue_from_poe(payload)
+
+
+async def _refuse_encoded(response: UpstreamResponse, what: str) -> None:
+    """We ask for `Accept-Encoding: identity` and decode nothing: a compressed body would read as
+    garbage (an empty answer), so it is an error that says what came."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        await response.aclose()
+        raise upstream_error(f"{what}: Poe sent a body with Content-Encoding {encoding[:40]!r}, which the proxy "
+                             "did not ask for (it asks for identity) and cannot read")
 
 
 async def _read_error_body(response: UpstreamResponse) -> bytes:
@@ -5170,6 +5211,8 @@ class Uploader:
         headers = [("Authorization", f"Bearer {api_key}"), ("Content-Type", content_type),
                    ("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
         response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
+        if response.status == 200:
+            await _refuse_encoded(response, "file upload")
         raw = await response.read_all(1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, raw, "file upload", response.headers)
@@ -5243,9 +5286,13 @@ def api_key_of(request: Request) -> str:
     """The client's Poe key from `Authorization: Bearer …` (or `x-api-key`). Never logged."""
     auth = request.headers.get("authorization", "").strip()
     scheme, _, key = auth.partition(" ")
-    if scheme.lower() == "bearer" and key.strip():
-        return key.strip()
-    key = request.headers.get("x-api-key", "").strip()
+    if not (scheme.lower() == "bearer" and key.strip()):
+        key = request.headers.get("x-api-key", "")
+    key = key.strip()
+    if key and not (key.isascii() and key.isprintable()):
+        # Poe keys are ASCII; anything else could not even be sent on (HTTP header values are bytes).
+        raise ProxyError(401, "The API key has characters no Poe API key has (it must be printable ASCII).",
+                         "invalid_request_error", "invalid_api_key")
     if key:
         return key
     if auth:

@@ -2223,7 +2223,7 @@ def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe,
             {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(),
                                                     "format": "mp3"}},
             {"type": "mystery_part", "x": 1}]}])
-    assert "messages[0].content[3]: skipping a content part of unknown type 'mystery_part'" in caplog.text
+    assert "messages[0].content[3]: a content part of unknown type 'mystery_part'" in caplog.text
     assert [(u["filename"], u["content_type"], u["data"]) for u in poe.uploads] == [
         ("spec.pdf", "application/pdf", PDF_LIKE), ("audio.mp3", "audio/mpeg", b"ID3fake-mp3")]
     assert [a["name"] for a in last_query(poe)["query"]["query"][-1]["attachments"]] == ["spec.pdf", "audio.mp3"]
