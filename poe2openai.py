@@ -1049,6 +1049,7 @@ class RateGate:
 
 
 STATS_KEY_CHARS = 100
+STATS_FAILURE_ROWS = 100   # rows a failure without any answer may open; later ones share "(refused)"
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -1059,13 +1060,13 @@ class UsageStats:
         self.since_s = time.time()
         self._max_samples = max_samples
         self._models: dict[str, dict[str, Any]] = {}
+        self._failure_rows = 0
 
     def record(self, model: str, *, ok: bool, latency_s: float, prompt_tokens: int = 0,
-               completion_tokens: int = 0, refused: bool | None = None) -> None:
-        """Count one request. `refused`: it never reached a model (None: inferred from a failure
-        without any tokens), so it goes to the one "(refused)" row, whatever model string it named."""
-        model = self._bounded_key(model, refused if refused is not None
-                                  else not ok and not prompt_tokens and not completion_tokens)
+               completion_tokens: int = 0, refused: bool = False) -> None:
+        """Count one request. `refused=True`: it never reached a model, so it goes to the one
+        "(refused)" row, whatever model string it named."""
+        model = self._bounded_key(model, refused, failed=not ok and not prompt_tokens and not completion_tokens)
         entry = self._models.get(model)
         if entry is None:
             if len(self._models) >= 1000:   # model names come from clients: cap the table
@@ -1080,13 +1081,18 @@ class UsageStats:
         entry["completion_tokens"] += completion_tokens
         entry["latency"].append(latency_s * 1000.0)
 
-    @staticmethod
-    def _bounded_key(model: str, refused: bool) -> str:
-        """Model strings come from clients: a stranger's junk must not become a row of any size."""
+    def _bounded_key(self, model: str, refused: bool, failed: bool) -> str:
+        """Model strings come from clients, and anyone can send one (Poe judges the key): a row's name
+        is short and printable, and failures that never got an answer may open only a few rows of
+        their own, so strangers cannot crowd the models in use out of the table."""
         if refused:
             return "(refused)"
-        name = _CONTROL_CHARS.sub("", str(model)[:400]).strip()[:STATS_KEY_CHARS]
-        return name or "(unnamed)"
+        name = _CONTROL_CHARS.sub("", str(model)[:400]).strip()[:STATS_KEY_CHARS] or "(unnamed)"
+        if failed and name not in self._models:
+            if self._failure_rows >= STATS_FAILURE_ROWS:
+                return "(refused)"
+            self._failure_rows += 1
+        return name
 
     def snapshot(self) -> dict[str, Any]:
         models = []
