@@ -633,13 +633,23 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), 
           (b"PK\x03\x04", "application/zip"))
 
 
+def split_url(url: str) -> urllib.parse.SplitResult:
+    """urllib.parse.urlsplit for URLs a client may have made megabytes long (an image URL, a model name
+    in a bot URL): urlsplit remembers what it parsed (CPython caches 128 URLs), so a long one is
+    dropped from that cache at once."""
+    parts = urllib.parse.urlsplit(url)
+    if len(url) > 4096:
+        urllib.parse.clear_cache()
+    return parts
+
+
 def extension_for(content_type: str) -> str:
     return _EXTENSIONS.get(content_type.split(";")[0].strip().lower(), "bin")
 
 
 def guess_content_type(name: str = "", data: bytes = b"") -> str:
     """A MIME type from a file name's extension, else from the first bytes, else a neutral default."""
-    base = urllib.parse.urlsplit(name).path if "://" in name else name
+    base = split_url(name).path if "://" in name else name
     ext = base.rsplit(".", 1)[-1].lower() if "." in base.rsplit("/", 1)[-1] else ""
     if ext in _TYPES_BY_EXTENSION:
         return _TYPES_BY_EXTENSION[ext]
@@ -671,7 +681,7 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 
 
 def is_poe_cdn(url: str) -> bool:
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    host = (split_url(url).hostname or "").lower()
     return any(host == h or host.endswith("." + h) for h in POE_CDN_HOSTS)
 
 
@@ -1850,7 +1860,10 @@ class Media:
     def cache_key(self) -> str:
         # The whole decoded content is hashed: two files never share a key by accident.
         import hashlib   # here, not at the top: the OpenSSL bindings cost memory a text-only proxy never uses
-        return "sha256:" + hashlib.sha256(self.data).hexdigest() if self.data is not None else "url:" + str(self.url)
+        if self.data is not None:
+            return "sha256:" + hashlib.sha256(self.data).hexdigest()
+        url = str(self.url)   # a long URL by its hash: the cache must not keep megabytes of key
+        return "url:" + url if len(url) <= 2048 else "url-sha256:" + hashlib.sha256(url.encode("utf-8", "replace")).hexdigest()
 
 
 def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
@@ -1953,7 +1966,7 @@ def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, file
                               where) from None
         content_type = mime or content_type
         return Media(where, index, content_type, filename or f"{kind}.{extension_for(content_type)}", data=data)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    scheme = split_url(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise bad_request(f"{where}: only http(s) and data: URLs are supported.", where)
     name = filename or _name_from_url(url)
@@ -1961,7 +1974,7 @@ def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, file
 
 
 def _name_from_url(url: str) -> str:
-    segment = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    segment = urllib.parse.unquote(split_url(url).path.rsplit("/", 1)[-1])
     if "." in segment and len(segment) <= 200:
         return segment
     return "image.jpg" if "/image/" in url else (segment or "file")
@@ -4581,7 +4594,7 @@ class Origin:
 
     @classmethod
     def of(cls, url: str) -> Origin:
-        parts = urllib.parse.urlsplit(url)
+        parts = split_url(url)
         scheme = parts.scheme
         return cls(scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
 
@@ -4593,7 +4606,7 @@ class Origin:
 
 
 def _target(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 

@@ -3035,6 +3035,33 @@ def test_a_key_no_poe_key_could_be_is_a_401_in_the_dialects_shape(proxy: Proxy) 
             assert error["error"]["code"] == "invalid_api_key"
 
 
+def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, poe: FakePoe) -> None:
+    import gc
+    import tracemalloc
+
+    def ask(i: int) -> int:
+        with httpx.Client(timeout=20) as http:
+            return http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": "Bearer stranger"}, json={
+                "model": f"{i}-" + "m" * 1_000_000, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"https://example.com/{i}/" + "p" * 1_000_000}}]}]}
+            ).status_code
+
+    ask(0)   # the first request fills what is filled once (imports, pools)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        assert all(ask(i) >= 400 for i in range(1, 13))   # Poe cannot take such a bot name
+        assert len(poe.uploads) == 13
+        poe.requests.clear()   # what the fake Poe keeps is not the proxy's
+        poe.uploads.clear()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 * 1024 * 1024, grown   # 12 requests of 2 MB each: none of it is kept
+
+
 def test_unknown_content_parts_are_one_warning_per_request(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
     parts = [{"type": "text", "text": "hi"}] + [{"type": "mystery_%d" % i} for i in range(50)]
     with caplog.at_level(logging.WARNING, logger="poe2openai"):
