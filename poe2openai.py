@@ -639,7 +639,7 @@ def split_url(url: str) -> urllib.parse.SplitResult:
     dropped from that cache at once."""
     parts = urllib.parse.urlsplit(url)
     if len(url) > 4096:
-        urllib.parse.clear_cache()
+        urllib.parse.clear_cache()   # type: ignore[attr-defined]  # CPython 3.10-3.13 have it, undocumented
     return parts
 
 
