@@ -80,9 +80,11 @@ import argparse
 import asyncio
 import base64
 import codecs
+import contextlib
 import contextvars
 import dataclasses
 import errno
+import gc
 import http
 import json
 import logging
@@ -98,7 +100,7 @@ import urllib.parse
 import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import h11
 
@@ -4030,7 +4032,8 @@ class ResponsesFold:
 ###############################################################################
 
 TOOL_MODES = ("xml", "native")
-MODELS_YAML_MAX_BYTES = 1024 * 1024   # far beyond any real configuration; parsing costs seconds per MB
+# Far beyond any real configuration (some 5000 models); parsing costs about a second per 256 KiB.
+MODELS_YAML_MAX_BYTES = 256 * 1024
 # What an entry may say; other keys are dropped (with one warning), so nothing else is kept or echoed.
 MODEL_ENTRY_KEYS = ("mapping", "enable", "replace_response", "tool_mode")
 CUSTOM_MODEL_KEYS = ("id", "created", "owned_by", "description", "context_length", "max_output_tokens",
@@ -4050,8 +4053,10 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> ModelConfig:
-        """Parse models.yaml. Aliases (`*name`) are refused: a few lines of them can expand to gigabytes."""
-        data = _yaml().load(text, Loader=_no_alias_loader())
+        """Parse models.yaml. Aliases (`*name`) are refused: a few lines of them can expand to gigabytes.
+        Slow for a big file: callers on the event loop run it in a thread."""
+        with _gc_paused():
+            data = _load_yaml(text)
         return cls() if data is None else cls.from_dict(data)
 
     @classmethod
@@ -4264,7 +4269,7 @@ class ModelRegistry:
         os.makedirs(folder, exist_ok=True)
         header = ("# models.yaml for poe2openai, written by the admin page. Hand edits are welcome and take\n"
                   "# effect within seconds; comments are not kept when the admin page saves.\n")
-        text = header + _yaml().safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        text = header + _dump_yaml(config.to_dict())
         try:
             mode = os.stat(self.path).st_mode & 0o777
             with open(self.path, "rb") as fh:
@@ -4366,6 +4371,44 @@ def _yaml() -> Any:
     return yaml
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Parsing or writing YAML in a thread makes objects by the hundred thousand, and the collections
+    that triggers would run in that thread with the GIL held, stalling the event loop for as long.
+    Paused meanwhile (a few seconds at most; nothing else in the proxy pauses it)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _load_yaml(text: str) -> Any:
+    """safe_load without aliases: libyaml's parser when PyYAML has it (several times faster), its
+    events checked for aliases first; else the pure-Python loader that refuses them as it goes."""
+    yaml = _yaml()
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is None:
+        return yaml.load(text, Loader=_no_alias_loader())
+    for event in yaml.parse(text, Loader=fast):
+        if isinstance(event, yaml.AliasEvent):
+            raise _alias_error(event.start_mark)
+    return yaml.load(text, Loader=fast)
+
+
+def _alias_error(mark: Any) -> Exception:
+    return _yaml().composer.ComposerError(None, None, "aliases (*name) are not allowed in models.yaml", mark)
+
+
+def _dump_yaml(data: Any) -> str:
+    yaml = _yaml()
+    with _gc_paused():
+        return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                         allow_unicode=True)
+
+
 _YAML_LOADER: Any = None
 
 
@@ -4378,8 +4421,7 @@ def _no_alias_loader() -> Any:
         class NoAliasLoader(yaml.SafeLoader):   # type: ignore[misc,name-defined]
             def compose_node(self, parent: Any, index: Any) -> Any:
                 if self.check_event(yaml.AliasEvent):
-                    raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in models.yaml",
-                                                      self.peek_event().start_mark)
+                    raise _alias_error(self.peek_event().start_mark)
                 return super().compose_node(parent, index)
 
         _YAML_LOADER = NoAliasLoader
@@ -5674,8 +5716,11 @@ class AdminAPI:
 
     async def admin_get_config(self, request: Request) -> Response:
         self._check_admin(request)
-        return json_response(200, {**self.registry.config().to_dict(), "load_error": self.registry.last_error},
-                             [("Cache-Control", "no-store")])
+        config, error = self.registry.config(), self.registry.last_error
+        # A big configuration takes a while to render: not on the event loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, lambda: dump_json(
+            {**config.to_dict(), "load_error": error}))
+        return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")], body)
 
     async def admin_post_config(self, request: Request) -> Response:
         self._check_admin(request)

@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import email.policy
+import gc
 import hashlib
 import json
 import logging
@@ -1428,9 +1429,9 @@ def test_models_yaml_that_would_wedge_the_proxy_is_refused(start: Callable[..., 
     got = wait_for_config(proxy, lambda c: bool(c["load_error"]))
     assert "aliases (*name) are not allowed" in got["load_error"] and "line 5" in got["load_error"]
     assert got["models"] == {"GPT-4o": {"mapping": "good-name"}} and client.models.list().data[0].id == "good-name"
-    cfg.write_text("enable: true\n" + "# padding\n" * 110_000)                           # over 1 MiB
+    cfg.write_text("enable: true\n" + "# padding\n" * 30_000)                            # over 256 KiB
     got = wait_for_config(proxy, lambda c: "larger than" in (c["load_error"] or ""))
-    assert "larger than 1024 KiB" in got["load_error"] and client.models.list().data[0].id == "good-name"
+    assert "larger than 256 KiB" in got["load_error"] and client.models.list().data[0].id == "good-name"
     with caplog.at_level(logging.WARNING, logger="poe2openai"):
         cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed, colour: red, notes: [a, b]}\n"
                        "custom_models:\n  - {id: Mine, owned_by: me, payload: xxxxxxxx}\n")
@@ -1442,9 +1443,17 @@ def test_models_yaml_that_would_wedge_the_proxy_is_refused(start: Callable[..., 
     assert [m.id for m in client.models.list().data][0] == "renamed"
 
 
-def test_models_yaml_aliases_are_refused_when_read_directly_too(tmp_path: Path) -> None:
-    with pytest.raises(yaml.YAMLError, match="aliases"):
-        p2o.ModelConfig.from_yaml("models: &m {GPT-4o: {mapping: x}}\nagain: *m\n")
+@pytest.mark.parametrize("libyaml", [True, False])
+def test_models_yaml_aliases_are_refused_when_read_directly_too(tmp_path: Path, libyaml: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if not libyaml:   # PyYAML built without libyaml: the pure-Python loader refuses them as well
+        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    for text in ("models: &m {GPT-4o: {mapping: x}}\nagain: *m\n", "base: &b {enable: false}\nmodels:\n  X: {<<: *b}\n"):
+        with pytest.raises(yaml.YAMLError, match="aliases") as info:
+            p2o.ModelConfig.from_yaml(text)
+        assert info.value.problem_mark.line in (1, 2)    # type: ignore[attr-defined]
+    assert p2o.ModelConfig.from_yaml("models: &m {GPT-4o: {mapping: x}}\n").models == {"GPT-4o": {"mapping": "x"}}
+    assert gc.isenabled()
     (tmp_path / "models.yaml").write_text("enable: true\nmodels:\n  GPT-4o: {mapping: sync}\n")
     registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))   # no event loop: read on the spot
     assert registry.config().models == {"GPT-4o": {"mapping": "sync"}} and registry.last_error is None
@@ -3036,7 +3045,6 @@ def test_a_key_no_poe_key_could_be_is_a_401_in_the_dialects_shape(proxy: Proxy) 
 
 
 def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, poe: FakePoe) -> None:
-    import gc
     import tracemalloc
 
     def ask(i: int) -> int:
