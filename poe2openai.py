@@ -47,12 +47,16 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
     CORS_ALLOW_ORIGINS              *, or a comma-separated list of origins (never with credentials)
     SHUTDOWN_GRACE_SECONDS          on SIGTERM, time running answers get to finish (30)
     WORKERS                         processes sharing the port with SO_REUSEPORT (1)
+    TOOL_MODE                       xml, native or auto: how tools reach a bot whose models.yaml entry
+                                    sets no tool_mode; auto is native for bots Poe lists with tools (xml)
     HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy (CONNECT for https), standard meaning
 
 What it does beyond passing text through: tool calls emulated with an XML prompt and parsed from the
-streamed answer (or Poe's native tool fields, per model); images and files uploaded to Poe through an
-LRU cache, and files Poe sends made visible; "Thinking..." blocks moved to ``reasoning_content``;
-reasoning controls turned into Poe bot flags; usage estimated with a built-in o200k_base approximation.
+streamed answer (or Poe's native tool fields: per model, or ``auto`` for the bots Poe lists with tools);
+images and files uploaded to Poe through an LRU cache, and files Poe sends made visible; "Thinking..."
+blocks moved to ``reasoning_content``; client controls (web search, reasoning, max_tokens, any declared
+parameter) turned into each bot's own parameters from Poe's model list; prompts beyond a bot's context
+window refused before Poe is asked; usage estimated with a built-in o200k_base approximation.
 Policy choices (where we differ from the Rust original on purpose) and known gaps are in README.md.
 
 Sections, each depending only on those above it: Settings; Errors; Pure helpers (ids, JSON, SSE,
@@ -168,6 +172,13 @@ def _origins_setting(name: str, raw: str) -> tuple[str, ...]:
     return origins or ("*",)
 
 
+def _tool_mode_setting(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in TOOL_MODES:
+        raise SettingsError(f"TOOL_MODE={raw!r} must be one of {', '.join(TOOL_MODES)}")
+    return value
+
+
 # ----------------------------------------------------------------------------- outbound proxy environment
 # Here, not with the other helpers: Settings reads these variables once at start-up.
 
@@ -209,6 +220,78 @@ def bypasses_proxy(host: str, port: int, no_proxy: str) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- access keys
+# Here, not with the handlers: Settings checks ACCESS_KEYS at start-up, so a typo stops the proxy there.
+
+ACCESS_KEY_MIN_LENGTH = 16
+ACCESS_LABEL_MAX_LENGTH = 64
+_ACCESS_KEY_RE = re.compile(r"[^\s,:#]+")      # what a key may be made of: no separator we parse on
+_ACCESS_LABEL_BAD_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class AccessKey:
+    label: str
+    digest: bytes = field(repr=False)   # sha256 of the key: every comparison is of equal length
+
+
+def parse_access_keys(text: str, where: str, separator: str = "\n") -> tuple[AccessKey, ...]:
+    """Access keys from a list: entries split by `separator` (lines of a file, commas in the variable),
+    each `label: key` or a bare `key` (labelled `key N`, N its place among the keys). `#` starts a
+    comment; blank entries are skipped. Raises SettingsError naming the entry, never quoting a key."""
+    import hashlib   # here, not at the top: only a proxy with access keys needs it
+    keys: list[AccessKey] = []
+    seen: dict[bytes, str] = {}
+    place = "line" if separator == "\n" else "entry"
+    for number, raw in enumerate(text.split(separator), 1):
+        entry = raw.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        label, colon, key = entry.rpartition(":")
+        label, key = label.strip(), key.strip()
+        if colon and not label:
+            raise SettingsError(f"{where}, {place} {number}: the label before ':' is empty")
+        if not _ACCESS_KEY_RE.fullmatch(key):
+            raise SettingsError(f"{where}, {place} {number}: a key is one word without spaces, ',', ':' or '#' "
+                                "(write 'label: key')")
+        if len(key) < ACCESS_KEY_MIN_LENGTH:
+            raise SettingsError(f"{where}, {place} {number}: the key is shorter than {ACCESS_KEY_MIN_LENGTH} "
+                                "characters; make one with: python -c \"import secrets; print(secrets.token_urlsafe(24))\"")
+        if len(label) > ACCESS_LABEL_MAX_LENGTH or _ACCESS_LABEL_BAD_RE.search(label):
+            raise SettingsError(f"{where}, {place} {number}: a label is at most {ACCESS_LABEL_MAX_LENGTH} "
+                                "printable characters")
+        label = label or f"key {len(keys) + 1}"
+        digest = hashlib.sha256(key.encode()).digest()
+        if digest in seen:
+            raise SettingsError(f"{where}, {place} {number}: the same key is listed twice ({seen[digest]!r} "
+                                f"and {label!r})")
+        seen[digest] = label
+        keys.append(AccessKey(label, digest))
+    if not keys:
+        raise SettingsError(f"{where} lists no keys")
+    return tuple(keys)
+
+
+def load_access_keys(name: str, spec: str) -> tuple[AccessKey, ...]:
+    """ACCESS_KEYS as written: `@/path/to/file` (one entry a line) or comma-separated entries."""
+    if not spec.startswith("@"):
+        return parse_access_keys(spec, name, ",")
+    path = spec[1:].strip()
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise SettingsError(f"{name}: cannot read the key file {path!r}: {reason}") from None
+    return parse_access_keys(text, f"{name} file {path}")
+
+
+def _access_keys_setting(name: str, raw: str) -> str:
+    spec = raw.strip()
+    load_access_keys(name, spec)   # read now, so a bad entry or a missing file stops the start
+    return spec
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything configurable, read once at start-up and passed down; never re-read from os.environ."""
@@ -238,8 +321,18 @@ class Settings:
     cors_allow_origins: tuple[str, ...] = ("*",)
     shutdown_grace_seconds: float = 30.0
     workers: int = 1
+    tool_mode: str = "xml"   # xml | native | auto, for models whose models.yaml entry sets none
+    # Off (""): each client's Bearer key is its own Poe key. Set: clients present one of these keys and
+    # the proxy calls Poe with poe_api_key. Both kept out of repr(), which may end up in a log.
+    access_keys: str = field(default="", repr=False)
+    poe_api_key: str = field(default="", repr=False)
     # Outbound proxy variables (lower-case keys: "https", "http", "no"), captured at start-up.
     proxies: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.access_keys and not self.poe_api_key:
+            raise SettingsError("ACCESS_KEYS is set but POE_API_KEY is not: with access keys, clients send an "
+                                "access key and the proxy calls Poe with its own key; set POE_API_KEY to it")
 
     @property
     def models_path(self) -> str:
@@ -314,6 +407,13 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
      "comma-separated origins allowed by CORS, or * (default *; never with credentials)"),
     ("SHUTDOWN_GRACE_SECONDS", _number(0), "on SIGTERM, how long running answers may take to finish (default 30)"),
     ("WORKERS", _whole(1, 256), "worker processes sharing the port with SO_REUSEPORT (default 1)"),
+    ("TOOL_MODE", lambda n, v: _tool_mode_setting(v),
+     "xml, native or auto: how tools reach bots whose models.yaml entry sets no tool_mode (default xml)"),
+    ("ACCESS_KEYS", _access_keys_setting,
+     "share the proxy: keys clients must send, as 'label: key' entries, comma-separated or @FILE with one a "
+     "line; needs POE_API_KEY (default: off, each client sends its own Poe key)"),
+    ("POE_API_KEY", _text, "the Poe API key every request uses when ACCESS_KEYS is set (prefer the variable: "
+                           "flags show in ps)"),
 )
 
 
@@ -1060,24 +1160,64 @@ class RateGate:
         self._arm()
 
 
+class LoginBackoff:
+    """Failed logins per client address: once `max_failures` fail within `window_s` of the first, every
+    attempt from that address (the right credentials too) is refused with 429 and Retry-After until the
+    window ends. Memory stays bounded under a spray of addresses."""
+
+    def __init__(self, max_failures: int, window_s: float, message: str, code: str = "too_many_login_failures",
+                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 10000) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._message = message
+        self._code = code
+        self._clock = clock
+        self._max_addresses = max_addresses
+        self._failures: dict[str, tuple[int, float]] = {}   # address -> (failures, first at)
+
+    def _current(self, address: str) -> tuple[int, float]:
+        failures, first_s = self._failures.get(address, (0, 0.0))
+        return (0, 0.0) if self._clock() - first_s > self.window_s else (failures, first_s)
+
+    def check(self, address: str) -> None:
+        """Raises the 429 while the address is locked out."""
+        failures, first_s = self._current(address)
+        if failures >= self.max_failures:
+            retry_s = max(1, math.ceil(first_s + self.window_s - self._clock()))
+            raise ProxyError(429, self._message, "rate_limit_error", self._code,
+                             headers=[("Retry-After", str(retry_s))])
+
+    def failed(self, address: str) -> None:
+        failures, first_s = self._current(address)
+        if len(self._failures) > self._max_addresses:
+            self._failures.clear()
+        self._failures[address] = (failures + 1, first_s if failures else self._clock())
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
 STATS_KEY_CHARS = 100
 STATS_FAILURE_ROWS = 100   # rows a failure without any answer may open; later ones share "(refused)"
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class UsageStats:
-    """Requests, errors, tokens and latency percentiles per model since start (bounded memory)."""
+    """Requests, errors, tokens and latency percentiles per model, and the same counts per access key
+    label, since start (bounded memory). The label is never the key itself."""
 
     def __init__(self, max_samples: int = 1000) -> None:
         self.since_s = time.time()
         self._max_samples = max_samples
         self._models: dict[str, dict[str, Any]] = {}
         self._failure_rows = 0
+        self._keys: dict[str, dict[str, int]] = {}
 
     def record(self, model: str, *, ok: bool, latency_s: float, prompt_tokens: int = 0,
-               completion_tokens: int = 0, refused: bool = False) -> None:
-        """Count one request. `refused=True`: it never reached a model, so it goes to the one
-        "(refused)" row, whatever model string it named."""
+               completion_tokens: int = 0, key: str | None = None, refused: bool = False) -> None:
+        """`key`: the label of the request's access key; by default the one its key check set (KEY_LABEL).
+        `refused=True`: the request never reached a model, so it goes to the one "(refused)" row,
+        whatever model string it named."""
         model = self._bounded_key(model, refused, failed=not ok and not prompt_tokens and not completion_tokens)
         entry = self._models.get(model)
         if entry is None:
@@ -1092,6 +1232,17 @@ class UsageStats:
         entry["prompt_tokens"] += prompt_tokens
         entry["completion_tokens"] += completion_tokens
         entry["latency"].append(latency_s * 1000.0)
+        label = KEY_LABEL.get() if key is None else key
+        counts = self._keys.get(label)
+        if counts is None:
+            if len(self._keys) >= 1000:     # labels come from the key file, but edits add up over time
+                label = "(other)"
+            counts = self._keys.setdefault(label, {"requests": 0, "errors": 0, "prompt_tokens": 0,
+                                                   "completion_tokens": 0})
+        counts["requests"] += 1
+        counts["errors"] += 0 if ok else 1
+        counts["prompt_tokens"] += prompt_tokens
+        counts["completion_tokens"] += completion_tokens
 
     def _bounded_key(self, model: str, refused: bool, failed: bool) -> str:
         """Model strings come from clients, and anyone can send one (Poe judges the key): a row's name
@@ -1114,8 +1265,9 @@ class UsageStats:
                                                                  "completion_tokens")},
                            "latency_ms": {f"p{q}": round(_percentile(samples, q / 100), 1) for q in (50, 95, 99)}})
         totals = {k: sum(m[k] for m in models) for k in ("requests", "errors", "prompt_tokens", "completion_tokens")}
+        keys = [{"key": label, **counts} for label, counts in sorted(self._keys.items())]
         return {"since": int(self.since_s), "uptime_s": round(time.time() - self.since_s, 1), "totals": totals,
-                "models": models}
+                "models": models, "keys": keys}
 
 
 def _percentile(sorted_samples: Sequence[float], q: float) -> float:
@@ -1646,8 +1798,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def parse_chat_request(body: Any) -> ChatRequest:
-    """Validate an OpenAI chat body leniently: refuse only what OpenAI itself would refuse."""
+def parse_chat_request(body: Any, controls: bool = True) -> ChatRequest:
+    """Validate an OpenAI chat body leniently: refuse only what OpenAI itself would refuse. Without
+    `controls` the reasoning flags are left to the caller (the chat pipeline maps them per bot with
+    bot_controls, which knows values such as effort `max` that reasoning_flags refuses)."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     model = body.get("model")
@@ -1693,7 +1847,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
                        temperature=float(temperature) if temperature is not None else None,
                        stop=stop or None,
                        logit_bias={str(k): float(v) for k, v in logit_bias.items()} if logit_bias else None,
-                       tools=parse_tools(body), flags=reasoning_flags(body),
+                       tools=parse_tools(body), flags=reasoning_flags(body) if controls else (),
                        json_instruction=json_instruction(body.get("response_format")))
 
 
@@ -1760,6 +1914,8 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
     A tool with neither a description nor parameters is a Poe bot flag, as in the Rust original:
     `{"name": "web_search"}` appends ` --web_search` to the last user message. A tool with a parameter
     schema stays a tool without a description (LangChain and openai-agents send `""` or nothing).
+    A hosted search tool (`{"type": "web_search"}`, `web_search_preview`, Anthropic's `web_search_2025…`)
+    is the web-search control, named or not: the flag `web_search` (bot_controls maps it per bot).
     """
     raw_tools = body.get("tools")
     if raw_tools is None or raw_tools == []:
@@ -1771,6 +1927,11 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
     for i, item in enumerate(raw_tools):
         if not isinstance(item, dict):
             raise bad_request(f"tools[{i}] must be an object.", f"tools[{i}]")
+        kind = item.get("type")
+        if isinstance(kind, str) and kind.startswith("web_search") and not isinstance(item.get("function"), dict):
+            if "web_search" not in flags:
+                flags.append("web_search")
+            continue
         fn = item.get("function") if isinstance(item.get("function"), dict) else item   # nested or flat form
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
@@ -3482,8 +3643,10 @@ def anthropic_to_openai(body: Any) -> dict[str, Any]:
         out["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     raw_tools = body.get("tools") if isinstance(body.get("tools"), list) else []
     tools = [t for t in raw_tools if isinstance(t, dict) and "input_schema" in t]
-    server = [str(t.get("type") or t.get("name")) for t in raw_tools if isinstance(t, dict) and "input_schema" not in t]
-    if server:   # web_search_20250305, bash_20250124 …: Anthropic runs them, a Poe bot cannot
+    # Web search is a control, not a tool: the pipeline turns it into the bot's own parameter (bot_controls).
+    server = [str(t.get("type") or t.get("name")) for t in raw_tools if isinstance(t, dict) and "input_schema" not in t
+              and not str(t.get("type") or "").startswith("web_search")]
+    if server:   # bash_20250124, code_execution …: Anthropic runs them, a Poe bot cannot
         log.warning("leaving out tools a Poe bot cannot run: %s", ", ".join(server))
     if tools:
         out["tools"] = [{"type": "function", "function": {
@@ -3725,7 +3888,9 @@ def responses_to_openai(body: Any) -> dict[str, Any]:
     if isinstance(reasoning, dict) and isinstance(reasoning.get("effort"), str):
         out["reasoning_effort"] = "xhigh" if reasoning["effort"] == "max" else reasoning["effort"]
     tools, left_out = _responses_tools(body.get("tools"))
-    if left_out:   # hosted tools (web_search, local_shell …) and kinds we do not know: said once, not hidden
+    # Hosted web search is a control the pipeline maps to the bot's own parameter (bot_controls), not a loss.
+    left_out = [kind for kind in left_out if not kind.startswith("web_search")]
+    if left_out:   # hosted tools (local_shell, image_generation …) and kinds we do not know: said once, not hidden
         log.warning("leaving out tools a Poe bot cannot run: %s", ", ".join(left_out))
     if tools:
         out["tools"] = tools
@@ -4031,7 +4196,7 @@ class ResponsesFold:
 # Model registry: models.yaml (hot reload) and the model-list cache
 ###############################################################################
 
-TOOL_MODES = ("xml", "native")
+TOOL_MODES = ("xml", "native", "auto")   # auto: native for bots Poe lists with `tools`, else xml
 # Far beyond any real configuration (some 5000 models); parsing costs about a second per 256 KiB.
 MODELS_YAML_MAX_BYTES = 256 * 1024
 # What an entry may say; other keys are dropped (with one warning), so nothing else is kept or echoed.
@@ -4168,7 +4333,8 @@ class ModelRoute:
     bot: str                  # the Poe bot name used in /bot/{name}
     display: str              # the name echoed to the client
     replace_response: bool = False
-    tool_mode: str = "xml"    # xml: tools as prompt text, calls parsed from the answer; native: Poe's fields
+    tool_mode: str = "xml"    # xml: tools as prompt text, calls parsed from the answer; native: Poe's fields;
+                              # auto: native when the catalogue lists `tools` for the bot (decided per chat)
 
 
 class ModelRegistry:
@@ -4293,9 +4459,10 @@ class ModelRegistry:
         self._stamp = (st.st_mtime_ns, st.st_size)
         log.info("saved the model configuration to %s", self.path)
 
-    def resolve(self, requested: str, catalogue: Catalogue | None = None) -> ModelRoute:
+    def resolve(self, requested: str, catalogue: Catalogue | None = None, tool_mode: str = "xml") -> ModelRoute:
         """Map the client's model name to a Poe bot. Refuses disabled models with 404. With the catalogue,
-        a known bot is asked for by its display name, whichever of its names the client or models.yaml used."""
+        a known bot is asked for by its display name, whichever of its names the client or models.yaml used.
+        `tool_mode` (the TOOL_MODE setting) applies when the bot's models.yaml entry sets none."""
         cfg = self.config()
         bot = requested
         if cfg.enable:
@@ -4314,7 +4481,7 @@ class ModelRegistry:
                              "invalid_request_error", "model_not_found", "model")
         entry = entry or {}
         return ModelRoute(bot=bot, display=requested, replace_response=bool(entry.get("replace_response")),
-                          tool_mode=entry.get("tool_mode") or "xml")
+                          tool_mode=entry.get("tool_mode") or tool_mode)
 
     @staticmethod
     def _entry_of(cfg: ModelConfig, name: str, info: BotInfo | None = None) -> dict[str, Any] | None:
@@ -5036,11 +5203,20 @@ class PoeEventStream:
         self._clock = clock
         self._last_bytes_at = clock()
         self.ended = False
+        self._unread: list[SSEEvent] = []
+
+    def unread(self, events: Sequence[SSEEvent]) -> None:
+        """Give back events already read (the chat pipeline looks at the start of an answer before it
+        decides how to go on): the next read() returns them first."""
+        self._unread = [*events, *self._unread]
 
     async def read(self, wait_s: float) -> list[SSEEvent] | None:
         """Events from the next piece of the body: [] when nothing came within wait_s, None once the
         body has ended. Raises ProxyError when Poe has been silent past the idle timeout or drops
         the connection."""
+        if self._unread:
+            events, self._unread = self._unread, []
+            return events
         if self.ended:
             return None
         idle_left_s = self._idle_timeout_s - (self._clock() - self._last_bytes_at)
@@ -5336,7 +5512,7 @@ def error_response(err: ProxyError) -> Response:
 
 SSE_HEADERS = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                ("X-Accel-Buffering", "no")]
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, X-Api-Key, " \
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Accept, OpenAI-Organization, OpenAI-Project, X-Api-Key, Api-Key, " \
                      "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, " \
                      "X-Stainless-Runtime, X-Stainless-Runtime-Version, X-Stainless-Retry-Count, " \
                      "X-Stainless-Timeout, Anthropic-Version, Anthropic-Beta"
@@ -5344,23 +5520,140 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 
 def api_key_of(request: Request) -> str:
-    """The client's Poe key from `Authorization: Bearer …` (or `x-api-key`). Never logged."""
+    """The key the client sent: `Authorization: Bearer …` (the openai SDK; the anthropic SDK's auth_token),
+    `x-api-key` (the anthropic SDK) or `api-key` (Azure-style clients). Never logged."""
     auth = request.headers.get("authorization", "").strip()
     scheme, _, key = auth.partition(" ")
-    if not (scheme.lower() == "bearer" and key.strip()):
-        key = request.headers.get("x-api-key", "")
-    key = key.strip()
-    if key and not (key.isascii() and key.isprintable()):
-        # Poe keys are ASCII; anything else could not even be sent on (HTTP header values are bytes).
-        raise ProxyError(401, "The API key has characters no Poe API key has (it must be printable ASCII).",
-                         "invalid_request_error", "invalid_api_key")
-    if key:
-        return key
+    if scheme.lower() == "bearer" and key.strip():
+        return _sendable_key(key.strip())
+    for header in ("x-api-key", "api-key"):
+        key = request.headers.get(header, "").strip()
+        if key:
+            return _sendable_key(key)
     if auth:
         raise ProxyError(401, "The Authorization header must be 'Bearer <your Poe API key>'.",
                          "invalid_request_error", "invalid_api_key")
     raise ProxyError(401, "Missing API key: send your Poe API key as 'Authorization: Bearer <key>' "
                      "(get one at https://poe.com/api_key).", "invalid_request_error", "invalid_api_key")
+
+
+def _sendable_key(key: str) -> str:
+    # Poe keys are printable ASCII; anything else could not even be sent on (header values are bytes).
+    if not (key.isascii() and key.isprintable()):
+        raise ProxyError(401, "The API key has characters no Poe API key has (it must be printable ASCII).",
+                         "invalid_request_error", "invalid_api_key")
+    return key
+
+
+def client_address(request: Request) -> str:
+    """The client's IP address, without the port (back-offs are per address)."""
+    return request.client.rpartition(":")[0] or request.client
+
+
+# The label of the key the request being handled came with, for UsageStats. A request is handled in
+# its connection's task from routing to the last byte of its answer, so the value set when the key was
+# checked is the request's own, and each request sets it anew.
+KEY_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("poe2openai_key_label", default="-")
+OWN_KEY_LABEL = "own key"          # pass-through: every client's own Poe key, not told apart
+KEY_MAX_FAILURES = 5               # wrong access keys per address ...
+KEY_FAILURE_WINDOW_S = 300.0       # ... within this window, then 429 until it ends (as for the admin login)
+KEY_FILE_CHECK_S = 2.0             # how often the access key file is looked at for changes
+
+
+class Credentials:
+    """Which Poe key a request runs on. Pass-through (the default): the key the client sent is its own
+    Poe key, passed on. Shared (ACCESS_KEYS): the client must present one of the access keys, compared in
+    constant time against every one; everything sent to Poe then carries the server's POE_API_KEY. A
+    key file is re-read when it changes (a broken edit keeps the keys it replaced)."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._spec = settings.access_keys
+        self._clock = clock
+        self.keys: tuple[AccessKey, ...] = load_access_keys("ACCESS_KEYS", self._spec) if self._spec else ()
+        self.server_key = settings.poe_api_key if self._spec else ""
+        self.backoff = LoginBackoff(KEY_MAX_FAILURES, KEY_FAILURE_WINDOW_S,
+                                    "Too many requests with a wrong API key from your address; try again later.")
+        self._file = self._spec[1:].strip() if self._spec.startswith("@") else ""
+        self._file_stamp = self._stamp()
+        self._checked_at = clock()
+
+    @property
+    def shared(self) -> bool:
+        return bool(self._spec)
+
+    def admit(self, request: Request) -> None:
+        """Shared mode: refuse (401, or 429 while the address is locked out) a request without a valid
+        access key; remember the key's label. Pass-through: nothing to check here."""
+        if not self.shared:
+            return
+        address = client_address(request)
+        self.backoff.check(address)
+        try:
+            presented = api_key_of(request)
+        except ProxyError:
+            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
+                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
+                             "invalid_request_error", "invalid_api_key") from None
+        label = self._match(presented)
+        if label is None:
+            self.backoff.failed(address)
+            raise ProxyError(401, "Invalid API key: this proxy is shared and takes only its own access keys "
+                             "(not a Poe key); ask the proxy's owner for one.", "invalid_request_error",
+                             "invalid_api_key")
+        self.backoff.succeeded(address)
+        KEY_LABEL.set(label)
+
+    def _match(self, presented: str) -> str | None:
+        import hashlib
+        import hmac
+        self._reload_if_changed()
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        found: str | None = None
+        for key in self.keys:   # every key, always: the time taken tells neither which nor how many
+            if hmac.compare_digest(digest, key.digest) and found is None:
+                found = key.label
+        return found
+
+    def poe_key(self, request: Request) -> str:
+        """The Poe key for a chat: the server's (after the access check) or the client's own."""
+        if self.shared:
+            self.admit(request)
+            return self.server_key
+        key = api_key_of(request)
+        KEY_LABEL.set(OWN_KEY_LABEL)
+        return key
+
+    def optional_poe_key(self, request: Request) -> str | None:
+        """For Poe's model list, which is public: the same, but a client without a key gets None."""
+        if self.shared:
+            self.admit(request)
+            return self.server_key
+        try:
+            return api_key_of(request)
+        except ProxyError:
+            return None
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            info = os.stat(self._file)
+        except OSError:
+            return None
+        return info.st_mtime_ns, info.st_size
+
+    def _reload_if_changed(self) -> None:
+        if not self._file or self._clock() - self._checked_at < KEY_FILE_CHECK_S:
+            return
+        self._checked_at = self._clock()
+        stamp = self._stamp()
+        if stamp is None or stamp == self._file_stamp:
+            return   # unchanged, or gone for a moment (an editor replacing it): keep what we have
+        self._file_stamp = stamp
+        try:
+            self.keys = load_access_keys("ACCESS_KEYS", self._spec)
+        except SettingsError as exc:
+            log.warning("access key file not reloaded, the previous keys stay in force: %s", exc)
+            return
+        log.info("access key file reloaded: %d key%s", len(self.keys), "" if len(self.keys) == 1 else "s")
 
 
 def parse_json_body(request: Request) -> Any:
@@ -5476,10 +5769,13 @@ class App:
         self.uploader = Uploader(settings, self.pool)
         self.stats = UsageStats()
         self.gate = RateGate(settings.rate_limit_ms / 1000.0, settings.rate_limit_max_wait_seconds)
-        self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader)
-        self.model_list = ModelList(settings, self.registry, self.catalog)
-        self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate)
-        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline)
+        self.credentials = Credentials(settings)
+        self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader,
+                                  self.credentials)
+        self.model_list = ModelList(settings, self.registry, self.catalog, self.credentials)
+        self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate,
+                                          self.catalog, credentials=self.credentials)
+        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials)
         self.routes = self.router.routes
 
     # What InboundConnection calls: the router's.
@@ -5500,8 +5796,10 @@ class Router:
     """The route table, and what every request goes through: 404 and 405, CORS and its preflight, and
     the one place where errors become responses, in the shape of the path's dialect."""
 
-    def __init__(self, settings: Settings, admin: AdminAPI, models: ModelList, chat: ChatPipeline) -> None:
+    def __init__(self, settings: Settings, admin: AdminAPI, models: ModelList, chat: ChatPipeline,
+                 credentials: Credentials | None = None) -> None:
         self.settings = settings
+        self.credentials = credentials or Credentials(settings)
         self.started_at = time.time()
 
         def api(dialect: Dialect) -> Route:   # a dialect's endpoint: POSTs answered by the chat pipeline
@@ -5547,6 +5845,8 @@ class Router:
                 raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
                                  "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
             else:
+                if cors:   # an API route: with access keys on, every one needs a key (not the preflight)
+                    self.credentials.admit(request)
                 response = await handler(request)
         except ProxyError as exc:
             response = self._error(path, exc, request)
@@ -5631,14 +5931,16 @@ class AdminAPI:
     a cross-site page cannot send without a CORS preflight, and admin routes answer none)."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
-                 pool: UpstreamPool, uploader: Uploader) -> None:
+                 pool: UpstreamPool, uploader: Uploader, credentials: Credentials | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.catalog = catalog
         self.stats = stats
         self.pool = pool
         self.uploader = uploader
-        self._admin_failures: dict[str, tuple[int, float]] = {}   # client address -> (failures, first at)
+        self.credentials = credentials or Credentials(settings)
+        self._backoff = LoginBackoff(ADMIN_MAX_FAILURES, ADMIN_FAILURE_WINDOW_S,
+                                     "Too many failed admin logins from your address; try again later.")
         self.admin_page = _load_admin_page()
         self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
 
@@ -5685,15 +5987,8 @@ class AdminAPI:
         self._authenticate(request)
 
     def _authenticate(self, request: Request) -> None:
-        address = request.client.rpartition(":")[0] or request.client
-        failures, first_s = self._admin_failures.get(address, (0, 0.0))
-        now = time.monotonic()
-        if now - first_s > ADMIN_FAILURE_WINDOW_S:
-            failures = 0
-        if failures >= ADMIN_MAX_FAILURES:
-            retry_s = math.ceil(first_s + ADMIN_FAILURE_WINDOW_S - now)
-            raise ProxyError(429, "Too many failed admin logins from your address; try again later.",
-                             "rate_limit_error", "too_many_login_failures", headers=[("Retry-After", str(retry_s))])
+        address = client_address(request)
+        self._backoff.check(address)
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
         user = password = b""
         if scheme.lower() == "basic":
@@ -5707,12 +6002,10 @@ class AdminAPI:
         ok_password = hmac.compare_digest(password, self.settings.admin_password.encode())
         if not (ok_user and ok_password):
             if scheme:   # a browser's first, credential-less request is not a failure
-                if len(self._admin_failures) > 10000:
-                    self._admin_failures.clear()   # bounded memory under a spray of addresses
-                self._admin_failures[address] = (failures + 1, first_s if failures else now)
+                self._backoff.failed(address)
             raise ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
                              headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
-        self._admin_failures.pop(address, None)
+        self._backoff.succeeded(address)
 
     async def admin_get_config(self, request: Request) -> Response:
         self._check_admin(request)
@@ -5748,6 +6041,8 @@ class AdminAPI:
     async def admin_stats(self, request: Request) -> Response:
         self._check_admin(request)
         snapshot = self.stats.snapshot()
+        snapshot["version"] = __version__
+        snapshot["access_keys"] = len(self.credentials.keys)   # 0: pass-through, each client its own Poe key
         snapshot["upstream"] = {"connections_opened": self.pool.connections_opened, "uploads": self.uploader.uploads,
                                 "upload_cache_entries": len(self.uploader.cache),
                                 "upload_cache_bytes": self.uploader.cache.total_bytes}
@@ -5756,7 +6051,7 @@ class AdminAPI:
     async def admin_models(self, request: Request) -> Response:
         """Poe's own list, unrenamed and unfiltered, fetched afresh (the admin page shows every bot)."""
         self._check_admin(request)
-        key = self.registry.config().api_token or _optional_key(request)
+        key = self.registry.config().api_token or self.credentials.server_key or _optional_key(request)
         return json_response(200, {"object": "list", "data": await self.catalog.models(key, refresh=True)})
 
 
@@ -5765,15 +6060,17 @@ class AdminAPI:
 class ModelList:
     """GET /v1/models and /v1/models/{id}: Poe's models as models.yaml renames, hides and adds them."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog) -> None:
+    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog,
+                 credentials: Credentials | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.catalog = catalog
+        self.credentials = credentials or Credentials(settings)
 
     async def list_models(self, request: Request) -> Response:
         """GET /v1/models: OpenAI's list shape, or the Anthropic SDK's when it sends `anthropic-version`."""
         cfg = self.registry.config()
-        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or _optional_key(request)))
+        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or self.credentials.optional_poe_key(request)))
         if "anthropic-version" in request.headers:
             return json_response(200, anthropic_model_list(bots))
         return json_response(200, {"object": "list", "data": [openai_model(info) for info in bots]})
@@ -5783,7 +6080,7 @@ class ModelList:
         by Poe's id, case-insensitively."""
         wanted = urllib.parse.unquote(request.path.rstrip("/").split("/models/", 1)[1]).strip()
         cfg = self.registry.config()
-        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or _optional_key(request)))
+        bots = self.registry.public_list(await self.catalog.catalogue(cfg.api_token or self.credentials.optional_poe_key(request)))
         folded = wanted.casefold()
         found = next((b for b in bots if b.name.casefold() == folded), None) \
             or next((b for b in bots if b.id.casefold() == folded), None)
@@ -5796,18 +6093,59 @@ class ModelList:
 
 # ----------------------------------------------------------------------------- the chat pipeline
 
+# Bots remembered (per process, in memory) as refusing Poe's native tool fields under TOOL_MODE auto.
+XML_MEMORY_SIZE = 1024
+# Poe events that are the answer itself: once one has come, the bot has taken the query.
+ANSWER_EVENTS = frozenset({"text", "replace_response", "json", "file", "done"})
+_TOOLS_WORDS = re.compile(r"\btools?\b|tool[ _-]?(call|use)|function[ _-]?call|unsupported[ _]feature", re.I)
+
+
+def refuses_native_tools(err: ProxyError, http_status: bool) -> bool:
+    """Whether Poe's error, come before any output, says that the bot takes no native tools.
+
+    Conservative on purpose, since a bot that matches is then sent XML tools for the life of the process:
+    an HTTP 400 to the query (Poe refused its shape before any bot ran; the tool fields are all that
+    differs from an XML query; its /v1 API answers `unsupported_feature_for_model` so), or an `error`
+    event that mentions tools or function calls and is a user error (`user_caused_error`) or one we could
+    not classify. Quota, rate, auth, unknown-bot and context errors never match: XML would not help.
+    """
+    if http_status:
+        return err.status == 400 and err.code == "bad_request"
+    return err.code in ("bad_request", "bot_error") and bool(_TOOLS_WORDS.search(err.message))
+
+
+def unknown_model(asked: str, bot: str, err: ProxyError) -> ProxyError:
+    """Poe's "no such bot" (HTTP 404, or an error event saying so), in words that tell the client what to do.
+    Only Poe decides: a bot missing from the catalogue is still asked for, since private bots are not listed."""
+    which = f"'{asked}'" if asked.casefold() == bot.casefold() else f"'{asked}' (the Poe bot '{bot}')"
+    return ProxyError(404, f"The model {which} does not exist on Poe; GET /v1/models lists the bots you can use. "
+                      f"(Poe said: {err.message})", "invalid_request_error", "model_not_found", "model", err.headers)
+
+
+def _event_data(event: SSEEvent) -> dict[str, Any]:
+    try:
+        data = json.loads(event.data) if event.data.strip() else {}
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 class ChatPipeline:
     """Answers a chat request of any dialect: converted to an OpenAI chat request, sent to Poe as a
     query, and Poe's events translated to deltas that the dialect's encoder (streaming) or fold renders."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, uploader: Uploader,
-                 stats: UsageStats, gate: RateGate) -> None:
+                 stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None, *,
+                 credentials: Credentials | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.poe = poe
         self.uploader = uploader
         self.stats = stats
         self.gate = gate
+        self.catalog = catalog
+        self._xml_bots: OrderedDict[str, None] = OrderedDict()   # casefolded bot names, oldest first
+        self.credentials = credentials or Credentials(settings)
 
     def handler(self, dialect: Dialect) -> Handler:
         async def handle(request: Request) -> Response:
@@ -5815,11 +6153,17 @@ class ChatPipeline:
         return handle
 
     async def chat(self, request: Request, dialect: Dialect) -> Response:
-        api_key = api_key_of(request)
+        api_key = self.credentials.poe_key(request)
         body = parse_json_body(request)
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.model = body["model"][:100]   # for the access log, even if the request is refused
-        return await self._answer(parse_chat_request(dialect.to_openai(body)), api_key, dialect, body)
+        converted = dialect.to_openai(body)
+        chat = parse_chat_request(converted, controls=False)
+        # The client's controls as its dialect sends them: the converters keep only what a chat request has
+        # a field for (not hosted search tools, output_config, top_k …), so the client's own body lies under
+        # the converted one, with its own tools.
+        source = converted if converted is body else {**body, **converted, "tools": body.get("tools")}
+        return await self._answer(chat, api_key, dialect, source, body)
 
     async def count_tokens(self, request: Request) -> Response:
         """POST /v1/messages/count_tokens: answered here from the estimator, never sent to Poe."""
@@ -5829,38 +6173,162 @@ class ChatPipeline:
         chat = parse_chat_request(anthropic_to_openai(body))
         return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat))})
 
-    def _route(self, model: str, dialect: Dialect) -> ModelRoute:
-        route = self.registry.resolve(model)
+    def _route(self, model: str, dialect: Dialect, catalogue: Catalogue | None = None) -> ModelRoute:
+        route = self.registry.resolve(model, catalogue, self.settings.tool_mode)
         if route.bot == model and dialect.alias(model) != model:
             # A dialect's own ids (Claude Code's dated Anthropic ones): unless models.yaml maps them, the
             # bot they mean.
-            route = dataclasses.replace(self.registry.resolve(dialect.alias(model)), display=model)
+            route = dataclasses.replace(self.registry.resolve(dialect.alias(model), catalogue, self.settings.tool_mode),
+                                        display=model)
         return route
 
-    async def _answer(self, chat: ChatRequest, api_key: str, dialect: Dialect,
-                      raw_body: Mapping[str, Any] | None = None) -> Response:
-        started_s = time.perf_counter()
+    async def _catalogue(self, api_key: str) -> Catalogue | None:
+        """Poe's catalogue, if it is at hand within MODELS_WAIT_SECONDS; a chat never waits longer."""
+        if self.catalog is None:
+            return None
+        return await self.catalog.for_chat(self.registry.config().api_token or api_key, MODELS_WAIT_SECONDS)
+
+    @staticmethod
+    def _controls(chat: ChatRequest, source: Mapping[str, Any], bot: str, info: BotInfo | None) -> ChatRequest:
+        """The client's controls as the bot's own parameters (bot_controls), with max_tokens first brought
+        down to the bot's longest answer, and the description-less tools' flags that would repeat them or
+        that the bot does not declare left out."""
+        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+            if _is_number(source.get(key)):   # the one bot_controls reads
+                limit = check_context(0, source[key], info)
+                if limit != source[key]:
+                    log.debug("%s: %s %s lowered to the bot's longest answer, %s", bot, key, source[key], limit)
+                    source = {**source, key: limit}
+                break
+        flags, ignored = bot_controls(source, info)
+        spec = chat.tools
+        if spec is not None and spec.flags:
+            made = {flag[2:].split(" ", 1)[0] for flag in flags}
+            declared = _declared(info) if info is not None and info.parameters is not None else None
+            keep = []
+            for name in spec.flags:
+                if name in made:
+                    continue
+                if declared is not None and name not in declared:
+                    if not any(name in item for item in ignored):
+                        ignored.append(f"tools[{name}]")
+                    continue
+                keep.append(name)
+            spec = dataclasses.replace(spec, flags=tuple(keep))
+        if ignored:
+            log.debug("%s: not sent, the bot declares no such parameter: %s", bot, ", ".join(ignored))
+        return dataclasses.replace(chat, flags=tuple(flags), tools=spec)
+
+    def _tool_mode(self, route: ModelRoute, info: BotInfo | None) -> str:
+        """The route's tool mode, `auto` decided: native for bots the catalogue lists with `tools` (unless
+        the bot refused native tools before), XML for the rest."""
+        if route.tool_mode != "auto":
+            return route.tool_mode
+        if route.bot.casefold() in self._xml_bots:
+            return "xml"
+        return "native" if info is not None and "tools" in (info.features or ()) else "xml"
+
+    def _remember_xml(self, bot: str) -> None:
+        self._xml_bots[bot.casefold()] = None
+        self._xml_bots.move_to_end(bot.casefold())
+        while len(self._xml_bots) > XML_MEMORY_SIZE:
+            self._xml_bots.popitem(last=False)
+
+    @staticmethod
+    def _query(chat: ChatRequest, route: ModelRoute, tool_mode: str, attachments: Mapping[int, list[dict[str, Any]]],
+               info: BotInfo | None) -> dict[str, Any]:
+        """The Poe query, refused (400 context_length_exceeded) when it cannot fit the bot's context window:
+        before Poe is called, so nothing is billed for it."""
+        query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=tool_mode,
+                                attachments=attachments)
+        check_context(count_prompt_tokens(query), None, info)
+        return query
+
+    async def _open(self, bot: str, query: dict[str, Any], api_key: str,
+                    probe_s: float | None = None) -> PoeEventStream | None:
+        """Send the query. With `probe_s` (native tools under TOOL_MODE auto) the start of the answer is
+        read, for up to probe_s, until its first output: None when Poe refused the native tools before
+        any (see refuses_native_tools); otherwise the events read are given back to the stream."""
         try:
-            route = self._route(chat.model, dialect)
+            events = await self.poe.open_bot_stream(bot, query, api_key)
+        except ProxyError as err:
+            if probe_s is not None and refuses_native_tools(err, http_status=True):
+                log.info("%s refused native tools (%s); asking again with XML tools", bot, err.message)
+                return None
+            raise
+        if probe_s is None:
+            return events
+        seen: list[SSEEvent] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + probe_s
+        try:
+            while (left_s := deadline - loop.time()) > 0:
+                batch = await events.read(left_s)
+                if batch is None:
+                    break
+                seen.extend(batch)
+                first = next((e for e in batch if e.event in ANSWER_EVENTS or e.event == "error"), None)
+                if first is None:
+                    continue
+                if first.event == "error" and refuses_native_tools(classify_poe_error(_event_data(first)), False):
+                    log.info("%s refused native tools (%s); asking again with XML tools", bot,
+                             _event_data(first).get("text"))
+                    await events.aclose()
+                    return None
+                break
+        except BaseException:
+            await events.aclose()
+            raise
+        events.unread(seen)
+        return events
+
+    async def _answer(self, chat: ChatRequest, api_key: str, dialect: Dialect, source: Mapping[str, Any],
+                      raw_body: Mapping[str, Any]) -> Response:
+        started_s = time.perf_counter()
+        asked_poe = False
+        route: ModelRoute | None = None
+        try:
+            catalogue = await self._catalogue(api_key)
+            route = self._route(chat.model, dialect, catalogue)
+            info = self.registry.bot_info(route.bot, catalogue)
+            chat = self._controls(chat, source, route.bot, info)
             media = collect_media(chat.messages)
             attachments = await self.uploader.attachments_for(media, api_key) if media else {}
-            query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=route.tool_mode,
-                                    attachments=attachments)
+            mode = self._tool_mode(route, info)
+            query = self._query(chat, route, mode, attachments, info)
+            native_fields = bool(query.get("tools") or query.get("tool_calls"))
+            probe = route.tool_mode == "auto" and mode == "native" and native_fields
+            await self.gate.wait()
+            asked_poe = True
+            events = await self._open(route.bot, query, api_key, (
+                self.settings.stream_hold_seconds if chat.stream else self.settings.read_timeout_seconds)
+                if probe else None)
+            if events is None:
+                # Refused before any output, so the bot generated nothing and Poe billed nothing (points pay
+                # for what a bot answers; a query turned away at the door gets no answer). Asking again
+                # in XML costs the client nothing twice, and no tool ran: tools run on the client's side.
+                mode = "xml"
+                query = self._query(chat, route, mode, attachments, info)
+                await self.gate.wait()
+                events = await self._open(route.bot, query, api_key)
+                assert events is not None
+                self._remember_xml(route.bot)   # only once XML was taken: a 400 of another cause is not a refusal
+            route = dataclasses.replace(route, tool_mode=mode)
             run = ChatRun(chat, route, new_id(dialect.completion_prefix), int(time.time()), count_prompt_tokens(query),
                           started_s, dialect)
             if dialect.envelope is not None:
-                run.envelope = dialect.envelope(run.completion_id, run.created_s, route.display, raw_body or {})
-            await self.gate.wait()
-            events = await self.poe.open_bot_stream(route.bot, query, api_key)
-            translator = PoeTranslator(chat.tools, native_tools=route.tool_mode == "native",
+                run.envelope = dialect.envelope(run.completion_id, run.created_s, route.display, raw_body)
+            translator = PoeTranslator(chat.tools, native_tools=mode == "native",
                                        json_answer=bool(chat.json_instruction),
                                        make_id=lambda: new_id(dialect.call_prefix),
                                        whole_calls=dialect.whole_calls)
             if not chat.stream:
                 return await self._chat_whole(run, events, translator)
             return await self._chat_stream(run, events, translator)
-        except ProxyError:
+        except ProxyError as err:
             self.stats.record(chat.model, ok=False, latency_s=time.perf_counter() - started_s)
+            if asked_poe and route is not None and err.code == "model_not_found":
+                raise unknown_model(chat.model, route.bot, err) from None
             raise
 
     async def _next_deltas(self, events: PoeEventStream, translator: PoeTranslator, wait_s: float) -> list[Delta]:
@@ -6314,6 +6782,10 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         (log.warning if chosen else log.info)(
             "no models.yaml in %s%s: Poe's models are served as they are (the admin page creates the file "
             "on its first save)", os.path.abspath(settings.config_dir), " (CONFIG_DIR)" if chosen else "")
+    if app.credentials.shared:
+        count = len(app.credentials.keys)
+        log.info("shared proxy: clients need one of %d access key%s; every call to Poe uses POE_API_KEY", count,
+                 "" if count == 1 else "s")
     if ready is not None:
         ready(port)
     stop = stop or asyncio.Event()
@@ -6467,6 +6939,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "the admin page uses the default password; set ADMIN_PASSWORD%s",
             "" if loopback else f" (listening on {settings.host or 'all addresses'}: anyone who reaches this "
                                 "port can open the admin page)")
+    if settings.poe_api_key and not settings.access_keys:
+        log.warning("POE_API_KEY is set but ACCESS_KEYS is not: it is not used, and each client still sends its "
+                    "own Poe key; set ACCESS_KEYS to share this proxy on POE_API_KEY")
     _raise_open_file_limit()
     if settings.workers > 1:
         return run_workers(settings)

@@ -93,6 +93,8 @@ class FakePoe:
             {"id": "GPT-4o", "object": "model", "created": 1715644800000, "owned_by": "OpenAI"},
             {"id": "Claude-Sonnet-4.5", "object": "model", "created": 1727000000000, "owned_by": "Anthropic"}]}
         self.models_status = 200
+        self.models_delay_s = 0.0   # how long /v1/models takes to answer
+        self.when_native: dict[str, Script] = {}   # what a bot does instead when a query carries native tools
         self.requests: list[dict[str, Any]] = []
         self.invalid_queries: list[str] = []
         self.connections = 0
@@ -162,6 +164,7 @@ class FakePoe:
         record = {"method": request.method.decode(), "path": path, "headers": headers, "body": body}
         self.requests.append(record)
         if path == "/v1/models":
+            await asyncio.sleep(self.models_delay_s)
             payload = json.dumps(self.models).encode()
             await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.models_headers]),
@@ -179,6 +182,8 @@ class FakePoe:
         except Exception as exc:  # noqa: BLE001 - recorded and asserted by the tests
             self.invalid_queries.append(f"{bot}: {exc}")
         script = self.scripts.get(bot) or Script(text_events(f"Hello from {bot}"))
+        if query.get("tools") and bot in self.when_native:
+            script = self.when_native[bot]
         if script.hang_up:
             writer.transport.abort()
             return False
@@ -759,6 +764,15 @@ def test_help_lists_every_setting() -> None:
     for name in ("HOST", "PORT", "ADMIN_USERNAME", "ADMIN_PASSWORD", "MAX_REQUEST_SIZE", "LOG_LEVEL", "CONFIG_DIR",
                  "RATE_LIMIT_MS", "URL_CACHE_TTL_SECONDS", "URL_CACHE_SIZE_MB", "POE_BASE_URL", "POE_FILE_UPLOAD_URL"):
         assert f"[{name}]" in result.stdout and f"--{name.lower().replace('_', '-')}" in result.stdout
+
+
+def test_tool_mode_setting() -> None:
+    assert p2o.Settings.from_env({}, []).tool_mode == "xml"
+    assert p2o.Settings.from_env({"TOOL_MODE": " Auto "}, []).tool_mode == "auto"
+    assert p2o.Settings.from_env({"TOOL_MODE": "auto"}, ["--tool-mode", "native"]).tool_mode == "native"
+    with pytest.raises(p2o.SettingsError, match="TOOL_MODE='sometimes' must be one of xml, native, auto"):
+        p2o.Settings.from_env({"TOOL_MODE": "sometimes"}, [])
+    assert p2o.ModelConfig.from_dict({"models": {"Bot": {"tool_mode": "auto"}}}).models["Bot"]["tool_mode"] == "auto"
 
 
 def test_every_setting_has_a_variable_and_a_flag() -> None:
@@ -1386,7 +1400,8 @@ def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], 
     client = proxy.client()
     assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "MyPrivateBot"]
     result = client.chat.completions.create(model="GPT-4O-POE", messages=[{"role": "user", "content": "x"}])
-    assert last_query(poe)["path"] == "/bot/gpt-4o" and result.model == "GPT-4O-POE"
+    # the catalogue's own spelling of the bot the mapping names; the client's name is echoed
+    assert last_query(poe)["path"] == "/bot/GPT-4o" and result.model == "GPT-4O-POE"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="Claude-Sonnet-4.5", messages=[{"role": "user", "content": "x"}])
     cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed}\n")    # a hand edit...
@@ -1834,6 +1849,186 @@ def test_check_context_refuses_prompts_that_cannot_fit() -> None:
     assert p2o.check_context(160000, 10 ** 6, bot("DeepSeek-R1")) == 10 ** 6    # no max output known
 
 
+def bot_queries(poe: FakePoe, name: str) -> list[dict[str, Any]]:
+    return [r["query"] for r in poe.requests if r["path"] == f"/bot/{name}"]
+
+
+def last_turn(poe: FakePoe) -> str:
+    """The end of the last user turn of the last query: where the bot's own parameters go."""
+    return [m for m in last_query(poe)["query"]["query"] if m["role"] == "user"][-1]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    poe.models = POE_MODELS
+    client = proxy.client()
+
+    def ask(model: str, **kw: Any) -> str:
+        result = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Q"}],
+                                                stream=stream, **kw)
+        if stream:
+            list(result)
+        return last_turn(poe)
+
+    assert ask("Claude-Sonnet-4.5", web_search_options={}) == "Q --web_search true"
+    assert ask("GPT-4o", web_search_options={}) == "Q"                    # GPT-4o declares no web search
+    assert ask("gpt-5.4", extra_body={"reasoning_effort": "max"}) == "Q --reasoning_effort xhigh"
+    assert last_query(poe)["path"] == "/bot/GPT-5.4"
+    assert ask("Claude-Sonnet-4.5", extra_body={"thinking": {"type": "enabled", "budget_tokens": 50000}}) == (
+        "Q --thinking_budget 31999")
+    assert ask("Nano-Banana-2", extra_body={"aspect_ratio": "16:9", "image_size": "2K", "style": "x"}) == (
+        "Q --aspect_ratio 16:9 --image_size 2K")
+    # A hosted search tool, nameless or Anthropic-style, is the search control: one flag, not a tool or a 400.
+    for tool in ({"type": "web_search"}, {"type": "web_search_20250305", "name": "web_search"}):
+        assert ask("Claude-Sonnet-4.5", tools=[tool]) == "Q --web_search true"
+        assert ask("GPT-4o", tools=[tool]) == "Q"
+    assert ask("GPT-4o", tools=[{"type": "function", "function": {"name": "web_search"}}]) == "Q"   # not declared
+    # Bots the catalogue does not know keep the earlier flags.
+    assert ask("Private-Bot", reasoning_effort="high", web_search_options={}) == "Q --reasoning_effort high"
+    assert ask("Private-Bot", tools=[{"type": "web_search"}]) == "Q --web_search"
+    assert not poe.invalid_queries
+
+
+def test_messages_and_responses_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    poe.models = POE_MODELS
+    claude = anthropic_client(proxy)
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    for stream in (False, True):
+        result = claude.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=64000, stream=stream,
+                                        messages=[{"role": "user", "content": "Q"}], tools=[search],
+                                        thinking={"type": "enabled", "budget_tokens": 50000})
+        if stream:
+            list(result)
+        assert last_query(poe)["path"] == "/bot/Claude-Sonnet-4.5"
+        assert last_turn(poe) == "Q --thinking_budget 31999 --web_search true"
+    claude.messages.create(model="claude-opus-4-6", max_tokens=1000, messages=[{"role": "user", "content": "Q"}],
+                           extra_body={"output_config": {"effort": "max"}})
+    assert last_turn(poe) == "Q --output_effort max"                      # not the lossy `high` of the converter
+    with caplog.at_level(logging.DEBUG, logger="poe2openai"):
+        claude.messages.create(model="GPT-4o", max_tokens=10, messages=[{"role": "user", "content": "Q"}],
+                               tools=[search], extra_body={"output_config": {"effort": "low"}, "top_k": 5})
+    assert last_turn(poe) == "Q"
+    ignored = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(ignored) == 1
+    assert "tools[type=web_search_20250305]" in ignored[0] and "output_config.effort" in ignored[0]
+    client = proxy.client()
+    for stream in (False, True):
+        result = client.responses.create(model="GPT-5.4", input="Q", tools=[{"type": "web_search"}], stream=stream,
+                                         reasoning={"effort": "high"}, extra_body={"verbosity": "low"})
+        if stream:
+            list(result)
+        assert last_turn(poe) == "Q --web_search true --reasoning_effort high --verbosity low"
+    client.responses.create(model="GPT-4o", input="Q", tools=[{"type": "web_search_preview"}])
+    assert last_turn(poe) == "Q"
+    assert not poe.invalid_queries
+
+
+def test_a_value_outside_the_bots_schema_is_a_400_in_every_dialect(proxy: Proxy, poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.models = POE_MODELS
+    messages = [{"role": "user", "content": "a cat"}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            proxy.client().chat.completions.create(model="Nano-Banana-2", messages=messages, stream=stream,
+                                                   extra_body={"aspect_ratio": "7:3"})
+        assert info.value.body["param"] == "aspect_ratio"   # type: ignore[index]
+        assert "'aspect_ratio' must be one of 1:1, 2:3, 3:2" in info.value.message
+        assert "Nano-Banana-2" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            proxy.client().responses.create(model="Nano-Banana-2", input="a cat", stream=stream,
+                                            extra_body={"aspect_ratio": "7:3"})
+        assert "one of 1:1, 2:3" in info.value.message
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            anthropic_client(proxy).messages.create(model="Nano-Banana-2", max_tokens=10, messages=messages,
+                                                    stream=stream, extra_body={"aspect_ratio": "7:3"})
+        error = caught.value.body["error"]   # type: ignore[index]
+        assert error["type"] == "invalid_request_error" and "one of 1:1, 2:3" in error["message"]
+    assert bot_queries(poe, "Nano-Banana-2") == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_beyond_the_context_window_is_refused_before_poe(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.models = POE_MODELS
+    prompt = "a watercolour of a lighthouse at dawn, " * 40             # some 400 tokens; FLUX-pro-1.1 takes 256
+    messages = [{"role": "user", "content": prompt}]
+    with pytest.raises(openai.BadRequestError) as info:
+        result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=messages, stream=stream)
+    assert info.value.code == "context_length_exceeded"
+    message = info.value.body["message"]   # type: ignore[index]
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", message)
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.client().responses.create(model="flux-pro-1.1", input=prompt, stream=stream)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        anthropic_client(proxy).messages.create(model="FLUX-pro-1.1", max_tokens=10, messages=messages, stream=stream)
+    error = caught.value.body["error"]   # type: ignore[index]
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", error["message"])   # Claude Code compacts
+    assert bot_queries(poe, "FLUX-pro-1.1") == []                       # refused before Poe was asked
+    result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=[
+        {"role": "user", "content": "a lighthouse"}], stream=stream)   # a prompt that fits goes through
+    if stream:
+        list(result)
+    assert len(bot_queries(poe, "FLUX-pro-1.1")) == 1
+
+
+def test_max_tokens_is_clamped_and_sent_as_the_bots_parameter(start: Callable[..., Proxy], poe: FakePoe,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"enable": True, "custom_models": [
+        {"id": "Short-Bot", "context_length": 100000, "max_output_tokens": 1000, "parameters": [
+            {"name": "max_output_tokens", "schema": {"type": "number", "minimum": 1, "maximum": 4000}}]}]}))
+    proxy = start()
+    messages = [{"role": "user", "content": "Q"}]
+    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_tokens=50000)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"               # the bot's longest answer, not refused
+    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_completion_tokens=300)
+    assert last_turn(poe) == "Q --max_output_tokens 300"
+    proxy.client().responses.create(model="Short-Bot", input="Q", max_output_tokens=20000)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"
+    anthropic_client(proxy).messages.create(model="Short-Bot", max_tokens=64000, messages=messages)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"
+    proxy.client().chat.completions.create(model="GPT-4o", messages=messages, max_tokens=50000)   # declares none
+    assert last_turn(poe) == "Q"
+
+
+def test_a_chat_waits_for_the_catalogue_only_briefly(start: Callable[..., Proxy], poe: FakePoe,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2o, "MODELS_WAIT_SECONDS", 0.3)
+    poe.models = POE_MODELS
+    poe.models_delay_s = 1.5
+    client = start().client()
+    began = time.monotonic()
+    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
+                                   reasoning_effort="high", web_search_options={})
+    assert time.monotonic() - began < 1.2                                # did not wait for the slow list
+    assert last_turn(poe) == "Q --reasoning_effort high"                 # without it: the earlier flags
+    time.sleep(1.5)                                                      # the fetch went on in the background
+    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
+                                   reasoning_effort="high", web_search_options={})
+    assert last_turn(poe) == "Q --web_search true --reasoning_effort high"
+    assert sum(r["path"] == "/v1/models" for r in poe.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
+def test_an_unknown_model_points_to_the_model_list(proxy: Proxy, poe: FakePoe, dialect: str, stream: bool) -> None:
+    poe.models = POE_MODELS
+    poe.on("No-Such-Bot", [sse("error", {"text": "Bot does not exist", "allow_retry": False})])
+    poe.on("Gone-Bot", status=404, body=b'{"detail": "Bot not found"}')
+    for model in ("No-Such-Bot", "Gone-Bot"):
+        err = ask_failing(proxy, dialect, model, stream)
+        assert err.status_code == 404 and type(err).__name__ == "NotFoundError", model
+        message = err.body["error"]["message"] if dialect == "messages" else err.body["message"]
+        assert message.startswith(f"The model '{model}' does not exist on Poe; GET /v1/models lists the bots")
+        if dialect == "messages":
+            assert err.body["error"]["type"] == "not_found_error"
+        else:
+            assert err.code == "model_not_found"
+    assert len(bot_queries(poe, "No-Such-Bot")) == 1                     # not in the catalogue, still asked for
+
+
 ###############################################################################
 # Tool calling
 ###############################################################################
@@ -2097,6 +2292,93 @@ def xml_reply_steps(reply: str, sizes: int = 7) -> list[bytes]:
     return [sse("text", {"text": reply[i:i + sizes]}) for i in range(0, len(reply), sizes)] + [sse("done", {})]
 
 
+def test_tool_mode_auto_follows_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    poe.models = POE_MODELS
+    (tmp_path / "models.yaml").write_text("models:\n  Grok-4: {tool_mode: xml}\n  deepseek-r1: {tool_mode: native}\n")
+    client = start(tool_mode="auto").client()
+    messages = [{"role": "user", "content": "weather?"}]
+    sent = {}
+    for model in ("GPT-4o", "Kimi-K2.5-FW", "Grok-4", "DeepSeek-R1", "Private-Bot"):
+        client.chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
+        query = last_query(poe)["query"]
+        sent[model] = ("tools" in query, "<tools>" in query["query"][-1]["content"])
+    assert sent == {"GPT-4o": (True, False),          # Poe lists `tools` for it: Poe's native tool fields
+                    "Kimi-K2.5-FW": (False, True),    # it lists none: the XML prompt
+                    "Grok-4": (False, True),          # models.yaml's tool_mode wins over the setting...
+                    "DeepSeek-R1": (True, False),     # ...either way
+                    "Private-Bot": (False, True)}     # not in the catalogue: XML
+    yaml_auto = start()                                # TOOL_MODE xml (the default), `auto` for one model
+    (tmp_path / "models.yaml").write_text("models:\n  Claude-Sonnet-4.5: {tool_mode: auto}\n")
+    time.sleep(2.1)                                    # the registry notices the edit
+    for model, native in (("Claude-Sonnet-4.5", True), ("GPT-4o", False)):
+        yaml_auto.client().chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
+        assert ("tools" in last_query(poe)["query"]) is native, model
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("refusal", [
+    Script([sse("error", {"text": "This bot does not support tool calling.", "error_type": "user_caused_error",
+                          "allow_retry": False})]),
+    Script([sse("meta", {"content_type": "text/markdown"}), sse("error", {"text": "tools are not supported"})]),
+    Script(status=400, body=b'{"error": {"code": "unsupported_feature_for_model", "message": "Not supported"}}'),
+], ids=["user_caused_error", "unclassified", "http_400"])
+def test_tool_mode_auto_falls_back_to_xml_once_and_remembers(start: Callable[..., Proxy], poe: FakePoe,
+                                                            refusal: Script, stream: bool) -> None:
+    poe.models = POE_MODELS
+    poe.when_native["Grok-4"] = refusal
+    poe.on("Grok-4", xml_reply_steps(TOOL_REPLY))
+    client = start(tool_mode="auto").client()
+
+    def ask() -> list[tuple[str, Any]]:
+        kw: dict[str, Any] = dict(model="Grok-4", tools=WEATHER_TOOLS, messages=[{"role": "user", "content": "?"}])
+        if not stream:
+            message = client.chat.completions.create(**kw).choices[0].message
+        else:
+            with client.chat.completions.stream(**kw) as events:
+                message = events.get_final_completion().choices[0].message
+        return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+    assert ask() == EXPECTED_CALLS                                        # the client saw no refusal
+    first, retry = bot_queries(poe, "Grok-4")
+    assert "tools" in first and "tools" not in retry and "<tools>" in retry["query"][-1]["content"]
+    assert ask() == EXPECTED_CALLS
+    assert len(bot_queries(poe, "Grok-4")) == 3 and "tools" not in bot_queries(poe, "Grok-4")[-1]   # XML at once
+
+
+@pytest.mark.parametrize("error, status", [
+    ({"text": "You do not have enough points.", "error_type": "insufficient_fund", "allow_retry": False}, 429),
+    ({"text": "Bad attachment", "error_type": "user_caused_error"}, 400),
+    ({"text": "Message too long", "error_type": "user_message_too_long"}, 400),
+])
+def test_tool_mode_auto_retries_only_a_refusal_of_tools(start: Callable[..., Proxy], poe: FakePoe,
+                                                       error: dict[str, Any], status: int) -> None:
+    poe.models = POE_MODELS
+    poe.when_native["Grok-4"] = Script([sse("error", error)])
+    client = start(tool_mode="auto").client()
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="Grok-4", tools=WEATHER_TOOLS,
+                                           messages=[{"role": "user", "content": "?"}])
+        assert info.value.status_code == status
+    assert [("tools" in q) for q in bot_queries(poe, "Grok-4")] == [True, True]   # no retry, and not remembered
+
+
+def test_what_counts_as_a_refusal_of_native_tools() -> None:
+    refuses = p2o.refuses_native_tools
+    assert refuses(p2o.classify_poe_status(400, b'{"error": "unsupported_feature_for_model"}', "bot B"), True)
+    assert refuses(p2o.classify_poe_error({"text": "Function calling is unavailable",
+                                           "error_type": "user_caused_error"}), False)
+    assert refuses(p2o.classify_poe_error({"text": "This model does not support tools"}), False)
+    for status, body in ((401, b"nope"), (404, b"Bot not found"), (413, b"too big"), (429, b"slow"), (500, b"x"),
+                         (400, b'{"error": "prompt is too long for the context window"}')):
+        assert not refuses(p2o.classify_poe_status(status, body, "bot B"), True), status
+    for data in ({"text": "Bad attachment", "error_type": "user_caused_error"},
+                 {"text": "tools: you do not have enough points", "error_type": "insufficient_fund"},
+                 {"text": "Too many tool calls, rate limit exceeded"},
+                 {"text": "Internal server error"}):
+        assert not refuses(p2o.classify_poe_error(data), False), data
+
+
 def test_cline_request_gets_structured_tool_calls(proxy: Proxy, poe: FakePoe) -> None:
     body = json.loads((FIXTURES / "cline-chat.json").read_text())
     reply = ('I will edit the parser.\n<tool_call>\n<invoke name="replace_in_file">\n'
@@ -2337,7 +2619,7 @@ def test_open_webui_screenshot_reaches_the_bot(proxy: Proxy, poe: FakePoe) -> No
     body = json.loads((FIXTURES / "openwebui-chat.json").read_text())
     body["stream"] = False
     result = proxy.client().chat.completions.create(**body)
-    assert result.choices[0].message.content == "Hello from gpt-4o"
+    assert result.choices[0].message.content == "Hello from GPT-4o"   # the catalogue's spelling of the bot
     upload = poe.uploads[0]
     assert upload["data"] == PNG_2X2 and upload["content_type"] == "image/png"
     assert upload["authorization"] == f"Bearer {KEY}"
@@ -2679,6 +2961,203 @@ def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePo
 
 
 ###############################################################################
+# Sharing the proxy: access keys (ACCESS_KEYS + POE_API_KEY)
+###############################################################################
+
+ALICE_KEY = "team-alice-0123456789abcdef"
+BOB_KEY = "team-bob-fedcba9876543210zz"
+SERVER_KEY = "poe-server-key-9876543210abcdef"
+CHAT = {"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]}
+
+
+def start_shared(start: Callable[..., Proxy], **kw: Any) -> Proxy:
+    return start(access_keys=f"alice: {ALICE_KEY}, bob: {BOB_KEY}", poe_api_key=SERVER_KEY, **kw)
+
+
+def keys_poe_saw(poe: FakePoe) -> set[str]:
+    return {r["headers"].get("authorization", "") for r in poe.requests} | {u["authorization"] for u in poe.uploads}
+
+
+def test_access_key_lists_give_each_key_a_label() -> None:
+    text = ("# the team's keys\n\nalice: " + ALICE_KEY + "   # laptop\n" + BOB_KEY + "\n"
+            "ci bot:" + "k" * 16 + "\n")
+    keys = p2o.parse_access_keys(text, "keys.txt")
+    assert [k.label for k in keys] == ["alice", "key 2", "ci bot"]
+    assert [k.label for k in p2o.parse_access_keys(f" alice:{ALICE_KEY},{BOB_KEY} ,", "ACCESS_KEYS", ",")] == [
+        "alice", "key 2"]
+    assert ALICE_KEY not in repr(keys)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("alice: tiny-KEY", "line 1: the key is shorter than 16"),
+    (f"# none\n: {ALICE_KEY}", "line 2: the label before ':' is empty"),
+    (f"alice: {ALICE_KEY}\nbob: {ALICE_KEY}", "line 2: the same key is listed twice ('alice' and 'bob')"),
+    (f"alice: {ALICE_KEY} extra", "line 1: a key is one word"),
+    ("# only comments\n\n", "lists no keys"),
+    (f"{'x' * 65}: {ALICE_KEY}", "a label is at most 64"),
+])
+def test_bad_access_key_lists_name_the_line_but_never_a_key(text: str, problem: str) -> None:
+    with pytest.raises(p2o.SettingsError) as info:
+        p2o.parse_access_keys(text, "keys.txt")
+    assert problem in str(info.value) and ALICE_KEY not in str(info.value) and "tiny-KEY" not in str(info.value)
+
+
+def test_access_keys_need_the_servers_poe_key(tmp_path: Path) -> None:
+    with pytest.raises(p2o.SettingsError, match="ACCESS_KEYS is set but POE_API_KEY is not"):
+        p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY}, [])
+    settings = p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY, "POE_API_KEY": SERVER_KEY}, [])
+    assert settings.access_keys == ALICE_KEY and settings.poe_api_key == SERVER_KEY
+    assert ALICE_KEY not in repr(settings) and SERVER_KEY not in repr(settings)
+    env = {k: v for k, v in os.environ.items() if k != "POE_API_KEY"}
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env={**env, "ACCESS_KEYS": ALICE_KEY},
+                            capture_output=True, text=True, timeout=20)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "ACCESS_KEYS" in lines[0] and "POE_API_KEY" in lines[0]
+    assert ALICE_KEY not in result.stderr
+    missing = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], capture_output=True, text=True, timeout=20,
+                             env={**env, "ACCESS_KEYS": f"@{tmp_path / 'nope.txt'}", "POE_API_KEY": SERVER_KEY})
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr and "cannot read" in missing.stderr
+
+
+def test_version_flag() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--version"], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0 and result.stdout.strip() == f"poe2openai {p2o.__version__}"
+
+
+def test_shared_proxy_runs_every_sdk_on_the_servers_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    client = proxy.client(api_key=ALICE_KEY)
+    assert [m.id for m in client.models.list().data] == ["GPT-4o", "Claude-Sonnet-4.5"]
+    assert client.chat.completions.create(**CHAT).choices[0].message.content == "Hello from GPT-4o"
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**CHAT, stream=True)
+                   if c.choices) == "Hello from GPT-4o"
+    client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"shared"))])
+    assert client.responses.create(model="GPT-4o", input="hi").output_text == "Hello from GPT-4o"
+    message = anthropic_client(proxy, api_key=BOB_KEY).messages.create(   # x-api-key
+        model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello from Claude-Sonnet-4.5"
+    bearer = anthropic_client(proxy, api_key=None, auth_token=BOB_KEY)   # Authorization: Bearer
+    assert bearer.messages.create(model="Claude-Sonnet-4.5", max_tokens=10,
+                                  messages=[{"role": "user", "content": "hi"}]).content[0].text
+    with httpx.Client() as http:   # Azure-style clients send api-key
+        r = http.post(proxy.url + "/v1/chat/completions", json=CHAT, headers={"api-key": ALICE_KEY})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
+        assert http.get(proxy.url + "/healthz").status_code == 200   # health needs no key
+    assert len(poe.uploads) == 1 and {r["path"] for r in poe.requests} >= {"/v1/models", "/bot/GPT-4o"}
+    assert keys_poe_saw(poe) == {f"Bearer {SERVER_KEY}"}   # never an access key
+
+
+def test_shared_proxy_refuses_wrong_and_missing_keys_in_each_dialects_shape(start: Callable[..., Proxy],
+                                                                            poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    proxy = start_shared(start)
+    with pytest.raises(openai.AuthenticationError) as info:
+        proxy.client(api_key=KEY).chat.completions.create(**CHAT)   # a Poe key is not an access key
+    assert info.value.code == "invalid_api_key" and "access key" in info.value.message
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=ALICE_KEY + "x").models.list()
+    with pytest.raises(anthropic.AuthenticationError) as anthropic_info:
+        anthropic_client(proxy, api_key="wrong-key-0123456789").messages.create(
+            model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert anthropic_info.value.body["error"]["type"] == "authentication_error"
+    with httpx.Client() as http:
+        for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None),
+                                   ("GET", "/models/GPT-4o", None), ("POST", "/v1/responses", {"model": "m"}),
+                                   ("POST", "/v1/messages/count_tokens", {"messages": []})):
+            r = http.request(method, proxy.url + path, json=body)
+            assert r.status_code == 401, path
+            shape = r.json()["error"]
+            assert (shape["type"] == "authentication_error" if "messages" in path
+                    else shape["code"] == "invalid_api_key"), (path, shape)
+        preflight = http.options(proxy.url + "/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 204   # browsers send no key on a preflight
+    assert not [r for r in poe.requests if r["path"].startswith("/bot/")] and not poe.uploads
+
+
+def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    with httpx.Client() as http:
+        assert http.post(proxy.url + "/v1/chat/completions", json=CHAT).status_code == 401   # no key: no failure
+        statuses = [http.post(proxy.url + "/v1/chat/completions", json=CHAT,
+                              headers={"Authorization": f"Bearer guess-{n}-0123456789abcdef"}).status_code
+                    for n in range(6)]
+        assert statuses == [401] * 5 + [429]
+        locked = http.post(proxy.url + "/v1/messages", headers={"x-api-key": ALICE_KEY},
+                           json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0   # even the right key waits
+        assert locked.json()["error"]["type"] == "rate_limit_error"
+        assert http.get(proxy.url + "/api/admin/config", auth=ADMIN).status_code == 200   # the admin's own table
+
+
+def test_login_backoff_forgets_after_its_window() -> None:
+    now = [0.0]
+    backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: now[0])
+    backoff.failed("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    with pytest.raises(p2o.ProxyError) as info:
+        backoff.check("10.0.0.1")
+    assert info.value.status == 429 and info.value.headers == [("Retry-After", "60")]
+    backoff.check("10.0.0.2")   # per address
+    now[0] = 61.0
+    backoff.check("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    backoff.succeeded("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    backoff.check("10.0.0.1")   # a success wiped the earlier failure
+
+
+def test_usage_stats_per_access_key_label(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    poe.on("Broken", status=500, body=b"x")
+    alice, bob = proxy.client(api_key=ALICE_KEY), proxy.client(api_key=BOB_KEY)
+    alice.chat.completions.create(**CHAT)
+    list(alice.chat.completions.create(**CHAT, stream=True))
+    with pytest.raises(openai.InternalServerError):
+        bob.chat.completions.create(model="Broken", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key="nobody-0123456789abcdef").chat.completions.create(**CHAT)
+    with httpx.Client(auth=ADMIN) as http:
+        raw = http.get(proxy.url + "/api/admin/stats")
+    stats = raw.json()
+    by_key = {k["key"]: k for k in stats["keys"]}
+    assert set(by_key) == {"alice", "bob"} and stats["access_keys"] == 2 and stats["version"] == p2o.__version__
+    assert by_key["alice"]["requests"] == 2 and by_key["alice"]["errors"] == 0
+    assert by_key["alice"]["completion_tokens"] > 0 and by_key["alice"]["prompt_tokens"] > 0
+    assert (by_key["bob"]["requests"], by_key["bob"]["errors"]) == (1, 1)
+    assert ALICE_KEY not in raw.text and BOB_KEY not in raw.text and SERVER_KEY not in raw.text
+
+
+def test_pass_through_stats_count_under_own_key(proxy: Proxy) -> None:
+    proxy.client().chat.completions.create(**CHAT)
+    stats = httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()
+    assert stats["access_keys"] == 0 and [(k["key"], k["requests"]) for k in stats["keys"]] == [("own key", 1)]
+
+
+def test_access_key_file_is_read_and_reloaded_when_it_changes(start: Callable[..., Proxy], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(p2o, "KEY_FILE_CHECK_S", 0.0)
+    path = tmp_path / "access-keys.txt"
+    path.write_text(f"# who may use the proxy\n\nalice: {ALICE_KEY}   # laptop\n")
+    proxy = start(access_keys=f"@{path}", poe_api_key=SERVER_KEY)
+    assert proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT)
+    path.write_text(f"bob: {BOB_KEY}\n")
+    assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT)
+    with caplog.at_level(logging.WARNING):
+        path.write_text(f"bob: {BOB_KEY}\ncarol: short\n")   # a broken edit: the keys in force stay
+        assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    assert "not reloaded" in caplog.text and "line 2" in caplog.text
+    labels = {k["key"] for k in httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()["keys"]}
+    assert labels == {"alice", "bob"}
+
+
+###############################################################################
 # Hardening: hostile bytes, limits, secrets, shutdown, workers, soak
 ###############################################################################
 
@@ -2773,8 +3252,20 @@ def test_secrets_never_reach_the_logs(start: Callable[..., Proxy], poe: FakePoe,
         with httpx.Client() as http:
             http.get(proxy.url + "/admin", auth=("admin", secret_password))
             http.get(proxy.url + "/admin", auth=("admin", secret_password + "x"))
+        access_key, server_key = "access-SECRET-KEY-0123456789", "poe-SECRET-SERVER-KEY-42"
+        shared = start(access_keys=f"team: {access_key}", poe_api_key=server_key)
+        shared.client(api_key=access_key).chat.completions.create(model="GPT-4o", messages=[
+            image_message(data_url(PNG_2X2 + b"shared log"))])
+        shared.client(api_key=access_key).models.list()
+        with pytest.raises(openai.AuthenticationError):
+            shared.client(api_key=access_key + "-wrong").chat.completions.create(
+                model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.AuthenticationError):
+            shared.client(api_key=access_key).chat.completions.create(model="Bad", messages=[
+                {"role": "user", "content": "x"}])
     assert "POST /v1/chat/completions" in caplog.text             # the access log is there...
     assert secret_key not in caplog.text and secret_password not in caplog.text   # ...the secrets are not
+    assert "SECRET" not in caplog.text, caplog.text               # nor the access key or the server's Poe key
 
 
 def test_cors_allowed_origins_setting(start: Callable[..., Proxy]) -> None:
@@ -3014,6 +3505,7 @@ def test_an_endless_event_line_from_poe_is_a_502(start: Callable[..., Proxy], po
 def test_a_compressed_body_poe_was_not_asked_for_is_a_502_naming_it(proxy: Proxy, poe: FakePoe) -> None:
     import gzip
     poe.on("Zipped", [gzip.compress(b"".join(text_events("hello")))], headers=[("Content-Encoding", "gzip")])
+    poe.models_headers = [("Content-Encoding", "br")]   # from the start: a chat reads the model list too
     client = proxy.client()
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(model="Zipped", messages=[{"role": "user", "content": "x"}])
@@ -3022,7 +3514,6 @@ def test_a_compressed_body_poe_was_not_asked_for_is_a_502_naming_it(proxy: Proxy
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"zip"))])
     assert info.value.status_code == 502 and "'deflate'" in info.value.message
-    poe.models_headers = [("Content-Encoding", "br")]
     with pytest.raises(openai.InternalServerError) as info:
         client.models.list()
     assert info.value.status_code == 502 and "'br'" in info.value.message
@@ -3406,7 +3897,9 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
     expect(state).to_have_attribute("data-state", "X")
     page.get_by_test_id("state-Claude-Haiku-3").click()
     expect(page.get_by_test_id("state-Claude-Haiku-3")).to_have_attribute("data-state", "R")
+    expect(page.get_by_test_id("tool-Claude-Sonnet-4.5")).to_have_value("")   # left to TOOL_MODE
     page.get_by_test_id("tool-Claude-Sonnet-4.5").select_option("native")
+    page.get_by_test_id("tool-GPT-4o").select_option("auto")
     expect(page.get_by_test_id("dirty")).to_be_visible()
 
     # Adding and deleting custom models is saved at once, and leaves the unsaved edits alone.
@@ -3433,7 +3926,7 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
     expect(page.get_by_test_id("dirty")).to_be_hidden()
     on_disk = yaml.safe_load(admin_proxy.config_path.read_text())
     assert on_disk["enable"] is True
-    assert on_disk["models"] == {"GPT-4o": {"mapping": "gpt-4o-poe"}, "Llama-3-70b": {"enable": False},
+    assert on_disk["models"] == {"GPT-4o": {"mapping": "gpt-4o-poe", "tool_mode": "auto"}, "Llama-3-70b": {"enable": False},
                                  "Claude-Haiku-3": {"replace_response": True},
                                  "Claude-Sonnet-4.5": {"tool_mode": "native"}}
     assert [c["id"] for c in on_disk["custom_models"]] == ["My-Private-Bot"]
@@ -3445,6 +3938,7 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
     expect(page.get_by_test_id("card-My-Private-Bot")).to_be_visible()
     expect(page.get_by_test_id("card-Old-Custom")).to_have_count(0)
     expect(page.get_by_test_id("tool-Claude-Sonnet-4.5")).to_have_value("native")
+    expect(page.get_by_test_id("tool-GPT-4o")).to_have_value("auto")
     expect(page.get_by_test_id("dirty")).to_be_hidden()
     for name, count in (("total", 6), ("custom", 1), ("mapped", 1), ("replace", 1), ("disabled", 1)):
         expect(page.get_by_test_id(f"stat-{name}")).to_contain_text(str(count))
@@ -3632,6 +4126,38 @@ def test_admin_usage_panel(admin_proxy: Any, browser: Browser) -> None:
     admin_proxy.chat("Claude-Sonnet-4.5")
     page.get_by_test_id("stats-refresh").click()
     expect(panel.get_by_test_id("stats-row-Claude-Sonnet-4.5")).to_be_visible()
+    close_page(page)
+
+
+def test_admin_usage_panel_per_access_key(start: Callable[..., Proxy], poe: FakePoe, browser: Browser) -> None:
+    hostile = "<img src=x onerror=alert(1)>"
+    proxy = start(access_keys=f"alice: {ALICE_KEY}, {hostile}: {BOB_KEY}", poe_api_key=SERVER_KEY)
+    for key in (ALICE_KEY, ALICE_KEY, BOB_KEY):
+        proxy.client(api_key=key).chat.completions.create(**CHAT)
+    page = open_admin(browser, proxy)
+    expect(page.get_by_test_id("version")).to_have_text(f"version {p2o.__version__}")
+    panel = page.get_by_test_id("stats-panel")
+    table = panel.get_by_test_id("keys-table")
+    expect(table.get_by_test_id("key-row-alice").locator("th")).to_have_text("alice")
+    expect(table.get_by_test_id("key-row-alice").locator("td").first).to_have_text("2")
+    expect(table.get_by_test_id(f"key-row-{hostile}").locator("th")).to_have_text(hostile)   # text, not markup
+    expect(table.locator("img")).to_have_count(0)
+    expect(panel.get_by_test_id("keys-mode")).to_contain_text("Access keys: 2")
+    assert ALICE_KEY not in page.content() and BOB_KEY not in page.content()
+    for lang, heading, version in (("zh-Hant", "金鑰（標籤）", "版本"), ("zh-Hans", "密钥（标签）", "版本"),
+                                   ("en", "Key (label)", "version")):
+        page.get_by_test_id("lang").select_option(lang)
+        expect(table.locator("thead th").first).to_have_text(heading)
+        expect(page.get_by_test_id("version")).to_have_text(f"{version} {p2o.__version__}")
+    close_page(page)
+
+
+def test_admin_usage_panel_in_pass_through_mode(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.chat("GPT-4o")
+    page = open_admin(browser, admin_proxy)
+    panel = page.get_by_test_id("stats-panel")
+    expect(panel.get_by_test_id("key-row-own key").locator("th")).to_have_text("own key (each client's Poe key)")
+    expect(panel.get_by_test_id("keys-mode")).to_contain_text("Access keys are off")
     close_page(page)
 
 
@@ -4381,8 +4907,8 @@ def test_claude_code_billing_line_stays_home(proxy: Proxy, poe: FakePoe, caplog:
     assert "x-anthropic-billing-header" not in sent and "cc_version" not in sent
     assert last_query(poe)["query"]["query"][0] == {"role": "system", "content_type": "text/markdown", "content":
                                                     "\n".join(b["text"] for b in body["system"][1:])}
-    assert [r.getMessage() for r in caplog.records if "web_search_20250305" in r.getMessage()] == [
-        "leaving out tools a Poe bot cannot run: web_search_20250305"]
+    # web search is a control (the bot's own parameter when it declares one), not a tool it cannot run
+    assert [r.getMessage() for r in caplog.records if "web_search_20250305" in r.getMessage()] == []
     # the string form of `system` too, and only that line
     chat = p2o.anthropic_to_openai({"model": "m", "messages": [{"role": "user", "content": "x"}],
                                     "system": "x-anthropic-billing-header: cc_version=1; cch=0;\nBe brief."})
@@ -4467,7 +4993,7 @@ def test_codex_namespace_tools_round_trip(proxy: Proxy, poe: FakePoe, caplog: py
     prompt = last_query(poe)["query"]["query"][-1]["content"]
     assert '<tool name="docs__search">' in prompt and "The docs MCP server" in prompt and "--agents" not in prompt
     warnings_seen = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
-    assert warnings_seen == ["leaving out tools a Poe bot cannot run: web_search, image_generation"]
+    assert warnings_seen == ["leaving out tools a Poe bot cannot run: image_generation"]   # web_search: a control
     with client.responses.stream(model="GPT-4o", input="go", tools=CODEX_NAMESPACES) as stream:  # type: ignore[arg-type]
         streamed = stream.get_final_response().output
     assert [(o.namespace, o.name) for o in streamed] == [("docs", "search"), ("docs", "note"), ("agents", "spawn")]  # type: ignore[union-attr]
