@@ -26,6 +26,7 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
     HOST, PORT                      bind address (0.0.0.0, 8080)
     ADMIN_USERNAME, ADMIN_PASSWORD  Basic-auth credentials of /admin (admin, 123456: change them)
     MAX_REQUEST_SIZE                largest request body in bytes (1073741824)
+    MAX_ANSWER_SIZE                 largest non-streamed answer in bytes; beyond, 502 (67108864)
     LOG_LEVEL                       debug, info, warning, error, critical (info)
     CONFIG_DIR                      folder of models.yaml (./)
     RATE_LIMIT_MS                   minimum spacing of chat request starts, 0 = off (100)
@@ -83,9 +84,11 @@ import argparse
 import asyncio
 import base64
 import codecs
+import contextlib
 import contextvars
 import dataclasses
 import errno
+import gc
 import http
 import json
 import logging
@@ -98,9 +101,10 @@ import ssl
 import tempfile
 import time
 import urllib.parse
+import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import h11
 
@@ -297,6 +301,7 @@ class Settings:
     admin_username: str = "admin"
     admin_password: str = "123456"
     max_request_size: int = 1073741824  # bytes
+    max_answer_size: int = 64 * 1024 * 1024  # bytes of a gathered (non-streamed) answer
     log_level: str = "info"
     config_dir: str = "./"
     rate_limit_ms: int = 100
@@ -378,6 +383,8 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("ADMIN_USERNAME", lambda n, v: v, "admin page user (default admin)"),
     ("ADMIN_PASSWORD", lambda n, v: v, "admin page password (default 123456; change it)"),
     ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 1073741824)"),
+    ("MAX_ANSWER_SIZE", _whole(1),
+     "largest answer in bytes gathered for a non-streamed reply; beyond it 502 (default 67108864)"),
     ("LOG_LEVEL", _log_level_setting, "debug, info, warning, error or critical (default info)"),
     ("CONFIG_DIR", lambda n, v: v, "folder holding models.yaml (default ./)"),
     ("RATE_LIMIT_MS", _whole(0), "minimum milliseconds between chat request starts, 0 = off (default 100)"),
@@ -607,7 +614,11 @@ class SSEEvent:
     data: str
 
 
-_LINE_SPLIT = re.compile(r"\r\n|\r|\n")
+_LINE_END = re.compile(rb"\r\n?|\n")
+# What one event from Poe may carry. Big enough for a whole `file` or `text` event in one piece; past
+# it the stream is refused (a 502), in time linear in what arrived.
+MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024
+MAX_SSE_DATA_LINES = 100_000
 
 
 class SSEDecoder:
@@ -615,42 +626,56 @@ class SSEDecoder:
 
     Handles LF, CRLF and CR line ends (also a CRLF split across reads), UTF-8 characters split across
     reads, comments, `data:` with or without the space, and multi-line data. Pure: no I/O.
+
+    Each byte is searched for a line end once, however the line is chunked, and a line or event
+    larger than `max_event_bytes` (or with more than `max_data_lines` data lines) raises ValueError
+    as soon as it is seen to be, so hostile input costs linear time and bounded memory.
     """
 
-    def __init__(self, max_line_chars: int = 64 * 1024 * 1024) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._partial = ""          # text after the last line end
-        self._after_cr = False      # the previous text ended in CR: a leading LF belongs to it
+    def __init__(self, max_event_bytes: int | None = None, max_data_lines: int | None = None) -> None:
+        self._buf = bytearray()     # bytes after the last line end
+        self._scanned = 0           # how much of _buf is known to hold no line end
+        self._after_cr = False      # the previous bytes ended in CR: a leading LF belongs to it
         self._event = ""
         self._data: list[str] = []
-        self._max_line_chars = max_line_chars
+        self._data_chars = 0
+        # Read here, not as default values, so a test (or an embedder) can lower the module's caps.
+        self._max_bytes = MAX_SSE_EVENT_BYTES if max_event_bytes is None else max_event_bytes
+        self._max_lines = MAX_SSE_DATA_LINES if max_data_lines is None else max_data_lines
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        return self._feed_text(self._utf8.decode(chunk))
+        events: list[SSEEvent] = []
+        if self._after_cr and chunk:
+            self._after_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if not chunk:
+            return events
+        buf = self._buf
+        buf += chunk
+        start = 0
+        for match in _LINE_END.finditer(buf, self._scanned):
+            end = match.start()
+            if end - start > self._max_bytes:
+                raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
+            self._line(buf[start:end].decode("utf-8", "replace"), events)
+            start = match.end()
+        if start:
+            self._after_cr = start == len(buf) and buf[-1] == 13   # a CR last: an LF next is its pair
+            del buf[:start]
+        self._scanned = len(buf)
+        if len(buf) > self._max_bytes:
+            raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
+        return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flush a last line without a line end and a last event without a blank line."""
-        events = self._feed_text(self._utf8.decode(b"", final=True))
-        if self._partial:
-            self._line(self._partial, events)
-            self._partial = ""
-        self._dispatch(events)
-        return events
-
-    def _feed_text(self, text: str) -> list[SSEEvent]:
         events: list[SSEEvent] = []
-        if not text:
-            return events
-        if self._after_cr and text[0] == "\n":
-            text = text[1:]
-        buffered = self._partial + text
-        lines = _LINE_SPLIT.split(buffered)
-        self._partial = lines.pop()
-        self._after_cr = buffered.endswith("\r")
-        if len(self._partial) > self._max_line_chars:
-            raise ValueError("an SSE line is longer than the limit")
-        for line in lines:
-            self._line(line, events)
+        if self._buf:
+            self._line(self._buf.decode("utf-8", "replace"), events)
+            self._buf = bytearray()
+            self._scanned = 0
+        self._dispatch(events)
         return events
 
     def _line(self, line: str, events: list[SSEEvent]) -> None:
@@ -663,6 +688,11 @@ class SSEDecoder:
         if sep and value[:1] == " ":
             value = value[1:]
         if name == "data":
+            self._data_chars += len(value) + 1
+            if self._data_chars > self._max_bytes:
+                raise ValueError(f"an SSE event is larger than {self._max_bytes} bytes")
+            if len(self._data) >= self._max_lines:
+                raise ValueError(f"an SSE event has more than {self._max_lines} data lines")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -673,6 +703,7 @@ class SSEDecoder:
             events.append(SSEEvent(self._event or "message", "\n".join(self._data)))
         self._event = ""
         self._data = []
+        self._data_chars = 0
 
 
 def sse_data(obj: Any) -> bytes:
@@ -704,13 +735,23 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), 
           (b"PK\x03\x04", "application/zip"))
 
 
+def split_url(url: str) -> urllib.parse.SplitResult:
+    """urllib.parse.urlsplit for URLs a client may have made megabytes long (an image URL, a model name
+    in a bot URL): urlsplit remembers what it parsed (CPython caches 128 URLs), so a long one is
+    dropped from that cache at once."""
+    parts = urllib.parse.urlsplit(url)
+    if len(url) > 4096:
+        urllib.parse.clear_cache()   # type: ignore[attr-defined]  # CPython 3.10-3.13 have it, undocumented
+    return parts
+
+
 def extension_for(content_type: str) -> str:
     return _EXTENSIONS.get(content_type.split(";")[0].strip().lower(), "bin")
 
 
 def guess_content_type(name: str = "", data: bytes = b"") -> str:
     """A MIME type from a file name's extension, else from the first bytes, else a neutral default."""
-    base = urllib.parse.urlsplit(name).path if "://" in name else name
+    base = split_url(name).path if "://" in name else name
     ext = base.rsplit(".", 1)[-1].lower() if "." in base.rsplit("/", 1)[-1] else ""
     if ext in _TYPES_BY_EXTENSION:
         return _TYPES_BY_EXTENSION[ext]
@@ -742,7 +783,7 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 
 
 def is_poe_cdn(url: str) -> bool:
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    host = (split_url(url).hostname or "").lower()
     return any(host == h or host.endswith("." + h) for h in POE_CDN_HOSTS)
 
 
@@ -959,8 +1000,11 @@ def _token_features(text: str, s: bytes) -> tuple[float, ...]:
 
 def estimate_tokens(text: str) -> int:
     """Estimate the o200k_base token count of text (median error ~3%, worst ~10% on tokens/corpus.jsonl)."""
-    if not text:
-        return 0
+    return max(1, round(_token_sum(text))) if text else 0
+
+
+def _token_sum(text: str) -> float:
+    """The unrounded estimate of a non-empty text; estimates of consecutive pieces add up."""
     n = 0.0
     s = text.encode("utf-8", "surrogatepass").translate(_TOKEN_CLASSES, _TOKEN_CONTINUATION)
     # Cheap pre-check (16 letters/digits/CJK in a row) before the slower blob regex.
@@ -977,8 +1021,76 @@ def estimate_tokens(text: str) -> int:
         text = _TOKEN_BLOB.sub(blob, text)
         s = text.encode("utf-8", "surrogatepass").translate(_TOKEN_CLASSES, _TOKEN_CONTINUATION)
     f = _token_features(text, s)
-    n += f[0] + sum(x * y for x, y in zip(f[1:], _TOKEN_WEIGHTS))
-    return max(1, round(n))
+    return n + f[0] + sum(x * y for x, y in zip(f[1:], _TOKEN_WEIGHTS))
+
+
+class TokenTally:
+    """estimate_tokens() of a text that arrives in pieces, without keeping the text: the pending tail
+    is estimated once it passes `segment_chars`, cut after its last line break (or space), so each
+    segment starts where the whole text would start a piece too and the sum stays within a fraction
+    of a percent of the whole estimate. Without any blank, the tail is cut where it is: memory stays
+    bounded (about 4 x segment_chars) whatever the text."""
+
+    def __init__(self, segment_chars: int = 16 * 1024) -> None:
+        self._segment = segment_chars
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._sum = 0.0
+        self.chars = 0
+
+    def add(self, piece: str) -> None:
+        if not piece:
+            return
+        self._pending.append(piece)
+        self._pending_chars += len(piece)
+        self.chars += len(piece)
+        if self._pending_chars >= self._segment:
+            self._settle()
+
+    def _settle(self) -> None:
+        text = "".join(self._pending)
+        floor = self._segment // 2   # blanks near the start would leave most of the tail pending
+        cut = text.rfind("\n", floor) + 1 or text.rfind(" ", floor) + 1
+        if not cut and len(text) >= 4 * self._segment:
+            cut = len(text)
+        if cut:
+            self._sum += _token_sum(text[:cut])
+            text = text[cut:]
+        self._pending, self._pending_chars = [text] if text else [], len(text)
+
+    def tokens(self) -> int:
+        if not self.chars:
+            return 0
+        rest = "".join(self._pending)
+        return max(1, round(self._sum + (_token_sum(rest) if rest else 0.0)))
+
+    @property
+    def held_chars(self) -> int:
+        """Characters not yet estimated (bounded, whatever was added)."""
+        return self._pending_chars
+
+
+class TextDigest:
+    """Remembers a growing text by its length and checksum only: enough to tell whether a later text
+    extends it, without keeping it."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self._crc = 0
+
+    def add(self, piece: str) -> None:
+        self.chars += len(piece)
+        self._crc = zlib.crc32(piece.encode("utf-8", "surrogatepass"), self._crc)
+
+    def reset(self, text: str = "") -> None:
+        self.chars, self._crc = 0, 0
+        self.add(text)
+
+    def unseen(self, text: str) -> str | None:
+        """What `text` adds to the remembered text when it starts with it, else None."""
+        if len(text) < self.chars or zlib.crc32(text[:self.chars].encode("utf-8", "surrogatepass")) != self._crc:
+            return None
+        return text[self.chars:]
 
 
 ###############################################################################
@@ -1085,6 +1197,11 @@ class LoginBackoff:
         self._failures.pop(address, None)
 
 
+STATS_KEY_CHARS = 100
+STATS_FAILURE_ROWS = 100   # rows a failure without any answer may open; later ones share "(refused)"
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 class UsageStats:
     """Requests, errors, tokens and latency percentiles per model, and the same counts per access key
     label, since start (bounded memory). The label is never the key itself."""
@@ -1093,11 +1210,15 @@ class UsageStats:
         self.since_s = time.time()
         self._max_samples = max_samples
         self._models: dict[str, dict[str, Any]] = {}
+        self._failure_rows = 0
         self._keys: dict[str, dict[str, int]] = {}
 
     def record(self, model: str, *, ok: bool, latency_s: float, prompt_tokens: int = 0,
-               completion_tokens: int = 0, key: str | None = None) -> None:
-        """`key`: the label of the request's access key; by default the one its key check set (KEY_LABEL)."""
+               completion_tokens: int = 0, key: str | None = None, refused: bool = False) -> None:
+        """`key`: the label of the request's access key; by default the one its key check set (KEY_LABEL).
+        `refused=True`: the request never reached a model, so it goes to the one "(refused)" row,
+        whatever model string it named."""
+        model = self._bounded_key(model, refused, failed=not ok and not prompt_tokens and not completion_tokens)
         entry = self._models.get(model)
         if entry is None:
             if len(self._models) >= 1000:   # model names come from clients: cap the table
@@ -1122,6 +1243,19 @@ class UsageStats:
         counts["errors"] += 0 if ok else 1
         counts["prompt_tokens"] += prompt_tokens
         counts["completion_tokens"] += completion_tokens
+
+    def _bounded_key(self, model: str, refused: bool, failed: bool) -> str:
+        """Model strings come from clients, and anyone can send one (Poe judges the key): a row's name
+        is short and printable, and failures that never got an answer may open only a few rows of
+        their own, so strangers cannot crowd the models in use out of the table."""
+        if refused:
+            return "(refused)"
+        name = _CONTROL_CHARS.sub("", str(model)[:400]).strip()[:STATS_KEY_CHARS] or "(unnamed)"
+        if failed and name not in self._models:
+            if self._failure_rows >= STATS_FAILURE_ROWS:
+                return "(refused)"
+            self._failure_rows += 1
+        return name
 
     def snapshot(self) -> dict[str, Any]:
         models = []
@@ -1889,13 +2023,17 @@ class Media:
     def cache_key(self) -> str:
         # The whole decoded content is hashed: two files never share a key by accident.
         import hashlib   # here, not at the top: the OpenSSL bindings cost memory a text-only proxy never uses
-        return "sha256:" + hashlib.sha256(self.data).hexdigest() if self.data is not None else "url:" + str(self.url)
+        if self.data is not None:
+            return "sha256:" + hashlib.sha256(self.data).hexdigest()
+        url = str(self.url)   # a long URL by its hash: the cache must not keep megabytes of key
+        return "url:" + url if len(url) <= 2048 else "url-sha256:" + hashlib.sha256(url.encode("utf-8", "replace")).hexdigest()
 
 
 def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
     """Every image, file and audio part of the messages, decoded and checked (400 naming the part if
     it cannot be). Unknown part types are skipped with a warning, never refused."""
     found: list[Media] = []
+    skipped: list[str] = []   # said in one warning per request: a request of many odd parts is not a log flood
     for i, message in enumerate(messages):
         content = message.get("content")
         parts = content if isinstance(content, list) else [content] if isinstance(content, dict) else []
@@ -1907,15 +2045,19 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
             if kind in TEXT_PART_TYPES and kind is not None or (kind is None and "text" in part):
                 continue
             if kind not in MEDIA_PART_TYPES:
-                log.warning("%s: skipping a content part of unknown type %r", where, kind)
+                skipped.append(f"{where}: a content part of unknown type {str(kind)[:40]!r}")
                 continue
-            media = _media_of(part, kind, where, i)
+            media = _media_of(part, kind, where, i, skipped)
             if media is not None:
                 found.append(media)
+    if skipped:
+        log.warning("skipping %d content part(s) this proxy cannot pass on: %s", len(skipped),
+                    "; ".join(skipped[:3]) + ("; …" if len(skipped) > 3 else ""))
     return found
 
 
-def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Media | None:
+def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int,
+              skipped: list[str] | None = None) -> Media | None:
     if kind in ("image_url", "input_image"):
         value = part.get("image_url")
         url = value.get("url") if isinstance(value, dict) else value
@@ -1923,7 +2065,7 @@ def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Med
             url = part["file_data"]
         if not isinstance(url, str) or not url.strip():
             if part.get("file_id"):
-                log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+                _skip(skipped, where, "a file_id reference, which this proxy cannot resolve")
                 return None
             raise bad_request(f"{where}: image_url.url is required.", where)
         mime = value.get("mime_type") if isinstance(value, dict) and isinstance(value.get("mime_type"), str) else ""
@@ -1957,9 +2099,16 @@ def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Med
     if isinstance(file_url, str) and file_url.strip():
         return _media_from_url(file_url.strip(), where, index, "file", "", filename)
     if spec.get("file_id"):
-        log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+        _skip(skipped, where, "a file_id reference, which this proxy cannot resolve")
         return None
     raise bad_request(f"{where}: the file part has no file_data.", where)
+
+
+def _skip(skipped: list[str] | None, where: str, why: str) -> None:
+    if skipped is None:
+        log.warning("%s: skipping %s", where, why)
+    else:
+        skipped.append(f"{where}: {why}")
 
 
 def _decode_part_base64(value: Any, where: str) -> bytes:
@@ -1980,7 +2129,7 @@ def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, file
                               where) from None
         content_type = mime or content_type
         return Media(where, index, content_type, filename or f"{kind}.{extension_for(content_type)}", data=data)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    scheme = split_url(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise bad_request(f"{where}: only http(s) and data: URLs are supported.", where)
     name = filename or _name_from_url(url)
@@ -1988,7 +2137,7 @@ def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, file
 
 
 def _name_from_url(url: str) -> str:
-    segment = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    segment = urllib.parse.unquote(split_url(url).path.rsplit("/", 1)[-1])
     if "." in segment and len(segment) <= 200:
         return segment
     return "image.jpg" if "/image/" in url else (segment or "file")
@@ -3384,9 +3533,8 @@ class PoeTranslator:
         self._claimed = 0                                    # calls taken, given out yet or not
         self._native_calls: dict[int, dict[str, Any]] = {}   # Poe's tool-call index -> id, name, arguments
         self._whole_calls = whole_calls                      # give native calls out whole, at the end
-        # The answer's text after thoughts, for replace_response: pieces, joined only when one comes.
-        self._seen: list[str] = []
-        self._seen_chars = 0
+        # The answer's text after thoughts, for replace_response: remembered by its digest, not kept.
+        self._seen = TextDigest()
         self._refs = FileRefs()
         self._think = ThinkingSplitter()
         self._shape = JSONAnswer() if json_answer else None
@@ -3438,8 +3586,7 @@ class PoeTranslator:
         return out + self._content(content) if content else out
 
     def _content(self, content: str) -> list[Delta]:
-        self._seen.append(content)
-        self._seen_chars += len(content)
+        self._seen.add(content)
         return self._text(self._refs.feed(content))
 
     def _finish(self) -> list[Delta]:
@@ -3506,14 +3653,12 @@ class PoeTranslator:
         return out
 
     def _replace(self, text: str) -> list[Delta]:
-        if self._seen_chars <= len(text):
-            seen = "".join(self._seen)
-            self._seen = [seen]   # joined once: many replacements stay linear
-            if text.startswith(seen):
-                return self._content(text[len(seen):]) if len(text) > len(seen) else []
+        tail = self._seen.unseen(text)
+        if tail is not None:
+            return self._content(tail) if tail else []
         # A different answer: the stages start over on it. Its first text is a REPLACE delta, so a fold
         # keeps exactly the new answer and a stream shows what it can (see the encoders).
-        self._seen, self._seen_chars = [text], len(text)
+        self._seen.reset(text)
         if self._xml is not None and self._spec is not None:
             self._xml, self._xml_index = XMLToolParser(self._spec, self._make_id), {}
         if self._shape is not None:
@@ -3590,18 +3735,88 @@ def openai_usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: i
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
-class AnswerText:
-    """What an answer has said so far, for usage counts: content, reasoning and tool arguments."""
+# The largest answer a non-streamed request gathers (bytes of text, reasoning and tool arguments):
+# the MAX_ANSWER_SIZE setting, in force for the request being handled (the app sets it per request).
+MAX_ANSWER_SIZE = 64 * 1024 * 1024
+answer_limit: contextvars.ContextVar[int] = contextvars.ContextVar("answer_limit", default=MAX_ANSWER_SIZE)
 
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.arguments: list[str] = []
+
+def answer_too_large(limit: int) -> ProxyError:
+    return upstream_error(f"The bot's answer is larger than MAX_ANSWER_SIZE ({limit} bytes); ask for a shorter "
+                          "answer or stream it.", 502, "answer_too_large")
+
+
+class SaidText:
+    """One kind of text an answer says (content, reasoning or tool arguments): its tokens counted as it
+    comes, the text itself kept only when `keep` (a fold renders it at the end; a stream has sent it
+    and needs only a digest, to tell whether a replacement extends what the client has)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self._keep = keep
+        self._pieces: list[str] = []
+        self._tally = TokenTally()
+        self._digest = TextDigest()
+        self.size = 0   # UTF-8 bytes said
+
+    def __bool__(self) -> bool:
+        return self._tally.chars > 0
+
+    def append(self, piece: str) -> None:
+        if not piece:
+            return
+        self._tally.add(piece)
+        self._digest.add(piece)
+        self.size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
+        if self._keep:
+            self._pieces.append(piece)
+
+    def replace(self, text: str) -> None:
+        """The answer is now exactly `text` (Poe's replace_response)."""
+        self._pieces, self._tally, self.size = [], TokenTally(), 0
+        self._digest.reset()
+        self.append(text)
+
+    def unseen(self, text: str) -> str | None:
+        """What `text` adds to what was said when it starts with it, else None."""
+        return self._digest.unseen(text)
+
+    def text(self) -> str:
+        """The whole text; only a kept one has it."""
+        if not self._keep:
+            raise RuntimeError("this answer text was counted, not kept")
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def tokens(self) -> int:
+        return self._tally.tokens()
+
+
+class AnswerText:
+    """What an answer has said so far, for usage counts: content, reasoning and tool arguments, each
+    counted as it comes. With `keep` (folds), content and reasoning are kept for the body too."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.content = SaidText(keep)
+        self.reasoning = SaidText(keep)
+        self.arguments = SaidText()
+
+    @property
+    def size(self) -> int:
+        """UTF-8 bytes said so far, all kinds together."""
+        return self.content.size + self.reasoning.size + self.arguments.size
+
+    def replace_content(self, text: str) -> str:
+        """The content is now `text`; returns what a stream, which cannot take back what it sent, sends
+        for it: the new tail when it extends what the client has, else the replacement after a blank line."""
+        tail = self.content.unseen(text)
+        new = tail if tail is not None else ("\n\n" if self.content else "") + text
+        self.content.replace(text)
+        return new
 
     def usage(self, prompt_tokens: int) -> dict[str, Any]:
-        reasoning = estimate_tokens("".join(self.reasoning))
-        completion = (estimate_tokens("".join(self.content)) + reasoning
-                      + estimate_tokens("".join(self.arguments)))
+        reasoning = self.reasoning.tokens()
+        completion = self.content.tokens() + reasoning + self.arguments.tokens()
         return openai_usage(prompt_tokens, completion, reasoning)
 
 
@@ -3637,11 +3852,7 @@ class OpenAIStreamEncoder:
             self.said.arguments.append(delta.text)
             return self._chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})
         if kind == REPLACE:
-            # A stream cannot take back what it sent: send only the new tail when the replacement
-            # extends what the client has, otherwise start the replacement after a blank line.
-            seen = "".join(self.said.content)
-            new = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-            self.said.content = [delta.text]
+            new = self.said.replace_content(delta.text)
             return self._chunk({"content": new}) if new else b""
         raise ValueError(f"not a content delta: {kind}")
 
@@ -3659,17 +3870,19 @@ class OpenAIStreamEncoder:
 class ChatFold:
     """Folds deltas into a non-streaming `chat.completion` body: the same deltas a stream would carry."""
 
-    def __init__(self) -> None:
-        self.said = AnswerText()
+    def __init__(self, max_answer_size: int | None = None) -> None:
+        self.said = AnswerText(keep=True)
         self._calls: list[dict[str, Any]] = []
         self.finish_reason = "stop"
+        self._limit = answer_limit.get() if max_answer_size is None else max_answer_size
 
     def add(self, delta: Delta) -> None:
+        """Take one delta. Raises ProxyError (502 answer_too_large) once the answer passes MAX_ANSWER_SIZE."""
         kind = delta.kind
         if kind == TEXT:
             self.said.content.append(delta.text)
         elif kind == REPLACE:
-            self.said.content = [delta.text]   # non-stream answers carry exactly Poe's final text
+            self.said.content.replace(delta.text)   # non-stream answers carry exactly Poe's final text
         elif kind == REASONING:
             self.said.reasoning.append(delta.text)
         elif kind == TOOL_START:
@@ -3680,10 +3893,14 @@ class ChatFold:
             self._calls[delta.index]["function"]["arguments"] += delta.text
         elif kind == FINISH:
             self.finish_reason = delta.text
+        if self.said.size > self._limit:
+            self.said = AnswerText()   # what was gathered goes now, not when the request ends
+            self._calls = []
+            raise answer_too_large(self._limit)
 
     @property
     def content(self) -> str:
-        return "".join(self.said.content)
+        return self.said.content.text()
 
     def body(self, completion_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
         content = self.content
@@ -3692,7 +3909,7 @@ class ChatFold:
         if self._calls:
             message["tool_calls"] = self._calls
         if self.said.reasoning:
-            message["reasoning_content"] = message["reasoning"] = "".join(self.said.reasoning)
+            message["reasoning_content"] = message["reasoning"] = self.said.reasoning.text()
         return {"id": completion_id, "object": "chat.completion", "created": created_s, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": self.finish_reason}],
@@ -3914,9 +4131,7 @@ class AnthropicStreamEncoder:
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
         if kind == REPLACE:   # as in the OpenAI stream: only what the client has not seen
-            seen = "".join(self.said.content)
-            text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-            self.said.content = [delta.text]
+            text = self.said.replace_content(delta.text)
             if not text:
                 return b""
             out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
@@ -3957,10 +4172,10 @@ class AnthropicFold(ChatFold):
     def body(self, message_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
         if self.said.reasoning:
-            content.append({"type": "thinking", "thinking": "".join(self.said.reasoning),
+            content.append({"type": "thinking", "thinking": self.said.reasoning.text(),
                             "signature": THINKING_SIGNATURE})
-        if "".join(self.said.content):
-            content.append({"type": "text", "text": "".join(self.said.content)})
+        if self.said.content:
+            content.append({"type": "text", "text": self.said.content.text()})
         for call in self._calls:
             arguments = _arguments_dict(call["function"]["arguments"])
             content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
@@ -4132,6 +4347,9 @@ class ResponsesStreamEncoder:
         self._output: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None
         self._text: list[str] = []
+        # The done events and response.completed repeat the whole answer, so even a stream keeps it:
+        # MAX_ANSWER_SIZE bounds it as for a whole answer.
+        self._limit = answer_limit.get()
 
     def _event(self, kind: str, **data: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self._sequence, **data}
@@ -4188,12 +4406,22 @@ class ResponsesStreamEncoder:
         return out + self._event("response.output_item.done", output_index=len(self._output) - 1, item=done)
 
     def encode(self, delta: Delta) -> bytes:
+        """Render one delta. Raises ProxyError (502 answer_too_large) once the answer passes MAX_ANSWER_SIZE."""
+        out = self._render(delta)
+        self.check_size()
+        return out
+
+    def check_size(self) -> None:
+        if self.said.size > self._limit:
+            self._open, self._text, self._output = None, [], []   # dropped now; the error event needs none
+            self.said = AnswerText()
+            raise answer_too_large(self._limit)
+
+    def _render(self, delta: Delta) -> bytes:
         kind = delta.kind
         if kind in (TEXT, REPLACE):
             if kind == REPLACE:
-                seen = "".join(self.said.content)
-                text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-                self.said.content = [delta.text]
+                text = self.said.replace_content(delta.text)
             else:
                 text = delta.text
                 self.said.content.append(text)
@@ -4286,7 +4514,8 @@ class ResponsesFold:
             self.finish_reason = delta.text
         elif delta.kind == REPLACE and encoder._open is not None and encoder._open["type"] == "message":
             encoder._text = [delta.text]           # a whole answer: exactly Poe's final text
-            encoder.said.content = [delta.text]
+            encoder.said.content.replace(delta.text)
+            encoder.check_size()
         else:
             encoder.encode(delta)
 
@@ -4302,6 +4531,12 @@ class ResponsesFold:
 ###############################################################################
 
 TOOL_MODES = ("xml", "native", "auto")   # auto: native for bots Poe lists with `tools`, else xml
+# Far beyond any real configuration (some 5000 models); parsing costs about a second per 256 KiB.
+MODELS_YAML_MAX_BYTES = 256 * 1024
+# What an entry may say; other keys are dropped (with one warning), so nothing else is kept or echoed.
+MODEL_ENTRY_KEYS = ("mapping", "enable", "replace_response", "tool_mode")
+CUSTOM_MODEL_KEYS = ("id", "created", "owned_by", "description", "context_length", "max_output_tokens",
+                     "input_modalities", "output_modalities", "supported_features", "parameters")
 
 
 @dataclass(frozen=True)
@@ -4317,7 +4552,10 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> ModelConfig:
-        data = _yaml().safe_load(text)
+        """Parse models.yaml. Aliases (`*name`) are refused: a few lines of them can expand to gigabytes.
+        Slow for a big file: callers on the event loop run it in a thread."""
+        with _gc_paused():
+            data = _load_yaml(text)
         return cls() if data is None else cls.from_dict(data)
 
     @classmethod
@@ -4329,6 +4567,7 @@ class ModelConfig:
         if not isinstance(models, dict):
             raise ValueError("`models` must be a mapping of bot name to settings")
         clean: dict[str, dict[str, Any]] = {}
+        dropped: set[str] = set()
         for name, entry in models.items():
             if entry is not None and not isinstance(entry, dict):
                 raise ValueError(f"models.{name} must be a mapping")
@@ -4339,12 +4578,17 @@ class ModelConfig:
             for flag in ("enable", "replace_response"):
                 if entry and entry.get(flag) is not None and not isinstance(entry.get(flag), bool):
                     raise ValueError(f"models.{name}.{flag} must be true or false")
-            clean[str(name)] = dict(entry or {})
+            clean[str(name)] = _known_keys(entry or {}, MODEL_ENTRY_KEYS, dropped)
         custom = data.get("custom_models") or []
         if not isinstance(custom, list) or not all(isinstance(c, dict) and c.get("id") for c in custom):
             raise ValueError("`custom_models` must be a list of entries with an `id`")
+        custom = [_known_keys(entry, CUSTOM_MODEL_KEYS, dropped) for entry in custom]
         for entry in custom:
             _check_custom_model(entry)
+        if dropped:
+            names = sorted(dropped)
+            log.warning("models.yaml: unknown keys ignored: %s", ", ".join(
+                repr(n[:40]) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
         token = data.get("api_token")
         return cls(enable=bool(data.get("enable")), models=clean, custom_models=custom,
                    api_token=str(token) if token else None, use_v1_api=bool(data.get("use_v1_api")))
@@ -4366,6 +4610,13 @@ class ModelConfig:
             if key.casefold() == folded:
                 return entry
         return None
+
+
+def _known_keys(entry: Mapping[Any, Any], known: Sequence[str], dropped: set[str]) -> dict[str, Any]:
+    kept = {k: v for k, v in entry.items() if k in known}
+    if len(kept) < len(entry):
+        dropped.update(str(k) for k in entry if k not in known)
+    return kept
 
 
 def _check_custom_model(entry: Mapping[str, Any]) -> None:
@@ -4432,40 +4683,84 @@ class ModelRegistry:
         self._config = ModelConfig()
         self._stamp: tuple[int, int] | None = None
         self._checked_at = -math.inf
+        self._refreshing: asyncio.Future[None] | None = None
         self.last_error: str | None = None
 
     def config(self) -> ModelConfig:
-        now = self._clock()
-        if now - self._checked_at >= self._check_interval_s:
-            self._checked_at = now
-            self._reload_if_changed()
+        """The configuration in force. In an event loop this never blocks: `refresh()` reads a changed
+        file in a thread (and is started here when a check is due); elsewhere (scripts, tests) the
+        file is checked and read right here."""
+        if self._clock() - self._checked_at >= self._check_interval_s:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                self._checked_at = self._clock()
+                self._apply(self._read_if_changed(self._stamp))
+            else:
+                self._start_refresh()
         return self._config
 
-    def _reload_if_changed(self) -> None:
+    async def refresh(self) -> None:
+        """Take a changed models.yaml into use, reading and parsing it in a thread; every caller
+        waits for the same read. Cheap when no check is due."""
+        if self._refreshing is None and self._clock() - self._checked_at < self._check_interval_s:
+            return
+        await asyncio.shield(self._start_refresh())
+
+    def _start_refresh(self) -> asyncio.Future[None]:
+        if self._refreshing is None:
+            self._checked_at = self._clock()
+            self._refreshing = asyncio.ensure_future(self._refresh_now())
+            self._refreshing.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return self._refreshing
+
+    async def _refresh_now(self) -> None:
+        try:
+            stamp = self._stamp
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self._read_if_changed, stamp)
+            if self._stamp == stamp:   # a save while we read wins: it is newer
+                self._apply(loaded)
+        finally:
+            self._refreshing = None
+
+    def _read_if_changed(self, known: tuple[int, int] | None) -> tuple[Any, ...] | None:
+        """Blocking (file I/O and parsing): None when the file is as `known`, else (stamp, config or
+        None, error or None, message to log)."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            if self._stamp is not None:
-                log.warning("%s is gone; using the default model configuration", self.path)
-            self._config, self._stamp, self.last_error = ModelConfig(), None, None
-            return
+            return None if known is None else (None, ModelConfig(), None, "gone")
         except OSError as exc:
-            self.last_error = f"cannot read {self.path}: {exc}"
-            return
+            return (known, None, f"cannot read {self.path}: {exc}", "")
         stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
+        if stamp == known:
+            return None
         yaml = _yaml()
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                self._config = ModelConfig.from_yaml(fh.read())
-            self.last_error = None
-            log.info("loaded model configuration from %s", self.path)
+            with open(self.path, "rb") as fh:
+                raw = fh.read(MODELS_YAML_MAX_BYTES + 1)
+            if len(raw) > MODELS_YAML_MAX_BYTES:
+                raise ValueError(f"the file is larger than {MODELS_YAML_MAX_BYTES // 1024} KiB")
+            return (stamp, ModelConfig.from_yaml(raw.decode("utf-8")), None, "loaded")
         except (OSError, ValueError, yaml.YAMLError) as exc:
             # Keep the last good configuration; never fall back to defaults and never rewrite the file.
-            self.last_error = f"{self.path} is not valid, keeping the previous configuration: {_yaml_problem(exc)}"
-            log.error("%s", self.last_error.replace("\n", " "))
+            return (stamp, None, f"{self.path} is not valid, keeping the previous configuration: "
+                                 f"{_yaml_problem(exc)}", "")
+
+    def _apply(self, loaded: tuple[Any, ...] | None) -> None:
+        if loaded is None:
+            return
+        stamp, config, error, event = loaded
+        if event == "gone":
+            log.warning("%s is gone; using the default model configuration", self.path)
+        self._stamp = stamp
+        if config is not None:
+            self._config, self.last_error = config, None
+            if event == "loaded":
+                log.info("loaded model configuration from %s", self.path)
+        else:
+            self.last_error = error
+            log.error("%s", str(error).replace("\n", " "))
 
     def save(self, config: ModelConfig) -> None:
         """Write the configuration atomically (temporary file + rename, both in CONFIG_DIR), keeping the
@@ -4474,7 +4769,7 @@ class ModelRegistry:
         os.makedirs(folder, exist_ok=True)
         header = ("# models.yaml for poe2openai, written by the admin page. Hand edits are welcome and take\n"
                   "# effect within seconds; comments are not kept when the admin page saves.\n")
-        text = header + _yaml().safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        text = header + _dump_yaml(config.to_dict())
         try:
             mode = os.stat(self.path).st_mode & 0o777
             with open(self.path, "rb") as fh:
@@ -4575,6 +4870,87 @@ def _yaml() -> Any:
     """PyYAML, imported on first use: a proxy that never reads models.yaml never pays for the parser."""
     import yaml
     return yaml
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Parsing or writing YAML in a thread makes objects by the hundred thousand, and the collections
+    that triggers would run in that thread with the GIL held, stalling the event loop for as long.
+    Paused meanwhile (a few seconds at most; nothing else in the proxy pauses it)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _load_yaml(text: str) -> Any:
+    """safe_load without aliases: libyaml's parser when PyYAML has it (several times faster), its
+    events checked for aliases first; else the pure-Python loader that refuses them as it goes."""
+    yaml = _yaml()
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is None:
+        return yaml.load(text, Loader=_no_alias_loader())
+    for event in yaml.parse(text, Loader=fast):
+        if isinstance(event, yaml.AliasEvent):
+            raise _alias_error(event.start_mark)
+    return yaml.load(text, Loader=fast)
+
+
+def _alias_error(mark: Any) -> Exception:
+    return _yaml().composer.ComposerError(None, None, "aliases (*name) are not allowed in models.yaml", mark)
+
+
+def _dump_yaml(data: Any) -> str:
+    yaml = _yaml()
+    with _gc_paused():
+        return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                         allow_unicode=True)
+
+
+_YAML_LOADER: Any = None
+
+
+def _no_alias_loader() -> Any:
+    """PyYAML's safe loader, refusing aliases (the "billion laughs" expansion) with the line they are on."""
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        yaml = _yaml()
+
+        class NoAliasLoader(yaml.SafeLoader):   # type: ignore[misc,name-defined]
+            def compose_node(self, parent: Any, index: Any) -> Any:
+                if self.check_event(yaml.AliasEvent):
+                    raise _alias_error(self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+
+        _YAML_LOADER = NoAliasLoader
+    return _YAML_LOADER
+
+
+_TEMP_NAME = re.compile(r"\.models\.yaml\.(?:bak\.)?[A-Za-z0-9_]{8}")   # what _atomic_write leaves if killed
+
+
+def remove_stale_temp_files(folder: str, older_than_s: float = 60.0) -> int:
+    """Delete temporary files an interrupted save left in CONFIG_DIR (only our own names, only old
+    ones: a save in progress in another worker is never touched). Returns how many went."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not _TEMP_NAME.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path) and time.time() - os.stat(path).st_mtime > older_than_s:
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _atomic_write(path: str, data: bytes, mode: int) -> None:
@@ -4761,7 +5137,7 @@ class Origin:
 
     @classmethod
     def of(cls, url: str) -> Origin:
-        parts = urllib.parse.urlsplit(url)
+        parts = split_url(url)
         scheme = parts.scheme
         return cls(scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
 
@@ -4773,7 +5149,7 @@ class Origin:
 
 
 def _target(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
@@ -5227,6 +5603,7 @@ class PoeClient:
         if response.status != 200:
             body = await _read_error_body(response)
             raise classify_poe_status(response.status, body, f"bot {bot}", response.headers)
+        await _refuse_encoded(response, f"bot {bot}")
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             body = await _read_error_body(response)
@@ -5241,6 +5618,8 @@ class PoeClient:
         if api_key:
             headers.append(("Authorization", f"Bearer {api_key}"))
         response = await self._pool.request("GET", url, headers, b"", "model list")
+        if response.status == 200:
+            await _refuse_encoded(response, "model list")
         body = await response.read_all(32 * 1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, body, "model list", response.headers)
@@ -5249,6 +5628,16 @@ class PoeClient:
         except ValueError:
             raise upstream_error("model list: Poe's answer is not JSON") from None
         return catalogue_from_poe(payload)
+
+
+async def _refuse_encoded(response: UpstreamResponse, what: str) -> None:
+    """We ask for `Accept-Encoding: identity` and decode nothing: a compressed body would read as
+    garbage (an empty answer), so it is an error that says what came."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        await response.aclose()
+        raise upstream_error(f"{what}: Poe sent a body with Content-Encoding {encoding[:40]!r}, which the proxy "
+                             "did not ask for (it asks for identity) and cannot read")
 
 
 async def _read_error_body(response: UpstreamResponse) -> bytes:
@@ -5393,6 +5782,8 @@ class Uploader:
         headers = [("Authorization", f"Bearer {api_key}"), ("Content-Type", content_type),
                    ("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
         response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
+        if response.status == 200:
+            await _refuse_encoded(response, "file upload")
         raw = await response.read_all(1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, raw, "file upload", response.headers)
@@ -5468,16 +5859,24 @@ def api_key_of(request: Request) -> str:
     auth = request.headers.get("authorization", "").strip()
     scheme, _, key = auth.partition(" ")
     if scheme.lower() == "bearer" and key.strip():
-        return key.strip()
+        return _sendable_key(key.strip())
     for header in ("x-api-key", "api-key"):
         key = request.headers.get(header, "").strip()
         if key:
-            return key
+            return _sendable_key(key)
     if auth:
         raise ProxyError(401, "The Authorization header must be 'Bearer <your Poe API key>'.",
                          "invalid_request_error", "invalid_api_key")
     raise ProxyError(401, "Missing API key: send your Poe API key as 'Authorization: Bearer <key>' "
                      "(get one at https://poe.com/api_key).", "invalid_request_error", "invalid_api_key")
+
+
+def _sendable_key(key: str) -> str:
+    # Poe keys are printable ASCII; anything else could not even be sent on (header values are bytes).
+    if not (key.isascii() and key.isprintable()):
+        raise ProxyError(401, "The API key has characters no Poe API key has (it must be printable ASCII).",
+                         "invalid_request_error", "invalid_api_key")
+    return key
 
 
 def client_address(request: Request) -> str:
@@ -5715,7 +6114,13 @@ class App:
 
     # What InboundConnection calls: the router's.
     async def dispatch(self, request: Request) -> Response:
-        return await self.router.dispatch(request)
+        # Per request, not per process: several apps (tests, embedders) may share one.
+        limit = answer_limit.set(self.settings.max_answer_size)
+        try:
+            await self.registry.refresh()   # a changed models.yaml is read off the event loop
+            return await self.router.dispatch(request)
+        finally:
+            answer_limit.reset(limit)
 
     def render_error(self, request: Request, err: ProxyError) -> Response:
         return self.router.render_error(request, err)
@@ -5938,8 +6343,11 @@ class AdminAPI:
 
     async def admin_get_config(self, request: Request) -> Response:
         self._check_admin(request)
-        return json_response(200, {**self.registry.config().to_dict(), "load_error": self.registry.last_error},
-                             [("Cache-Control", "no-store")])
+        config, error = self.registry.config(), self.registry.last_error
+        # A big configuration takes a while to render: not on the event loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, lambda: dump_json(
+            {**config.to_dict(), "load_error": error}))
+        return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")], body)
 
     async def admin_post_config(self, request: Request) -> Response:
         self._check_admin(request)
@@ -5957,7 +6365,8 @@ class AdminAPI:
         except ValueError as exc:
             raise bad_request(f"Invalid configuration: {exc}", None, "invalid_config") from None
         try:
-            self.registry.save(config)
+            # Serialising and writing take a while for a big configuration: not on the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.registry.save, config)
         except OSError as exc:
             raise ProxyError(500, f"Cannot write {self.registry.path}: {exc.strerror or exc}", "server_error",
                              "write_failed") from None
@@ -6966,6 +7375,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     port = server.sockets[0].getsockname()[1]
     log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
              settings.host or "*", port, settings.poe_base_url, os.path.abspath(settings.models_path))
+    stale = remove_stale_temp_files(os.path.dirname(os.path.abspath(settings.models_path)))
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted models.yaml save", stale)
     if not os.path.exists(settings.models_path):
         # Nobody chose a CONFIG_DIR: running without models.yaml is the ordinary first start. A folder
         # that was chosen but holds no models.yaml may be a typo or a missing volume: worth a warning.

@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import email.policy
+import gc
 import hashlib
 import json
 import logging
@@ -106,6 +107,8 @@ class FakePoe:
         self.upload_delay_s = 0.0
         self.upload_bad_keys: set[str] = set()
         self.close_when_done = False   # close each connection right after a model list, as an idle timeout would
+        self.models_headers: list[tuple[str, str]] = []   # extra headers of the model list's answer
+        self.upload_headers: list[tuple[str, str]] = []   # and of an upload's
 
     def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
         self.scripts[bot] = Script(steps=list(steps or []), **kw)
@@ -164,7 +167,7 @@ class FakePoe:
             await asyncio.sleep(self.models_delay_s)
             payload = json.dumps(self.models).encode()
             await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
-                ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
+                ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.models_headers]),
                 h11.Data(data=payload), h11.EndOfMessage())
             if self.close_when_done:
                 writer.write_eof()   # the FIN leaves right behind the answer, before anything else runs
@@ -190,7 +193,7 @@ class FakePoe:
                 h11.Data(data=script.body), h11.EndOfMessage())
             return True
         await self._send(conn, writer, h11.Response(status_code=200, headers=[
-            ("Content-Type", script.content_type), ("Transfer-Encoding", "chunked")]))
+            ("Content-Type", script.content_type), ("Transfer-Encoding", "chunked"), *script.headers]))
         for step in script.steps:
             if step == DISCONNECT:
                 writer.transport.abort()
@@ -236,7 +239,7 @@ class FakePoe:
                                   "size": len(record.get("data") or b"")}).encode()
             status = 200
         await self._send(conn, writer, h11.Response(status_code=status, headers=[
-            ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
+            ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.upload_headers]),
             h11.Data(data=payload), h11.EndOfMessage())
         return True
 
@@ -422,6 +425,41 @@ def test_sse_decoder_invalid_utf8_is_replaced_not_fatal() -> None:
     assert decode_all([b'event: text\ndata: \xff\xfe\n\n']) == [("text", "\ufffd\ufffd")]
 
 
+def test_sse_decoder_searches_each_byte_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A line that arrives in many pieces used to be searched again from its start on every read.
+    searched: list[int] = []
+    real = p2o._LINE_END
+
+    class Counting:
+        @staticmethod
+        def finditer(buf: bytearray, pos: int = 0) -> Any:
+            searched.append(len(buf) - pos)
+            return real.finditer(buf, pos)
+
+    monkeypatch.setattr(p2o, "_LINE_END", Counting)
+    decoder = p2o.SSEDecoder()
+    stream = b'event: text\ndata: {"text": "' + b"x" * 300_000 + b'"}\n\nevent: done\ndata: {}\n\n'
+    events = [e for i in range(0, len(stream), 1000) for e in decoder.feed(stream[i:i + 1000])]
+    assert [e.event for e in events] == ["text", "done"] and len(events[0].data) == 300_012
+    assert sum(searched) == len(stream)
+
+
+def test_sse_decoder_refuses_oversized_lines_and_events_as_they_come() -> None:
+    decoder = p2o.SSEDecoder(max_event_bytes=64 * 1024)
+    decoder.feed(b"data: " + b"x" * 60_000)             # under the cap: waits for the line end
+    with pytest.raises(ValueError, match="larger than 65536 bytes"):
+        decoder.feed(b"x" * 10_000)                     # refused once the line is too long, with no line end
+    many_lines = p2o.SSEDecoder(max_event_bytes=64 * 1024)
+    with pytest.raises(ValueError, match="event is larger"):
+        many_lines.feed(b"".join(b"data: " + b"y" * 1000 + b"\n" for _ in range(70)))   # short lines, one big event
+    counted = p2o.SSEDecoder(max_data_lines=100)
+    with pytest.raises(ValueError, match="more than 100 data lines"):
+        counted.feed(b"data:\n" * 101)
+    fine = p2o.SSEDecoder(max_event_bytes=64 * 1024, max_data_lines=100)   # the caps are per event
+    events = [e for _ in range(5) for e in fine.feed(b"".join(b"data: " + b"z" * 500 + b"\n" for _ in range(90)) + b"\n")]
+    assert len(events) == 5 and all(len(e.data) == 90 * 501 - 1 for e in events)
+
+
 ###############################################################################
 # Pure: converters
 ###############################################################################
@@ -596,6 +634,23 @@ def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
     assert err.status == 429 and dict(err.headers)["Retry-After"] == "1"
 
 
+def test_usage_stats_rows_stay_small_whatever_model_names_clients_send() -> None:
+    stats = p2o.UsageStats()
+    stats.record("GPT-4o", ok=True, latency_s=0.1, prompt_tokens=5, completion_tokens=7)
+    for i in range(150):   # strangers' junk: refused by Poe, never an answer
+        stats.record(f"{i:03d}\x1b[31m\n" + "m" * 1_000_000, ok=False, latency_s=0.01)
+    stats.record("anything at all", ok=False, latency_s=0.01, refused=True)
+    rows = {m["model"]: m for m in stats.snapshot()["models"]}
+    assert all(len(name) <= 100 and name.isprintable() for name in rows)
+    assert rows["000[31m" + "m" * 93]["errors"] == 1              # names cut, control characters gone
+    assert len(rows) == 1 + 100 + 1 and rows["(refused)"]["requests"] == 50 + 1
+    stats.record("Claude-Sonnet-4.5", ok=True, latency_s=0.2, prompt_tokens=1, completion_tokens=1)
+    assert "Claude-Sonnet-4.5" in {m["model"] for m in stats.snapshot()["models"]}   # real models still get rows
+    for _ in range(5000):
+        stats.record("GPT-4o", ok=True, latency_s=0.1)
+    assert len(stats._models["GPT-4o"]["latency"]) == 1000                  # latency samples are bounded too
+
+
 def test_token_estimator_matches_o200k_on_the_corpus() -> None:
     # tokens/corpus.jsonl: English, code, Chinese, Japanese, JSON, emoji, … with o200k_base counts made by
     # tokens/count_o200k.mjs (js-tiktoken). Targets: median error <= 4 %, no text worse than 10 %.
@@ -608,6 +663,45 @@ def test_token_estimator_matches_o200k_on_the_corpus() -> None:
     # Any str is accepted (lone surrogates, control chars) and counted the same way every time.
     for odd in ("\ud800x\udfff", "\x00\x01\x7f\u200d\ufe0f", "\U0001F1E6" * 3, "中\ud83d文", "\u3000" * 9):
         assert p2o.estimate_tokens(odd) == p2o.estimate_tokens(odd) >= 1
+
+
+def tally_of(text: str, pieces: Callable[[int], int], segment_chars: int = 16 * 1024) -> p2o.TokenTally:
+    tally = p2o.TokenTally(segment_chars)
+    at = 0
+    while at < len(text):
+        step = pieces(at)
+        tally.add(text[at:at + step])
+        at += step
+    return tally
+
+
+def test_token_tally_counts_a_streamed_answer_as_the_whole_text() -> None:
+    # Streamed answers are counted piece by piece, keeping only a short tail: the count must stay what
+    # estimate_tokens() says of the whole text, for every kind of text in the corpus.
+    rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
+    rng = __import__("random").Random(7)
+    for row in rows:   # small segments, so that every text is cut several times
+        whole = p2o.estimate_tokens(row["text"])
+        tally = tally_of(row["text"], lambda _: rng.randint(1, 12), segment_chars=512)
+        assert abs(tally.tokens() - whole) <= 0.01 * whole, row["name"]
+    joined = "\n".join(r["text"] for r in rows) * 6   # ~330k chars at the real segment size
+    assert abs(tally_of(joined, lambda _: rng.randint(1, 40)).tokens() - p2o.estimate_tokens(joined)) \
+        <= 0.01 * p2o.estimate_tokens(joined)
+    blank_free = "Zm9vYmFy" * 200_000   # 1.6 M chars without a blank: the tail is cut anyway
+    tally = tally_of(blank_free, lambda _: 1000)
+    assert tally.held_chars <= 4 * 16 * 1024 + 1000
+    assert abs(tally.tokens() - p2o.estimate_tokens(blank_free)) <= 0.01 * p2o.estimate_tokens(blank_free)
+    assert p2o.TokenTally().tokens() == 0 and tally_of("Hello", lambda _: 2).tokens() == 1
+
+
+def test_a_fold_refuses_an_answer_past_max_answer_size() -> None:
+    for fold in (p2o.ChatFold(max_answer_size=1000), p2o.AnthropicFold(max_answer_size=1000)):
+        fold.add(p2o.Delta(p2o.TEXT, "x" * 600))
+        fold.add(p2o.Delta(p2o.REPLACE, "y" * 900))   # a replacement takes the place of what was said
+        with pytest.raises(p2o.ProxyError) as info:
+            fold.add(p2o.Delta(p2o.REASONING, "é" * 60))   # bytes, not characters, are counted
+        assert (info.value.status, info.value.code) == (502, "answer_too_large")
+        assert "MAX_ANSWER_SIZE" in info.value.message
 
 
 ###############################################################################
@@ -1546,6 +1640,79 @@ def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], 
     time.sleep(2.5)
     assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...changes nothing
     assert cfg.read_text() == "enable: true\nmodels: [broken\n"                  # and the file is left alone
+
+
+def admin_config(proxy: Proxy) -> dict[str, Any]:
+    with httpx.Client(auth=ADMIN, timeout=20) as http:
+        return http.get(proxy.url + "/api/admin/config").json()
+
+
+def wait_for_config(proxy: Proxy, check: Callable[[dict[str, Any]], bool], timeout: float = 8) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while True:
+        cfg = admin_config(proxy)
+        if check(cfg) or time.time() > deadline:
+            return cfg
+        time.sleep(0.2)
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_models_yaml_that_would_wedge_the_proxy_is_refused(start: Callable[..., Proxy], poe: FakePoe,
+                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: good-name}\n")
+    proxy = start()
+    client = proxy.client()
+    assert client.models.list().data[0].id == "good-name"
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: bad}\n" + ALIAS_BOMB)   # 9^9 items if expanded
+    got = wait_for_config(proxy, lambda c: bool(c["load_error"]))
+    assert "aliases (*name) are not allowed" in got["load_error"] and "line 5" in got["load_error"]
+    assert got["models"] == {"GPT-4o": {"mapping": "good-name"}} and client.models.list().data[0].id == "good-name"
+    cfg.write_text("enable: true\n" + "# padding\n" * 30_000)                            # over 256 KiB
+    got = wait_for_config(proxy, lambda c: "larger than" in (c["load_error"] or ""))
+    assert "larger than 256 KiB" in got["load_error"] and client.models.list().data[0].id == "good-name"
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed, colour: red, notes: [a, b]}\n"
+                       "custom_models:\n  - {id: Mine, owned_by: me, payload: xxxxxxxx}\n")
+        got = wait_for_config(proxy, lambda c: not c["load_error"])
+    assert got["models"] == {"GPT-4o": {"mapping": "renamed"}}                  # unknown keys are not kept...
+    assert got["custom_models"] == [{"id": "Mine", "owned_by": "me"}]
+    warnings_ = [r.getMessage() for r in caplog.records if "unknown keys" in r.getMessage()]
+    assert len(warnings_) == 1 and "'colour'" in warnings_[0] and "'payload'" in warnings_[0]   # ...and said once
+    assert [m.id for m in client.models.list().data][0] == "renamed"
+
+
+@pytest.mark.parametrize("libyaml", [True, False])
+def test_models_yaml_aliases_are_refused_when_read_directly_too(tmp_path: Path, libyaml: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if not libyaml:   # PyYAML built without libyaml: the pure-Python loader refuses them as well
+        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    for text in ("models: &m {GPT-4o: {mapping: x}}\nagain: *m\n", "base: &b {enable: false}\nmodels:\n  X: {<<: *b}\n"):
+        with pytest.raises(yaml.YAMLError, match="aliases") as info:
+            p2o.ModelConfig.from_yaml(text)
+        assert info.value.problem_mark.line in (1, 2)    # type: ignore[attr-defined]
+    assert p2o.ModelConfig.from_yaml("models: &m {GPT-4o: {mapping: x}}\n").models == {"GPT-4o": {"mapping": "x"}}
+    assert gc.isenabled()
+    (tmp_path / "models.yaml").write_text("enable: true\nmodels:\n  GPT-4o: {mapping: sync}\n")
+    registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))   # no event loop: read on the spot
+    assert registry.config().models == {"GPT-4o": {"mapping": "sync"}} and registry.last_error is None
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed_at_start(start: Callable[..., Proxy],
+                                                                     tmp_path: Path) -> None:
+    ours_old = [tmp_path / ".models.yaml.k3j4h5g6", tmp_path / ".models.yaml.bak.ab_d3fgh"]
+    kept = [tmp_path / ".models.yaml.zz9zzzzz",            # ours, but young: a save may be running
+            tmp_path / ".models.yaml.mine", tmp_path / "models.yaml.k3j4h5g6", tmp_path / "notes.txt"]
+    past = time.time() - 300
+    for path in ours_old + kept:
+        path.write_text("x")
+        if path.name != ".models.yaml.zz9zzzzz":
+            os.utime(path, (past, past))
+    start()
+    assert [p.exists() for p in ours_old] == [False, False] and all(p.exists() for p in kept)
 
 
 def test_shipped_models_yaml_is_valid() -> None:
@@ -2762,7 +2929,7 @@ def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe,
             {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(),
                                                     "format": "mp3"}},
             {"type": "mystery_part", "x": 1}]}])
-    assert "messages[0].content[3]: skipping a content part of unknown type 'mystery_part'" in caplog.text
+    assert "messages[0].content[3]: a content part of unknown type 'mystery_part'" in caplog.text
     assert [(u["filename"], u["content_type"], u["data"]) for u in poe.uploads] == [
         ("spec.pdf", "application/pdf", PDF_LIKE), ("audio.mp3", "audio/mpeg", b"ID3fake-mp3")]
     assert [a["name"] for a in last_query(poe)["query"]["query"][-1]["attachments"]] == ["spec.pdf", "audio.mp3"]
@@ -3537,6 +3704,129 @@ def test_missing_models_yaml_is_a_warning_only_when_config_dir_was_chosen(tmp_pa
             assert server.proc.wait(10) == 0      # one signal, nothing running: a clean stop
         finally:
             server.stop()
+
+
+BIG_PIECE = ("lorem ipsum " * 5462)[:64 * 1024]   # 64 KiB of answer text per event
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.time() + timeout
+    while not check() and time.time() < deadline:
+        time.sleep(0.02)
+    return check()
+
+
+def test_an_answer_past_max_answer_size_is_a_502_and_poe_is_hung_up_on(start: Callable[..., Proxy],
+                                                                         poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    proxy = start(max_answer_size=1024 * 1024)
+    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [5.0, sse("done", {})])   # 1.5 MiB
+    client, claude = proxy.client(), anthropic_client(proxy)
+    user = [{"role": "user", "content": "x"}]
+    refusals = []
+    with pytest.raises(openai.InternalServerError) as chat_error:
+        client.chat.completions.create(model="Huge", messages=user)
+    refusals.append((chat_error.value.status_code, chat_error.value.code))
+    with pytest.raises(anthropic.InternalServerError) as claude_error:
+        claude.messages.create(model="Huge", max_tokens=10, messages=user)
+    refusals.append((claude_error.value.status_code, claude_error.value.body["error"]["type"]))
+    with pytest.raises(openai.InternalServerError) as responses_error:
+        client.responses.create(model="Huge", input="x")
+    refusals.append((responses_error.value.status_code, responses_error.value.code))
+    assert refusals == [(502, "answer_too_large"), (502, "api_error"), (502, "answer_too_large")]
+    assert "MAX_ANSWER_SIZE" in chat_error.value.message
+    assert wait_until(lambda: len(poe.disconnects) == 3)   # each time Poe was told to stop at once
+    # The Responses stream repeats the whole text in its closing events, so it is bounded the same way...
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "Huge", "input": "x", "stream": True})
+    failed = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
+    assert failed["type"] == "response.failed" and failed["response"]["error"]["code"] == "answer_too_large"
+    # ...while a chat completion stream keeps nothing of what it sent, so it has no such limit.
+    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [sse("done", {})])
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="Huge", messages=user, stream=True) if c.choices)
+    assert streamed == BIG_PIECE * 24
+
+
+def test_an_endless_event_line_from_poe_is_a_502(start: Callable[..., Proxy], poe: FakePoe,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2o, "MAX_SSE_EVENT_BYTES", 256 * 1024)
+    proxy = start()
+    poe.on("Endless", [b"event: text\ndata: " + b"x" * 100_000 for _ in range(5)] + [5.0])   # no line end ever
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as info:
+            proxy.client().chat.completions.create(model="Endless", stream=stream,
+                                                   messages=[{"role": "user", "content": "x"}])
+        assert info.value.status_code == 502 and "larger than 262144 bytes" in info.value.message
+    assert wait_until(lambda: len(poe.disconnects) == 2)
+
+
+def test_a_compressed_body_poe_was_not_asked_for_is_a_502_naming_it(proxy: Proxy, poe: FakePoe) -> None:
+    import gzip
+    poe.on("Zipped", [gzip.compress(b"".join(text_events("hello")))], headers=[("Content-Encoding", "gzip")])
+    poe.models_headers = [("Content-Encoding", "br")]   # from the start: a chat reads the model list too
+    client = proxy.client()
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="Zipped", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and "Content-Encoding 'gzip'" in info.value.message
+    poe.upload_headers = [("Content-Encoding", "deflate")]
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"zip"))])
+    assert info.value.status_code == 502 and "'deflate'" in info.value.message
+    with pytest.raises(openai.InternalServerError) as info:
+        client.models.list()
+    assert info.value.status_code == 502 and "'br'" in info.value.message
+
+
+def test_a_key_no_poe_key_could_be_is_a_401_in_the_dialects_shape(proxy: Proxy) -> None:
+    body = b'{"model":"GPT-4o","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    for path, header in (("/v1/chat/completions", "Authorization: Bearer caf\xc3\xa9".encode("latin-1")),
+                         ("/v1/messages", b"X-Api-Key: \xe2\x98\x83snowman"),
+                         ("/v1/responses", b"Authorization: Bearer key\x7fwith-delete")):
+        out = raw_exchange(proxy, b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\nContent-Type: application/json\r\n"
+                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                           % (path.encode(), header, len(body), body))
+        assert out.startswith(b"HTTP/1.1 401 "), out[:200]
+        error = json.loads(out.split(b"\r\n\r\n", 1)[1])
+        if path == "/v1/messages":
+            assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
+        else:
+            assert error["error"]["code"] == "invalid_api_key"
+
+
+def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, poe: FakePoe) -> None:
+    import tracemalloc
+
+    def ask(i: int) -> int:
+        with httpx.Client(timeout=20) as http:
+            return http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": "Bearer stranger"}, json={
+                "model": f"{i}-" + "m" * 1_000_000, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"https://example.com/{i}/" + "p" * 1_000_000}}]}]}
+            ).status_code
+
+    ask(0)   # the first request fills what is filled once (imports, pools)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        assert all(ask(i) >= 400 for i in range(1, 13))   # Poe cannot take such a bot name
+        assert len(poe.uploads) == 13
+        poe.requests.clear()   # what the fake Poe keeps is not the proxy's
+        poe.uploads.clear()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 * 1024 * 1024, grown   # 12 requests of 2 MB each: none of it is kept
+
+
+def test_unknown_content_parts_are_one_warning_per_request(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    parts = [{"type": "text", "text": "hi"}] + [{"type": "mystery_%d" % i} for i in range(50)]
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": parts}])
+    said = [r.getMessage() for r in caplog.records if "content part" in r.getMessage()]
+    assert len(said) == 1 and "skipping 50 content part(s)" in said[0] and len(said[0]) < 400
 
 
 def _rss_bytes() -> int:
