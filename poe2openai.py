@@ -3096,6 +3096,17 @@ class AnswerText:
         self.reasoning: list[str] = []
         self.arguments: list[str] = []
 
+    def replace(self, text: str) -> str:
+        """Poe replaced the answer's text (a REPLACE delta): from now on the content is `text`. Returns
+        what a stream still has to send, since it cannot take back what it sent: only the new tail when
+        the replacement extends the content, else the whole replacement after a blank line. The one
+        place this is decided: every encoder and fold goes through here."""
+        seen = "".join(self.content)
+        self.content = [text]
+        if text.startswith(seen):
+            return text[len(seen):]
+        return "\n\n" + text   # seen is not empty here: "" starts every text
+
     def usage(self, prompt_tokens: int) -> dict[str, Any]:
         reasoning = estimate_tokens("".join(self.reasoning))
         completion = (estimate_tokens("".join(self.content)) + reasoning
@@ -3135,11 +3146,7 @@ class OpenAIStreamEncoder:
             self.said.arguments.append(delta.text)
             return self._chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})
         if kind == REPLACE:
-            # A stream cannot take back what it sent: send only the new tail when the replacement
-            # extends what the client has, otherwise start the replacement after a blank line.
-            seen = "".join(self.said.content)
-            new = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-            self.said.content = [delta.text]
+            new = self.said.replace(delta.text)
             return self._chunk({"content": new}) if new else b""
         raise ValueError(f"not a content delta: {kind}")
 
@@ -3167,7 +3174,7 @@ class ChatFold:
         if kind == TEXT:
             self.said.content.append(delta.text)
         elif kind == REPLACE:
-            self.said.content = [delta.text]   # non-stream answers carry exactly Poe's final text
+            self.said.replace(delta.text)   # non-stream answers carry exactly Poe's final text
         elif kind == REASONING:
             self.said.reasoning.append(delta.text)
         elif kind == TOOL_START:
@@ -3410,9 +3417,7 @@ class AnthropicStreamEncoder:
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
         if kind == REPLACE:   # as in the OpenAI stream: only what the client has not seen
-            seen = "".join(self.said.content)
-            text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-            self.said.content = [delta.text]
+            text = self.said.replace(delta.text)
             if not text:
                 return b""
             out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
@@ -3685,9 +3690,7 @@ class ResponsesStreamEncoder:
         kind = delta.kind
         if kind in (TEXT, REPLACE):
             if kind == REPLACE:
-                seen = "".join(self.said.content)
-                text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-                self.said.content = [delta.text]
+                text = self.said.replace(delta.text)
             else:
                 text = delta.text
                 self.said.content.append(text)
@@ -3779,8 +3782,8 @@ class ResponsesFold:
         if delta.kind == FINISH:
             self.finish_reason = delta.text
         elif delta.kind == REPLACE and encoder._open is not None and encoder._open["type"] == "message":
-            encoder._text = [delta.text]           # a whole answer: exactly Poe's final text
-            encoder.said.content = [delta.text]
+            encoder.said.replace(delta.text)       # a whole answer: exactly Poe's final text
+            encoder._text = [delta.text]
         else:
             encoder.encode(delta)
 
@@ -5398,29 +5401,17 @@ class ChatPipeline:
             self.stats.record(chat.model, ok=False, latency_s=time.perf_counter() - started_s)
             raise
 
-    async def _next_deltas(self, events: PoeEventStream, translator: PoeTranslator, wait_s: float) -> list[Delta]:
-        """Deltas from the next piece of Poe's answer ([] if it was silent for wait_s)."""
-        batch = await events.read(wait_s)
-        if batch is None:
-            return translator.end()
-        deltas: list[Delta] = []
-        for event in batch:
-            deltas.extend(translator.feed(event))
-        return deltas
-
     async def _chat_whole(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
+        source = DeltaSource(events, translator, finish_wait_s=1.0)
         fold = run.dialect.fold(run)
         try:
-            while not translator.finished:
-                for delta in await self._next_deltas(events, translator, self.settings.read_timeout_seconds):
-                    if delta.kind == ERROR:
-                        assert delta.error is not None
-                        raise delta.error
+            while source.finish is None:
+                for delta in await source.next(self.settings.read_timeout_seconds):
                     fold.add(delta)
-        except BaseException:
-            await events.aclose()
-            raise
-        await events.finish(translator.saw_done)
+        finally:
+            await source.aclose()
+        assert source.finish is not None
+        fold.add(source.finish)
         body = fold.body(run.completion_id, run.created_s, run.route.display, run.prompt_tokens)
         self._record(run, True, fold.said)
         return json_response(200, body)
@@ -5433,50 +5424,42 @@ class ChatPipeline:
     async def _chat_stream(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
         # Hold the response head until Poe's first real event (or STREAM_HOLD_SECONDS), so an error
         # that comes first still gets its real HTTP status instead of a 200 with an error chunk.
+        # Poe's body ends right after `done`: its end is read (0.05 s at most) before the last chunk
+        # leaves, so the connection is back in the pool before the client can send its next request.
+        source = DeltaSource(events, translator, finish_wait_s=0.05)
         held: list[Delta] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.stream_hold_seconds
         try:
-            while not held and not translator.finished:
+            while not held and source.finish is None:
                 left_s = deadline - loop.time()
                 if left_s <= 0:
                     break
-                held.extend(await self._next_deltas(events, translator, left_s))
+                held = await source.next(left_s)
         except BaseException:
-            await events.aclose()
+            await source.aclose()
             raise
-        if held and held[0].kind == ERROR:
-            await events.aclose()
-            assert held[0].error is not None
-            raise held[0].error
         encoder = run.dialect.encoder(run)
-        return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, events, translator, encoder, held))
+        return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, source, encoder, held))
 
-    async def _sse_body(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator,
-                        encoder: StreamEncoder,
+    async def _sse_body(self, run: ChatRun, source: DeltaSource, encoder: StreamEncoder,
                         held: list[Delta]) -> AsyncIterator[bytes]:
         """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
         clean = False
         loop = asyncio.get_running_loop()
         keepalive_s = self.settings.sse_keepalive_seconds
         last_write_s = loop.time()
+        encode = encoder.encode
         try:
             out = encoder.start()
             deltas = held
             while True:
                 for delta in deltas:
-                    if delta.kind == FINISH:
-                        # Poe's body ends right after `done`: read its end first, so the connection
-                        # is back in the pool before the client can send its next request.
-                        await events.finish(translator.saw_done, 0.05)
-                        yield out + encoder.finish(delta.text, run.prompt_tokens)
-                        clean = True
-                        return
-                    if delta.kind == ERROR:
-                        assert delta.error is not None
-                        yield out + encoder.error(delta.error)
-                        return
-                    out += encoder.encode(delta)
+                    out += encode(delta)
+                if source.finish is not None:
+                    yield out + encoder.finish(source.finish.text, run.prompt_tokens)
+                    clean = True
+                    return
                 if out:
                     yield out
                     out = b""
@@ -5487,9 +5470,10 @@ class ChatPipeline:
                     yield SSE_KEEPALIVE
                     last_write_s = loop.time()
                     wait_s = keepalive_s
-                deltas = await self._next_deltas(events, translator, wait_s)
+                deltas = await source.next(wait_s)
         except ProxyError as exc:
-            log.warning("stream failed after it started: %s", exc.message)
+            if not source.poe_error:   # Poe's own error event is the answer, not a failure of ours
+                log.warning("stream failed after it started: %s", exc.message)
             yield encoder.error(exc)
         except Exception:
             log.exception("stream failed after it started")
@@ -5497,10 +5481,81 @@ class ChatPipeline:
                                            "internal_error"))
         finally:
             self._record(run, clean, encoder.said)
-            if clean:
-                await events.finish(translator.saw_done)
+            await source.aclose()   # nothing left to do once finished; else the client left or Poe failed
+
+
+class DeltaSource:
+    """Poe's answer as batches of content deltas, consumed the same way by the hold before a stream's
+    head, the stream and the whole answer, so the rules of consuming it live here only:
+
+    - `next(wait_s)` gives the next batch: [] when Poe was silent for wait_s (the caller's deadline:
+      keep-alives, the hold), raises ProxyError when Poe failed (idle timeout, dropped connection).
+    - FINISH is never in a batch: once it came, `finish` holds it, the batch before it is the last,
+      and the upstream was finished: read to its end after `done`, so the pooled connection is reused,
+      or closed when the answer ended without one (parallel_tool_calls=false stops Poe early).
+    - An ERROR delta closes the upstream; its ProxyError is raised by the pull that met it, or by the
+      next one when deltas came before it in the same piece (those are given first; `poe_error` tells).
+    - `aclose()` (early stop, client gone, cancellation, any failure) closes the upstream so Poe stops
+      generating. The upstream is finished or closed exactly once, whatever the order of calls.
+    """
+
+    def __init__(self, events: PoeEventStream, translator: PoeTranslator, finish_wait_s: float = 1.0) -> None:
+        self._events = events
+        self._translator = translator
+        self._finish_wait_s = finish_wait_s
+        self._open = True
+        self._error: ProxyError | None = None
+        self.finish: Delta | None = None
+        self.poe_error = False     # the error raised is an ERROR delta (Poe's `error` event)
+
+    async def next(self, wait_s: float) -> list[Delta]:
+        if self._error is not None:
+            raise self._error
+        if self.finish is not None:
+            return []
+        translator = self._translator
+        try:
+            batch = await self._events.read(wait_s)
+        except BaseException:
+            await self.aclose()
+            raise
+        if batch is None:
+            deltas = translator.end()
+        elif len(batch) == 1:
+            deltas = translator.feed(batch[0])
+        else:
+            deltas = []
+            for event in batch:
+                deltas += translator.feed(event)
+        if translator.finished:
+            # The translator ends its output with FINISH or ERROR and gives nothing after it.
+            end = deltas.pop() if deltas and deltas[-1].kind in (FINISH, ERROR) else Delta(FINISH, "stop")
+            if end.kind == FINISH:
+                self.finish = end
+                await self._settle(translator.saw_done)
             else:
-                await events.aclose()   # the client left or Poe failed: stop Poe generating
+                assert end.error is not None
+                self.poe_error = True
+                await self.aclose()
+                if not deltas:
+                    raise end.error
+                self._error = end.error
+        return deltas
+
+    async def _settle(self, complete: bool) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            await self._events.finish(complete, self._finish_wait_s)
+        except BaseException:
+            await self._events.aclose()   # cancelled while reading the end: the connection is unusable
+            raise
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            await self._events.aclose()
 
 
 @dataclass
