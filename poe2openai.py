@@ -5536,10 +5536,10 @@ class DeltaSource:
             else:
                 assert end.error is not None
                 self.poe_error = True
+                self._error = end.error
                 await self.aclose()
                 if not deltas:
                     raise end.error
-                self._error = end.error
         return deltas
 
     async def _settle(self, complete: bool) -> None:

@@ -1149,6 +1149,144 @@ def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
     assert poe.connections == 1
 
 
+class ScriptedEvents:
+    """A PoeEventStream stand-in for DeltaSource: pieces of Poe events read one per pull (None: the body
+    ended; an exception: raised by the read; "hang": Poe silent until cancelled). Records how the
+    upstream was let go."""
+
+    def __init__(self, *pieces: Any) -> None:
+        self.pieces = list(pieces)
+        self.let_go: list[tuple[Any, ...]] = []
+
+    async def read(self, wait_s: float) -> list[p2o.SSEEvent] | None:
+        piece = self.pieces.pop(0) if self.pieces else None
+        if isinstance(piece, BaseException):
+            raise piece
+        if piece == "hang":
+            await asyncio.sleep(30)
+        return None if piece is None else [p2o.SSEEvent(name, json.dumps(data)) for name, data in piece]
+
+    async def finish(self, complete: bool, wait_s: float = 1.0) -> None:
+        self.let_go.append(("finish", complete, wait_s))
+
+    async def aclose(self) -> None:
+        self.let_go.append(("close",))
+
+
+def _source(*pieces: Any) -> tuple[p2o.DeltaSource, ScriptedEvents]:
+    events = ScriptedEvents(*pieces)
+    return p2o.DeltaSource(events, p2o.PoeTranslator(), finish_wait_s=0.05), events   # type: ignore[arg-type]
+
+
+def test_delta_source_finishes_the_upstream_once_after_done() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], [("text", {"text": "b"}), ("done", {})])
+        assert [d.text for d in await source.next(1.0)] == ["a"] and source.finish is None
+        assert [d.text for d in await source.next(1.0)] == ["b"]      # FINISH is not in a batch...
+        assert source.finish is not None and source.finish.text == "stop"   # ...but here
+        assert await source.next(1.0) == []
+        await source.aclose()
+        assert events.let_go == [("finish", True, 0.05)]   # read to its end: the connection is reused
+    asyncio.run(scenario())
+
+
+def test_delta_source_without_done_closes_the_upstream_once() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], None)
+        assert [d.text for d in await source.next(1.0)] == ["a"]
+        assert await source.next(1.0) == [] and source.finish is not None
+        await source.aclose()
+        assert events.let_go == [("finish", False, 0.05)]   # PoeEventStream closes an answer without done
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_delta_source_raises_poes_error_after_what_came_before_it(text_first: bool) -> None:
+    async def scenario() -> None:
+        piece = [("text", {"text": "partial"})] if text_first else []
+        source, events = _source(piece + [("error", {"text": "no points", "error_type": "insufficient_fund"}),
+                                          ("text", {"text": "never"})])
+        if text_first:
+            assert [d.text for d in await source.next(1.0)] == ["partial"]
+        with pytest.raises(p2o.ProxyError) as info:
+            await source.next(1.0)
+        assert info.value.code == "insufficient_quota" and source.poe_error
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)      # still the error, without reading on
+        await source.aclose()
+        assert events.let_go == [("close",)] and len(events.pieces) == 0
+    asyncio.run(scenario())
+
+
+def test_delta_source_closes_the_upstream_once_when_reading_fails_or_is_cancelled() -> None:
+    async def scenario() -> None:
+        source, events = _source(p2o.upstream_error("Poe sent nothing", 504, "upstream_timeout"))
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)
+        await source.aclose()
+        assert events.let_go == [("close",)] and not source.poe_error
+
+        source, events = _source([("text", {"text": "a"})], "hang")   # the client leaves while Poe is silent
+        await source.next(1.0)
+        task = asyncio.ensure_future(source.next(1.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await source.aclose()
+        assert events.let_go == [("close",)]
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_upstream_is_let_go_once_finished_or_left(proxy: Proxy, poe: FakePoe, stream: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    let_go: list[str] = []
+    finish, aclose = p2o.PoeEventStream.finish, p2o.PoeEventStream.aclose
+
+    async def counted_finish(self: p2o.PoeEventStream, complete: bool, wait_s: float = 1.0) -> None:
+        let_go.append(f"finish {complete}")
+        await finish(self, complete, wait_s)
+
+    async def counted_aclose(self: p2o.PoeEventStream) -> None:
+        let_go.append("close")
+        await aclose(self)
+
+    monkeypatch.setattr(p2o.PoeEventStream, "finish", counted_finish)
+    monkeypatch.setattr(p2o.PoeEventStream, "aclose", counted_aclose)
+    client = proxy.client()
+    messages = [{"role": "user", "content": "x"}]
+    for _ in range(3):   # after `done`: finished, and the connection is reused
+        if stream:
+            answer = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="GPT-4o", stream=True, messages=messages) if c.choices)
+        else:
+            answer = client.chat.completions.create(model="GPT-4o", messages=messages).choices[0].message.content
+        assert answer == "Hello from GPT-4o"
+    assert let_go == ["finish True"] * 3 and poe.connections == 1
+    let_go.clear()
+    # The client leaves mid-answer: Poe's connection is closed, once, and a new one serves the next request.
+    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        got = b""
+        while b"thinking..." not in got:
+            got += sock.recv(65536)
+    else:
+        time.sleep(0.3)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert let_go == ["close"] and len(poe.disconnects) == 1
+    assert client.chat.completions.create(model="GPT-4o", messages=messages)
+    assert poe.connections == 2
+
+
 def test_stale_pooled_connection_is_replaced(proxy: Proxy, poe: FakePoe, lt: LoopThread) -> None:
     client = proxy.client()
     client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
