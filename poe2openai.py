@@ -494,6 +494,18 @@ def dump_json(obj: Any) -> bytes:
         return _json_ascii(obj).encode("ascii")
 
 
+def dump_json_string(text: str) -> bytes:
+    """dump_json for one string, without the encoder's dispatch: the hot path of every streamed piece."""
+    try:
+        return _json_string(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return _json_string_ascii(text).encode("ascii")
+
+
+_json_string = json.encoder.encode_basestring            # what the encoders above use for a str
+_json_string_ascii = json.encoder.encode_basestring_ascii
+
+
 @dataclass(slots=True)
 class SSEEvent:
     event: str
@@ -2797,6 +2809,8 @@ class FileRefs:
         self._tail = ""                              # the end of what was released
 
     def feed(self, text: str) -> str:
+        if not self._held and "]" not in text:   # no reference can start or end here: most pieces
+            return self._remember(text)
         held, self._held = self._held, ""
         return self._release(held + text, final=False)
 
@@ -3114,6 +3128,9 @@ class AnswerText:
         return openai_usage(prompt_tokens, completion, reasoning)
 
 
+_OPENAI_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+
+
 class OpenAIStreamEncoder:
     """Renders deltas as `chat.completion.chunk` SSE lines (never an `event:` line)."""
 
@@ -3133,12 +3150,15 @@ class OpenAIStreamEncoder:
 
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
+        # Text and reasoning are spelled out: the same bytes as _chunk's, built without a dict.
         if kind == TEXT:
             self.said.content.append(delta.text)
-            return self._chunk({"content": delta.text})
+            return self._head + b'{"index":0,"delta":{"content":' + dump_json_string(delta.text) + _OPENAI_TAIL
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
-            return self._chunk({"reasoning_content": delta.text, "reasoning": delta.text})
+            text = dump_json_string(delta.text)
+            return (self._head + b'{"index":0,"delta":{"reasoning_content":' + text + b',"reasoning":' + text
+                    + _OPENAI_TAIL)
         if kind == TOOL_START:
             return self._chunk({"tool_calls": [{"index": delta.index, "id": delta.call_id, "type": "function",
                                                 "function": {"name": delta.name, "arguments": ""}}]})
@@ -3425,7 +3445,10 @@ class AnthropicStreamEncoder:
         if kind == TEXT:
             self.said.content.append(delta.text)
             out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
-            return out + self._delta({"type": "text_delta", "text": delta.text})
+            # _delta's bytes, spelled out: the hot path of a streamed answer
+            return (out + b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                    + str(self._index).encode() + b',"delta":{"type":"text_delta","text":'
+                    + dump_json_string(delta.text) + b"}}\n\n")
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
             out = b"" if self._open == "thinking" else self._begin("thinking", {"type": "thinking", "thinking": "",
@@ -3700,8 +3723,13 @@ class ResponsesStreamEncoder:
                 {"type": "message", "id": new_id("msg_"), "role": "assistant", "status": "in_progress",
                  "content": []})
             self._text.append(text)
-            return out + self._event("response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
-                                     output_index=len(self._output), content_index=0, delta=text, logprobs=[])
+            # _event's bytes, spelled out: the hot path of a streamed answer
+            sequence, self._sequence = self._sequence, self._sequence + 1
+            return (out + b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                    b'"sequence_number":' + str(sequence).encode() + b',"item_id":'
+                    + dump_json_string(self._open["id"]) + b',"output_index":'  # type: ignore[index]
+                    + str(len(self._output)).encode() + b',"content_index":0,"delta":' + dump_json_string(text)
+                    + b',"logprobs":[]}\n\n')
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
             out = b"" if self._open and self._open["type"] == "reasoning" else self._add(
@@ -4206,6 +4234,11 @@ class HTTPStream:
         self.writer = writer
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self.bytes_sent = 0
+        # receive(): one deadline timer per connection, moved lazily rather than set for every read.
+        self._deadline_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading: asyncio.Task[Any] | None = None
+        self._timed_out = False
 
     async def send(self, *events: h11._events.Event, timeout_s: float = WRITE_TIMEOUT_S) -> None:
         try:
@@ -4232,6 +4265,47 @@ class HTTPStream:
             data = await read_within(self.reader, timeout_s)
             self.conn.receive_data(data)  # b"" tells h11 the peer closed
 
+    async def receive(self, timeout_s: float) -> bytes:
+        """One read (b"" once the peer closed); asyncio.TimeoutError after timeout_s of silence.
+
+        A paced answer is read event by event, tens of milliseconds apart: a timer per read (wait_for,
+        asyncio.timeout) would be set and cancelled for every one. Instead a read only moves the
+        deadline; the one timer, when it fires at an older deadline, sleeps on to the new one, and
+        only a deadline that really passed cancels the read, which then becomes a TimeoutError."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + timeout_s
+        self._deadline_s = at
+        timer = self._timer
+        if timer is None or timer.when() > at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(at, self._deadline_passed)
+        self._reading = task = asyncio.current_task()
+        try:
+            return await self.reader.read(READ_CHUNK_BYTES)
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            self._timed_out = False
+            # Our own cancel: a timeout, unless someone else cancelled the task too (3.11+ can tell).
+            if sys.version_info >= (3, 11) and task is not None and task.uncancel() > 0:  # novermin
+                raise
+            raise asyncio.TimeoutError from None
+        finally:
+            self._reading = None
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        task = self._reading
+        if task is None:
+            return   # not reading: the next read sets its own deadline
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline_s:
+            self._timer = loop.call_at(self._deadline_s, self._deadline_passed)
+            return
+        self._timed_out = True
+        task.cancel()
+
     def is_reusable(self) -> bool:
         """Both sides finished their messages (or a new cycle began) and the socket is still open."""
         states = (self.conn.our_state, self.conn.their_state)
@@ -4239,6 +4313,9 @@ class HTTPStream:
                 and not self.writer.transport.is_closing() and not self.reader.at_eof())
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         try:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
@@ -4290,8 +4367,12 @@ class UpstreamResponse:
         stream = self._stream
         if stream is None or self.complete:
             return None
+        conn = stream.conn
         try:
-            event = await stream.next_event(timeout_s)
+            event = conn.next_event()
+            while event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive(timeout_s))   # b"" tells h11 the peer closed
+                event = conn.next_event()
         except asyncio.TimeoutError:
             raise  # silence, not a failure: the caller decides (on 3.11+ this is an OSError too)
         except (h11.RemoteProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
@@ -4309,7 +4390,7 @@ class UpstreamResponse:
         pieces = [event.data]
         try:
             while True:
-                more = stream.conn.next_event()
+                more = conn.next_event()
                 if isinstance(more, h11.Data):
                     pieces.append(more.data)
                     continue
