@@ -4360,6 +4360,7 @@ class UpstreamResponse:
         self._origin = origin
         self._stream: HTTPStream | None = stream
         self.complete = False
+        self._hungry = False   # h11 said NEED_DATA last time: asking again before a read would say it again
 
     async def read_chunk(self, timeout_s: float) -> bytes | None:
         """The next piece of the body, or None at its end. Raises asyncio.TimeoutError on silence and
@@ -4369,7 +4370,8 @@ class UpstreamResponse:
             return None
         conn = stream.conn
         try:
-            event = conn.next_event()
+            event = h11.NEED_DATA if self._hungry else conn.next_event()
+            self._hungry = False
             while event is h11.NEED_DATA:
                 conn.receive_data(await stream.receive(timeout_s))   # b"" tells h11 the peer closed
                 event = conn.next_event()
@@ -4397,6 +4399,7 @@ class UpstreamResponse:
                 if isinstance(more, h11.EndOfMessage):
                     self.complete = True
                     self._release()
+                self._hungry = more is h11.NEED_DATA
                 break   # NEED_DATA (or anything else: the next call deals with it)
         except h11.RemoteProtocolError:
             pass        # the next call reports it
@@ -5541,16 +5544,18 @@ class ChatPipeline:
                     yield out + encoder.finish(source.finish.text, run.prompt_tokens)
                     clean = True
                     return
+                # Poe's own pings do not reach the client, so time keep-alives from our last write.
                 if out:
                     yield out
                     out = b""
                     last_write_s = loop.time()
-                # Poe's own pings do not reach the client, so time keep-alives from our last write.
-                wait_s = keepalive_s - (loop.time() - last_write_s)
-                if wait_s <= 0:
-                    yield SSE_KEEPALIVE
-                    last_write_s = loop.time()
                     wait_s = keepalive_s
+                else:
+                    wait_s = keepalive_s - (loop.time() - last_write_s)
+                    if wait_s <= 0:
+                        yield SSE_KEEPALIVE
+                        last_write_s = loop.time()
+                        wait_s = keepalive_s
                 deltas = await source.next(wait_s)
         except ProxyError as exc:
             if not source.poe_error:   # Poe's own error event is the answer, not a failure of ours

@@ -1140,6 +1140,38 @@ def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePo
     assert info.value.status_code == 504
 
 
+def test_read_deadline_moves_with_each_read_and_an_outside_cancel_stays_a_cancel() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=ours)
+        stream = p2o.HTTPStream(reader, writer, h11.CLIENT, 1024)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(8):   # a piece every 30 ms, 0.1 s allowed each: 0.24 s in all, never a timeout
+            loop.call_later(0.03, theirs.send, b"x")
+            assert await stream.receive(0.1) == b"x"
+        assert loop.time() - began > 0.2
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.1)
+        assert 0.09 < loop.time() - began < 0.5
+        task = asyncio.ensure_future(stream.receive(5.0))
+        await asyncio.sleep(0.02)
+        task.cancel()                      # the client left: a cancel, never mistaken for a timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.05)     # a nearer deadline than the timer's: the timer is moved up
+        assert loop.time() - began < 1.0
+        theirs.send(b"late")
+        assert await stream.receive(1.0) == b"late"   # nothing lost to a timeout
+        await stream.aclose()
+        theirs.close()
+    asyncio.run(scenario())
+
+
 def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
     client = proxy.client()
     for _ in range(3):
