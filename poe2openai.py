@@ -608,6 +608,18 @@ def dump_json(obj: Any) -> bytes:
         return _json_ascii(obj).encode("ascii")
 
 
+def dump_json_string(text: str) -> bytes:
+    """dump_json for one string, without the encoder's dispatch: the hot path of every streamed piece."""
+    try:
+        return _json_string(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return _json_string_ascii(text).encode("ascii")
+
+
+_json_string = json.encoder.encode_basestring            # what the encoders above use for a str
+_json_string_ascii = json.encoder.encode_basestring_ascii
+
+
 @dataclass(slots=True)
 class SSEEvent:
     event: str
@@ -3448,6 +3460,8 @@ class FileRefs:
         self._tail = ""                              # the end of what was released
 
     def feed(self, text: str) -> str:
+        if not self._held and "]" not in text:   # no reference can start or end here: most pieces
+            return self._remember(text)
         held, self._held = self._held, ""
         return self._release(held + text, final=False)
 
@@ -3806,9 +3820,11 @@ class AnswerText:
         """UTF-8 bytes said so far, all kinds together."""
         return self.content.size + self.reasoning.size + self.arguments.size
 
-    def replace_content(self, text: str) -> str:
-        """The content is now `text`; returns what a stream, which cannot take back what it sent, sends
-        for it: the new tail when it extends what the client has, else the replacement after a blank line."""
+    def replace(self, text: str) -> str:
+        """Poe replaced the answer's text (a REPLACE delta): from now on the content is `text`. Returns
+        what a stream still has to send, since it cannot take back what it sent: only the new tail when
+        the replacement extends the content, else the whole replacement after a blank line. The one
+        place this is decided: every encoder and fold goes through here."""
         tail = self.content.unseen(text)
         new = tail if tail is not None else ("\n\n" if self.content else "") + text
         self.content.replace(text)
@@ -3818,6 +3834,9 @@ class AnswerText:
         reasoning = self.reasoning.tokens()
         completion = self.content.tokens() + reasoning + self.arguments.tokens()
         return openai_usage(prompt_tokens, completion, reasoning)
+
+
+_OPENAI_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
 
 class OpenAIStreamEncoder:
@@ -3839,12 +3858,15 @@ class OpenAIStreamEncoder:
 
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
+        # Text and reasoning are spelled out: the same bytes as _chunk's, built without a dict.
         if kind == TEXT:
             self.said.content.append(delta.text)
-            return self._chunk({"content": delta.text})
+            return self._head + b'{"index":0,"delta":{"content":' + dump_json_string(delta.text) + _OPENAI_TAIL
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
-            return self._chunk({"reasoning_content": delta.text, "reasoning": delta.text})
+            text = dump_json_string(delta.text)
+            return (self._head + b'{"index":0,"delta":{"reasoning_content":' + text + b',"reasoning":' + text
+                    + _OPENAI_TAIL)
         if kind == TOOL_START:
             return self._chunk({"tool_calls": [{"index": delta.index, "id": delta.call_id, "type": "function",
                                                 "function": {"name": delta.name, "arguments": ""}}]})
@@ -3852,7 +3874,7 @@ class OpenAIStreamEncoder:
             self.said.arguments.append(delta.text)
             return self._chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})
         if kind == REPLACE:
-            new = self.said.replace_content(delta.text)
+            new = self.said.replace(delta.text)
             return self._chunk({"content": new}) if new else b""
         raise ValueError(f"not a content delta: {kind}")
 
@@ -3882,7 +3904,7 @@ class ChatFold:
         if kind == TEXT:
             self.said.content.append(delta.text)
         elif kind == REPLACE:
-            self.said.content.replace(delta.text)   # non-stream answers carry exactly Poe's final text
+            self.said.replace(delta.text)   # non-stream answers carry exactly Poe's final text
         elif kind == REASONING:
             self.said.reasoning.append(delta.text)
         elif kind == TOOL_START:
@@ -4131,7 +4153,7 @@ class AnthropicStreamEncoder:
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
         if kind == REPLACE:   # as in the OpenAI stream: only what the client has not seen
-            text = self.said.replace_content(delta.text)
+            text = self.said.replace(delta.text)
             if not text:
                 return b""
             out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
@@ -4139,7 +4161,10 @@ class AnthropicStreamEncoder:
         if kind == TEXT:
             self.said.content.append(delta.text)
             out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
-            return out + self._delta({"type": "text_delta", "text": delta.text})
+            # _delta's bytes, spelled out: the hot path of a streamed answer
+            return (out + b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                    + str(self._index).encode() + b',"delta":{"type":"text_delta","text":'
+                    + dump_json_string(delta.text) + b"}}\n\n")
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
             out = b"" if self._open == "thinking" else self._begin("thinking", {"type": "thinking", "thinking": "",
@@ -4421,7 +4446,7 @@ class ResponsesStreamEncoder:
         kind = delta.kind
         if kind in (TEXT, REPLACE):
             if kind == REPLACE:
-                text = self.said.replace_content(delta.text)
+                text = self.said.replace(delta.text)
             else:
                 text = delta.text
                 self.said.content.append(text)
@@ -4431,8 +4456,13 @@ class ResponsesStreamEncoder:
                 {"type": "message", "id": new_id("msg_"), "role": "assistant", "status": "in_progress",
                  "content": []})
             self._text.append(text)
-            return out + self._event("response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
-                                     output_index=len(self._output), content_index=0, delta=text, logprobs=[])
+            # _event's bytes, spelled out: the hot path of a streamed answer
+            sequence, self._sequence = self._sequence, self._sequence + 1
+            return (out + b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                    b'"sequence_number":' + str(sequence).encode() + b',"item_id":'
+                    + dump_json_string(self._open["id"]) + b',"output_index":'  # type: ignore[index]
+                    + str(len(self._output)).encode() + b',"content_index":0,"delta":' + dump_json_string(text)
+                    + b',"logprobs":[]}\n\n')
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
             out = b"" if self._open and self._open["type"] == "reasoning" else self._add(
@@ -4514,7 +4544,7 @@ class ResponsesFold:
             self.finish_reason = delta.text
         elif delta.kind == REPLACE and encoder._open is not None and encoder._open["type"] == "message":
             encoder._text = [delta.text]           # a whole answer: exactly Poe's final text
-            encoder.said.content.replace(delta.text)
+            encoder.said.replace(delta.text)
             encoder.check_size()
         else:
             encoder.encode(delta)
@@ -5087,6 +5117,11 @@ class HTTPStream:
         self.writer = writer
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self.bytes_sent = 0
+        # receive(): one deadline timer per connection, moved lazily rather than set for every read.
+        self._deadline_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading: asyncio.Task[Any] | None = None
+        self._timed_out = False
 
     async def send(self, *events: h11._events.Event, timeout_s: float = WRITE_TIMEOUT_S) -> None:
         try:
@@ -5113,6 +5148,47 @@ class HTTPStream:
             data = await read_within(self.reader, timeout_s)
             self.conn.receive_data(data)  # b"" tells h11 the peer closed
 
+    async def receive(self, timeout_s: float) -> bytes:
+        """One read (b"" once the peer closed); asyncio.TimeoutError after timeout_s of silence.
+
+        A paced answer is read event by event, tens of milliseconds apart: a timer per read (wait_for,
+        asyncio.timeout) would be set and cancelled for every one. Instead a read only moves the
+        deadline; the one timer, when it fires at an older deadline, sleeps on to the new one, and
+        only a deadline that really passed cancels the read, which then becomes a TimeoutError."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + timeout_s
+        self._deadline_s = at
+        timer = self._timer
+        if timer is None or timer.when() > at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(at, self._deadline_passed)
+        self._reading = task = asyncio.current_task()
+        try:
+            return await self.reader.read(READ_CHUNK_BYTES)
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            self._timed_out = False
+            # Our own cancel: a timeout, unless someone else cancelled the task too (3.11+ can tell).
+            if sys.version_info >= (3, 11) and task is not None and task.uncancel() > 0:  # novermin
+                raise
+            raise asyncio.TimeoutError from None
+        finally:
+            self._reading = None
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        task = self._reading
+        if task is None:
+            return   # not reading: the next read sets its own deadline
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline_s:
+            self._timer = loop.call_at(self._deadline_s, self._deadline_passed)
+            return
+        self._timed_out = True
+        task.cancel()
+
     def is_reusable(self) -> bool:
         """Both sides finished their messages (or a new cycle began) and the socket is still open."""
         states = (self.conn.our_state, self.conn.their_state)
@@ -5120,6 +5196,9 @@ class HTTPStream:
                 and not self.writer.transport.is_closing() and not self.reader.at_eof())
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         try:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
@@ -5164,6 +5243,7 @@ class UpstreamResponse:
         self._origin = origin
         self._stream: HTTPStream | None = stream
         self.complete = False
+        self._hungry = False   # h11 said NEED_DATA last time: asking again before a read would say it again
 
     async def read_chunk(self, timeout_s: float) -> bytes | None:
         """The next piece of the body, or None at its end. Raises asyncio.TimeoutError on silence and
@@ -5171,8 +5251,13 @@ class UpstreamResponse:
         stream = self._stream
         if stream is None or self.complete:
             return None
+        conn = stream.conn
         try:
-            event = await stream.next_event(timeout_s)
+            event = h11.NEED_DATA if self._hungry else conn.next_event()
+            self._hungry = False
+            while event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive(timeout_s))   # b"" tells h11 the peer closed
+                event = conn.next_event()
         except asyncio.TimeoutError:
             raise  # silence, not a failure: the caller decides (on 3.11+ this is an OSError too)
         except (h11.RemoteProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
@@ -5190,13 +5275,14 @@ class UpstreamResponse:
         pieces = [event.data]
         try:
             while True:
-                more = stream.conn.next_event()
+                more = conn.next_event()
                 if isinstance(more, h11.Data):
                     pieces.append(more.data)
                     continue
                 if isinstance(more, h11.EndOfMessage):
                     self.complete = True
                     self._release()
+                self._hungry = more is h11.NEED_DATA
                 break   # NEED_DATA (or anything else: the next call deals with it)
         except h11.RemoteProtocolError:
             pass        # the next call reports it
@@ -6665,29 +6751,17 @@ class ChatPipeline:
                 raise unknown_model(chat.model, route.bot, err) from None
             raise
 
-    async def _next_deltas(self, events: PoeEventStream, translator: PoeTranslator, wait_s: float) -> list[Delta]:
-        """Deltas from the next piece of Poe's answer ([] if it was silent for wait_s)."""
-        batch = await events.read(wait_s)
-        if batch is None:
-            return translator.end()
-        deltas: list[Delta] = []
-        for event in batch:
-            deltas.extend(translator.feed(event))
-        return deltas
-
     async def _chat_whole(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
+        source = DeltaSource(events, translator, finish_wait_s=1.0)
         fold = run.dialect.fold(run)
         try:
-            while not translator.finished:
-                for delta in await self._next_deltas(events, translator, self.settings.read_timeout_seconds):
-                    if delta.kind == ERROR:
-                        assert delta.error is not None
-                        raise delta.error
+            while source.finish is None:
+                for delta in await source.next(self.settings.read_timeout_seconds):
                     fold.add(delta)
-        except BaseException:
-            await events.aclose()
-            raise
-        await events.finish(translator.saw_done)
+        finally:
+            await source.aclose()
+        assert source.finish is not None
+        fold.add(source.finish)
         body = fold.body(run.completion_id, run.created_s, run.route.display, run.prompt_tokens)
         self._record(run, True, fold.said)
         return json_response(200, body)
@@ -6700,63 +6774,58 @@ class ChatPipeline:
     async def _chat_stream(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
         # Hold the response head until Poe's first real event (or STREAM_HOLD_SECONDS), so an error
         # that comes first still gets its real HTTP status instead of a 200 with an error chunk.
+        # Poe's body ends right after `done`: its end is read (0.05 s at most) before the last chunk
+        # leaves, so the connection is back in the pool before the client can send its next request.
+        source = DeltaSource(events, translator, finish_wait_s=0.05)
         held: list[Delta] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.stream_hold_seconds
         try:
-            while not held and not translator.finished:
+            while not held and source.finish is None:
                 left_s = deadline - loop.time()
                 if left_s <= 0:
                     break
-                held.extend(await self._next_deltas(events, translator, left_s))
+                held = await source.next(left_s)
         except BaseException:
-            await events.aclose()
+            await source.aclose()
             raise
-        if held and held[0].kind == ERROR:
-            await events.aclose()
-            assert held[0].error is not None
-            raise held[0].error
         encoder = run.dialect.encoder(run)
-        return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, events, translator, encoder, held))
+        return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, source, encoder, held))
 
-    async def _sse_body(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator,
-                        encoder: StreamEncoder,
+    async def _sse_body(self, run: ChatRun, source: DeltaSource, encoder: StreamEncoder,
                         held: list[Delta]) -> AsyncIterator[bytes]:
         """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
         clean = False
         loop = asyncio.get_running_loop()
         keepalive_s = self.settings.sse_keepalive_seconds
         last_write_s = loop.time()
+        encode = encoder.encode
         try:
             out = encoder.start()
             deltas = held
             while True:
                 for delta in deltas:
-                    if delta.kind == FINISH:
-                        # Poe's body ends right after `done`: read its end first, so the connection
-                        # is back in the pool before the client can send its next request.
-                        await events.finish(translator.saw_done, 0.05)
-                        yield out + encoder.finish(delta.text, run.prompt_tokens)
-                        clean = True
-                        return
-                    if delta.kind == ERROR:
-                        assert delta.error is not None
-                        yield out + encoder.error(delta.error)
-                        return
-                    out += encoder.encode(delta)
+                    out += encode(delta)
+                if source.finish is not None:
+                    yield out + encoder.finish(source.finish.text, run.prompt_tokens)
+                    clean = True
+                    return
+                # Poe's own pings do not reach the client, so time keep-alives from our last write.
                 if out:
                     yield out
                     out = b""
                     last_write_s = loop.time()
-                # Poe's own pings do not reach the client, so time keep-alives from our last write.
-                wait_s = keepalive_s - (loop.time() - last_write_s)
-                if wait_s <= 0:
-                    yield SSE_KEEPALIVE
-                    last_write_s = loop.time()
                     wait_s = keepalive_s
-                deltas = await self._next_deltas(events, translator, wait_s)
+                else:
+                    wait_s = keepalive_s - (loop.time() - last_write_s)
+                    if wait_s <= 0:
+                        yield SSE_KEEPALIVE
+                        last_write_s = loop.time()
+                        wait_s = keepalive_s
+                deltas = await source.next(wait_s)
         except ProxyError as exc:
-            log.warning("stream failed after it started: %s", exc.message)
+            if not source.poe_error:   # Poe's own error event is the answer, not a failure of ours
+                log.warning("stream failed after it started: %s", exc.message)
             yield encoder.error(exc)
         except Exception:
             log.exception("stream failed after it started")
@@ -6764,10 +6833,81 @@ class ChatPipeline:
                                            "internal_error"))
         finally:
             self._record(run, clean, encoder.said)
-            if clean:
-                await events.finish(translator.saw_done)
+            await source.aclose()   # nothing left to do once finished; else the client left or Poe failed
+
+
+class DeltaSource:
+    """Poe's answer as batches of content deltas, consumed the same way by the hold before a stream's
+    head, the stream and the whole answer, so the rules of consuming it live here only:
+
+    - `next(wait_s)` gives the next batch: [] when Poe was silent for wait_s (the caller's deadline:
+      keep-alives, the hold), raises ProxyError when Poe failed (idle timeout, dropped connection).
+    - FINISH is never in a batch: once it came, `finish` holds it, the batch before it is the last,
+      and the upstream was finished: read to its end after `done`, so the pooled connection is reused,
+      or closed when the answer ended without one (parallel_tool_calls=false stops Poe early).
+    - An ERROR delta closes the upstream; its ProxyError is raised by the pull that met it, or by the
+      next one when deltas came before it in the same piece (those are given first; `poe_error` tells).
+    - `aclose()` (early stop, client gone, cancellation, any failure) closes the upstream so Poe stops
+      generating. The upstream is finished or closed exactly once, whatever the order of calls.
+    """
+
+    def __init__(self, events: PoeEventStream, translator: PoeTranslator, finish_wait_s: float = 1.0) -> None:
+        self._events = events
+        self._translator = translator
+        self._finish_wait_s = finish_wait_s
+        self._open = True
+        self._error: ProxyError | None = None
+        self.finish: Delta | None = None
+        self.poe_error = False     # the error raised is an ERROR delta (Poe's `error` event)
+
+    async def next(self, wait_s: float) -> list[Delta]:
+        if self._error is not None:
+            raise self._error
+        if self.finish is not None:
+            return []
+        translator = self._translator
+        try:
+            batch = await self._events.read(wait_s)
+        except BaseException:
+            await self.aclose()
+            raise
+        if batch is None:
+            deltas = translator.end()
+        elif len(batch) == 1:
+            deltas = translator.feed(batch[0])
+        else:
+            deltas = []
+            for event in batch:
+                deltas += translator.feed(event)
+        if translator.finished:
+            # The translator ends its output with FINISH or ERROR and gives nothing after it.
+            end = deltas.pop() if deltas and deltas[-1].kind in (FINISH, ERROR) else Delta(FINISH, "stop")
+            if end.kind == FINISH:
+                self.finish = end
+                await self._settle(translator.saw_done)
             else:
-                await events.aclose()   # the client left or Poe failed: stop Poe generating
+                assert end.error is not None
+                self.poe_error = True
+                self._error = end.error
+                await self.aclose()
+                if not deltas:
+                    raise end.error
+        return deltas
+
+    async def _settle(self, complete: bool) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            await self._events.finish(complete, self._finish_wait_s)
+        except BaseException:
+            await self._events.aclose()   # cancelled while reading the end: the connection is unusable
+            raise
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            await self._events.aclose()
 
 
 @dataclass

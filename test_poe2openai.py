@@ -593,6 +593,214 @@ def test_stream_and_fold_agree_on_replace_response() -> None:
     assert streamed == "Hello, world!\n\nOther end"   # stream: nothing repeated, nothing lost
 
 
+# Stream and fold agree by construction: any mix of Poe events, through the translator, rendered by each
+# dialect's stream encoder (accumulated the way its SDK does) and by its fold, says the same answer. The
+# one allowed difference is the design's: after a replace_response that does not extend what was sent, the
+# stream shows the old text, a blank line and the replacement; the whole answer is the replacement.
+
+_ANSWER_PIECES = ["Hello", " world", "\n", "\n\n", "*Thinking...*\n", "> a thought\n", "<think>", "</think>",
+                  '<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>', "<tool_call>",
+                  '<invoke name="get_weather"><parameter name="city">Paris</parameter></invoke>', "</tool_call>",
+                  "![a cat][ref1]", "![a cat]", "[ref1]", "]", "[", '{"a": 1}', "```json\n", "```", "é", "🎉"]
+_answer_text = st.lists(st.sampled_from(_ANSWER_PIECES) | st.text(max_size=4), max_size=4).map("".join)
+
+
+def _native_call(index: int, call_id: str, name: str, arguments: str, content: str) -> tuple[str, Any]:
+    call: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+    if call_id:
+        call["id"] = call_id
+    if name:
+        call["function"]["name"] = name
+    return "json", {"choices": [{"index": 0, "delta": {"content": content, "tool_calls": [call]}}]}
+
+
+_poe_event = st.one_of(
+    _answer_text.map(lambda t: ("text", {"text": t})),
+    _answer_text.map(lambda t: ("text", {"text": t})),
+    _answer_text.map(lambda t: ("replace_response", {"text": t})),
+    st.builds(_native_call, st.integers(0, 2), st.sampled_from(["", "call_poe1"]),
+              st.sampled_from(["", "get_weather", "get_time", "not_offered"]),
+              st.sampled_from(["", '{"city": ', '"Paris"}', "{}"]), st.sampled_from(["", "Hi"])),
+    st.just(("file", {"url": "https://pfst.cf2.poecdn.net/base/image/f.png", "name": "f.png", "inline_ref": "ref1",
+                      "content_type": "image/png"})),
+    st.just(("file", {"url": "https://pfst.cf2.poecdn.net/base/text/notes.txt", "name": "notes.txt"})),
+    st.just(("error", {"text": "The bot failed.", "error_type": "bot_error"})),
+    st.just(("done", {})),
+    st.just(("meta", {"content_type": "text/markdown"})))
+
+
+def _dialect_deltas(events: list[tuple[str, Any]], tools: bool, native: bool, json_answer: bool, parallel: bool,
+                    whole_calls: bool) -> list[p2o.Delta]:
+    """The deltas of one answer, up to and with its FINISH or ERROR, as the pipeline's source sees them."""
+    spec = p2o.parse_tools({"tools": WEATHER_TOOLS, "parallel_tool_calls": parallel}) if tools else None
+    ids = iter(range(1000))
+    translator = p2o.PoeTranslator(spec, native_tools=native, json_answer=json_answer, whole_calls=whole_calls,
+                                   make_id=lambda: f"call_{next(ids)}")
+    deltas: list[p2o.Delta] = []
+    for name, data in events:
+        deltas += translator.feed(p2o.SSEEvent(name, json.dumps(data)))
+    deltas += translator.end()
+    assert [d.kind for d in deltas].count(p2o.FINISH) + [d.kind for d in deltas].count(p2o.ERROR) == 1
+    assert deltas[-1].kind in (p2o.FINISH, p2o.ERROR)   # and nothing after it
+    return deltas
+
+
+def _sse_events(data: bytes) -> list[tuple[str, Any]]:
+    out = []
+    for block in data.decode().split("\n\n"):
+        name, payload = "", None
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and line[6:] != "[DONE]":
+                payload = json.loads(line[6:])
+        if payload is not None:
+            out.append((name, payload))
+    return out
+
+
+def _answer(content: str, reasoning: str, calls: list[tuple[str, str, Any]], finish: str,
+            usage: Any) -> dict[str, Any]:
+    return {"content": content, "reasoning": reasoning, "calls": calls, "finish": finish, "usage": usage}
+
+
+def _chat_stream_answer(pieces: list[bytes]) -> tuple[dict[str, Any], list[str], Any]:
+    """What the openai SDK accumulates: content, reasoning, tool calls by index, finish reason, usage.
+    Also the content seen before each piece, and the error event if any."""
+    content, reasoning, calls, finish, usage, error, before = "", "", {}, "", None, None, []
+    for piece in pieces:
+        before.append(content)
+        for _, chunk in _sse_events(piece):
+            if "error" in chunk:
+                error = chunk["error"]
+                continue
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                delta = choice["delta"]
+                content += delta.get("content") or ""
+                reasoning += delta.get("reasoning_content") or ""
+                for call in delta.get("tool_calls") or []:
+                    entry = calls.setdefault(call["index"], ["", "", ""])
+                    entry[0] = entry[0] or call.get("id") or ""
+                    entry[1] += call["function"].get("name") or ""
+                    entry[2] += call["function"].get("arguments") or ""
+                finish = choice["finish_reason"] or finish
+    return (_answer(content, reasoning, [tuple(calls[i]) for i in sorted(calls)], finish, usage), before, error)
+
+
+def _chat_fold_answer(body: dict[str, Any]) -> dict[str, Any]:
+    message = body["choices"][0]["message"]
+    calls = [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])]
+    return _answer(message["content"] or "", message.get("reasoning_content", ""), calls,
+                   body["choices"][0]["finish_reason"], body["usage"])
+
+
+def _anthropic_stream_answer(pieces: list[bytes]) -> tuple[dict[str, Any], list[str], Any]:
+    """What the anthropic SDK accumulates: content blocks (text, thinking, tool_use with its input)."""
+    blocks: dict[int, dict[str, Any]] = {}
+    finish, usage, error, before = "", None, None, []
+    for piece in pieces:
+        before.append("".join(b["text"] for b in blocks.values()))
+        for name, event in _sse_events(piece):
+            if name == "content_block_start":
+                block = event["content_block"]
+                blocks[event["index"]] = {"type": block["type"], "text": block.get("text", ""),
+                                          "thinking": block.get("thinking", ""), "id": block.get("id"),
+                                          "name": block.get("name"), "json": ""}
+            elif name == "content_block_delta":
+                block, delta = blocks[event["index"]], event["delta"]
+                block["text"] += delta.get("text", "")
+                block["thinking"] += delta.get("thinking", "")
+                block["json"] += delta.get("partial_json", "")
+            elif name == "message_delta":
+                finish, usage = event["delta"]["stop_reason"], event["usage"]
+            elif name == "error":
+                error = event["error"]
+    ordered = [blocks[i] for i in sorted(blocks)]
+    calls = [(b["id"], b["name"], p2o._arguments_dict(b["json"]) or {}) for b in ordered if b["type"] == "tool_use"]
+    return (_answer("".join(b["text"] for b in ordered), "".join(b["thinking"] for b in ordered), calls, finish,
+                    usage), before, error)
+
+
+def _anthropic_fold_answer(body: dict[str, Any]) -> dict[str, Any]:
+    blocks = body["content"]
+    return _answer("".join(b["text"] for b in blocks if b["type"] == "text"),
+                   "".join(b["thinking"] for b in blocks if b["type"] == "thinking"),
+                   [(b["id"], b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"],
+                   body["stop_reason"], body["usage"])
+
+
+def _responses_stream_answer(pieces: list[bytes]) -> tuple[dict[str, Any], list[str], Any]:
+    """What the openai SDK accumulates from Responses events: output_text, reasoning summaries, function
+    calls with their argument deltas; the final object's status and usage."""
+    content, reasoning, items, usage, status, error, before = "", "", {}, None, "", None, []
+    for piece in pieces:
+        before.append(content)
+        for name, event in _sse_events(piece):
+            if name == "response.output_item.added":
+                items[event["output_index"]] = dict(event["item"], arguments="")
+            elif name == "response.output_text.delta":
+                content += event["delta"]
+            elif name == "response.reasoning_summary_text.delta":
+                reasoning += event["delta"]
+            elif name == "response.function_call_arguments.delta":
+                items[event["output_index"]]["arguments"] += event["delta"]
+            elif name in ("response.completed", "response.failed"):
+                usage, status = event["response"]["usage"], event["response"]["status"]
+                error = event["response"].get("error")
+    calls = [(i["call_id"], i["name"], i["arguments"]) for _, i in sorted(items.items()) if i["type"] == "function_call"]
+    return _answer(content, reasoning, calls, status, usage), before, error
+
+
+def _responses_fold_answer(body: dict[str, Any]) -> dict[str, Any]:
+    content = "".join(p["text"] for i in body["output"] if i["type"] == "message" for p in i["content"])
+    reasoning = "".join(p["text"] for i in body["output"] if i["type"] == "reasoning" for p in i["summary"])
+    calls = [(i["call_id"], i["name"], i["arguments"]) for i in body["output"] if i["type"] == "function_call"]
+    return _answer(content, reasoning, calls, body["status"], body["usage"])
+
+
+_DIALECTS = {
+    "chat": (False, lambda: p2o.OpenAIStreamEncoder("chatcmpl-1", 0, "m", True), p2o.ChatFold,
+             _chat_stream_answer, _chat_fold_answer),
+    "anthropic": (True, lambda: p2o.AnthropicStreamEncoder("msg_1", "m", 7), p2o.AnthropicFold,
+                  _anthropic_stream_answer, _anthropic_fold_answer),
+    "responses": (True, lambda: p2o.ResponsesStreamEncoder(p2o.responses_envelope("resp_1", 0, "m", {})),
+                  lambda: p2o.ResponsesFold(p2o.responses_envelope("resp_1", 0, "m", {})),
+                  _responses_stream_answer, _responses_fold_answer),
+}
+
+
+@given(events=st.lists(_poe_event, max_size=10), tools=st.booleans(), native=st.booleans(),
+       json_answer=st.booleans(), parallel=st.booleans())
+@hsettings(max_examples=400, deadline=None)
+def test_stream_and_fold_say_the_same_answer_in_every_dialect(events: list[tuple[str, Any]], tools: bool,
+                                                              native: bool, json_answer: bool,
+                                                              parallel: bool) -> None:
+    for dialect, (whole_calls, encoder_of, fold_of, from_stream, from_fold) in _DIALECTS.items():
+        deltas = _dialect_deltas(events, tools, native, json_answer, parallel, whole_calls)
+        encoder, fold, end = encoder_of(), fold_of(), deltas[-1]
+        pieces = [encoder.start()] + [encoder.encode(d) for d in deltas[:-1]]
+        if end.kind == p2o.ERROR:
+            assert end.error is not None
+            pieces.append(encoder.error(end.error))
+            streamed, _, error = from_stream(pieces)
+            assert error is not None and error["message"] == end.error.message, dialect   # the whole answer raises it
+            continue
+        pieces.append(encoder.finish(end.text, 7))
+        for delta in deltas:
+            fold.add(delta)
+        streamed, before, error = from_stream(pieces)
+        whole = from_fold(fold.body("id-1", 0, "m", 7))
+        assert error is None
+        assert {k: v for k, v in streamed.items() if k != "content"} == \
+            {k: v for k, v in whole.items() if k != "content"}, dialect
+        if streamed["content"] != whole["content"]:
+            # Only after a replacement: the stream's text at that point, a blank line, then the whole answer.
+            replaced = [before[i + 1] for i, d in enumerate(deltas[:-1]) if d.kind == p2o.REPLACE]
+            assert any(streamed["content"] == seen + "\n\n" + whole["content"] for seen in replaced if seen), \
+                (dialect, streamed["content"], whole["content"])
+
+
 def test_rate_gate_is_fifo_and_a_leaver_leaves_the_queue() -> None:
     async def scenario() -> list[tuple[str, float]]:
         gate = p2o.RateGate(0.1)
@@ -1062,6 +1270,38 @@ def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePo
     assert info.value.status_code == 504
 
 
+def test_read_deadline_moves_with_each_read_and_an_outside_cancel_stays_a_cancel() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=ours)
+        stream = p2o.HTTPStream(reader, writer, h11.CLIENT, 1024)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(8):   # a piece every 30 ms, 0.1 s allowed each: 0.24 s in all, never a timeout
+            loop.call_later(0.03, theirs.send, b"x")
+            assert await stream.receive(0.1) == b"x"
+        assert loop.time() - began > 0.2
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.1)
+        assert 0.09 < loop.time() - began < 0.5
+        task = asyncio.ensure_future(stream.receive(5.0))
+        await asyncio.sleep(0.02)
+        task.cancel()                      # the client left: a cancel, never mistaken for a timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.05)     # a nearer deadline than the timer's: the timer is moved up
+        assert loop.time() - began < 1.0
+        theirs.send(b"late")
+        assert await stream.receive(1.0) == b"late"   # nothing lost to a timeout
+        await stream.aclose()
+        theirs.close()
+    asyncio.run(scenario())
+
+
 def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
     client = proxy.client()
     for _ in range(3):
@@ -1069,6 +1309,144 @@ def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
         list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
     assert len([r for r in poe.requests if r["path"].startswith("/bot/")]) == 6
     assert poe.connections == 1
+
+
+class ScriptedEvents:
+    """A PoeEventStream stand-in for DeltaSource: pieces of Poe events read one per pull (None: the body
+    ended; an exception: raised by the read; "hang": Poe silent until cancelled). Records how the
+    upstream was let go."""
+
+    def __init__(self, *pieces: Any) -> None:
+        self.pieces = list(pieces)
+        self.let_go: list[tuple[Any, ...]] = []
+
+    async def read(self, wait_s: float) -> list[p2o.SSEEvent] | None:
+        piece = self.pieces.pop(0) if self.pieces else None
+        if isinstance(piece, BaseException):
+            raise piece
+        if piece == "hang":
+            await asyncio.sleep(30)
+        return None if piece is None else [p2o.SSEEvent(name, json.dumps(data)) for name, data in piece]
+
+    async def finish(self, complete: bool, wait_s: float = 1.0) -> None:
+        self.let_go.append(("finish", complete, wait_s))
+
+    async def aclose(self) -> None:
+        self.let_go.append(("close",))
+
+
+def _source(*pieces: Any) -> tuple[p2o.DeltaSource, ScriptedEvents]:
+    events = ScriptedEvents(*pieces)
+    return p2o.DeltaSource(events, p2o.PoeTranslator(), finish_wait_s=0.05), events   # type: ignore[arg-type]
+
+
+def test_delta_source_finishes_the_upstream_once_after_done() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], [("text", {"text": "b"}), ("done", {})])
+        assert [d.text for d in await source.next(1.0)] == ["a"] and source.finish is None
+        assert [d.text for d in await source.next(1.0)] == ["b"]      # FINISH is not in a batch...
+        assert source.finish is not None and source.finish.text == "stop"   # ...but here
+        assert await source.next(1.0) == []
+        await source.aclose()
+        assert events.let_go == [("finish", True, 0.05)]   # read to its end: the connection is reused
+    asyncio.run(scenario())
+
+
+def test_delta_source_without_done_closes_the_upstream_once() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], None)
+        assert [d.text for d in await source.next(1.0)] == ["a"]
+        assert await source.next(1.0) == [] and source.finish is not None
+        await source.aclose()
+        assert events.let_go == [("finish", False, 0.05)]   # PoeEventStream closes an answer without done
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_delta_source_raises_poes_error_after_what_came_before_it(text_first: bool) -> None:
+    async def scenario() -> None:
+        piece = [("text", {"text": "partial"})] if text_first else []
+        source, events = _source(piece + [("error", {"text": "no points", "error_type": "insufficient_fund"}),
+                                          ("text", {"text": "never"})])
+        if text_first:
+            assert [d.text for d in await source.next(1.0)] == ["partial"]
+        with pytest.raises(p2o.ProxyError) as info:
+            await source.next(1.0)
+        assert info.value.code == "insufficient_quota" and source.poe_error
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)      # still the error, without reading on
+        await source.aclose()
+        assert events.let_go == [("close",)] and len(events.pieces) == 0
+    asyncio.run(scenario())
+
+
+def test_delta_source_closes_the_upstream_once_when_reading_fails_or_is_cancelled() -> None:
+    async def scenario() -> None:
+        source, events = _source(p2o.upstream_error("Poe sent nothing", 504, "upstream_timeout"))
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)
+        await source.aclose()
+        assert events.let_go == [("close",)] and not source.poe_error
+
+        source, events = _source([("text", {"text": "a"})], "hang")   # the client leaves while Poe is silent
+        await source.next(1.0)
+        task = asyncio.ensure_future(source.next(1.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await source.aclose()
+        assert events.let_go == [("close",)]
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_upstream_is_let_go_once_finished_or_left(proxy: Proxy, poe: FakePoe, stream: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    let_go: list[str] = []
+    finish, aclose = p2o.PoeEventStream.finish, p2o.PoeEventStream.aclose
+
+    async def counted_finish(self: p2o.PoeEventStream, complete: bool, wait_s: float = 1.0) -> None:
+        let_go.append(f"finish {complete}")
+        await finish(self, complete, wait_s)
+
+    async def counted_aclose(self: p2o.PoeEventStream) -> None:
+        let_go.append("close")
+        await aclose(self)
+
+    monkeypatch.setattr(p2o.PoeEventStream, "finish", counted_finish)
+    monkeypatch.setattr(p2o.PoeEventStream, "aclose", counted_aclose)
+    client = proxy.client()
+    messages = [{"role": "user", "content": "x"}]
+    for _ in range(3):   # after `done`: finished, and the connection is reused
+        if stream:
+            answer = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="GPT-4o", stream=True, messages=messages) if c.choices)
+        else:
+            answer = client.chat.completions.create(model="GPT-4o", messages=messages).choices[0].message.content
+        assert answer == "Hello from GPT-4o"
+    assert let_go == ["finish True"] * 3 and poe.connections == 1
+    let_go.clear()
+    # The client leaves mid-answer: Poe's connection is closed, once, and a new one serves the next request.
+    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        got = b""
+        while b"thinking..." not in got:
+            got += sock.recv(65536)
+    else:
+        time.sleep(0.3)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert let_go == ["close"] and len(poe.disconnects) == 1
+    assert client.chat.completions.create(model="GPT-4o", messages=messages)
+    assert poe.connections == 2
 
 
 def test_stale_pooled_connection_is_replaced(proxy: Proxy, poe: FakePoe, lt: LoopThread) -> None:
