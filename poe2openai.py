@@ -470,6 +470,12 @@ class ProxyError(Exception):
         return f"ProxyError({self.status}, {self.message!r}, {self.type!r}, {self.code!r})"
 
 
+def shown(name: str, limit: int = 100) -> str:
+    """A client's string (a model name, say) as an error message quotes it: cut, so that a 5 MiB name
+    does not come back as a 10 MiB error body."""
+    return name if len(name) <= limit else name[:limit] + "…"
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ProxyError:
     return ProxyError(400, message, "invalid_request_error", code, param)
 
@@ -1974,7 +1980,7 @@ def parse_tools(body: Mapping[str, Any]) -> ToolSpec | None:
                 known = Tool(flag, "", dict(EMPTY_SCHEMA))
                 flags.remove(flag)
             if known is None:
-                raise bad_request(f"tool_choice names the function {name!r}, which is not in 'tools'.",
+                raise bad_request(f"tool_choice names the function {shown(name)!r}, which is not in 'tools'.",
                                   "tool_choice")
             choice, forced = "function", known.name
             tools = [known]   # forcing one function: offer only that one
@@ -4841,7 +4847,7 @@ class ModelRegistry:
             bot = info.name
         entry = self._entry_of(cfg, bot, info)
         if cfg.enable and entry is not None and entry.get("enable") is False:
-            raise ProxyError(404, f"The model '{requested}' is disabled on this proxy.",
+            raise ProxyError(404, f"The model '{shown(requested)}' is disabled on this proxy.",
                              "invalid_request_error", "model_not_found", "model")
         entry = entry or {}
         return ModelRoute(bot=bot, display=requested, replace_response=bool(entry.get("replace_response")),
@@ -6505,7 +6511,7 @@ class ModelList:
         found = next((b for b in bots if b.name.casefold() == folded), None) \
             or next((b for b in bots if b.id.casefold() == folded), None)
         if found is None:
-            raise ProxyError(404, f"The model '{wanted}' does not exist or is hidden on this proxy.",
+            raise ProxyError(404, f"The model '{shown(wanted)}' does not exist or is hidden on this proxy.",
                              "invalid_request_error", "model_not_found", "model")
         return json_response(200, anthropic_model(found) if "anthropic-version" in request.headers
                              else openai_model(found))
@@ -6537,9 +6543,9 @@ def refuses_native_tools(err: ProxyError, http_status: bool) -> bool:
 def unknown_model(asked: str, bot: str, err: ProxyError) -> ProxyError:
     """Poe's "no such bot" (HTTP 404, or an error event saying so), in words that tell the client what to do.
     Only Poe decides: a bot missing from the catalogue is still asked for, since private bots are not listed."""
-    which = f"'{asked}'" if asked.casefold() == bot.casefold() else f"'{asked}' (the Poe bot '{bot}')"
+    which = f"'{shown(asked)}'" if asked.casefold() == bot.casefold() else f"'{shown(asked)}' (the Poe bot '{shown(bot)}')"
     return ProxyError(404, f"The model {which} does not exist on Poe; GET /v1/models lists the bots you can use. "
-                      f"(Poe said: {err.message})", "invalid_request_error", "model_not_found", "model", err.headers)
+                      f"(Poe said: {shown(err.message, 300)})", "invalid_request_error", "model_not_found", "model", err.headers)
 
 
 def _event_data(event: SSEEvent) -> dict[str, Any]:
@@ -6746,7 +6752,11 @@ class ChatPipeline:
                 return await self._chat_whole(run, events, translator)
             return await self._chat_stream(run, events, translator)
         except ProxyError as err:
-            self.stats.record(chat.model, ok=False, latency_s=time.perf_counter() - started_s)
+            # Keyed by the bot it resolved to; a name that never became a bot (refused before, or a bot Poe
+            # does not know) is a stranger's string: one "(refused)" row holds them all.
+            unknown = route is None or err.code == "model_not_found"
+            self.stats.record(route.bot if route is not None else chat.model, ok=False,
+                              latency_s=time.perf_counter() - started_s, refused=unknown)
             if asked_poe and route is not None and err.code == "model_not_found":
                 raise unknown_model(chat.model, route.bot, err) from None
             raise
@@ -6768,7 +6778,7 @@ class ChatPipeline:
 
     def _record(self, run: ChatRun, ok: bool, said: AnswerText) -> None:
         usage = said.usage(run.prompt_tokens)
-        self.stats.record(run.chat.model, ok=ok, latency_s=time.perf_counter() - run.started_s,
+        self.stats.record(run.route.bot, ok=ok, latency_s=time.perf_counter() - run.started_s,
                           prompt_tokens=usage["prompt_tokens"], completion_tokens=usage["completion_tokens"])
 
     async def _chat_stream(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:

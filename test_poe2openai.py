@@ -3595,6 +3595,20 @@ def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePo
     assert stats["upstream"]["connections_opened"] >= 1 and stats["upstream"]["uploads"] == 0
 
 
+def test_admin_stats_key_by_the_bot_and_pool_made_up_names(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    client.chat.completions.create(model="gpt-4O", messages=[{"role": "user", "content": "x"}])   # any case
+    for i in range(3):   # names Poe does not know: one row for all of them, however long they are
+        poe.on(f"Nope{i}" + "x" * 5000, status=404, body=b'{"detail": "Bot not found"}')
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.chat.completions.create(model=f"Nope{i}" + "x" * 5000, messages=[{"role": "user", "content": "x"}])
+        assert len(caught.value.message) < 1000   # the name is quoted cut, not echoed whole
+    stats = httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()
+    by_model = {m["model"]: m for m in stats["models"]}
+    assert set(by_model) == {"GPT-4o", "(refused)"}
+    assert by_model["GPT-4o"]["requests"] == 1 and by_model["(refused)"]["requests"] == 3
+
+
 ###############################################################################
 # Sharing the proxy: access keys (ACCESS_KEYS + POE_API_KEY)
 ###############################################################################
