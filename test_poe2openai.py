@@ -366,9 +366,351 @@ def data_chunks(lines: list[str]) -> list[Any]:
     return out
 
 
+def last_query(poe: FakePoe) -> dict[str, Any]:
+    return [r for r in poe.requests if r["path"].startswith("/bot/")][-1]
+
+
+def both_ways(proxy: Proxy, model: str) -> tuple[str, str]:
+    """The answer to one question asked without and with streaming: (content, streamed content)."""
+    client = proxy.client()
+    messages = [{"role": "user", "content": "x"}]
+    whole = client.chat.completions.create(model=model, messages=messages).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=model, stream=True, messages=messages) if c.choices)
+    return whole or "", streamed
+
+
+def anthropic_client(proxy: Proxy, **kw: Any) -> Any:
+    anthropic = pytest.importorskip("anthropic")
+    return anthropic.Anthropic(base_url=proxy.url, api_key=kw.pop("api_key", KEY), max_retries=0, timeout=20, **kw)
+
+
+def ask_failing(proxy: Proxy, dialect: str, model: str, stream: bool) -> Any:
+    """The SDK exception a client gets asking `model` in one dialect, whole or streamed."""
+    messages = [{"role": "user", "content": "x"}]
+    errors = (openai.APIStatusError,)
+    if dialect == "messages":
+        errors = (pytest.importorskip("anthropic").APIStatusError,)
+    with pytest.raises(errors) as info:
+        if dialect == "chat":
+            result: Any = proxy.client().chat.completions.create(model=model, messages=messages, stream=stream)
+        elif dialect == "responses":
+            result = proxy.client().responses.create(model=model, input="x", stream=stream)
+        else:
+            result = anthropic_client(proxy).messages.create(model=model, max_tokens=10, messages=messages,
+                                                             stream=stream)
+        if stream:
+            list(result)
+    return info.value
+
+
+def raw_exchange(proxy: Proxy, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes (or the timeout)."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        out = b""
+        try:
+            while chunk := sock.recv(65536):
+                out += chunk
+        except socket.timeout:
+            pass
+    return out
+
+
+def native_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+    return sse("json", {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+
+def xml_reply_steps(reply: str, sizes: int = 7) -> list[bytes]:
+    return [sse("text", {"text": reply[i:i + sizes]}) for i in range(0, len(reply), sizes)] + [sse("done", {})]
+
+
+ADMIN = ("admin", "123456")
+
+
+ALICE_KEY = "team-alice-0123456789abcdef"
+BOB_KEY = "team-bob-fedcba9876543210zz"
+SERVER_KEY = "poe-server-key-9876543210abcdef"
+CHAT = {"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]}
+
+
+class ProxyProcess:
+    """`python poe2openai.py ARGS` in a session of its own (so a test can Ctrl-C its whole process group,
+    as a terminal does), with stderr collected line by line as it comes."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in p2o.SETTINGS_SPEC}}
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "poe2openai.py"), "--host", "127.0.0.1",
+                                      "--port", str(self.port), *args], cwd=cwd, env=env, text=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        deadline = time.time() + 10
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return
+            except httpx.HTTPError:
+                assert time.time() < deadline and self.proc.poll() is None, self.log()
+                time.sleep(0.05)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 5) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            found = [line for line in self.lines if text in line]
+            if found:
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"{text!r} not logged:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(5)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.time() + timeout
+    while not check() and time.time() < deadline:
+        time.sleep(0.02)
+    return check()
+
+
 ###############################################################################
-# Pure: SSE decoder
+# Settings and the command line
 ###############################################################################
+
+def test_settings_defaults_match_the_reference() -> None:
+    s = p2o.Settings.from_env({}, [])
+    assert (s.host, s.port, s.admin_username, s.admin_password) == ("0.0.0.0", 8080, "admin", "123456")
+    assert (s.max_request_size, s.log_level, s.config_dir, s.rate_limit_ms) == (1073741824, "info", "./", 100)
+    assert (s.url_cache_ttl_seconds, s.url_cache_size_mb) == (259200, 100)
+    assert s.poe_base_url == "https://api.poe.com"
+    assert s.poe_file_upload_url == "https://www.quora.com/poe_api/file_upload_3RD_PARTY_POST"
+
+
+def test_settings_env_and_flags() -> None:
+    s = p2o.Settings.from_env({"PORT": "9000", "LOG_LEVEL": "info,hyper=warn", "POE_BASE_URL": "http://x:1/",
+                               "RATE_LIMIT_MS": "0"}, ["--port", "9100"])
+    assert s.port == 9100 and s.log_level == "info" and s.poe_base_url == "http://x:1" and s.rate_limit_ms == 0
+
+
+@pytest.mark.parametrize("name, value", [("PORT", "abc"), ("PORT", "70000"), ("MAX_REQUEST_SIZE", "-1"),
+                                         ("LOG_LEVEL", "loud"), ("RATE_LIMIT_MS", "1.5"),
+                                         ("URL_CACHE_TTL_SECONDS", "x"), ("URL_CACHE_SIZE_MB", "-3"),
+                                         ("POE_BASE_URL", "ftp://poe"), ("POE_FILE_UPLOAD_URL", "nope")])
+def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> None:
+    env = {**os.environ, name: value}
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env=env, capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0]
+
+
+@pytest.mark.parametrize("argv, flag", [(["--port", "abc"], "--port"), (["--port=70000"], "--port"),
+                                        (["--workers", "0"], "--workers"), (["--log-level", "loud"], "--log-level"),
+                                        (["--shutdown-grace-seconds", "soon"], "--shutdown-grace-seconds"),
+                                        (["--cors-allow-origins", "app.example.com"], "--cors-allow-origins")])
+def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str) -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), *argv], capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], lines
+    assert flag.lstrip("-").replace("-", "_").upper() not in lines[0]    # the flag typed, not the variable
+
+
+def test_a_flag_overrides_a_bad_variable_and_errors_name_their_source() -> None:
+    assert p2o.Settings.from_env({"PORT": "abc"}, ["--port", "9000"]).port == 9000   # the bad value is never read
+    with pytest.raises(p2o.SettingsError, match=r"^PORT='abc'"):
+        p2o.Settings.from_env({"PORT": "abc"}, [])
+    with pytest.raises(p2o.SettingsError, match=r"^--port='x'"):
+        p2o.Settings.from_env({"PORT": "9000"}, ["--port", "x"])
+
+
+def test_help_lists_every_setting() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--help"], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0
+    for name in ("HOST", "PORT", "ADMIN_USERNAME", "ADMIN_PASSWORD", "MAX_REQUEST_SIZE", "LOG_LEVEL", "CONFIG_DIR",
+                 "RATE_LIMIT_MS", "URL_CACHE_TTL_SECONDS", "URL_CACHE_SIZE_MB", "POE_BASE_URL", "POE_FILE_UPLOAD_URL"):
+        assert f"[{name}]" in result.stdout and f"--{name.lower().replace('_', '-')}" in result.stdout
+
+
+def test_tool_mode_setting() -> None:
+    assert p2o.Settings.from_env({}, []).tool_mode == "xml"
+    assert p2o.Settings.from_env({"TOOL_MODE": " Auto "}, []).tool_mode == "auto"
+    assert p2o.Settings.from_env({"TOOL_MODE": "auto"}, ["--tool-mode", "native"]).tool_mode == "native"
+    with pytest.raises(p2o.SettingsError, match="TOOL_MODE='sometimes' must be one of xml, native, auto"):
+        p2o.Settings.from_env({"TOOL_MODE": "sometimes"}, [])
+    assert p2o.ModelConfig.from_dict({"models": {"Bot": {"tool_mode": "auto"}}}).models["Bot"]["tool_mode"] == "auto"
+
+
+def test_every_setting_has_a_variable_and_a_flag() -> None:
+    fields = {f.name for f in dataclasses.fields(p2o.Settings)} - {"proxies"}
+    assert {name.lower() for name, _, _ in p2o.SETTINGS_SPEC} == fields
+    s = p2o.Settings.from_env({}, [f"--{f.replace('_', '-')}=7" for f in ("port", "workers", "rate_limit_ms")])
+    assert (s.port, s.workers, s.rate_limit_ms) == (7, 7, 7)
+
+
+def test_import_starts_nothing() -> None:
+    code = ("import threading, asyncio, poe2openai; "
+            "assert threading.active_count() == 1; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_proxy_settings_come_from_the_environment() -> None:
+    s = p2o.Settings.from_env({"HTTPS_PROXY": "http://p:3128", "no_proxy": "internal"}, [])
+    assert dict(s.proxies) == {"https": "http://p:3128", "no": "internal"}
+
+
+def test_access_key_lists_give_each_key_a_label() -> None:
+    text = ("# the team's keys\n\nalice: " + ALICE_KEY + "   # laptop\n" + BOB_KEY + "\n"
+            "ci bot:" + "k" * 16 + "\n")
+    keys = p2o.parse_access_keys(text, "keys.txt")
+    assert [k.label for k in keys] == ["alice", "key 2", "ci bot"]
+    assert [k.label for k in p2o.parse_access_keys(f" alice:{ALICE_KEY},{BOB_KEY} ,", "ACCESS_KEYS", ",")] == [
+        "alice", "key 2"]
+    assert ALICE_KEY not in repr(keys)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("alice: tiny-KEY", "line 1: the key is shorter than 16"),
+    (f"# none\n: {ALICE_KEY}", "line 2: the label before ':' is empty"),
+    (f"alice: {ALICE_KEY}\nbob: {ALICE_KEY}", "line 2: the same key is listed twice ('alice' and 'bob')"),
+    (f"alice: {ALICE_KEY} extra", "line 1: a key is one word"),
+    ("# only comments\n\n", "lists no keys"),
+    (f"{'x' * 65}: {ALICE_KEY}", "a label is at most 64"),
+])
+def test_bad_access_key_lists_name_the_line_but_never_a_key(text: str, problem: str) -> None:
+    with pytest.raises(p2o.SettingsError) as info:
+        p2o.parse_access_keys(text, "keys.txt")
+    assert problem in str(info.value) and ALICE_KEY not in str(info.value) and "tiny-KEY" not in str(info.value)
+
+
+def test_access_keys_need_the_servers_poe_key(tmp_path: Path) -> None:
+    with pytest.raises(p2o.SettingsError, match="ACCESS_KEYS is set but POE_API_KEY is not"):
+        p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY}, [])
+    settings = p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY, "POE_API_KEY": SERVER_KEY}, [])
+    assert settings.access_keys == ALICE_KEY and settings.poe_api_key == SERVER_KEY
+    assert ALICE_KEY not in repr(settings) and SERVER_KEY not in repr(settings)
+    env = {k: v for k, v in os.environ.items() if k != "POE_API_KEY"}
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env={**env, "ACCESS_KEYS": ALICE_KEY},
+                            capture_output=True, text=True, timeout=20)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "ACCESS_KEYS" in lines[0] and "POE_API_KEY" in lines[0]
+    assert ALICE_KEY not in result.stderr
+    missing = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], capture_output=True, text=True, timeout=20,
+                             env={**env, "ACCESS_KEYS": f"@{tmp_path / 'nope.txt'}", "POE_API_KEY": SERVER_KEY})
+    assert missing.returncode == 2 and "nope.txt" in missing.stderr and "cannot read" in missing.stderr
+
+
+def test_version_flag() -> None:
+    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--version"], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 0 and result.stdout.strip() == f"poe2openai {p2o.__version__}"
+
+
+def test_cors_allowed_origins_setting(start: Callable[..., Proxy]) -> None:
+    proxy = start(cors_allow_origins=("https://app.example.com",))
+    with httpx.Client() as http:
+        ok = http.get(proxy.url + "/v1/models", headers={"Origin": "https://app.example.com"})
+        assert ok.headers["access-control-allow-origin"] == "https://app.example.com"
+        assert "Origin" in ok.headers["vary"] and "access-control-allow-credentials" not in ok.headers
+        other = http.get(proxy.url + "/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+###############################################################################
+# Errors: Poe's failures, statuses and each dialect's error shape
+###############################################################################
+
+@pytest.mark.parametrize("data, status, code", [
+    ({"text": "x", "error_type": "insufficient_fund", "allow_retry": False}, 429, "insufficient_quota"),
+    ({"text": "You do not have enough points to message this bot."}, 429, "insufficient_quota"),
+    ({"text": "This bot needs more points to answer your request."}, 429, "insufficient_quota"),
+    ({"text": "Rate limit exceeded"}, 429, "rate_limit_exceeded"),
+    ({"text": "Invalid token"}, 401, "invalid_api_key"),
+    ({"text": "Unauthorized"}, 401, "invalid_api_key"),
+    ({"text": "Bot does not exist"}, 404, "model_not_found"),
+    ({"text": "msg", "error_type": "user_message_too_long"}, 400, "context_length_exceeded"),
+    ({"text": "msg", "error_type": "user_caused_error"}, 400, "bad_request"),
+    ({"text": "msg", "error_type": "privacy_authorization_error"}, 403, "permission_denied"),
+    ({"text": "Access denied", "allow_retry": True}, 403, "permission_denied"),
+    ({"text": "Your message is too long for this bot."}, 400, "context_length_exceeded"),
+    ({"text": "The conversation exceeds the context window."}, 400, "context_length_exceeded"),
+    ({"text": "The bot took too long to respond."}, 504, "upstream_timeout"),   # a timeout, not a long prompt
+    ({"text": "Request timed out"}, 504, "upstream_timeout"),
+    ({"text": "Internal server error", "allow_retry": True}, 502, "bot_error"),
+    ({"text": "The endpoints are busy"}, 502, "bot_error"),                  # "points" only as a word
+    ({}, 502, "bot_error"),
+])
+def test_poe_error_classification(data: dict[str, Any], status: int, code: str) -> None:
+    err = p2o.classify_poe_error(data)
+    assert (err.status, err.code) == (status, code)
+    assert err.openai_body()["error"]["message"]
+    retry_after = dict(err.headers).get("Retry-After")
+    assert (retry_after == str(p2o.DEFAULT_RETRY_AFTER_S)) if status == 429 else retry_after is None
+
+
+@pytest.mark.parametrize("status, headers, body, want_status, code, retry_after", [
+    (429, {"retry-after": "17"}, b'{"error": "slow down"}', 429, "rate_limit_exceeded", "17"),
+    (429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, b"", 429, "rate_limit_exceeded",
+     "Wed, 21 Oct 2015 07:28:00 GMT"),
+    (429, {"retry-after": "soon"}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (429, {}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (402, {}, b"", 429, "insufficient_quota", str(p2o.DEFAULT_RETRY_AFTER_S)),
+    (413, {}, b'{"error": {"message": "request_too_large"}}', 400, "context_length_exceeded", None),
+    (400, {}, b'{"error": {"message": "Input exceeds the maximum context length"}}', 400,
+     "context_length_exceeded", None),
+    (400, {}, b'{"error": {"message": "temperature must be a number"}}', 400, "bad_request", None),
+    (403, {}, b"", 403, "permission_denied", None),
+    (503, {"retry-after": "3"}, b"", 502, "upstream_error", "3"),
+    (504, {}, b"", 504, "upstream_timeout", None),
+    (408, {}, b"", 504, "upstream_timeout", None),
+])
+def test_poe_status_classification(status: int, headers: dict[str, str], body: bytes, want_status: int,
+                                   code: str, retry_after: str | None) -> None:
+    err = p2o.classify_poe_status(status, body, "bot X", headers)
+    assert (err.status, err.code) == (want_status, code)
+    assert dict(err.headers).get("Retry-After") == retry_after
+    assert err.message.startswith(f"bot X: Poe answered HTTP {status}")
+
+
+@pytest.mark.parametrize("status, code, kind", [
+    (400, "bad_request", "invalid_request_error"), (401, "invalid_api_key", "authentication_error"),
+    (403, "permission_denied", "permission_error"), (404, "model_not_found", "not_found_error"),
+    (413, "too_big", "request_too_large"), (429, "rate_limit_exceeded", "rate_limit_error"),
+    (429, "insufficient_quota", "rate_limit_error"), (500, "internal_error", "api_error"),
+    (502, "upstream_proxy_error", "api_error"), (504, "upstream_timeout", "timeout_error"),
+])
+def test_anthropic_error_types_follow_the_status(status: int, code: str, kind: str) -> None:
+    body = p2o.anthropic_error_body(p2o.ProxyError(status, "m", "x", code), "req_1")
+    assert body == {"type": "error", "error": {"type": kind, "message": "m"}, "request_id": "req_1"}
+
+
+def test_anthropic_context_errors_say_prompt_is_too_long() -> None:
+    err = p2o.classify_poe_error({"text": "Message too long for bot", "error_type": "user_message_too_long"})
+    body = p2o.anthropic_error_body(err)
+    assert body["error"] == {"type": "invalid_request_error", "message": "prompt is too long: Message too long for bot"}
+    assert err.openai_body()["error"]["message"] == "Message too long for bot"   # OpenAI's wording is untouched
+
+
+###############################################################################
+# Pure helpers: ids, JSON, SSE, files, the token estimator
+###############################################################################
+
+
+# ----------------------------------------------------------------------------- SSE decoder
 
 SAMPLE_STREAM = (
     'event: meta\r\ndata: {"content_type": "text/markdown"}\r\n\r\n'
@@ -379,6 +721,7 @@ SAMPLE_STREAM = (
     'event: text\ndata: {"a":\ndata: 1}\n\n'
     'event: done\r\ndata: {}\r\n\r\n'
 ).encode()
+
 
 EXPECTED_EVENTS = [
     ("meta", '{"content_type": "text/markdown"}'),
@@ -460,9 +803,475 @@ def test_sse_decoder_refuses_oversized_lines_and_events_as_they_come() -> None:
     assert len(events) == 5 and all(len(e.data) == 90 * 501 - 1 for e in events)
 
 
+# ----------------------------------------------------------------------------- files: multipart
+
+PNG_2X2 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAEklEQVR42mP4z8DA0PCfAUIBACFyBP2pJ3SLAAAAAElFTkSuQmCC")
+PDF_LIKE = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
+
+
+def test_multipart_encoder_round_trips_through_the_email_parser() -> None:
+    content_type, body = p2o.encode_multipart([("download_url", "https://e.com/a b.png")],
+                                              [("file", 'we"ird\r\nname.pdf', "application/pdf", PDF_LIKE)])
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    parts = list(message.iter_parts())
+    assert parts[0].get_payload(decode=True) == b"https://e.com/a b.png"
+    assert parts[1].get_payload(decode=True) == PDF_LIKE and parts[1].get_content_type() == "application/pdf"
+    assert "\r" not in parts[1].get_filename() and '"' not in parts[1].get_filename()
+
+
+# ----------------------------------------------------------------------------- token estimator
+
+def test_token_estimator_matches_o200k_on_the_corpus() -> None:
+    # tokens/corpus.jsonl: English, code, Chinese, Japanese, JSON, emoji, … with o200k_base counts made by
+    # tokens/count_o200k.mjs (js-tiktoken). Targets: median error <= 4 %, no text worse than 10 %.
+    rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
+    errors = sorted((abs(p2o.estimate_tokens(r["text"]) - r["o200k"]) / r["o200k"], r["name"]) for r in rows)
+    kinds = {r["kind"] for r in rows}
+    assert len(rows) >= 100 and {"english", "code", "chinese", "japanese", "korean", "json", "emoji"} <= kinds
+    assert errors[len(errors) // 2][0] <= 0.04 and errors[-1][0] <= 0.10, errors[-5:]
+    assert p2o.estimate_tokens("") == 0 and p2o.estimate_tokens("Hello") == 1
+    # Any str is accepted (lone surrogates, control chars) and counted the same way every time.
+    for odd in ("\ud800x\udfff", "\x00\x01\x7f\u200d\ufe0f", "\U0001F1E6" * 3, "中\ud83d文", "\u3000" * 9):
+        assert p2o.estimate_tokens(odd) == p2o.estimate_tokens(odd) >= 1
+
+
+def tally_of(text: str, pieces: Callable[[int], int], segment_chars: int = 16 * 1024) -> p2o.TokenTally:
+    tally = p2o.TokenTally(segment_chars)
+    at = 0
+    while at < len(text):
+        step = pieces(at)
+        tally.add(text[at:at + step])
+        at += step
+    return tally
+
+
+def test_token_tally_counts_a_streamed_answer_as_the_whole_text() -> None:
+    # Streamed answers are counted piece by piece, keeping only a short tail: the count must stay what
+    # estimate_tokens() says of the whole text, for every kind of text in the corpus.
+    rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
+    rng = __import__("random").Random(7)
+    for row in rows:   # small segments, so that every text is cut several times
+        whole = p2o.estimate_tokens(row["text"])
+        tally = tally_of(row["text"], lambda _: rng.randint(1, 12), segment_chars=512)
+        assert abs(tally.tokens() - whole) <= 0.01 * whole, row["name"]
+    joined = "\n".join(r["text"] for r in rows) * 6   # ~330k chars at the real segment size
+    assert abs(tally_of(joined, lambda _: rng.randint(1, 40)).tokens() - p2o.estimate_tokens(joined)) \
+        <= 0.01 * p2o.estimate_tokens(joined)
+    blank_free = "Zm9vYmFy" * 200_000   # 1.6 M chars without a blank: the tail is cut anyway
+    tally = tally_of(blank_free, lambda _: 1000)
+    assert tally.held_chars <= 4 * 16 * 1024 + 1000
+    assert abs(tally.tokens() - p2o.estimate_tokens(blank_free)) <= 0.01 * p2o.estimate_tokens(blank_free)
+    assert p2o.TokenTally().tokens() == 0 and tally_of("Hello", lambda _: 2).tokens() == 1
+
+
 ###############################################################################
-# Pure: converters
+# Small machines: the rate gate, login back-off, usage stats, the LRU cache
 ###############################################################################
+
+def test_rate_gate_is_fifo_and_a_leaver_leaves_the_queue() -> None:
+    async def scenario() -> list[tuple[str, float]]:
+        gate = p2o.RateGate(0.1)
+        started: list[tuple[str, float]] = []
+        t0 = time.monotonic()
+
+        async def client(name: str) -> None:
+            await gate.wait()
+            started.append((name, time.monotonic() - t0))
+
+        tasks = {}
+        for name in "abcd":
+            tasks[name] = asyncio.ensure_future(client(name))
+            await asyncio.sleep(0)                     # arrive in this order
+        await asyncio.sleep(0.02)
+        tasks["b"].cancel()                           # b hangs up while queued
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return started
+
+    started = asyncio.run(scenario())
+    assert [n for n, _ in started] == ["a", "c", "d"]   # first come first served, b gone
+    times = [t for _, t in started]
+    assert times[0] < 0.05                              # the first never waits
+    assert all(later - earlier >= 0.09 for earlier, later in zip(times, times[1:]))
+    assert times[1] < 0.15 and times[2] < 0.25          # c and d moved up into b's slot
+
+
+def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
+    async def scenario() -> p2o.ProxyError:
+        gate = p2o.RateGate(0.1, max_wait_s=0.25)
+        queued = [asyncio.ensure_future(gate.wait()) for _ in range(3)]   # waits of 0, 0.1 and 0.2 s
+        await asyncio.sleep(0)
+        with pytest.raises(p2o.ProxyError) as info:
+            await gate.wait()                                              # would wait 0.3 s
+        await asyncio.gather(*queued)
+        return info.value
+
+    err = asyncio.run(scenario())
+    assert err.status == 429 and dict(err.headers)["Retry-After"] == "1"
+
+
+def test_usage_stats_rows_stay_small_whatever_model_names_clients_send() -> None:
+    stats = p2o.UsageStats()
+    stats.record("GPT-4o", ok=True, latency_s=0.1, prompt_tokens=5, completion_tokens=7)
+    for i in range(150):   # strangers' junk: refused by Poe, never an answer
+        stats.record(f"{i:03d}\x1b[31m\n" + "m" * 1_000_000, ok=False, latency_s=0.01)
+    stats.record("anything at all", ok=False, latency_s=0.01, refused=True)
+    rows = {m["model"]: m for m in stats.snapshot()["models"]}
+    assert all(len(name) <= 100 and name.isprintable() for name in rows)
+    assert rows["000[31m" + "m" * 93]["errors"] == 1              # names cut, control characters gone
+    assert len(rows) == 1 + 100 + 1 and rows["(refused)"]["requests"] == 50 + 1
+    stats.record("Claude-Sonnet-4.5", ok=True, latency_s=0.2, prompt_tokens=1, completion_tokens=1)
+    assert "Claude-Sonnet-4.5" in {m["model"] for m in stats.snapshot()["models"]}   # real models still get rows
+    for _ in range(5000):
+        stats.record("GPT-4o", ok=True, latency_s=0.1)
+    assert len(stats._models["GPT-4o"]["latency"]) == 1000                  # latency samples are bounded too
+
+
+def test_lru_cache_evicts_by_bytes_and_by_ttl() -> None:
+    now = [0.0]
+    cache = p2o.LRUCache(max_bytes=100, ttl_s=10, clock=lambda: now[0])
+    cache.put("a", "A", 40)
+    cache.put("b", "B", 40)
+    assert cache.get("a") == "A"           # a is now the most recently used
+    cache.put("c", "C", 40)                # 120 > 100: the least recently used (b) goes
+    assert cache.get("b") is None and cache.get("a") == "A" and cache.get("c") == "C"
+    assert cache.total_bytes == 80
+    cache.put("huge", "H", 101)            # larger than the whole budget: not stored, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 2
+    now[0] = 10.5                          # past the TTL
+    assert cache.get("a") is None and cache.get("c") is None and cache.total_bytes == 0
+
+
+def test_login_backoff_forgets_after_its_window() -> None:
+    now = [0.0]
+    backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: now[0])
+    backoff.failed("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    with pytest.raises(p2o.ProxyError) as info:
+        backoff.check("10.0.0.1")
+    assert info.value.status == 429 and info.value.headers == [("Retry-After", "60")]
+    backoff.check("10.0.0.2")   # per address
+    now[0] = 61.0
+    backoff.check("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    backoff.succeeded("10.0.0.1")
+    backoff.failed("10.0.0.1")
+    backoff.check("10.0.0.1")   # a success wiped the earlier failure
+
+
+###############################################################################
+# Poe's bot catalogue: what each bot is, declares and accepts
+###############################################################################
+
+POE_MODELS = json.loads((FIXTURES / "poe-v1-models-sample.json").read_text())   # a real answer, trimmed
+
+
+def fixture_catalogue() -> p2o.Catalogue:
+    return p2o.catalogue_from_poe(POE_MODELS)
+
+
+def bot(name: str) -> p2o.BotInfo:
+    info = fixture_catalogue().find(name)
+    assert info is not None, name
+    return info
+
+
+def synthetic_bot(*parameters: dict[str, Any], **kw: Any) -> p2o.BotInfo:
+    info = p2o.bot_info_from_poe({"id": "test-bot", "metadata": {"display_name": "Test-Bot"},
+                                  "parameters": list(parameters), **kw})
+    assert info is not None
+    return info
+
+
+def test_bot_info_from_every_entry_of_poes_list() -> None:
+    for entry in POE_MODELS["data"]:
+        info = p2o.bot_info_from_poe(entry)
+        assert info is not None and info.id == entry["id"] and info.name == entry["metadata"]["display_name"]
+        window = entry.get("context_window") or {}
+        assert info.context_length == window.get("context_length")
+        assert info.max_output_tokens == window.get("max_output_tokens")
+        assert list(info.input_modalities or ()) == entry["architecture"]["input_modalities"]
+        assert list(info.output_modalities or ()) == entry["architecture"]["output_modalities"]
+        assert list(info.features or ()) == entry["supported_features"]
+        assert [p.name for p in info.parameters or ()] == [p["name"] for p in entry["parameters"]]
+        assert info.created == entry["created"] // 1000 and info.owned_by == entry["owned_by"]
+        assert (info.reasoning is None) == (entry["reasoning"] is None)
+        assert (info.pricing is None) == (entry["pricing"] is None)
+    sonnet = bot("Claude-Sonnet-4.5")
+    assert (sonnet.context_length, sonnet.max_output_tokens) == (983040, 32768)
+    assert sonnet.reasoning == p2o.BotReasoning(0, 31999, False, False)
+    assert sonnet.parameter("thinking_budget") == p2o.BotParameter(
+        "thinking_budget", {"type": "number", "minimum": 0, "maximum": 31999}, 0, True,
+        "The maximum number of tokens to spend on thinking.")
+    assert bot("claude-opus-4.6").pricing["prompt"] == "0.0000043" and bot("Assistant").pricing is None
+    assert bot("Kimi-K2.5-FW").context_length is None and bot("DeepSeek-R1").max_output_tokens is None
+    assert bot("Veo-3").output_modalities == ("video",) and bot("nano-banana-2").parameter("aspect_ratio").has_default is False
+
+
+@pytest.mark.parametrize("entry", [None, [], "gpt-4o", {}, {"id": None}, {"id": ""}, {"id": "  "}, {"id": 5}])
+def test_bot_info_needs_an_id(entry: Any) -> None:
+    assert p2o.bot_info_from_poe(entry) is None
+
+
+def test_bot_info_from_hostile_entries() -> None:
+    info = p2o.bot_info_from_poe({
+        "id": "odd", "created": "yesterday", "owned_by": 7, "description": ["x"], "metadata": None,
+        "context_window": "big", "context_length": True, "architecture": [], "supported_features": "tools",
+        "parameters": {"name": "web_search"}, "reasoning": "yes", "pricing": [1]})
+    assert info == p2o.BotInfo(id="odd", name="odd")   # everything unknown, nothing invented
+    info = p2o.bot_info_from_poe({
+        "id": "odd", "metadata": {"display_name": ""}, "context_window": {"context_length": -5, "max_output_tokens": 1.5},
+        "context_length": 4096.0, "architecture": {"input_modalities": ["text", None, 3], "output_modalities": None},
+        "parameters": [None, {"name": 3}, {"name": " "}, {"name": "ok", "schema": "bad"}],
+        "reasoning": {"budget": {"min_tokens": "0", "max_tokens": float("inf")}, "required": "no",
+                      "supports_reasoning_effort": None},
+        "pricing": {"prompt": "0.1", "completion": None, "image": {"x": 1}, "request": 0}})
+    assert info is not None and info.name == "odd" and info.context_length == 4096 and info.max_output_tokens is None
+    assert info.input_modalities == ("text",) and info.output_modalities is None
+    assert info.parameters == (p2o.BotParameter("ok"),)
+    assert info.reasoning == p2o.BotReasoning() and info.pricing == {"prompt": "0.1", "request": "0"}
+    # A controls request against such a bot neither crashes nor sends anything it does not declare.
+    assert p2o.bot_controls({"ok": True, "reasoning_effort": "high"}, info) == (["--ok true"], ["reasoning_effort"])
+    with pytest.raises(p2o.ProxyError):
+        p2o.catalogue_from_poe({"object": "list"})
+
+
+def test_catalogue_finds_a_bot_by_id_or_display_name_in_any_case() -> None:
+    cat = fixture_catalogue()
+    assert len(cat) == 16
+    for name in ("Claude-Sonnet-4.5", "claude-sonnet-4.5", "CLAUDE-SONNET-4.5", " claude-sonnet-4.5 "):
+        assert cat.find(name) is cat.bots[2]
+    assert cat.find("Claude-Sonnet") is None
+    twins = p2o.Catalogue([p2o.BotInfo("a", "Bot"), p2o.BotInfo("b", "BOT")])
+    assert twins.find("BOT").id == "b" and twins.find("bot").id == "a"   # an exact spelling wins
+
+
+def test_models_yaml_applies_to_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    poe.models = POE_MODELS
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"enable": True, "models": {
+        "claude-sonnet-4.5": {"mapping": "sonnet"}, "GPT-4o": {"enable": False}}, "custom_models": [
+        {"id": "My-Image-Bot", "context_length": 4000, "max_output_tokens": 1000, "input_modalities": ["text"],
+         "output_modalities": ["image"], "parameters": [{"name": "style", "schema": {"enum": ["photo", "drawing"]},
+                                                          "default_value": "photo"}]}]}))
+    proxy = start()
+    models = {m.id: m.model_dump() for m in proxy.client().models.list().data}
+    assert "sonnet" in models and "Claude-Sonnet-4.5" not in models and "GPT-4o" not in models   # by Poe id, or name
+    assert models["sonnet"]["context_length"] == 983040            # a renamed bot keeps what it can do
+    custom = models["My-Image-Bot"]
+    assert (custom["context_length"], custom["max_output_tokens"], custom["owned_by"]) == (4000, 1000, "custom")
+    assert custom["architecture"]["modality"] == "text->image" and "style" in custom["supported_parameters"]
+    assert custom["parameters"] == [{"name": "style", "schema": {"enum": ["photo", "drawing"]}, "default_value": "photo"}]
+
+
+def test_models_yaml_resolution_accepts_poe_ids_and_display_names(tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("enable: true\nmodels:\n  claude-sonnet-4.5: {mapping: sonnet, tool_mode: native}\n"
+                    "  Claude-Haiku-4.5: {enable: false}\ncustom_models:\n  - {id: Private-Bot, context_length: 100}\n")
+    registry = p2o.ModelRegistry(str(path))
+    cat = fixture_catalogue()
+    for asked in ("sonnet", "SONNET", "Claude-Sonnet-4.5", "claude-sonnet-4.5"):
+        route = registry.resolve(asked, cat)
+        assert (route.bot, route.display, route.tool_mode) == ("Claude-Sonnet-4.5", asked, "native")
+    for asked in ("claude-haiku-4.5", "Claude-Haiku-4.5"):
+        with pytest.raises(p2o.ProxyError) as info:
+            registry.resolve(asked, cat)
+        assert info.value.status == 404
+    assert registry.resolve("private-bot", cat).bot == "private-bot"      # unknown bots pass through as asked
+    assert registry.bot_info("Claude-Sonnet-4.5", cat) is cat.find("claude-sonnet-4.5")
+    assert registry.bot_info("PRIVATE-BOT", cat).context_length == 100
+    assert registry.bot_info("Private-Bot", cat).parameters is None       # declares none: today's flags apply
+    assert registry.bot_info("Unknown-Bot", cat) is None and registry.bot_info("GPT-4o", None) is None
+
+
+@pytest.mark.parametrize("custom, problem", [
+    ({"context_length": "1M"}, "context_length must be a positive whole number"),
+    ({"max_output_tokens": 0}, "max_output_tokens must be a positive whole number"),
+    ({"max_output_tokens": True}, "max_output_tokens must be a positive whole number"),
+    ({"input_modalities": "text"}, "input_modalities must be a list"),
+    ({"supported_features": ["tools", 3]}, "supported_features must be a list"),
+    ({"parameters": {"name": "x"}}, "parameters must be a list"),
+    ({"parameters": [{"schema": {}}]}, "parameters[0] must be a mapping with a `name`"),
+    ({"parameters": [{"name": "x", "schema": "boolean"}]}, "parameters[0].schema must be a JSON schema"),
+    ({"parameters": [{"name": "x", "schema": {"enum": []}}]}, "parameters[0].schema.enum must be a non-empty list"),
+])
+def test_custom_model_declarations_are_checked(custom: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"custom_models[Mine].{problem}")):
+        p2o.ModelConfig.from_dict({"custom_models": [{"id": "Mine", **custom}]})
+
+
+def test_model_catalog_gives_a_chat_what_it_has_within_the_deadline() -> None:
+    class SlowPoe:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.delay_s = 0.3
+            self.fail = False
+
+        async def list_models(self, api_key: str | None) -> p2o.Catalogue:
+            self.calls += 1
+            await asyncio.sleep(self.delay_s)
+            if self.fail:
+                raise p2o.upstream_error("Poe is down")
+            return fixture_catalogue()
+
+    async def scenario() -> None:
+        upstream = SlowPoe()
+        catalog = p2o.ModelCatalog(upstream, ttl_s=60.0)   # type: ignore[arg-type]
+        started = time.monotonic()
+        assert await asyncio.gather(catalog.for_chat(KEY, 0.05), catalog.for_chat(KEY, 0.05)) == [None, None]
+        assert time.monotonic() - started < 0.25 and upstream.calls == 1    # did not wait; one fetch for both
+        listed = await catalog.catalogue(KEY)                               # a model list joins that same fetch
+        assert upstream.calls == 1 and len(listed) == 16
+        assert await catalog.for_chat(KEY, 0.0) is listed                   # fresh: no wait, no fetch
+        stale = p2o.ModelCatalog(upstream, ttl_s=0.0)                       # type: ignore[arg-type]
+        upstream.delay_s = 0.0
+        first = await stale.for_chat(KEY, 1.0)
+        assert first is not None and len(first) == 16                       # a quick fetch is waited for
+        upstream.fail = True
+        assert await stale.for_chat(KEY, 1.0) is first                      # Poe fails: the stale catalogue
+        assert await p2o.ModelCatalog(upstream, 60.0).for_chat(KEY, 1.0) is None   # type: ignore[arg-type]
+        with pytest.raises(p2o.ProxyError):
+            await p2o.ModelCatalog(upstream, 60.0).catalogue(KEY)           # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+
+
+def controls(body: dict[str, Any], name: str) -> tuple[list[str], list[str]]:
+    return p2o.bot_controls(body, bot(name))
+
+
+def test_bot_controls_web_search_from_every_dialect() -> None:
+    on = (["--web_search true"], [])
+    assert controls({"web_search_options": {}}, "GPT-5.4") == on                                  # OpenAI chat
+    assert controls({"tools": [{"type": "web_search_preview"}]}, "GPT-5.4") == on                  # Responses
+    assert controls({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "Claude-Sonnet-4.5") == on
+    assert controls({"extra_body": {"web_search": True}}, "Claude-Opus-4.6") == on
+    assert controls({"enable_web_search": "false"}, "Claude-Opus-4.6") == (["--web_search false"], [])
+    other = synthetic_bot({"name": "enable_web_search", "schema": {"type": "boolean"}})
+    assert p2o.bot_controls({"web_search_options": {"search_context_size": "low"}}, other) == (
+        ["--enable_web_search true"], [])
+    assert controls({"web_search_options": {}}, "GPT-4o") == ([], ["web_search_options"])         # not declared
+    with pytest.raises(p2o.ProxyError) as info:
+        controls({"web_search": "sometimes"}, "GPT-5.4")
+    assert info.value.status == 400 and info.value.param == "web_search" and "true or false" in info.value.message
+
+
+def test_bot_controls_reasoning_effort_goes_to_the_nearest_allowed_value() -> None:
+    assert controls({"reasoning_effort": "medium"}, "GPT-5.4") == (["--reasoning_effort medium"], [])
+    assert controls({"reasoning_effort": "max"}, "GPT-5.4") == (["--reasoning_effort xhigh"], [])
+    assert controls({"reasoning_effort": "minimal"}, "GPT-5.4") == (["--reasoning_effort low"], [])  # tie: stronger
+    assert controls({"reasoning": {"effort": "HIGH"}}, "GPT-5.4") == (["--reasoning_effort high"], [])
+    assert controls({"output_config": {"effort": "max"}}, "Claude-Opus-4.6") == (["--output_effort max"], [])
+    assert controls({"reasoning_effort": "xhigh"}, "Claude-Opus-4.6") == (["--output_effort max"], [])
+    assert controls({"reasoning_effort": "xhigh"}, "Assistant") == (["--reasoning_effort high"], [])  # from `reasoning`
+    assert controls({"reasoning_effort": "high"}, "Claude-Haiku-4.5") == (["--thinking_budget 51199"], [])
+    assert controls({"reasoning_effort": "high"}, "GPT-4o") == ([], ["reasoning_effort"])
+    with pytest.raises(p2o.ProxyError) as info:
+        controls({"reasoning_effort": "turbo"}, "GPT-5.4")
+    assert info.value.param == "reasoning_effort"
+
+
+def test_bot_controls_thinking_budget_is_clamped() -> None:
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 50000}}, "Claude-Sonnet-4.5") == (
+        ["--thinking_budget 31999"], [])
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "Claude-Sonnet-4.5") == (
+        ["--thinking_budget 1024"], [])
+    gemini = {"extra_body": {"google": {"thinking_config": {"thinking_budget": 99999}}}}
+    assert controls(gemini, "Gemini-2.5-Flash") == (["--thinking_budget 24576"], [])
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "GPT-5.4") == (
+        ["--reasoning_effort low"], [])                                  # a budget, for an effort-only bot
+    assert controls({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "GPT-4o") == ([], ["thinking.budget_tokens"])
+    with pytest.raises(p2o.ProxyError):
+        controls({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "Claude-Sonnet-4.5")
+
+
+def test_bot_controls_enable_thinking() -> None:
+    qwen = synthetic_bot({"name": "enable_thinking", "schema": {"type": "boolean"}, "default_value": True})
+    assert p2o.bot_controls({"reasoning_effort": "high"}, qwen) == (["--enable_thinking true"], [])
+    assert p2o.bot_controls({"reasoning_effort": "none"}, qwen) == (["--enable_thinking false"], [])
+    assert p2o.bot_controls({"thinking": {"type": "disabled"}}, qwen) == (["--enable_thinking false"], [])
+    assert p2o.bot_controls({"thinking": {"type": "adaptive"}}, qwen) == (["--enable_thinking true"], [])
+    assert p2o.bot_controls({"reasoning": {"enabled": False}}, qwen) == (["--enable_thinking false"], [])
+
+
+def test_bot_controls_forward_the_bots_own_parameters() -> None:
+    assert controls({"aspect_ratio": "16:9"}, "Nano-Banana-2") == (["--aspect_ratio 16:9"], [])
+    assert controls({"extra_body": {"seed": 42, "duration": 6, "resolution": "1080P", "camera": "pan"},
+                     "aspect_ratio": "9:16"}, "Veo-3") == (
+        ["--aspect_ratio 9:16", "--duration 6", "--seed 42", "--resolution 1080p"], ["extra_body.camera"])
+    assert controls({"verbosity": "low", "user": "u-1", "top_p": 0.5}, "GPT-5.4") == (["--verbosity low"], [])
+    assert controls({"no": "blurry\n--seed 1"}, "Veo-3") == (["--no blurry -seed 1"], [])   # one flag stays one
+    assert controls({"speaker_count": 3.0}, "ElevenLabs-v3") == (["--speaker_count 3"], [])
+    limited = synthetic_bot({"name": "max_output_tokens", "schema": {"type": "number", "minimum": 1, "maximum": 8192}},
+                            {"name": "temperature", "schema": {"type": "number", "minimum": 0, "maximum": 1}})
+    assert p2o.bot_controls({"max_tokens": 100000, "temperature": 1.3}, limited) == (
+        ["--max_output_tokens 8192", "--temperature 1"], [])             # habits are clamped, not refused
+
+
+def test_bot_controls_on_converted_anthropic_and_responses_bodies() -> None:
+    """What the chat pipeline passes: the converted body over the client's own, with the client's tools (the
+    converters drop hosted tools and output_config, and keep only a lossy copy of the effort)."""
+    raw = {"model": "claude-opus-4-6", "max_tokens": 32000, "output_config": {"effort": "max"},
+           "thinking": {"type": "adaptive"}, "messages": [{"role": "user", "content": "hi"}],
+           "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                     {"name": "Bash", "description": "Run", "input_schema": {"type": "object"}}]}
+    merged = {**raw, **p2o.anthropic_to_openai(raw), "tools": raw["tools"]}
+    assert controls(merged, "Claude-Opus-4.6") == (["--web_search true", "--output_effort max"], [])
+    assert controls(merged, "Claude-Sonnet-4.5") == (["--thinking_budget 31999", "--web_search true"], [])
+    assert controls(merged, "GPT-4o") == ([], ["tools[type=web_search_20250305]", "output_config.effort",
+                                               "reasoning_effort", "thinking"])
+    codex = json.loads((FIXTURES / "codex-responses.json").read_text())
+    codex["tools"].append({"type": "web_search"})
+    merged = {**codex, **p2o.responses_to_openai(codex), "tools": codex["tools"]}
+    assert controls(merged, "GPT-5.4") == (["--web_search true", f"--reasoning_effort {codex['reasoning']['effort']}"],
+                                           [])
+
+
+@pytest.mark.parametrize("body, bot_name, param, allowed", [
+    ({"aspect_ratio": "7:3"}, "Nano-Banana-2", "aspect_ratio", "one of 1:1, 2:3"),
+    ({"extra_body": {"duration": 5}}, "Veo-3", "extra_body.duration", "one of 4, 6, 8"),
+    ({"speaker_count": 12}, "ElevenLabs-v3", "speaker_count", "a number from 1 to 9"),
+    ({"silent": "loud"}, "Veo-3", "silent", "true or false"),
+    ({"seed": [1]}, "Veo-3", "seed", "a string"),
+])
+def test_bot_controls_refuse_values_outside_the_schema(body: dict[str, Any], bot_name: str, param: str,
+                                                       allowed: str) -> None:
+    with pytest.raises(p2o.ProxyError) as info:
+        controls(body, bot_name)
+    err = info.value
+    assert (err.status, err.param) == (400, param) and allowed in err.message and bot(bot_name).name in err.message
+
+
+def test_bot_controls_for_unknown_bots_are_todays_flags() -> None:
+    body = {"reasoning_effort": "high", "thinking": {"type": "enabled", "budget_tokens": 1000},
+            "web_search_options": {}, "aspect_ratio": "1:1"}
+    assert p2o.bot_controls(body, None) == (list(p2o.reasoning_flags(body)), [])
+    assert p2o.bot_controls(body, None)[0] == ["--thinking_budget 1000", "--reasoning_effort high"]
+    undeclared = p2o.custom_bot_info({"id": "Private-Bot", "context_length": 1000})
+    assert p2o.bot_controls(body, undeclared) == p2o.bot_controls(body, None)
+
+
+def test_check_context_refuses_prompts_that_cannot_fit() -> None:
+    info = p2o.BotInfo("b", "B", context_length=1000, max_output_tokens=300)
+    assert p2o.check_context(1100, 200, info) == 200                    # within the estimate's 10 % margin
+    assert p2o.check_context(900, 5000, info) == 300                    # max_tokens clamped, not refused
+    assert p2o.check_context(900, None, info) is None
+    with pytest.raises(p2o.ProxyError) as caught:
+        p2o.check_context(1101, None, info)
+    err = caught.value
+    assert (err.status, err.code, err.type) == (400, "context_length_exceeded", "invalid_request_error")
+    assert err.message == "prompt is too long: 1101 tokens > 1000 maximum"
+    assert p2o.anthropic_error_body(err)["error"]["message"] == err.message   # Claude Code compacts on it
+    assert p2o.check_context(10 ** 9, 10 ** 6, None) == 10 ** 6          # unknown bot: nothing to check
+    assert p2o.check_context(10 ** 9, 10 ** 6, bot("Kimi-K2.5-FW")) == 10 ** 6
+    assert p2o.check_context(160000, 10 ** 6, bot("DeepSeek-R1")) == 10 ** 6    # no max output known
+
+
+###############################################################################
+# Converters: OpenAI chat request -> Poe query
+###############################################################################
+
+
+# ----------------------------------------------------------------------------- messages and fields
 
 def test_role_mapping_and_params_reach_poe_query() -> None:
     chat = p2o.parse_chat_request({
@@ -506,76 +1315,1310 @@ def test_lenient_fields_are_accepted() -> None:
     assert chat.stream and not chat.include_usage and chat.stop == ["a", "b"]
 
 
-@pytest.mark.parametrize("data, status, code", [
-    ({"text": "x", "error_type": "insufficient_fund", "allow_retry": False}, 429, "insufficient_quota"),
-    ({"text": "You do not have enough points to message this bot."}, 429, "insufficient_quota"),
-    ({"text": "This bot needs more points to answer your request."}, 429, "insufficient_quota"),
-    ({"text": "Rate limit exceeded"}, 429, "rate_limit_exceeded"),
-    ({"text": "Invalid token"}, 401, "invalid_api_key"),
-    ({"text": "Unauthorized"}, 401, "invalid_api_key"),
-    ({"text": "Bot does not exist"}, 404, "model_not_found"),
-    ({"text": "msg", "error_type": "user_message_too_long"}, 400, "context_length_exceeded"),
-    ({"text": "msg", "error_type": "user_caused_error"}, 400, "bad_request"),
-    ({"text": "msg", "error_type": "privacy_authorization_error"}, 403, "permission_denied"),
-    ({"text": "Access denied", "allow_retry": True}, 403, "permission_denied"),
-    ({"text": "Your message is too long for this bot."}, 400, "context_length_exceeded"),
-    ({"text": "The conversation exceeds the context window."}, 400, "context_length_exceeded"),
-    ({"text": "The bot took too long to respond."}, 504, "upstream_timeout"),   # a timeout, not a long prompt
-    ({"text": "Request timed out"}, 504, "upstream_timeout"),
-    ({"text": "Internal server error", "allow_retry": True}, 502, "bot_error"),
-    ({"text": "The endpoints are busy"}, 502, "bot_error"),                  # "points" only as a word
-    ({}, 502, "bot_error"),
+# ----------------------------------------------------------------------------- client controls -> bot parameters
+
+def bot_queries(poe: FakePoe, name: str) -> list[dict[str, Any]]:
+    return [r["query"] for r in poe.requests if r["path"] == f"/bot/{name}"]
+
+
+def last_turn(poe: FakePoe) -> str:
+    """The end of the last user turn of the last query: where the bot's own parameters go."""
+    return [m for m in last_query(poe)["query"]["query"] if m["role"] == "user"][-1]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    poe.models = POE_MODELS
+    client = proxy.client()
+
+    def ask(model: str, **kw: Any) -> str:
+        result = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Q"}],
+                                                stream=stream, **kw)
+        if stream:
+            list(result)
+        return last_turn(poe)
+
+    assert ask("Claude-Sonnet-4.5", web_search_options={}) == "Q --web_search true"
+    assert ask("GPT-4o", web_search_options={}) == "Q"                    # GPT-4o declares no web search
+    assert ask("gpt-5.4", extra_body={"reasoning_effort": "max"}) == "Q --reasoning_effort xhigh"
+    assert last_query(poe)["path"] == "/bot/GPT-5.4"
+    assert ask("Claude-Sonnet-4.5", extra_body={"thinking": {"type": "enabled", "budget_tokens": 50000}}) == (
+        "Q --thinking_budget 31999")
+    assert ask("Nano-Banana-2", extra_body={"aspect_ratio": "16:9", "image_size": "2K", "style": "x"}) == (
+        "Q --aspect_ratio 16:9 --image_size 2K")
+    # A hosted search tool, nameless or Anthropic-style, is the search control: one flag, not a tool or a 400.
+    for tool in ({"type": "web_search"}, {"type": "web_search_20250305", "name": "web_search"}):
+        assert ask("Claude-Sonnet-4.5", tools=[tool]) == "Q --web_search true"
+        assert ask("GPT-4o", tools=[tool]) == "Q"
+    assert ask("GPT-4o", tools=[{"type": "function", "function": {"name": "web_search"}}]) == "Q"   # not declared
+    # Bots the catalogue does not know keep the earlier flags.
+    assert ask("Private-Bot", reasoning_effort="high", web_search_options={}) == "Q --reasoning_effort high"
+    assert ask("Private-Bot", tools=[{"type": "web_search"}]) == "Q --web_search"
+    assert not poe.invalid_queries
+
+
+def test_messages_and_responses_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    poe.models = POE_MODELS
+    claude = anthropic_client(proxy)
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    for stream in (False, True):
+        result = claude.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=64000, stream=stream,
+                                        messages=[{"role": "user", "content": "Q"}], tools=[search],
+                                        thinking={"type": "enabled", "budget_tokens": 50000})
+        if stream:
+            list(result)
+        assert last_query(poe)["path"] == "/bot/Claude-Sonnet-4.5"
+        assert last_turn(poe) == "Q --thinking_budget 31999 --web_search true"
+    claude.messages.create(model="claude-opus-4-6", max_tokens=1000, messages=[{"role": "user", "content": "Q"}],
+                           extra_body={"output_config": {"effort": "max"}})
+    assert last_turn(poe) == "Q --output_effort max"                      # not the lossy `high` of the converter
+    with caplog.at_level(logging.DEBUG, logger="poe2openai"):
+        claude.messages.create(model="GPT-4o", max_tokens=10, messages=[{"role": "user", "content": "Q"}],
+                               tools=[search], extra_body={"output_config": {"effort": "low"}, "top_k": 5})
+    assert last_turn(poe) == "Q"
+    ignored = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(ignored) == 1
+    assert "tools[type=web_search_20250305]" in ignored[0] and "output_config.effort" in ignored[0]
+    client = proxy.client()
+    for stream in (False, True):
+        result = client.responses.create(model="GPT-5.4", input="Q", tools=[{"type": "web_search"}], stream=stream,
+                                         reasoning={"effort": "high"}, extra_body={"verbosity": "low"})
+        if stream:
+            list(result)
+        assert last_turn(poe) == "Q --web_search true --reasoning_effort high --verbosity low"
+    client.responses.create(model="GPT-4o", input="Q", tools=[{"type": "web_search_preview"}])
+    assert last_turn(poe) == "Q"
+    assert not poe.invalid_queries
+
+
+def test_a_value_outside_the_bots_schema_is_a_400_in_every_dialect(proxy: Proxy, poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.models = POE_MODELS
+    messages = [{"role": "user", "content": "a cat"}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            proxy.client().chat.completions.create(model="Nano-Banana-2", messages=messages, stream=stream,
+                                                   extra_body={"aspect_ratio": "7:3"})
+        assert info.value.body["param"] == "aspect_ratio"   # type: ignore[index]
+        assert "'aspect_ratio' must be one of 1:1, 2:3, 3:2" in info.value.message
+        assert "Nano-Banana-2" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            proxy.client().responses.create(model="Nano-Banana-2", input="a cat", stream=stream,
+                                            extra_body={"aspect_ratio": "7:3"})
+        assert "one of 1:1, 2:3" in info.value.message
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            anthropic_client(proxy).messages.create(model="Nano-Banana-2", max_tokens=10, messages=messages,
+                                                    stream=stream, extra_body={"aspect_ratio": "7:3"})
+        error = caught.value.body["error"]   # type: ignore[index]
+        assert error["type"] == "invalid_request_error" and "one of 1:1, 2:3" in error["message"]
+    assert bot_queries(poe, "Nano-Banana-2") == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_beyond_the_context_window_is_refused_before_poe(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.models = POE_MODELS
+    prompt = "a watercolour of a lighthouse at dawn, " * 40             # some 400 tokens; FLUX-pro-1.1 takes 256
+    messages = [{"role": "user", "content": prompt}]
+    with pytest.raises(openai.BadRequestError) as info:
+        result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=messages, stream=stream)
+    assert info.value.code == "context_length_exceeded"
+    message = info.value.body["message"]   # type: ignore[index]
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", message)
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.client().responses.create(model="flux-pro-1.1", input=prompt, stream=stream)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        anthropic_client(proxy).messages.create(model="FLUX-pro-1.1", max_tokens=10, messages=messages, stream=stream)
+    error = caught.value.body["error"]   # type: ignore[index]
+    assert error["type"] == "invalid_request_error"
+    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", error["message"])   # Claude Code compacts
+    assert bot_queries(poe, "FLUX-pro-1.1") == []                       # refused before Poe was asked
+    result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=[
+        {"role": "user", "content": "a lighthouse"}], stream=stream)   # a prompt that fits goes through
+    if stream:
+        list(result)
+    assert len(bot_queries(poe, "FLUX-pro-1.1")) == 1
+
+
+def test_max_tokens_is_clamped_and_sent_as_the_bots_parameter(start: Callable[..., Proxy], poe: FakePoe,
+                                                              tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"enable": True, "custom_models": [
+        {"id": "Short-Bot", "context_length": 100000, "max_output_tokens": 1000, "parameters": [
+            {"name": "max_output_tokens", "schema": {"type": "number", "minimum": 1, "maximum": 4000}}]}]}))
+    proxy = start()
+    messages = [{"role": "user", "content": "Q"}]
+    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_tokens=50000)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"               # the bot's longest answer, not refused
+    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_completion_tokens=300)
+    assert last_turn(poe) == "Q --max_output_tokens 300"
+    proxy.client().responses.create(model="Short-Bot", input="Q", max_output_tokens=20000)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"
+    anthropic_client(proxy).messages.create(model="Short-Bot", max_tokens=64000, messages=messages)
+    assert last_turn(poe) == "Q --max_output_tokens 1000"
+    proxy.client().chat.completions.create(model="GPT-4o", messages=messages, max_tokens=50000)   # declares none
+    assert last_turn(poe) == "Q"
+
+
+@pytest.mark.parametrize("body, flags", [
+    ({"reasoning_effort": "high"}, " --reasoning_effort high"),
+    ({"reasoning": {"effort": "minimal"}}, " --reasoning_effort minimal"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, " --thinking_budget 2048"),
+    ({"extra_body": {"google": {"thinking_config": {"thinking_budget": 512}}}}, " --thinking_budget 512"),
+    ({"google": {"thinking_config": {"thinking_budget": 0}}}, " --thinking_budget 0"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 100}, "reasoning_effort": "low"},
+     " --thinking_budget 100 --reasoning_effort low"),
+    ({"thinking": {"type": "disabled"}}, ""),
 ])
-def test_poe_error_classification(data: dict[str, Any], status: int, code: str) -> None:
-    err = p2o.classify_poe_error(data)
-    assert (err.status, err.code) == (status, code)
-    assert err.openai_body()["error"]["message"]
-    retry_after = dict(err.headers).get("Retry-After")
-    assert (retry_after == str(p2o.DEFAULT_RETRY_AFTER_S)) if status == 429 else retry_after is None
+def test_reasoning_controls_become_flags_at_the_very_end(body: dict[str, Any], flags: str) -> None:
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "10:00"}]
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages, "tools": WEATHER_TOOLS,
+                                                    **body}))
+    last = q["query"][-1]["content"]
+    assert last.startswith("<tool_result") and "</tools>" in last      # the last turn is the tool result
+    assert last.endswith("</tools>" + flags)                           # flags after the tool block
 
 
-@pytest.mark.parametrize("status, headers, body, want_status, code, retry_after", [
-    (429, {"retry-after": "17"}, b'{"error": "slow down"}', 429, "rate_limit_exceeded", "17"),
-    (429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, b"", 429, "rate_limit_exceeded",
-     "Wed, 21 Oct 2015 07:28:00 GMT"),
-    (429, {"retry-after": "soon"}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
-    (429, {}, b"", 429, "rate_limit_exceeded", str(p2o.DEFAULT_RETRY_AFTER_S)),
-    (402, {}, b"", 429, "insufficient_quota", str(p2o.DEFAULT_RETRY_AFTER_S)),
-    (413, {}, b'{"error": {"message": "request_too_large"}}', 400, "context_length_exceeded", None),
-    (400, {}, b'{"error": {"message": "Input exceeds the maximum context length"}}', 400,
-     "context_length_exceeded", None),
-    (400, {}, b'{"error": {"message": "temperature must be a number"}}', 400, "bad_request", None),
-    (403, {}, b"", 403, "permission_denied", None),
-    (503, {"retry-after": "3"}, b"", 502, "upstream_error", "3"),
-    (504, {}, b"", 504, "upstream_timeout", None),
-    (408, {}, b"", 504, "upstream_timeout", None),
+@pytest.mark.parametrize("body, param", [
+    ({"reasoning_effort": "maximal"}, "reasoning_effort"),
+    ({"reasoning": {"effort": 3}}, "reasoning.effort"),
+    ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens"),
+    ({"extra_body": {"google": {"thinking_config": {"thinking_budget": -5}}}},
+     "extra_body.google.thinking_config.thinking_budget"),
 ])
-def test_poe_status_classification(status: int, headers: dict[str, str], body: bytes, want_status: int,
-                                   code: str, retry_after: str | None) -> None:
-    err = p2o.classify_poe_status(status, body, "bot X", headers)
-    assert (err.status, err.code) == (want_status, code)
-    assert dict(err.headers).get("Retry-After") == retry_after
-    assert err.message.startswith(f"bot X: Poe answered HTTP {status}")
+def test_invalid_reasoning_controls_are_400(proxy: Proxy, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}],
+                                               extra_body=body)
+    assert info.value.body["param"] == param  # type: ignore[index]
 
 
-@pytest.mark.parametrize("status, code, kind", [
-    (400, "bad_request", "invalid_request_error"), (401, "invalid_api_key", "authentication_error"),
-    (403, "permission_denied", "permission_error"), (404, "model_not_found", "not_found_error"),
-    (413, "too_big", "request_too_large"), (429, "rate_limit_exceeded", "rate_limit_error"),
-    (429, "insufficient_quota", "rate_limit_error"), (500, "internal_error", "api_error"),
-    (502, "upstream_proxy_error", "api_error"), (504, "upstream_timeout", "timeout_error"),
+# ----------------------------------------------------------------------------- tools
+
+WEATHER_TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather for a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+            "ratio": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}},
+            "where": {"type": "object"}, "note": {"type": ["string", "null"]}},
+            "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Current time", "parameters": {}}},
+]
+TOOL_REPLY = ('Let me check both.\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n'
+              '<parameter name="days">3</parameter>\n<parameter name="metric">true</parameter>\n'
+              '<parameter name="ratio">0.5</parameter>\n<parameter name="tags">["a", "b"]</parameter>\n'
+              '<parameter name="where">{"lat": 48.8}</parameter>\n<parameter name="extra">kept</parameter>\n'
+              '</invoke>\n</tool_call>\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>')
+EXPECTED_CALLS = [("get_weather", {"city": "Paris", "days": 3, "metric": True, "ratio": 0.5, "tags": ["a", "b"],
+                                   "where": {"lat": 48.8}, "extra": "kept"}),
+                  ("get_time", {})]
+
+
+def test_tool_prompt_follows_tool_choice() -> None:
+    def query(**body: Any) -> str:
+        chat = p2o.parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                       "tools": WEATHER_TOOLS, **body})
+        q = p2o.build_poe_query(chat)
+        QueryRequest.model_validate(q)
+        assert "tools" not in q          # XML mode never sends Poe's native field
+        return q["query"][-1]["content"]
+    auto = query()
+    assert auto.startswith("hi\n\n") and '<tool name="get_weather">' in auto and '<tool name="get_time">' in auto
+    assert "<![CDATA[" in auto and "not inside a code block" in auto   # how to write values that hold tags
+    assert query(tool_choice="none") == "hi"
+    assert "must call at least one tool" in query(tool_choice="required")
+    forced = query(tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert "must call the tool get_time" in forced and "get_weather" not in forced
+    assert "at most one tool" in query(parallel_tool_calls=False)
+    with pytest.raises(p2o.ProxyError) as info:
+        query(tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert info.value.status == 400 and info.value.param == "tool_choice"
+
+
+def test_description_less_tools_become_poe_flags() -> None:
+    chat = p2o.parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "draw a cat"}],
+                                   "tools": [{"type": "function", "function": {"name": "no_watermark"}}]})
+    assert p2o.build_poe_query(chat)["query"][-1]["content"] == "draw a cat --no_watermark"
+
+
+PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                 "required": ["name", "age"]}
+
+
+def tool_in_every_dialect(name: str, description: str | None, schema: Any) -> list[p2o.ChatRequest]:
+    """One tool as the OpenAI chat, Anthropic and Responses dialects send it (description None = absent)."""
+    about = {} if description is None else {"description": description}
+    fn = {"name": name, **about, **({} if schema is None else {"parameters": schema})}
+    messages = [{"role": "user", "content": "go"}]
+    return [p2o.parse_chat_request({"model": "m", "messages": messages, "tools": [{"type": "function", "function": fn}]}),
+            p2o.parse_chat_request(p2o.anthropic_to_openai({"model": "m", "max_tokens": 9, "messages": messages, "tools": [
+                {"name": name, **about, "input_schema": schema if schema is not None else {"type": "object"}}]})),
+            p2o.parse_chat_request(p2o.responses_to_openai({"model": "m", "input": "go", "tools": [
+                {"type": "function", **fn}]}))]
+
+
+@pytest.mark.parametrize("description", [None, ""])
+def test_a_function_without_a_description_is_still_a_tool(description: str | None) -> None:
+    for chat in tool_in_every_dialect("Person", description, PERSON_SCHEMA):
+        assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["Person"] and not chat.tools.flags
+        prompt = p2o.build_poe_query(chat)["query"][-1]["content"]
+        assert '<tool name="Person">' in prompt and "--Person" not in prompt
+        assert "<description>" not in prompt and '"age"' in prompt
+        native = p2o.build_poe_query(chat, tool_mode="native")
+        QueryRequest.model_validate(native)
+        assert native["tools"][0]["function"]["name"] == "Person"
+
+
+@pytest.mark.parametrize("schema", [None, {}, {"type": "object"}, {"type": "object", "properties": {}}])
+def test_a_bare_name_is_a_poe_flag_in_every_dialect(schema: Any) -> None:
+    for chat in tool_in_every_dialect("web_search", None, schema):
+        assert chat.tools is not None and chat.tools.flags == ("web_search",) and not chat.tools.tools
+        assert p2o.build_poe_query(chat)["query"][-1]["content"] == "go --web_search"
+
+
+def test_lenient_tool_schemas() -> None:
+    tools = [{"type": "function", "function": {"name": "a", "description": "d", "strict": True, "parameters": {
+        "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
+        "$defs": {"X": {"type": "string"}}, "properties": {"x": {"$ref": "#/$defs/X"}}}}},
+             {"type": "function", "function": {"name": "b", "description": "d"}},
+             {"type": "function", "name": "c", "description": "flat form", "parameters": {"type": "object"}}]
+    spec = p2o.parse_tools({"tools": tools})
+    assert spec is not None and [t.name for t in spec.tools] == ["a", "b", "c"]
+
+
+def test_tool_history_reaches_poe_once_each_in_order() -> None:
+    body = json.loads((FIXTURES / "cline-chat.json").read_text())
+    for mode in ("xml", "native"):
+        q = p2o.build_poe_query(p2o.parse_chat_request(body), tool_mode=mode)
+        QueryRequest.model_validate(q)
+        text = json.dumps(q)
+        assert text.count("call_3Zp8VqLk2MwN7xRt4Yb1Hs6C") == (1 if mode == "xml" else 2), mode
+        assert text.count("def build_parser") == 1, mode
+    xml = p2o.build_poe_query(p2o.parse_chat_request(body))
+    roles = [m["role"] for m in xml["query"]]
+    assert roles == ["system", "user", "bot", "user", "user"]
+    assert '<invoke name="read_file">' in xml["query"][2]["content"]
+    assert xml["query"][3]["content"].startswith('<tool_result tool_call_id="call_3Zp8VqLk2MwN7xRt4Yb1Hs6C" '
+                                                 'name="read_file">')
+
+
+def test_native_mode_sends_poe_tool_fields() -> None:
+    body = {"model": "m", "tools": WEATHER_TOOLS, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}]}
+    q = p2o.build_poe_query(p2o.parse_chat_request(body), tool_mode="native")
+    QueryRequest.model_validate(q)
+    assert [t["function"]["name"] for t in q["tools"]] == ["get_weather", "get_time"]
+    assert q["tools"][1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    assert q["tool_calls"] == [{"id": "call_1", "type": "function",
+                                "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]
+    assert q["tool_results"] == [{"role": "tool", "tool_call_id": "call_1", "name": "get_weather",
+                                  "content": "sunny"}]
+    assert [m["content"] for m in q["query"]] == ["weather?"]
+
+
+# ----------------------------------------------------------------------------- images and files in
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def image_message(url: str, text: str = "What is in this image?") -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}
+
+
+def test_content_parts_are_collected_and_checked() -> None:
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "hi"},
+        {"type": "image_url", "image_url": data_url(PNG_2X2)},                       # bare string form
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
+        {"type": "file", "file": {"file_data": base64.b64encode(PDF_LIKE).decode(), "filename": "raw.pdf"}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF0000WAVE").decode(), "format": "wav"}},
+        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}]   # unknown: skipped
+    media = p2o.collect_media(messages)
+    assert [(m.where, m.content_type, m.name) for m in media] == [
+        ("messages[0].content[1]", "image/png", "image.png"),
+        ("messages[0].content[2]", "image/jpeg", "cat.jpg"),
+        ("messages[0].content[3]", "application/pdf", "spec.pdf"),
+        ("messages[0].content[4]", "application/pdf", "raw.pdf"),
+        ("messages[0].content[5]", "audio/wav", "audio.wav")]
+    assert media[0].data == PNG_2X2 and media[1].url == "https://example.com/cat.jpg" and media[3].data == PDF_LIKE
+    assert media[0].cache_key == "sha256:" + hashlib.sha256(PNG_2X2).hexdigest()
+    with pytest.raises(p2o.ProxyError) as info:
+        p2o.collect_media([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}])
+    assert info.value.status == 400 and info.value.param == "messages[0].content[0]"
+
+
+def test_open_webui_screenshot_reaches_the_bot(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "openwebui-chat.json").read_text())
+    body["stream"] = False
+    result = proxy.client().chat.completions.create(**body)
+    assert result.choices[0].message.content == "Hello from GPT-4o"   # the catalogue's spelling of the bot
+    upload = poe.uploads[0]
+    assert upload["data"] == PNG_2X2 and upload["content_type"] == "image/png"
+    assert upload["authorization"] == f"Bearer {KEY}"
+    sent = last_query(poe)["query"]["query"][-1]
+    assert sent["content"] == "What colours do you see in this image?"
+    assert sent["attachments"] == [{"url": sent["attachments"][0]["url"], "content_type": "image/png",
+                                    "name": "image.png"}]
+    assert result.usage is not None and result.usage.prompt_tokens > p2o.ATTACHMENT_TOKENS
+
+
+def test_same_image_twice_is_uploaded_once(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    url = data_url(PNG_2X2 + b"twice")
+    for _ in range(2):
+        client.chat.completions.create(model="GPT-4o", messages=[image_message(url)])
+    assert len(poe.uploads) == 1
+    first, second = [r["query"]["query"][-1]["attachments"] for r in poe.requests if r["path"].startswith("/bot/")]
+    assert first == second
+
+
+def test_twenty_concurrent_requests_share_one_upload(proxy: Proxy, poe: FakePoe) -> None:
+    poe.upload_delay_s = 0.3                # all twenty arrive while the first upload is still running
+    url = data_url(PNG_2X2 + b"concurrent")
+    client = proxy.client()
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda _: client.chat.completions.create(
+            model="GPT-4o", messages=[image_message(url)]).choices[0].message.content, range(20)))
+    assert results == ["Hello from GPT-4o"] * 20 and len(poe.uploads) == 1
+
+
+def test_remote_and_cdn_urls(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    cdn = "https://pfst.cf2.poecdn.net/base/image/abc123?w=100"
+    client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "compare"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/photos/dog.webp"}},
+        {"type": "image_url", "image_url": {"url": cdn}}]}])
+    assert [u.get("download_url") for u in poe.uploads] == ["https://example.com/photos/dog.webp"]   # Poe fetches it
+    attachments = last_query(poe)["query"]["query"][-1]["attachments"]
+    assert attachments[1] == {"url": cdn, "content_type": "image/jpeg", "name": "image.jpg"}   # untouched
+    assert attachments[0]["name"] == "dog.webp"
+
+
+def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "summarise"},
+            {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(),
+                                                    "format": "mp3"}},
+            {"type": "mystery_part", "x": 1}]}])
+    assert "messages[0].content[3]: a content part of unknown type 'mystery_part'" in caplog.text
+    assert [(u["filename"], u["content_type"], u["data"]) for u in poe.uploads] == [
+        ("spec.pdf", "application/pdf", PDF_LIKE), ("audio.mp3", "audio/mpeg", b"ID3fake-mp3")]
+    assert [a["name"] for a in last_query(poe)["query"]["query"][-1]["attachments"]] == ["spec.pdf", "audio.mp3"]
+
+
+def test_upload_failure_names_the_part(proxy: Proxy, poe: FakePoe) -> None:
+    poe.upload_status = 500
+    with pytest.raises(openai.InternalServerError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[
+            {"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+            image_message(data_url(PNG_2X2 + b"fail"))])
+    assert info.value.status_code == 502 and "messages[2].content[1]" in info.value.message
+    assert not [r for r in poe.requests if r["path"].startswith("/bot/")]   # nothing was asked of the bot
+
+
+def test_unknown_content_parts_are_one_warning_per_request(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    parts = [{"type": "text", "text": "hi"}] + [{"type": "mystery_%d" % i} for i in range(50)]
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": parts}])
+    said = [r.getMessage() for r in caplog.records if "content part" in r.getMessage()]
+    assert len(said) == 1 and "skipping 50 content part(s)" in said[0] and len(said[0]) < 400
+
+
+def test_a_bad_key_does_not_fail_someone_elses_upload(proxy: Proxy, poe: FakePoe) -> None:
+    poe.upload_delay_s = 0.3
+    poe.upload_bad_keys = {"bad-key"}
+    url = data_url(PNG_2X2 + b"two keys")
+
+    def ask(key: str) -> Any:
+        try:
+            return proxy.client(api_key=key).chat.completions.create(
+                model="GPT-4o", messages=[image_message(url)]).choices[0].message.content
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bad, good = pool.map(ask, ["bad-key", KEY])
+    assert bad == 401 and good == "Hello from GPT-4o"
+
+
+###############################################################################
+# Converters: Poe events -> neutral deltas -> OpenAI chunks / body
+###############################################################################
+
+
+# ----------------------------------------------------------------------------- reasoning ("Thinking...")
+
+THINKING_REPLIES = [
+    ("*Thinking...*\n\n> The user wants a number.\n> Forty-two fits.\n>\n> Done.\n\nThe answer is **42**.\n"
+     "Thinking... is a word I may use later.",
+     "The user wants a number.\nForty-two fits.\n\nDone.\n",
+     "The answer is **42**.\nThinking... is a word I may use later."),
+    ("Thinking...\r\n\r\n> crlf thoughts\r\n\r\nAnswer\r\n", "crlf thoughts\n", "Answer\r\n"),
+    ("<think>\nStep 1: add.\nStep 2: done.\n</think>\n\nResult: 3", "Step 1: add.\nStep 2: done.", "Result: 3"),
+    ("Thinking... about it, the answer is 3.", "", "Thinking... about it, the answer is 3."),
+    ("No thoughts here. *Thinking...* appears late.", "", "No thoughts here. *Thinking...* appears late."),
+]
+
+
+def split_reply(chunks: list[str]) -> tuple[str, str]:
+    translator = p2o.PoeTranslator()
+    fold = p2o.ChatFold()
+    for chunk in chunks:
+        for d in translator.feed(p2o.SSEEvent("text", json.dumps({"text": chunk}))):
+            fold.add(d)
+    for d in translator.feed(p2o.SSEEvent("done", "{}")):
+        fold.add(d)
+    body = fold.body("x", 0, "m", 0)["choices"][0]["message"]
+    return body.get("reasoning_content", ""), body["content"]
+
+
+@pytest.mark.parametrize("reply, reasoning, content", THINKING_REPLIES)
+def test_thinking_is_split_from_the_answer(reply: str, reasoning: str, content: str) -> None:
+    assert split_reply([reply]) == (reasoning, content)
+    assert split_reply(list(reply)) == (reasoning, content)          # one character at a time
+
+
+@given(st.sampled_from(THINKING_REPLIES), st.lists(st.integers(min_value=1, max_value=400), max_size=25))
+@hsettings(max_examples=400, deadline=None)
+def test_any_chunking_gives_the_same_reasoning_and_content(case: tuple[str, str, str], cuts: list[int]) -> None:
+    reply, reasoning, content = case
+    bounds = [0, *sorted({c for c in cuts if c < len(reply)}), len(reply)]
+    assert split_reply([reply[a:b] for a, b in zip(bounds, bounds[1:])]) == (reasoning, content)
+
+
+def test_reasoning_stream_and_non_stream_agree(proxy: Proxy, poe: FakePoe) -> None:
+    reply, reasoning, content = THINKING_REPLIES[0]
+    poe.on("Thinker", xml_reply_steps(reply, 4))
+    client = proxy.client()
+    whole = client.chat.completions.create(model="Thinker", messages=[{"role": "user", "content": "?"}])
+    message = whole.model_dump()["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == (reasoning, content)
+    assert message["reasoning"] == reasoning                       # the other name some clients read
+    assert whole.usage is not None and whole.usage.completion_tokens_details is not None
+    assert whole.usage.completion_tokens_details.reasoning_tokens > 0
+    status, lines = raw_sse(proxy, {"model": "Thinker", "stream": True, "messages": [{"role": "user", "content": "?"}]})
+    deltas = [c["choices"][0]["delta"] for c in data_chunks(lines) if c != "[DONE]" and c["choices"]]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == reasoning
+    assert "".join(d.get("reasoning") or "" for d in deltas) == reasoning
+    assert "".join(d.get("content") or "" for d in deltas) == content
+
+
+# ----------------------------------------------------------------------------- JSON answers
+
+def test_structured_outputs_with_the_sdk_parse_helper(proxy: Proxy, poe: FakePoe) -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    poe.on("GPT-4o", xml_reply_steps('```json\n{"name": "Oslo", "population": 709000}\n```', 4))
+    client = proxy.client()
+    parsed = client.chat.completions.parse(model="GPT-4o", response_format=City,
+                                           messages=[{"role": "user", "content": "Biggest city of Norway?"}])
+    assert parsed.choices[0].message.parsed == City(name="Oslo", population=709000)
+    asked = last_query(poe)["query"]["query"][-1]["content"]
+    assert asked.startswith("Biggest city of Norway?\n\n") and '"population"' in asked and "JSON schema" in asked
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="GPT-4o", stream=True, response_format={"type": "json_object"},
+        messages=[{"role": "user", "content": "x"}]) if c.choices)
+    assert json.loads(streamed) == {"name": "Oslo", "population": 709000}
+    plain = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert plain.choices[0].message.content.startswith("```json")     # fences are only removed in JSON mode
+
+
+JSON_ANSWERS = [   # (what the bot writes, what a JSON-mode client gets)
+    ('{"a": 1, "s": "x}y\\"z"}', '{"a": 1, "s": "x}y\\"z"}'),
+    ('```json\n{"a": [1, 2]}\n```', '{"a": [1, 2]}'),
+    ('```\n[{"a": 1}]\n```\nThat is all.', '[{"a": 1}]'),
+    ('{"a": 1}\n\nHope this helps!', '{"a": 1}'),
+    ('Here is the JSON:\n```json\n{"a": 1}\n```\nLet me know.', '{"a": 1}'),
+    ('Sure! The answer is {"name": "Oslo", "tags": ["a"]} as asked.', '{"name": "Oslo", "tags": ["a"]}'),
+    ('See [1] and [2]: {"a": 1}', '{"a": 1}'),
+    ("I cannot answer that.", "I cannot answer that."),
+    ('Two of them: {"a": 1} and {"b": 2}', 'Two of them: {"a": 1} and {"b": 2}'),
+    ('```json\n{"a": 1\n```', '{"a": 1'),                          # broken JSON: given as it is, unfenced
+    ('[not json] then {"a": 1}', '[not json] then {"a": 1}'),       # started as JSON: streamed, so kept
+]
+
+
+def shape_json(chunks: list[str]) -> tuple[str, str]:
+    """(everything the client gets, what it got before the end) for a JSON answer fed in these chunks."""
+    shaper = p2o.JSONAnswer()
+    early = "".join(shaper.feed(chunk) for chunk in chunks)
+    return early + shaper.end(), early
+
+
+@pytest.mark.parametrize("reply, expected", JSON_ANSWERS)
+def test_json_answers_give_the_json_value(reply: str, expected: str) -> None:
+    assert shape_json([reply])[0] == expected
+
+
+@given(st.sampled_from(JSON_ANSWERS), st.lists(st.integers(min_value=1, max_value=60), unique=True, max_size=12))
+@hsettings(max_examples=300, deadline=None)
+def test_json_answers_under_any_chunking(case: tuple[str, str], cuts: list[int]) -> None:
+    reply, expected = case
+    bounds = [0, *sorted(c for c in cuts if c < len(reply)), len(reply)]
+    assert shape_json([reply[a:b] for a, b in zip(bounds, bounds[1:])])[0] == expected
+
+
+def test_a_json_answer_streams_and_prose_is_held() -> None:
+    assert shape_json(['```json\n{"city": ', '"Oslo", "n": [1', ", 2]}", "\n```"]) == (
+        '{"city": "Oslo", "n": [1, 2]}', '{"city": "Oslo", "n": [1, 2]}')        # out before the end
+    assert shape_json(["Sure, here:", ' {"a": 1}', " ok"]) == ('{"a": 1}', "")    # held until the end
+
+
+def test_prose_wrapped_json_both_ways(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('Of course! Here is the object:\n\n```json\n{"name": "Oslo"}\n```\nAnything else?', 6))
+    client = proxy.client()
+    for fmt in ({"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}}):
+        messages = [{"role": "user", "content": "x"}]
+        whole = client.chat.completions.create(model="GPT-4o", response_format=fmt, messages=messages)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="GPT-4o", response_format=fmt, stream=True, messages=messages) if c.choices)
+        assert whole.choices[0].message.content == streamed == '{"name": "Oslo"}'
+
+
+# ----------------------------------------------------------------------------- XML tool calls
+
+def parse_reply(chunks: list[str], tools: Any = WEATHER_TOOLS, **body: Any) -> tuple[str, list[Any], str]:
+    """Run chunks through the translator as Poe text events; (text, [(name, args)], finish)."""
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": tools, **body}))
+    deltas = []
+    for chunk in chunks:
+        deltas += translator.feed(p2o.SSEEvent("text", json.dumps({"text": chunk})))
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    fold = p2o.ChatFold()
+    for d in deltas:
+        fold.add(d)
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in fold.body("x", 0, "m", 0)["choices"][0]["message"].get("tool_calls", [])]
+    return fold.content, calls, fold.finish_reason
+
+
+def test_xml_tool_calls_are_typed_by_schema() -> None:
+    text, calls, finish = parse_reply([TOOL_REPLY])
+    assert text == "Let me check both.\n" and calls == EXPECTED_CALLS and finish == "tool_calls"
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(TOOL_REPLY) - 1), unique=True, max_size=60))
+@hsettings(max_examples=300, deadline=None)
+def test_any_chunking_gives_the_same_tool_calls(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(TOOL_REPLY)]
+    assert parse_reply([TOOL_REPLY[a:b] for a, b in zip(bounds, bounds[1:])]) == (
+        "Let me check both.\n", EXPECTED_CALLS, "tool_calls")
+
+
+MENTION_REPLY = "Write `<tool_call>` to call; a < b, and <invoke> alone, or <tool_call> then prose </tool_call>."
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(MENTION_REPLY) - 1), unique=True, max_size=30))
+@hsettings(max_examples=200, deadline=None)
+def test_text_that_mentions_tags_is_released_unchanged(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(MENTION_REPLY)]
+    assert parse_reply([MENTION_REPLY[a:b] for a, b in zip(bounds, bounds[1:])]) == (MENTION_REPLY, [], "stop")
+
+
+def test_mention_does_not_stall_the_stream() -> None:
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS}))
+    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "Use <tool_call> like this: "})))
+    # the tag was followed by prose, so everything is out before `done`
+    assert "".join(d.text for d in out if d.kind == p2o.TEXT) == "Use <tool_call> like this: "
+    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "it wraps a call. And <tool"})))
+    assert "".join(d.text for d in out) == "it wraps a call. And "     # only a possible tag start is held
+
+
+def test_other_tool_call_forms() -> None:
+    assert parse_reply(['<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'])[1] == [
+        ("get_weather", {"city": "Oslo"})]
+    assert parse_reply(['<tool_call><name>get_weather</name><arguments>{"city": "Rome"}</arguments></tool_call>'])[1] \
+        == [("get_weather", {"city": "Rome"})]
+    assert parse_reply(["```xml\n<tool_call>\n<invoke name=\"get_time\"></invoke>\n</tool_call>\n```"]) == (
+        "", [("get_time", {})], "tool_calls")
+    # an unclosed call at the end of the answer is still taken
+    assert parse_reply(['<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Nice</parameter>\n'])[1] == [
+        ("get_weather", {"city": "Nice"})]
+    # unknown tools are not calls
+    assert parse_reply(['<tool_call><invoke name="rm_rf"></invoke></tool_call>'])[1] == []
+
+
+def test_parameter_values_keep_code_intact() -> None:
+    code = "if a < b && c:\n    print('<tag>')\n"
+    tools = [{"type": "function", "function": {"name": "write", "description": "w", "parameters": {
+        "type": "object", "properties": {"content": {"type": "string"}, "path": {"type": "string"}}}}}]
+    reply = f'<tool_call>\n<invoke name="write">\n<parameter name="path"> a.py </parameter>\n' \
+            f'<parameter name="content">\n{code}</parameter>\n</invoke>\n</tool_call>'
+    # the newline after the opening tag and before the closing tag are layout, not content
+    assert parse_reply([reply], tools)[1] == [("write", {"path": "a.py", "content": code.rstrip("\n")})]
+    escaped = '<tool_call><invoke name="write"><parameter name="content">x &lt; y &amp;&amp; z</parameter>' \
+              '</invoke></tool_call>'
+    assert parse_reply([escaped], tools)[1] == [("write", {"content": "x < y && z"})]
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    text, calls, finish = parse_reply([TOOL_REPLY], parallel_tool_calls=False)
+    assert [c[0] for c in calls] == ["get_weather"] and finish == "tool_calls"
+
+
+def test_langchain_structured_output_tool_gets_its_call(proxy: Proxy, poe: FakePoe) -> None:
+    # LangChain's with_structured_output(method="function_calling") on a docstring-less pydantic model:
+    # description "", and tool_choice naming the tool.
+    tool = {"type": "function", "function": {"name": "Person", "description": "", "parameters": PERSON_SCHEMA}}
+    poe.on("GPT-4o", xml_reply_steps('<tool_call>\n<invoke name="Person">\n<parameter name="name">Ada</parameter>\n'
+                                     '<parameter name="age">36</parameter>\n</invoke>\n</tool_call>', 5))
+    choice = {"type": "function", "function": {"name": "Person"}}
+    messages = [{"role": "user", "content": "Ada Lovelace, 36"}]
+    result = proxy.client().chat.completions.create(model="GPT-4o", messages=messages, tools=[tool],
+                                                    tool_choice=choice)
+    call = result.choices[0].message.tool_calls[0]
+    assert (call.function.name, json.loads(call.function.arguments)) == ("Person", {"name": "Ada", "age": 36})
+    assert result.choices[0].finish_reason == "tool_calls"
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert "must call the tool Person" in prompt and "--Person" not in prompt
+    # a tool_choice naming a bare-name tool: the client wants a call, so it is offered as a tool
+    chat = p2o.parse_chat_request({"model": "m", "messages": messages, "tool_choice": {
+        "type": "function", "function": {"name": "now"}}, "tools": [{"type": "function", "function": {"name": "now"}}]})
+    assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["now"] and not chat.tools.flags
+
+
+def test_cline_request_gets_structured_tool_calls(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "cline-chat.json").read_text())
+    reply = ('I will edit the parser.\n<tool_call>\n<invoke name="replace_in_file">\n'
+             '<parameter name="path">src/cli.py</parameter>\n<parameter name="diff">\n------- SEARCH\n'
+             "    p.add_argument('--quiet', action='store_true')\n=======\n"
+             "    p.add_argument('--quiet', action='store_true')\n    p.add_argument('--verbose', action='store_true')\n"
+             "+++++++ REPLACE\n</parameter>\n</invoke>\n</tool_call>")
+    poe.on(body["model"], xml_reply_steps(reply))
+    status, lines = raw_sse(proxy, body)
+    chunks = [c for c in data_chunks(lines) if c != "[DONE]"]
+    assert status == 200
+    tool_deltas = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+    first = tool_deltas[0]
+    assert first["index"] == 0 and first["type"] == "function" and first["id"].startswith("call_")
+    assert first["function"] == {"name": "replace_in_file", "arguments": ""}
+    args = json.loads("".join(d["function"]["arguments"] for d in tool_deltas))
+    assert args["path"] == "src/cli.py" and "--verbose" in args["diff"] and args["diff"].startswith("------- SEARCH")
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes == ["tool_calls"]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content == "I will edit the parser.\n"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0   # include_usage
+    whole = proxy.client().chat.completions.create(**{**body, "stream": False})        # and not streamed
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content == content
+    assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments) == args
+
+
+def test_agent_loop_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    poe.on("GPT-4o", xml_reply_steps(TOOL_REPLY, 5))
+    messages: list[Any] = [{"role": "user", "content": "Weather and time?"}]
+    with client.chat.completions.stream(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS) as stream:
+        first = stream.get_final_completion()
+    calls = first.choices[0].message.tool_calls
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == EXPECTED_CALLS
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages += [{"role": "tool", "tool_call_id": calls[0].id, "content": "Sunny, 21 C"},
+                 {"role": "tool", "tool_call_id": calls[1].id, "content": [{"type": "text", "text": "10:42"}]}]
+    poe.on("GPT-4o", text_events("It is sunny and 10:42."))
+    answer = client.chat.completions.create(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS)
+    assert answer.choices[0].message.content == "It is sunny and 10:42."
+    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
+    sent = json.dumps(last_query(poe)["query"])
+    for needle in (calls[0].id, calls[1].id, "Sunny, 21 C", "10:42"):
+        assert sent.count(needle) == 1, needle
+    query = last_query(poe)["query"]["query"]
+    assert [m["role"] for m in query] == ["user", "bot", "user"]
+    assert query[2]["content"].index("Sunny") < query[2]["content"].index("10:42") < query[2]["content"].index("<tools>")
+
+
+def test_claude_code_router_style_request(proxy: Proxy, poe: FakePoe) -> None:
+    # What claude-code-router sends after converting a Claude Code turn: $schema / additionalProperties in the
+    # schemas, parallel calls answered by part-array tool results, and a system-reminder after them.
+    src = json.loads((FIXTURES / "claude-code-messages.json").read_text())
+    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                               "parameters": t["input_schema"]}} for t in src["tools"]]
+    body = {"model": "Claude-Sonnet-4.5", "stream": True, "tools": tools, "max_tokens": 32000, "messages": [
+        {"role": "system", "content": [{"type": "text", "text": b["text"]} for b in src["system"]]},
+        {"role": "user", "content": "Fix the failing test."},
+        {"role": "assistant", "content": "Looking.", "tool_calls": [
+            {"id": "toolu_01", "type": "function", "function": {"name": tools[0]["function"]["name"],
+                                                                "arguments": '{"command": "pytest -q"}'}},
+            {"id": "toolu_02", "type": "function", "function": {"name": tools[1]["function"]["name"],
+                                                                "arguments": '{"file_path": "/x.py"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_01", "content": "1 failed"},
+        {"role": "tool", "tool_call_id": "toolu_02", "content": [{"type": "text", "text": "print(1)"}]},
+        {"role": "user", "content": [{"type": "text", "text": "<system-reminder>keep going</system-reminder>"}]}]}
+    name = tools[0]["function"]["name"]
+    reply = f'<tool_call>\n<invoke name="{name}">\n<parameter name="command">pytest -q -x</parameter>\n</invoke>\n</tool_call>'
+    poe.on("Claude-Sonnet-4.5", xml_reply_steps(reply, 3))
+    client = proxy.client()
+    stream = client.chat.completions.create(**body)
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in stream:
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            entry["name"] += (tc.function.name or "") if tc.function else ""
+            entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
+    assert calls == {0: {"name": name, "arguments": '{"command":"pytest -q -x"}'}}
+    body["stream"] = False
+    result = client.chat.completions.create(**body)
+    assert json.loads(result.choices[0].message.tool_calls[0].function.arguments) == {"command": "pytest -q -x"}
+
+
+@pytest.mark.parametrize("chunks", [
+    ['I would use <invoke name="get_weather"> to look it up. Done.'],
+    ['Calling <tool_call>\n<invoke name="get_weather">\n<parameter name="city">Par'],     # cut off mid-value
+    ['Use the `', '<invoke name="get_weather">` tag. Bye'],                                # split mention
+    ['```xml\n<tool_call><invoke name="rm_rf"></invoke></tool_call>\n```'],               # not our tool
 ])
-def test_anthropic_error_types_follow_the_status(status: int, code: str, kind: str) -> None:
-    body = p2o.anthropic_error_body(p2o.ProxyError(status, "m", "x", code), "req_1")
-    assert body == {"type": "error", "error": {"type": kind, "message": "m"}, "request_id": "req_1"}
+def test_prose_is_never_taken_for_a_call(chunks: list[str]) -> None:
+    assert parse_reply(chunks) == ("".join(chunks), [], "stop")
 
 
-def test_anthropic_context_errors_say_prompt_is_too_long() -> None:
-    err = p2o.classify_poe_error({"text": "Message too long for bot", "error_type": "user_message_too_long"})
-    body = p2o.anthropic_error_body(err)
-    assert body["error"] == {"type": "invalid_request_error", "message": "prompt is too long: Message too long for bot"}
-    assert err.openai_body()["error"]["message"] == "Message too long for bot"   # OpenAI's wording is untouched
+@pytest.mark.parametrize("chunks, text", [
+    (['Here:\n```\nfoo\n```\n<tool_call><invoke name="get_time"></invoke></tool_call>'], "Here:\n```\nfoo\n```\n"),
+    (['Sure.\n``', '`xml\n<tool_call><invoke name="get_time"></invoke></tool_call>\n```'], "Sure.\n"),
+])
+def test_fences_around_calls(chunks: list[str], text: str) -> None:
+    assert parse_reply(chunks) == (text, [("get_time", {})], "tool_calls")
 
+
+def test_parameter_spelling_and_cdata() -> None:
+    reply = ('<tool_call><invoke name="GET_WEATHER"><parameter name="City">Oslo</parameter>'
+             '<parameter name="Days">4</parameter><parameter name="note"><![CDATA[a </parameter> b]]></parameter>'
+             '</invoke></tool_call>')
+    assert parse_reply([reply])[1] == [("get_weather", {"city": "Oslo", "days": 4, "note": "a </parameter> b"})]
+
+
+def test_a_huge_argument_in_small_chunks_is_linear() -> None:
+    content = "x = 1  # filler line\n" * 25_000            # ~500 KB of code
+    tools = [{"type": "function", "function": {"name": "write", "description": "w", "parameters": {
+        "type": "object", "properties": {"content": {"type": "string"}}}}}]
+    reply = f'<tool_call><invoke name="write"><parameter name="content">{content}</parameter></invoke></tool_call>'
+    began = time.process_time()
+    calls = parse_reply([reply[i:i + 4] for i in range(0, len(reply), 4)], tools)[1]
+    assert calls == [("write", {"content": content.rstrip("\n")})]
+    assert time.process_time() - began < 5.0               # quadratic buffering took 15 s here
+
+
+FENCED_MIX = ('Plan:\n```python\nprint("<tool_call>")\n```\nNow `<invoke>` it:\n```xml\n<tool_call>\n'
+              '<invoke name="get_weather">\n<parameter name="city">Bergen</parameter>\n</invoke>\n</tool_call>\n```')
+
+
+@given(st.lists(st.integers(min_value=1, max_value=len(FENCED_MIX) - 1), unique=True, max_size=40))
+@hsettings(max_examples=300, deadline=None)
+def test_fenced_mix_under_any_chunking(cuts: list[int]) -> None:
+    bounds = [0, *sorted(cuts), len(FENCED_MIX)]
+    assert parse_reply([FENCED_MIX[a:b] for a, b in zip(bounds, bounds[1:])]) == (
+        'Plan:\n```python\nprint("<tool_call>")\n```\nNow `<invoke>` it:\n', [("get_weather", {"city": "Bergen"})],
+        "tool_calls")
+
+
+# A corpus of what models write when told to use our format: (id, reply, text the client sees, calls).
+# Every entry must come out the same however it is split (see the tests below).
+WRITE_FILE = {"type": "function", "function": {"name": "write_file", "description": "Write a file", "parameters": {
+    "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}}}}}
+CORPUS_TOOLS = [*WEATHER_TOOLS, WRITE_FILE]
+NS = "antml:"   # Anthropic's namespace, spelled out of band
+TAGGY = "Close with </parameter></invoke></tool_call> and ]]-free text."
+CORPUS: list[tuple[str, str, str, list[Any]]] = [
+    ("ours", 'I will check.\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n'
+             '<parameter name="days">2</parameter>\n</invoke>\n</tool_call>',
+     "I will check.\n", [("get_weather", {"city": "Oslo", "days": 2})]),
+    ("ours-in-xml-fence", 'Sure.\n```xml\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>\n```',
+     "Sure.\n", [("get_time", {})]),
+    ("ours-in-plain-fence-two-calls", '```\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Rome'
+     '</parameter>\n</invoke>\n</tool_call>\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>\n```\n',
+     "", [("get_weather", {"city": "Rome"}), ("get_time", {})]),
+    ("ours-cut-before-end-tags", '<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Nice</parameter>\n'
+     '<parameter name="metric">false</parameter>\n', "", [("get_weather", {"city": "Nice", "metric": False})]),
+    ("ours-without-tool_call-end", '<tool_call><invoke name="get_weather"><parameter name="city">Nice</parameter>'
+     '</invoke>', "", [("get_weather", {"city": "Nice"})]),
+    ("ours-prose-after-is-dropped", '<tool_call><invoke name="get_time"></invoke></tool_call>\nI will now wait.',
+     "", [("get_time", {})]),
+    ("wrong-case", '<tool_call><invoke name="Get_Weather"><parameter name="CITY">Oslo</parameter>'
+     '<parameter name="Days">3</parameter></invoke></tool_call>', "", [("get_weather", {"city": "Oslo", "days": 3})]),
+    ("hermes", 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": 3}}\n'
+     '</tool_call>', "Let me look.\n", [("get_weather", {"city": "Lima", "days": 3})]),
+    ("hermes-string-arguments", '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Lima\\", '
+     '\\"days\\": \\"4\\"}"}</tool_call>', "", [("get_weather", {"city": "Lima", "days": 4})]),
+    ("hermes-two-calls", '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+     '{"name": "get_weather", "parameters": {"city": "Cusco"}}\n</tool_call>', "",
+     [("get_time", {}), ("get_weather", {"city": "Cusco"})]),
+    ("anthropic", 'Checking.\n<function_calls>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n'
+     '<parameter name="tags">["x"]</parameter>\n</invoke>\n<invoke name="get_time">\n</invoke>\n</function_calls>',
+     "Checking.\n", [("get_weather", {"city": "Oslo", "tags": ["x"]}), ("get_time", {})]),
+    ("anthropic-namespaced", f'<{NS}function_calls>\n<{NS}invoke name="get_weather">\n<{NS}parameter name="city">'
+     f'Bergen</{NS}parameter>\n<{NS}parameter name="ratio">1.5</{NS}parameter>\n</{NS}invoke>\n</{NS}function_calls>',
+     "", [("get_weather", {"city": "Bergen", "ratio": 1.5})]),
+    ("qwen3-coder", 'Okay.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n'
+     '<parameter=days>\n5\n</parameter>\n</function>\n</tool_call>', "Okay.\n",
+     [("get_weather", {"city": "San Francisco", "days": 5})]),
+    ("qwen3-coder-bare", '<function=get_weather>\n<parameter=city>\nBerlin\n</parameter>\n<parameter=where>\n'
+     '{"lat": 52.5}\n</parameter>\n</function>', "", [("get_weather", {"city": "Berlin", "where": {"lat": 52.5}})]),
+    ("qwen3-coder-no-parameter-ends", '<tool_call>\n<function=get_weather>\n<parameter=city>\nBern\n<parameter=metric>\n'
+     'true\n</function>\n</tool_call>', "", [("get_weather", {"city": "Bern", "metric": True})]),
+    ("glm", '<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n<arg_key>days</arg_key>\n'
+     '<arg_value>2</arg_value>\n</tool_call>', "", [("get_weather", {"city": "Beijing", "days": 2})]),
+    ("glm-inline-no-arguments", 'Time first.<tool_call>get_time</tool_call>', "Time first.", [("get_time", {})]),
+    ("json-fence", 'Calling the tool:\n```json\n{"name": "get_weather", "arguments": {"city": "Quito"}}\n```',
+     "Calling the tool:\n", [("get_weather", {"city": "Quito"})]),
+    ("json-fence-parameters", '```json\n{\n  "name": "get_weather",\n  "parameters": {"city": "Quito", "ratio": "0.25"}\n'
+     '}\n```', "", [("get_weather", {"city": "Quito", "ratio": 0.25})]),
+    ("json-fence-openai-shape", '```json\n{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}\n```',
+     "", [("get_time", {})]),
+    ("cdata-with-tags", '<tool_call>\n<invoke name="write_file">\n<parameter name="path">notes.md</parameter>\n'
+     f'<parameter name="content"><![CDATA[{TAGGY}]]></parameter>\n</invoke>\n</tool_call>', "",
+     [("write_file", {"path": "notes.md", "content": TAGGY})]),
+    ("raw-value-with-end-tags", '<tool_call>\n<invoke name="write_file">\n<parameter name="content">A block ends with '
+     '</invoke> and </tool_call>.</parameter>\n</invoke>\n</tool_call>', "",
+     [("write_file", {"content": "A block ends with </invoke> and </tool_call>."})]),
+    # what must stay text, unchanged
+    ("not-offered", '<tool_call>\n<invoke name="delete_everything">\n<parameter name="path">/</parameter>\n</invoke>\n'
+     '</tool_call>', "=", []),
+    ("hermes-not-offered", 'Try <tool_call>{"name": "launch", "arguments": {}}</tool_call> now.', "=", []),
+    ("backtick-mentions", 'Wrap each call in `<tool_call>` and `<invoke name="get_time">`, then `</tool_call>`.', "=", []),
+    ("json-fence-not-a-call", 'Here is the data:\n```json\n{"name": "Ada", "arguments": ["x"]}\n```\nAnd:\n```json\n'
+     '{"city": "Oslo", "days": 3}\n```\n', "=", []),
+    ("html-answer", 'Use this markup:\n<div class="card">\n  <h1>Title</h1>\n  <p>a < b && c > d</p>\n</div>\n', "=", []),
+    ("xml-answer", '<?xml version="1.0"?>\n<config><tool name="x"/><invoke>no</invoke><function>f</function></config>',
+     "=", []),
+    ("unclosed-invoke-in-prose", 'You could call <invoke name="get_weather"> with a city, e.g. Paris.', "=", []),
+    ("call-shown-in-code-block", 'Example:\n```python\nreply = """\n<tool_call>\n<invoke name="get_time"></invoke>\n'
+     '</tool_call>\n"""\n```\nThat is all.', "=", []),
+    ("tag-then-prose", 'The <tool_call> tag wraps get_weather. <tool_call>get_weather is a tool</tool_call>.', "=", []),
+    ("markup-in-a-wrapper", 'The <tool_call><em>wrapper</em></tool_call> holds <function_calls><b>x</b>.', "=", []),
+    ("qwen-mention", 'In Qwen format you write <function=name> tags, or <function=get_time> then words.', "=", []),
+    ("cut-off-mid-value", 'Calling <tool_call>\n<invoke name="get_weather">\n<parameter name="city">Par', "=", []),
+    ("many-backticks", 'Use ``` fences or `code` spans; ```` too.\n```\nplain < text\n```\n`` ` ```', "=", []),
+]
+CORPUS_IDS = [entry[0] for entry in CORPUS]
+
+
+def pieces(text: str, sizes: list[int]) -> list[str]:
+    """`text` cut into pieces of the given sizes, cycling through them."""
+    out, at, i = [], 0, 0
+    while at < len(text):
+        out.append(text[at:at + sizes[i % len(sizes)]])
+        at += sizes[i % len(sizes)]
+        i += 1
+    return out
+
+
+def parse_directly(chunks: list[str], tools: Any = CORPUS_TOOLS, **body: Any) -> tuple[str, list[Any], bool]:
+    """Run chunks through the parser itself; (text, [(name, args)], whether it stopped)."""
+    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": tools, **body}))  # type: ignore[arg-type]
+    deltas = [d for chunk in chunks for d in parser.feed(chunk)] + parser.end()
+    calls = [(d.name, json.loads(args.text)) for d, args in zip(deltas, deltas[1:]) if d.kind == p2o.TOOL_START]
+    assert [d.index for d in deltas if d.kind == p2o.TOOL_START] == list(range(len(calls)))
+    return "".join(d.text for d in deltas if d.kind == p2o.TEXT), calls, parser.stopped
+
+
+@pytest.mark.parametrize("name, reply, text, calls", CORPUS, ids=CORPUS_IDS)
+def test_corpus_of_model_outputs_in_token_sized_pieces(name: str, reply: str, text: str, calls: list[Any]) -> None:
+    expected = (reply if text == "=" else text, calls)
+    for sizes in ([len(reply)], [1], [2], [3], [4], [5], [1, 3, 2, 5, 4]):
+        assert parse_directly(pieces(reply, sizes))[:2] == expected, sizes
+        got = parse_reply(pieces(reply, sizes), CORPUS_TOOLS)
+        assert got == (*expected, "tool_calls" if calls else "stop"), sizes
+
+
+@given(st.sampled_from(CORPUS), st.lists(st.floats(min_value=0, max_value=1), max_size=40))
+@hsettings(max_examples=400, deadline=None)
+def test_corpus_under_any_chunking(entry: tuple[str, str, str, list[Any]], cuts: list[float]) -> None:
+    _, reply, text, calls = entry
+    bounds = sorted({0, len(reply), *(int(c * len(reply)) for c in cuts)})
+    assert parse_directly([reply[a:b] for a, b in zip(bounds, bounds[1:])])[:2] == (
+        reply if text == "=" else text, calls)
+
+
+call_pieces = st.lists(st.sampled_from(list("ab <>/`\n\"'=![]{}:,&;x") + [
+    "<tool_call>", "</tool_call>", '<invoke name="get_time">', '<invoke name="nope">', "</invoke>",
+    '<parameter name="city">', "</parameter>", "<function_calls>", "</function_calls>", "<function=get_weather>",
+    "</function>", "<parameter=city>", "get_weather", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+    "<![CDATA[", "]]>", "```", "```json\n", "```xml\n", "\n```\n", '{"name": "get_time", "arguments": {}}',
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "`<tool_call>`", "</", "<tool"]), max_size=40).map("".join)
+
+
+@given(call_pieces, st.lists(st.floats(min_value=0, max_value=1), max_size=30), st.booleans())
+@hsettings(max_examples=500, deadline=None)
+def test_any_text_gives_the_same_result_however_it_is_split(text: str, cuts: list[float], parallel: bool) -> None:
+    bounds = sorted({0, len(text), *(int(c * len(text)) for c in cuts)})
+    whole = parse_directly([text], parallel_tool_calls=parallel)
+    assert parse_directly([text[a:b] for a, b in zip(bounds, bounds[1:])], parallel_tool_calls=parallel) == whole
+    assert parse_directly(list(text), parallel_tool_calls=parallel) == whole
+    if not whole[1]:
+        assert whole[0] == text        # no call: every character reaches the client, in order
+    for name, arguments in whole[1]:
+        assert name in ("get_time", "get_weather") and isinstance(arguments, dict)
+
+
+SSE_SUBSET = ["ours-in-xml-fence", "hermes-string-arguments", "anthropic-namespaced", "qwen3-coder", "glm",
+              "json-fence", "cdata-with-tags", "not-offered", "json-fence-not-a-call", "call-shown-in-code-block"]
+
+
+@pytest.mark.parametrize("name", SSE_SUBSET)
+def test_corpus_through_the_proxy_streamed_and_not(proxy: Proxy, poe: FakePoe, name: str) -> None:
+    _, reply, text, calls = CORPUS[CORPUS_IDS.index(name)]
+    text = reply if text == "=" else text
+    client = proxy.client()
+    ask = {"model": "GPT-4o", "tools": CORPUS_TOOLS, "messages": [{"role": "user", "content": "go"}]}
+    poe.on("GPT-4o", xml_reply_steps(reply, 3))
+    content, streamed, finishes = "", {}, []
+    for chunk in client.chat.completions.create(stream=True, **ask):
+        choice = chunk.choices[0] if chunk.choices else None
+        if choice is None:
+            continue
+        content += choice.delta.content or ""
+        finishes += [choice.finish_reason] if choice.finish_reason else []
+        for tc in choice.delta.tool_calls or []:
+            entry = streamed.setdefault(tc.index, ["", ""])
+            entry[0] += tc.function.name or "" if tc.function else ""
+            entry[1] += tc.function.arguments or "" if tc.function else ""
+    assert content == text
+    assert [(n, json.loads(a)) for n, a in (streamed[i] for i in sorted(streamed))] == calls
+    assert finishes == ["tool_calls" if calls else "stop"]
+    poe.on("GPT-4o", xml_reply_steps(reply, 2))
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert (whole.message.content or "") == text and whole.finish_reason == ("tool_calls" if calls else "stop")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []] == calls
+
+
+@pytest.mark.parametrize("reply", [TOOL_REPLY, CORPUS[CORPUS_IDS.index("qwen3-coder")][1],
+                                   CORPUS[CORPUS_IDS.index("json-fence")][1], CORPUS[CORPUS_IDS.index("glm")][1],
+                                   CORPUS[CORPUS_IDS.index("anthropic")][1]])
+def test_a_call_is_made_as_soon_as_its_end_tag_arrives(reply: str) -> None:
+    # Poe streams token by token, so an end tag comes in many pieces: the call must not wait for the answer's end.
+    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS, "parallel_tool_calls": False}))  # type: ignore
+    closer = next(c for c in ("</tool_call>", "</function_calls>", "\n```") if c in reply)
+    done_at = (reply.rindex(closer) if closer == "\n```" else reply.index(closer)) + len(closer)
+    for at in range(len(reply)):
+        out = parser.feed(reply[at])
+        assert parser.stopped == (at + 1 >= done_at), at
+        if parser.stopped:
+            assert [d.kind for d in out].count(p2o.TOOL_START) == 1
+            break
+    assert parser.stopped and parser.feed("more prose") == [] and parser.end() == []
+
+
+def test_text_before_a_call_goes_out_at_once() -> None:
+    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS}))  # type: ignore[arg-type]
+    assert [d.text for d in parser.feed("Let me check the weather.\n")] == ["Let me check the weather.\n"]
+    assert parser.feed("```xml\n<tool_call>\n<invoke name=\"get_time\">") == []   # might be a call: held
+    assert parser.feed("</invoke>\n</tool_call>")[0].kind == p2o.TOOL_START
+    prose = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS}))  # type: ignore[arg-type]
+    out = prose.feed("Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then <function=nope> and <tool")
+    assert "".join(d.text for d in out) == "Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then " \
+                                           "<function=nope> and "
+
+
+def test_single_call_in_tiny_events_stops_poe_at_once(proxy: Proxy, poe: FakePoe) -> None:
+    call = '<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n</invoke>\n</tool_call>'
+    poe.on("Chatty", [sse("text", {"text": call[i:i + 2]}) for i in range(0, len(call), 2)]
+           + [sse("text", {"text": " And now"}), 3.0, sse("text", {"text": " more."}), sse("done", {})])
+    began = time.monotonic()
+    with proxy.client().chat.completions.stream(model="Chatty", tools=WEATHER_TOOLS, parallel_tool_calls=False,
+                                                messages=[{"role": "user", "content": "weather?"}]) as stream:
+        final = stream.get_final_completion()
+    assert time.monotonic() - began < 1.5
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
+
+
+def parser_cost(text: str, step: int = 64) -> float:
+    """CPU seconds to stream `text` through the parser in `step`-character events (best of three)."""
+    spec = p2o.parse_tools({"tools": CORPUS_TOOLS})
+    chunks = [text[i:i + step] for i in range(0, len(text), step)]
+    best = float("inf")
+    for _ in range(3):
+        parser = p2o.XMLToolParser(spec)  # type: ignore[arg-type]
+        began = time.process_time()
+        for chunk in chunks:
+            parser.feed(chunk)
+        parser.end()
+        best = min(best, time.process_time() - began)
+    return best
+
+
+def test_a_megabyte_argument_costs_no_more_than_plain_text() -> None:
+    content = ("    if a < b and `c`:  # ``` a <tag> line\n" * 30_000)[:1_000_000]
+    plain = parser_cost(content)
+    for value in (content, f"<![CDATA[{content}]]>"):
+        call = f'<tool_call>\n<invoke name="write_file">\n<parameter name="content">{value}</parameter>\n</invoke>\n' \
+               '</tool_call>'
+        assert parser_cost(call) <= 2 * plain + 0.05
+    assert parser_cost(f"<function=write_file>\n<parameter=content>\n{content}\n</parameter>\n</function>") \
+        <= 2 * plain + 0.05
+
+
+@pytest.mark.parametrize("unit", ["a < b <c <t <tool <invoke x <function=y ``` `` \n```\n", "``` `a` ```\n" * 3,
+                                  "<tool_call><x>", '<invoke name="get_time">', "\n```json\n{\"name\": \"get_time\""])
+def test_awkward_text_costs_linear_time(unit: str) -> None:
+    small = unit * (100_000 // len(unit))
+    assert parser_cost(small * 4) <= 4 * 2.5 * parser_cost(small) + 0.05
+
+
+# ----------------------------------------------------------------------------- files out
+
+FILE_EVENT = {"url": "https://pfst.cf2.poecdn.net/base/image/out1", "content_type": "image/png",
+              "name": "cat.png", "inline_ref": "ref1"}
+
+
+@pytest.mark.parametrize("order", ["file_first", "text_first"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_image_bot_pictures_reach_the_client(proxy: Proxy, poe: FakePoe, order: str, stream: bool) -> None:
+    text = [sse("text", {"text": "Here is your cat: ![cat]["}), sse("text", {"text": "ref1] Enjoy."})]
+    other = sse("file", {"url": "https://pfst.cf2.poecdn.net/base/text/notes", "content_type": "text/plain",
+                         "name": "notes.txt", "inline_ref": "ref2"})
+    file_event = sse("file", FILE_EVENT)
+    steps = [file_event, *text] if order == "file_first" else [*text, file_event]
+    poe.on("ImageBot", [*steps, other, sse("done", {})])
+    client = proxy.client()
+    messages = [{"role": "user", "content": "draw a cat"}]
+    if stream:
+        content = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="ImageBot", messages=messages, stream=True) if c.choices)
+    else:
+        content = client.chat.completions.create(model="ImageBot", messages=messages).choices[0].message.content
+    assert content == ("Here is your cat: ![cat](https://pfst.cf2.poecdn.net/base/image/out1) Enjoy."
+                       "\n\n[notes.txt](https://pfst.cf2.poecdn.net/base/text/notes)")
+
+
+def test_follow_up_edit_sees_the_previous_picture() -> None:
+    picture = "https://pfst.cf2.poecdn.net/base/image/out1"
+    messages = [{"role": "user", "content": "draw a cat"},
+                {"role": "assistant", "content": f"Here: ![cat]({picture}) and again {picture}."},
+                {"role": "user", "content": "make it blue"}]
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages}))
+    QueryRequest.model_validate(q)
+    assert q["query"][-1]["attachments"] == [{"url": picture, "content_type": "image/jpeg", "name": "image.jpg"}]
+    assert "attachments" not in q["query"][0]
+    # the last user turn comes before the assistant's picture: nothing is carried back
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages[:2]}))
+    assert all("attachments" not in m for m in q["query"])
+    # the picture is already attached by the client: no duplicate
+    again = [*messages[:2], image_message(picture, "make it blue")]
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": again}),
+                            attachments={2: [{"url": picture, "content_type": "image/png", "name": "cat.png"}]})
+    assert [a["url"] for a in q["query"][-1]["attachments"]] == [picture]
+
+
+# ----------------------------------------------------------------------------- the translator
+
+def test_hostile_bot_output_never_breaks_the_stream() -> None:
+    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object",
+              "properties": {"n": {"type": "integer"}, "o": {"type": "object"}, "s": {"type": "string"}}}}}]
+    reply = ('<tool_call><invoke name="f"><parameter name="s">&#99999999; &#x110000;</parameter>'
+             f'<parameter name="n">{"9" * 5000}</parameter><parameter name="o">{"[" * 100000}</parameter>'
+             '</invoke></tool_call>')
+    text, calls, finish = parse_reply([reply], tools)
+    assert finish == "tool_calls" and calls[0][1]["s"] == "&#99999999; &#x110000;"
+    assert calls[0][1]["n"] == "9" * 5000 and calls[0][1]["o"] == "[" * 100000   # kept as text
+
+
+def test_file_then_single_tool_call_finishes_once() -> None:
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS, "parallel_tool_calls": False}))
+    deltas = translator.feed(p2o.SSEEvent("file", json.dumps(FILE_EVENT)))
+    deltas += translator.feed(p2o.SSEEvent("text", json.dumps(
+        {"text": '<tool_call><invoke name="get_time"></invoke></tool_call> and more talk'})))
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    assert [d.kind for d in deltas].count(p2o.FINISH) == 1
+    fold = p2o.ChatFold()
+    for d in deltas:
+        fold.add(d)
+    message = fold.body("x", 0, "m", 0)["choices"][0]["message"]
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
+    assert message["content"] == "\n\n![cat.png](https://pfst.cf2.poecdn.net/base/image/out1)"   # not lost
+
+
+def translate(events: list[tuple[str, Any]], **kw: Any) -> tuple[dict[str, Any], str]:
+    """Poe events through a translator: (the folded message, the text an OpenAI stream would show)."""
+    body = kw.pop("body", {"tools": WEATHER_TOOLS})
+    translator = p2o.PoeTranslator(p2o.parse_tools(body), **kw)
+    deltas = [d for kind, data in events for d in translator.feed(p2o.SSEEvent(kind, json.dumps(data)))]
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    fold, encoder = p2o.ChatFold(), p2o.OpenAIStreamEncoder("x", 0, "m", False)
+    stream = b""
+    for d in deltas:
+        fold.add(d)
+        stream += encoder.encode(d) if d.kind != p2o.FINISH else b""
+    shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in
+                    (json.loads(line[6:]) for line in stream.decode().split("\n\n") if line))
+    return fold.body("x", 0, "m", 0)["choices"][0], shown
+
+
+def native_call(index: int, call_id: str, name: str, arguments: str) -> tuple[str, Any]:
+    return "json", {"choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}}]}
+
+
+XML_TIME_CALL = '<tool_call><invoke name="get_time"></invoke></tool_call>'
+
+
+def test_native_calls_are_taken_in_xml_mode_too(proxy: Proxy, poe: FakePoe) -> None:
+    # GPT-4o is in XML mode, but Poe passes the bot's own function calls on as `json` events.
+    poe.on("GPT-4o", [sse("text", {"text": "Checking.\n" + XML_TIME_CALL}),
+                      native_chunk({"tool_calls": [{"index": 0, "id": "call_native1", "type": "function",
+                                                    "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
+                      native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+                      sse("done", {})])
+    client = proxy.client()
+    messages = [{"role": "user", "content": "time and weather?"}]
+    expected = [("get_time", {}), ("get_weather", {"city": "Oslo"})]
+    whole = client.chat.completions.create(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS)
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls] == expected
+    assert whole.choices[0].message.tool_calls[1].id == "call_native1"
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content == "Checking.\n"
+    with client.chat.completions.stream(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS) as stream:
+        final = stream.get_final_completion()
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.choices[0].message.tool_calls] == expected
+    message = anthropic_client(proxy).messages.create(model="GPT-4o", max_tokens=50, messages=messages, tools=[
+        {"name": t["function"]["name"], "description": "d", "input_schema": {"type": "object"}} for t in WEATHER_TOOLS])
+    assert [(b.name, b.input) for b in message.content if b.type == "tool_use"] == expected
+    assert message.stop_reason == "tool_use"
+
+
+def test_native_and_xml_calls_share_one_numbering() -> None:
+    message, _ = translate([native_call(0, "c_a", "get_weather", '{"city": "Rome"}'), ("text", {"text": XML_TIME_CALL}),
+                            native_call(1, "c_b", "get_time", "{}")])
+    assert [(c["id"], c["function"]["name"]) for c in message["message"]["tool_calls"]] == [
+        ("c_a", "get_weather"), (message["message"]["tool_calls"][1]["id"], "get_time"), ("c_b", "get_time")]
+    assert message["finish_reason"] == "tool_calls"
+    # parallel_tool_calls=false: the first call, whichever way it came, is the whole answer
+    for events in ([("text", {"text": XML_TIME_CALL}), native_call(0, "c_a", "get_weather", "{}")],
+                   [native_call(0, "c_a", "get_time", "{}"), ("text", {"text": XML_TIME_CALL}),
+                    native_call(1, "c_b", "get_weather", "{}")]):
+        for whole_calls in (False, True):
+            message, _ = translate(events, body={"tools": WEATHER_TOOLS, "parallel_tool_calls": False},
+                                   whole_calls=whole_calls)
+            calls = message["message"]["tool_calls"]
+            assert [c["function"]["name"] for c in calls] == ["get_time"] and message["finish_reason"] == "tool_calls"
+    # without tools in the request there is nothing to call
+    message, _ = translate([native_call(0, "c_a", "get_time", "{}")], body={})
+    assert "tool_calls" not in message["message"] and message["finish_reason"] == "stop"
+
+
+def test_replace_response_goes_through_the_tool_parser(proxy: Proxy, poe: FakePoe) -> None:
+    weather = '<tool_call><invoke name="get_weather"><parameter name="city">Lima</parameter></invoke></tool_call>'
+    # a replacement that extends the text: only its new tail is parsed, and the call is found
+    message, shown = translate([("text", {"text": "Working"}), ("replace_response", {"text": "Working.\n" + weather})])
+    assert message["message"]["content"] == shown == "Working.\n"
+    assert json.loads(message["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Lima"}
+    # a different answer: the client gets exactly the new one whole, a stream what it can after a blank line
+    message, shown = translate([("text", {"text": "Draft"}), ("replace_response", {"text": "Final: " + weather})])
+    assert message["message"]["content"] == "Final: " and shown == "Draft\n\nFinal: "
+    assert message["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    poe.on("GPT-4o", [sse("text", {"text": "One moment"}), sse("replace_response", {"text": "Sure. " + XML_TIME_CALL}),
+                      sse("done", {})])
+    client = proxy.client()
+    for stream in (False, True):
+        if stream:
+            with client.chat.completions.stream(model="GPT-4o", tools=WEATHER_TOOLS,
+                                                messages=[{"role": "user", "content": "x"}]) as s:
+                result = s.get_final_completion()
+        else:
+            result = client.chat.completions.create(model="GPT-4o", tools=WEATHER_TOOLS,
+                                                    messages=[{"role": "user", "content": "x"}])
+        assert result.choices[0].message.tool_calls[0].function.name == "get_time", stream
+        assert result.choices[0].finish_reason == "tool_calls"
+        assert "<tool_call>" not in (result.choices[0].message.content or "")
+
+
+def test_replace_response_goes_through_the_json_stage() -> None:
+    fenced = '```json\n{"a": 1}\n```'
+    for events in ([("text", {"text": '```json\n{"a"'}), ("replace_response", {"text": fenced})],     # extends
+                   [("text", {"text": "Let me think"}), ("replace_response", {"text": fenced})],    # replaces
+                   [("replace_response", {"text": "Here it is:\n" + fenced + "\nDone."})]):
+        message, shown = translate(events, body={}, json_answer=True)
+        assert message["message"]["content"] == shown == '{"a": 1}', events
+
+
+def test_many_small_texts_then_a_replacement_stay_linear() -> None:
+    piece = "0123456789 abcdefghij ABCDEFGHIJ qrstuvw\n"            # 40 characters, no tag in sight
+    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS}))
+    event = p2o.SSEEvent("text", json.dumps({"text": piece}))
+    began = time.process_time()
+    out = [d for _ in range(100_000) for d in translator.feed(event)]   # 4 MB of answer
+    out += translator.feed(p2o.SSEEvent("replace_response", json.dumps({"text": piece * 100_000 + "!"})))
+    assert time.process_time() - began < 3.0                        # copying what was seen on each piece: 6 s
+    assert "".join(d.text for d in out if d.kind == p2o.TEXT) == piece * 100_000 + "!"
+
+
+def test_ordinary_brackets_never_hold_the_stream() -> None:
+    translator = p2o.PoeTranslator()
+    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "v = m[0][1] and see [the docs][1] too"})))
+    assert "".join(d.text for d in out) == "v = m[0][1] and see [the docs][1] too"
+
+
+def test_single_call_answer_stops_poe_at_once(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("Chatty", [sse("text", {"text": '<tool_call><invoke name="get_time"></invoke></tool_call>'}),
+                      sse("text", {"text": " Now I will also"}), 3.0, sse("text", {"text": " go on."}),
+                      sse("done", {})])
+    began = time.monotonic()
+    result = proxy.client().chat.completions.create(model="Chatty", tools=WEATHER_TOOLS, parallel_tool_calls=False,
+                                                    messages=[{"role": "user", "content": "time?"}])
+    assert time.monotonic() - began < 1.5 and result.choices[0].message.tool_calls[0].function.name == "get_time"
+    deadline = time.monotonic() + 2
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert poe.disconnects                              # Poe was told to stop
+
+
+awkward_text = st.lists(st.sampled_from(list("ab <>/`\n\"'=![]()*>{}:&;#x") + [
+    "<tool_call>", "</tool_call>", '<invoke name="get_time">', "</invoke>", '<parameter name="city">',
+    "</parameter>", "```", "```xml\n", "*Thinking...*\n", "> ", "<think>", "</think>", "![c][ref1]", "🎉", "世"]),
+    max_size=30).map("".join)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["text", "text", "text", "file", "replace_response", "json"]), awkward_text),
+                max_size=12),
+       st.booleans(), st.booleans(), st.booleans())
+@hsettings(max_examples=300, deadline=None)
+def test_translator_survives_anything_a_bot_sends(events: list[tuple[str, str]], with_tools: bool, parallel: bool,
+                                                  json_answer: bool) -> None:
+    body = {"tools": WEATHER_TOOLS, "parallel_tool_calls": parallel} if with_tools else {}
+    translator = p2o.PoeTranslator(p2o.parse_tools(body), json_answer=json_answer)
+    deltas: list[p2o.Delta] = []
+    for kind, text in events:
+        data = {"url": "https://pfst.cf2.poecdn.net/x", "content_type": "image/png", "name": "x.png",
+                "inline_ref": "ref1"} if kind == "file" else {"choices": [{"delta": {"content": text}}]} \
+            if kind == "json" else {"text": text}
+        deltas += translator.feed(p2o.SSEEvent(kind, json.dumps(data)))
+    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
+    assert [d.kind for d in deltas].count(p2o.FINISH) == 1 and deltas[-1].kind == p2o.FINISH
+    fold = p2o.ChatFold()
+    encoder = p2o.OpenAIStreamEncoder("x", 0, "m", True)
+    stream = encoder.start()
+    for d in deltas:
+        fold.add(d)
+        if d.kind != p2o.FINISH:
+            stream += encoder.encode(d)
+    stream += encoder.finish(deltas[-1].text, 5)
+    for line in stream.decode().split("\n\n"):
+        assert not line or line == "data: [DONE]" or json.loads(line[6:])   # every chunk is JSON
+    body_out = fold.body("x", 0, "m", 5)
+    for call in body_out["choices"][0]["message"].get("tool_calls", []):
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+# ----------------------------------------------------------------------------- OpenAI renderings: stream and fold
 
 def test_stream_and_fold_agree_on_replace_response() -> None:
     deltas = [p2o.Delta(p2o.TEXT, "Hello"), p2o.Delta(p2o.REPLACE, "Hello, world"), p2o.Delta(p2o.TEXT, "!"),
@@ -801,107 +2844,6 @@ def test_stream_and_fold_say_the_same_answer_in_every_dialect(events: list[tuple
                 (dialect, streamed["content"], whole["content"])
 
 
-def test_rate_gate_is_fifo_and_a_leaver_leaves_the_queue() -> None:
-    async def scenario() -> list[tuple[str, float]]:
-        gate = p2o.RateGate(0.1)
-        started: list[tuple[str, float]] = []
-        t0 = time.monotonic()
-
-        async def client(name: str) -> None:
-            await gate.wait()
-            started.append((name, time.monotonic() - t0))
-
-        tasks = {}
-        for name in "abcd":
-            tasks[name] = asyncio.ensure_future(client(name))
-            await asyncio.sleep(0)                     # arrive in this order
-        await asyncio.sleep(0.02)
-        tasks["b"].cancel()                           # b hangs up while queued
-        await asyncio.gather(*tasks.values(), return_exceptions=True)
-        return started
-
-    started = asyncio.run(scenario())
-    assert [n for n, _ in started] == ["a", "c", "d"]   # first come first served, b gone
-    times = [t for _, t in started]
-    assert times[0] < 0.05                              # the first never waits
-    assert all(later - earlier >= 0.09 for earlier, later in zip(times, times[1:]))
-    assert times[1] < 0.15 and times[2] < 0.25          # c and d moved up into b's slot
-
-
-def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
-    async def scenario() -> p2o.ProxyError:
-        gate = p2o.RateGate(0.1, max_wait_s=0.25)
-        queued = [asyncio.ensure_future(gate.wait()) for _ in range(3)]   # waits of 0, 0.1 and 0.2 s
-        await asyncio.sleep(0)
-        with pytest.raises(p2o.ProxyError) as info:
-            await gate.wait()                                              # would wait 0.3 s
-        await asyncio.gather(*queued)
-        return info.value
-
-    err = asyncio.run(scenario())
-    assert err.status == 429 and dict(err.headers)["Retry-After"] == "1"
-
-
-def test_usage_stats_rows_stay_small_whatever_model_names_clients_send() -> None:
-    stats = p2o.UsageStats()
-    stats.record("GPT-4o", ok=True, latency_s=0.1, prompt_tokens=5, completion_tokens=7)
-    for i in range(150):   # strangers' junk: refused by Poe, never an answer
-        stats.record(f"{i:03d}\x1b[31m\n" + "m" * 1_000_000, ok=False, latency_s=0.01)
-    stats.record("anything at all", ok=False, latency_s=0.01, refused=True)
-    rows = {m["model"]: m for m in stats.snapshot()["models"]}
-    assert all(len(name) <= 100 and name.isprintable() for name in rows)
-    assert rows["000[31m" + "m" * 93]["errors"] == 1              # names cut, control characters gone
-    assert len(rows) == 1 + 100 + 1 and rows["(refused)"]["requests"] == 50 + 1
-    stats.record("Claude-Sonnet-4.5", ok=True, latency_s=0.2, prompt_tokens=1, completion_tokens=1)
-    assert "Claude-Sonnet-4.5" in {m["model"] for m in stats.snapshot()["models"]}   # real models still get rows
-    for _ in range(5000):
-        stats.record("GPT-4o", ok=True, latency_s=0.1)
-    assert len(stats._models["GPT-4o"]["latency"]) == 1000                  # latency samples are bounded too
-
-
-def test_token_estimator_matches_o200k_on_the_corpus() -> None:
-    # tokens/corpus.jsonl: English, code, Chinese, Japanese, JSON, emoji, … with o200k_base counts made by
-    # tokens/count_o200k.mjs (js-tiktoken). Targets: median error <= 4 %, no text worse than 10 %.
-    rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
-    errors = sorted((abs(p2o.estimate_tokens(r["text"]) - r["o200k"]) / r["o200k"], r["name"]) for r in rows)
-    kinds = {r["kind"] for r in rows}
-    assert len(rows) >= 100 and {"english", "code", "chinese", "japanese", "korean", "json", "emoji"} <= kinds
-    assert errors[len(errors) // 2][0] <= 0.04 and errors[-1][0] <= 0.10, errors[-5:]
-    assert p2o.estimate_tokens("") == 0 and p2o.estimate_tokens("Hello") == 1
-    # Any str is accepted (lone surrogates, control chars) and counted the same way every time.
-    for odd in ("\ud800x\udfff", "\x00\x01\x7f\u200d\ufe0f", "\U0001F1E6" * 3, "中\ud83d文", "\u3000" * 9):
-        assert p2o.estimate_tokens(odd) == p2o.estimate_tokens(odd) >= 1
-
-
-def tally_of(text: str, pieces: Callable[[int], int], segment_chars: int = 16 * 1024) -> p2o.TokenTally:
-    tally = p2o.TokenTally(segment_chars)
-    at = 0
-    while at < len(text):
-        step = pieces(at)
-        tally.add(text[at:at + step])
-        at += step
-    return tally
-
-
-def test_token_tally_counts_a_streamed_answer_as_the_whole_text() -> None:
-    # Streamed answers are counted piece by piece, keeping only a short tail: the count must stay what
-    # estimate_tokens() says of the whole text, for every kind of text in the corpus.
-    rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
-    rng = __import__("random").Random(7)
-    for row in rows:   # small segments, so that every text is cut several times
-        whole = p2o.estimate_tokens(row["text"])
-        tally = tally_of(row["text"], lambda _: rng.randint(1, 12), segment_chars=512)
-        assert abs(tally.tokens() - whole) <= 0.01 * whole, row["name"]
-    joined = "\n".join(r["text"] for r in rows) * 6   # ~330k chars at the real segment size
-    assert abs(tally_of(joined, lambda _: rng.randint(1, 40)).tokens() - p2o.estimate_tokens(joined)) \
-        <= 0.01 * p2o.estimate_tokens(joined)
-    blank_free = "Zm9vYmFy" * 200_000   # 1.6 M chars without a blank: the tail is cut anyway
-    tally = tally_of(blank_free, lambda _: 1000)
-    assert tally.held_chars <= 4 * 16 * 1024 + 1000
-    assert abs(tally.tokens() - p2o.estimate_tokens(blank_free)) <= 0.01 * p2o.estimate_tokens(blank_free)
-    assert p2o.TokenTally().tokens() == 0 and tally_of("Hello", lambda _: 2).tokens() == 1
-
-
 def test_a_fold_refuses_an_answer_past_max_answer_size() -> None:
     for fold in (p2o.ChatFold(max_answer_size=1000), p2o.AnthropicFold(max_answer_size=1000)):
         fold.add(p2o.Delta(p2o.TEXT, "x" * 600))
@@ -913,107 +2855,377 @@ def test_a_fold_refuses_an_answer_past_max_answer_size() -> None:
 
 
 ###############################################################################
-# Settings and the command line
+# The Anthropic Messages dialect (Claude Code, the anthropic SDK)
 ###############################################################################
 
-def test_settings_defaults_match_the_reference() -> None:
-    s = p2o.Settings.from_env({}, [])
-    assert (s.host, s.port, s.admin_username, s.admin_password) == ("0.0.0.0", 8080, "admin", "123456")
-    assert (s.max_request_size, s.log_level, s.config_dir, s.rate_limit_ms) == (1073741824, "info", "./", 100)
-    assert (s.url_cache_ttl_seconds, s.url_cache_size_mb) == (259200, 100)
-    assert s.poe_base_url == "https://api.poe.com"
-    assert s.poe_file_upload_url == "https://www.quora.com/poe_api/file_upload_3RD_PARTY_POST"
+CITY_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
+               "required": ["name", "population"], "additionalProperties": False}
 
 
-def test_settings_env_and_flags() -> None:
-    s = p2o.Settings.from_env({"PORT": "9000", "LOG_LEVEL": "info,hyper=warn", "POE_BASE_URL": "http://x:1/",
-                               "RATE_LIMIT_MS": "0"}, ["--port", "9100"])
-    assert s.port == 9100 and s.log_level == "info" and s.poe_base_url == "http://x:1" and s.rate_limit_ms == 0
+def test_anthropic_structured_outputs(proxy: Proxy, poe: FakePoe) -> None:
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+        population: int
+
+    poe.on("Claude-Sonnet-4.5", xml_reply_steps('Here you go:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
+    client = anthropic_client(proxy)
+    messages = [{"role": "user", "content": "Biggest city of Norway?"}]
+    parsed = client.messages.parse(model="claude-sonnet-4-5", max_tokens=200, messages=messages, output_format=City)
+    assert parsed.parsed_output == City(name="Oslo", population=709000)     # output_config.format, as the SDK sends it
+    asked = last_query(poe)["query"]["query"][-1]["content"]
+    assert asked.startswith("Biggest city of Norway?\n\n") and "JSON schema" in asked and '"population"' in asked
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=200, messages=messages,
+                                output_config={"format": {"type": "json_schema", "schema": CITY_SCHEMA}}) as stream:
+        assert stream.get_final_text() == '{"name": "Oslo", "population": 709000}'
+    older = client.messages.create(model="claude-sonnet-4-5", max_tokens=200, messages=messages,   # the beta's field
+                                   extra_body={"output_format": {"type": "json_schema", "schema": CITY_SCHEMA}})
+    assert older.content[0].text == '{"name": "Oslo", "population": 709000}'
+    assert '"additionalProperties":false' in last_query(poe)["query"]["query"][-1]["content"]
+    anthropic = pytest.importorskip("anthropic")
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=messages,
+                               output_config={"format": {"type": "json_schema"}})  # type: ignore[typeddict-item]
+    assert "output_config.format.schema" in info.value.body["error"]["message"]  # type: ignore[index]
 
 
-@pytest.mark.parametrize("name, value", [("PORT", "abc"), ("PORT", "70000"), ("MAX_REQUEST_SIZE", "-1"),
-                                         ("LOG_LEVEL", "loud"), ("RATE_LIMIT_MS", "1.5"),
-                                         ("URL_CACHE_TTL_SECONDS", "x"), ("URL_CACHE_SIZE_MB", "-3"),
-                                         ("POE_BASE_URL", "ftp://poe"), ("POE_FILE_UPLOAD_URL", "nope")])
-def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> None:
-    env = {**os.environ, name: value}
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env=env, capture_output=True,
-                            text=True, timeout=20)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and name in lines[0]
+def sdk_args(body: dict[str, Any]) -> dict[str, Any]:
+    """A captured request body as SDK keyword arguments: fields the SDK no longer types go in extra_body."""
+    typed = {"model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "stop_sequences",
+             "metadata"}
+    args = {k: v for k, v in body.items() if k in typed}
+    extra = {k: v for k, v in body.items() if k not in typed and k != "stream"}
+    return {**args, "extra_body": extra} if extra else args
 
 
-@pytest.mark.parametrize("argv, flag", [(["--port", "abc"], "--port"), (["--port=70000"], "--port"),
-                                        (["--workers", "0"], "--workers"), (["--log-level", "loud"], "--log-level"),
-                                        (["--shutdown-grace-seconds", "soon"], "--shutdown-grace-seconds"),
-                                        (["--cors-allow-origins", "app.example.com"], "--cors-allow-origins")])
-def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str) -> None:
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), *argv], capture_output=True, text=True,
-                            timeout=20)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and flag in lines[0], lines
-    assert flag.lstrip("-").replace("-", "_").upper() not in lines[0]    # the flag typed, not the variable
+def test_claude_model_ids_are_aliased_to_poe_bots() -> None:
+    assert p2o.claude_alias("claude-sonnet-4-5-20250929") == "Claude-Sonnet-4.5"
+    assert p2o.claude_alias("claude-haiku-4-5-20251001") == "Claude-Haiku-4.5"
+    assert p2o.claude_alias("claude-3-5-sonnet-latest") == "Claude-Sonnet-3.5"
+    assert p2o.claude_alias("claude-opus-4-1") == "Claude-Opus-4.1"
+    assert p2o.claude_alias("GPT-4o") == "GPT-4o"
 
 
-def test_a_flag_overrides_a_bad_variable_and_errors_name_their_source() -> None:
-    assert p2o.Settings.from_env({"PORT": "abc"}, ["--port", "9000"]).port == 9000   # the bad value is never read
-    with pytest.raises(p2o.SettingsError, match=r"^PORT='abc'"):
-        p2o.Settings.from_env({"PORT": "abc"}, [])
-    with pytest.raises(p2o.SettingsError, match=r"^--port='x'"):
-        p2o.Settings.from_env({"PORT": "9000"}, ["--port", "x"])
+def test_messages_non_stream_and_stream(proxy: Proxy, poe: FakePoe) -> None:
+    client = anthropic_client(proxy)
+    poe.on("Claude-Sonnet-4.5", text_events("Hello", " from Poe"))
+    message = client.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=100, system="Be brief.",
+                                     messages=[{"role": "user", "content": "Hi"}])
+    assert message.model == "claude-sonnet-4-5-20250929" and message.stop_reason == "end_turn"
+    assert [b.type for b in message.content] == ["text"] and message.content[0].text == "Hello from Poe"
+    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
+    assert last_query(poe)["path"] == "/bot/Claude-Sonnet-4.5"
+    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user"]
+    with client.messages.stream(model="claude-sonnet-4-5-20250929", max_tokens=100,
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        assert "".join(stream.text_stream) == "Hello from Poe"
+        final = stream.get_final_message()
+    assert final.content[0].text == "Hello from Poe" and final.usage.output_tokens > 0
 
 
-def test_help_lists_every_setting() -> None:
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--help"], capture_output=True,
-                            text=True, timeout=20)
-    assert result.returncode == 0
-    for name in ("HOST", "PORT", "ADMIN_USERNAME", "ADMIN_PASSWORD", "MAX_REQUEST_SIZE", "LOG_LEVEL", "CONFIG_DIR",
-                 "RATE_LIMIT_MS", "URL_CACHE_TTL_SECONDS", "URL_CACHE_SIZE_MB", "POE_BASE_URL", "POE_FILE_UPLOAD_URL"):
-        assert f"[{name}]" in result.stdout and f"--{name.lower().replace('_', '-')}" in result.stdout
+def test_claude_code_turn_with_thinking_and_tools(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "claude-code-messages.json").read_text())
+    reply = ("*Thinking...*\n\n> Run the tests first.\n\nRunning them now.\n<tool_call>\n<invoke name=\"Bash\">\n"
+             "<parameter name=\"command\">pytest -q</parameter>\n</invoke>\n</tool_call>")
+    poe.on("Claude-Sonnet-4.5", xml_reply_steps(reply, 6))
+    client = anthropic_client(proxy)
+    with client.messages.stream(**sdk_args(body)) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text", "tool_use"]
+    assert final.content[0].thinking == "Run the tests first.\n" and final.content[0].signature
+    assert final.content[1].text == "Running them now.\n"
+    assert (final.content[2].name, final.content[2].input) == ("Bash", {"command": "pytest -q"})
+    assert final.content[2].id.startswith("toolu_") and final.stop_reason == "tool_use"
+    query = last_query(poe)["query"]
+    assert query["query"][-1]["content"].endswith(" --thinking_budget 10000")      # thinking budget as a flag
+    sent = "\n".join(m["content"] for m in query["query"])
+    assert "<tools>" in sent and '<tool name="Bash">' in sent and "<tool_result" in sent
+    whole = client.messages.create(**sdk_args(body))                                  # and not streamed
+    assert [b.type for b in whole.content] == ["thinking", "text", "tool_use"]
+    assert whole.content[2].input == {"command": "pytest -q"}
 
 
-def test_tool_mode_setting() -> None:
-    assert p2o.Settings.from_env({}, []).tool_mode == "xml"
-    assert p2o.Settings.from_env({"TOOL_MODE": " Auto "}, []).tool_mode == "auto"
-    assert p2o.Settings.from_env({"TOOL_MODE": "auto"}, ["--tool-mode", "native"]).tool_mode == "native"
-    with pytest.raises(p2o.SettingsError, match="TOOL_MODE='sometimes' must be one of xml, native, auto"):
-        p2o.Settings.from_env({"TOOL_MODE": "sometimes"}, [])
-    assert p2o.ModelConfig.from_dict({"models": {"Bot": {"tool_mode": "auto"}}}).models["Bot"]["tool_mode"] == "auto"
+def test_inline_system_messages_and_count_tokens(proxy: Proxy, poe: FakePoe) -> None:
+    client = anthropic_client(proxy)
+    body = json.loads((FIXTURES / "claude-code-inline-system.json").read_text())
+    message = client.messages.create(**sdk_args(body))
+    assert message.content[0].text == "Hello from Claude-Haiku-4.5"
+    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user", "system", "bot", "user"]
+    before = len(poe.requests)
+    counted = client.messages.count_tokens(**sdk_args(json.loads((FIXTURES / "claude-code-count-tokens.json")
+                                                                 .read_text())))
+    assert counted.input_tokens > 20 and len(poe.requests) == before      # answered locally
 
 
-def test_every_setting_has_a_variable_and_a_flag() -> None:
-    fields = {f.name for f in dataclasses.fields(p2o.Settings)} - {"proxies"}
-    assert {name.lower() for name, _, _ in p2o.SETTINGS_SPEC} == fields
-    s = p2o.Settings.from_env({}, [f"--{f.replace('_', '-')}=7" for f in ("port", "workers", "rate_limit_ms")])
-    assert (s.port, s.workers, s.rate_limit_ms) == (7, 7, 7)
+def test_messages_errors_have_anthropic_shape(proxy: Proxy, poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.on("Broke", [sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund"})])
+    with pytest.raises(anthropic.RateLimitError) as info:
+        anthropic_client(proxy).messages.create(model="Broke", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "rate_limit_error"
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/messages?beta=true", json={"model": "m", "max_tokens": 5, "messages": []},
+                      headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    poe.on("Late", [sse("text", {"text": "partial"}), sse("error", {"text": "Internal server error"})])
+    with pytest.raises(anthropic.APIStatusError):
+        with anthropic_client(proxy).messages.stream(model="Late", max_tokens=10,
+                                                     messages=[{"role": "user", "content": "x"}]) as stream:
+            stream.get_final_message()
 
 
-def test_import_starts_nothing() -> None:
-    code = ("import threading, asyncio, poe2openai; "
-            "assert threading.active_count() == 1; print('ok')")
-    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=20)
-    assert result.stdout.strip() == "ok", result.stderr
+def test_messages_stream_events_are_named_and_ordered(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps(THINKING_REPLIES[0][0] + '\n<tool_call><invoke name="get_time"></invoke>'
+                                     '</tool_call>', 7))
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/messages", headers={"x-api-key": KEY}, json={
+            "model": "GPT-4o", "max_tokens": 50, "stream": True, "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"name": "get_time", "description": "time", "input_schema": {"type": "object"}}]})
+    events = [block.split("\n") for block in r.text.strip().split("\n\n") if not block.startswith(":")]
+    names = [lines[0][len("event: "):] for lines in events]
+    datas = [json.loads(lines[1][len("data: "):]) for lines in events]
+    assert all(d["type"] == n for n, d in zip(names, datas))                 # every event named, type matching
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    starts = [d["content_block"]["type"] for d in datas if d["type"] == "content_block_start"]
+    assert starts == ["thinking", "text", "tool_use"]
+    opened: list[int] = []
+    for d in datas:                                                          # one block at a time, in order
+        if d["type"] == "content_block_start":
+            assert not opened and d["index"] == len(starts[:0]) + sum(1 for x in datas[:datas.index(d)]
+                                                                       if x["type"] == "content_block_stop")
+            opened.append(d["index"])
+        elif d["type"] == "content_block_stop":
+            assert opened.pop() == d["index"]
+        elif d["type"] == "content_block_delta":
+            assert opened == [d["index"]]
+    assert datas[-2]["delta"]["stop_reason"] == "tool_use" and datas[-2]["usage"]["output_tokens"] > 0
+
+
+def test_claude_code_billing_line_stays_home(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
+    body = json.loads((FIXTURES / "claude-code-messages.json").read_text())
+    assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
+    body["tools"].append({"type": "web_search_20250305", "name": "web_search", "max_uses": 3})
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        anthropic_client(proxy).messages.create(**sdk_args(body))
+    sent = json.dumps(last_query(poe)["query"])
+    assert "x-anthropic-billing-header" not in sent and "cc_version" not in sent
+    assert last_query(poe)["query"]["query"][0] == {"role": "system", "content_type": "text/markdown", "content":
+                                                    "\n".join(b["text"] for b in body["system"][1:])}
+    # web search is a control (the bot's own parameter when it declares one), not a tool it cannot run
+    assert [r.getMessage() for r in caplog.records if "web_search_20250305" in r.getMessage()] == []
+    # the string form of `system` too, and only that line
+    chat = p2o.anthropic_to_openai({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                    "system": "x-anthropic-billing-header: cc_version=1; cch=0;\nBe brief."})
+    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_trailing_system_messages_join_the_last_user_turn() -> None:
+    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "reasoning_effort": "high", "messages": [
+        {"role": "system", "content": "You are Claude Code."}, {"role": "user", "content": "say hello"},
+        {"role": "system", "content": "Available agents: general."}]}))
+    assert [m["role"] for m in q["query"]] == ["system", "user"]
+    assert q["query"][-1]["content"] == "say hello\n\nAvailable agents: general. --reasoning_effort high"
+
+
+def test_anthropic_tool_results_with_documents_images_and_search_results(proxy: Proxy, poe: FakePoe) -> None:
+    client = anthropic_client(proxy)
+    png = base64.b64encode(PNG_2X2 + b"tool").decode()
+    client.messages.create(model="GPT-4o", max_tokens=50, tools=[
+        {"name": "read", "description": "read", "input_schema": {"type": "object"}}], messages=[
+        {"role": "user", "content": "look"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Hello, world!"}},
+            {"type": "search_result", "title": "Docs", "source": "s", "content": [{"type": "text", "text": "found"}]},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}]}]}])
+    last = last_query(poe)["query"]["query"][-1]
+    assert "Hello, world!" in last["content"] and "Docs\nfound" in last["content"]
+    assert [u["data"] for u in poe.uploads] == [PNG_2X2 + b"tool"] and last["attachments"][0]["content_type"] == "image/png"
+
+
+INTERLEAVED = [native_chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                             "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
+               native_chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                             "function": {"name": "get_time", "arguments": "{"}}]}),
+               native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
+               native_chunk({"tool_calls": [{"index": 1, "function": {"arguments": "}"}}]}), sse("done", {})]
+
+
+def test_interleaved_native_calls_in_every_dialect(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    poe.on("NativeBot", INTERLEAVED)
+    proxy = start()
+    expected = [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    with proxy.client().chat.completions.stream(model="NativeBot", tools=WEATHER_TOOLS,
+                                                messages=[{"role": "user", "content": "x"}]) as stream:
+        calls = stream.get_final_completion().choices[0].message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == expected
+    tools = [{"name": t["function"]["name"], "description": "d", "input_schema": t["function"]["parameters"] or
+              {"type": "object"}} for t in WEATHER_TOOLS]
+    with anthropic_client(proxy).messages.stream(model="NativeBot", max_tokens=50, tools=tools,
+                                                 messages=[{"role": "user", "content": "x"}]) as stream:
+        final = stream.get_final_message()
+    assert [(b.name, b.input) for b in final.content] == expected
+    flat = [{"type": "function", **t["function"]} for t in WEATHER_TOOLS]
+    with proxy.client().responses.stream(model="NativeBot", input="x", tools=flat) as stream:
+        output = stream.get_final_response().output
+    assert [(o.name, json.loads(o.arguments)) for o in output] == expected
+
+
+def test_oversized_messages_request_gets_an_anthropic_error(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_request_size=100)
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/messages", content=b"x" * 500, headers={"x-api-key": KEY})
+    assert r.status_code == 413 and r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"
 
 
 ###############################################################################
-# End to end: the openai SDK -> proxy -> fake Poe
+# The OpenAI Responses dialect (Codex, client.responses)
 ###############################################################################
 
-def last_query(poe: FakePoe) -> dict[str, Any]:
-    return [r for r in poe.requests if r["path"].startswith("/bot/")][-1]
+def test_responses_text_format_gets_clean_json(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('Sure:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
+    client = proxy.client()
+    fmt = {"format": {"type": "json_schema", "name": "city", "schema": CITY_SCHEMA, "strict": True}}
+    response = client.responses.create(model="GPT-4o", input="Biggest city of Norway?", text=fmt)  # type: ignore[arg-type]
+    assert json.loads(response.output_text) == {"name": "Oslo", "population": 709000}
+    assert '"population"' in last_query(poe)["query"]["query"][-1]["content"]
+    with client.responses.stream(model="GPT-4o", input="x", text=fmt) as stream:  # type: ignore[arg-type]
+        assert stream.get_final_response().output_text == response.output_text
 
 
-def test_models_list_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
-    models = proxy.client().models.list()
-    ids = [m.id for m in models.data]
-    assert ids == ["GPT-4o", "Claude-Sonnet-4.5"]
-    assert models.data[0].created == 1715644800 and models.data[0].object == "model"   # ms -> s
-    with httpx.Client() as http:   # the un-prefixed path works too, and needs no key
-        body = http.get(proxy.url + "/models").json()
-    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ids
+def test_responses_create_and_stream(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    poe.on("GPT-4o", xml_reply_steps(THINKING_REPLIES[0][0], 5))
+    response = client.responses.create(model="GPT-4o", instructions="Be brief.", input="What is it?")
+    assert response.status == "completed" and response.id.startswith("resp_")
+    assert response.output_text == THINKING_REPLIES[0][2]
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].summary[0].text == THINKING_REPLIES[0][1]
+    assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens > 0
+    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user"]
+    with client.responses.stream(model="GPT-4o", input=[{"role": "user", "content": "What is it?"}]) as stream:
+        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert deltas == final.output_text == THINKING_REPLIES[0][2]
 
+
+def test_codex_turn_gets_function_calls(proxy: Proxy, poe: FakePoe) -> None:
+    body = json.loads((FIXTURES / "codex-responses.json").read_text())
+    reply = ('Updating the plan.\n<tool_call>\n<invoke name="shell">\n<parameter name="command">["pytest", "-q"]'
+             '</parameter>\n</invoke>\n</tool_call>')
+    poe.on(body["model"], xml_reply_steps(reply, 6))
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    events = [block.split("\n", 1) for block in r.text.strip().split("\n\n") if block.startswith("event: ")]
+    datas = [json.loads(data[len("data: "):]) for _, data in events]
+    assert [e[0][len("event: "):] for e in events] == [d["type"] for d in datas]
+    assert [d["sequence_number"] for d in datas] == list(range(len(datas)))
+    assert datas[0]["type"] == "response.created" and datas[-1]["type"] == "response.completed"
+    final = datas[-1]["response"]
+    assert [item["type"] for item in final["output"]] == ["message", "function_call"]
+    call = final["output"][1]
+    assert call["name"] == "shell" and json.loads(call["arguments"]) == {"command": ["pytest", "-q"]}
+    assert call["call_id"].startswith("call_") and final["usage"]["input_tokens_details"] == {"cached_tokens": 0}
+    sent = "\n".join(m["content"] for m in last_query(poe)["query"]["query"])
+    # the earlier call and its output reach the bot once each, as XML history
+    assert sent.count('<invoke name="shell">') == 1 and sent.count('tool_call_id="call_Wd81sKq0n3Jt5vLb9XyE2fRm"') == 1
+    QueryRequest.model_validate(last_query(poe)["query"])
+
+
+CODEX_NAMESPACES = [
+    {"type": "namespace", "name": "docs", "description": "The docs MCP server", "tools": [
+        {"type": "function", "name": "search", "description": "Search the docs",
+         "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+        {"type": "custom", "name": "note", "description": "Write a note"}]},
+    {"type": "namespace", "name": "agents", "tools": [
+        {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {
+            "task": {"type": "string"}}}}]},
+    {"type": "web_search"}, {"type": "image_generation"},
+]
+
+
+def test_codex_namespace_tools_round_trip(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
+    reply = ('<tool_call><invoke name="docs__search"><parameter name="query">build</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="docs__note"><parameter name="input">remember this</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="agents__spawn"><parameter name="task">lint</parameter></invoke></tool_call>')
+    poe.on("GPT-4o", xml_reply_steps(reply, 8))
+    client = proxy.client()
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        response = client.responses.create(model="GPT-4o", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.type, o.namespace, o.name) for o in response.output] == [   # type: ignore[union-attr]
+        ("function_call", "docs", "search"), ("custom_tool_call", "docs", "note"), ("function_call", "agents", "spawn")]
+    assert json.loads(response.output[0].arguments) == {"query": "build"}    # type: ignore[union-attr]
+    assert response.output[1].input == "remember this"                       # type: ignore[union-attr]
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert '<tool name="docs__search">' in prompt and "The docs MCP server" in prompt and "--agents" not in prompt
+    warnings_seen = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
+    assert warnings_seen == ["leaving out tools a Poe bot cannot run: image_generation"]   # web_search: a control
+    with client.responses.stream(model="GPT-4o", input="go", tools=CODEX_NAMESPACES) as stream:  # type: ignore[arg-type]
+        streamed = stream.get_final_response().output
+    assert [(o.namespace, o.name) for o in streamed] == [("docs", "search"), ("docs", "note"), ("agents", "spawn")]  # type: ignore[union-attr]
+    # the next turn: the calls and their outputs, in the client's own names, reach the bot as what it called
+    history = [{"role": "user", "content": "go"}, *[o.model_dump(exclude_none=True) for o in response.output],
+               *[{"type": "function_call_output" if o.type == "function_call" else "custom_tool_call_output",
+                  "call_id": o.call_id, "output": f"result {i}"} for i, o in enumerate(response.output)]]  # type: ignore[union-attr]
+    poe.on("GPT-4o", text_events("Done."))
+    assert client.responses.create(model="GPT-4o", input=history, tools=CODEX_NAMESPACES).output_text == "Done."  # type: ignore[arg-type]
+    sent = "\n".join(m["content"] for m in last_query(poe)["query"]["query"])
+    for name in ("docs__search", "docs__note", "agents__spawn"):
+        assert sent.count(f'<invoke name="{name}">') == 1 and f'name="{name}"' in sent, name
+    assert '<invoke name="search">' not in sent
+
+
+def test_namespace_calls_in_native_mode(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    poe.on("NativeBot", [native_chunk({"tool_calls": [{"index": 0, "id": "call_n1", "type": "function", "function": {
+        "name": "docs__search", "arguments": '{"query": "x"}'}}]}), sse("done", {})])
+    response = start().client().responses.create(model="NativeBot", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.namespace, o.name, o.call_id) for o in response.output] == [("docs", "search", "call_n1")]  # type: ignore[union-attr]
+    assert [t["function"]["name"] for t in last_query(poe)["query"]["tools"]] == [
+        "docs__search", "docs__note", "agents__spawn"]
+
+
+def test_responses_refuses_previous_response_id(proxy: Proxy) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        proxy.client().responses.create(model="GPT-4o", input="hi", previous_response_id="resp_123")
+    assert info.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+def test_responses_tools_without_description_and_custom_tools(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", xml_reply_steps('<tool_call><invoke name="apply_patch"><parameter name="input">*** Begin Patch\n'
+                                     '*** End Patch</parameter></invoke></tool_call>', 9))
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, json={
+            "model": "GPT-4o", "input": "patch it", "tools": [
+                {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                         "additionalProperties": False}},
+                {"type": "custom", "name": "apply_patch", "description": "Apply a patch"}]})
+    body = r.json()
+    assert r.status_code == 200 and body["output"][0]["type"] == "custom_tool_call"
+    assert body["output"][0]["input"] == "*** Begin Patch\n*** End Patch"
+    prompt = last_query(poe)["query"]["query"][-1]["content"]
+    assert '<tool name="get_time">' in prompt and "--get_time" not in prompt    # a tool, not a bot flag
+
+
+def test_native_tool_result_images_are_kept(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    proxy = start()
+    proxy.client().chat.completions.create(model="NativeBot", tools=WEATHER_TOOLS, messages=[
+        {"role": "user", "content": "screenshot?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "here"}, {
+            "type": "image_url", "image_url": {"url": data_url(PNG_2X2 + b"native")}}]}])
+    query = last_query(poe)["query"]
+    assert query["tool_results"][0]["content"] == "here"
+    assert query["query"][-1]["role"] == "user" and len(query["query"][-1]["attachments"]) == 1
+
+
+###############################################################################
+# Model registry: models.yaml (hot reload) and the model-list cache
+###############################################################################
 
 def test_models_list_is_cached_and_served_stale(start: Callable[..., Proxy], poe: FakePoe) -> None:
     proxy = start(models_cache_ttl_seconds=0.0)
@@ -1027,212 +3239,132 @@ def test_models_list_is_cached_and_served_stale(start: Callable[..., Proxy], poe
     assert info.value.status_code == 502
 
 
-def test_non_stream_chat_returns_poe_text_and_usage(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", text_events("Hello", ", ", "world", " — 世界 🎉"))
-    result = proxy.client().chat.completions.create(
-        model="GPT-4o", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        temperature=0.5, stop="END")
-    assert result.choices[0].message.content == "Hello, world — 世界 🎉"
-    assert result.choices[0].finish_reason == "stop" and result.model == "GPT-4o"
-    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
-    assert result.usage is not None and result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
-    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
-    sent = last_query(poe)
-    assert sent["headers"]["authorization"] == f"Bearer {KEY}"        # the client's key goes to Poe
-    assert sent["query"]["temperature"] == 0.5 and sent["query"]["stop_sequences"] == ["END"]
-    assert [m["role"] for m in sent["query"]["query"]] == ["system", "user"]
-
-
-@pytest.mark.parametrize("eol", ["\n", "\r\n"])
-def test_stream_chat_exact_text(proxy: Proxy, poe: FakePoe, eol: str) -> None:
-    poe.on("GPT-4o", text_events("Hel", "lo ", "wörld", eol=eol))
-    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
-                                                    messages=[{"role": "user", "content": "Hi"}])
-    chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello wörld"
-    assert chunks[0].choices[0].delta.role == "assistant"
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
-    assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
-
-
-def both_ways(proxy: Proxy, model: str) -> tuple[str, str]:
-    """The answer to one question asked without and with streaming: (content, streamed content)."""
-    client = proxy.client()
-    messages = [{"role": "user", "content": "x"}]
-    whole = client.chat.completions.create(model=model, messages=messages).choices[0].message.content
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model=model, stream=True, messages=messages) if c.choices)
-    return whole or "", streamed
-
-
-def test_utf8_character_split_across_reads(proxy: Proxy, poe: FakePoe) -> None:
-    event = sse("text", {"text": "前🎉後"})
-    cut = event.index("🎉".encode()) + 2                # inside the 4-byte emoji
-    cut2 = event.index("後".encode()) + 1               # inside a 3-byte character
-    poe.on("GPT-4o", [event[:cut], event[cut:cut2], event[cut2:], sse("done", {})])
-    assert both_ways(proxy, "GPT-4o") == ("前🎉後", "前🎉後")
-
-
-def test_stream_include_usage_sends_one_usage_chunk_last(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", text_events("one ", "two"))
-    status, lines = raw_sse(proxy, {"model": "GPT-4o", "stream": True, "stream_options": {"include_usage": True},
-                                    "messages": [{"role": "user", "content": "count"}]})
-    chunks = data_chunks(lines)
-    assert status == 200 and chunks[-1] == "[DONE]"
-    usage_chunk = chunks[-2]
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
-    assert not any("usage" in c for c in chunks[:-2])
-    assert not any(line.startswith("event:") for line in lines)
-    # the SDK sees the same
-    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
-                                                    stream_options={"include_usage": True},
-                                                    messages=[{"role": "user", "content": "count"}])
-    last = list(stream)[-1]
-    assert last.choices == [] and last.usage is not None and last.usage.total_tokens > 0
-
-
-def test_stream_helper_accumulates(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", text_events("a", "b", "c"))
-    with proxy.client().chat.completions.stream(model="GPT-4o", messages=[{"role": "user", "content": "x"}]) as s:
-        final = s.get_final_completion()
-    assert final.choices[0].message.content == "abc" and final.choices[0].message.role == "assistant"
-
-
-def test_replace_response_stream_and_non_stream(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("Img", [sse("text", {"text": "Generating"}), sse("replace_response", {"text": "Generating done"}),
-                   sse("text", {"text": "!"}), sse("done", {})])
-    assert both_ways(proxy, "Img") == ("Generating done!", "Generating done!")
-
-
-def test_missing_done_still_finishes(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", text_events("partial", " answer", done=False))
-    client = proxy.client()
-    assert client.chat.completions.create(
-        model="GPT-4o", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "partial answer"
-    chunks = list(client.chat.completions.create(model="GPT-4o", stream=True,
-                                                 messages=[{"role": "user", "content": "x"}]))
-    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
-
-
-def test_missing_key_is_401(proxy: Proxy) -> None:
-    with httpx.Client() as http:
-        r = http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [
-            {"role": "user", "content": "x"}]})
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-
-
-@pytest.mark.parametrize("script, exc, status", [
-    (Script(status=401, body=b'{"error": {"message": "Invalid API key"}}'), openai.AuthenticationError, 401),
-    (Script([sse("error", {"text": "Invalid token", "allow_retry": False}), sse("done", {})]),
-     openai.AuthenticationError, 401),
-    (Script(status=404, body=b'{"detail": "Bot not found"}'), openai.NotFoundError, 404),
-    (Script([sse("error", {"text": "Bot does not exist"})]), openai.NotFoundError, 404),
-    (Script(status=429, body=b'{"error": "slow down"}'), openai.RateLimitError, 429),
-    (Script([sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund",
-                           "allow_retry": False})]), openai.RateLimitError, 429),
-    (Script(status=500, body=b"oops"), openai.InternalServerError, 502),
-    (Script([sse("error", {"text": "too long", "error_type": "user_message_too_long"})]),
-     openai.BadRequestError, 400),
-])
-@pytest.mark.parametrize("stream", [False, True])
-def test_poe_failures_get_real_statuses(proxy: Proxy, poe: FakePoe, script: Script, exc: type, status: int,
-                                        stream: bool) -> None:
-    poe.scripts["Bot"] = script
-    with pytest.raises(exc) as info:
-        result = proxy.client().chat.completions.create(model="Bot", stream=stream,
-                                                        messages=[{"role": "user", "content": "x"}])
-        if stream:
-            list(result)
-    assert info.value.status_code == status
-    assert isinstance(info.value.body, dict) and info.value.body.get("message")
-
-
-def ask_failing(proxy: Proxy, dialect: str, model: str, stream: bool) -> Any:
-    """The SDK exception a client gets asking `model` in one dialect, whole or streamed."""
-    messages = [{"role": "user", "content": "x"}]
-    errors = (openai.APIStatusError,)
-    if dialect == "messages":
-        errors = (pytest.importorskip("anthropic").APIStatusError,)
-    with pytest.raises(errors) as info:
-        if dialect == "chat":
-            result: Any = proxy.client().chat.completions.create(model=model, messages=messages, stream=stream)
-        elif dialect == "responses":
-            result = proxy.client().responses.create(model=model, input="x", stream=stream)
-        else:
-            result = anthropic_client(proxy).messages.create(model=model, max_tokens=10, messages=messages,
-                                                             stream=stream)
-        if stream:
-            list(result)
-    return info.value
-
-
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
-def test_every_429_says_when_to_retry(start: Callable[..., Proxy], poe: FakePoe, dialect: str, stream: bool) -> None:
+def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], poe: FakePoe,
+                                                   tmp_path: Path) -> None:
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("enable: true\nmodels:\n  gpt-4o: {mapping: gpt-4o-poe}\n  Claude-Sonnet-4.5: {enable: false}\n"
+                   "custom_models:\n  - {id: MyPrivateBot}\n")
     proxy = start()
-    poe.on("Busy", status=429, body=b'{"error": "slow down"}', headers=[("Retry-After", "17")])
-    poe.on("Limited", [sse("error", {"text": "Rate limit exceeded, try again later"})])
-    poe.on("Broke", [sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund",
-                                   "allow_retry": False})])
-    for model, retry_after in (("Busy", "17"), ("Limited", str(p2o.DEFAULT_RETRY_AFTER_S)),
-                               ("Broke", str(p2o.DEFAULT_RETRY_AFTER_S))):
-        err = ask_failing(proxy, dialect, model, stream)
-        assert err.status_code == 429 and type(err).__name__ == "RateLimitError", model
-        assert err.response.headers["retry-after"] == retry_after, model
-        assert err.response.headers.get("x-should-retry") == ("false" if model == "Broke" else None), model
-    gated = start(rate_limit_ms=60000, rate_limit_max_wait_seconds=1)
-    gated.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
-    err = ask_failing(gated, dialect, "GPT-4o", stream)   # would wait a minute for its turn: refused at once
-    assert err.status_code == 429 and err.response.headers["retry-after"] in ("59", "60")
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_poe_error_types_reach_claude_code_as_anthropic_errors(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
-    anthropic = pytest.importorskip("anthropic")
-    poe.on("Long", [sse("error", {"text": "Message too long", "error_type": "user_message_too_long"})])
-    poe.on("Private", [sse("error", {"text": "Not allowed here", "error_type": "privacy_authorization_error"})])
-    poe.on("Odd", [sse("error", {"text": "Bad attachment", "error_type": "user_caused_error"})])
-    poe.on("Gone", status=404, body=b'{"detail": "Bot not found"}')
-    err = ask_failing(proxy, "messages", "Long", stream)
-    assert isinstance(err, anthropic.BadRequestError)
-    assert err.body["error"]["type"] == "invalid_request_error"
-    assert err.body["error"]["message"].startswith("prompt is too long")   # what makes Claude Code compact
-    for model, exc, kind in (("Private", anthropic.PermissionDeniedError, "permission_error"),
-                             ("Odd", anthropic.BadRequestError, "invalid_request_error"),
-                             ("Gone", anthropic.NotFoundError, "not_found_error")):
-        err = ask_failing(proxy, "messages", model, stream)
-        assert isinstance(err, exc) and err.body["type"] == "error" and err.body["error"]["type"] == kind, model
-    err = ask_failing(proxy, "chat", "Long", stream)
-    assert isinstance(err, openai.BadRequestError) and err.code == "context_length_exceeded"
-
-
-def test_error_after_text_is_an_in_stream_error(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", [sse("text", {"text": "partial "}),
-                      sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund"}),
-                      sse("done", {})])
-    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
-                                                    messages=[{"role": "user", "content": "x"}])
-    seen = []
-    with pytest.raises(openai.APIError) as info:
-        for chunk in stream:
-            seen.append(chunk.choices[0].delta.content)
-    assert "partial " in seen and "points" in str(info.value.message)
-    status, lines = raw_sse(proxy, {"model": "GPT-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
-    chunks = data_chunks(lines)
-    assert status == 200 and chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == "insufficient_quota"
-    assert not any(c != "[DONE]" and c.get("choices") and c["choices"][0]["finish_reason"] for c in chunks)
-
-
-def test_mid_stream_disconnect(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", [sse("text", {"text": "Hel"}), DISCONNECT])
     client = proxy.client()
-    with pytest.raises(openai.APIError) as info:
-        list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
-    assert "closed the connection" in info.value.message
-    with pytest.raises(openai.InternalServerError) as info2:
-        client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
-    assert info2.value.status_code == 502
+    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "MyPrivateBot"]
+    result = client.chat.completions.create(model="GPT-4O-POE", messages=[{"role": "user", "content": "x"}])
+    # the catalogue's own spelling of the bot the mapping names; the client's name is echoed
+    assert last_query(poe)["path"] == "/bot/GPT-4o" and result.model == "GPT-4O-POE"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="Claude-Sonnet-4.5", messages=[{"role": "user", "content": "x"}])
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed}\n")    # a hand edit...
+    deadline = time.time() + 5
+    while time.time() < deadline and client.models.list().data[0].id != "renamed":
+        time.sleep(0.2)
+    assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...takes effect
+    cfg.write_text("enable: true\nmodels: [broken\n")                            # a broken edit...
+    time.sleep(2.5)
+    assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...changes nothing
+    assert cfg.read_text() == "enable: true\nmodels: [broken\n"                  # and the file is left alone
 
+
+def admin_config(proxy: Proxy) -> dict[str, Any]:
+    with httpx.Client(auth=ADMIN, timeout=20) as http:
+        return http.get(proxy.url + "/api/admin/config").json()
+
+
+def wait_for_config(proxy: Proxy, check: Callable[[dict[str, Any]], bool], timeout: float = 8) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while True:
+        cfg = admin_config(proxy)
+        if check(cfg) or time.time() > deadline:
+            return cfg
+        time.sleep(0.2)
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_models_yaml_that_would_wedge_the_proxy_is_refused(start: Callable[..., Proxy], poe: FakePoe,
+                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: good-name}\n")
+    proxy = start()
+    client = proxy.client()
+    assert client.models.list().data[0].id == "good-name"
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: bad}\n" + ALIAS_BOMB)   # 9^9 items if expanded
+    got = wait_for_config(proxy, lambda c: bool(c["load_error"]))
+    assert "aliases (*name) are not allowed" in got["load_error"] and "line 5" in got["load_error"]
+    assert got["models"] == {"GPT-4o": {"mapping": "good-name"}} and client.models.list().data[0].id == "good-name"
+    cfg.write_text("enable: true\n" + "# padding\n" * 30_000)                            # over 256 KiB
+    got = wait_for_config(proxy, lambda c: "larger than" in (c["load_error"] or ""))
+    assert "larger than 256 KiB" in got["load_error"] and client.models.list().data[0].id == "good-name"
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed, colour: red, notes: [a, b]}\n"
+                       "custom_models:\n  - {id: Mine, owned_by: me, payload: xxxxxxxx}\n")
+        got = wait_for_config(proxy, lambda c: not c["load_error"])
+    assert got["models"] == {"GPT-4o": {"mapping": "renamed"}}                  # unknown keys are not kept...
+    assert got["custom_models"] == [{"id": "Mine", "owned_by": "me"}]
+    warnings_ = [r.getMessage() for r in caplog.records if "unknown keys" in r.getMessage()]
+    assert len(warnings_) == 1 and "'colour'" in warnings_[0] and "'payload'" in warnings_[0]   # ...and said once
+    assert [m.id for m in client.models.list().data][0] == "renamed"
+
+
+@pytest.mark.parametrize("libyaml", [True, False])
+def test_models_yaml_aliases_are_refused_when_read_directly_too(tmp_path: Path, libyaml: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if not libyaml:   # PyYAML built without libyaml: the pure-Python loader refuses them as well
+        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    for text in ("models: &m {GPT-4o: {mapping: x}}\nagain: *m\n", "base: &b {enable: false}\nmodels:\n  X: {<<: *b}\n"):
+        with pytest.raises(yaml.YAMLError, match="aliases") as info:
+            p2o.ModelConfig.from_yaml(text)
+        assert info.value.problem_mark.line in (1, 2)    # type: ignore[attr-defined]
+    assert p2o.ModelConfig.from_yaml("models: &m {GPT-4o: {mapping: x}}\n").models == {"GPT-4o": {"mapping": "x"}}
+    assert gc.isenabled()
+    (tmp_path / "models.yaml").write_text("enable: true\nmodels:\n  GPT-4o: {mapping: sync}\n")
+    registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))   # no event loop: read on the spot
+    assert registry.config().models == {"GPT-4o": {"mapping": "sync"}} and registry.last_error is None
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed_at_start(start: Callable[..., Proxy],
+                                                                     tmp_path: Path) -> None:
+    ours_old = [tmp_path / ".models.yaml.k3j4h5g6", tmp_path / ".models.yaml.bak.ab_d3fgh"]
+    kept = [tmp_path / ".models.yaml.zz9zzzzz",            # ours, but young: a save may be running
+            tmp_path / ".models.yaml.mine", tmp_path / "models.yaml.k3j4h5g6", tmp_path / "notes.txt"]
+    past = time.time() - 300
+    for path in ours_old + kept:
+        path.write_text("x")
+        if path.name != ".models.yaml.zz9zzzzz":
+            os.utime(path, (past, past))
+    start()
+    assert [p.exists() for p in ours_old] == [False, False] and all(p.exists() for p in kept)
+
+
+def test_shipped_models_yaml_is_valid() -> None:
+    cfg = p2o.ModelConfig.from_yaml((HERE / "models.yaml").read_text())
+    assert cfg.enable is False and cfg.models == {}
+
+
+def test_yaml_errors_do_not_leak_the_api_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "models.yaml").write_text("models: {}\napi_token: sk-SECRET-123: x\n")
+    registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))
+    with caplog.at_level(logging.INFO):
+        registry.config()
+    assert registry.last_error and "line 2" in registry.last_error
+    assert "SECRET" not in registry.last_error and "SECRET" not in caplog.text
+
+
+def test_missing_models_yaml_is_a_warning_only_when_config_dir_was_chosen(tmp_path: Path) -> None:
+    for args, level in (([], "INFO"), (["--config-dir", str(tmp_path / "conf")], "WARNING")):
+        server = ProxyProcess(args, tmp_path)
+        try:
+            line = server.wait_for_log("no models.yaml")
+            assert f" {level} " in line and "models are served as they are" in line, line
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(10) == 0      # one signal, nothing running: a clean stop
+        finally:
+            server.stop()
+
+
+###############################################################################
+# HTTP plumbing: outbound TLS, proxies, the connection pool
+###############################################################################
 
 def test_upstream_unreachable_is_502(start: Callable[..., Proxy]) -> None:
     with socket.socket() as s:
@@ -1244,64 +3376,6 @@ def test_upstream_unreachable_is_502(start: Callable[..., Proxy]) -> None:
     assert info.value.status_code == 502 and "refused" in info.value.message
 
 
-def test_keepalive_comments_while_poe_is_silent(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start(stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
-    poe.on("Slow", [sse("meta", {}), 1.0, sse("text", {"text": "late"}), sse("done", {})])
-    status, lines = raw_sse(proxy, {"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]})
-    assert status == 200 and lines.count(": keep-alive") >= 2
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in data_chunks(lines)
-                   if c != "[DONE]" and c["choices"]) == "late"
-
-
-def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start(read_timeout_seconds=0.6, stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
-    # 1.5 s in total, never silent for more than 0.3 s: never cut.
-    poe.on("Talker", [x for i in range(6) for x in (sse("text", {"text": f"{i}"}), 0.25)] + [sse("done", {})])
-    client = proxy.client()
-    assert client.chat.completions.create(
-        model="Talker", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "012345"
-    # silent for longer than the idle timeout after starting: an in-stream error, or a 504
-    poe.on("Mute", [sse("text", {"text": "start"}), 2.0, sse("done", {})])
-    status, lines = raw_sse(proxy, {"model": "Mute", "stream": True, "messages": [{"role": "user", "content": "x"}]})
-    chunks = data_chunks(lines)
-    assert status == 200 and chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == "upstream_timeout"
-    with pytest.raises(openai.APIStatusError) as info:
-        client.chat.completions.create(model="Mute", messages=[{"role": "user", "content": "x"}])
-    assert info.value.status_code == 504
-
-
-def test_read_deadline_moves_with_each_read_and_an_outside_cancel_stays_a_cancel() -> None:
-    async def scenario() -> None:
-        ours, theirs = socket.socketpair()
-        theirs.setblocking(False)
-        reader, writer = await asyncio.open_connection(sock=ours)
-        stream = p2o.HTTPStream(reader, writer, h11.CLIENT, 1024)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        for _ in range(8):   # a piece every 30 ms, 0.1 s allowed each: 0.24 s in all, never a timeout
-            loop.call_later(0.03, theirs.send, b"x")
-            assert await stream.receive(0.1) == b"x"
-        assert loop.time() - began > 0.2
-        began = loop.time()
-        with pytest.raises(asyncio.TimeoutError):
-            await stream.receive(0.1)
-        assert 0.09 < loop.time() - began < 0.5
-        task = asyncio.ensure_future(stream.receive(5.0))
-        await asyncio.sleep(0.02)
-        task.cancel()                      # the client left: a cancel, never mistaken for a timeout
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        began = loop.time()
-        with pytest.raises(asyncio.TimeoutError):
-            await stream.receive(0.05)     # a nearer deadline than the timer's: the timer is moved up
-        assert loop.time() - began < 1.0
-        theirs.send(b"late")
-        assert await stream.receive(1.0) == b"late"   # nothing lost to a timeout
-        await stream.aclose()
-        theirs.close()
-    asyncio.run(scenario())
-
-
 def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
     client = proxy.client()
     for _ in range(3):
@@ -1311,142 +3385,17 @@ def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
     assert poe.connections == 1
 
 
-class ScriptedEvents:
-    """A PoeEventStream stand-in for DeltaSource: pieces of Poe events read one per pull (None: the body
-    ended; an exception: raised by the read; "hang": Poe silent until cancelled). Records how the
-    upstream was let go."""
-
-    def __init__(self, *pieces: Any) -> None:
-        self.pieces = list(pieces)
-        self.let_go: list[tuple[Any, ...]] = []
-
-    async def read(self, wait_s: float) -> list[p2o.SSEEvent] | None:
-        piece = self.pieces.pop(0) if self.pieces else None
-        if isinstance(piece, BaseException):
-            raise piece
-        if piece == "hang":
-            await asyncio.sleep(30)
-        return None if piece is None else [p2o.SSEEvent(name, json.dumps(data)) for name, data in piece]
-
-    async def finish(self, complete: bool, wait_s: float = 1.0) -> None:
-        self.let_go.append(("finish", complete, wait_s))
-
-    async def aclose(self) -> None:
-        self.let_go.append(("close",))
-
-
-def _source(*pieces: Any) -> tuple[p2o.DeltaSource, ScriptedEvents]:
-    events = ScriptedEvents(*pieces)
-    return p2o.DeltaSource(events, p2o.PoeTranslator(), finish_wait_s=0.05), events   # type: ignore[arg-type]
-
-
-def test_delta_source_finishes_the_upstream_once_after_done() -> None:
-    async def scenario() -> None:
-        source, events = _source([("text", {"text": "a"})], [("text", {"text": "b"}), ("done", {})])
-        assert [d.text for d in await source.next(1.0)] == ["a"] and source.finish is None
-        assert [d.text for d in await source.next(1.0)] == ["b"]      # FINISH is not in a batch...
-        assert source.finish is not None and source.finish.text == "stop"   # ...but here
-        assert await source.next(1.0) == []
-        await source.aclose()
-        assert events.let_go == [("finish", True, 0.05)]   # read to its end: the connection is reused
-    asyncio.run(scenario())
-
-
-def test_delta_source_without_done_closes_the_upstream_once() -> None:
-    async def scenario() -> None:
-        source, events = _source([("text", {"text": "a"})], None)
-        assert [d.text for d in await source.next(1.0)] == ["a"]
-        assert await source.next(1.0) == [] and source.finish is not None
-        await source.aclose()
-        assert events.let_go == [("finish", False, 0.05)]   # PoeEventStream closes an answer without done
-    asyncio.run(scenario())
-
-
-@pytest.mark.parametrize("text_first", [True, False])
-def test_delta_source_raises_poes_error_after_what_came_before_it(text_first: bool) -> None:
-    async def scenario() -> None:
-        piece = [("text", {"text": "partial"})] if text_first else []
-        source, events = _source(piece + [("error", {"text": "no points", "error_type": "insufficient_fund"}),
-                                          ("text", {"text": "never"})])
-        if text_first:
-            assert [d.text for d in await source.next(1.0)] == ["partial"]
-        with pytest.raises(p2o.ProxyError) as info:
-            await source.next(1.0)
-        assert info.value.code == "insufficient_quota" and source.poe_error
-        with pytest.raises(p2o.ProxyError):
-            await source.next(1.0)      # still the error, without reading on
-        await source.aclose()
-        assert events.let_go == [("close",)] and len(events.pieces) == 0
-    asyncio.run(scenario())
-
-
-def test_delta_source_closes_the_upstream_once_when_reading_fails_or_is_cancelled() -> None:
-    async def scenario() -> None:
-        source, events = _source(p2o.upstream_error("Poe sent nothing", 504, "upstream_timeout"))
-        with pytest.raises(p2o.ProxyError):
-            await source.next(1.0)
-        await source.aclose()
-        assert events.let_go == [("close",)] and not source.poe_error
-
-        source, events = _source([("text", {"text": "a"})], "hang")   # the client leaves while Poe is silent
-        await source.next(1.0)
-        task = asyncio.ensure_future(source.next(1.0))
-        await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await source.aclose()
-        assert events.let_go == [("close",)]
-    asyncio.run(scenario())
-
-
-@pytest.mark.parametrize("stream", [True, False])
-def test_upstream_is_let_go_once_finished_or_left(proxy: Proxy, poe: FakePoe, stream: bool,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    let_go: list[str] = []
-    finish, aclose = p2o.PoeEventStream.finish, p2o.PoeEventStream.aclose
-
-    async def counted_finish(self: p2o.PoeEventStream, complete: bool, wait_s: float = 1.0) -> None:
-        let_go.append(f"finish {complete}")
-        await finish(self, complete, wait_s)
-
-    async def counted_aclose(self: p2o.PoeEventStream) -> None:
-        let_go.append("close")
-        await aclose(self)
-
-    monkeypatch.setattr(p2o.PoeEventStream, "finish", counted_finish)
-    monkeypatch.setattr(p2o.PoeEventStream, "aclose", counted_aclose)
-    client = proxy.client()
-    messages = [{"role": "user", "content": "x"}]
-    for _ in range(3):   # after `done`: finished, and the connection is reused
-        if stream:
-            answer = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model="GPT-4o", stream=True, messages=messages) if c.choices)
-        else:
-            answer = client.chat.completions.create(model="GPT-4o", messages=messages).choices[0].message.content
-        assert answer == "Hello from GPT-4o"
-    assert let_go == ["finish True"] * 3 and poe.connections == 1
-    let_go.clear()
-    # The client leaves mid-answer: Poe's connection is closed, once, and a new one serves the next request.
-    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    if stream:
-        got = b""
-        while b"thinking..." not in got:
-            got += sock.recv(65536)
-    else:
-        time.sleep(0.3)
-    sock.close()
-    deadline = time.monotonic() + 3
-    while not poe.disconnects and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.1)
-    assert let_go == ["close"] and len(poe.disconnects) == 1
-    assert client.chat.completions.create(model="GPT-4o", messages=messages)
-    assert poe.connections == 2
+async def _close_all_server_sides(poe: FakePoe) -> None:
+    assert poe.server is not None
+    poe.server.close()
+    if sys.version_info >= (3, 12):
+        poe.server.close_clients()
+    else:  # no public way before 3.12: restart the fake on the same port after closing transports
+        for task in asyncio.all_tasks():
+            if "_handle" in repr(task.get_coro()):
+                task.cancel()
+    await asyncio.sleep(0.05)
+    poe.server = await asyncio.start_server(poe._handle, "127.0.0.1", poe.port)
 
 
 def test_stale_pooled_connection_is_replaced(proxy: Proxy, poe: FakePoe, lt: LoopThread) -> None:
@@ -1491,37 +3440,6 @@ def test_connection_poe_closed_after_answering_is_not_reused(lt: LoopThread, poe
     assert all(json.loads(body)["data"] for body in bodies)
     assert len(poe.requests) == poe.connections == 4
 
-
-async def _close_all_server_sides(poe: FakePoe) -> None:
-    assert poe.server is not None
-    poe.server.close()
-    if sys.version_info >= (3, 12):
-        poe.server.close_clients()
-    else:  # no public way before 3.12: restart the fake on the same port after closing transports
-        for task in asyncio.all_tasks():
-            if "_handle" in repr(task.get_coro()):
-                task.cancel()
-    await asyncio.sleep(0.05)
-    poe.server = await asyncio.start_server(poe._handle, "127.0.0.1", poe.port)
-
-
-def test_fixtures_from_real_clients(proxy: Proxy, poe: FakePoe) -> None:
-    for name in ("cline-chat.json", "langchain-chat.json", "openwebui-chat.json"):
-        body = json.loads((FIXTURES / name).read_text())
-        poe.on(body["model"], text_events("ok"))
-        if body.get("stream"):
-            status, lines = raw_sse(proxy, body)
-            chunks = data_chunks(lines)
-            assert status == 200 and chunks[-1] == "[DONE]", name
-            usage_chunks = [c for c in chunks[:-1] if c.get("usage")]
-            assert len(usage_chunks) == (1 if body.get("stream_options", {}).get("include_usage") else 0), name
-        query = last_query(poe)["query"]
-        assert query["query"][-1]["role"] == "user", name
-
-
-###############################################################################
-# Outbound: TLS and proxies
-###############################################################################
 
 class TunnelProxy:
     """A tiny forward proxy: CONNECT tunnels, and absolute-form requests piped to their origin. Other
@@ -1626,6 +3544,12 @@ def test_https_proxy_connect_tunnel(start: Callable[..., Proxy], tls_poe: FakePo
     lt.loop.call_soon_threadsafe(tunnel.server.close)   # type: ignore[union-attr]
 
 
+async def _close_server(server: asyncio.AbstractServer | None) -> None:
+    assert server is not None
+    server.close()
+    await server.wait_closed()
+
+
 @pytest.mark.parametrize("mode, code, words", [
     ("garbage", "upstream_proxy_error", "not valid HTTP"),
     ("close", "upstream_proxy_error", "without answering the CONNECT request"),
@@ -1651,12 +3575,6 @@ def test_misbehaving_https_proxy_is_a_502(start: Callable[..., Proxy], tls_poe: 
     lt.loop.call_soon_threadsafe(tunnel.server.close)   # type: ignore[union-attr]
 
 
-async def _close_server(server: asyncio.AbstractServer | None) -> None:
-    assert server is not None
-    server.close()
-    await server.wait_closed()
-
-
 def test_http_proxy_and_no_proxy(start: Callable[..., Proxy], poe: FakePoe, lt: LoopThread) -> None:
     tunnel = TunnelProxy()
     lt.run(tunnel.start())
@@ -1669,38 +3587,360 @@ def test_http_proxy_and_no_proxy(start: Callable[..., Proxy], poe: FakePoe, lt: 
     lt.loop.call_soon_threadsafe(tunnel.server.close)   # type: ignore[union-attr]
 
 
-def test_proxy_settings_come_from_the_environment() -> None:
-    s = p2o.Settings.from_env({"HTTPS_PROXY": "http://p:3128", "no_proxy": "internal"}, [])
-    assert dict(s.proxies) == {"https": "http://p:3128", "no": "internal"}
+def test_dns_failure_is_a_502_that_says_so(start: Callable[..., Proxy]) -> None:
+    proxy = start(poe_base_url="http://poe-does-not-exist.invalid")
+    with pytest.raises(openai.InternalServerError) as info:
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and "DNS" in info.value.message
 
 
 ###############################################################################
-# Inbound HTTP: framing, keep-alive, routing, CORS, limits
+# Poe client: bot queries, model list, uploads (and fastapi_poe as a real upstream)
 ###############################################################################
 
-def raw_exchange(proxy: Proxy, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes, read until the server closes (or the timeout)."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
-        sock.sendall(data)
-        out = b""
-        try:
-            while chunk := sock.recv(65536):
-                out += chunk
-        except socket.timeout:
-            pass
-    return out
+def test_utf8_character_split_across_reads(proxy: Proxy, poe: FakePoe) -> None:
+    event = sse("text", {"text": "前🎉後"})
+    cut = event.index("🎉".encode()) + 2                # inside the 4-byte emoji
+    cut2 = event.index("後".encode()) + 1               # inside a 3-byte character
+    poe.on("GPT-4o", [event[:cut], event[cut:cut2], event[cut2:], sse("done", {})])
+    assert both_ways(proxy, "GPT-4o") == ("前🎉後", "前🎉後")
 
 
-def test_keep_alive_serves_several_requests_on_one_connection(proxy: Proxy) -> None:
-    req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    out = raw_exchange(proxy, req + req + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    assert out.count(b"HTTP/1.1 200 ") == 3 and out.count(b'"status":"ok"') == 3
+def test_missing_done_still_finishes(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("partial", " answer", done=False))
+    client = proxy.client()
+    assert client.chat.completions.create(
+        model="GPT-4o", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "partial answer"
+    chunks = list(client.chat.completions.create(model="GPT-4o", stream=True,
+                                                 messages=[{"role": "user", "content": "x"}]))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
 
 
-def test_http_10_client_gets_a_closed_response(proxy: Proxy) -> None:
-    out = raw_exchange(proxy, b"GET /healthz HTTP/1.0\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in out.lower()
+def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start(read_timeout_seconds=0.6, stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
+    # 1.5 s in total, never silent for more than 0.3 s: never cut.
+    poe.on("Talker", [x for i in range(6) for x in (sse("text", {"text": f"{i}"}), 0.25)] + [sse("done", {})])
+    client = proxy.client()
+    assert client.chat.completions.create(
+        model="Talker", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "012345"
+    # silent for longer than the idle timeout after starting: an in-stream error, or a 504
+    poe.on("Mute", [sse("text", {"text": "start"}), 2.0, sse("done", {})])
+    status, lines = raw_sse(proxy, {"model": "Mute", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    chunks = data_chunks(lines)
+    assert status == 200 and chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == "upstream_timeout"
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="Mute", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 504
 
+
+def test_read_deadline_moves_with_each_read_and_an_outside_cancel_stays_a_cancel() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=ours)
+        stream = p2o.HTTPStream(reader, writer, h11.CLIENT, 1024)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(8):   # a piece every 30 ms, 0.1 s allowed each: 0.24 s in all, never a timeout
+            loop.call_later(0.03, theirs.send, b"x")
+            assert await stream.receive(0.1) == b"x"
+        assert loop.time() - began > 0.2
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.1)
+        assert 0.09 < loop.time() - began < 0.5
+        task = asyncio.ensure_future(stream.receive(5.0))
+        await asyncio.sleep(0.02)
+        task.cancel()                      # the client left: a cancel, never mistaken for a timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.05)     # a nearer deadline than the timer's: the timer is moved up
+        assert loop.time() - began < 1.0
+        theirs.send(b"late")
+        assert await stream.receive(1.0) == b"late"   # nothing lost to a timeout
+        await stream.aclose()
+        theirs.close()
+    asyncio.run(scenario())
+
+
+class ScriptedEvents:
+    """A PoeEventStream stand-in for DeltaSource: pieces of Poe events read one per pull (None: the body
+    ended; an exception: raised by the read; "hang": Poe silent until cancelled). Records how the
+    upstream was let go."""
+
+    def __init__(self, *pieces: Any) -> None:
+        self.pieces = list(pieces)
+        self.let_go: list[tuple[Any, ...]] = []
+
+    async def read(self, wait_s: float) -> list[p2o.SSEEvent] | None:
+        piece = self.pieces.pop(0) if self.pieces else None
+        if isinstance(piece, BaseException):
+            raise piece
+        if piece == "hang":
+            await asyncio.sleep(30)
+        return None if piece is None else [p2o.SSEEvent(name, json.dumps(data)) for name, data in piece]
+
+    async def finish(self, complete: bool, wait_s: float = 1.0) -> None:
+        self.let_go.append(("finish", complete, wait_s))
+
+    async def aclose(self) -> None:
+        self.let_go.append(("close",))
+
+
+def _source(*pieces: Any) -> tuple[p2o.DeltaSource, ScriptedEvents]:
+    events = ScriptedEvents(*pieces)
+    return p2o.DeltaSource(events, p2o.PoeTranslator(), finish_wait_s=0.05), events   # type: ignore[arg-type]
+
+
+def test_delta_source_finishes_the_upstream_once_after_done() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], [("text", {"text": "b"}), ("done", {})])
+        assert [d.text for d in await source.next(1.0)] == ["a"] and source.finish is None
+        assert [d.text for d in await source.next(1.0)] == ["b"]      # FINISH is not in a batch...
+        assert source.finish is not None and source.finish.text == "stop"   # ...but here
+        assert await source.next(1.0) == []
+        await source.aclose()
+        assert events.let_go == [("finish", True, 0.05)]   # read to its end: the connection is reused
+    asyncio.run(scenario())
+
+
+def test_delta_source_without_done_closes_the_upstream_once() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], None)
+        assert [d.text for d in await source.next(1.0)] == ["a"]
+        assert await source.next(1.0) == [] and source.finish is not None
+        await source.aclose()
+        assert events.let_go == [("finish", False, 0.05)]   # PoeEventStream closes an answer without done
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_delta_source_raises_poes_error_after_what_came_before_it(text_first: bool) -> None:
+    async def scenario() -> None:
+        piece = [("text", {"text": "partial"})] if text_first else []
+        source, events = _source(piece + [("error", {"text": "no points", "error_type": "insufficient_fund"}),
+                                          ("text", {"text": "never"})])
+        if text_first:
+            assert [d.text for d in await source.next(1.0)] == ["partial"]
+        with pytest.raises(p2o.ProxyError) as info:
+            await source.next(1.0)
+        assert info.value.code == "insufficient_quota" and source.poe_error
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)      # still the error, without reading on
+        await source.aclose()
+        assert events.let_go == [("close",)] and len(events.pieces) == 0
+    asyncio.run(scenario())
+
+
+def test_delta_source_closes_the_upstream_once_when_reading_fails_or_is_cancelled() -> None:
+    async def scenario() -> None:
+        source, events = _source(p2o.upstream_error("Poe sent nothing", 504, "upstream_timeout"))
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)
+        await source.aclose()
+        assert events.let_go == [("close",)] and not source.poe_error
+
+        source, events = _source([("text", {"text": "a"})], "hang")   # the client leaves while Poe is silent
+        await source.next(1.0)
+        task = asyncio.ensure_future(source.next(1.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await source.aclose()
+        assert events.let_go == [("close",)]
+    asyncio.run(scenario())
+
+
+BIG_PIECE = ("lorem ipsum " * 5462)[:64 * 1024]   # 64 KiB of answer text per event
+
+
+def test_an_answer_past_max_answer_size_is_a_502_and_poe_is_hung_up_on(start: Callable[..., Proxy],
+                                                                         poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    proxy = start(max_answer_size=1024 * 1024)
+    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [5.0, sse("done", {})])   # 1.5 MiB
+    client, claude = proxy.client(), anthropic_client(proxy)
+    user = [{"role": "user", "content": "x"}]
+    refusals = []
+    with pytest.raises(openai.InternalServerError) as chat_error:
+        client.chat.completions.create(model="Huge", messages=user)
+    refusals.append((chat_error.value.status_code, chat_error.value.code))
+    with pytest.raises(anthropic.InternalServerError) as claude_error:
+        claude.messages.create(model="Huge", max_tokens=10, messages=user)
+    refusals.append((claude_error.value.status_code, claude_error.value.body["error"]["type"]))
+    with pytest.raises(openai.InternalServerError) as responses_error:
+        client.responses.create(model="Huge", input="x")
+    refusals.append((responses_error.value.status_code, responses_error.value.code))
+    assert refusals == [(502, "answer_too_large"), (502, "api_error"), (502, "answer_too_large")]
+    assert "MAX_ANSWER_SIZE" in chat_error.value.message
+    assert wait_until(lambda: len(poe.disconnects) == 3)   # each time Poe was told to stop at once
+    # The Responses stream repeats the whole text in its closing events, so it is bounded the same way...
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "Huge", "input": "x", "stream": True})
+    failed = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
+    assert failed["type"] == "response.failed" and failed["response"]["error"]["code"] == "answer_too_large"
+    # ...while a chat completion stream keeps nothing of what it sent, so it has no such limit.
+    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [sse("done", {})])
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="Huge", messages=user, stream=True) if c.choices)
+    assert streamed == BIG_PIECE * 24
+
+
+def test_an_endless_event_line_from_poe_is_a_502(start: Callable[..., Proxy], poe: FakePoe,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2o, "MAX_SSE_EVENT_BYTES", 256 * 1024)
+    proxy = start()
+    poe.on("Endless", [b"event: text\ndata: " + b"x" * 100_000 for _ in range(5)] + [5.0])   # no line end ever
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as info:
+            proxy.client().chat.completions.create(model="Endless", stream=stream,
+                                                   messages=[{"role": "user", "content": "x"}])
+        assert info.value.status_code == 502 and "larger than 262144 bytes" in info.value.message
+    assert wait_until(lambda: len(poe.disconnects) == 2)
+
+
+def test_a_compressed_body_poe_was_not_asked_for_is_a_502_naming_it(proxy: Proxy, poe: FakePoe) -> None:
+    import gzip
+    poe.on("Zipped", [gzip.compress(b"".join(text_events("hello")))], headers=[("Content-Encoding", "gzip")])
+    poe.models_headers = [("Content-Encoding", "br")]   # from the start: a chat reads the model list too
+    client = proxy.client()
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="Zipped", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and "Content-Encoding 'gzip'" in info.value.message
+    poe.upload_headers = [("Content-Encoding", "deflate")]
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"zip"))])
+    assert info.value.status_code == 502 and "'deflate'" in info.value.message
+    with pytest.raises(openai.InternalServerError) as info:
+        client.models.list()
+    assert info.value.status_code == 502 and "'br'" in info.value.message
+
+
+class RealPoeBot:
+    """A fastapi_poe bot served by uvicorn in a thread: the real Poe library as the upstream. It
+    answers by the last user message: "error" -> partial text then an insufficient_fund error;
+    "think" -> a reasoning answer; "file" -> a text with an attachment; "tool" -> an XML tool call in
+    split chunks; anything else -> an echo of the bot name, the message and the flags it saw."""
+
+    def __init__(self) -> None:
+        import fastapi_poe as fp
+        import uvicorn
+
+        owner = self
+        self.queries: list[Any] = []
+
+        class Bot(fp.PoeBot):
+            async def get_response_with_context(self, request: Any, context: Any) -> Any:
+                owner.queries.append(request)
+                name = context.http_request.path_params.get("bot_name")
+                last = request.query[-1].content
+                word = last.strip().split()[0].lower() if last.strip() else ""
+                yield fp.MetaResponse(text="", content_type="text/markdown", suggested_replies=False)
+                if word == "error":
+                    yield fp.PartialResponse(text="partial ")
+                    yield fp.ErrorResponse(text="You do not have enough points.", allow_retry=False,
+                                           error_type="insufficient_fund")
+                elif word == "think":
+                    for piece in ("*Thinking...*\n\n> weigh", "ing it\n> done\n\n", "Forty-", "two."):
+                        yield fp.PartialResponse(text=piece)
+                elif word == "file":
+                    yield fp.PartialResponse(text="See ![chart][c1] here.")
+                    yield fp.PartialResponse(text="", attachment=fp.Attachment(
+                        url="https://pfst.cf2.poecdn.net/base/image/chart", content_type="image/png",
+                        name="chart.png", inline_ref="c1"))
+                elif word == "tool":
+                    call = ('Checking.\n<tool_call>\n<invoke name="get_weather">\n'
+                            '<parameter name="city">Zürich</parameter>\n<parameter name="days">2</parameter>\n'
+                            '</invoke>\n</tool_call>')
+                    for i in range(0, len(call), 9):
+                        yield fp.PartialResponse(text=call[i:i + 9])
+                else:
+                    yield fp.PartialResponse(text=f"{name} heard: {last}")
+
+        bot = Bot(path="/bot/{bot_name}", access_key=None, should_insert_attachment_messages=False)
+        app = fp.make_app(bot, allow_without_key=True)
+
+        @app.get("/v1/models")
+        async def models() -> Any:
+            return {"object": "list", "data": [{"id": "GPT-4o", "object": "model", "created": 1715644800000,
+                                                "owned_by": "OpenAI"}]}
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                   lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+@pytest.fixture()
+def real_poe(monkeypatch: pytest.MonkeyPatch) -> Any:
+    pytest.importorskip("uvicorn")
+    monkeypatch.delenv("POE_ACCESS_KEY", raising=False)
+    server = RealPoeBot()
+    yield server
+    server.stop()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # fastapi_poe's own use of old pydantic APIs
+def test_real_fastapi_poe_bot_as_upstream(lt: LoopThread, tmp_path: Path, real_poe: RealPoeBot) -> None:
+    proxy = Proxy(lt, p2o.Settings(host="127.0.0.1", port=0, config_dir=str(tmp_path), rate_limit_ms=0,
+                                   poe_base_url=f"http://127.0.0.1:{real_poe.port}"))
+    try:
+        client = proxy.client()
+        assert [m.id for m in client.models.list().data] == ["GPT-4o"]
+        hello = client.chat.completions.create(model="GPT-4o", reasoning_effort="low", messages=[
+            {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "héllo 世界"}])
+        assert hello.choices[0].message.content == "GPT-4o heard: héllo 世界 --reasoning_effort low"
+        assert [m.role for m in real_poe.queries[-1].query] == ["system", "user"]
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="Claude-Sonnet-4.5", stream=True, messages=[{"role": "user", "content": "again"}]) if c.choices)
+        assert streamed == "Claude-Sonnet-4.5 heard: again"
+
+        think = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "think"}])
+        message = think.model_dump()["choices"][0]["message"]
+        assert (message["reasoning_content"], message["content"]) == ("weighing it\ndone\n", "Forty-two.")
+
+        picture = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "file"}])
+        assert picture.choices[0].message.content == \
+            "See ![chart](https://pfst.cf2.poecdn.net/base/image/chart) here."
+
+        with client.chat.completions.stream(model="GPT-4o", tools=WEATHER_TOOLS,
+                                            messages=[{"role": "user", "content": "tool please"}]) as stream:
+            final = stream.get_final_completion()
+        call = final.choices[0].message.tool_calls[0]
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Zürich", "days": 2})
+        assert final.choices[0].message.content == "Checking.\n" and final.choices[0].finish_reason == "tool_calls"
+
+        with pytest.raises(openai.APIError) as info:     # text first, then the error: an in-stream error
+            list(client.chat.completions.create(model="GPT-4o", stream=True,
+                                                messages=[{"role": "user", "content": "error"}]))
+        assert "points" in info.value.message
+        with pytest.raises(openai.RateLimitError):       # non-stream: the real status
+            client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "error"}])
+    finally:
+        proxy.stop()
+
+
+###############################################################################
+# Handlers: the router, the admin API, the model list, the chat pipeline, access keys
+###############################################################################
+
+
+# ----------------------------------------------------------------------------- the app and its router
 
 def test_unknown_path_and_wrong_method_are_openai_errors(proxy: Proxy) -> None:
     with httpx.Client() as http:
@@ -1730,6 +3970,947 @@ def test_cors_preflight(proxy: Proxy) -> None:
         assert "access-control-allow-credentials" not in r.headers
 
 
+def test_admin_page_needs_basic_auth(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.get(proxy.url + "/admin")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
+        assert http.get(proxy.url + "/admin", auth=("admin", "wrong")).status_code == 401
+        r = http.get(proxy.url + "/admin", auth=("admin", "123456"))
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+
+
+def test_deeply_nested_request_json_is_a_400(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/chat/completions", content=b"[" * 100000,
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_body_with_a_byte_order_mark(proxy: Proxy) -> None:
+    body = "\ufeff" + json.dumps({"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]})
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/chat/completions", content=body.encode(),
+                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
+
+
+# ----------------------------------------------------------------------------- the admin API
+
+def test_admin_api_needs_credentials(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        for method, path in (("GET", "/api/admin/config"), ("POST", "/api/admin/config"), ("GET", "/api/models"),
+                             ("GET", "/api/admin/stats")):
+            r = http.request(method, proxy.url + path, json={})
+            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic"), path
+            assert http.request(method, proxy.url + path, auth=("admin", "nope"), json={}).status_code == 401
+
+
+def test_admin_config_round_trip_is_atomic_and_takes_effect(proxy: Proxy, poe: FakePoe, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("# my notes\nenable: false\nmodels: {}\n")
+    with httpx.Client(auth=ADMIN) as http:
+        got = http.get(proxy.url + "/api/admin/config").json()
+        assert got == {"enable": False, "models": {}, "custom_models": [], "api_token": None, "use_v1_api": False,
+                       "load_error": None}
+        new = {"enable": True, "models": {"GPT-4o": {"mapping": "gpt-4o-poe"}, "Claude-Sonnet-4.5": {"enable": False},
+                                          "Img": {"replace_response": True, "tool_mode": "native"},
+                                          "MyBot": {"mapping": "my-bot"}},
+               "custom_models": [{"id": "MyBot", "owned_by": "me", "created": 1700000000}],
+               "api_token": None, "use_v1_api": True}
+        assert http.post(proxy.url + "/api/admin/config", json=new).json() == {"status": "success"}
+        assert http.get(proxy.url + "/api/admin/config").json() == {**new, "load_error": None}
+        bad = http.post(proxy.url + "/api/admin/config", json={**new, "models": {"X": {"tool_mode": "telepathy"}}})
+        assert bad.status_code == 400 and "tool_mode" in bad.json()["error"]["message"]
+        raw = http.get(proxy.url + "/api/models").json()
+        assert [m["id"] for m in raw["data"]] == ["GPT-4o", "Claude-Sonnet-4.5"]     # Poe's own names
+    assert yaml.safe_load(path.read_text())["models"]["GPT-4o"] == {"mapping": "gpt-4o-poe"}
+    assert (tmp_path / "models.yaml.bak").read_text() == "# my notes\nenable: false\nmodels: {}\n"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".models.yaml")]       # no temp files left
+    client = proxy.client()
+    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "my-bot"]       # at once; custom renamed
+    client.chat.completions.create(model="gpt-4o-poe", messages=[{"role": "user", "content": "x"}])
+    assert last_query(poe)["path"] == "/bot/GPT-4o"
+    client.chat.completions.create(model="MY-BOT", messages=[{"role": "user", "content": "x"}])
+    assert last_query(poe)["path"] == "/bot/MyBot"
+
+
+def test_broken_file_is_reported_and_never_replaced(proxy: Proxy, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("enable: true\nmodels: {GPT-4o: {mapping: first}}\n")
+    client = proxy.client()
+    assert client.models.list().data[0].id == "first"
+    path.write_text("enable: true\nmodels: {GPT-4o: {mapping: second}\n")      # a typo
+    time.sleep(2.2)
+    with httpx.Client(auth=ADMIN) as http:
+        got = http.get(proxy.url + "/api/admin/config").json()
+    assert got["load_error"] and "line" in got["load_error"] and got["models"] == {"GPT-4o": {"mapping": "first"}}
+    assert client.models.list().data[0].id == "first"
+    assert path.read_text() == "enable: true\nmodels: {GPT-4o: {mapping: second}\n"
+
+
+def test_admin_api_refuses_cross_site_requests(proxy: Proxy, tmp_path: Path) -> None:
+    path = tmp_path / "models.yaml"
+    path.write_text("enable: false\nmodels: {}\n")
+    url = proxy.url + "/api/admin/config"
+    host = f"127.0.0.1:{proxy.port}"
+    evil = {"enable": True, "models": {"GPT-4o": {"mapping": "stolen"}}}
+    with httpx.Client(auth=ADMIN) as http:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Origin": f"http://{host}.evil.example"}):
+            r = http.post(url, json=evil, headers=headers)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site_request", headers
+            assert "Cross-site request to the admin API refused" in r.json()["error"]["message"]
+            assert "access-control-allow-origin" not in r.headers
+        for method, path_ in (("GET", "/api/admin/config"), ("GET", "/api/admin/stats"), ("GET", "/api/models")):
+            assert http.request(method, proxy.url + path_, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        # Bodies a cross-site page can send without a preflight are not configurations.
+        for content_type, data in (("text/plain", json.dumps(evil)), ("application/x-www-form-urlencoded", "enable=1"),
+                                   ("multipart/form-data; boundary=x", "--x--")):
+            r = http.post(url, content=data, headers={"Content-Type": content_type})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], content_type
+        assert yaml.safe_load(path.read_text()) == {"enable": False, "models": {}}     # untouched by all of that
+        # The page itself, a browser without Sec-Fetch-* (Origin only), one behind a reverse proxy, and curl.
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": f"http://{host}"}, {"Origin": f"http://{host}"},
+                        {"Origin": "https://admin.example.com", "X-Forwarded-Host": "admin.example.com"},
+                        {"Sec-Fetch-Site": "none"}, {}):
+            r = http.post(url, json={"enable": True}, headers={**headers, "Content-Type": "application/json; charset=utf-8"})
+            assert r.status_code == 200, (headers, r.text)
+    with httpx.Client() as http:   # refused before the credentials are looked at: no failed login counted
+        for _ in range(p2o.ADMIN_MAX_FAILURES + 1):
+            assert http.get(url, auth=("admin", "guess"), headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        assert http.get(url, auth=ADMIN).status_code == 200
+
+
+def test_admin_routes_send_no_cors_headers_and_the_page_strict_headers(proxy: Proxy) -> None:
+    origin = {"Origin": "https://app.example.com"}
+    with httpx.Client(auth=ADMIN) as http:
+        assert http.get(proxy.url + "/v1/models", headers=origin).headers["access-control-allow-origin"] == "*"
+        preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+        for path in ("/admin", "/api/admin/config", "/api/admin/stats", "/api/models"):
+            r = http.options(proxy.url + path, headers=preflight)
+            assert r.status_code == 405 and not [h for h in r.headers if h.startswith("access-control-")], path
+            r = http.get(proxy.url + path)
+            assert not [h for h in r.headers if h.startswith("access-control-")], path
+        page = http.get(proxy.url + "/admin")
+    assert page.status_code == 200
+    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'" and csp["img-src"] == "'self' data:"
+    assert (csp["frame-ancestors"], csp["base-uri"], csp["form-action"]) == ("'none'", "'none'", "'none'")
+    for directive, tag in (("script-src", "script"), ("style-src", "style")):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.S)
+        assert blocks and csp[directive].split() == [
+            "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in blocks]
+    assert "unsafe" not in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"
+
+
+def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
+    poe.scripts["Broken"] = Script(status=500, body=b"x")
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="Broken", messages=[{"role": "user", "content": "x"}])
+    with httpx.Client(auth=ADMIN) as http:
+        stats = http.get(proxy.url + "/api/admin/stats").json()
+    by_model = {m["model"]: m for m in stats["models"]}
+    assert by_model["GPT-4o"]["requests"] == 2 and by_model["GPT-4o"]["errors"] == 0
+    assert by_model["GPT-4o"]["completion_tokens"] > 0 and by_model["GPT-4o"]["latency_ms"]["p50"] > 0
+    assert by_model["Broken"] == {**by_model["Broken"], "requests": 1, "errors": 1}
+    assert stats["totals"]["requests"] == 3
+    assert stats["upstream"]["connections_opened"] >= 1 and stats["upstream"]["uploads"] == 0
+
+
+def test_admin_stats_key_by_the_bot_and_pool_made_up_names(proxy: Proxy, poe: FakePoe) -> None:
+    client = proxy.client()
+    client.chat.completions.create(model="gpt-4O", messages=[{"role": "user", "content": "x"}])   # any case
+    for i in range(3):   # names Poe does not know: one row for all of them, however long they are
+        poe.on(f"Nope{i}" + "x" * 5000, status=404, body=b'{"detail": "Bot not found"}')
+        with pytest.raises(openai.NotFoundError) as caught:
+            client.chat.completions.create(model=f"Nope{i}" + "x" * 5000, messages=[{"role": "user", "content": "x"}])
+        assert len(caught.value.message) < 1000   # the name is quoted cut, not echoed whole
+    stats = httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()
+    by_model = {m["model"]: m for m in stats["models"]}
+    assert set(by_model) == {"GPT-4o", "(refused)"}
+    assert by_model["GPT-4o"]["requests"] == 1 and by_model["(refused)"]["requests"] == 3
+
+
+def test_admin_login_back_off(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        statuses = [http.get(proxy.url + "/api/admin/config", auth=("admin", "guess")).status_code for _ in range(6)]
+        assert statuses == [401] * 5 + [429]
+        locked = http.get(proxy.url + "/api/admin/config", auth=ADMIN)    # even the right password waits
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+
+
+# ----------------------------------------------------------------------------- the model list
+
+def test_models_list_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
+    models = proxy.client().models.list()
+    ids = [m.id for m in models.data]
+    assert ids == ["GPT-4o", "Claude-Sonnet-4.5"]
+    assert models.data[0].created == 1715644800 and models.data[0].object == "model"   # ms -> s
+    with httpx.Client() as http:   # the un-prefixed path works too, and needs no key
+        body = http.get(proxy.url + "/models").json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ids
+
+
+def test_models_list_tells_what_each_bot_can_do(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    client = proxy.client()
+    models = {m.id: m.model_dump() for m in client.models.list().data}
+    # Poe lists lower-case ids; clients see the cased display names (what users type, and models.yaml keys).
+    assert list(models) == [e["metadata"]["display_name"] for e in POE_MODELS["data"]]
+    sonnet = models["Claude-Sonnet-4.5"]
+    assert (sonnet["object"], sonnet["created"], sonnet["owned_by"]) == ("model", 1758868894, "Anthropic")
+    assert sonnet["name"] == "Claude-Sonnet-4.5" and sonnet["root"] == "claude-sonnet-4.5"
+    assert sonnet["context_length"] == 983040 and sonnet["max_output_tokens"] == 32768
+    assert sonnet["top_provider"] == {"context_length": 983040, "max_completion_tokens": 32768, "is_moderated": False}
+    assert sonnet["architecture"] == {"input_modalities": ["text", "image"], "output_modalities": ["text"],
+                                      "modality": "text,image->text"}
+    assert sonnet["supported_features"] == ["web_search", "tools"]
+    assert {"tools", "reasoning", "web_search_options", "thinking_budget", "web_search"} <= set(
+        sonnet["supported_parameters"])
+    assert sonnet["parameters"][0]["name"] == "thinking_budget" and sonnet["parameters"][0]["schema"]["maximum"] == 31999
+    assert sonnet["reasoning"]["budget"] == {"min_tokens": 0, "max_tokens": 31999}
+    assert sonnet["pricing"]["prompt"] == "0.0000026" and sonnet["pricing"]["completion"] == "0.000013"
+    veo = models["Veo-3"]
+    assert veo["architecture"]["output_modalities"] == ["video"] and "tools" not in veo["supported_parameters"]
+    assert {"aspect_ratio", "duration", "seed"} <= set(veo["supported_parameters"])
+    assert "reasoning" not in models["GPT-4o"]["supported_parameters"]
+    kimi = models["Kimi-K2.5-FW"]                 # no context window known: left out, not guessed
+    assert "context_length" not in kimi and "top_provider" not in kimi
+    one = client.models.retrieve("claude-sonnet-4.5")   # Poe's id works too
+    assert one.id == "Claude-Sonnet-4.5" and one.model_dump()["context_length"] == 983040
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("Claude-Sonnet")
+
+
+def test_models_list_in_the_anthropic_shape(proxy: Proxy, poe: FakePoe) -> None:
+    import datetime
+    poe.models = POE_MODELS
+    client = anthropic_client(proxy)
+    page = client.models.list()
+    assert page.has_more is False and page.first_id == "Assistant" and page.last_id == "Web-Search"
+    models = {m.id: m for m in page}
+    assert len(models) == 16 and all(m.type == "model" and m.display_name == m.id for m in models.values())
+    sonnet = models["Claude-Sonnet-4.5"]
+    assert sonnet.created_at == datetime.datetime(2025, 9, 26, 6, 41, 34, tzinfo=datetime.timezone.utc)
+    assert (sonnet.max_input_tokens, sonnet.max_tokens) == (983040, 32768)
+    one = client.models.retrieve("gpt-4o")
+    assert (one.id, one.display_name, one.max_tokens) == ("GPT-4o", "GPT-4o", 8192)
+    anthropic = pytest.importorskip("anthropic")
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("no-such-bot")
+
+
+def test_a_chat_waits_for_the_catalogue_only_briefly(start: Callable[..., Proxy], poe: FakePoe,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2o, "MODELS_WAIT_SECONDS", 0.3)
+    poe.models = POE_MODELS
+    poe.models_delay_s = 1.5
+    client = start().client()
+    began = time.monotonic()
+    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
+                                   reasoning_effort="high", web_search_options={})
+    assert time.monotonic() - began < 1.2                                # did not wait for the slow list
+    assert last_turn(poe) == "Q --reasoning_effort high"                 # without it: the earlier flags
+    time.sleep(1.5)                                                      # the fetch went on in the background
+    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
+                                   reasoning_effort="high", web_search_options={})
+    assert last_turn(poe) == "Q --web_search true --reasoning_effort high"
+    assert sum(r["path"] == "/v1/models" for r in poe.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
+def test_an_unknown_model_points_to_the_model_list(proxy: Proxy, poe: FakePoe, dialect: str, stream: bool) -> None:
+    poe.models = POE_MODELS
+    poe.on("No-Such-Bot", [sse("error", {"text": "Bot does not exist", "allow_retry": False})])
+    poe.on("Gone-Bot", status=404, body=b'{"detail": "Bot not found"}')
+    for model in ("No-Such-Bot", "Gone-Bot"):
+        err = ask_failing(proxy, dialect, model, stream)
+        assert err.status_code == 404 and type(err).__name__ == "NotFoundError", model
+        message = err.body["error"]["message"] if dialect == "messages" else err.body["message"]
+        assert message.startswith(f"The model '{model}' does not exist on Poe; GET /v1/models lists the bots")
+        if dialect == "messages":
+            assert err.body["error"]["type"] == "not_found_error"
+        else:
+            assert err.code == "model_not_found"
+    assert len(bot_queries(poe, "No-Such-Bot")) == 1                     # not in the catalogue, still asked for
+
+
+def test_stalled_model_list_is_a_504(start: Callable[..., Proxy], poe: FakePoe, lt: LoopThread) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\"")
+        await asyncio.sleep(3)
+        writer.close()
+
+    async def serve_stall() -> int:
+        server = await asyncio.start_server(stall, "127.0.0.1", 0)
+        return server.sockets[0].getsockname()[1]
+    port = lt.run(serve_stall())
+    proxy = start(poe_base_url=f"http://127.0.0.1:{port}", read_timeout_seconds=0.5)
+    with pytest.raises(openai.APIStatusError) as info:
+        proxy.client().models.list()
+    assert info.value.status_code == 504
+
+
+def test_models_retrieve(proxy: Proxy) -> None:
+    client = proxy.client()
+    model = client.models.retrieve("gpt-4o")                      # any case
+    assert (model.id, model.object, model.created) == ("GPT-4o", "model", 1715644800)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("No-Such-Bot")
+
+
+# ----------------------------------------------------------------------------- the chat pipeline
+
+def test_non_stream_chat_returns_poe_text_and_usage(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("Hello", ", ", "world", " — 世界 🎉"))
+    result = proxy.client().chat.completions.create(
+        model="GPT-4o", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        temperature=0.5, stop="END")
+    assert result.choices[0].message.content == "Hello, world — 世界 🎉"
+    assert result.choices[0].finish_reason == "stop" and result.model == "GPT-4o"
+    assert result.object == "chat.completion" and result.id.startswith("chatcmpl-")
+    assert result.usage is not None and result.usage.prompt_tokens > 0 and result.usage.completion_tokens > 0
+    assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
+    sent = last_query(poe)
+    assert sent["headers"]["authorization"] == f"Bearer {KEY}"        # the client's key goes to Poe
+    assert sent["query"]["temperature"] == 0.5 and sent["query"]["stop_sequences"] == ["END"]
+    assert [m["role"] for m in sent["query"]["query"]] == ["system", "user"]
+
+
+@pytest.mark.parametrize("eol", ["\n", "\r\n"])
+def test_stream_chat_exact_text(proxy: Proxy, poe: FakePoe, eol: str) -> None:
+    poe.on("GPT-4o", text_events("Hel", "lo ", "wörld", eol=eol))
+    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello wörld"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert len({c.id for c in chunks}) == 1 and all(c.usage is None for c in chunks)
+
+
+def test_stream_include_usage_sends_one_usage_chunk_last(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("one ", "two"))
+    status, lines = raw_sse(proxy, {"model": "GPT-4o", "stream": True, "stream_options": {"include_usage": True},
+                                    "messages": [{"role": "user", "content": "count"}]})
+    chunks = data_chunks(lines)
+    assert status == 200 and chunks[-1] == "[DONE]"
+    usage_chunk = chunks[-2]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] > 0
+    assert not any("usage" in c for c in chunks[:-2])
+    assert not any(line.startswith("event:") for line in lines)
+    # the SDK sees the same
+    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
+                                                    stream_options={"include_usage": True},
+                                                    messages=[{"role": "user", "content": "count"}])
+    last = list(stream)[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.total_tokens > 0
+
+
+def test_stream_helper_accumulates(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", text_events("a", "b", "c"))
+    with proxy.client().chat.completions.stream(model="GPT-4o", messages=[{"role": "user", "content": "x"}]) as s:
+        final = s.get_final_completion()
+    assert final.choices[0].message.content == "abc" and final.choices[0].message.role == "assistant"
+
+
+def test_replace_response_stream_and_non_stream(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("Img", [sse("text", {"text": "Generating"}), sse("replace_response", {"text": "Generating done"}),
+                   sse("text", {"text": "!"}), sse("done", {})])
+    assert both_ways(proxy, "Img") == ("Generating done!", "Generating done!")
+
+
+def test_missing_key_is_401(proxy: Proxy) -> None:
+    with httpx.Client() as http:
+        r = http.post(proxy.url + "/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "x"}]})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("script, exc, status", [
+    (Script(status=401, body=b'{"error": {"message": "Invalid API key"}}'), openai.AuthenticationError, 401),
+    (Script([sse("error", {"text": "Invalid token", "allow_retry": False}), sse("done", {})]),
+     openai.AuthenticationError, 401),
+    (Script(status=404, body=b'{"detail": "Bot not found"}'), openai.NotFoundError, 404),
+    (Script([sse("error", {"text": "Bot does not exist"})]), openai.NotFoundError, 404),
+    (Script(status=429, body=b'{"error": "slow down"}'), openai.RateLimitError, 429),
+    (Script([sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund",
+                           "allow_retry": False})]), openai.RateLimitError, 429),
+    (Script(status=500, body=b"oops"), openai.InternalServerError, 502),
+    (Script([sse("error", {"text": "too long", "error_type": "user_message_too_long"})]),
+     openai.BadRequestError, 400),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_failures_get_real_statuses(proxy: Proxy, poe: FakePoe, script: Script, exc: type, status: int,
+                                        stream: bool) -> None:
+    poe.scripts["Bot"] = script
+    with pytest.raises(exc) as info:
+        result = proxy.client().chat.completions.create(model="Bot", stream=stream,
+                                                        messages=[{"role": "user", "content": "x"}])
+        if stream:
+            list(result)
+    assert info.value.status_code == status
+    assert isinstance(info.value.body, dict) and info.value.body.get("message")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
+def test_every_429_says_when_to_retry(start: Callable[..., Proxy], poe: FakePoe, dialect: str, stream: bool) -> None:
+    proxy = start()
+    poe.on("Busy", status=429, body=b'{"error": "slow down"}', headers=[("Retry-After", "17")])
+    poe.on("Limited", [sse("error", {"text": "Rate limit exceeded, try again later"})])
+    poe.on("Broke", [sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund",
+                                   "allow_retry": False})])
+    for model, retry_after in (("Busy", "17"), ("Limited", str(p2o.DEFAULT_RETRY_AFTER_S)),
+                               ("Broke", str(p2o.DEFAULT_RETRY_AFTER_S))):
+        err = ask_failing(proxy, dialect, model, stream)
+        assert err.status_code == 429 and type(err).__name__ == "RateLimitError", model
+        assert err.response.headers["retry-after"] == retry_after, model
+        assert err.response.headers.get("x-should-retry") == ("false" if model == "Broke" else None), model
+    gated = start(rate_limit_ms=60000, rate_limit_max_wait_seconds=1)
+    gated.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    err = ask_failing(gated, dialect, "GPT-4o", stream)   # would wait a minute for its turn: refused at once
+    assert err.status_code == 429 and err.response.headers["retry-after"] in ("59", "60")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_poe_error_types_reach_claude_code_as_anthropic_errors(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    poe.on("Long", [sse("error", {"text": "Message too long", "error_type": "user_message_too_long"})])
+    poe.on("Private", [sse("error", {"text": "Not allowed here", "error_type": "privacy_authorization_error"})])
+    poe.on("Odd", [sse("error", {"text": "Bad attachment", "error_type": "user_caused_error"})])
+    poe.on("Gone", status=404, body=b'{"detail": "Bot not found"}')
+    err = ask_failing(proxy, "messages", "Long", stream)
+    assert isinstance(err, anthropic.BadRequestError)
+    assert err.body["error"]["type"] == "invalid_request_error"
+    assert err.body["error"]["message"].startswith("prompt is too long")   # what makes Claude Code compact
+    for model, exc, kind in (("Private", anthropic.PermissionDeniedError, "permission_error"),
+                             ("Odd", anthropic.BadRequestError, "invalid_request_error"),
+                             ("Gone", anthropic.NotFoundError, "not_found_error")):
+        err = ask_failing(proxy, "messages", model, stream)
+        assert isinstance(err, exc) and err.body["type"] == "error" and err.body["error"]["type"] == kind, model
+    err = ask_failing(proxy, "chat", "Long", stream)
+    assert isinstance(err, openai.BadRequestError) and err.code == "context_length_exceeded"
+
+
+def test_error_after_text_is_an_in_stream_error(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", [sse("text", {"text": "partial "}),
+                      sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund"}),
+                      sse("done", {})])
+    stream = proxy.client().chat.completions.create(model="GPT-4o", stream=True,
+                                                    messages=[{"role": "user", "content": "x"}])
+    seen = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            seen.append(chunk.choices[0].delta.content)
+    assert "partial " in seen and "points" in str(info.value.message)
+    status, lines = raw_sse(proxy, {"model": "GPT-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    chunks = data_chunks(lines)
+    assert status == 200 and chunks[-1] == "[DONE]" and chunks[-2]["error"]["code"] == "insufficient_quota"
+    assert not any(c != "[DONE]" and c.get("choices") and c["choices"][0]["finish_reason"] for c in chunks)
+
+
+def test_mid_stream_disconnect(proxy: Proxy, poe: FakePoe) -> None:
+    poe.on("GPT-4o", [sse("text", {"text": "Hel"}), DISCONNECT])
+    client = proxy.client()
+    with pytest.raises(openai.APIError) as info:
+        list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
+    assert "closed the connection" in info.value.message
+    with pytest.raises(openai.InternalServerError) as info2:
+        client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    assert info2.value.status_code == 502
+
+
+def test_keepalive_comments_while_poe_is_silent(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start(stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
+    poe.on("Slow", [sse("meta", {}), 1.0, sse("text", {"text": "late"}), sse("done", {})])
+    status, lines = raw_sse(proxy, {"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    assert status == 200 and lines.count(": keep-alive") >= 2
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in data_chunks(lines)
+                   if c != "[DONE]" and c["choices"]) == "late"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_upstream_is_let_go_once_finished_or_left(proxy: Proxy, poe: FakePoe, stream: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    let_go: list[str] = []
+    finish, aclose = p2o.PoeEventStream.finish, p2o.PoeEventStream.aclose
+
+    async def counted_finish(self: p2o.PoeEventStream, complete: bool, wait_s: float = 1.0) -> None:
+        let_go.append(f"finish {complete}")
+        await finish(self, complete, wait_s)
+
+    async def counted_aclose(self: p2o.PoeEventStream) -> None:
+        let_go.append("close")
+        await aclose(self)
+
+    monkeypatch.setattr(p2o.PoeEventStream, "finish", counted_finish)
+    monkeypatch.setattr(p2o.PoeEventStream, "aclose", counted_aclose)
+    client = proxy.client()
+    messages = [{"role": "user", "content": "x"}]
+    for _ in range(3):   # after `done`: finished, and the connection is reused
+        if stream:
+            answer = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="GPT-4o", stream=True, messages=messages) if c.choices)
+        else:
+            answer = client.chat.completions.create(model="GPT-4o", messages=messages).choices[0].message.content
+        assert answer == "Hello from GPT-4o"
+    assert let_go == ["finish True"] * 3 and poe.connections == 1
+    let_go.clear()
+    # The client leaves mid-answer: Poe's connection is closed, once, and a new one serves the next request.
+    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        got = b""
+        while b"thinking..." not in got:
+            got += sock.recv(65536)
+    else:
+        time.sleep(0.3)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert let_go == ["close"] and len(poe.disconnects) == 1
+    assert client.chat.completions.create(model="GPT-4o", messages=messages)
+    assert poe.connections == 2
+
+
+def test_fixtures_from_real_clients(proxy: Proxy, poe: FakePoe) -> None:
+    for name in ("cline-chat.json", "langchain-chat.json", "openwebui-chat.json"):
+        body = json.loads((FIXTURES / name).read_text())
+        poe.on(body["model"], text_events("ok"))
+        if body.get("stream"):
+            status, lines = raw_sse(proxy, body)
+            chunks = data_chunks(lines)
+            assert status == 200 and chunks[-1] == "[DONE]", name
+            usage_chunks = [c for c in chunks[:-1] if c.get("usage")]
+            assert len(usage_chunks) == (1 if body.get("stream_options", {}).get("include_usage") else 0), name
+        query = last_query(poe)["query"]
+        assert query["query"][-1]["role"] == "user", name
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_closes_the_poe_connection_at_once(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
+    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        got = b""
+        while b"thinking..." not in got:
+            got += sock.recv(65536)
+    else:
+        time.sleep(0.3)
+    left_at = time.monotonic()
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
+
+
+@pytest.mark.parametrize("how", ["close", "half-close", "pipeline-then-half-close"])
+def test_client_leaving_mid_stream_closes_poe_while_it_is_still_sending(proxy: Proxy, poe: FakePoe, how: str) -> None:
+    poe.on("Trickle", [x for i in range(20) for x in (sse("text", {"text": f"piece{i} "}), 0.25)] + [sse("done", {})])
+    body = json.dumps({"model": "Trickle", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"piece0" not in got:
+            got += sock.recv(65536)
+        if how.startswith("pipeline"):     # a next request already came: the leaving is noticed all the same
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.05)
+        left_at = time.monotonic()
+        if how.endswith("half-close"):     # the client still reads, so writes to it keep succeeding
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            sock.close()
+        deadline = time.monotonic() + 3
+        while not poe.disconnects and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
+        if how.endswith("half-close"):
+            rest = b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+            assert b"piece19" not in rest and b"[DONE]" not in rest   # the answer was cut, not finished
+
+
+def test_secrets_never_reach_the_logs(start: Callable[..., Proxy], poe: FakePoe,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    secret_key, secret_password = "poe-SECRET-KEY-1234567890", "admin-SECRET-PASSWORD"
+    proxy = start(admin_password=secret_password)
+    poe.on("Bad", [sse("error", {"text": "Invalid token"})])
+    with caplog.at_level(logging.DEBUG):
+        client = proxy.client(api_key=secret_key)
+        client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"log"))])
+        list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
+        with pytest.raises(openai.AuthenticationError):
+            client.chat.completions.create(model="Bad", messages=[{"role": "user", "content": "x"}])
+        with httpx.Client() as http:
+            http.get(proxy.url + "/admin", auth=("admin", secret_password))
+            http.get(proxy.url + "/admin", auth=("admin", secret_password + "x"))
+        access_key, server_key = "access-SECRET-KEY-0123456789", "poe-SECRET-SERVER-KEY-42"
+        shared = start(access_keys=f"team: {access_key}", poe_api_key=server_key)
+        shared.client(api_key=access_key).chat.completions.create(model="GPT-4o", messages=[
+            image_message(data_url(PNG_2X2 + b"shared log"))])
+        shared.client(api_key=access_key).models.list()
+        with pytest.raises(openai.AuthenticationError):
+            shared.client(api_key=access_key + "-wrong").chat.completions.create(
+                model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.AuthenticationError):
+            shared.client(api_key=access_key).chat.completions.create(model="Bad", messages=[
+                {"role": "user", "content": "x"}])
+    assert "POST /v1/chat/completions" in caplog.text             # the access log is there...
+    assert secret_key not in caplog.text and secret_password not in caplog.text   # ...the secrets are not
+    assert "SECRET" not in caplog.text, caplog.text               # nor the access key or the server's Poe key
+
+
+def test_a_key_no_poe_key_could_be_is_a_401_in_the_dialects_shape(proxy: Proxy) -> None:
+    body = b'{"model":"GPT-4o","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    for path, header in (("/v1/chat/completions", "Authorization: Bearer caf\xc3\xa9".encode("latin-1")),
+                         ("/v1/messages", b"X-Api-Key: \xe2\x98\x83snowman"),
+                         ("/v1/responses", b"Authorization: Bearer key\x7fwith-delete")):
+        out = raw_exchange(proxy, b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\nContent-Type: application/json\r\n"
+                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                           % (path.encode(), header, len(body), body))
+        assert out.startswith(b"HTTP/1.1 401 "), out[:200]
+        error = json.loads(out.split(b"\r\n\r\n", 1)[1])
+        if path == "/v1/messages":
+            assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
+        else:
+            assert error["error"]["code"] == "invalid_api_key"
+
+
+def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, poe: FakePoe) -> None:
+    import tracemalloc
+
+    def ask(i: int) -> int:
+        with httpx.Client(timeout=20) as http:
+            return http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": "Bearer stranger"}, json={
+                "model": f"{i}-" + "m" * 1_000_000, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"https://example.com/{i}/" + "p" * 1_000_000}}]}]}
+            ).status_code
+
+    ask(0)   # the first request fills what is filled once (imports, pools)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        assert all(ask(i) >= 400 for i in range(1, 13))   # Poe cannot take such a bot name
+        assert len(poe.uploads) == 13
+        poe.requests.clear()   # what the fake Poe keeps is not the proxy's
+        poe.uploads.clear()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 * 1024 * 1024, grown   # 12 requests of 2 MB each: none of it is kept
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory use")
+def test_soak_hundreds_of_concurrent_streams_with_bounded_memory(proxy: Proxy, poe: FakePoe,
+                                                                 lt: LoopThread) -> None:
+    poe.on("Soak", [x for i in range(10) for x in (sse("text", {"text": f"chunk {i} " * 5}), 0.01)]
+           + [sse("done", {})])
+    body = json.dumps({"model": "Soak", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+               % (len(body), body))
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(request)
+        data = await reader.read()
+        writer.close()
+        ok = b"chunk 9 " * 5 in data and b"data: [DONE]" in data and data.endswith(b"0\r\n\r\n")
+        return b"" if ok else data[:200] + b" ... " + data[-200:]   # what went wrong, for the report
+
+    async def wave(n: int) -> list[bytes]:
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+    assert [bad for bad in lt.run(wave(300), timeout=60) if bad] == []
+    before = _rss_bytes()
+    for _ in range(2):
+        assert [bad for bad in lt.run(wave(300), timeout=60) if bad] == []
+    assert _rss_bytes() - before < 30 * 1024 * 1024      # no growth from wave to wave
+
+
+# ----------------------------------------------------------------------------- tool mode: native, xml, auto
+
+@pytest.mark.parametrize("with_finish_chunk", [True, False])
+def test_native_mode_end_to_end(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path,
+                                with_finish_chunk: bool) -> None:
+    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
+    steps = [native_chunk({"role": "assistant", "content": None, "tool_calls": [
+                 {"index": 0, "id": "call_abc123", "type": "function",
+                  "function": {"name": "get_weather", "arguments": ""}}]}),
+             native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+             native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})]
+    if with_finish_chunk:
+        steps.append(native_chunk({}, "tool_calls"))
+    poe.on("NativeBot", steps + [sse("done", {})])
+    client = proxy_client = start().client()
+    result = client.chat.completions.create(model="NativeBot", tools=WEATHER_TOOLS,
+                                            messages=[{"role": "user", "content": "weather in Paris?"}])
+    call = result.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+        "call_abc123", "get_weather", {"city": "Paris"})
+    assert result.choices[0].finish_reason == "tool_calls" and result.choices[0].message.content is None
+    assert last_query(poe)["query"]["tools"][0]["function"]["name"] == "get_weather"
+    with proxy_client.chat.completions.stream(model="NativeBot", tools=WEATHER_TOOLS,
+                                              messages=[{"role": "user", "content": "weather?"}]) as stream:
+        final = stream.get_final_completion()
+    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_tool_mode_auto_follows_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+    poe.models = POE_MODELS
+    (tmp_path / "models.yaml").write_text("models:\n  Grok-4: {tool_mode: xml}\n  deepseek-r1: {tool_mode: native}\n")
+    client = start(tool_mode="auto").client()
+    messages = [{"role": "user", "content": "weather?"}]
+    sent = {}
+    for model in ("GPT-4o", "Kimi-K2.5-FW", "Grok-4", "DeepSeek-R1", "Private-Bot"):
+        client.chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
+        query = last_query(poe)["query"]
+        sent[model] = ("tools" in query, "<tools>" in query["query"][-1]["content"])
+    assert sent == {"GPT-4o": (True, False),          # Poe lists `tools` for it: Poe's native tool fields
+                    "Kimi-K2.5-FW": (False, True),    # it lists none: the XML prompt
+                    "Grok-4": (False, True),          # models.yaml's tool_mode wins over the setting...
+                    "DeepSeek-R1": (True, False),     # ...either way
+                    "Private-Bot": (False, True)}     # not in the catalogue: XML
+    yaml_auto = start()                                # TOOL_MODE xml (the default), `auto` for one model
+    (tmp_path / "models.yaml").write_text("models:\n  Claude-Sonnet-4.5: {tool_mode: auto}\n")
+    time.sleep(2.1)                                    # the registry notices the edit
+    for model, native in (("Claude-Sonnet-4.5", True), ("GPT-4o", False)):
+        yaml_auto.client().chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
+        assert ("tools" in last_query(poe)["query"]) is native, model
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("refusal", [
+    Script([sse("error", {"text": "This bot does not support tool calling.", "error_type": "user_caused_error",
+                          "allow_retry": False})]),
+    Script([sse("meta", {"content_type": "text/markdown"}), sse("error", {"text": "tools are not supported"})]),
+    Script(status=400, body=b'{"error": {"code": "unsupported_feature_for_model", "message": "Not supported"}}'),
+], ids=["user_caused_error", "unclassified", "http_400"])
+def test_tool_mode_auto_falls_back_to_xml_once_and_remembers(start: Callable[..., Proxy], poe: FakePoe,
+                                                            refusal: Script, stream: bool) -> None:
+    poe.models = POE_MODELS
+    poe.when_native["Grok-4"] = refusal
+    poe.on("Grok-4", xml_reply_steps(TOOL_REPLY))
+    client = start(tool_mode="auto").client()
+
+    def ask() -> list[tuple[str, Any]]:
+        kw: dict[str, Any] = dict(model="Grok-4", tools=WEATHER_TOOLS, messages=[{"role": "user", "content": "?"}])
+        if not stream:
+            message = client.chat.completions.create(**kw).choices[0].message
+        else:
+            with client.chat.completions.stream(**kw) as events:
+                message = events.get_final_completion().choices[0].message
+        return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+    assert ask() == EXPECTED_CALLS                                        # the client saw no refusal
+    first, retry = bot_queries(poe, "Grok-4")
+    assert "tools" in first and "tools" not in retry and "<tools>" in retry["query"][-1]["content"]
+    assert ask() == EXPECTED_CALLS
+    assert len(bot_queries(poe, "Grok-4")) == 3 and "tools" not in bot_queries(poe, "Grok-4")[-1]   # XML at once
+
+
+@pytest.mark.parametrize("error, status", [
+    ({"text": "You do not have enough points.", "error_type": "insufficient_fund", "allow_retry": False}, 429),
+    ({"text": "Bad attachment", "error_type": "user_caused_error"}, 400),
+    ({"text": "Message too long", "error_type": "user_message_too_long"}, 400),
+])
+def test_tool_mode_auto_retries_only_a_refusal_of_tools(start: Callable[..., Proxy], poe: FakePoe,
+                                                       error: dict[str, Any], status: int) -> None:
+    poe.models = POE_MODELS
+    poe.when_native["Grok-4"] = Script([sse("error", error)])
+    client = start(tool_mode="auto").client()
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model="Grok-4", tools=WEATHER_TOOLS,
+                                           messages=[{"role": "user", "content": "?"}])
+        assert info.value.status_code == status
+    assert [("tools" in q) for q in bot_queries(poe, "Grok-4")] == [True, True]   # no retry, and not remembered
+
+
+def test_what_counts_as_a_refusal_of_native_tools() -> None:
+    refuses = p2o.refuses_native_tools
+    assert refuses(p2o.classify_poe_status(400, b'{"error": "unsupported_feature_for_model"}', "bot B"), True)
+    assert refuses(p2o.classify_poe_error({"text": "Function calling is unavailable",
+                                           "error_type": "user_caused_error"}), False)
+    assert refuses(p2o.classify_poe_error({"text": "This model does not support tools"}), False)
+    for status, body in ((401, b"nope"), (404, b"Bot not found"), (413, b"too big"), (429, b"slow"), (500, b"x"),
+                         (400, b'{"error": "prompt is too long for the context window"}')):
+        assert not refuses(p2o.classify_poe_status(status, body, "bot B"), True), status
+    for data in ({"text": "Bad attachment", "error_type": "user_caused_error"},
+                 {"text": "tools: you do not have enough points", "error_type": "insufficient_fund"},
+                 {"text": "Too many tool calls, rate limit exceeded"},
+                 {"text": "Internal server error"}):
+        assert not refuses(p2o.classify_poe_error(data), False), data
+
+
+# ----------------------------------------------------------------------------- access keys
+
+def start_shared(start: Callable[..., Proxy], **kw: Any) -> Proxy:
+    return start(access_keys=f"alice: {ALICE_KEY}, bob: {BOB_KEY}", poe_api_key=SERVER_KEY, **kw)
+
+
+def keys_poe_saw(poe: FakePoe) -> set[str]:
+    return {r["headers"].get("authorization", "") for r in poe.requests} | {u["authorization"] for u in poe.uploads}
+
+
+def test_shared_proxy_runs_every_sdk_on_the_servers_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    client = proxy.client(api_key=ALICE_KEY)
+    assert [m.id for m in client.models.list().data] == ["GPT-4o", "Claude-Sonnet-4.5"]
+    assert client.chat.completions.create(**CHAT).choices[0].message.content == "Hello from GPT-4o"
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**CHAT, stream=True)
+                   if c.choices) == "Hello from GPT-4o"
+    client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"shared"))])
+    assert client.responses.create(model="GPT-4o", input="hi").output_text == "Hello from GPT-4o"
+    message = anthropic_client(proxy, api_key=BOB_KEY).messages.create(   # x-api-key
+        model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == "Hello from Claude-Sonnet-4.5"
+    bearer = anthropic_client(proxy, api_key=None, auth_token=BOB_KEY)   # Authorization: Bearer
+    assert bearer.messages.create(model="Claude-Sonnet-4.5", max_tokens=10,
+                                  messages=[{"role": "user", "content": "hi"}]).content[0].text
+    with httpx.Client() as http:   # Azure-style clients send api-key
+        r = http.post(proxy.url + "/v1/chat/completions", json=CHAT, headers={"api-key": ALICE_KEY})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
+        assert http.get(proxy.url + "/healthz").status_code == 200   # health needs no key
+    assert len(poe.uploads) == 1 and {r["path"] for r in poe.requests} >= {"/v1/models", "/bot/GPT-4o"}
+    assert keys_poe_saw(poe) == {f"Bearer {SERVER_KEY}"}   # never an access key
+
+
+def test_shared_proxy_refuses_wrong_and_missing_keys_in_each_dialects_shape(start: Callable[..., Proxy],
+                                                                            poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    proxy = start_shared(start)
+    with pytest.raises(openai.AuthenticationError) as info:
+        proxy.client(api_key=KEY).chat.completions.create(**CHAT)   # a Poe key is not an access key
+    assert info.value.code == "invalid_api_key" and "access key" in info.value.message
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=ALICE_KEY + "x").models.list()
+    with pytest.raises(anthropic.AuthenticationError) as anthropic_info:
+        anthropic_client(proxy, api_key="wrong-key-0123456789").messages.create(
+            model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+    assert anthropic_info.value.body["error"]["type"] == "authentication_error"
+    with httpx.Client() as http:
+        for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None),
+                                   ("GET", "/models/GPT-4o", None), ("POST", "/v1/responses", {"model": "m"}),
+                                   ("POST", "/v1/messages/count_tokens", {"messages": []})):
+            r = http.request(method, proxy.url + path, json=body)
+            assert r.status_code == 401, path
+            shape = r.json()["error"]
+            assert (shape["type"] == "authentication_error" if "messages" in path
+                    else shape["code"] == "invalid_api_key"), (path, shape)
+        preflight = http.options(proxy.url + "/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 204   # browsers send no key on a preflight
+    assert not [r for r in poe.requests if r["path"].startswith("/bot/")] and not poe.uploads
+
+
+def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    with httpx.Client() as http:
+        assert http.post(proxy.url + "/v1/chat/completions", json=CHAT).status_code == 401   # no key: no failure
+        statuses = [http.post(proxy.url + "/v1/chat/completions", json=CHAT,
+                              headers={"Authorization": f"Bearer guess-{n}-0123456789abcdef"}).status_code
+                    for n in range(6)]
+        assert statuses == [401] * 5 + [429]
+        locked = http.post(proxy.url + "/v1/messages", headers={"x-api-key": ALICE_KEY},
+                           json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
+        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0   # even the right key waits
+        assert locked.json()["error"]["type"] == "rate_limit_error"
+        assert http.get(proxy.url + "/api/admin/config", auth=ADMIN).status_code == 200   # the admin's own table
+
+
+def test_usage_stats_per_access_key_label(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    proxy = start_shared(start)
+    poe.on("Broken", status=500, body=b"x")
+    alice, bob = proxy.client(api_key=ALICE_KEY), proxy.client(api_key=BOB_KEY)
+    alice.chat.completions.create(**CHAT)
+    list(alice.chat.completions.create(**CHAT, stream=True))
+    with pytest.raises(openai.InternalServerError):
+        bob.chat.completions.create(model="Broken", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key="nobody-0123456789abcdef").chat.completions.create(**CHAT)
+    with httpx.Client(auth=ADMIN) as http:
+        raw = http.get(proxy.url + "/api/admin/stats")
+    stats = raw.json()
+    by_key = {k["key"]: k for k in stats["keys"]}
+    assert set(by_key) == {"alice", "bob"} and stats["access_keys"] == 2 and stats["version"] == p2o.__version__
+    assert by_key["alice"]["requests"] == 2 and by_key["alice"]["errors"] == 0
+    assert by_key["alice"]["completion_tokens"] > 0 and by_key["alice"]["prompt_tokens"] > 0
+    assert (by_key["bob"]["requests"], by_key["bob"]["errors"]) == (1, 1)
+    assert ALICE_KEY not in raw.text and BOB_KEY not in raw.text and SERVER_KEY not in raw.text
+
+
+def test_pass_through_stats_count_under_own_key(proxy: Proxy) -> None:
+    proxy.client().chat.completions.create(**CHAT)
+    stats = httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()
+    assert stats["access_keys"] == 0 and [(k["key"], k["requests"]) for k in stats["keys"]] == [("own key", 1)]
+
+
+def test_access_key_file_is_read_and_reloaded_when_it_changes(start: Callable[..., Proxy], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(p2o, "KEY_FILE_CHECK_S", 0.0)
+    path = tmp_path / "access-keys.txt"
+    path.write_text(f"# who may use the proxy\n\nalice: {ALICE_KEY}   # laptop\n")
+    proxy = start(access_keys=f"@{path}", poe_api_key=SERVER_KEY)
+    assert proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT)
+    path.write_text(f"bob: {BOB_KEY}\n")
+    assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT)
+    with caplog.at_level(logging.WARNING):
+        path.write_text(f"bob: {BOB_KEY}\ncarol: short\n")   # a broken edit: the keys in force stay
+        assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
+    assert "not reloaded" in caplog.text and "line 2" in caplog.text
+    labels = {k["key"] for k in httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()["keys"]}
+    assert labels == {"alice", "bob"}
+
+
+###############################################################################
+# Inbound connections: framing, keep-alive, limits, hostile bytes
+###############################################################################
+
+def test_keep_alive_serves_several_requests_on_one_connection(proxy: Proxy) -> None:
+    req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = raw_exchange(proxy, req + req + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200 ") == 3 and out.count(b'"status":"ok"') == 3
+
+
+def test_http_10_client_gets_a_closed_response(proxy: Proxy) -> None:
+    out = raw_exchange(proxy, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ") and b"connection: close" in out.lower()
+
+
 def test_body_over_max_request_size_is_413_and_closes(start: Callable[..., Proxy]) -> None:
     proxy = start(max_request_size=100)
     body = b"x" * 1000
@@ -1755,17 +4936,6 @@ def test_slow_request_head_times_out_with_408(start: Callable[..., Proxy]) -> No
     out = raw_exchange(proxy, b"GET /healthz HTTP/1.1\r\nHost:", timeout=3)
     assert out.startswith(b"HTTP/1.1 408 ")
 
-
-def test_admin_page_needs_basic_auth(proxy: Proxy) -> None:
-    with httpx.Client() as http:
-        r = http.get(proxy.url + "/admin")
-        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
-        assert http.get(proxy.url + "/admin", auth=("admin", "wrong")).status_code == 401
-        r = http.get(proxy.url + "/admin", auth=("admin", "123456"))
-        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-
-
-# ----------------------------------------------------------------------------- the inbound protocol, in memory
 
 POST_HI = (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
            b"Content-Length: 11\r\n\r\n" b'{"a": "hi"}')
@@ -1992,1824 +5162,6 @@ def test_inbound_protocol_http_10_and_head() -> None:
     assert b"connection: close" in out.lower() and after == [p2o.CLOSE]
 
 
-###############################################################################
-# models.yaml: mapping, hiding, custom models, hand edits
-###############################################################################
-
-def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], poe: FakePoe,
-                                                   tmp_path: Path) -> None:
-    cfg = tmp_path / "models.yaml"
-    cfg.write_text("enable: true\nmodels:\n  gpt-4o: {mapping: gpt-4o-poe}\n  Claude-Sonnet-4.5: {enable: false}\n"
-                   "custom_models:\n  - {id: MyPrivateBot}\n")
-    proxy = start()
-    client = proxy.client()
-    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "MyPrivateBot"]
-    result = client.chat.completions.create(model="GPT-4O-POE", messages=[{"role": "user", "content": "x"}])
-    # the catalogue's own spelling of the bot the mapping names; the client's name is echoed
-    assert last_query(poe)["path"] == "/bot/GPT-4o" and result.model == "GPT-4O-POE"
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="Claude-Sonnet-4.5", messages=[{"role": "user", "content": "x"}])
-    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed}\n")    # a hand edit...
-    deadline = time.time() + 5
-    while time.time() < deadline and client.models.list().data[0].id != "renamed":
-        time.sleep(0.2)
-    assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...takes effect
-    cfg.write_text("enable: true\nmodels: [broken\n")                            # a broken edit...
-    time.sleep(2.5)
-    assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...changes nothing
-    assert cfg.read_text() == "enable: true\nmodels: [broken\n"                  # and the file is left alone
-
-
-def admin_config(proxy: Proxy) -> dict[str, Any]:
-    with httpx.Client(auth=ADMIN, timeout=20) as http:
-        return http.get(proxy.url + "/api/admin/config").json()
-
-
-def wait_for_config(proxy: Proxy, check: Callable[[dict[str, Any]], bool], timeout: float = 8) -> dict[str, Any]:
-    deadline = time.time() + timeout
-    while True:
-        cfg = admin_config(proxy)
-        if check(cfg) or time.time() > deadline:
-            return cfg
-        time.sleep(0.2)
-
-
-ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
-
-
-def test_models_yaml_that_would_wedge_the_proxy_is_refused(start: Callable[..., Proxy], poe: FakePoe,
-                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cfg = tmp_path / "models.yaml"
-    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: good-name}\n")
-    proxy = start()
-    client = proxy.client()
-    assert client.models.list().data[0].id == "good-name"
-    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: bad}\n" + ALIAS_BOMB)   # 9^9 items if expanded
-    got = wait_for_config(proxy, lambda c: bool(c["load_error"]))
-    assert "aliases (*name) are not allowed" in got["load_error"] and "line 5" in got["load_error"]
-    assert got["models"] == {"GPT-4o": {"mapping": "good-name"}} and client.models.list().data[0].id == "good-name"
-    cfg.write_text("enable: true\n" + "# padding\n" * 30_000)                            # over 256 KiB
-    got = wait_for_config(proxy, lambda c: "larger than" in (c["load_error"] or ""))
-    assert "larger than 256 KiB" in got["load_error"] and client.models.list().data[0].id == "good-name"
-    with caplog.at_level(logging.WARNING, logger="poe2openai"):
-        cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed, colour: red, notes: [a, b]}\n"
-                       "custom_models:\n  - {id: Mine, owned_by: me, payload: xxxxxxxx}\n")
-        got = wait_for_config(proxy, lambda c: not c["load_error"])
-    assert got["models"] == {"GPT-4o": {"mapping": "renamed"}}                  # unknown keys are not kept...
-    assert got["custom_models"] == [{"id": "Mine", "owned_by": "me"}]
-    warnings_ = [r.getMessage() for r in caplog.records if "unknown keys" in r.getMessage()]
-    assert len(warnings_) == 1 and "'colour'" in warnings_[0] and "'payload'" in warnings_[0]   # ...and said once
-    assert [m.id for m in client.models.list().data][0] == "renamed"
-
-
-@pytest.mark.parametrize("libyaml", [True, False])
-def test_models_yaml_aliases_are_refused_when_read_directly_too(tmp_path: Path, libyaml: bool,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    if not libyaml:   # PyYAML built without libyaml: the pure-Python loader refuses them as well
-        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
-    for text in ("models: &m {GPT-4o: {mapping: x}}\nagain: *m\n", "base: &b {enable: false}\nmodels:\n  X: {<<: *b}\n"):
-        with pytest.raises(yaml.YAMLError, match="aliases") as info:
-            p2o.ModelConfig.from_yaml(text)
-        assert info.value.problem_mark.line in (1, 2)    # type: ignore[attr-defined]
-    assert p2o.ModelConfig.from_yaml("models: &m {GPT-4o: {mapping: x}}\n").models == {"GPT-4o": {"mapping": "x"}}
-    assert gc.isenabled()
-    (tmp_path / "models.yaml").write_text("enable: true\nmodels:\n  GPT-4o: {mapping: sync}\n")
-    registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))   # no event loop: read on the spot
-    assert registry.config().models == {"GPT-4o": {"mapping": "sync"}} and registry.last_error is None
-
-
-def test_temporary_files_of_an_interrupted_save_are_removed_at_start(start: Callable[..., Proxy],
-                                                                     tmp_path: Path) -> None:
-    ours_old = [tmp_path / ".models.yaml.k3j4h5g6", tmp_path / ".models.yaml.bak.ab_d3fgh"]
-    kept = [tmp_path / ".models.yaml.zz9zzzzz",            # ours, but young: a save may be running
-            tmp_path / ".models.yaml.mine", tmp_path / "models.yaml.k3j4h5g6", tmp_path / "notes.txt"]
-    past = time.time() - 300
-    for path in ours_old + kept:
-        path.write_text("x")
-        if path.name != ".models.yaml.zz9zzzzz":
-            os.utime(path, (past, past))
-    start()
-    assert [p.exists() for p in ours_old] == [False, False] and all(p.exists() for p in kept)
-
-
-def test_shipped_models_yaml_is_valid() -> None:
-    cfg = p2o.ModelConfig.from_yaml((HERE / "models.yaml").read_text())
-    assert cfg.enable is False and cfg.models == {}
-
-
-###############################################################################
-# The bot catalogue: Poe's model list, /v1/models, bot controls, context windows
-###############################################################################
-
-POE_MODELS = json.loads((FIXTURES / "poe-v1-models-sample.json").read_text())   # a real answer, trimmed
-
-
-def fixture_catalogue() -> p2o.Catalogue:
-    return p2o.catalogue_from_poe(POE_MODELS)
-
-
-def bot(name: str) -> p2o.BotInfo:
-    info = fixture_catalogue().find(name)
-    assert info is not None, name
-    return info
-
-
-def synthetic_bot(*parameters: dict[str, Any], **kw: Any) -> p2o.BotInfo:
-    info = p2o.bot_info_from_poe({"id": "test-bot", "metadata": {"display_name": "Test-Bot"},
-                                  "parameters": list(parameters), **kw})
-    assert info is not None
-    return info
-
-
-def test_bot_info_from_every_entry_of_poes_list() -> None:
-    for entry in POE_MODELS["data"]:
-        info = p2o.bot_info_from_poe(entry)
-        assert info is not None and info.id == entry["id"] and info.name == entry["metadata"]["display_name"]
-        window = entry.get("context_window") or {}
-        assert info.context_length == window.get("context_length")
-        assert info.max_output_tokens == window.get("max_output_tokens")
-        assert list(info.input_modalities or ()) == entry["architecture"]["input_modalities"]
-        assert list(info.output_modalities or ()) == entry["architecture"]["output_modalities"]
-        assert list(info.features or ()) == entry["supported_features"]
-        assert [p.name for p in info.parameters or ()] == [p["name"] for p in entry["parameters"]]
-        assert info.created == entry["created"] // 1000 and info.owned_by == entry["owned_by"]
-        assert (info.reasoning is None) == (entry["reasoning"] is None)
-        assert (info.pricing is None) == (entry["pricing"] is None)
-    sonnet = bot("Claude-Sonnet-4.5")
-    assert (sonnet.context_length, sonnet.max_output_tokens) == (983040, 32768)
-    assert sonnet.reasoning == p2o.BotReasoning(0, 31999, False, False)
-    assert sonnet.parameter("thinking_budget") == p2o.BotParameter(
-        "thinking_budget", {"type": "number", "minimum": 0, "maximum": 31999}, 0, True,
-        "The maximum number of tokens to spend on thinking.")
-    assert bot("claude-opus-4.6").pricing["prompt"] == "0.0000043" and bot("Assistant").pricing is None
-    assert bot("Kimi-K2.5-FW").context_length is None and bot("DeepSeek-R1").max_output_tokens is None
-    assert bot("Veo-3").output_modalities == ("video",) and bot("nano-banana-2").parameter("aspect_ratio").has_default is False
-
-
-@pytest.mark.parametrize("entry", [None, [], "gpt-4o", {}, {"id": None}, {"id": ""}, {"id": "  "}, {"id": 5}])
-def test_bot_info_needs_an_id(entry: Any) -> None:
-    assert p2o.bot_info_from_poe(entry) is None
-
-
-def test_bot_info_from_hostile_entries() -> None:
-    info = p2o.bot_info_from_poe({
-        "id": "odd", "created": "yesterday", "owned_by": 7, "description": ["x"], "metadata": None,
-        "context_window": "big", "context_length": True, "architecture": [], "supported_features": "tools",
-        "parameters": {"name": "web_search"}, "reasoning": "yes", "pricing": [1]})
-    assert info == p2o.BotInfo(id="odd", name="odd")   # everything unknown, nothing invented
-    info = p2o.bot_info_from_poe({
-        "id": "odd", "metadata": {"display_name": ""}, "context_window": {"context_length": -5, "max_output_tokens": 1.5},
-        "context_length": 4096.0, "architecture": {"input_modalities": ["text", None, 3], "output_modalities": None},
-        "parameters": [None, {"name": 3}, {"name": " "}, {"name": "ok", "schema": "bad"}],
-        "reasoning": {"budget": {"min_tokens": "0", "max_tokens": float("inf")}, "required": "no",
-                      "supports_reasoning_effort": None},
-        "pricing": {"prompt": "0.1", "completion": None, "image": {"x": 1}, "request": 0}})
-    assert info is not None and info.name == "odd" and info.context_length == 4096 and info.max_output_tokens is None
-    assert info.input_modalities == ("text",) and info.output_modalities is None
-    assert info.parameters == (p2o.BotParameter("ok"),)
-    assert info.reasoning == p2o.BotReasoning() and info.pricing == {"prompt": "0.1", "request": "0"}
-    # A controls request against such a bot neither crashes nor sends anything it does not declare.
-    assert p2o.bot_controls({"ok": True, "reasoning_effort": "high"}, info) == (["--ok true"], ["reasoning_effort"])
-    with pytest.raises(p2o.ProxyError):
-        p2o.catalogue_from_poe({"object": "list"})
-
-
-def test_catalogue_finds_a_bot_by_id_or_display_name_in_any_case() -> None:
-    cat = fixture_catalogue()
-    assert len(cat) == 16
-    for name in ("Claude-Sonnet-4.5", "claude-sonnet-4.5", "CLAUDE-SONNET-4.5", " claude-sonnet-4.5 "):
-        assert cat.find(name) is cat.bots[2]
-    assert cat.find("Claude-Sonnet") is None
-    twins = p2o.Catalogue([p2o.BotInfo("a", "Bot"), p2o.BotInfo("b", "BOT")])
-    assert twins.find("BOT").id == "b" and twins.find("bot").id == "a"   # an exact spelling wins
-
-
-def test_models_list_tells_what_each_bot_can_do(proxy: Proxy, poe: FakePoe) -> None:
-    poe.models = POE_MODELS
-    client = proxy.client()
-    models = {m.id: m.model_dump() for m in client.models.list().data}
-    # Poe lists lower-case ids; clients see the cased display names (what users type, and models.yaml keys).
-    assert list(models) == [e["metadata"]["display_name"] for e in POE_MODELS["data"]]
-    sonnet = models["Claude-Sonnet-4.5"]
-    assert (sonnet["object"], sonnet["created"], sonnet["owned_by"]) == ("model", 1758868894, "Anthropic")
-    assert sonnet["name"] == "Claude-Sonnet-4.5" and sonnet["root"] == "claude-sonnet-4.5"
-    assert sonnet["context_length"] == 983040 and sonnet["max_output_tokens"] == 32768
-    assert sonnet["top_provider"] == {"context_length": 983040, "max_completion_tokens": 32768, "is_moderated": False}
-    assert sonnet["architecture"] == {"input_modalities": ["text", "image"], "output_modalities": ["text"],
-                                      "modality": "text,image->text"}
-    assert sonnet["supported_features"] == ["web_search", "tools"]
-    assert {"tools", "reasoning", "web_search_options", "thinking_budget", "web_search"} <= set(
-        sonnet["supported_parameters"])
-    assert sonnet["parameters"][0]["name"] == "thinking_budget" and sonnet["parameters"][0]["schema"]["maximum"] == 31999
-    assert sonnet["reasoning"]["budget"] == {"min_tokens": 0, "max_tokens": 31999}
-    assert sonnet["pricing"]["prompt"] == "0.0000026" and sonnet["pricing"]["completion"] == "0.000013"
-    veo = models["Veo-3"]
-    assert veo["architecture"]["output_modalities"] == ["video"] and "tools" not in veo["supported_parameters"]
-    assert {"aspect_ratio", "duration", "seed"} <= set(veo["supported_parameters"])
-    assert "reasoning" not in models["GPT-4o"]["supported_parameters"]
-    kimi = models["Kimi-K2.5-FW"]                 # no context window known: left out, not guessed
-    assert "context_length" not in kimi and "top_provider" not in kimi
-    one = client.models.retrieve("claude-sonnet-4.5")   # Poe's id works too
-    assert one.id == "Claude-Sonnet-4.5" and one.model_dump()["context_length"] == 983040
-    with pytest.raises(openai.NotFoundError):
-        client.models.retrieve("Claude-Sonnet")
-
-
-def test_models_list_in_the_anthropic_shape(proxy: Proxy, poe: FakePoe) -> None:
-    import datetime
-    poe.models = POE_MODELS
-    client = anthropic_client(proxy)
-    page = client.models.list()
-    assert page.has_more is False and page.first_id == "Assistant" and page.last_id == "Web-Search"
-    models = {m.id: m for m in page}
-    assert len(models) == 16 and all(m.type == "model" and m.display_name == m.id for m in models.values())
-    sonnet = models["Claude-Sonnet-4.5"]
-    assert sonnet.created_at == datetime.datetime(2025, 9, 26, 6, 41, 34, tzinfo=datetime.timezone.utc)
-    assert (sonnet.max_input_tokens, sonnet.max_tokens) == (983040, 32768)
-    one = client.models.retrieve("gpt-4o")
-    assert (one.id, one.display_name, one.max_tokens) == ("GPT-4o", "GPT-4o", 8192)
-    anthropic = pytest.importorskip("anthropic")
-    with pytest.raises(anthropic.NotFoundError):
-        client.models.retrieve("no-such-bot")
-
-
-def test_models_yaml_applies_to_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
-    poe.models = POE_MODELS
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"enable": True, "models": {
-        "claude-sonnet-4.5": {"mapping": "sonnet"}, "GPT-4o": {"enable": False}}, "custom_models": [
-        {"id": "My-Image-Bot", "context_length": 4000, "max_output_tokens": 1000, "input_modalities": ["text"],
-         "output_modalities": ["image"], "parameters": [{"name": "style", "schema": {"enum": ["photo", "drawing"]},
-                                                          "default_value": "photo"}]}]}))
-    proxy = start()
-    models = {m.id: m.model_dump() for m in proxy.client().models.list().data}
-    assert "sonnet" in models and "Claude-Sonnet-4.5" not in models and "GPT-4o" not in models   # by Poe id, or name
-    assert models["sonnet"]["context_length"] == 983040            # a renamed bot keeps what it can do
-    custom = models["My-Image-Bot"]
-    assert (custom["context_length"], custom["max_output_tokens"], custom["owned_by"]) == (4000, 1000, "custom")
-    assert custom["architecture"]["modality"] == "text->image" and "style" in custom["supported_parameters"]
-    assert custom["parameters"] == [{"name": "style", "schema": {"enum": ["photo", "drawing"]}, "default_value": "photo"}]
-
-
-def test_models_yaml_resolution_accepts_poe_ids_and_display_names(tmp_path: Path) -> None:
-    path = tmp_path / "models.yaml"
-    path.write_text("enable: true\nmodels:\n  claude-sonnet-4.5: {mapping: sonnet, tool_mode: native}\n"
-                    "  Claude-Haiku-4.5: {enable: false}\ncustom_models:\n  - {id: Private-Bot, context_length: 100}\n")
-    registry = p2o.ModelRegistry(str(path))
-    cat = fixture_catalogue()
-    for asked in ("sonnet", "SONNET", "Claude-Sonnet-4.5", "claude-sonnet-4.5"):
-        route = registry.resolve(asked, cat)
-        assert (route.bot, route.display, route.tool_mode) == ("Claude-Sonnet-4.5", asked, "native")
-    for asked in ("claude-haiku-4.5", "Claude-Haiku-4.5"):
-        with pytest.raises(p2o.ProxyError) as info:
-            registry.resolve(asked, cat)
-        assert info.value.status == 404
-    assert registry.resolve("private-bot", cat).bot == "private-bot"      # unknown bots pass through as asked
-    assert registry.bot_info("Claude-Sonnet-4.5", cat) is cat.find("claude-sonnet-4.5")
-    assert registry.bot_info("PRIVATE-BOT", cat).context_length == 100
-    assert registry.bot_info("Private-Bot", cat).parameters is None       # declares none: today's flags apply
-    assert registry.bot_info("Unknown-Bot", cat) is None and registry.bot_info("GPT-4o", None) is None
-
-
-@pytest.mark.parametrize("custom, problem", [
-    ({"context_length": "1M"}, "context_length must be a positive whole number"),
-    ({"max_output_tokens": 0}, "max_output_tokens must be a positive whole number"),
-    ({"max_output_tokens": True}, "max_output_tokens must be a positive whole number"),
-    ({"input_modalities": "text"}, "input_modalities must be a list"),
-    ({"supported_features": ["tools", 3]}, "supported_features must be a list"),
-    ({"parameters": {"name": "x"}}, "parameters must be a list"),
-    ({"parameters": [{"schema": {}}]}, "parameters[0] must be a mapping with a `name`"),
-    ({"parameters": [{"name": "x", "schema": "boolean"}]}, "parameters[0].schema must be a JSON schema"),
-    ({"parameters": [{"name": "x", "schema": {"enum": []}}]}, "parameters[0].schema.enum must be a non-empty list"),
-])
-def test_custom_model_declarations_are_checked(custom: dict[str, Any], problem: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(f"custom_models[Mine].{problem}")):
-        p2o.ModelConfig.from_dict({"custom_models": [{"id": "Mine", **custom}]})
-
-
-def test_model_catalog_gives_a_chat_what_it_has_within_the_deadline() -> None:
-    class SlowPoe:
-        def __init__(self) -> None:
-            self.calls = 0
-            self.delay_s = 0.3
-            self.fail = False
-
-        async def list_models(self, api_key: str | None) -> p2o.Catalogue:
-            self.calls += 1
-            await asyncio.sleep(self.delay_s)
-            if self.fail:
-                raise p2o.upstream_error("Poe is down")
-            return fixture_catalogue()
-
-    async def scenario() -> None:
-        upstream = SlowPoe()
-        catalog = p2o.ModelCatalog(upstream, ttl_s=60.0)   # type: ignore[arg-type]
-        started = time.monotonic()
-        assert await asyncio.gather(catalog.for_chat(KEY, 0.05), catalog.for_chat(KEY, 0.05)) == [None, None]
-        assert time.monotonic() - started < 0.25 and upstream.calls == 1    # did not wait; one fetch for both
-        listed = await catalog.catalogue(KEY)                               # a model list joins that same fetch
-        assert upstream.calls == 1 and len(listed) == 16
-        assert await catalog.for_chat(KEY, 0.0) is listed                   # fresh: no wait, no fetch
-        stale = p2o.ModelCatalog(upstream, ttl_s=0.0)                       # type: ignore[arg-type]
-        upstream.delay_s = 0.0
-        first = await stale.for_chat(KEY, 1.0)
-        assert first is not None and len(first) == 16                       # a quick fetch is waited for
-        upstream.fail = True
-        assert await stale.for_chat(KEY, 1.0) is first                      # Poe fails: the stale catalogue
-        assert await p2o.ModelCatalog(upstream, 60.0).for_chat(KEY, 1.0) is None   # type: ignore[arg-type]
-        with pytest.raises(p2o.ProxyError):
-            await p2o.ModelCatalog(upstream, 60.0).catalogue(KEY)           # type: ignore[arg-type]
-
-    asyncio.run(scenario())
-
-
-def controls(body: dict[str, Any], name: str) -> tuple[list[str], list[str]]:
-    return p2o.bot_controls(body, bot(name))
-
-
-def test_bot_controls_web_search_from_every_dialect() -> None:
-    on = (["--web_search true"], [])
-    assert controls({"web_search_options": {}}, "GPT-5.4") == on                                  # OpenAI chat
-    assert controls({"tools": [{"type": "web_search_preview"}]}, "GPT-5.4") == on                  # Responses
-    assert controls({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "Claude-Sonnet-4.5") == on
-    assert controls({"extra_body": {"web_search": True}}, "Claude-Opus-4.6") == on
-    assert controls({"enable_web_search": "false"}, "Claude-Opus-4.6") == (["--web_search false"], [])
-    other = synthetic_bot({"name": "enable_web_search", "schema": {"type": "boolean"}})
-    assert p2o.bot_controls({"web_search_options": {"search_context_size": "low"}}, other) == (
-        ["--enable_web_search true"], [])
-    assert controls({"web_search_options": {}}, "GPT-4o") == ([], ["web_search_options"])         # not declared
-    with pytest.raises(p2o.ProxyError) as info:
-        controls({"web_search": "sometimes"}, "GPT-5.4")
-    assert info.value.status == 400 and info.value.param == "web_search" and "true or false" in info.value.message
-
-
-def test_bot_controls_reasoning_effort_goes_to_the_nearest_allowed_value() -> None:
-    assert controls({"reasoning_effort": "medium"}, "GPT-5.4") == (["--reasoning_effort medium"], [])
-    assert controls({"reasoning_effort": "max"}, "GPT-5.4") == (["--reasoning_effort xhigh"], [])
-    assert controls({"reasoning_effort": "minimal"}, "GPT-5.4") == (["--reasoning_effort low"], [])  # tie: stronger
-    assert controls({"reasoning": {"effort": "HIGH"}}, "GPT-5.4") == (["--reasoning_effort high"], [])
-    assert controls({"output_config": {"effort": "max"}}, "Claude-Opus-4.6") == (["--output_effort max"], [])
-    assert controls({"reasoning_effort": "xhigh"}, "Claude-Opus-4.6") == (["--output_effort max"], [])
-    assert controls({"reasoning_effort": "xhigh"}, "Assistant") == (["--reasoning_effort high"], [])  # from `reasoning`
-    assert controls({"reasoning_effort": "high"}, "Claude-Haiku-4.5") == (["--thinking_budget 51199"], [])
-    assert controls({"reasoning_effort": "high"}, "GPT-4o") == ([], ["reasoning_effort"])
-    with pytest.raises(p2o.ProxyError) as info:
-        controls({"reasoning_effort": "turbo"}, "GPT-5.4")
-    assert info.value.param == "reasoning_effort"
-
-
-def test_bot_controls_thinking_budget_is_clamped() -> None:
-    assert controls({"thinking": {"type": "enabled", "budget_tokens": 50000}}, "Claude-Sonnet-4.5") == (
-        ["--thinking_budget 31999"], [])
-    assert controls({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "Claude-Sonnet-4.5") == (
-        ["--thinking_budget 1024"], [])
-    gemini = {"extra_body": {"google": {"thinking_config": {"thinking_budget": 99999}}}}
-    assert controls(gemini, "Gemini-2.5-Flash") == (["--thinking_budget 24576"], [])
-    assert controls({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "GPT-5.4") == (
-        ["--reasoning_effort low"], [])                                  # a budget, for an effort-only bot
-    assert controls({"thinking": {"type": "enabled", "budget_tokens": 2000}}, "GPT-4o") == ([], ["thinking.budget_tokens"])
-    with pytest.raises(p2o.ProxyError):
-        controls({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "Claude-Sonnet-4.5")
-
-
-def test_bot_controls_enable_thinking() -> None:
-    qwen = synthetic_bot({"name": "enable_thinking", "schema": {"type": "boolean"}, "default_value": True})
-    assert p2o.bot_controls({"reasoning_effort": "high"}, qwen) == (["--enable_thinking true"], [])
-    assert p2o.bot_controls({"reasoning_effort": "none"}, qwen) == (["--enable_thinking false"], [])
-    assert p2o.bot_controls({"thinking": {"type": "disabled"}}, qwen) == (["--enable_thinking false"], [])
-    assert p2o.bot_controls({"thinking": {"type": "adaptive"}}, qwen) == (["--enable_thinking true"], [])
-    assert p2o.bot_controls({"reasoning": {"enabled": False}}, qwen) == (["--enable_thinking false"], [])
-
-
-def test_bot_controls_forward_the_bots_own_parameters() -> None:
-    assert controls({"aspect_ratio": "16:9"}, "Nano-Banana-2") == (["--aspect_ratio 16:9"], [])
-    assert controls({"extra_body": {"seed": 42, "duration": 6, "resolution": "1080P", "camera": "pan"},
-                     "aspect_ratio": "9:16"}, "Veo-3") == (
-        ["--aspect_ratio 9:16", "--duration 6", "--seed 42", "--resolution 1080p"], ["extra_body.camera"])
-    assert controls({"verbosity": "low", "user": "u-1", "top_p": 0.5}, "GPT-5.4") == (["--verbosity low"], [])
-    assert controls({"no": "blurry\n--seed 1"}, "Veo-3") == (["--no blurry -seed 1"], [])   # one flag stays one
-    assert controls({"speaker_count": 3.0}, "ElevenLabs-v3") == (["--speaker_count 3"], [])
-    limited = synthetic_bot({"name": "max_output_tokens", "schema": {"type": "number", "minimum": 1, "maximum": 8192}},
-                            {"name": "temperature", "schema": {"type": "number", "minimum": 0, "maximum": 1}})
-    assert p2o.bot_controls({"max_tokens": 100000, "temperature": 1.3}, limited) == (
-        ["--max_output_tokens 8192", "--temperature 1"], [])             # habits are clamped, not refused
-
-
-def test_bot_controls_on_converted_anthropic_and_responses_bodies() -> None:
-    """What the chat pipeline passes: the converted body over the client's own, with the client's tools (the
-    converters drop hosted tools and output_config, and keep only a lossy copy of the effort)."""
-    raw = {"model": "claude-opus-4-6", "max_tokens": 32000, "output_config": {"effort": "max"},
-           "thinking": {"type": "adaptive"}, "messages": [{"role": "user", "content": "hi"}],
-           "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
-                     {"name": "Bash", "description": "Run", "input_schema": {"type": "object"}}]}
-    merged = {**raw, **p2o.anthropic_to_openai(raw), "tools": raw["tools"]}
-    assert controls(merged, "Claude-Opus-4.6") == (["--web_search true", "--output_effort max"], [])
-    assert controls(merged, "Claude-Sonnet-4.5") == (["--thinking_budget 31999", "--web_search true"], [])
-    assert controls(merged, "GPT-4o") == ([], ["tools[type=web_search_20250305]", "output_config.effort",
-                                               "reasoning_effort", "thinking"])
-    codex = json.loads((FIXTURES / "codex-responses.json").read_text())
-    codex["tools"].append({"type": "web_search"})
-    merged = {**codex, **p2o.responses_to_openai(codex), "tools": codex["tools"]}
-    assert controls(merged, "GPT-5.4") == (["--web_search true", f"--reasoning_effort {codex['reasoning']['effort']}"],
-                                           [])
-
-
-@pytest.mark.parametrize("body, bot_name, param, allowed", [
-    ({"aspect_ratio": "7:3"}, "Nano-Banana-2", "aspect_ratio", "one of 1:1, 2:3"),
-    ({"extra_body": {"duration": 5}}, "Veo-3", "extra_body.duration", "one of 4, 6, 8"),
-    ({"speaker_count": 12}, "ElevenLabs-v3", "speaker_count", "a number from 1 to 9"),
-    ({"silent": "loud"}, "Veo-3", "silent", "true or false"),
-    ({"seed": [1]}, "Veo-3", "seed", "a string"),
-])
-def test_bot_controls_refuse_values_outside_the_schema(body: dict[str, Any], bot_name: str, param: str,
-                                                       allowed: str) -> None:
-    with pytest.raises(p2o.ProxyError) as info:
-        controls(body, bot_name)
-    err = info.value
-    assert (err.status, err.param) == (400, param) and allowed in err.message and bot(bot_name).name in err.message
-
-
-def test_bot_controls_for_unknown_bots_are_todays_flags() -> None:
-    body = {"reasoning_effort": "high", "thinking": {"type": "enabled", "budget_tokens": 1000},
-            "web_search_options": {}, "aspect_ratio": "1:1"}
-    assert p2o.bot_controls(body, None) == (list(p2o.reasoning_flags(body)), [])
-    assert p2o.bot_controls(body, None)[0] == ["--thinking_budget 1000", "--reasoning_effort high"]
-    undeclared = p2o.custom_bot_info({"id": "Private-Bot", "context_length": 1000})
-    assert p2o.bot_controls(body, undeclared) == p2o.bot_controls(body, None)
-
-
-def test_check_context_refuses_prompts_that_cannot_fit() -> None:
-    info = p2o.BotInfo("b", "B", context_length=1000, max_output_tokens=300)
-    assert p2o.check_context(1100, 200, info) == 200                    # within the estimate's 10 % margin
-    assert p2o.check_context(900, 5000, info) == 300                    # max_tokens clamped, not refused
-    assert p2o.check_context(900, None, info) is None
-    with pytest.raises(p2o.ProxyError) as caught:
-        p2o.check_context(1101, None, info)
-    err = caught.value
-    assert (err.status, err.code, err.type) == (400, "context_length_exceeded", "invalid_request_error")
-    assert err.message == "prompt is too long: 1101 tokens > 1000 maximum"
-    assert p2o.anthropic_error_body(err)["error"]["message"] == err.message   # Claude Code compacts on it
-    assert p2o.check_context(10 ** 9, 10 ** 6, None) == 10 ** 6          # unknown bot: nothing to check
-    assert p2o.check_context(10 ** 9, 10 ** 6, bot("Kimi-K2.5-FW")) == 10 ** 6
-    assert p2o.check_context(160000, 10 ** 6, bot("DeepSeek-R1")) == 10 ** 6    # no max output known
-
-
-def bot_queries(poe: FakePoe, name: str) -> list[dict[str, Any]]:
-    return [r["query"] for r in poe.requests if r["path"] == f"/bot/{name}"]
-
-
-def last_turn(poe: FakePoe) -> str:
-    """The end of the last user turn of the last query: where the bot's own parameters go."""
-    return [m for m in last_query(poe)["query"]["query"] if m["role"] == "user"][-1]["content"]
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_chat_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
-    poe.models = POE_MODELS
-    client = proxy.client()
-
-    def ask(model: str, **kw: Any) -> str:
-        result = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Q"}],
-                                                stream=stream, **kw)
-        if stream:
-            list(result)
-        return last_turn(poe)
-
-    assert ask("Claude-Sonnet-4.5", web_search_options={}) == "Q --web_search true"
-    assert ask("GPT-4o", web_search_options={}) == "Q"                    # GPT-4o declares no web search
-    assert ask("gpt-5.4", extra_body={"reasoning_effort": "max"}) == "Q --reasoning_effort xhigh"
-    assert last_query(poe)["path"] == "/bot/GPT-5.4"
-    assert ask("Claude-Sonnet-4.5", extra_body={"thinking": {"type": "enabled", "budget_tokens": 50000}}) == (
-        "Q --thinking_budget 31999")
-    assert ask("Nano-Banana-2", extra_body={"aspect_ratio": "16:9", "image_size": "2K", "style": "x"}) == (
-        "Q --aspect_ratio 16:9 --image_size 2K")
-    # A hosted search tool, nameless or Anthropic-style, is the search control: one flag, not a tool or a 400.
-    for tool in ({"type": "web_search"}, {"type": "web_search_20250305", "name": "web_search"}):
-        assert ask("Claude-Sonnet-4.5", tools=[tool]) == "Q --web_search true"
-        assert ask("GPT-4o", tools=[tool]) == "Q"
-    assert ask("GPT-4o", tools=[{"type": "function", "function": {"name": "web_search"}}]) == "Q"   # not declared
-    # Bots the catalogue does not know keep the earlier flags.
-    assert ask("Private-Bot", reasoning_effort="high", web_search_options={}) == "Q --reasoning_effort high"
-    assert ask("Private-Bot", tools=[{"type": "web_search"}]) == "Q --web_search"
-    assert not poe.invalid_queries
-
-
-def test_messages_and_responses_controls_become_the_bots_own_parameters(proxy: Proxy, poe: FakePoe,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    poe.models = POE_MODELS
-    claude = anthropic_client(proxy)
-    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
-    for stream in (False, True):
-        result = claude.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=64000, stream=stream,
-                                        messages=[{"role": "user", "content": "Q"}], tools=[search],
-                                        thinking={"type": "enabled", "budget_tokens": 50000})
-        if stream:
-            list(result)
-        assert last_query(poe)["path"] == "/bot/Claude-Sonnet-4.5"
-        assert last_turn(poe) == "Q --thinking_budget 31999 --web_search true"
-    claude.messages.create(model="claude-opus-4-6", max_tokens=1000, messages=[{"role": "user", "content": "Q"}],
-                           extra_body={"output_config": {"effort": "max"}})
-    assert last_turn(poe) == "Q --output_effort max"                      # not the lossy `high` of the converter
-    with caplog.at_level(logging.DEBUG, logger="poe2openai"):
-        claude.messages.create(model="GPT-4o", max_tokens=10, messages=[{"role": "user", "content": "Q"}],
-                               tools=[search], extra_body={"output_config": {"effort": "low"}, "top_k": 5})
-    assert last_turn(poe) == "Q"
-    ignored = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
-    assert len(ignored) == 1
-    assert "tools[type=web_search_20250305]" in ignored[0] and "output_config.effort" in ignored[0]
-    client = proxy.client()
-    for stream in (False, True):
-        result = client.responses.create(model="GPT-5.4", input="Q", tools=[{"type": "web_search"}], stream=stream,
-                                         reasoning={"effort": "high"}, extra_body={"verbosity": "low"})
-        if stream:
-            list(result)
-        assert last_turn(poe) == "Q --web_search true --reasoning_effort high --verbosity low"
-    client.responses.create(model="GPT-4o", input="Q", tools=[{"type": "web_search_preview"}])
-    assert last_turn(poe) == "Q"
-    assert not poe.invalid_queries
-
-
-def test_a_value_outside_the_bots_schema_is_a_400_in_every_dialect(proxy: Proxy, poe: FakePoe) -> None:
-    anthropic = pytest.importorskip("anthropic")
-    poe.models = POE_MODELS
-    messages = [{"role": "user", "content": "a cat"}]
-    for stream in (False, True):
-        with pytest.raises(openai.BadRequestError) as info:
-            proxy.client().chat.completions.create(model="Nano-Banana-2", messages=messages, stream=stream,
-                                                   extra_body={"aspect_ratio": "7:3"})
-        assert info.value.body["param"] == "aspect_ratio"   # type: ignore[index]
-        assert "'aspect_ratio' must be one of 1:1, 2:3, 3:2" in info.value.message
-        assert "Nano-Banana-2" in info.value.message
-        with pytest.raises(openai.BadRequestError) as info:
-            proxy.client().responses.create(model="Nano-Banana-2", input="a cat", stream=stream,
-                                            extra_body={"aspect_ratio": "7:3"})
-        assert "one of 1:1, 2:3" in info.value.message
-        with pytest.raises(anthropic.BadRequestError) as caught:
-            anthropic_client(proxy).messages.create(model="Nano-Banana-2", max_tokens=10, messages=messages,
-                                                    stream=stream, extra_body={"aspect_ratio": "7:3"})
-        error = caught.value.body["error"]   # type: ignore[index]
-        assert error["type"] == "invalid_request_error" and "one of 1:1, 2:3" in error["message"]
-    assert bot_queries(poe, "Nano-Banana-2") == []
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_prompt_beyond_the_context_window_is_refused_before_poe(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
-    anthropic = pytest.importorskip("anthropic")
-    poe.models = POE_MODELS
-    prompt = "a watercolour of a lighthouse at dawn, " * 40             # some 400 tokens; FLUX-pro-1.1 takes 256
-    messages = [{"role": "user", "content": prompt}]
-    with pytest.raises(openai.BadRequestError) as info:
-        result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=messages, stream=stream)
-    assert info.value.code == "context_length_exceeded"
-    message = info.value.body["message"]   # type: ignore[index]
-    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", message)
-    with pytest.raises(openai.BadRequestError) as info:
-        proxy.client().responses.create(model="flux-pro-1.1", input=prompt, stream=stream)
-    assert info.value.code == "context_length_exceeded"
-    with pytest.raises(anthropic.BadRequestError) as caught:
-        anthropic_client(proxy).messages.create(model="FLUX-pro-1.1", max_tokens=10, messages=messages, stream=stream)
-    error = caught.value.body["error"]   # type: ignore[index]
-    assert error["type"] == "invalid_request_error"
-    assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", error["message"])   # Claude Code compacts
-    assert bot_queries(poe, "FLUX-pro-1.1") == []                       # refused before Poe was asked
-    result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=[
-        {"role": "user", "content": "a lighthouse"}], stream=stream)   # a prompt that fits goes through
-    if stream:
-        list(result)
-    assert len(bot_queries(poe, "FLUX-pro-1.1")) == 1
-
-
-def test_max_tokens_is_clamped_and_sent_as_the_bots_parameter(start: Callable[..., Proxy], poe: FakePoe,
-                                                              tmp_path: Path) -> None:
-    (tmp_path / "models.yaml").write_text(yaml.safe_dump({"enable": True, "custom_models": [
-        {"id": "Short-Bot", "context_length": 100000, "max_output_tokens": 1000, "parameters": [
-            {"name": "max_output_tokens", "schema": {"type": "number", "minimum": 1, "maximum": 4000}}]}]}))
-    proxy = start()
-    messages = [{"role": "user", "content": "Q"}]
-    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_tokens=50000)
-    assert last_turn(poe) == "Q --max_output_tokens 1000"               # the bot's longest answer, not refused
-    proxy.client().chat.completions.create(model="Short-Bot", messages=messages, max_completion_tokens=300)
-    assert last_turn(poe) == "Q --max_output_tokens 300"
-    proxy.client().responses.create(model="Short-Bot", input="Q", max_output_tokens=20000)
-    assert last_turn(poe) == "Q --max_output_tokens 1000"
-    anthropic_client(proxy).messages.create(model="Short-Bot", max_tokens=64000, messages=messages)
-    assert last_turn(poe) == "Q --max_output_tokens 1000"
-    proxy.client().chat.completions.create(model="GPT-4o", messages=messages, max_tokens=50000)   # declares none
-    assert last_turn(poe) == "Q"
-
-
-def test_a_chat_waits_for_the_catalogue_only_briefly(start: Callable[..., Proxy], poe: FakePoe,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p2o, "MODELS_WAIT_SECONDS", 0.3)
-    poe.models = POE_MODELS
-    poe.models_delay_s = 1.5
-    client = start().client()
-    began = time.monotonic()
-    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
-                                   reasoning_effort="high", web_search_options={})
-    assert time.monotonic() - began < 1.2                                # did not wait for the slow list
-    assert last_turn(poe) == "Q --reasoning_effort high"                 # without it: the earlier flags
-    time.sleep(1.5)                                                      # the fetch went on in the background
-    client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
-                                   reasoning_effort="high", web_search_options={})
-    assert last_turn(poe) == "Q --web_search true --reasoning_effort high"
-    assert sum(r["path"] == "/v1/models" for r in poe.requests) == 1
-
-
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
-def test_an_unknown_model_points_to_the_model_list(proxy: Proxy, poe: FakePoe, dialect: str, stream: bool) -> None:
-    poe.models = POE_MODELS
-    poe.on("No-Such-Bot", [sse("error", {"text": "Bot does not exist", "allow_retry": False})])
-    poe.on("Gone-Bot", status=404, body=b'{"detail": "Bot not found"}')
-    for model in ("No-Such-Bot", "Gone-Bot"):
-        err = ask_failing(proxy, dialect, model, stream)
-        assert err.status_code == 404 and type(err).__name__ == "NotFoundError", model
-        message = err.body["error"]["message"] if dialect == "messages" else err.body["message"]
-        assert message.startswith(f"The model '{model}' does not exist on Poe; GET /v1/models lists the bots")
-        if dialect == "messages":
-            assert err.body["error"]["type"] == "not_found_error"
-        else:
-            assert err.code == "model_not_found"
-    assert len(bot_queries(poe, "No-Such-Bot")) == 1                     # not in the catalogue, still asked for
-
-
-###############################################################################
-# Tool calling
-###############################################################################
-
-WEATHER_TOOLS = [
-    {"type": "function", "function": {
-        "name": "get_weather", "description": "Current weather for a city",
-        "parameters": {"type": "object", "properties": {
-            "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
-            "ratio": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}},
-            "where": {"type": "object"}, "note": {"type": ["string", "null"]}},
-            "required": ["city"]}}},
-    {"type": "function", "function": {"name": "get_time", "description": "Current time", "parameters": {}}},
-]
-TOOL_REPLY = ('Let me check both.\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n'
-              '<parameter name="days">3</parameter>\n<parameter name="metric">true</parameter>\n'
-              '<parameter name="ratio">0.5</parameter>\n<parameter name="tags">["a", "b"]</parameter>\n'
-              '<parameter name="where">{"lat": 48.8}</parameter>\n<parameter name="extra">kept</parameter>\n'
-              '</invoke>\n</tool_call>\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>')
-EXPECTED_CALLS = [("get_weather", {"city": "Paris", "days": 3, "metric": True, "ratio": 0.5, "tags": ["a", "b"],
-                                   "where": {"lat": 48.8}, "extra": "kept"}),
-                  ("get_time", {})]
-
-
-def parse_reply(chunks: list[str], tools: Any = WEATHER_TOOLS, **body: Any) -> tuple[str, list[Any], str]:
-    """Run chunks through the translator as Poe text events; (text, [(name, args)], finish)."""
-    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": tools, **body}))
-    deltas = []
-    for chunk in chunks:
-        deltas += translator.feed(p2o.SSEEvent("text", json.dumps({"text": chunk})))
-    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
-    fold = p2o.ChatFold()
-    for d in deltas:
-        fold.add(d)
-    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
-             for c in fold.body("x", 0, "m", 0)["choices"][0]["message"].get("tool_calls", [])]
-    return fold.content, calls, fold.finish_reason
-
-
-def test_xml_tool_calls_are_typed_by_schema() -> None:
-    text, calls, finish = parse_reply([TOOL_REPLY])
-    assert text == "Let me check both.\n" and calls == EXPECTED_CALLS and finish == "tool_calls"
-
-
-@given(st.lists(st.integers(min_value=1, max_value=len(TOOL_REPLY) - 1), unique=True, max_size=60))
-@hsettings(max_examples=300, deadline=None)
-def test_any_chunking_gives_the_same_tool_calls(cuts: list[int]) -> None:
-    bounds = [0, *sorted(cuts), len(TOOL_REPLY)]
-    assert parse_reply([TOOL_REPLY[a:b] for a, b in zip(bounds, bounds[1:])]) == (
-        "Let me check both.\n", EXPECTED_CALLS, "tool_calls")
-
-
-MENTION_REPLY = "Write `<tool_call>` to call; a < b, and <invoke> alone, or <tool_call> then prose </tool_call>."
-
-
-@given(st.lists(st.integers(min_value=1, max_value=len(MENTION_REPLY) - 1), unique=True, max_size=30))
-@hsettings(max_examples=200, deadline=None)
-def test_text_that_mentions_tags_is_released_unchanged(cuts: list[int]) -> None:
-    bounds = [0, *sorted(cuts), len(MENTION_REPLY)]
-    assert parse_reply([MENTION_REPLY[a:b] for a, b in zip(bounds, bounds[1:])]) == (MENTION_REPLY, [], "stop")
-
-
-def test_mention_does_not_stall_the_stream() -> None:
-    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS}))
-    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "Use <tool_call> like this: "})))
-    # the tag was followed by prose, so everything is out before `done`
-    assert "".join(d.text for d in out if d.kind == p2o.TEXT) == "Use <tool_call> like this: "
-    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "it wraps a call. And <tool"})))
-    assert "".join(d.text for d in out) == "it wraps a call. And "     # only a possible tag start is held
-
-
-def test_other_tool_call_forms() -> None:
-    assert parse_reply(['<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'])[1] == [
-        ("get_weather", {"city": "Oslo"})]
-    assert parse_reply(['<tool_call><name>get_weather</name><arguments>{"city": "Rome"}</arguments></tool_call>'])[1] \
-        == [("get_weather", {"city": "Rome"})]
-    assert parse_reply(["```xml\n<tool_call>\n<invoke name=\"get_time\"></invoke>\n</tool_call>\n```"]) == (
-        "", [("get_time", {})], "tool_calls")
-    # an unclosed call at the end of the answer is still taken
-    assert parse_reply(['<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Nice</parameter>\n'])[1] == [
-        ("get_weather", {"city": "Nice"})]
-    # unknown tools are not calls
-    assert parse_reply(['<tool_call><invoke name="rm_rf"></invoke></tool_call>'])[1] == []
-
-
-def test_parameter_values_keep_code_intact() -> None:
-    code = "if a < b && c:\n    print('<tag>')\n"
-    tools = [{"type": "function", "function": {"name": "write", "description": "w", "parameters": {
-        "type": "object", "properties": {"content": {"type": "string"}, "path": {"type": "string"}}}}}]
-    reply = f'<tool_call>\n<invoke name="write">\n<parameter name="path"> a.py </parameter>\n' \
-            f'<parameter name="content">\n{code}</parameter>\n</invoke>\n</tool_call>'
-    # the newline after the opening tag and before the closing tag are layout, not content
-    assert parse_reply([reply], tools)[1] == [("write", {"path": "a.py", "content": code.rstrip("\n")})]
-    escaped = '<tool_call><invoke name="write"><parameter name="content">x &lt; y &amp;&amp; z</parameter>' \
-              '</invoke></tool_call>'
-    assert parse_reply([escaped], tools)[1] == [("write", {"content": "x < y && z"})]
-
-
-def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
-    text, calls, finish = parse_reply([TOOL_REPLY], parallel_tool_calls=False)
-    assert [c[0] for c in calls] == ["get_weather"] and finish == "tool_calls"
-
-
-def test_tool_prompt_follows_tool_choice() -> None:
-    def query(**body: Any) -> str:
-        chat = p2o.parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                       "tools": WEATHER_TOOLS, **body})
-        q = p2o.build_poe_query(chat)
-        QueryRequest.model_validate(q)
-        assert "tools" not in q          # XML mode never sends Poe's native field
-        return q["query"][-1]["content"]
-    auto = query()
-    assert auto.startswith("hi\n\n") and '<tool name="get_weather">' in auto and '<tool name="get_time">' in auto
-    assert "<![CDATA[" in auto and "not inside a code block" in auto   # how to write values that hold tags
-    assert query(tool_choice="none") == "hi"
-    assert "must call at least one tool" in query(tool_choice="required")
-    forced = query(tool_choice={"type": "function", "function": {"name": "get_time"}})
-    assert "must call the tool get_time" in forced and "get_weather" not in forced
-    assert "at most one tool" in query(parallel_tool_calls=False)
-    with pytest.raises(p2o.ProxyError) as info:
-        query(tool_choice={"type": "function", "function": {"name": "nope"}})
-    assert info.value.status == 400 and info.value.param == "tool_choice"
-
-
-def test_description_less_tools_become_poe_flags() -> None:
-    chat = p2o.parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "draw a cat"}],
-                                   "tools": [{"type": "function", "function": {"name": "no_watermark"}}]})
-    assert p2o.build_poe_query(chat)["query"][-1]["content"] == "draw a cat --no_watermark"
-
-
-PERSON_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-                 "required": ["name", "age"]}
-
-
-def tool_in_every_dialect(name: str, description: str | None, schema: Any) -> list[p2o.ChatRequest]:
-    """One tool as the OpenAI chat, Anthropic and Responses dialects send it (description None = absent)."""
-    about = {} if description is None else {"description": description}
-    fn = {"name": name, **about, **({} if schema is None else {"parameters": schema})}
-    messages = [{"role": "user", "content": "go"}]
-    return [p2o.parse_chat_request({"model": "m", "messages": messages, "tools": [{"type": "function", "function": fn}]}),
-            p2o.parse_chat_request(p2o.anthropic_to_openai({"model": "m", "max_tokens": 9, "messages": messages, "tools": [
-                {"name": name, **about, "input_schema": schema if schema is not None else {"type": "object"}}]})),
-            p2o.parse_chat_request(p2o.responses_to_openai({"model": "m", "input": "go", "tools": [
-                {"type": "function", **fn}]}))]
-
-
-@pytest.mark.parametrize("description", [None, ""])
-def test_a_function_without_a_description_is_still_a_tool(description: str | None) -> None:
-    for chat in tool_in_every_dialect("Person", description, PERSON_SCHEMA):
-        assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["Person"] and not chat.tools.flags
-        prompt = p2o.build_poe_query(chat)["query"][-1]["content"]
-        assert '<tool name="Person">' in prompt and "--Person" not in prompt
-        assert "<description>" not in prompt and '"age"' in prompt
-        native = p2o.build_poe_query(chat, tool_mode="native")
-        QueryRequest.model_validate(native)
-        assert native["tools"][0]["function"]["name"] == "Person"
-
-
-@pytest.mark.parametrize("schema", [None, {}, {"type": "object"}, {"type": "object", "properties": {}}])
-def test_a_bare_name_is_a_poe_flag_in_every_dialect(schema: Any) -> None:
-    for chat in tool_in_every_dialect("web_search", None, schema):
-        assert chat.tools is not None and chat.tools.flags == ("web_search",) and not chat.tools.tools
-        assert p2o.build_poe_query(chat)["query"][-1]["content"] == "go --web_search"
-
-
-def test_langchain_structured_output_tool_gets_its_call(proxy: Proxy, poe: FakePoe) -> None:
-    # LangChain's with_structured_output(method="function_calling") on a docstring-less pydantic model:
-    # description "", and tool_choice naming the tool.
-    tool = {"type": "function", "function": {"name": "Person", "description": "", "parameters": PERSON_SCHEMA}}
-    poe.on("GPT-4o", xml_reply_steps('<tool_call>\n<invoke name="Person">\n<parameter name="name">Ada</parameter>\n'
-                                     '<parameter name="age">36</parameter>\n</invoke>\n</tool_call>', 5))
-    choice = {"type": "function", "function": {"name": "Person"}}
-    messages = [{"role": "user", "content": "Ada Lovelace, 36"}]
-    result = proxy.client().chat.completions.create(model="GPT-4o", messages=messages, tools=[tool],
-                                                    tool_choice=choice)
-    call = result.choices[0].message.tool_calls[0]
-    assert (call.function.name, json.loads(call.function.arguments)) == ("Person", {"name": "Ada", "age": 36})
-    assert result.choices[0].finish_reason == "tool_calls"
-    prompt = last_query(poe)["query"]["query"][-1]["content"]
-    assert "must call the tool Person" in prompt and "--Person" not in prompt
-    # a tool_choice naming a bare-name tool: the client wants a call, so it is offered as a tool
-    chat = p2o.parse_chat_request({"model": "m", "messages": messages, "tool_choice": {
-        "type": "function", "function": {"name": "now"}}, "tools": [{"type": "function", "function": {"name": "now"}}]})
-    assert chat.tools is not None and [t.name for t in chat.tools.tools] == ["now"] and not chat.tools.flags
-
-
-def test_lenient_tool_schemas() -> None:
-    tools = [{"type": "function", "function": {"name": "a", "description": "d", "strict": True, "parameters": {
-        "$schema": "http://json-schema.org/draft-07/schema#", "type": "object", "additionalProperties": False,
-        "$defs": {"X": {"type": "string"}}, "properties": {"x": {"$ref": "#/$defs/X"}}}}},
-             {"type": "function", "function": {"name": "b", "description": "d"}},
-             {"type": "function", "name": "c", "description": "flat form", "parameters": {"type": "object"}}]
-    spec = p2o.parse_tools({"tools": tools})
-    assert spec is not None and [t.name for t in spec.tools] == ["a", "b", "c"]
-
-
-def test_tool_history_reaches_poe_once_each_in_order() -> None:
-    body = json.loads((FIXTURES / "cline-chat.json").read_text())
-    for mode in ("xml", "native"):
-        q = p2o.build_poe_query(p2o.parse_chat_request(body), tool_mode=mode)
-        QueryRequest.model_validate(q)
-        text = json.dumps(q)
-        assert text.count("call_3Zp8VqLk2MwN7xRt4Yb1Hs6C") == (1 if mode == "xml" else 2), mode
-        assert text.count("def build_parser") == 1, mode
-    xml = p2o.build_poe_query(p2o.parse_chat_request(body))
-    roles = [m["role"] for m in xml["query"]]
-    assert roles == ["system", "user", "bot", "user", "user"]
-    assert '<invoke name="read_file">' in xml["query"][2]["content"]
-    assert xml["query"][3]["content"].startswith('<tool_result tool_call_id="call_3Zp8VqLk2MwN7xRt4Yb1Hs6C" '
-                                                 'name="read_file">')
-
-
-def test_native_mode_sends_poe_tool_fields() -> None:
-    body = {"model": "m", "tools": WEATHER_TOOLS, "messages": [
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny"}]}]}
-    q = p2o.build_poe_query(p2o.parse_chat_request(body), tool_mode="native")
-    QueryRequest.model_validate(q)
-    assert [t["function"]["name"] for t in q["tools"]] == ["get_weather", "get_time"]
-    assert q["tools"][1]["function"]["parameters"] == {"type": "object", "properties": {}}
-    assert q["tool_calls"] == [{"id": "call_1", "type": "function",
-                                "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]
-    assert q["tool_results"] == [{"role": "tool", "tool_call_id": "call_1", "name": "get_weather",
-                                  "content": "sunny"}]
-    assert [m["content"] for m in q["query"]] == ["weather?"]
-
-
-def native_chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-    return sse("json", {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-
-
-@pytest.mark.parametrize("with_finish_chunk", [True, False])
-def test_native_mode_end_to_end(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path,
-                                with_finish_chunk: bool) -> None:
-    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
-    steps = [native_chunk({"role": "assistant", "content": None, "tool_calls": [
-                 {"index": 0, "id": "call_abc123", "type": "function",
-                  "function": {"name": "get_weather", "arguments": ""}}]}),
-             native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
-             native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})]
-    if with_finish_chunk:
-        steps.append(native_chunk({}, "tool_calls"))
-    poe.on("NativeBot", steps + [sse("done", {})])
-    client = proxy_client = start().client()
-    result = client.chat.completions.create(model="NativeBot", tools=WEATHER_TOOLS,
-                                            messages=[{"role": "user", "content": "weather in Paris?"}])
-    call = result.choices[0].message.tool_calls[0]
-    assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
-        "call_abc123", "get_weather", {"city": "Paris"})
-    assert result.choices[0].finish_reason == "tool_calls" and result.choices[0].message.content is None
-    assert last_query(poe)["query"]["tools"][0]["function"]["name"] == "get_weather"
-    with proxy_client.chat.completions.stream(model="NativeBot", tools=WEATHER_TOOLS,
-                                              messages=[{"role": "user", "content": "weather?"}]) as stream:
-        final = stream.get_final_completion()
-    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
-
-
-def xml_reply_steps(reply: str, sizes: int = 7) -> list[bytes]:
-    return [sse("text", {"text": reply[i:i + sizes]}) for i in range(0, len(reply), sizes)] + [sse("done", {})]
-
-
-def test_tool_mode_auto_follows_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
-    poe.models = POE_MODELS
-    (tmp_path / "models.yaml").write_text("models:\n  Grok-4: {tool_mode: xml}\n  deepseek-r1: {tool_mode: native}\n")
-    client = start(tool_mode="auto").client()
-    messages = [{"role": "user", "content": "weather?"}]
-    sent = {}
-    for model in ("GPT-4o", "Kimi-K2.5-FW", "Grok-4", "DeepSeek-R1", "Private-Bot"):
-        client.chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
-        query = last_query(poe)["query"]
-        sent[model] = ("tools" in query, "<tools>" in query["query"][-1]["content"])
-    assert sent == {"GPT-4o": (True, False),          # Poe lists `tools` for it: Poe's native tool fields
-                    "Kimi-K2.5-FW": (False, True),    # it lists none: the XML prompt
-                    "Grok-4": (False, True),          # models.yaml's tool_mode wins over the setting...
-                    "DeepSeek-R1": (True, False),     # ...either way
-                    "Private-Bot": (False, True)}     # not in the catalogue: XML
-    yaml_auto = start()                                # TOOL_MODE xml (the default), `auto` for one model
-    (tmp_path / "models.yaml").write_text("models:\n  Claude-Sonnet-4.5: {tool_mode: auto}\n")
-    time.sleep(2.1)                                    # the registry notices the edit
-    for model, native in (("Claude-Sonnet-4.5", True), ("GPT-4o", False)):
-        yaml_auto.client().chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
-        assert ("tools" in last_query(poe)["query"]) is native, model
-
-
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("refusal", [
-    Script([sse("error", {"text": "This bot does not support tool calling.", "error_type": "user_caused_error",
-                          "allow_retry": False})]),
-    Script([sse("meta", {"content_type": "text/markdown"}), sse("error", {"text": "tools are not supported"})]),
-    Script(status=400, body=b'{"error": {"code": "unsupported_feature_for_model", "message": "Not supported"}}'),
-], ids=["user_caused_error", "unclassified", "http_400"])
-def test_tool_mode_auto_falls_back_to_xml_once_and_remembers(start: Callable[..., Proxy], poe: FakePoe,
-                                                            refusal: Script, stream: bool) -> None:
-    poe.models = POE_MODELS
-    poe.when_native["Grok-4"] = refusal
-    poe.on("Grok-4", xml_reply_steps(TOOL_REPLY))
-    client = start(tool_mode="auto").client()
-
-    def ask() -> list[tuple[str, Any]]:
-        kw: dict[str, Any] = dict(model="Grok-4", tools=WEATHER_TOOLS, messages=[{"role": "user", "content": "?"}])
-        if not stream:
-            message = client.chat.completions.create(**kw).choices[0].message
-        else:
-            with client.chat.completions.stream(**kw) as events:
-                message = events.get_final_completion().choices[0].message
-        return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
-
-    assert ask() == EXPECTED_CALLS                                        # the client saw no refusal
-    first, retry = bot_queries(poe, "Grok-4")
-    assert "tools" in first and "tools" not in retry and "<tools>" in retry["query"][-1]["content"]
-    assert ask() == EXPECTED_CALLS
-    assert len(bot_queries(poe, "Grok-4")) == 3 and "tools" not in bot_queries(poe, "Grok-4")[-1]   # XML at once
-
-
-@pytest.mark.parametrize("error, status", [
-    ({"text": "You do not have enough points.", "error_type": "insufficient_fund", "allow_retry": False}, 429),
-    ({"text": "Bad attachment", "error_type": "user_caused_error"}, 400),
-    ({"text": "Message too long", "error_type": "user_message_too_long"}, 400),
-])
-def test_tool_mode_auto_retries_only_a_refusal_of_tools(start: Callable[..., Proxy], poe: FakePoe,
-                                                       error: dict[str, Any], status: int) -> None:
-    poe.models = POE_MODELS
-    poe.when_native["Grok-4"] = Script([sse("error", error)])
-    client = start(tool_mode="auto").client()
-    for _ in range(2):
-        with pytest.raises(openai.APIStatusError) as info:
-            client.chat.completions.create(model="Grok-4", tools=WEATHER_TOOLS,
-                                           messages=[{"role": "user", "content": "?"}])
-        assert info.value.status_code == status
-    assert [("tools" in q) for q in bot_queries(poe, "Grok-4")] == [True, True]   # no retry, and not remembered
-
-
-def test_what_counts_as_a_refusal_of_native_tools() -> None:
-    refuses = p2o.refuses_native_tools
-    assert refuses(p2o.classify_poe_status(400, b'{"error": "unsupported_feature_for_model"}', "bot B"), True)
-    assert refuses(p2o.classify_poe_error({"text": "Function calling is unavailable",
-                                           "error_type": "user_caused_error"}), False)
-    assert refuses(p2o.classify_poe_error({"text": "This model does not support tools"}), False)
-    for status, body in ((401, b"nope"), (404, b"Bot not found"), (413, b"too big"), (429, b"slow"), (500, b"x"),
-                         (400, b'{"error": "prompt is too long for the context window"}')):
-        assert not refuses(p2o.classify_poe_status(status, body, "bot B"), True), status
-    for data in ({"text": "Bad attachment", "error_type": "user_caused_error"},
-                 {"text": "tools: you do not have enough points", "error_type": "insufficient_fund"},
-                 {"text": "Too many tool calls, rate limit exceeded"},
-                 {"text": "Internal server error"}):
-        assert not refuses(p2o.classify_poe_error(data), False), data
-
-
-def test_cline_request_gets_structured_tool_calls(proxy: Proxy, poe: FakePoe) -> None:
-    body = json.loads((FIXTURES / "cline-chat.json").read_text())
-    reply = ('I will edit the parser.\n<tool_call>\n<invoke name="replace_in_file">\n'
-             '<parameter name="path">src/cli.py</parameter>\n<parameter name="diff">\n------- SEARCH\n'
-             "    p.add_argument('--quiet', action='store_true')\n=======\n"
-             "    p.add_argument('--quiet', action='store_true')\n    p.add_argument('--verbose', action='store_true')\n"
-             "+++++++ REPLACE\n</parameter>\n</invoke>\n</tool_call>")
-    poe.on(body["model"], xml_reply_steps(reply))
-    status, lines = raw_sse(proxy, body)
-    chunks = [c for c in data_chunks(lines) if c != "[DONE]"]
-    assert status == 200
-    tool_deltas = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls", [])]
-    first = tool_deltas[0]
-    assert first["index"] == 0 and first["type"] == "function" and first["id"].startswith("call_")
-    assert first["function"] == {"name": "replace_in_file", "arguments": ""}
-    args = json.loads("".join(d["function"]["arguments"] for d in tool_deltas))
-    assert args["path"] == "src/cli.py" and "--verbose" in args["diff"] and args["diff"].startswith("------- SEARCH")
-    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
-    assert finishes == ["tool_calls"]
-    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert content == "I will edit the parser.\n"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0   # include_usage
-    whole = proxy.client().chat.completions.create(**{**body, "stream": False})        # and not streamed
-    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content == content
-    assert json.loads(whole.choices[0].message.tool_calls[0].function.arguments) == args
-
-
-def test_agent_loop_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
-    client = proxy.client()
-    poe.on("GPT-4o", xml_reply_steps(TOOL_REPLY, 5))
-    messages: list[Any] = [{"role": "user", "content": "Weather and time?"}]
-    with client.chat.completions.stream(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS) as stream:
-        first = stream.get_final_completion()
-    calls = first.choices[0].message.tool_calls
-    assert first.choices[0].finish_reason == "tool_calls"
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == EXPECTED_CALLS
-    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
-    messages.append(first.choices[0].message.model_dump(exclude_none=True))
-    messages += [{"role": "tool", "tool_call_id": calls[0].id, "content": "Sunny, 21 C"},
-                 {"role": "tool", "tool_call_id": calls[1].id, "content": [{"type": "text", "text": "10:42"}]}]
-    poe.on("GPT-4o", text_events("It is sunny and 10:42."))
-    answer = client.chat.completions.create(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS)
-    assert answer.choices[0].message.content == "It is sunny and 10:42."
-    assert answer.choices[0].finish_reason == "stop" and not answer.choices[0].message.tool_calls
-    sent = json.dumps(last_query(poe)["query"])
-    for needle in (calls[0].id, calls[1].id, "Sunny, 21 C", "10:42"):
-        assert sent.count(needle) == 1, needle
-    query = last_query(poe)["query"]["query"]
-    assert [m["role"] for m in query] == ["user", "bot", "user"]
-    assert query[2]["content"].index("Sunny") < query[2]["content"].index("10:42") < query[2]["content"].index("<tools>")
-
-
-def test_claude_code_router_style_request(proxy: Proxy, poe: FakePoe) -> None:
-    # What claude-code-router sends after converting a Claude Code turn: $schema / additionalProperties in the
-    # schemas, parallel calls answered by part-array tool results, and a system-reminder after them.
-    src = json.loads((FIXTURES / "claude-code-messages.json").read_text())
-    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
-                                               "parameters": t["input_schema"]}} for t in src["tools"]]
-    body = {"model": "Claude-Sonnet-4.5", "stream": True, "tools": tools, "max_tokens": 32000, "messages": [
-        {"role": "system", "content": [{"type": "text", "text": b["text"]} for b in src["system"]]},
-        {"role": "user", "content": "Fix the failing test."},
-        {"role": "assistant", "content": "Looking.", "tool_calls": [
-            {"id": "toolu_01", "type": "function", "function": {"name": tools[0]["function"]["name"],
-                                                                "arguments": '{"command": "pytest -q"}'}},
-            {"id": "toolu_02", "type": "function", "function": {"name": tools[1]["function"]["name"],
-                                                                "arguments": '{"file_path": "/x.py"}'}}]},
-        {"role": "tool", "tool_call_id": "toolu_01", "content": "1 failed"},
-        {"role": "tool", "tool_call_id": "toolu_02", "content": [{"type": "text", "text": "print(1)"}]},
-        {"role": "user", "content": [{"type": "text", "text": "<system-reminder>keep going</system-reminder>"}]}]}
-    name = tools[0]["function"]["name"]
-    reply = f'<tool_call>\n<invoke name="{name}">\n<parameter name="command">pytest -q -x</parameter>\n</invoke>\n</tool_call>'
-    poe.on("Claude-Sonnet-4.5", xml_reply_steps(reply, 3))
-    client = proxy.client()
-    stream = client.chat.completions.create(**body)
-    calls: dict[int, dict[str, str]] = {}
-    for chunk in stream:
-        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
-            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
-            entry["name"] += (tc.function.name or "") if tc.function else ""
-            entry["arguments"] += (tc.function.arguments or "") if tc.function else ""
-    assert calls == {0: {"name": name, "arguments": '{"command":"pytest -q -x"}'}}
-    body["stream"] = False
-    result = client.chat.completions.create(**body)
-    assert json.loads(result.choices[0].message.tool_calls[0].function.arguments) == {"command": "pytest -q -x"}
-
-
-###############################################################################
-# Faults found in review: disconnects, hostile bot output, stalls, shutdown
-###############################################################################
-
-@pytest.mark.parametrize("stream", [True, False])
-def test_client_leaving_closes_the_poe_connection_at_once(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
-    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    if stream:
-        got = b""
-        while b"thinking..." not in got:
-            got += sock.recv(65536)
-    else:
-        time.sleep(0.3)
-    left_at = time.monotonic()
-    sock.close()
-    deadline = time.monotonic() + 3
-    while not poe.disconnects and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
-
-
-@pytest.mark.parametrize("how", ["close", "half-close", "pipeline-then-half-close"])
-def test_client_leaving_mid_stream_closes_poe_while_it_is_still_sending(proxy: Proxy, poe: FakePoe, how: str) -> None:
-    poe.on("Trickle", [x for i in range(20) for x in (sse("text", {"text": f"piece{i} "}), 0.25)] + [sse("done", {})])
-    body = json.dumps({"model": "Trickle", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        got = b""
-        while b"piece0" not in got:
-            got += sock.recv(65536)
-        if how.startswith("pipeline"):     # a next request already came: the leaving is noticed all the same
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            time.sleep(0.05)
-        left_at = time.monotonic()
-        if how.endswith("half-close"):     # the client still reads, so writes to it keep succeeding
-            sock.shutdown(socket.SHUT_WR)
-        else:
-            sock.close()
-        deadline = time.monotonic() + 3
-        while not poe.disconnects and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
-        if how.endswith("half-close"):
-            rest = b""
-            while chunk := sock.recv(65536):
-                rest += chunk
-            assert b"piece19" not in rest and b"[DONE]" not in rest   # the answer was cut, not finished
-
-
-def test_hostile_bot_output_never_breaks_the_stream() -> None:
-    tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object",
-              "properties": {"n": {"type": "integer"}, "o": {"type": "object"}, "s": {"type": "string"}}}}}]
-    reply = ('<tool_call><invoke name="f"><parameter name="s">&#99999999; &#x110000;</parameter>'
-             f'<parameter name="n">{"9" * 5000}</parameter><parameter name="o">{"[" * 100000}</parameter>'
-             '</invoke></tool_call>')
-    text, calls, finish = parse_reply([reply], tools)
-    assert finish == "tool_calls" and calls[0][1]["s"] == "&#99999999; &#x110000;"
-    assert calls[0][1]["n"] == "9" * 5000 and calls[0][1]["o"] == "[" * 100000   # kept as text
-
-
-def test_deeply_nested_request_json_is_a_400(proxy: Proxy) -> None:
-    with httpx.Client() as http:
-        r = http.post(proxy.url + "/v1/chat/completions", content=b"[" * 100000,
-                      headers={"Authorization": f"Bearer {KEY}"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
-
-
-def test_stalled_model_list_is_a_504(start: Callable[..., Proxy], poe: FakePoe, lt: LoopThread) -> None:
-    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"data\"")
-        await asyncio.sleep(3)
-        writer.close()
-
-    async def serve_stall() -> int:
-        server = await asyncio.start_server(stall, "127.0.0.1", 0)
-        return server.sockets[0].getsockname()[1]
-    port = lt.run(serve_stall())
-    proxy = start(poe_base_url=f"http://127.0.0.1:{port}", read_timeout_seconds=0.5)
-    with pytest.raises(openai.APIStatusError) as info:
-        proxy.client().models.list()
-    assert info.value.status_code == 504
-
-
-def test_shutdown_is_quiet_and_prompt(start: Callable[..., Proxy], caplog: pytest.LogCaptureFixture) -> None:
-    proxy = start()
-    idle = socket.create_connection(("127.0.0.1", proxy.port))
-    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    got = b""
-    while b"uptime_s" not in got:
-        got += idle.recv(65536)                     # now an idle keep-alive connection
-    began = time.monotonic()
-    with caplog.at_level(logging.ERROR):
-        proxy.stop()
-    assert time.monotonic() - began < 2
-    assert idle.recv(65536) == b""                  # closed by the shutdown
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-
-
-def test_yaml_errors_do_not_leak_the_api_token(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    (tmp_path / "models.yaml").write_text("models: {}\napi_token: sk-SECRET-123: x\n")
-    registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))
-    with caplog.at_level(logging.INFO):
-        registry.config()
-    assert registry.last_error and "line 2" in registry.last_error
-    assert "SECRET" not in registry.last_error and "SECRET" not in caplog.text
-
-
-###############################################################################
-# Images and files: in, out, and the upload cache
-###############################################################################
-
-PNG_2X2 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAEklEQVR42mP4z8DA0PCfAUIBACFyBP2pJ3SLAAAAAElFTkSuQmCC")
-PDF_LIKE = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
-
-
-def data_url(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def image_message(url: str, text: str = "What is in this image?") -> dict[str, Any]:
-    return {"role": "user", "content": [{"type": "text", "text": text},
-                                        {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}
-
-
-def test_multipart_encoder_round_trips_through_the_email_parser() -> None:
-    content_type, body = p2o.encode_multipart([("download_url", "https://e.com/a b.png")],
-                                              [("file", 'we"ird\r\nname.pdf', "application/pdf", PDF_LIKE)])
-    message = BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
-    parts = list(message.iter_parts())
-    assert parts[0].get_payload(decode=True) == b"https://e.com/a b.png"
-    assert parts[1].get_payload(decode=True) == PDF_LIKE and parts[1].get_content_type() == "application/pdf"
-    assert "\r" not in parts[1].get_filename() and '"' not in parts[1].get_filename()
-
-
-def test_lru_cache_evicts_by_bytes_and_by_ttl() -> None:
-    now = [0.0]
-    cache = p2o.LRUCache(max_bytes=100, ttl_s=10, clock=lambda: now[0])
-    cache.put("a", "A", 40)
-    cache.put("b", "B", 40)
-    assert cache.get("a") == "A"           # a is now the most recently used
-    cache.put("c", "C", 40)                # 120 > 100: the least recently used (b) goes
-    assert cache.get("b") is None and cache.get("a") == "A" and cache.get("c") == "C"
-    assert cache.total_bytes == 80
-    cache.put("huge", "H", 101)            # larger than the whole budget: not stored, nothing evicted
-    assert cache.get("huge") is None and len(cache) == 2
-    now[0] = 10.5                          # past the TTL
-    assert cache.get("a") is None and cache.get("c") is None and cache.total_bytes == 0
-
-
-def test_content_parts_are_collected_and_checked() -> None:
-    messages = [{"role": "user", "content": [
-        {"type": "text", "text": "hi"},
-        {"type": "image_url", "image_url": data_url(PNG_2X2)},                       # bare string form
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
-        {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
-        {"type": "file", "file": {"file_data": base64.b64encode(PDF_LIKE).decode(), "filename": "raw.pdf"}},
-        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF0000WAVE").decode(), "format": "wav"}},
-        {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}]   # unknown: skipped
-    media = p2o.collect_media(messages)
-    assert [(m.where, m.content_type, m.name) for m in media] == [
-        ("messages[0].content[1]", "image/png", "image.png"),
-        ("messages[0].content[2]", "image/jpeg", "cat.jpg"),
-        ("messages[0].content[3]", "application/pdf", "spec.pdf"),
-        ("messages[0].content[4]", "application/pdf", "raw.pdf"),
-        ("messages[0].content[5]", "audio/wav", "audio.wav")]
-    assert media[0].data == PNG_2X2 and media[1].url == "https://example.com/cat.jpg" and media[3].data == PDF_LIKE
-    assert media[0].cache_key == "sha256:" + hashlib.sha256(PNG_2X2).hexdigest()
-    with pytest.raises(p2o.ProxyError) as info:
-        p2o.collect_media([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}])
-    assert info.value.status == 400 and info.value.param == "messages[0].content[0]"
-
-
-def test_open_webui_screenshot_reaches_the_bot(proxy: Proxy, poe: FakePoe) -> None:
-    body = json.loads((FIXTURES / "openwebui-chat.json").read_text())
-    body["stream"] = False
-    result = proxy.client().chat.completions.create(**body)
-    assert result.choices[0].message.content == "Hello from GPT-4o"   # the catalogue's spelling of the bot
-    upload = poe.uploads[0]
-    assert upload["data"] == PNG_2X2 and upload["content_type"] == "image/png"
-    assert upload["authorization"] == f"Bearer {KEY}"
-    sent = last_query(poe)["query"]["query"][-1]
-    assert sent["content"] == "What colours do you see in this image?"
-    assert sent["attachments"] == [{"url": sent["attachments"][0]["url"], "content_type": "image/png",
-                                    "name": "image.png"}]
-    assert result.usage is not None and result.usage.prompt_tokens > p2o.ATTACHMENT_TOKENS
-
-
-def test_same_image_twice_is_uploaded_once(proxy: Proxy, poe: FakePoe) -> None:
-    client = proxy.client()
-    url = data_url(PNG_2X2 + b"twice")
-    for _ in range(2):
-        client.chat.completions.create(model="GPT-4o", messages=[image_message(url)])
-    assert len(poe.uploads) == 1
-    first, second = [r["query"]["query"][-1]["attachments"] for r in poe.requests if r["path"].startswith("/bot/")]
-    assert first == second
-
-
-def test_twenty_concurrent_requests_share_one_upload(proxy: Proxy, poe: FakePoe) -> None:
-    poe.upload_delay_s = 0.3                # all twenty arrive while the first upload is still running
-    url = data_url(PNG_2X2 + b"concurrent")
-    client = proxy.client()
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(lambda _: client.chat.completions.create(
-            model="GPT-4o", messages=[image_message(url)]).choices[0].message.content, range(20)))
-    assert results == ["Hello from GPT-4o"] * 20 and len(poe.uploads) == 1
-
-
-def test_remote_and_cdn_urls(proxy: Proxy, poe: FakePoe) -> None:
-    client = proxy.client()
-    cdn = "https://pfst.cf2.poecdn.net/base/image/abc123?w=100"
-    client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
-        {"type": "text", "text": "compare"},
-        {"type": "image_url", "image_url": {"url": "https://example.com/photos/dog.webp"}},
-        {"type": "image_url", "image_url": {"url": cdn}}]}])
-    assert [u.get("download_url") for u in poe.uploads] == ["https://example.com/photos/dog.webp"]   # Poe fetches it
-    attachments = last_query(poe)["query"]["query"][-1]["attachments"]
-    assert attachments[1] == {"url": cdn, "content_type": "image/jpeg", "name": "image.jpg"}   # untouched
-    assert attachments[0]["name"] == "dog.webp"
-
-
-def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING):
-        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": [
-            {"type": "text", "text": "summarise"},
-            {"type": "file", "file": {"file_data": data_url(PDF_LIKE, "application/pdf"), "filename": "spec.pdf"}},
-            {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(),
-                                                    "format": "mp3"}},
-            {"type": "mystery_part", "x": 1}]}])
-    assert "messages[0].content[3]: a content part of unknown type 'mystery_part'" in caplog.text
-    assert [(u["filename"], u["content_type"], u["data"]) for u in poe.uploads] == [
-        ("spec.pdf", "application/pdf", PDF_LIKE), ("audio.mp3", "audio/mpeg", b"ID3fake-mp3")]
-    assert [a["name"] for a in last_query(poe)["query"]["query"][-1]["attachments"]] == ["spec.pdf", "audio.mp3"]
-
-
-def test_upload_failure_names_the_part(proxy: Proxy, poe: FakePoe) -> None:
-    poe.upload_status = 500
-    with pytest.raises(openai.InternalServerError) as info:
-        proxy.client().chat.completions.create(model="GPT-4o", messages=[
-            {"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
-            image_message(data_url(PNG_2X2 + b"fail"))])
-    assert info.value.status_code == 502 and "messages[2].content[1]" in info.value.message
-    assert not [r for r in poe.requests if r["path"].startswith("/bot/")]   # nothing was asked of the bot
-
-
-FILE_EVENT = {"url": "https://pfst.cf2.poecdn.net/base/image/out1", "content_type": "image/png",
-              "name": "cat.png", "inline_ref": "ref1"}
-
-
-@pytest.mark.parametrize("order", ["file_first", "text_first"])
-@pytest.mark.parametrize("stream", [False, True])
-def test_image_bot_pictures_reach_the_client(proxy: Proxy, poe: FakePoe, order: str, stream: bool) -> None:
-    text = [sse("text", {"text": "Here is your cat: ![cat]["}), sse("text", {"text": "ref1] Enjoy."})]
-    other = sse("file", {"url": "https://pfst.cf2.poecdn.net/base/text/notes", "content_type": "text/plain",
-                         "name": "notes.txt", "inline_ref": "ref2"})
-    file_event = sse("file", FILE_EVENT)
-    steps = [file_event, *text] if order == "file_first" else [*text, file_event]
-    poe.on("ImageBot", [*steps, other, sse("done", {})])
-    client = proxy.client()
-    messages = [{"role": "user", "content": "draw a cat"}]
-    if stream:
-        content = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="ImageBot", messages=messages, stream=True) if c.choices)
-    else:
-        content = client.chat.completions.create(model="ImageBot", messages=messages).choices[0].message.content
-    assert content == ("Here is your cat: ![cat](https://pfst.cf2.poecdn.net/base/image/out1) Enjoy."
-                       "\n\n[notes.txt](https://pfst.cf2.poecdn.net/base/text/notes)")
-
-
-def test_follow_up_edit_sees_the_previous_picture() -> None:
-    picture = "https://pfst.cf2.poecdn.net/base/image/out1"
-    messages = [{"role": "user", "content": "draw a cat"},
-                {"role": "assistant", "content": f"Here: ![cat]({picture}) and again {picture}."},
-                {"role": "user", "content": "make it blue"}]
-    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages}))
-    QueryRequest.model_validate(q)
-    assert q["query"][-1]["attachments"] == [{"url": picture, "content_type": "image/jpeg", "name": "image.jpg"}]
-    assert "attachments" not in q["query"][0]
-    # the last user turn comes before the assistant's picture: nothing is carried back
-    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages[:2]}))
-    assert all("attachments" not in m for m in q["query"])
-    # the picture is already attached by the client: no duplicate
-    again = [*messages[:2], image_message(picture, "make it blue")]
-    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": again}),
-                            attachments={2: [{"url": picture, "content_type": "image/png", "name": "cat.png"}]})
-    assert [a["url"] for a in q["query"][-1]["attachments"]] == [picture]
-
-
-###############################################################################
-# Reasoning: the thinking splitter and the reasoning flags
-###############################################################################
-
-THINKING_REPLIES = [
-    ("*Thinking...*\n\n> The user wants a number.\n> Forty-two fits.\n>\n> Done.\n\nThe answer is **42**.\n"
-     "Thinking... is a word I may use later.",
-     "The user wants a number.\nForty-two fits.\n\nDone.\n",
-     "The answer is **42**.\nThinking... is a word I may use later."),
-    ("Thinking...\r\n\r\n> crlf thoughts\r\n\r\nAnswer\r\n", "crlf thoughts\n", "Answer\r\n"),
-    ("<think>\nStep 1: add.\nStep 2: done.\n</think>\n\nResult: 3", "Step 1: add.\nStep 2: done.", "Result: 3"),
-    ("Thinking... about it, the answer is 3.", "", "Thinking... about it, the answer is 3."),
-    ("No thoughts here. *Thinking...* appears late.", "", "No thoughts here. *Thinking...* appears late."),
-]
-
-
-def split_reply(chunks: list[str]) -> tuple[str, str]:
-    translator = p2o.PoeTranslator()
-    fold = p2o.ChatFold()
-    for chunk in chunks:
-        for d in translator.feed(p2o.SSEEvent("text", json.dumps({"text": chunk}))):
-            fold.add(d)
-    for d in translator.feed(p2o.SSEEvent("done", "{}")):
-        fold.add(d)
-    body = fold.body("x", 0, "m", 0)["choices"][0]["message"]
-    return body.get("reasoning_content", ""), body["content"]
-
-
-@pytest.mark.parametrize("reply, reasoning, content", THINKING_REPLIES)
-def test_thinking_is_split_from_the_answer(reply: str, reasoning: str, content: str) -> None:
-    assert split_reply([reply]) == (reasoning, content)
-    assert split_reply(list(reply)) == (reasoning, content)          # one character at a time
-
-
-@given(st.sampled_from(THINKING_REPLIES), st.lists(st.integers(min_value=1, max_value=400), max_size=25))
-@hsettings(max_examples=400, deadline=None)
-def test_any_chunking_gives_the_same_reasoning_and_content(case: tuple[str, str, str], cuts: list[int]) -> None:
-    reply, reasoning, content = case
-    bounds = [0, *sorted({c for c in cuts if c < len(reply)}), len(reply)]
-    assert split_reply([reply[a:b] for a, b in zip(bounds, bounds[1:])]) == (reasoning, content)
-
-
-def test_reasoning_stream_and_non_stream_agree(proxy: Proxy, poe: FakePoe) -> None:
-    reply, reasoning, content = THINKING_REPLIES[0]
-    poe.on("Thinker", xml_reply_steps(reply, 4))
-    client = proxy.client()
-    whole = client.chat.completions.create(model="Thinker", messages=[{"role": "user", "content": "?"}])
-    message = whole.model_dump()["choices"][0]["message"]
-    assert (message["reasoning_content"], message["content"]) == (reasoning, content)
-    assert message["reasoning"] == reasoning                       # the other name some clients read
-    assert whole.usage is not None and whole.usage.completion_tokens_details is not None
-    assert whole.usage.completion_tokens_details.reasoning_tokens > 0
-    status, lines = raw_sse(proxy, {"model": "Thinker", "stream": True, "messages": [{"role": "user", "content": "?"}]})
-    deltas = [c["choices"][0]["delta"] for c in data_chunks(lines) if c != "[DONE]" and c["choices"]]
-    assert "".join(d.get("reasoning_content") or "" for d in deltas) == reasoning
-    assert "".join(d.get("reasoning") or "" for d in deltas) == reasoning
-    assert "".join(d.get("content") or "" for d in deltas) == content
-
-
-@pytest.mark.parametrize("body, flags", [
-    ({"reasoning_effort": "high"}, " --reasoning_effort high"),
-    ({"reasoning": {"effort": "minimal"}}, " --reasoning_effort minimal"),
-    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, " --thinking_budget 2048"),
-    ({"extra_body": {"google": {"thinking_config": {"thinking_budget": 512}}}}, " --thinking_budget 512"),
-    ({"google": {"thinking_config": {"thinking_budget": 0}}}, " --thinking_budget 0"),
-    ({"thinking": {"type": "enabled", "budget_tokens": 100}, "reasoning_effort": "low"},
-     " --thinking_budget 100 --reasoning_effort low"),
-    ({"thinking": {"type": "disabled"}}, ""),
-])
-def test_reasoning_controls_become_flags_at_the_very_end(body: dict[str, Any], flags: str) -> None:
-    messages = [{"role": "user", "content": "weather?"},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
-                {"role": "tool", "tool_call_id": "c1", "content": "10:00"}]
-    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "messages": messages, "tools": WEATHER_TOOLS,
-                                                    **body}))
-    last = q["query"][-1]["content"]
-    assert last.startswith("<tool_result") and "</tools>" in last      # the last turn is the tool result
-    assert last.endswith("</tools>" + flags)                           # flags after the tool block
-
-
-@pytest.mark.parametrize("body, param", [
-    ({"reasoning_effort": "maximal"}, "reasoning_effort"),
-    ({"reasoning": {"effort": 3}}, "reasoning.effort"),
-    ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens"),
-    ({"extra_body": {"google": {"thinking_config": {"thinking_budget": -5}}}},
-     "extra_body.google.thinking_config.thinking_budget"),
-])
-def test_invalid_reasoning_controls_are_400(proxy: Proxy, body: dict[str, Any], param: str) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}],
-                                               extra_body=body)
-    assert info.value.body["param"] == param  # type: ignore[index]
-
-
-###############################################################################
-# Admin API
-###############################################################################
-
-ADMIN = ("admin", "123456")
-
-
-def test_admin_api_needs_credentials(proxy: Proxy) -> None:
-    with httpx.Client() as http:
-        for method, path in (("GET", "/api/admin/config"), ("POST", "/api/admin/config"), ("GET", "/api/models"),
-                             ("GET", "/api/admin/stats")):
-            r = http.request(method, proxy.url + path, json={})
-            assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic"), path
-            assert http.request(method, proxy.url + path, auth=("admin", "nope"), json={}).status_code == 401
-
-
-def test_admin_config_round_trip_is_atomic_and_takes_effect(proxy: Proxy, poe: FakePoe, tmp_path: Path) -> None:
-    path = tmp_path / "models.yaml"
-    path.write_text("# my notes\nenable: false\nmodels: {}\n")
-    with httpx.Client(auth=ADMIN) as http:
-        got = http.get(proxy.url + "/api/admin/config").json()
-        assert got == {"enable": False, "models": {}, "custom_models": [], "api_token": None, "use_v1_api": False,
-                       "load_error": None}
-        new = {"enable": True, "models": {"GPT-4o": {"mapping": "gpt-4o-poe"}, "Claude-Sonnet-4.5": {"enable": False},
-                                          "Img": {"replace_response": True, "tool_mode": "native"},
-                                          "MyBot": {"mapping": "my-bot"}},
-               "custom_models": [{"id": "MyBot", "owned_by": "me", "created": 1700000000}],
-               "api_token": None, "use_v1_api": True}
-        assert http.post(proxy.url + "/api/admin/config", json=new).json() == {"status": "success"}
-        assert http.get(proxy.url + "/api/admin/config").json() == {**new, "load_error": None}
-        bad = http.post(proxy.url + "/api/admin/config", json={**new, "models": {"X": {"tool_mode": "telepathy"}}})
-        assert bad.status_code == 400 and "tool_mode" in bad.json()["error"]["message"]
-        raw = http.get(proxy.url + "/api/models").json()
-        assert [m["id"] for m in raw["data"]] == ["GPT-4o", "Claude-Sonnet-4.5"]     # Poe's own names
-    assert yaml.safe_load(path.read_text())["models"]["GPT-4o"] == {"mapping": "gpt-4o-poe"}
-    assert (tmp_path / "models.yaml.bak").read_text() == "# my notes\nenable: false\nmodels: {}\n"
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".models.yaml")]       # no temp files left
-    client = proxy.client()
-    assert [m.id for m in client.models.list().data] == ["gpt-4o-poe", "my-bot"]       # at once; custom renamed
-    client.chat.completions.create(model="gpt-4o-poe", messages=[{"role": "user", "content": "x"}])
-    assert last_query(poe)["path"] == "/bot/GPT-4o"
-    client.chat.completions.create(model="MY-BOT", messages=[{"role": "user", "content": "x"}])
-    assert last_query(poe)["path"] == "/bot/MyBot"
-
-
-def test_broken_file_is_reported_and_never_replaced(proxy: Proxy, tmp_path: Path) -> None:
-    path = tmp_path / "models.yaml"
-    path.write_text("enable: true\nmodels: {GPT-4o: {mapping: first}}\n")
-    client = proxy.client()
-    assert client.models.list().data[0].id == "first"
-    path.write_text("enable: true\nmodels: {GPT-4o: {mapping: second}\n")      # a typo
-    time.sleep(2.2)
-    with httpx.Client(auth=ADMIN) as http:
-        got = http.get(proxy.url + "/api/admin/config").json()
-    assert got["load_error"] and "line" in got["load_error"] and got["models"] == {"GPT-4o": {"mapping": "first"}}
-    assert client.models.list().data[0].id == "first"
-    assert path.read_text() == "enable: true\nmodels: {GPT-4o: {mapping: second}\n"
-
-
-def test_admin_api_refuses_cross_site_requests(proxy: Proxy, tmp_path: Path) -> None:
-    path = tmp_path / "models.yaml"
-    path.write_text("enable: false\nmodels: {}\n")
-    url = proxy.url + "/api/admin/config"
-    host = f"127.0.0.1:{proxy.port}"
-    evil = {"enable": True, "models": {"GPT-4o": {"mapping": "stolen"}}}
-    with httpx.Client(auth=ADMIN) as http:
-        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                        {"Origin": "https://evil.example"}, {"Origin": "null"},
-                        {"Origin": f"http://{host}.evil.example"}):
-            r = http.post(url, json=evil, headers=headers)
-            assert r.status_code == 403 and r.json()["error"]["code"] == "cross_site_request", headers
-            assert "Cross-site request to the admin API refused" in r.json()["error"]["message"]
-            assert "access-control-allow-origin" not in r.headers
-        for method, path_ in (("GET", "/api/admin/config"), ("GET", "/api/admin/stats"), ("GET", "/api/models")):
-            assert http.request(method, proxy.url + path_, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
-        # Bodies a cross-site page can send without a preflight are not configurations.
-        for content_type, data in (("text/plain", json.dumps(evil)), ("application/x-www-form-urlencoded", "enable=1"),
-                                   ("multipart/form-data; boundary=x", "--x--")):
-            r = http.post(url, content=data, headers={"Content-Type": content_type})
-            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], content_type
-        assert yaml.safe_load(path.read_text()) == {"enable": False, "models": {}}     # untouched by all of that
-        # The page itself, a browser without Sec-Fetch-* (Origin only), one behind a reverse proxy, and curl.
-        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": f"http://{host}"}, {"Origin": f"http://{host}"},
-                        {"Origin": "https://admin.example.com", "X-Forwarded-Host": "admin.example.com"},
-                        {"Sec-Fetch-Site": "none"}, {}):
-            r = http.post(url, json={"enable": True}, headers={**headers, "Content-Type": "application/json; charset=utf-8"})
-            assert r.status_code == 200, (headers, r.text)
-    with httpx.Client() as http:   # refused before the credentials are looked at: no failed login counted
-        for _ in range(p2o.ADMIN_MAX_FAILURES + 1):
-            assert http.get(url, auth=("admin", "guess"), headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
-        assert http.get(url, auth=ADMIN).status_code == 200
-
-
-def test_admin_routes_send_no_cors_headers_and_the_page_strict_headers(proxy: Proxy) -> None:
-    origin = {"Origin": "https://app.example.com"}
-    with httpx.Client(auth=ADMIN) as http:
-        assert http.get(proxy.url + "/v1/models", headers=origin).headers["access-control-allow-origin"] == "*"
-        preflight = {**origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
-        for path in ("/admin", "/api/admin/config", "/api/admin/stats", "/api/models"):
-            r = http.options(proxy.url + path, headers=preflight)
-            assert r.status_code == 405 and not [h for h in r.headers if h.startswith("access-control-")], path
-            r = http.get(proxy.url + path)
-            assert not [h for h in r.headers if h.startswith("access-control-")], path
-        page = http.get(proxy.url + "/admin")
-    assert page.status_code == 200
-    csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
-    assert csp["default-src"] == "'none'" and csp["connect-src"] == "'self'" and csp["img-src"] == "'self' data:"
-    assert (csp["frame-ancestors"], csp["base-uri"], csp["form-action"]) == ("'none'", "'none'", "'none'")
-    for directive, tag in (("script-src", "script"), ("style-src", "style")):
-        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page.text, re.S)
-        assert blocks and csp[directive].split() == [
-            "'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in blocks]
-    assert "unsafe" not in page.headers["content-security-policy"]
-    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
-    assert page.headers["referrer-policy"] == "no-referrer" and page.headers["cache-control"] == "no-store"
-
-
-def test_admin_stats_count_requests_tokens_and_latency(proxy: Proxy, poe: FakePoe) -> None:
-    client = proxy.client()
-    client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
-    list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
-    poe.scripts["Broken"] = Script(status=500, body=b"x")
-    with pytest.raises(openai.InternalServerError):
-        client.chat.completions.create(model="Broken", messages=[{"role": "user", "content": "x"}])
-    with httpx.Client(auth=ADMIN) as http:
-        stats = http.get(proxy.url + "/api/admin/stats").json()
-    by_model = {m["model"]: m for m in stats["models"]}
-    assert by_model["GPT-4o"]["requests"] == 2 and by_model["GPT-4o"]["errors"] == 0
-    assert by_model["GPT-4o"]["completion_tokens"] > 0 and by_model["GPT-4o"]["latency_ms"]["p50"] > 0
-    assert by_model["Broken"] == {**by_model["Broken"], "requests": 1, "errors": 1}
-    assert stats["totals"]["requests"] == 3
-    assert stats["upstream"]["connections_opened"] >= 1 and stats["upstream"]["uploads"] == 0
-
-
-def test_admin_stats_key_by_the_bot_and_pool_made_up_names(proxy: Proxy, poe: FakePoe) -> None:
-    client = proxy.client()
-    client.chat.completions.create(model="gpt-4O", messages=[{"role": "user", "content": "x"}])   # any case
-    for i in range(3):   # names Poe does not know: one row for all of them, however long they are
-        poe.on(f"Nope{i}" + "x" * 5000, status=404, body=b'{"detail": "Bot not found"}')
-        with pytest.raises(openai.NotFoundError) as caught:
-            client.chat.completions.create(model=f"Nope{i}" + "x" * 5000, messages=[{"role": "user", "content": "x"}])
-        assert len(caught.value.message) < 1000   # the name is quoted cut, not echoed whole
-    stats = httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()
-    by_model = {m["model"]: m for m in stats["models"]}
-    assert set(by_model) == {"GPT-4o", "(refused)"}
-    assert by_model["GPT-4o"]["requests"] == 1 and by_model["(refused)"]["requests"] == 3
-
-
-###############################################################################
-# Sharing the proxy: access keys (ACCESS_KEYS + POE_API_KEY)
-###############################################################################
-
-ALICE_KEY = "team-alice-0123456789abcdef"
-BOB_KEY = "team-bob-fedcba9876543210zz"
-SERVER_KEY = "poe-server-key-9876543210abcdef"
-CHAT = {"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]}
-
-
-def start_shared(start: Callable[..., Proxy], **kw: Any) -> Proxy:
-    return start(access_keys=f"alice: {ALICE_KEY}, bob: {BOB_KEY}", poe_api_key=SERVER_KEY, **kw)
-
-
-def keys_poe_saw(poe: FakePoe) -> set[str]:
-    return {r["headers"].get("authorization", "") for r in poe.requests} | {u["authorization"] for u in poe.uploads}
-
-
-def test_access_key_lists_give_each_key_a_label() -> None:
-    text = ("# the team's keys\n\nalice: " + ALICE_KEY + "   # laptop\n" + BOB_KEY + "\n"
-            "ci bot:" + "k" * 16 + "\n")
-    keys = p2o.parse_access_keys(text, "keys.txt")
-    assert [k.label for k in keys] == ["alice", "key 2", "ci bot"]
-    assert [k.label for k in p2o.parse_access_keys(f" alice:{ALICE_KEY},{BOB_KEY} ,", "ACCESS_KEYS", ",")] == [
-        "alice", "key 2"]
-    assert ALICE_KEY not in repr(keys)
-
-
-@pytest.mark.parametrize("text, problem", [
-    ("alice: tiny-KEY", "line 1: the key is shorter than 16"),
-    (f"# none\n: {ALICE_KEY}", "line 2: the label before ':' is empty"),
-    (f"alice: {ALICE_KEY}\nbob: {ALICE_KEY}", "line 2: the same key is listed twice ('alice' and 'bob')"),
-    (f"alice: {ALICE_KEY} extra", "line 1: a key is one word"),
-    ("# only comments\n\n", "lists no keys"),
-    (f"{'x' * 65}: {ALICE_KEY}", "a label is at most 64"),
-])
-def test_bad_access_key_lists_name_the_line_but_never_a_key(text: str, problem: str) -> None:
-    with pytest.raises(p2o.SettingsError) as info:
-        p2o.parse_access_keys(text, "keys.txt")
-    assert problem in str(info.value) and ALICE_KEY not in str(info.value) and "tiny-KEY" not in str(info.value)
-
-
-def test_access_keys_need_the_servers_poe_key(tmp_path: Path) -> None:
-    with pytest.raises(p2o.SettingsError, match="ACCESS_KEYS is set but POE_API_KEY is not"):
-        p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY}, [])
-    settings = p2o.Settings.from_env({"ACCESS_KEYS": ALICE_KEY, "POE_API_KEY": SERVER_KEY}, [])
-    assert settings.access_keys == ALICE_KEY and settings.poe_api_key == SERVER_KEY
-    assert ALICE_KEY not in repr(settings) and SERVER_KEY not in repr(settings)
-    env = {k: v for k, v in os.environ.items() if k != "POE_API_KEY"}
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env={**env, "ACCESS_KEYS": ALICE_KEY},
-                            capture_output=True, text=True, timeout=20)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "ACCESS_KEYS" in lines[0] and "POE_API_KEY" in lines[0]
-    assert ALICE_KEY not in result.stderr
-    missing = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], capture_output=True, text=True, timeout=20,
-                             env={**env, "ACCESS_KEYS": f"@{tmp_path / 'nope.txt'}", "POE_API_KEY": SERVER_KEY})
-    assert missing.returncode == 2 and "nope.txt" in missing.stderr and "cannot read" in missing.stderr
-
-
-def test_version_flag() -> None:
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), "--version"], capture_output=True,
-                            text=True, timeout=20)
-    assert result.returncode == 0 and result.stdout.strip() == f"poe2openai {p2o.__version__}"
-
-
-def test_shared_proxy_runs_every_sdk_on_the_servers_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start_shared(start)
-    client = proxy.client(api_key=ALICE_KEY)
-    assert [m.id for m in client.models.list().data] == ["GPT-4o", "Claude-Sonnet-4.5"]
-    assert client.chat.completions.create(**CHAT).choices[0].message.content == "Hello from GPT-4o"
-    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**CHAT, stream=True)
-                   if c.choices) == "Hello from GPT-4o"
-    client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"shared"))])
-    assert client.responses.create(model="GPT-4o", input="hi").output_text == "Hello from GPT-4o"
-    message = anthropic_client(proxy, api_key=BOB_KEY).messages.create(   # x-api-key
-        model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
-    assert message.content[0].text == "Hello from Claude-Sonnet-4.5"
-    bearer = anthropic_client(proxy, api_key=None, auth_token=BOB_KEY)   # Authorization: Bearer
-    assert bearer.messages.create(model="Claude-Sonnet-4.5", max_tokens=10,
-                                  messages=[{"role": "user", "content": "hi"}]).content[0].text
-    with httpx.Client() as http:   # Azure-style clients send api-key
-        r = http.post(proxy.url + "/v1/chat/completions", json=CHAT, headers={"api-key": ALICE_KEY})
-        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
-        assert http.get(proxy.url + "/healthz").status_code == 200   # health needs no key
-    assert len(poe.uploads) == 1 and {r["path"] for r in poe.requests} >= {"/v1/models", "/bot/GPT-4o"}
-    assert keys_poe_saw(poe) == {f"Bearer {SERVER_KEY}"}   # never an access key
-
-
-def test_shared_proxy_refuses_wrong_and_missing_keys_in_each_dialects_shape(start: Callable[..., Proxy],
-                                                                            poe: FakePoe) -> None:
-    anthropic = pytest.importorskip("anthropic")
-    proxy = start_shared(start)
-    with pytest.raises(openai.AuthenticationError) as info:
-        proxy.client(api_key=KEY).chat.completions.create(**CHAT)   # a Poe key is not an access key
-    assert info.value.code == "invalid_api_key" and "access key" in info.value.message
-    with pytest.raises(openai.AuthenticationError):
-        proxy.client(api_key=ALICE_KEY + "x").models.list()
-    with pytest.raises(anthropic.AuthenticationError) as anthropic_info:
-        anthropic_client(proxy, api_key="wrong-key-0123456789").messages.create(
-            model="Claude-Sonnet-4.5", max_tokens=10, messages=[{"role": "user", "content": "hi"}])
-    assert anthropic_info.value.body["error"]["type"] == "authentication_error"
-    with httpx.Client() as http:
-        for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None),
-                                   ("GET", "/models/GPT-4o", None), ("POST", "/v1/responses", {"model": "m"}),
-                                   ("POST", "/v1/messages/count_tokens", {"messages": []})):
-            r = http.request(method, proxy.url + path, json=body)
-            assert r.status_code == 401, path
-            shape = r.json()["error"]
-            assert (shape["type"] == "authentication_error" if "messages" in path
-                    else shape["code"] == "invalid_api_key"), (path, shape)
-        preflight = http.options(proxy.url + "/v1/chat/completions", headers={
-            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
-        assert preflight.status_code == 204   # browsers send no key on a preflight
-    assert not [r for r in poe.requests if r["path"].startswith("/bot/")] and not poe.uploads
-
-
-def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start_shared(start)
-    with httpx.Client() as http:
-        assert http.post(proxy.url + "/v1/chat/completions", json=CHAT).status_code == 401   # no key: no failure
-        statuses = [http.post(proxy.url + "/v1/chat/completions", json=CHAT,
-                              headers={"Authorization": f"Bearer guess-{n}-0123456789abcdef"}).status_code
-                    for n in range(6)]
-        assert statuses == [401] * 5 + [429]
-        locked = http.post(proxy.url + "/v1/messages", headers={"x-api-key": ALICE_KEY},
-                           json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]})
-        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0   # even the right key waits
-        assert locked.json()["error"]["type"] == "rate_limit_error"
-        assert http.get(proxy.url + "/api/admin/config", auth=ADMIN).status_code == 200   # the admin's own table
-
-
-def test_login_backoff_forgets_after_its_window() -> None:
-    now = [0.0]
-    backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: now[0])
-    backoff.failed("10.0.0.1")
-    backoff.failed("10.0.0.1")
-    with pytest.raises(p2o.ProxyError) as info:
-        backoff.check("10.0.0.1")
-    assert info.value.status == 429 and info.value.headers == [("Retry-After", "60")]
-    backoff.check("10.0.0.2")   # per address
-    now[0] = 61.0
-    backoff.check("10.0.0.1")
-    backoff.failed("10.0.0.1")
-    backoff.succeeded("10.0.0.1")
-    backoff.failed("10.0.0.1")
-    backoff.check("10.0.0.1")   # a success wiped the earlier failure
-
-
-def test_usage_stats_per_access_key_label(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start_shared(start)
-    poe.on("Broken", status=500, body=b"x")
-    alice, bob = proxy.client(api_key=ALICE_KEY), proxy.client(api_key=BOB_KEY)
-    alice.chat.completions.create(**CHAT)
-    list(alice.chat.completions.create(**CHAT, stream=True))
-    with pytest.raises(openai.InternalServerError):
-        bob.chat.completions.create(model="Broken", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.AuthenticationError):
-        proxy.client(api_key="nobody-0123456789abcdef").chat.completions.create(**CHAT)
-    with httpx.Client(auth=ADMIN) as http:
-        raw = http.get(proxy.url + "/api/admin/stats")
-    stats = raw.json()
-    by_key = {k["key"]: k for k in stats["keys"]}
-    assert set(by_key) == {"alice", "bob"} and stats["access_keys"] == 2 and stats["version"] == p2o.__version__
-    assert by_key["alice"]["requests"] == 2 and by_key["alice"]["errors"] == 0
-    assert by_key["alice"]["completion_tokens"] > 0 and by_key["alice"]["prompt_tokens"] > 0
-    assert (by_key["bob"]["requests"], by_key["bob"]["errors"]) == (1, 1)
-    assert ALICE_KEY not in raw.text and BOB_KEY not in raw.text and SERVER_KEY not in raw.text
-
-
-def test_pass_through_stats_count_under_own_key(proxy: Proxy) -> None:
-    proxy.client().chat.completions.create(**CHAT)
-    stats = httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()
-    assert stats["access_keys"] == 0 and [(k["key"], k["requests"]) for k in stats["keys"]] == [("own key", 1)]
-
-
-def test_access_key_file_is_read_and_reloaded_when_it_changes(start: Callable[..., Proxy], tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(p2o, "KEY_FILE_CHECK_S", 0.0)
-    path = tmp_path / "access-keys.txt"
-    path.write_text(f"# who may use the proxy\n\nalice: {ALICE_KEY}   # laptop\n")
-    proxy = start(access_keys=f"@{path}", poe_api_key=SERVER_KEY)
-    assert proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT).choices[0].message.content
-    with pytest.raises(openai.AuthenticationError):
-        proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT)
-    path.write_text(f"bob: {BOB_KEY}\n")
-    assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
-    with pytest.raises(openai.AuthenticationError):
-        proxy.client(api_key=ALICE_KEY).chat.completions.create(**CHAT)
-    with caplog.at_level(logging.WARNING):
-        path.write_text(f"bob: {BOB_KEY}\ncarol: short\n")   # a broken edit: the keys in force stay
-        assert proxy.client(api_key=BOB_KEY).chat.completions.create(**CHAT).choices[0].message.content
-    assert "not reloaded" in caplog.text and "line 2" in caplog.text
-    labels = {k["key"] for k in httpx.get(proxy.url + "/api/admin/stats", auth=ADMIN).json()["keys"]}
-    assert labels == {"alice", "bob"}
-
-
-###############################################################################
-# Hardening: hostile bytes, limits, secrets, shutdown, workers, soak
-###############################################################################
-
 def exchange_closing(port: int, data: bytes, timeout: float = 3.0) -> bytes:
     """Send bytes, half-close, and read whatever comes back until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -3880,59 +5232,37 @@ def test_connection_cap_answers_503(start: Callable[..., Proxy]) -> None:
         assert http.get(proxy.url + "/healthz").status_code == 200
 
 
-def test_dns_failure_is_a_502_that_says_so(start: Callable[..., Proxy]) -> None:
-    proxy = start(poe_base_url="http://poe-does-not-exist.invalid")
-    with pytest.raises(openai.InternalServerError) as info:
-        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
-    assert info.value.status_code == 502 and "DNS" in info.value.message
+def test_idle_keep_alive_connections_are_closed(start: Callable[..., Proxy]) -> None:
+    proxy = start(keepalive_timeout_seconds=0.3)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        began = time.monotonic()
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+        assert got.count(b"HTTP/1.1 200 ") == 1 and 0.25 < time.monotonic() - began < 2
 
 
-def test_secrets_never_reach_the_logs(start: Callable[..., Proxy], poe: FakePoe,
-                                      caplog: pytest.LogCaptureFixture) -> None:
-    secret_key, secret_password = "poe-SECRET-KEY-1234567890", "admin-SECRET-PASSWORD"
-    proxy = start(admin_password=secret_password)
-    poe.on("Bad", [sse("error", {"text": "Invalid token"})])
-    with caplog.at_level(logging.DEBUG):
-        client = proxy.client(api_key=secret_key)
-        client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"log"))])
-        list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
-        with pytest.raises(openai.AuthenticationError):
-            client.chat.completions.create(model="Bad", messages=[{"role": "user", "content": "x"}])
-        with httpx.Client() as http:
-            http.get(proxy.url + "/admin", auth=("admin", secret_password))
-            http.get(proxy.url + "/admin", auth=("admin", secret_password + "x"))
-        access_key, server_key = "access-SECRET-KEY-0123456789", "poe-SECRET-SERVER-KEY-42"
-        shared = start(access_keys=f"team: {access_key}", poe_api_key=server_key)
-        shared.client(api_key=access_key).chat.completions.create(model="GPT-4o", messages=[
-            image_message(data_url(PNG_2X2 + b"shared log"))])
-        shared.client(api_key=access_key).models.list()
-        with pytest.raises(openai.AuthenticationError):
-            shared.client(api_key=access_key + "-wrong").chat.completions.create(
-                model="GPT-4o", messages=[{"role": "user", "content": "x"}])
-        with pytest.raises(openai.AuthenticationError):
-            shared.client(api_key=access_key).chat.completions.create(model="Bad", messages=[
-                {"role": "user", "content": "x"}])
-    assert "POST /v1/chat/completions" in caplog.text             # the access log is there...
-    assert secret_key not in caplog.text and secret_password not in caplog.text   # ...the secrets are not
-    assert "SECRET" not in caplog.text, caplog.text               # nor the access key or the server's Poe key
+###############################################################################
+# Server lifecycle: shutdown, workers, packaging
+###############################################################################
 
 
-def test_cors_allowed_origins_setting(start: Callable[..., Proxy]) -> None:
-    proxy = start(cors_allow_origins=("https://app.example.com",))
-    with httpx.Client() as http:
-        ok = http.get(proxy.url + "/v1/models", headers={"Origin": "https://app.example.com"})
-        assert ok.headers["access-control-allow-origin"] == "https://app.example.com"
-        assert "Origin" in ok.headers["vary"] and "access-control-allow-credentials" not in ok.headers
-        other = http.get(proxy.url + "/v1/models", headers={"Origin": "https://evil.example"})
-        assert "access-control-allow-origin" not in other.headers
+# ----------------------------------------------------------------------------- shutdown
 
-
-def test_admin_login_back_off(proxy: Proxy) -> None:
-    with httpx.Client() as http:
-        statuses = [http.get(proxy.url + "/api/admin/config", auth=("admin", "guess")).status_code for _ in range(6)]
-        assert statuses == [401] * 5 + [429]
-        locked = http.get(proxy.url + "/api/admin/config", auth=ADMIN)    # even the right password waits
-        assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+def test_shutdown_is_quiet_and_prompt(start: Callable[..., Proxy], caplog: pytest.LogCaptureFixture) -> None:
+    proxy = start()
+    idle = socket.create_connection(("127.0.0.1", proxy.port))
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    while b"uptime_s" not in got:
+        got += idle.recv(65536)                     # now an idle keep-alive connection
+    began = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        proxy.stop()
+    assert time.monotonic() - began < 2
+    assert idle.recv(65536) == b""                  # closed by the shutdown
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_graceful_shutdown_lets_running_streams_finish(start: Callable[..., Proxy], poe: FakePoe) -> None:
@@ -3958,69 +5288,6 @@ def test_graceful_shutdown_lets_running_streams_finish(start: Callable[..., Prox
     reader.join(5)
     stopper.join(5)
     assert results == ["one two"]
-
-
-def test_workers_share_the_port(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(HERE / "poe2openai.py"), "--workers", "2", "--host", "127.0.0.1",
-                             "--port", str(port), "--config-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        pids = set()
-        deadline = time.time() + 10
-        while time.time() < deadline and len(pids) < 2:
-            try:
-                with httpx.Client() as http:   # a new connection each time: the kernel spreads them
-                    pids.add(http.get(f"http://127.0.0.1:{port}/healthz").json()["pid"])
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        assert len(pids) == 2 and proc.pid not in pids
-    finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
-
-
-class ProxyProcess:
-    """`python poe2openai.py ARGS` in a session of its own (so a test can Ctrl-C its whole process group,
-    as a terminal does), with stderr collected line by line as it comes."""
-
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if k not in {n for n, _, _ in p2o.SETTINGS_SPEC}}
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "poe2openai.py"), "--host", "127.0.0.1",
-                                      "--port", str(self.port), *args], cwd=cwd, env=env, text=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
-        deadline = time.time() + 10
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
-                return
-            except httpx.HTTPError:
-                assert time.time() < deadline and self.proc.poll() is None, self.log()
-                time.sleep(0.05)
-
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for_log(self, text: str, timeout: float = 5) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            found = [line for line in self.lines if text in line]
-            if found:
-                return found[0]
-            time.sleep(0.02)
-        raise AssertionError(f"{text!r} not logged:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(5)
 
 
 def start_slow_stream(proxy_port: int, poe: FakePoe) -> tuple[threading.Thread, list[str]]:
@@ -4066,6 +5333,30 @@ def test_second_ctrl_c_during_the_grace_stops_at_once(poe: FakePoe, tmp_path: Pa
         server.stop()
 
 
+# ----------------------------------------------------------------------------- workers
+
+def test_workers_share_the_port(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(HERE / "poe2openai.py"), "--workers", "2", "--host", "127.0.0.1",
+                             "--port", str(port), "--config-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pids = set()
+        deadline = time.time() + 10
+        while time.time() < deadline and len(pids) < 2:
+            try:
+                with httpx.Client() as http:   # a new connection each time: the kernel spreads them
+                    pids.add(http.get(f"http://127.0.0.1:{port}/healthz").json()["pid"])
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        assert len(pids) == 2 and proc.pid not in pids
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+
+
 def test_workers_parent_passes_on_a_second_ctrl_c(poe: FakePoe, tmp_path: Path) -> None:
     server = ProxyProcess(["--workers", "2", "--config-dir", str(tmp_path),
                            "--poe-base-url", f"http://127.0.0.1:{poe.port}"], tmp_path)
@@ -4086,177 +5377,7 @@ def test_workers_parent_passes_on_a_second_ctrl_c(poe: FakePoe, tmp_path: Path) 
         server.stop()
 
 
-def test_missing_models_yaml_is_a_warning_only_when_config_dir_was_chosen(tmp_path: Path) -> None:
-    for args, level in (([], "INFO"), (["--config-dir", str(tmp_path / "conf")], "WARNING")):
-        server = ProxyProcess(args, tmp_path)
-        try:
-            line = server.wait_for_log("no models.yaml")
-            assert f" {level} " in line and "models are served as they are" in line, line
-            server.proc.send_signal(signal.SIGTERM)
-            assert server.proc.wait(10) == 0      # one signal, nothing running: a clean stop
-        finally:
-            server.stop()
-
-
-BIG_PIECE = ("lorem ipsum " * 5462)[:64 * 1024]   # 64 KiB of answer text per event
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 3.0) -> bool:
-    deadline = time.time() + timeout
-    while not check() and time.time() < deadline:
-        time.sleep(0.02)
-    return check()
-
-
-def test_an_answer_past_max_answer_size_is_a_502_and_poe_is_hung_up_on(start: Callable[..., Proxy],
-                                                                         poe: FakePoe) -> None:
-    anthropic = pytest.importorskip("anthropic")
-    proxy = start(max_answer_size=1024 * 1024)
-    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [5.0, sse("done", {})])   # 1.5 MiB
-    client, claude = proxy.client(), anthropic_client(proxy)
-    user = [{"role": "user", "content": "x"}]
-    refusals = []
-    with pytest.raises(openai.InternalServerError) as chat_error:
-        client.chat.completions.create(model="Huge", messages=user)
-    refusals.append((chat_error.value.status_code, chat_error.value.code))
-    with pytest.raises(anthropic.InternalServerError) as claude_error:
-        claude.messages.create(model="Huge", max_tokens=10, messages=user)
-    refusals.append((claude_error.value.status_code, claude_error.value.body["error"]["type"]))
-    with pytest.raises(openai.InternalServerError) as responses_error:
-        client.responses.create(model="Huge", input="x")
-    refusals.append((responses_error.value.status_code, responses_error.value.code))
-    assert refusals == [(502, "answer_too_large"), (502, "api_error"), (502, "answer_too_large")]
-    assert "MAX_ANSWER_SIZE" in chat_error.value.message
-    assert wait_until(lambda: len(poe.disconnects) == 3)   # each time Poe was told to stop at once
-    # The Responses stream repeats the whole text in its closing events, so it is bounded the same way...
-    with httpx.Client(timeout=20) as http:
-        r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": "Huge", "input": "x", "stream": True})
-    failed = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
-    assert failed["type"] == "response.failed" and failed["response"]["error"]["code"] == "answer_too_large"
-    # ...while a chat completion stream keeps nothing of what it sent, so it has no such limit.
-    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [sse("done", {})])
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="Huge", messages=user, stream=True) if c.choices)
-    assert streamed == BIG_PIECE * 24
-
-
-def test_an_endless_event_line_from_poe_is_a_502(start: Callable[..., Proxy], poe: FakePoe,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(p2o, "MAX_SSE_EVENT_BYTES", 256 * 1024)
-    proxy = start()
-    poe.on("Endless", [b"event: text\ndata: " + b"x" * 100_000 for _ in range(5)] + [5.0])   # no line end ever
-    for stream in (False, True):
-        with pytest.raises(openai.InternalServerError) as info:
-            proxy.client().chat.completions.create(model="Endless", stream=stream,
-                                                   messages=[{"role": "user", "content": "x"}])
-        assert info.value.status_code == 502 and "larger than 262144 bytes" in info.value.message
-    assert wait_until(lambda: len(poe.disconnects) == 2)
-
-
-def test_a_compressed_body_poe_was_not_asked_for_is_a_502_naming_it(proxy: Proxy, poe: FakePoe) -> None:
-    import gzip
-    poe.on("Zipped", [gzip.compress(b"".join(text_events("hello")))], headers=[("Content-Encoding", "gzip")])
-    poe.models_headers = [("Content-Encoding", "br")]   # from the start: a chat reads the model list too
-    client = proxy.client()
-    with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model="Zipped", messages=[{"role": "user", "content": "x"}])
-    assert info.value.status_code == 502 and "Content-Encoding 'gzip'" in info.value.message
-    poe.upload_headers = [("Content-Encoding", "deflate")]
-    with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"zip"))])
-    assert info.value.status_code == 502 and "'deflate'" in info.value.message
-    with pytest.raises(openai.InternalServerError) as info:
-        client.models.list()
-    assert info.value.status_code == 502 and "'br'" in info.value.message
-
-
-def test_a_key_no_poe_key_could_be_is_a_401_in_the_dialects_shape(proxy: Proxy) -> None:
-    body = b'{"model":"GPT-4o","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
-    for path, header in (("/v1/chat/completions", "Authorization: Bearer caf\xc3\xa9".encode("latin-1")),
-                         ("/v1/messages", b"X-Api-Key: \xe2\x98\x83snowman"),
-                         ("/v1/responses", b"Authorization: Bearer key\x7fwith-delete")):
-        out = raw_exchange(proxy, b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\nContent-Type: application/json\r\n"
-                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
-                           % (path.encode(), header, len(body), body))
-        assert out.startswith(b"HTTP/1.1 401 "), out[:200]
-        error = json.loads(out.split(b"\r\n\r\n", 1)[1])
-        if path == "/v1/messages":
-            assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
-        else:
-            assert error["error"]["code"] == "invalid_api_key"
-
-
-def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, poe: FakePoe) -> None:
-    import tracemalloc
-
-    def ask(i: int) -> int:
-        with httpx.Client(timeout=20) as http:
-            return http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": "Bearer stranger"}, json={
-                "model": f"{i}-" + "m" * 1_000_000, "messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": f"https://example.com/{i}/" + "p" * 1_000_000}}]}]}
-            ).status_code
-
-    ask(0)   # the first request fills what is filled once (imports, pools)
-    tracemalloc.start()
-    try:
-        gc.collect()
-        before = tracemalloc.get_traced_memory()[0]
-        assert all(ask(i) >= 400 for i in range(1, 13))   # Poe cannot take such a bot name
-        assert len(poe.uploads) == 13
-        poe.requests.clear()   # what the fake Poe keeps is not the proxy's
-        poe.uploads.clear()
-        gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert grown < 4 * 1024 * 1024, grown   # 12 requests of 2 MB each: none of it is kept
-
-
-def test_unknown_content_parts_are_one_warning_per_request(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
-    parts = [{"type": "text", "text": "hi"}] + [{"type": "mystery_%d" % i} for i in range(50)]
-    with caplog.at_level(logging.WARNING, logger="poe2openai"):
-        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": parts}])
-    said = [r.getMessage() for r in caplog.records if "content part" in r.getMessage()]
-    assert len(said) == 1 and "skipping 50 content part(s)" in said[0] and len(said[0]) < 400
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc to read memory use")
-def test_soak_hundreds_of_concurrent_streams_with_bounded_memory(proxy: Proxy, poe: FakePoe,
-                                                                 lt: LoopThread) -> None:
-    poe.on("Soak", [x for i in range(10) for x in (sse("text", {"text": f"chunk {i} " * 5}), 0.01)]
-           + [sse("done", {})])
-    body = json.dumps({"model": "Soak", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-               b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-               % (len(body), body))
-
-    async def one() -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(request)
-        data = await reader.read()
-        writer.close()
-        ok = b"chunk 9 " * 5 in data and b"data: [DONE]" in data and data.endswith(b"0\r\n\r\n")
-        return b"" if ok else data[:200] + b" ... " + data[-200:]   # what went wrong, for the report
-
-    async def wave(n: int) -> list[bytes]:
-        return await asyncio.gather(*(one() for _ in range(n)))
-
-    assert [bad for bad in lt.run(wave(300), timeout=60) if bad] == []
-    before = _rss_bytes()
-    for _ in range(2):
-        assert [bad for bad in lt.run(wave(300), timeout=60) if bad] == []
-    assert _rss_bytes() - before < 30 * 1024 * 1024      # no growth from wave to wave
-
-
-###############################################################################
-# Packaging: the Dockerfile, a bare install, embedding
-###############################################################################
+# ----------------------------------------------------------------------------- packaging and embedding
 
 def test_dockerfile_has_the_promised_properties() -> None:
     text = (HERE / "Dockerfile").read_text()
@@ -4392,17 +5513,6 @@ def test_embedding_imports_quietly_and_serves_in_process(tmp_path: Path) -> None
     assert os.listdir(tmp_path) == []      # not even models.yaml: nothing was saved
 
 
-def test_idle_keep_alive_connections_are_closed(start: Callable[..., Proxy]) -> None:
-    proxy = start(keepalive_timeout_seconds=0.3)
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        began = time.monotonic()
-        got = b""
-        while chunk := sock.recv(65536):
-            got += chunk
-        assert got.count(b"HTTP/1.1 200 ") == 1 and 0.25 < time.monotonic() - began < 2
-
-
 ###############################################################################
 # The admin page in a real browser (headless Chromium through playwright)
 ###############################################################################
@@ -4447,7 +5557,6 @@ def admin_proxy(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> Ad
                                              for m in UPSTREAM_MODELS]}
     proxy = start()
     return AdminProxy(proxy.url, tmp_path / "models.yaml", poe, proxy)
-
 
 
 @pytest.fixture(scope="module")
@@ -4508,7 +5617,6 @@ def public_ids(proxy: Any) -> list[str]:
 def card_ids(page: Page) -> list[str]:
     return page.locator('[data-testid^="card-"]').evaluate_all(
         "els => els.map(e => e.getAttribute('data-testid').slice(5))")
-
 
 
 def test_admin_wrong_credentials_get_401(admin_proxy: Any, browser: Browser) -> None:
@@ -4909,1099 +6017,3 @@ def test_admin_shows_load_error_and_failed_loads(admin_proxy: Any, browser: Brow
     page.get_by_test_id("retry").click()
     expect(page.get_by_test_id("error-panel")).to_be_hidden()
     close_page(page)
-
-
-###############################################################################
-# Against a real Poe bot server: fastapi_poe's own make_app behind uvicorn
-###############################################################################
-
-class RealPoeBot:
-    """A fastapi_poe bot served by uvicorn in a thread: the real Poe library as the upstream. It
-    answers by the last user message: "error" -> partial text then an insufficient_fund error;
-    "think" -> a reasoning answer; "file" -> a text with an attachment; "tool" -> an XML tool call in
-    split chunks; anything else -> an echo of the bot name, the message and the flags it saw."""
-
-    def __init__(self) -> None:
-        import fastapi_poe as fp
-        import uvicorn
-
-        owner = self
-        self.queries: list[Any] = []
-
-        class Bot(fp.PoeBot):
-            async def get_response_with_context(self, request: Any, context: Any) -> Any:
-                owner.queries.append(request)
-                name = context.http_request.path_params.get("bot_name")
-                last = request.query[-1].content
-                word = last.strip().split()[0].lower() if last.strip() else ""
-                yield fp.MetaResponse(text="", content_type="text/markdown", suggested_replies=False)
-                if word == "error":
-                    yield fp.PartialResponse(text="partial ")
-                    yield fp.ErrorResponse(text="You do not have enough points.", allow_retry=False,
-                                           error_type="insufficient_fund")
-                elif word == "think":
-                    for piece in ("*Thinking...*\n\n> weigh", "ing it\n> done\n\n", "Forty-", "two."):
-                        yield fp.PartialResponse(text=piece)
-                elif word == "file":
-                    yield fp.PartialResponse(text="See ![chart][c1] here.")
-                    yield fp.PartialResponse(text="", attachment=fp.Attachment(
-                        url="https://pfst.cf2.poecdn.net/base/image/chart", content_type="image/png",
-                        name="chart.png", inline_ref="c1"))
-                elif word == "tool":
-                    call = ('Checking.\n<tool_call>\n<invoke name="get_weather">\n'
-                            '<parameter name="city">Zürich</parameter>\n<parameter name="days">2</parameter>\n'
-                            '</invoke>\n</tool_call>')
-                    for i in range(0, len(call), 9):
-                        yield fp.PartialResponse(text=call[i:i + 9])
-                else:
-                    yield fp.PartialResponse(text=f"{name} heard: {last}")
-
-        bot = Bot(path="/bot/{bot_name}", access_key=None, should_insert_attachment_messages=False)
-        app = fp.make_app(bot, allow_without_key=True)
-
-        @app.get("/v1/models")
-        async def models() -> Any:
-            return {"object": "list", "data": [{"id": "GPT-4o", "object": "model", "created": 1715644800000,
-                                                "owned_by": "OpenAI"}]}
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                   lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            assert time.time() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(5)
-
-
-@pytest.fixture()
-def real_poe(monkeypatch: pytest.MonkeyPatch) -> Any:
-    pytest.importorskip("uvicorn")
-    monkeypatch.delenv("POE_ACCESS_KEY", raising=False)
-    server = RealPoeBot()
-    yield server
-    server.stop()
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # fastapi_poe's own use of old pydantic APIs
-def test_real_fastapi_poe_bot_as_upstream(lt: LoopThread, tmp_path: Path, real_poe: RealPoeBot) -> None:
-    proxy = Proxy(lt, p2o.Settings(host="127.0.0.1", port=0, config_dir=str(tmp_path), rate_limit_ms=0,
-                                   poe_base_url=f"http://127.0.0.1:{real_poe.port}"))
-    try:
-        client = proxy.client()
-        assert [m.id for m in client.models.list().data] == ["GPT-4o"]
-        hello = client.chat.completions.create(model="GPT-4o", reasoning_effort="low", messages=[
-            {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "héllo 世界"}])
-        assert hello.choices[0].message.content == "GPT-4o heard: héllo 世界 --reasoning_effort low"
-        assert [m.role for m in real_poe.queries[-1].query] == ["system", "user"]
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="Claude-Sonnet-4.5", stream=True, messages=[{"role": "user", "content": "again"}]) if c.choices)
-        assert streamed == "Claude-Sonnet-4.5 heard: again"
-
-        think = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "think"}])
-        message = think.model_dump()["choices"][0]["message"]
-        assert (message["reasoning_content"], message["content"]) == ("weighing it\ndone\n", "Forty-two.")
-
-        picture = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "file"}])
-        assert picture.choices[0].message.content == \
-            "See ![chart](https://pfst.cf2.poecdn.net/base/image/chart) here."
-
-        with client.chat.completions.stream(model="GPT-4o", tools=WEATHER_TOOLS,
-                                            messages=[{"role": "user", "content": "tool please"}]) as stream:
-            final = stream.get_final_completion()
-        call = final.choices[0].message.tool_calls[0]
-        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Zürich", "days": 2})
-        assert final.choices[0].message.content == "Checking.\n" and final.choices[0].finish_reason == "tool_calls"
-
-        with pytest.raises(openai.APIError) as info:     # text first, then the error: an in-stream error
-            list(client.chat.completions.create(model="GPT-4o", stream=True,
-                                                messages=[{"role": "user", "content": "error"}]))
-        assert "points" in info.value.message
-        with pytest.raises(openai.RateLimitError):       # non-stream: the real status
-            client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "error"}])
-    finally:
-        proxy.stop()
-
-
-###############################################################################
-# More of what clients do: models.retrieve, structured outputs, odd bodies
-###############################################################################
-
-def test_models_retrieve(proxy: Proxy) -> None:
-    client = proxy.client()
-    model = client.models.retrieve("gpt-4o")                      # any case
-    assert (model.id, model.object, model.created) == ("GPT-4o", "model", 1715644800)
-    with pytest.raises(openai.NotFoundError):
-        client.models.retrieve("No-Such-Bot")
-
-
-def test_structured_outputs_with_the_sdk_parse_helper(proxy: Proxy, poe: FakePoe) -> None:
-    from pydantic import BaseModel
-
-    class City(BaseModel):
-        name: str
-        population: int
-
-    poe.on("GPT-4o", xml_reply_steps('```json\n{"name": "Oslo", "population": 709000}\n```', 4))
-    client = proxy.client()
-    parsed = client.chat.completions.parse(model="GPT-4o", response_format=City,
-                                           messages=[{"role": "user", "content": "Biggest city of Norway?"}])
-    assert parsed.choices[0].message.parsed == City(name="Oslo", population=709000)
-    asked = last_query(poe)["query"]["query"][-1]["content"]
-    assert asked.startswith("Biggest city of Norway?\n\n") and '"population"' in asked and "JSON schema" in asked
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="GPT-4o", stream=True, response_format={"type": "json_object"},
-        messages=[{"role": "user", "content": "x"}]) if c.choices)
-    assert json.loads(streamed) == {"name": "Oslo", "population": 709000}
-    plain = client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
-    assert plain.choices[0].message.content.startswith("```json")     # fences are only removed in JSON mode
-
-
-JSON_ANSWERS = [   # (what the bot writes, what a JSON-mode client gets)
-    ('{"a": 1, "s": "x}y\\"z"}', '{"a": 1, "s": "x}y\\"z"}'),
-    ('```json\n{"a": [1, 2]}\n```', '{"a": [1, 2]}'),
-    ('```\n[{"a": 1}]\n```\nThat is all.', '[{"a": 1}]'),
-    ('{"a": 1}\n\nHope this helps!', '{"a": 1}'),
-    ('Here is the JSON:\n```json\n{"a": 1}\n```\nLet me know.', '{"a": 1}'),
-    ('Sure! The answer is {"name": "Oslo", "tags": ["a"]} as asked.', '{"name": "Oslo", "tags": ["a"]}'),
-    ('See [1] and [2]: {"a": 1}', '{"a": 1}'),
-    ("I cannot answer that.", "I cannot answer that."),
-    ('Two of them: {"a": 1} and {"b": 2}', 'Two of them: {"a": 1} and {"b": 2}'),
-    ('```json\n{"a": 1\n```', '{"a": 1'),                          # broken JSON: given as it is, unfenced
-    ('[not json] then {"a": 1}', '[not json] then {"a": 1}'),       # started as JSON: streamed, so kept
-]
-
-
-def shape_json(chunks: list[str]) -> tuple[str, str]:
-    """(everything the client gets, what it got before the end) for a JSON answer fed in these chunks."""
-    shaper = p2o.JSONAnswer()
-    early = "".join(shaper.feed(chunk) for chunk in chunks)
-    return early + shaper.end(), early
-
-
-@pytest.mark.parametrize("reply, expected", JSON_ANSWERS)
-def test_json_answers_give_the_json_value(reply: str, expected: str) -> None:
-    assert shape_json([reply])[0] == expected
-
-
-@given(st.sampled_from(JSON_ANSWERS), st.lists(st.integers(min_value=1, max_value=60), unique=True, max_size=12))
-@hsettings(max_examples=300, deadline=None)
-def test_json_answers_under_any_chunking(case: tuple[str, str], cuts: list[int]) -> None:
-    reply, expected = case
-    bounds = [0, *sorted(c for c in cuts if c < len(reply)), len(reply)]
-    assert shape_json([reply[a:b] for a, b in zip(bounds, bounds[1:])])[0] == expected
-
-
-def test_a_json_answer_streams_and_prose_is_held() -> None:
-    assert shape_json(['```json\n{"city": ', '"Oslo", "n": [1', ", 2]}", "\n```"]) == (
-        '{"city": "Oslo", "n": [1, 2]}', '{"city": "Oslo", "n": [1, 2]}')        # out before the end
-    assert shape_json(["Sure, here:", ' {"a": 1}', " ok"]) == ('{"a": 1}', "")    # held until the end
-
-
-def test_prose_wrapped_json_both_ways(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", xml_reply_steps('Of course! Here is the object:\n\n```json\n{"name": "Oslo"}\n```\nAnything else?', 6))
-    client = proxy.client()
-    for fmt in ({"type": "json_object"},
-                {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}}):
-        messages = [{"role": "user", "content": "x"}]
-        whole = client.chat.completions.create(model="GPT-4o", response_format=fmt, messages=messages)
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="GPT-4o", response_format=fmt, stream=True, messages=messages) if c.choices)
-        assert whole.choices[0].message.content == streamed == '{"name": "Oslo"}'
-
-
-CITY_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
-               "required": ["name", "population"], "additionalProperties": False}
-
-
-def test_anthropic_structured_outputs(proxy: Proxy, poe: FakePoe) -> None:
-    from pydantic import BaseModel
-
-    class City(BaseModel):
-        name: str
-        population: int
-
-    poe.on("Claude-Sonnet-4.5", xml_reply_steps('Here you go:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
-    client = anthropic_client(proxy)
-    messages = [{"role": "user", "content": "Biggest city of Norway?"}]
-    parsed = client.messages.parse(model="claude-sonnet-4-5", max_tokens=200, messages=messages, output_format=City)
-    assert parsed.parsed_output == City(name="Oslo", population=709000)     # output_config.format, as the SDK sends it
-    asked = last_query(poe)["query"]["query"][-1]["content"]
-    assert asked.startswith("Biggest city of Norway?\n\n") and "JSON schema" in asked and '"population"' in asked
-    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=200, messages=messages,
-                                output_config={"format": {"type": "json_schema", "schema": CITY_SCHEMA}}) as stream:
-        assert stream.get_final_text() == '{"name": "Oslo", "population": 709000}'
-    older = client.messages.create(model="claude-sonnet-4-5", max_tokens=200, messages=messages,   # the beta's field
-                                   extra_body={"output_format": {"type": "json_schema", "schema": CITY_SCHEMA}})
-    assert older.content[0].text == '{"name": "Oslo", "population": 709000}'
-    assert '"additionalProperties":false' in last_query(poe)["query"]["query"][-1]["content"]
-    anthropic = pytest.importorskip("anthropic")
-    with pytest.raises(anthropic.BadRequestError) as info:
-        client.messages.create(model="claude-sonnet-4-5", max_tokens=20, messages=messages,
-                               output_config={"format": {"type": "json_schema"}})  # type: ignore[typeddict-item]
-    assert "output_config.format.schema" in info.value.body["error"]["message"]  # type: ignore[index]
-
-
-def test_responses_text_format_gets_clean_json(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", xml_reply_steps('Sure:\n```json\n{"name": "Oslo", "population": 709000}\n```', 5))
-    client = proxy.client()
-    fmt = {"format": {"type": "json_schema", "name": "city", "schema": CITY_SCHEMA, "strict": True}}
-    response = client.responses.create(model="GPT-4o", input="Biggest city of Norway?", text=fmt)  # type: ignore[arg-type]
-    assert json.loads(response.output_text) == {"name": "Oslo", "population": 709000}
-    assert '"population"' in last_query(poe)["query"]["query"][-1]["content"]
-    with client.responses.stream(model="GPT-4o", input="x", text=fmt) as stream:  # type: ignore[arg-type]
-        assert stream.get_final_response().output_text == response.output_text
-
-
-def test_body_with_a_byte_order_mark(proxy: Proxy) -> None:
-    body = "\ufeff" + json.dumps({"model": "GPT-4o", "messages": [{"role": "user", "content": "x"}]})
-    with httpx.Client() as http:
-        r = http.post(proxy.url + "/v1/chat/completions", content=body.encode(),
-                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Hello from GPT-4o"
-
-
-###############################################################################
-# Tool-call parsing: what real models write (cases found in review)
-###############################################################################
-
-@pytest.mark.parametrize("chunks", [
-    ['I would use <invoke name="get_weather"> to look it up. Done.'],
-    ['Calling <tool_call>\n<invoke name="get_weather">\n<parameter name="city">Par'],     # cut off mid-value
-    ['Use the `', '<invoke name="get_weather">` tag. Bye'],                                # split mention
-    ['```xml\n<tool_call><invoke name="rm_rf"></invoke></tool_call>\n```'],               # not our tool
-])
-def test_prose_is_never_taken_for_a_call(chunks: list[str]) -> None:
-    assert parse_reply(chunks) == ("".join(chunks), [], "stop")
-
-
-@pytest.mark.parametrize("chunks, text", [
-    (['Here:\n```\nfoo\n```\n<tool_call><invoke name="get_time"></invoke></tool_call>'], "Here:\n```\nfoo\n```\n"),
-    (['Sure.\n``', '`xml\n<tool_call><invoke name="get_time"></invoke></tool_call>\n```'], "Sure.\n"),
-])
-def test_fences_around_calls(chunks: list[str], text: str) -> None:
-    assert parse_reply(chunks) == (text, [("get_time", {})], "tool_calls")
-
-
-def test_parameter_spelling_and_cdata() -> None:
-    reply = ('<tool_call><invoke name="GET_WEATHER"><parameter name="City">Oslo</parameter>'
-             '<parameter name="Days">4</parameter><parameter name="note"><![CDATA[a </parameter> b]]></parameter>'
-             '</invoke></tool_call>')
-    assert parse_reply([reply])[1] == [("get_weather", {"city": "Oslo", "days": 4, "note": "a </parameter> b"})]
-
-
-def test_a_huge_argument_in_small_chunks_is_linear() -> None:
-    content = "x = 1  # filler line\n" * 25_000            # ~500 KB of code
-    tools = [{"type": "function", "function": {"name": "write", "description": "w", "parameters": {
-        "type": "object", "properties": {"content": {"type": "string"}}}}}]
-    reply = f'<tool_call><invoke name="write"><parameter name="content">{content}</parameter></invoke></tool_call>'
-    began = time.process_time()
-    calls = parse_reply([reply[i:i + 4] for i in range(0, len(reply), 4)], tools)[1]
-    assert calls == [("write", {"content": content.rstrip("\n")})]
-    assert time.process_time() - began < 5.0               # quadratic buffering took 15 s here
-
-
-FENCED_MIX = ('Plan:\n```python\nprint("<tool_call>")\n```\nNow `<invoke>` it:\n```xml\n<tool_call>\n'
-              '<invoke name="get_weather">\n<parameter name="city">Bergen</parameter>\n</invoke>\n</tool_call>\n```')
-
-
-@given(st.lists(st.integers(min_value=1, max_value=len(FENCED_MIX) - 1), unique=True, max_size=40))
-@hsettings(max_examples=300, deadline=None)
-def test_fenced_mix_under_any_chunking(cuts: list[int]) -> None:
-    bounds = [0, *sorted(cuts), len(FENCED_MIX)]
-    assert parse_reply([FENCED_MIX[a:b] for a, b in zip(bounds, bounds[1:])]) == (
-        'Plan:\n```python\nprint("<tool_call>")\n```\nNow `<invoke>` it:\n', [("get_weather", {"city": "Bergen"})],
-        "tool_calls")
-
-
-# A corpus of what models write when told to use our format: (id, reply, text the client sees, calls).
-# Every entry must come out the same however it is split (see the tests below).
-WRITE_FILE = {"type": "function", "function": {"name": "write_file", "description": "Write a file", "parameters": {
-    "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}}}}}
-CORPUS_TOOLS = [*WEATHER_TOOLS, WRITE_FILE]
-NS = "antml:"   # Anthropic's namespace, spelled out of band
-TAGGY = "Close with </parameter></invoke></tool_call> and ]]-free text."
-CORPUS: list[tuple[str, str, str, list[Any]]] = [
-    ("ours", 'I will check.\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n'
-             '<parameter name="days">2</parameter>\n</invoke>\n</tool_call>',
-     "I will check.\n", [("get_weather", {"city": "Oslo", "days": 2})]),
-    ("ours-in-xml-fence", 'Sure.\n```xml\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>\n```',
-     "Sure.\n", [("get_time", {})]),
-    ("ours-in-plain-fence-two-calls", '```\n<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Rome'
-     '</parameter>\n</invoke>\n</tool_call>\n<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>\n```\n',
-     "", [("get_weather", {"city": "Rome"}), ("get_time", {})]),
-    ("ours-cut-before-end-tags", '<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Nice</parameter>\n'
-     '<parameter name="metric">false</parameter>\n', "", [("get_weather", {"city": "Nice", "metric": False})]),
-    ("ours-without-tool_call-end", '<tool_call><invoke name="get_weather"><parameter name="city">Nice</parameter>'
-     '</invoke>', "", [("get_weather", {"city": "Nice"})]),
-    ("ours-prose-after-is-dropped", '<tool_call><invoke name="get_time"></invoke></tool_call>\nI will now wait.',
-     "", [("get_time", {})]),
-    ("wrong-case", '<tool_call><invoke name="Get_Weather"><parameter name="CITY">Oslo</parameter>'
-     '<parameter name="Days">3</parameter></invoke></tool_call>', "", [("get_weather", {"city": "Oslo", "days": 3})]),
-    ("hermes", 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": 3}}\n'
-     '</tool_call>', "Let me look.\n", [("get_weather", {"city": "Lima", "days": 3})]),
-    ("hermes-string-arguments", '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Lima\\", '
-     '\\"days\\": \\"4\\"}"}</tool_call>', "", [("get_weather", {"city": "Lima", "days": 4})]),
-    ("hermes-two-calls", '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n'
-     '{"name": "get_weather", "parameters": {"city": "Cusco"}}\n</tool_call>', "",
-     [("get_time", {}), ("get_weather", {"city": "Cusco"})]),
-    ("anthropic", 'Checking.\n<function_calls>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n'
-     '<parameter name="tags">["x"]</parameter>\n</invoke>\n<invoke name="get_time">\n</invoke>\n</function_calls>',
-     "Checking.\n", [("get_weather", {"city": "Oslo", "tags": ["x"]}), ("get_time", {})]),
-    ("anthropic-namespaced", f'<{NS}function_calls>\n<{NS}invoke name="get_weather">\n<{NS}parameter name="city">'
-     f'Bergen</{NS}parameter>\n<{NS}parameter name="ratio">1.5</{NS}parameter>\n</{NS}invoke>\n</{NS}function_calls>',
-     "", [("get_weather", {"city": "Bergen", "ratio": 1.5})]),
-    ("qwen3-coder", 'Okay.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n'
-     '<parameter=days>\n5\n</parameter>\n</function>\n</tool_call>', "Okay.\n",
-     [("get_weather", {"city": "San Francisco", "days": 5})]),
-    ("qwen3-coder-bare", '<function=get_weather>\n<parameter=city>\nBerlin\n</parameter>\n<parameter=where>\n'
-     '{"lat": 52.5}\n</parameter>\n</function>', "", [("get_weather", {"city": "Berlin", "where": {"lat": 52.5}})]),
-    ("qwen3-coder-no-parameter-ends", '<tool_call>\n<function=get_weather>\n<parameter=city>\nBern\n<parameter=metric>\n'
-     'true\n</function>\n</tool_call>', "", [("get_weather", {"city": "Bern", "metric": True})]),
-    ("glm", '<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Beijing</arg_value>\n<arg_key>days</arg_key>\n'
-     '<arg_value>2</arg_value>\n</tool_call>', "", [("get_weather", {"city": "Beijing", "days": 2})]),
-    ("glm-inline-no-arguments", 'Time first.<tool_call>get_time</tool_call>', "Time first.", [("get_time", {})]),
-    ("json-fence", 'Calling the tool:\n```json\n{"name": "get_weather", "arguments": {"city": "Quito"}}\n```',
-     "Calling the tool:\n", [("get_weather", {"city": "Quito"})]),
-    ("json-fence-parameters", '```json\n{\n  "name": "get_weather",\n  "parameters": {"city": "Quito", "ratio": "0.25"}\n'
-     '}\n```', "", [("get_weather", {"city": "Quito", "ratio": 0.25})]),
-    ("json-fence-openai-shape", '```json\n{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}\n```',
-     "", [("get_time", {})]),
-    ("cdata-with-tags", '<tool_call>\n<invoke name="write_file">\n<parameter name="path">notes.md</parameter>\n'
-     f'<parameter name="content"><![CDATA[{TAGGY}]]></parameter>\n</invoke>\n</tool_call>', "",
-     [("write_file", {"path": "notes.md", "content": TAGGY})]),
-    ("raw-value-with-end-tags", '<tool_call>\n<invoke name="write_file">\n<parameter name="content">A block ends with '
-     '</invoke> and </tool_call>.</parameter>\n</invoke>\n</tool_call>', "",
-     [("write_file", {"content": "A block ends with </invoke> and </tool_call>."})]),
-    # what must stay text, unchanged
-    ("not-offered", '<tool_call>\n<invoke name="delete_everything">\n<parameter name="path">/</parameter>\n</invoke>\n'
-     '</tool_call>', "=", []),
-    ("hermes-not-offered", 'Try <tool_call>{"name": "launch", "arguments": {}}</tool_call> now.', "=", []),
-    ("backtick-mentions", 'Wrap each call in `<tool_call>` and `<invoke name="get_time">`, then `</tool_call>`.', "=", []),
-    ("json-fence-not-a-call", 'Here is the data:\n```json\n{"name": "Ada", "arguments": ["x"]}\n```\nAnd:\n```json\n'
-     '{"city": "Oslo", "days": 3}\n```\n', "=", []),
-    ("html-answer", 'Use this markup:\n<div class="card">\n  <h1>Title</h1>\n  <p>a < b && c > d</p>\n</div>\n', "=", []),
-    ("xml-answer", '<?xml version="1.0"?>\n<config><tool name="x"/><invoke>no</invoke><function>f</function></config>',
-     "=", []),
-    ("unclosed-invoke-in-prose", 'You could call <invoke name="get_weather"> with a city, e.g. Paris.', "=", []),
-    ("call-shown-in-code-block", 'Example:\n```python\nreply = """\n<tool_call>\n<invoke name="get_time"></invoke>\n'
-     '</tool_call>\n"""\n```\nThat is all.', "=", []),
-    ("tag-then-prose", 'The <tool_call> tag wraps get_weather. <tool_call>get_weather is a tool</tool_call>.', "=", []),
-    ("markup-in-a-wrapper", 'The <tool_call><em>wrapper</em></tool_call> holds <function_calls><b>x</b>.', "=", []),
-    ("qwen-mention", 'In Qwen format you write <function=name> tags, or <function=get_time> then words.', "=", []),
-    ("cut-off-mid-value", 'Calling <tool_call>\n<invoke name="get_weather">\n<parameter name="city">Par', "=", []),
-    ("many-backticks", 'Use ``` fences or `code` spans; ```` too.\n```\nplain < text\n```\n`` ` ```', "=", []),
-]
-CORPUS_IDS = [entry[0] for entry in CORPUS]
-
-
-def pieces(text: str, sizes: list[int]) -> list[str]:
-    """`text` cut into pieces of the given sizes, cycling through them."""
-    out, at, i = [], 0, 0
-    while at < len(text):
-        out.append(text[at:at + sizes[i % len(sizes)]])
-        at += sizes[i % len(sizes)]
-        i += 1
-    return out
-
-
-def parse_directly(chunks: list[str], tools: Any = CORPUS_TOOLS, **body: Any) -> tuple[str, list[Any], bool]:
-    """Run chunks through the parser itself; (text, [(name, args)], whether it stopped)."""
-    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": tools, **body}))  # type: ignore[arg-type]
-    deltas = [d for chunk in chunks for d in parser.feed(chunk)] + parser.end()
-    calls = [(d.name, json.loads(args.text)) for d, args in zip(deltas, deltas[1:]) if d.kind == p2o.TOOL_START]
-    assert [d.index for d in deltas if d.kind == p2o.TOOL_START] == list(range(len(calls)))
-    return "".join(d.text for d in deltas if d.kind == p2o.TEXT), calls, parser.stopped
-
-
-@pytest.mark.parametrize("name, reply, text, calls", CORPUS, ids=CORPUS_IDS)
-def test_corpus_of_model_outputs_in_token_sized_pieces(name: str, reply: str, text: str, calls: list[Any]) -> None:
-    expected = (reply if text == "=" else text, calls)
-    for sizes in ([len(reply)], [1], [2], [3], [4], [5], [1, 3, 2, 5, 4]):
-        assert parse_directly(pieces(reply, sizes))[:2] == expected, sizes
-        got = parse_reply(pieces(reply, sizes), CORPUS_TOOLS)
-        assert got == (*expected, "tool_calls" if calls else "stop"), sizes
-
-
-@given(st.sampled_from(CORPUS), st.lists(st.floats(min_value=0, max_value=1), max_size=40))
-@hsettings(max_examples=400, deadline=None)
-def test_corpus_under_any_chunking(entry: tuple[str, str, str, list[Any]], cuts: list[float]) -> None:
-    _, reply, text, calls = entry
-    bounds = sorted({0, len(reply), *(int(c * len(reply)) for c in cuts)})
-    assert parse_directly([reply[a:b] for a, b in zip(bounds, bounds[1:])])[:2] == (
-        reply if text == "=" else text, calls)
-
-
-call_pieces = st.lists(st.sampled_from(list("ab <>/`\n\"'=![]{}:,&;x") + [
-    "<tool_call>", "</tool_call>", '<invoke name="get_time">', '<invoke name="nope">', "</invoke>",
-    '<parameter name="city">', "</parameter>", "<function_calls>", "</function_calls>", "<function=get_weather>",
-    "</function>", "<parameter=city>", "get_weather", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
-    "<![CDATA[", "]]>", "```", "```json\n", "```xml\n", "\n```\n", '{"name": "get_time", "arguments": {}}',
-    '{"name": "get_weather", "arguments": {"city": "Oslo"}}', "`<tool_call>`", "</", "<tool"]), max_size=40).map("".join)
-
-
-@given(call_pieces, st.lists(st.floats(min_value=0, max_value=1), max_size=30), st.booleans())
-@hsettings(max_examples=500, deadline=None)
-def test_any_text_gives_the_same_result_however_it_is_split(text: str, cuts: list[float], parallel: bool) -> None:
-    bounds = sorted({0, len(text), *(int(c * len(text)) for c in cuts)})
-    whole = parse_directly([text], parallel_tool_calls=parallel)
-    assert parse_directly([text[a:b] for a, b in zip(bounds, bounds[1:])], parallel_tool_calls=parallel) == whole
-    assert parse_directly(list(text), parallel_tool_calls=parallel) == whole
-    if not whole[1]:
-        assert whole[0] == text        # no call: every character reaches the client, in order
-    for name, arguments in whole[1]:
-        assert name in ("get_time", "get_weather") and isinstance(arguments, dict)
-
-
-SSE_SUBSET = ["ours-in-xml-fence", "hermes-string-arguments", "anthropic-namespaced", "qwen3-coder", "glm",
-              "json-fence", "cdata-with-tags", "not-offered", "json-fence-not-a-call", "call-shown-in-code-block"]
-
-
-@pytest.mark.parametrize("name", SSE_SUBSET)
-def test_corpus_through_the_proxy_streamed_and_not(proxy: Proxy, poe: FakePoe, name: str) -> None:
-    _, reply, text, calls = CORPUS[CORPUS_IDS.index(name)]
-    text = reply if text == "=" else text
-    client = proxy.client()
-    ask = {"model": "GPT-4o", "tools": CORPUS_TOOLS, "messages": [{"role": "user", "content": "go"}]}
-    poe.on("GPT-4o", xml_reply_steps(reply, 3))
-    content, streamed, finishes = "", {}, []
-    for chunk in client.chat.completions.create(stream=True, **ask):
-        choice = chunk.choices[0] if chunk.choices else None
-        if choice is None:
-            continue
-        content += choice.delta.content or ""
-        finishes += [choice.finish_reason] if choice.finish_reason else []
-        for tc in choice.delta.tool_calls or []:
-            entry = streamed.setdefault(tc.index, ["", ""])
-            entry[0] += tc.function.name or "" if tc.function else ""
-            entry[1] += tc.function.arguments or "" if tc.function else ""
-    assert content == text
-    assert [(n, json.loads(a)) for n, a in (streamed[i] for i in sorted(streamed))] == calls
-    assert finishes == ["tool_calls" if calls else "stop"]
-    poe.on("GPT-4o", xml_reply_steps(reply, 2))
-    whole = client.chat.completions.create(**ask).choices[0]
-    assert (whole.message.content or "") == text and whole.finish_reason == ("tool_calls" if calls else "stop")
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []] == calls
-
-
-@pytest.mark.parametrize("reply", [TOOL_REPLY, CORPUS[CORPUS_IDS.index("qwen3-coder")][1],
-                                   CORPUS[CORPUS_IDS.index("json-fence")][1], CORPUS[CORPUS_IDS.index("glm")][1],
-                                   CORPUS[CORPUS_IDS.index("anthropic")][1]])
-def test_a_call_is_made_as_soon_as_its_end_tag_arrives(reply: str) -> None:
-    # Poe streams token by token, so an end tag comes in many pieces: the call must not wait for the answer's end.
-    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS, "parallel_tool_calls": False}))  # type: ignore
-    closer = next(c for c in ("</tool_call>", "</function_calls>", "\n```") if c in reply)
-    done_at = (reply.rindex(closer) if closer == "\n```" else reply.index(closer)) + len(closer)
-    for at in range(len(reply)):
-        out = parser.feed(reply[at])
-        assert parser.stopped == (at + 1 >= done_at), at
-        if parser.stopped:
-            assert [d.kind for d in out].count(p2o.TOOL_START) == 1
-            break
-    assert parser.stopped and parser.feed("more prose") == [] and parser.end() == []
-
-
-def test_text_before_a_call_goes_out_at_once() -> None:
-    parser = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS}))  # type: ignore[arg-type]
-    assert [d.text for d in parser.feed("Let me check the weather.\n")] == ["Let me check the weather.\n"]
-    assert parser.feed("```xml\n<tool_call>\n<invoke name=\"get_time\">") == []   # might be a call: held
-    assert parser.feed("</invoke>\n</tool_call>")[0].kind == p2o.TOOL_START
-    prose = p2o.XMLToolParser(p2o.parse_tools({"tools": CORPUS_TOOLS}))  # type: ignore[arg-type]
-    out = prose.feed("Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then <function=nope> and <tool")
-    assert "".join(d.text for d in out) == "Markup: <div><tool_call><em>x</em> ```json\n<tool_call> then " \
-                                           "<function=nope> and "
-
-
-def test_single_call_in_tiny_events_stops_poe_at_once(proxy: Proxy, poe: FakePoe) -> None:
-    call = '<tool_call>\n<invoke name="get_weather">\n<parameter name="city">Oslo</parameter>\n</invoke>\n</tool_call>'
-    poe.on("Chatty", [sse("text", {"text": call[i:i + 2]}) for i in range(0, len(call), 2)]
-           + [sse("text", {"text": " And now"}), 3.0, sse("text", {"text": " more."}), sse("done", {})])
-    began = time.monotonic()
-    with proxy.client().chat.completions.stream(model="Chatty", tools=WEATHER_TOOLS, parallel_tool_calls=False,
-                                                messages=[{"role": "user", "content": "weather?"}]) as stream:
-        final = stream.get_final_completion()
-    assert time.monotonic() - began < 1.5
-    assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
-
-
-def parser_cost(text: str, step: int = 64) -> float:
-    """CPU seconds to stream `text` through the parser in `step`-character events (best of three)."""
-    spec = p2o.parse_tools({"tools": CORPUS_TOOLS})
-    chunks = [text[i:i + step] for i in range(0, len(text), step)]
-    best = float("inf")
-    for _ in range(3):
-        parser = p2o.XMLToolParser(spec)  # type: ignore[arg-type]
-        began = time.process_time()
-        for chunk in chunks:
-            parser.feed(chunk)
-        parser.end()
-        best = min(best, time.process_time() - began)
-    return best
-
-
-def test_a_megabyte_argument_costs_no_more_than_plain_text() -> None:
-    content = ("    if a < b and `c`:  # ``` a <tag> line\n" * 30_000)[:1_000_000]
-    plain = parser_cost(content)
-    for value in (content, f"<![CDATA[{content}]]>"):
-        call = f'<tool_call>\n<invoke name="write_file">\n<parameter name="content">{value}</parameter>\n</invoke>\n' \
-               '</tool_call>'
-        assert parser_cost(call) <= 2 * plain + 0.05
-    assert parser_cost(f"<function=write_file>\n<parameter=content>\n{content}\n</parameter>\n</function>") \
-        <= 2 * plain + 0.05
-
-
-@pytest.mark.parametrize("unit", ["a < b <c <t <tool <invoke x <function=y ``` `` \n```\n", "``` `a` ```\n" * 3,
-                                  "<tool_call><x>", '<invoke name="get_time">', "\n```json\n{\"name\": \"get_time\""])
-def test_awkward_text_costs_linear_time(unit: str) -> None:
-    small = unit * (100_000 // len(unit))
-    assert parser_cost(small * 4) <= 4 * 2.5 * parser_cost(small) + 0.05
-
-
-###############################################################################
-# Translator edge cases found in review
-###############################################################################
-
-def test_file_then_single_tool_call_finishes_once() -> None:
-    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS, "parallel_tool_calls": False}))
-    deltas = translator.feed(p2o.SSEEvent("file", json.dumps(FILE_EVENT)))
-    deltas += translator.feed(p2o.SSEEvent("text", json.dumps(
-        {"text": '<tool_call><invoke name="get_time"></invoke></tool_call> and more talk'})))
-    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
-    assert [d.kind for d in deltas].count(p2o.FINISH) == 1
-    fold = p2o.ChatFold()
-    for d in deltas:
-        fold.add(d)
-    message = fold.body("x", 0, "m", 0)["choices"][0]["message"]
-    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_time"]
-    assert message["content"] == "\n\n![cat.png](https://pfst.cf2.poecdn.net/base/image/out1)"   # not lost
-
-
-def translate(events: list[tuple[str, Any]], **kw: Any) -> tuple[dict[str, Any], str]:
-    """Poe events through a translator: (the folded message, the text an OpenAI stream would show)."""
-    body = kw.pop("body", {"tools": WEATHER_TOOLS})
-    translator = p2o.PoeTranslator(p2o.parse_tools(body), **kw)
-    deltas = [d for kind, data in events for d in translator.feed(p2o.SSEEvent(kind, json.dumps(data)))]
-    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
-    fold, encoder = p2o.ChatFold(), p2o.OpenAIStreamEncoder("x", 0, "m", False)
-    stream = b""
-    for d in deltas:
-        fold.add(d)
-        stream += encoder.encode(d) if d.kind != p2o.FINISH else b""
-    shown = "".join(c["choices"][0]["delta"].get("content") or "" for c in
-                    (json.loads(line[6:]) for line in stream.decode().split("\n\n") if line))
-    return fold.body("x", 0, "m", 0)["choices"][0], shown
-
-
-def native_call(index: int, call_id: str, name: str, arguments: str) -> tuple[str, Any]:
-    return "json", {"choices": [{"index": 0, "delta": {"tool_calls": [
-        {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]}}]}
-
-
-XML_TIME_CALL = '<tool_call><invoke name="get_time"></invoke></tool_call>'
-
-
-def test_native_calls_are_taken_in_xml_mode_too(proxy: Proxy, poe: FakePoe) -> None:
-    # GPT-4o is in XML mode, but Poe passes the bot's own function calls on as `json` events.
-    poe.on("GPT-4o", [sse("text", {"text": "Checking.\n" + XML_TIME_CALL}),
-                      native_chunk({"tool_calls": [{"index": 0, "id": "call_native1", "type": "function",
-                                                    "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
-                      native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
-                      sse("done", {})])
-    client = proxy.client()
-    messages = [{"role": "user", "content": "time and weather?"}]
-    expected = [("get_time", {}), ("get_weather", {"city": "Oslo"})]
-    whole = client.chat.completions.create(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS)
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.choices[0].message.tool_calls] == expected
-    assert whole.choices[0].message.tool_calls[1].id == "call_native1"
-    assert whole.choices[0].finish_reason == "tool_calls" and whole.choices[0].message.content == "Checking.\n"
-    with client.chat.completions.stream(model="GPT-4o", messages=messages, tools=WEATHER_TOOLS) as stream:
-        final = stream.get_final_completion()
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in final.choices[0].message.tool_calls] == expected
-    message = anthropic_client(proxy).messages.create(model="GPT-4o", max_tokens=50, messages=messages, tools=[
-        {"name": t["function"]["name"], "description": "d", "input_schema": {"type": "object"}} for t in WEATHER_TOOLS])
-    assert [(b.name, b.input) for b in message.content if b.type == "tool_use"] == expected
-    assert message.stop_reason == "tool_use"
-
-
-def test_native_and_xml_calls_share_one_numbering() -> None:
-    message, _ = translate([native_call(0, "c_a", "get_weather", '{"city": "Rome"}'), ("text", {"text": XML_TIME_CALL}),
-                            native_call(1, "c_b", "get_time", "{}")])
-    assert [(c["id"], c["function"]["name"]) for c in message["message"]["tool_calls"]] == [
-        ("c_a", "get_weather"), (message["message"]["tool_calls"][1]["id"], "get_time"), ("c_b", "get_time")]
-    assert message["finish_reason"] == "tool_calls"
-    # parallel_tool_calls=false: the first call, whichever way it came, is the whole answer
-    for events in ([("text", {"text": XML_TIME_CALL}), native_call(0, "c_a", "get_weather", "{}")],
-                   [native_call(0, "c_a", "get_time", "{}"), ("text", {"text": XML_TIME_CALL}),
-                    native_call(1, "c_b", "get_weather", "{}")]):
-        for whole_calls in (False, True):
-            message, _ = translate(events, body={"tools": WEATHER_TOOLS, "parallel_tool_calls": False},
-                                   whole_calls=whole_calls)
-            calls = message["message"]["tool_calls"]
-            assert [c["function"]["name"] for c in calls] == ["get_time"] and message["finish_reason"] == "tool_calls"
-    # without tools in the request there is nothing to call
-    message, _ = translate([native_call(0, "c_a", "get_time", "{}")], body={})
-    assert "tool_calls" not in message["message"] and message["finish_reason"] == "stop"
-
-
-def test_replace_response_goes_through_the_tool_parser(proxy: Proxy, poe: FakePoe) -> None:
-    weather = '<tool_call><invoke name="get_weather"><parameter name="city">Lima</parameter></invoke></tool_call>'
-    # a replacement that extends the text: only its new tail is parsed, and the call is found
-    message, shown = translate([("text", {"text": "Working"}), ("replace_response", {"text": "Working.\n" + weather})])
-    assert message["message"]["content"] == shown == "Working.\n"
-    assert json.loads(message["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Lima"}
-    # a different answer: the client gets exactly the new one whole, a stream what it can after a blank line
-    message, shown = translate([("text", {"text": "Draft"}), ("replace_response", {"text": "Final: " + weather})])
-    assert message["message"]["content"] == "Final: " and shown == "Draft\n\nFinal: "
-    assert message["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
-    poe.on("GPT-4o", [sse("text", {"text": "One moment"}), sse("replace_response", {"text": "Sure. " + XML_TIME_CALL}),
-                      sse("done", {})])
-    client = proxy.client()
-    for stream in (False, True):
-        if stream:
-            with client.chat.completions.stream(model="GPT-4o", tools=WEATHER_TOOLS,
-                                                messages=[{"role": "user", "content": "x"}]) as s:
-                result = s.get_final_completion()
-        else:
-            result = client.chat.completions.create(model="GPT-4o", tools=WEATHER_TOOLS,
-                                                    messages=[{"role": "user", "content": "x"}])
-        assert result.choices[0].message.tool_calls[0].function.name == "get_time", stream
-        assert result.choices[0].finish_reason == "tool_calls"
-        assert "<tool_call>" not in (result.choices[0].message.content or "")
-
-
-def test_replace_response_goes_through_the_json_stage() -> None:
-    fenced = '```json\n{"a": 1}\n```'
-    for events in ([("text", {"text": '```json\n{"a"'}), ("replace_response", {"text": fenced})],     # extends
-                   [("text", {"text": "Let me think"}), ("replace_response", {"text": fenced})],    # replaces
-                   [("replace_response", {"text": "Here it is:\n" + fenced + "\nDone."})]):
-        message, shown = translate(events, body={}, json_answer=True)
-        assert message["message"]["content"] == shown == '{"a": 1}', events
-
-
-def test_many_small_texts_then_a_replacement_stay_linear() -> None:
-    piece = "0123456789 abcdefghij ABCDEFGHIJ qrstuvw\n"            # 40 characters, no tag in sight
-    translator = p2o.PoeTranslator(p2o.parse_tools({"tools": WEATHER_TOOLS}))
-    event = p2o.SSEEvent("text", json.dumps({"text": piece}))
-    began = time.process_time()
-    out = [d for _ in range(100_000) for d in translator.feed(event)]   # 4 MB of answer
-    out += translator.feed(p2o.SSEEvent("replace_response", json.dumps({"text": piece * 100_000 + "!"})))
-    assert time.process_time() - began < 3.0                        # copying what was seen on each piece: 6 s
-    assert "".join(d.text for d in out if d.kind == p2o.TEXT) == piece * 100_000 + "!"
-
-
-def test_ordinary_brackets_never_hold_the_stream() -> None:
-    translator = p2o.PoeTranslator()
-    out = translator.feed(p2o.SSEEvent("text", json.dumps({"text": "v = m[0][1] and see [the docs][1] too"})))
-    assert "".join(d.text for d in out) == "v = m[0][1] and see [the docs][1] too"
-
-
-def test_single_call_answer_stops_poe_at_once(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("Chatty", [sse("text", {"text": '<tool_call><invoke name="get_time"></invoke></tool_call>'}),
-                      sse("text", {"text": " Now I will also"}), 3.0, sse("text", {"text": " go on."}),
-                      sse("done", {})])
-    began = time.monotonic()
-    result = proxy.client().chat.completions.create(model="Chatty", tools=WEATHER_TOOLS, parallel_tool_calls=False,
-                                                    messages=[{"role": "user", "content": "time?"}])
-    assert time.monotonic() - began < 1.5 and result.choices[0].message.tool_calls[0].function.name == "get_time"
-    deadline = time.monotonic() + 2
-    while not poe.disconnects and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert poe.disconnects                              # Poe was told to stop
-
-
-def test_a_bad_key_does_not_fail_someone_elses_upload(proxy: Proxy, poe: FakePoe) -> None:
-    poe.upload_delay_s = 0.3
-    poe.upload_bad_keys = {"bad-key"}
-    url = data_url(PNG_2X2 + b"two keys")
-
-    def ask(key: str) -> Any:
-        try:
-            return proxy.client(api_key=key).chat.completions.create(
-                model="GPT-4o", messages=[image_message(url)]).choices[0].message.content
-        except openai.APIStatusError as exc:
-            return exc.status_code
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        bad, good = pool.map(ask, ["bad-key", KEY])
-    assert bad == 401 and good == "Hello from GPT-4o"
-
-
-awkward_text = st.lists(st.sampled_from(list("ab <>/`\n\"'=![]()*>{}:&;#x") + [
-    "<tool_call>", "</tool_call>", '<invoke name="get_time">', "</invoke>", '<parameter name="city">',
-    "</parameter>", "```", "```xml\n", "*Thinking...*\n", "> ", "<think>", "</think>", "![c][ref1]", "🎉", "世"]),
-    max_size=30).map("".join)
-
-
-@given(st.lists(st.tuples(st.sampled_from(["text", "text", "text", "file", "replace_response", "json"]), awkward_text),
-                max_size=12),
-       st.booleans(), st.booleans(), st.booleans())
-@hsettings(max_examples=300, deadline=None)
-def test_translator_survives_anything_a_bot_sends(events: list[tuple[str, str]], with_tools: bool, parallel: bool,
-                                                  json_answer: bool) -> None:
-    body = {"tools": WEATHER_TOOLS, "parallel_tool_calls": parallel} if with_tools else {}
-    translator = p2o.PoeTranslator(p2o.parse_tools(body), json_answer=json_answer)
-    deltas: list[p2o.Delta] = []
-    for kind, text in events:
-        data = {"url": "https://pfst.cf2.poecdn.net/x", "content_type": "image/png", "name": "x.png",
-                "inline_ref": "ref1"} if kind == "file" else {"choices": [{"delta": {"content": text}}]} \
-            if kind == "json" else {"text": text}
-        deltas += translator.feed(p2o.SSEEvent(kind, json.dumps(data)))
-    deltas += translator.feed(p2o.SSEEvent("done", "{}"))
-    assert [d.kind for d in deltas].count(p2o.FINISH) == 1 and deltas[-1].kind == p2o.FINISH
-    fold = p2o.ChatFold()
-    encoder = p2o.OpenAIStreamEncoder("x", 0, "m", True)
-    stream = encoder.start()
-    for d in deltas:
-        fold.add(d)
-        if d.kind != p2o.FINISH:
-            stream += encoder.encode(d)
-    stream += encoder.finish(deltas[-1].text, 5)
-    for line in stream.decode().split("\n\n"):
-        assert not line or line == "data: [DONE]" or json.loads(line[6:])   # every chunk is JSON
-    body_out = fold.body("x", 0, "m", 5)
-    for call in body_out["choices"][0]["message"].get("tool_calls", []):
-        assert isinstance(json.loads(call["function"]["arguments"]), dict)
-
-
-###############################################################################
-# The Anthropic Messages API (Claude Code), with the official anthropic SDK
-###############################################################################
-
-
-
-def anthropic_client(proxy: Proxy, **kw: Any) -> Any:
-    anthropic = pytest.importorskip("anthropic")
-    return anthropic.Anthropic(base_url=proxy.url, api_key=kw.pop("api_key", KEY), max_retries=0, timeout=20, **kw)
-
-
-def sdk_args(body: dict[str, Any]) -> dict[str, Any]:
-    """A captured request body as SDK keyword arguments: fields the SDK no longer types go in extra_body."""
-    typed = {"model", "max_tokens", "messages", "system", "tools", "tool_choice", "thinking", "stop_sequences",
-             "metadata"}
-    args = {k: v for k, v in body.items() if k in typed}
-    extra = {k: v for k, v in body.items() if k not in typed and k != "stream"}
-    return {**args, "extra_body": extra} if extra else args
-
-
-def test_claude_model_ids_are_aliased_to_poe_bots() -> None:
-    assert p2o.claude_alias("claude-sonnet-4-5-20250929") == "Claude-Sonnet-4.5"
-    assert p2o.claude_alias("claude-haiku-4-5-20251001") == "Claude-Haiku-4.5"
-    assert p2o.claude_alias("claude-3-5-sonnet-latest") == "Claude-Sonnet-3.5"
-    assert p2o.claude_alias("claude-opus-4-1") == "Claude-Opus-4.1"
-    assert p2o.claude_alias("GPT-4o") == "GPT-4o"
-
-
-def test_messages_non_stream_and_stream(proxy: Proxy, poe: FakePoe) -> None:
-    client = anthropic_client(proxy)
-    poe.on("Claude-Sonnet-4.5", text_events("Hello", " from Poe"))
-    message = client.messages.create(model="claude-sonnet-4-5-20250929", max_tokens=100, system="Be brief.",
-                                     messages=[{"role": "user", "content": "Hi"}])
-    assert message.model == "claude-sonnet-4-5-20250929" and message.stop_reason == "end_turn"
-    assert [b.type for b in message.content] == ["text"] and message.content[0].text == "Hello from Poe"
-    assert message.usage.input_tokens > 0 and message.usage.output_tokens > 0
-    assert last_query(poe)["path"] == "/bot/Claude-Sonnet-4.5"
-    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user"]
-    with client.messages.stream(model="claude-sonnet-4-5-20250929", max_tokens=100,
-                                messages=[{"role": "user", "content": "Hi"}]) as stream:
-        assert "".join(stream.text_stream) == "Hello from Poe"
-        final = stream.get_final_message()
-    assert final.content[0].text == "Hello from Poe" and final.usage.output_tokens > 0
-
-
-def test_claude_code_turn_with_thinking_and_tools(proxy: Proxy, poe: FakePoe) -> None:
-    body = json.loads((FIXTURES / "claude-code-messages.json").read_text())
-    reply = ("*Thinking...*\n\n> Run the tests first.\n\nRunning them now.\n<tool_call>\n<invoke name=\"Bash\">\n"
-             "<parameter name=\"command\">pytest -q</parameter>\n</invoke>\n</tool_call>")
-    poe.on("Claude-Sonnet-4.5", xml_reply_steps(reply, 6))
-    client = anthropic_client(proxy)
-    with client.messages.stream(**sdk_args(body)) as stream:
-        final = stream.get_final_message()
-    assert [b.type for b in final.content] == ["thinking", "text", "tool_use"]
-    assert final.content[0].thinking == "Run the tests first.\n" and final.content[0].signature
-    assert final.content[1].text == "Running them now.\n"
-    assert (final.content[2].name, final.content[2].input) == ("Bash", {"command": "pytest -q"})
-    assert final.content[2].id.startswith("toolu_") and final.stop_reason == "tool_use"
-    query = last_query(poe)["query"]
-    assert query["query"][-1]["content"].endswith(" --thinking_budget 10000")      # thinking budget as a flag
-    sent = "\n".join(m["content"] for m in query["query"])
-    assert "<tools>" in sent and '<tool name="Bash">' in sent and "<tool_result" in sent
-    whole = client.messages.create(**sdk_args(body))                                  # and not streamed
-    assert [b.type for b in whole.content] == ["thinking", "text", "tool_use"]
-    assert whole.content[2].input == {"command": "pytest -q"}
-
-
-def test_inline_system_messages_and_count_tokens(proxy: Proxy, poe: FakePoe) -> None:
-    client = anthropic_client(proxy)
-    body = json.loads((FIXTURES / "claude-code-inline-system.json").read_text())
-    message = client.messages.create(**sdk_args(body))
-    assert message.content[0].text == "Hello from Claude-Haiku-4.5"
-    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user", "system", "bot", "user"]
-    before = len(poe.requests)
-    counted = client.messages.count_tokens(**sdk_args(json.loads((FIXTURES / "claude-code-count-tokens.json")
-                                                                 .read_text())))
-    assert counted.input_tokens > 20 and len(poe.requests) == before      # answered locally
-
-
-def test_messages_errors_have_anthropic_shape(proxy: Proxy, poe: FakePoe) -> None:
-    anthropic = pytest.importorskip("anthropic")
-    poe.on("Broke", [sse("error", {"text": "You do not have enough points.", "error_type": "insufficient_fund"})])
-    with pytest.raises(anthropic.RateLimitError) as info:
-        anthropic_client(proxy).messages.create(model="Broke", max_tokens=10, messages=[{"role": "user", "content": "x"}])
-    assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "rate_limit_error"
-    with httpx.Client() as http:
-        r = http.post(proxy.url + "/v1/messages?beta=true", json={"model": "m", "max_tokens": 5, "messages": []},
-                      headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"})
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
-    poe.on("Late", [sse("text", {"text": "partial"}), sse("error", {"text": "Internal server error"})])
-    with pytest.raises(anthropic.APIStatusError):
-        with anthropic_client(proxy).messages.stream(model="Late", max_tokens=10,
-                                                     messages=[{"role": "user", "content": "x"}]) as stream:
-            stream.get_final_message()
-
-
-def test_messages_stream_events_are_named_and_ordered(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", xml_reply_steps(THINKING_REPLIES[0][0] + '\n<tool_call><invoke name="get_time"></invoke>'
-                                     '</tool_call>', 7))
-    with httpx.Client(timeout=20) as http:
-        r = http.post(proxy.url + "/v1/messages", headers={"x-api-key": KEY}, json={
-            "model": "GPT-4o", "max_tokens": 50, "stream": True, "messages": [{"role": "user", "content": "x"}],
-            "tools": [{"name": "get_time", "description": "time", "input_schema": {"type": "object"}}]})
-    events = [block.split("\n") for block in r.text.strip().split("\n\n") if not block.startswith(":")]
-    names = [lines[0][len("event: "):] for lines in events]
-    datas = [json.loads(lines[1][len("data: "):]) for lines in events]
-    assert all(d["type"] == n for n, d in zip(names, datas))                 # every event named, type matching
-    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
-    starts = [d["content_block"]["type"] for d in datas if d["type"] == "content_block_start"]
-    assert starts == ["thinking", "text", "tool_use"]
-    opened: list[int] = []
-    for d in datas:                                                          # one block at a time, in order
-        if d["type"] == "content_block_start":
-            assert not opened and d["index"] == len(starts[:0]) + sum(1 for x in datas[:datas.index(d)]
-                                                                       if x["type"] == "content_block_stop")
-            opened.append(d["index"])
-        elif d["type"] == "content_block_stop":
-            assert opened.pop() == d["index"]
-        elif d["type"] == "content_block_delta":
-            assert opened == [d["index"]]
-    assert datas[-2]["delta"]["stop_reason"] == "tool_use" and datas[-2]["usage"]["output_tokens"] > 0
-
-
-def test_claude_code_billing_line_stays_home(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
-    body = json.loads((FIXTURES / "claude-code-messages.json").read_text())
-    assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
-    body["tools"].append({"type": "web_search_20250305", "name": "web_search", "max_uses": 3})
-    with caplog.at_level(logging.WARNING, logger="poe2openai"):
-        anthropic_client(proxy).messages.create(**sdk_args(body))
-    sent = json.dumps(last_query(poe)["query"])
-    assert "x-anthropic-billing-header" not in sent and "cc_version" not in sent
-    assert last_query(poe)["query"]["query"][0] == {"role": "system", "content_type": "text/markdown", "content":
-                                                    "\n".join(b["text"] for b in body["system"][1:])}
-    # web search is a control (the bot's own parameter when it declares one), not a tool it cannot run
-    assert [r.getMessage() for r in caplog.records if "web_search_20250305" in r.getMessage()] == []
-    # the string form of `system` too, and only that line
-    chat = p2o.anthropic_to_openai({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                    "system": "x-anthropic-billing-header: cc_version=1; cch=0;\nBe brief."})
-    assert chat["messages"][0] == {"role": "system", "content": "Be brief."}
-
-
-def test_trailing_system_messages_join_the_last_user_turn() -> None:
-    q = p2o.build_poe_query(p2o.parse_chat_request({"model": "m", "reasoning_effort": "high", "messages": [
-        {"role": "system", "content": "You are Claude Code."}, {"role": "user", "content": "say hello"},
-        {"role": "system", "content": "Available agents: general."}]}))
-    assert [m["role"] for m in q["query"]] == ["system", "user"]
-    assert q["query"][-1]["content"] == "say hello\n\nAvailable agents: general. --reasoning_effort high"
-
-
-###############################################################################
-# The OpenAI Responses API (Codex, client.responses)
-###############################################################################
-
-def test_responses_create_and_stream(proxy: Proxy, poe: FakePoe) -> None:
-    client = proxy.client()
-    poe.on("GPT-4o", xml_reply_steps(THINKING_REPLIES[0][0], 5))
-    response = client.responses.create(model="GPT-4o", instructions="Be brief.", input="What is it?")
-    assert response.status == "completed" and response.id.startswith("resp_")
-    assert response.output_text == THINKING_REPLIES[0][2]
-    assert [item.type for item in response.output] == ["reasoning", "message"]
-    assert response.output[0].summary[0].text == THINKING_REPLIES[0][1]
-    assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens > 0
-    assert [m["role"] for m in last_query(poe)["query"]["query"]] == ["system", "user"]
-    with client.responses.stream(model="GPT-4o", input=[{"role": "user", "content": "What is it?"}]) as stream:
-        deltas = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
-        final = stream.get_final_response()
-    assert deltas == final.output_text == THINKING_REPLIES[0][2]
-
-
-def test_codex_turn_gets_function_calls(proxy: Proxy, poe: FakePoe) -> None:
-    body = json.loads((FIXTURES / "codex-responses.json").read_text())
-    reply = ('Updating the plan.\n<tool_call>\n<invoke name="shell">\n<parameter name="command">["pytest", "-q"]'
-             '</parameter>\n</invoke>\n</tool_call>')
-    poe.on(body["model"], xml_reply_steps(reply, 6))
-    with httpx.Client(timeout=20) as http:
-        r = http.post(proxy.url + "/v1/responses", json=body, headers={"Authorization": f"Bearer {KEY}"})
-    events = [block.split("\n", 1) for block in r.text.strip().split("\n\n") if block.startswith("event: ")]
-    datas = [json.loads(data[len("data: "):]) for _, data in events]
-    assert [e[0][len("event: "):] for e in events] == [d["type"] for d in datas]
-    assert [d["sequence_number"] for d in datas] == list(range(len(datas)))
-    assert datas[0]["type"] == "response.created" and datas[-1]["type"] == "response.completed"
-    final = datas[-1]["response"]
-    assert [item["type"] for item in final["output"]] == ["message", "function_call"]
-    call = final["output"][1]
-    assert call["name"] == "shell" and json.loads(call["arguments"]) == {"command": ["pytest", "-q"]}
-    assert call["call_id"].startswith("call_") and final["usage"]["input_tokens_details"] == {"cached_tokens": 0}
-    sent = "\n".join(m["content"] for m in last_query(poe)["query"]["query"])
-    # the earlier call and its output reach the bot once each, as XML history
-    assert sent.count('<invoke name="shell">') == 1 and sent.count('tool_call_id="call_Wd81sKq0n3Jt5vLb9XyE2fRm"') == 1
-    QueryRequest.model_validate(last_query(poe)["query"])
-
-
-CODEX_NAMESPACES = [
-    {"type": "namespace", "name": "docs", "description": "The docs MCP server", "tools": [
-        {"type": "function", "name": "search", "description": "Search the docs",
-         "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
-        {"type": "custom", "name": "note", "description": "Write a note"}]},
-    {"type": "namespace", "name": "agents", "tools": [
-        {"type": "function", "name": "spawn", "parameters": {"type": "object", "properties": {
-            "task": {"type": "string"}}}}]},
-    {"type": "web_search"}, {"type": "image_generation"},
-]
-
-
-def test_codex_namespace_tools_round_trip(proxy: Proxy, poe: FakePoe, caplog: pytest.LogCaptureFixture) -> None:
-    reply = ('<tool_call><invoke name="docs__search"><parameter name="query">build</parameter></invoke></tool_call>'
-             '<tool_call><invoke name="docs__note"><parameter name="input">remember this</parameter></invoke></tool_call>'
-             '<tool_call><invoke name="agents__spawn"><parameter name="task">lint</parameter></invoke></tool_call>')
-    poe.on("GPT-4o", xml_reply_steps(reply, 8))
-    client = proxy.client()
-    with caplog.at_level(logging.WARNING, logger="poe2openai"):
-        response = client.responses.create(model="GPT-4o", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
-    assert [(o.type, o.namespace, o.name) for o in response.output] == [   # type: ignore[union-attr]
-        ("function_call", "docs", "search"), ("custom_tool_call", "docs", "note"), ("function_call", "agents", "spawn")]
-    assert json.loads(response.output[0].arguments) == {"query": "build"}    # type: ignore[union-attr]
-    assert response.output[1].input == "remember this"                       # type: ignore[union-attr]
-    prompt = last_query(poe)["query"]["query"][-1]["content"]
-    assert '<tool name="docs__search">' in prompt and "The docs MCP server" in prompt and "--agents" not in prompt
-    warnings_seen = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
-    assert warnings_seen == ["leaving out tools a Poe bot cannot run: image_generation"]   # web_search: a control
-    with client.responses.stream(model="GPT-4o", input="go", tools=CODEX_NAMESPACES) as stream:  # type: ignore[arg-type]
-        streamed = stream.get_final_response().output
-    assert [(o.namespace, o.name) for o in streamed] == [("docs", "search"), ("docs", "note"), ("agents", "spawn")]  # type: ignore[union-attr]
-    # the next turn: the calls and their outputs, in the client's own names, reach the bot as what it called
-    history = [{"role": "user", "content": "go"}, *[o.model_dump(exclude_none=True) for o in response.output],
-               *[{"type": "function_call_output" if o.type == "function_call" else "custom_tool_call_output",
-                  "call_id": o.call_id, "output": f"result {i}"} for i, o in enumerate(response.output)]]  # type: ignore[union-attr]
-    poe.on("GPT-4o", text_events("Done."))
-    assert client.responses.create(model="GPT-4o", input=history, tools=CODEX_NAMESPACES).output_text == "Done."  # type: ignore[arg-type]
-    sent = "\n".join(m["content"] for m in last_query(poe)["query"]["query"])
-    for name in ("docs__search", "docs__note", "agents__spawn"):
-        assert sent.count(f'<invoke name="{name}">') == 1 and f'name="{name}"' in sent, name
-    assert '<invoke name="search">' not in sent
-
-
-def test_namespace_calls_in_native_mode(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
-    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
-    poe.on("NativeBot", [native_chunk({"tool_calls": [{"index": 0, "id": "call_n1", "type": "function", "function": {
-        "name": "docs__search", "arguments": '{"query": "x"}'}}]}), sse("done", {})])
-    response = start().client().responses.create(model="NativeBot", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
-    assert [(o.namespace, o.name, o.call_id) for o in response.output] == [("docs", "search", "call_n1")]  # type: ignore[union-attr]
-    assert [t["function"]["name"] for t in last_query(poe)["query"]["tools"]] == [
-        "docs__search", "docs__note", "agents__spawn"]
-
-
-def test_responses_refuses_previous_response_id(proxy: Proxy) -> None:
-    with pytest.raises(openai.BadRequestError) as info:
-        proxy.client().responses.create(model="GPT-4o", input="hi", previous_response_id="resp_123")
-    assert info.value.body["param"] == "previous_response_id"  # type: ignore[index]
-
-
-###############################################################################
-# Dialect edge cases found in review
-###############################################################################
-
-def test_anthropic_tool_results_with_documents_images_and_search_results(proxy: Proxy, poe: FakePoe) -> None:
-    client = anthropic_client(proxy)
-    png = base64.b64encode(PNG_2X2 + b"tool").decode()
-    client.messages.create(model="GPT-4o", max_tokens=50, tools=[
-        {"name": "read", "description": "read", "input_schema": {"type": "object"}}], messages=[
-        {"role": "user", "content": "look"},
-        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "read", "input": {}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
-            {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "Hello, world!"}},
-            {"type": "search_result", "title": "Docs", "source": "s", "content": [{"type": "text", "text": "found"}]},
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}]}]}])
-    last = last_query(poe)["query"]["query"][-1]
-    assert "Hello, world!" in last["content"] and "Docs\nfound" in last["content"]
-    assert [u["data"] for u in poe.uploads] == [PNG_2X2 + b"tool"] and last["attachments"][0]["content_type"] == "image/png"
-
-
-INTERLEAVED = [native_chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
-                                             "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
-               native_chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
-                                             "function": {"name": "get_time", "arguments": "{"}}]}),
-               native_chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
-               native_chunk({"tool_calls": [{"index": 1, "function": {"arguments": "}"}}]}), sse("done", {})]
-
-
-def test_interleaved_native_calls_in_every_dialect(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
-    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
-    poe.on("NativeBot", INTERLEAVED)
-    proxy = start()
-    expected = [("get_weather", {"city": "Oslo"}), ("get_time", {})]
-    with proxy.client().chat.completions.stream(model="NativeBot", tools=WEATHER_TOOLS,
-                                                messages=[{"role": "user", "content": "x"}]) as stream:
-        calls = stream.get_final_completion().choices[0].message.tool_calls
-    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == expected
-    tools = [{"name": t["function"]["name"], "description": "d", "input_schema": t["function"]["parameters"] or
-              {"type": "object"}} for t in WEATHER_TOOLS]
-    with anthropic_client(proxy).messages.stream(model="NativeBot", max_tokens=50, tools=tools,
-                                                 messages=[{"role": "user", "content": "x"}]) as stream:
-        final = stream.get_final_message()
-    assert [(b.name, b.input) for b in final.content] == expected
-    flat = [{"type": "function", **t["function"]} for t in WEATHER_TOOLS]
-    with proxy.client().responses.stream(model="NativeBot", input="x", tools=flat) as stream:
-        output = stream.get_final_response().output
-    assert [(o.name, json.loads(o.arguments)) for o in output] == expected
-
-
-def test_responses_tools_without_description_and_custom_tools(proxy: Proxy, poe: FakePoe) -> None:
-    poe.on("GPT-4o", xml_reply_steps('<tool_call><invoke name="apply_patch"><parameter name="input">*** Begin Patch\n'
-                                     '*** End Patch</parameter></invoke></tool_call>', 9))
-    with httpx.Client(timeout=20) as http:
-        r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, json={
-            "model": "GPT-4o", "input": "patch it", "tools": [
-                {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {},
-                                                                         "additionalProperties": False}},
-                {"type": "custom", "name": "apply_patch", "description": "Apply a patch"}]})
-    body = r.json()
-    assert r.status_code == 200 and body["output"][0]["type"] == "custom_tool_call"
-    assert body["output"][0]["input"] == "*** Begin Patch\n*** End Patch"
-    prompt = last_query(poe)["query"]["query"][-1]["content"]
-    assert '<tool name="get_time">' in prompt and "--get_time" not in prompt    # a tool, not a bot flag
-
-
-def test_native_tool_result_images_are_kept(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
-    (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
-    proxy = start()
-    proxy.client().chat.completions.create(model="NativeBot", tools=WEATHER_TOOLS, messages=[
-        {"role": "user", "content": "screenshot?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "here"}, {
-            "type": "image_url", "image_url": {"url": data_url(PNG_2X2 + b"native")}}]}])
-    query = last_query(poe)["query"]
-    assert query["tool_results"][0]["content"] == "here"
-    assert query["query"][-1]["role"] == "user" and len(query["query"][-1]["attachments"]) == 1
-
-
-def test_oversized_messages_request_gets_an_anthropic_error(start: Callable[..., Proxy]) -> None:
-    proxy = start(max_request_size=100)
-    with httpx.Client() as http:
-        r = http.post(proxy.url + "/v1/messages", content=b"x" * 500, headers={"x-api-key": KEY})
-    assert r.status_code == 413 and r.json()["type"] == "error" and r.json()["error"]["type"] == "request_too_large"
