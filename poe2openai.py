@@ -4569,6 +4569,7 @@ class ResponsesFold:
 TOOL_MODES = ("xml", "native", "auto")   # auto: native for bots Poe lists with `tools`, else xml
 # Far beyond any real configuration (some 5000 models); parsing costs about a second per 256 KiB.
 MODELS_YAML_MAX_BYTES = 256 * 1024
+MODELS_YAML_CHECK_S = 2.0   # how often models.yaml is looked at for hand edits (tests shorten it)
 # What an entry may say; other keys are dropped (with one warning), so nothing else is kept or echoed.
 MODEL_ENTRY_KEYS = ("mapping", "enable", "replace_response", "tool_mode")
 CUSTOM_MODEL_KEYS = ("id", "created", "owned_by", "description", "context_length", "max_output_tokens",
@@ -4711,7 +4712,7 @@ class ModelRegistry:
     """Reads models.yaml, notices hand edits within `check_interval_s`, and keeps the last good
     configuration in force when an edit does not parse."""
 
-    def __init__(self, path: str, check_interval_s: float = 2.0,
+    def __init__(self, path: str, check_interval_s: float = MODELS_YAML_CHECK_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.path = os.path.abspath(path)
         self._check_interval_s = check_interval_s
@@ -6190,7 +6191,7 @@ class App:
         self.settings = settings
         self.pool = UpstreamPool(settings, ssl_context)
         self.poe = PoeClient(settings, self.pool)
-        self.registry = ModelRegistry(settings.models_path)
+        self.registry = ModelRegistry(settings.models_path, MODELS_YAML_CHECK_S)   # read now: tests shorten it
         self.catalog = ModelCatalog(self.poe, settings.models_cache_ttl_seconds)
         self.uploader = Uploader(settings, self.pool)
         self.stats = UsageStats()

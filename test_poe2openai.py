@@ -348,6 +348,14 @@ def proxy(start: Callable[..., Proxy]) -> Proxy:
     return start()
 
 
+@pytest.fixture()
+def fast_reload(monkeypatch: pytest.MonkeyPatch) -> float:
+    """Proxies started after this look at models.yaml every 50 ms instead of every 2 s, so a test
+    waits for the check it needs instead of for the interval."""
+    monkeypatch.setattr(p2o, "MODELS_YAML_CHECK_S", 0.05)
+    return 0.05
+
+
 def raw_sse(proxy: Proxy, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """POST a chat request and return the status and the raw SSE lines (data and comments)."""
     with httpx.Client(timeout=20) as http:
@@ -3239,8 +3247,22 @@ def test_models_list_is_cached_and_served_stale(start: Callable[..., Proxy], poe
     assert info.value.status_code == 502
 
 
+def admin_config(proxy: Proxy) -> dict[str, Any]:
+    with httpx.Client(auth=ADMIN, timeout=20) as http:
+        return http.get(proxy.url + "/api/admin/config").json()
+
+
+def wait_for_config(proxy: Proxy, check: Callable[[dict[str, Any]], bool], timeout: float = 8) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while True:
+        cfg = admin_config(proxy)
+        if check(cfg) or time.time() > deadline:
+            return cfg
+        time.sleep(0.02)
+
+
 def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], poe: FakePoe,
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, fast_reload: float) -> None:
     cfg = tmp_path / "models.yaml"
     cfg.write_text("enable: true\nmodels:\n  gpt-4o: {mapping: gpt-4o-poe}\n  Claude-Sonnet-4.5: {enable: false}\n"
                    "custom_models:\n  - {id: MyPrivateBot}\n")
@@ -3255,26 +3277,12 @@ def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], 
     cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed}\n")    # a hand edit...
     deadline = time.time() + 5
     while time.time() < deadline and client.models.list().data[0].id != "renamed":
-        time.sleep(0.2)
+        time.sleep(0.02)
     assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...takes effect
     cfg.write_text("enable: true\nmodels: [broken\n")                            # a broken edit...
-    time.sleep(2.5)
+    assert wait_for_config(proxy, lambda c: bool(c["load_error"]))["load_error"]          # (once it was read)
     assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...changes nothing
     assert cfg.read_text() == "enable: true\nmodels: [broken\n"                  # and the file is left alone
-
-
-def admin_config(proxy: Proxy) -> dict[str, Any]:
-    with httpx.Client(auth=ADMIN, timeout=20) as http:
-        return http.get(proxy.url + "/api/admin/config").json()
-
-
-def wait_for_config(proxy: Proxy, check: Callable[[dict[str, Any]], bool], timeout: float = 8) -> dict[str, Any]:
-    deadline = time.time() + timeout
-    while True:
-        cfg = admin_config(proxy)
-        if check(cfg) or time.time() > deadline:
-            return cfg
-        time.sleep(0.2)
 
 
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -3282,7 +3290,8 @@ ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 
 
 def test_models_yaml_that_would_wedge_the_proxy_is_refused(start: Callable[..., Proxy], poe: FakePoe,
-                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                             fast_reload: float) -> None:
     cfg = tmp_path / "models.yaml"
     cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: good-name}\n")
     proxy = start()
@@ -4034,15 +4043,13 @@ def test_admin_config_round_trip_is_atomic_and_takes_effect(proxy: Proxy, poe: F
     assert last_query(poe)["path"] == "/bot/MyBot"
 
 
-def test_broken_file_is_reported_and_never_replaced(proxy: Proxy, tmp_path: Path) -> None:
+def test_broken_file_is_reported_and_never_replaced(fast_reload: float, proxy: Proxy, tmp_path: Path) -> None:
     path = tmp_path / "models.yaml"
     path.write_text("enable: true\nmodels: {GPT-4o: {mapping: first}}\n")
     client = proxy.client()
     assert client.models.list().data[0].id == "first"
     path.write_text("enable: true\nmodels: {GPT-4o: {mapping: second}\n")      # a typo
-    time.sleep(2.2)
-    with httpx.Client(auth=ADMIN) as http:
-        got = http.get(proxy.url + "/api/admin/config").json()
+    got = wait_for_config(proxy, lambda c: bool(c["load_error"]))
     assert got["load_error"] and "line" in got["load_error"] and got["models"] == {"GPT-4o": {"mapping": "first"}}
     assert client.models.list().data[0].id == "first"
     assert path.read_text() == "enable: true\nmodels: {GPT-4o: {mapping: second}\n"
@@ -4684,7 +4691,8 @@ def test_native_mode_end_to_end(start: Callable[..., Proxy], poe: FakePoe, tmp_p
     assert json.loads(final.choices[0].message.tool_calls[0].function.arguments) == {"city": "Paris"}
 
 
-def test_tool_mode_auto_follows_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
+def test_tool_mode_auto_follows_the_catalogue(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path,
+                                              fast_reload: float) -> None:
     poe.models = POE_MODELS
     (tmp_path / "models.yaml").write_text("models:\n  Grok-4: {tool_mode: xml}\n  deepseek-r1: {tool_mode: native}\n")
     client = start(tool_mode="auto").client()
@@ -4701,7 +4709,7 @@ def test_tool_mode_auto_follows_the_catalogue(start: Callable[..., Proxy], poe: 
                     "Private-Bot": (False, True)}     # not in the catalogue: XML
     yaml_auto = start()                                # TOOL_MODE xml (the default), `auto` for one model
     (tmp_path / "models.yaml").write_text("models:\n  Claude-Sonnet-4.5: {tool_mode: auto}\n")
-    time.sleep(2.1)                                    # the registry notices the edit
+    wait_for_config(yaml_auto, lambda c: "Claude-Sonnet-4.5" in c["models"])   # the registry noticed the edit
     for model, native in (("Claude-Sonnet-4.5", True), ("GPT-4o", False)):
         yaml_auto.client().chat.completions.create(model=model, tools=WEATHER_TOOLS, messages=messages)
         assert ("tools" in last_query(poe)["query"]) is native, model
