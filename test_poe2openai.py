@@ -1,8 +1,8 @@
-"""Tests for poe2openai, in three tiers mirroring the module: pure pieces, settings and HTTP, and
-end-to-end runs with the official openai SDK against the proxy and a hand-written fake Poe upstream
-that controls the raw bytes (line ends, chunk splits, disconnects, statuses).
+"""Tests for poe2openai, in sections that follow the module's own: the pure pieces tested directly,
+the rest end to end with the official openai and anthropic SDKs against the proxy and a hand-written
+fake Poe upstream that controls the raw bytes (line ends, chunk splits, disconnects, statuses).
 
-Run: python -m pytest -q test_poe2openai.py
+Run: python -m pytest -q -n 2 test_poe2openai.py   (pytest-xdist; every test is safe on either worker)
 """
 
 from __future__ import annotations
