@@ -440,6 +440,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 # Errors
 ###############################################################################
 
+ERROR_BODY_QUOTE_BYTES = 4096   # how much of an error body Poe sent is looked at for its message
 # The wait a 429 suggests when nobody said how long: Poe's `error` events carry no header, and Poe's
 # rate limit counts requests per minute, so a few seconds lets a retry land in a quieter moment.
 DEFAULT_RETRY_AFTER_S = 5
@@ -577,7 +578,7 @@ def classify_poe_status(status: int, body: bytes, what: str, headers: Mapping[st
 
 
 def _error_text_from_body(body: bytes) -> str:
-    text = body[:4096].decode("utf-8", "replace").strip()
+    text = body[:ERROR_BODY_QUOTE_BYTES].decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
     except ValueError:
@@ -595,6 +596,10 @@ def _error_text_from_body(body: bytes) -> str:
 ###############################################################################
 # Pure helpers: ids, JSON, SSE, files, tokens
 ###############################################################################
+
+URL_UNCACHED_CHARS = 4096          # a URL longer than this is dropped from urlsplit's cache once parsed
+TOKEN_TALLY_SEGMENT_CHARS = 16 * 1024   # a streamed answer is estimated in pieces about this long
+
 
 def new_id(prefix: str) -> str:
     """A random id such as chatcmpl-3f9a...; hex only, so safe in any client's id field."""
@@ -758,7 +763,7 @@ def split_url(url: str) -> urllib.parse.SplitResult:
     in a bot URL): urlsplit remembers what it parsed (CPython caches 128 URLs), so a long one is
     dropped from that cache at once."""
     parts = urllib.parse.urlsplit(url)
-    if len(url) > 4096:
+    if len(url) > URL_UNCACHED_CHARS:
         urllib.parse.clear_cache()   # type: ignore[attr-defined]  # CPython 3.10-3.13 have it, undocumented
     return parts
 
@@ -1049,7 +1054,7 @@ class TokenTally:
     of a percent of the whole estimate. Without any blank, the tail is cut where it is: memory stays
     bounded (about 4 x segment_chars) whatever the text."""
 
-    def __init__(self, segment_chars: int = 16 * 1024) -> None:
+    def __init__(self, segment_chars: int = TOKEN_TALLY_SEGMENT_CHARS) -> None:
         self._segment = segment_chars
         self._pending: list[str] = []
         self._pending_chars = 0
@@ -1115,6 +1120,10 @@ class TextDigest:
 ###############################################################################
 # Small machines: the rate gate, usage stats, the LRU cache
 ###############################################################################
+
+STATS_LATENCY_SAMPLES_COUNT = 1000   # latencies kept per model for the percentiles (the latest ones)
+STATS_MAX_ROWS_COUNT = 1000          # rows per table (models, keys): names come from clients, so capped
+
 
 class RateGate:
     """Spaces request starts at least `interval_s` apart, first come first served (monotonic clock).
@@ -1224,7 +1233,7 @@ class UsageStats:
     """Requests, errors, tokens and latency percentiles per model, and the same counts per access key
     label, since start (bounded memory). The label is never the key itself."""
 
-    def __init__(self, max_samples: int = 1000) -> None:
+    def __init__(self, max_samples: int = STATS_LATENCY_SAMPLES_COUNT) -> None:
         self.since_s = time.time()
         self._max_samples = max_samples
         self._models: dict[str, dict[str, Any]] = {}
@@ -1239,7 +1248,7 @@ class UsageStats:
         model = self._bounded_key(model, refused, failed=not ok and not prompt_tokens and not completion_tokens)
         entry = self._models.get(model)
         if entry is None:
-            if len(self._models) >= 1000:   # model names come from clients: cap the table
+            if len(self._models) >= STATS_MAX_ROWS_COUNT:   # model names come from clients: cap the table
                 model = "(other)"
                 entry = self._models.get(model)
             if entry is None:
@@ -1253,7 +1262,7 @@ class UsageStats:
         label = KEY_LABEL.get() if key is None else key
         counts = self._keys.get(label)
         if counts is None:
-            if len(self._keys) >= 1000:     # labels come from the key file, but edits add up over time
+            if len(self._keys) >= STATS_MAX_ROWS_COUNT:     # labels come from the key file, but edits add up over time
                 label = "(other)"
             counts = self._keys.setdefault(label, {"requests": 0, "errors": 0, "prompt_tokens": 0,
                                                    "completion_tokens": 0})
@@ -4570,6 +4579,7 @@ TOOL_MODES = ("xml", "native", "auto")   # auto: native for bots Poe lists with 
 # Far beyond any real configuration (some 5000 models); parsing costs about a second per 256 KiB.
 MODELS_YAML_MAX_BYTES = 256 * 1024
 MODELS_YAML_CHECK_S = 2.0   # how often models.yaml is looked at for hand edits (tests shorten it)
+TEMP_FILE_STALE_S = 60.0    # a save's temporary file older than this was left by an interrupted one
 # What an entry may say; other keys are dropped (with one warning), so nothing else is kept or echoed.
 MODEL_ENTRY_KEYS = ("mapping", "enable", "replace_response", "tool_mode")
 CUSTOM_MODEL_KEYS = ("id", "created", "owned_by", "description", "context_length", "max_output_tokens",
@@ -4969,7 +4979,7 @@ def _no_alias_loader() -> Any:
 _TEMP_NAME = re.compile(r"\.models\.yaml\.(?:bak\.)?[A-Za-z0-9_]{8}")   # what _atomic_write leaves if killed
 
 
-def remove_stale_temp_files(folder: str, older_than_s: float = 60.0) -> int:
+def remove_stale_temp_files(folder: str, older_than_s: float = TEMP_FILE_STALE_S) -> int:
     """Delete temporary files an interrupted save left in CONFIG_DIR (only our own names, only old
     ones: a save in progress in another worker is never touched). Returns how many went."""
     removed = 0
@@ -5099,6 +5109,10 @@ def anthropic_model_list(bots: Sequence[BotInfo]) -> dict[str, Any]:
 
 READ_CHUNK_BYTES = 64 * 1024
 WRITE_TIMEOUT_S = 30.0
+POOL_IDLE_PER_ORIGIN_COUNT = 16   # keep-alive connections kept per origin; more are closed when let go
+POOL_IDLE_EXPIRY_S = 60.0         # an idle pooled connection older than this is closed, not reused
+PROXY_REPLY_READ_BYTES = 4096     # one read of a proxy's answer to CONNECT
+HTTP_PROXY_DEFAULT_PORT = 8080    # an HTTP(S)_PROXY URL without a port
 BODY_PIECE_BYTES = 256 * 1024
 INBOUND_MAX_HEAD_BYTES = 32 * 1024
 OUTBOUND_MAX_HEAD_BYTES = 128 * 1024
@@ -5346,7 +5360,8 @@ class UpstreamPool:
     """Keep-alive connections to Poe, per origin; HTTPS with verification; HTTP(S)_PROXY aware."""
 
     def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None,
-                 max_idle_per_origin: int = 16, idle_expiry_s: float = 60.0) -> None:
+                 max_idle_per_origin: int = POOL_IDLE_PER_ORIGIN_COUNT,
+                 idle_expiry_s: float = POOL_IDLE_EXPIRY_S) -> None:
         self._settings = settings
         self._ssl_given = ssl_context
         self._ssl_default: ssl.SSLContext | None = None
@@ -5519,7 +5534,7 @@ class UpstreamPool:
         if proxy.scheme != "http":
             raise upstream_error(f"proxy {_redact_url(proxy_url)}: only http:// proxy URLs are supported",
                                  code="upstream_proxy_error")
-        proxy_host, proxy_port = proxy.hostname or "", proxy.port or 8080
+        proxy_host, proxy_port = proxy.hostname or "", proxy.port or HTTP_PROXY_DEFAULT_PORT
         name = f"the proxy {proxy_host}:{proxy_port}"
 
         def failure(what_happened: str, exc: BaseException | None = None) -> ProxyError:
@@ -5570,7 +5585,7 @@ class UpstreamPool:
                 while True:
                     event = tunnel.next_event()
                     if event is h11.NEED_DATA:
-                        data = await loop.sock_recv(sock, 4096)
+                        data = await loop.sock_recv(sock, PROXY_REPLY_READ_BYTES)
                         if not data:
                             how = "in the middle of its answer to" if answered else "without answering"
                             raise failure(f"closed the connection {how} the CONNECT request for {authority}")
@@ -5617,6 +5632,11 @@ def _default_ssl_context() -> ssl.SSLContext:
 ###############################################################################
 
 USER_AGENT = f"poe2openai/{__version__}"
+MODEL_LIST_MAX_BYTES = 32 * 1024 * 1024   # Poe's whole model list (a few hundred KiB today)
+UPLOAD_REPLY_MAX_BYTES = 1024 * 1024      # Poe's answer to an upload (a small JSON object)
+ERROR_BODY_MAX_BYTES = 64 * 1024          # an error body read for its message; the rest is dropped
+ERROR_BODY_READ_TIMEOUT_S = 5.0           # ... and no longer waited for
+UPLOAD_CONCURRENCY_COUNT = 4              # uploads to Poe at once; more wait their turn
 
 
 class PoeEventStream:
@@ -5713,7 +5733,7 @@ class PoeClient:
         response = await self._pool.request("GET", url, headers, b"", "model list")
         if response.status == 200:
             await _refuse_encoded(response, "model list")
-        body = await response.read_all(32 * 1024 * 1024, self._settings.read_timeout_seconds)
+        body = await response.read_all(MODEL_LIST_MAX_BYTES, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, body, "model list", response.headers)
         try:
@@ -5735,7 +5755,7 @@ async def _refuse_encoded(response: UpstreamResponse, what: str) -> None:
 
 async def _read_error_body(response: UpstreamResponse) -> bytes:
     try:
-        return await response.read_all(64 * 1024, 5.0)
+        return await response.read_all(ERROR_BODY_MAX_BYTES, ERROR_BODY_READ_TIMEOUT_S)
     except (ProxyError, asyncio.TimeoutError):
         await response.aclose()
         return b""
@@ -5819,7 +5839,7 @@ class Uploader:
     share one upload."""
 
     def __init__(self, settings: Settings, pool: UpstreamPool, clock: Callable[[], float] = time.monotonic,
-                 concurrency: int = 4) -> None:
+                 concurrency: int = UPLOAD_CONCURRENCY_COUNT) -> None:
         self._settings = settings
         self._pool = pool
         self.cache = LRUCache(settings.url_cache_size_mb * 1024 * 1024, settings.url_cache_ttl_seconds, clock)
@@ -5877,7 +5897,7 @@ class Uploader:
         response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
         if response.status == 200:
             await _refuse_encoded(response, "file upload")
-        raw = await response.read_all(1024 * 1024, self._settings.read_timeout_seconds)
+        raw = await response.read_all(UPLOAD_REPLY_MAX_BYTES, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, raw, "file upload", response.headers)
         try:
@@ -5907,6 +5927,11 @@ def _attachment_type(content_type: str, url: str) -> str:
 ###############################################################################
 # Handlers: the dialects, the router, the admin API, the model list, the chat pipeline
 ###############################################################################
+
+# Poe's body ends right after `done`: its end is read (this long at most) before the last chunk
+# leaves, so the connection is back in the pool before the client can send its next request.
+UPSTREAM_FINISH_WAIT_S = 0.05
+
 
 @dataclass
 class Request:
@@ -6785,9 +6810,7 @@ class ChatPipeline:
     async def _chat_stream(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
         # Hold the response head until Poe's first real event (or STREAM_HOLD_SECONDS), so an error
         # that comes first still gets its real HTTP status instead of a 200 with an error chunk.
-        # Poe's body ends right after `done`: its end is read (0.05 s at most) before the last chunk
-        # leaves, so the connection is back in the pool before the client can send its next request.
-        source = DeltaSource(events, translator, finish_wait_s=0.05)
+        source = DeltaSource(events, translator, finish_wait_s=UPSTREAM_FINISH_WAIT_S)
         held: list[Delta] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.stream_hold_seconds
@@ -7477,6 +7500,11 @@ class InboundConnection:
 # forwarded by the parent) within milliseconds; only a repeat later than this is a second press.
 SIGNAL_REPEAT_S = 0.25
 EXIT_INTERRUPTED = 130   # a second Ctrl-C or SIGTERM cut the shutdown grace short (128 + SIGINT)
+LISTEN_BACKLOG_COUNT = 1024   # connections the kernel queues before we accept them
+CANCELLED_WAIT_S = 2.0        # after the grace: how long cancelled requests get to wind down...
+FORCED_CANCELLED_WAIT_S = 0.2   # ... and after a second Ctrl-C
+WORKER_RESTART_PAUSE_S = 0.5  # before a worker that died is started again, so a crash loop cannot spin
+OPEN_FILES_FALLBACK_COUNT = 65536   # the open-file limit asked for when the hard limit is unlimited
 
 
 async def serve(settings: Settings, *, ready: Callable[[int], None] | None = None,
@@ -7521,7 +7549,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             state.connections.discard(connection)
 
     server = await asyncio.start_server(on_connect, settings.host or None, settings.port,
-                                        limit=READ_CHUNK_BYTES, backlog=1024, reuse_address=True,
+                                        limit=READ_CHUNK_BYTES, backlog=LISTEN_BACKLOG_COUNT, reuse_address=True,
                                         reuse_port=reuse_port or None)
     port = server.sockets[0].getsockname()[1]
     log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
@@ -7586,7 +7614,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             for task in pending:
                 task.cancel()
             if pending:
-                await asyncio.wait(pending, timeout=0.2 if forced.is_set() else 2.0)
+                await asyncio.wait(pending, timeout=FORCED_CANCELLED_WAIT_S if forced.is_set() else CANCELLED_WAIT_S)
         await app.pool.close()
         log.info("stopped")
     if forced.is_set():
@@ -7652,7 +7680,7 @@ def run_workers(settings: Settings) -> int:
         number = children.pop(pid, None)
         if number is not None and not stopping:
             log.error("worker %d exited (status %d); starting it again", number, status)
-            time.sleep(0.5)
+            time.sleep(WORKER_RESTART_PAUSE_S)
             start(number)
     return EXIT_INTERRUPTED if forced else 0
 
@@ -7663,7 +7691,8 @@ def _raise_open_file_limit() -> None:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+            wanted = hard if hard != resource.RLIM_INFINITY else OPEN_FILES_FALLBACK_COUNT
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     except (ImportError, ValueError, OSError):
         pass   # not on this platform, or not allowed: the default will do
 
