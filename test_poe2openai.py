@@ -6005,13 +6005,13 @@ def test_admin_page_runs_under_its_content_security_policy(admin_proxy: Any, bro
     close_page(page)
 
 
-def test_admin_shows_load_error_and_failed_loads(admin_proxy: Any, browser: Browser) -> None:
+def test_admin_shows_load_error_and_failed_loads(fast_reload: float, admin_proxy: Any, browser: Browser) -> None:
     seed_config(admin_proxy, models={"GPT-4o": {"mapping": "kept"}})
     time.sleep(0.01)
     admin_proxy.config_path.write_text("enable: true\nmodels: [broken\n")
     deadline = time.monotonic() + 6
     while time.monotonic() < deadline and not admin_api(admin_proxy, "/api/admin/config")["load_error"]:
-        time.sleep(0.2)   # the proxy looks at the file every 2 s
+        time.sleep(0.02)   # the proxy looks at the file every 50 ms here (fast_reload)
     page = open_admin(browser, admin_proxy)
     expect(page.get_by_test_id("load-error")).to_be_visible()
     expect(page.get_by_test_id("load-error")).to_contain_text("models.yaml")
