@@ -4648,9 +4648,8 @@ def parse_speech_request(body: Any, info: BotInfo | None) -> MediaRequest:
                 raise
     elif voice is not None and not isinstance(voice, str):
         raise bad_request("'voice' must be a voice name or {\"id\": name}.", "voice", "invalid_type")
-    instructions = body.get("instructions")
-    prompt = f"{instructions.strip()}\n\n{text}" if isinstance(instructions, str) and instructions.strip() else text
-    return MediaRequest("audio", model, prompt, _media_flags(body, mapped, info), 1, fmt)
+    # `instructions` are not sent: a speech bot reads its whole message aloud.
+    return MediaRequest("audio", model, text, _media_flags(body, mapped, info), 1, fmt)
 
 
 def parse_video_request(body: Any, info: BotInfo | None) -> MediaRequest:

@@ -3214,6 +3214,19 @@ def test_shared_proxy_refuses_wrong_and_missing_keys_in_each_dialects_shape(star
     assert not [r for r in poe.requests if r["path"].startswith("/bot/")] and not poe.uploads
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_shared_proxy_keeps_video_jobs_per_access_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "Veo-3", "clip.mp4", "video/mp4", MP4)
+    proxy = start_shared(start)
+    alice, bob = proxy.client(api_key=ALICE_KEY), proxy.client(api_key=BOB_KEY)
+    job = alice.videos.create(model="Veo-3", prompt="waves")
+    assert [v.id for v in alice.videos.list()] == [job.id] and list(bob.videos.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        bob.videos.delete(job.id)
+    assert keys_poe_saw(poe) <= {f"Bearer {SERVER_KEY}", ""}   # "": the model list, and file downloads
+
+
 def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -> None:
     proxy = start_shared(start)
     with httpx.Client() as http:
@@ -4230,6 +4243,25 @@ def test_admin_hostile_model_names_render_as_text(admin_proxy: Any, browser: Bro
     page.keyboard.press("Escape")
     page.get_by_test_id(f"card-{HOSTILE}").hover()
     close_page(page)                                          # and no alert() ran
+
+
+def test_admin_cards_show_which_media_apis_a_bot_serves(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.poe.models = POE_MODELS
+    page = open_admin(browser, admin_proxy)
+    page.get_by_test_id("search").fill("veo")
+    badge = page.get_by_test_id("ep-videos-Veo-3")
+    expect(badge).to_have_text("video")
+    assert "/v1/videos" in (badge.get_attribute("title") or "")
+    page.get_by_test_id("lang").select_option("zh-Hant")
+    expect(page.get_by_test_id("ep-videos-Veo-3")).to_have_text("影片")
+    page.get_by_test_id("lang").select_option("zh-Hans")
+    expect(page.get_by_test_id("ep-videos-Veo-3")).to_have_text("视频")
+    page.get_by_test_id("search").fill("gpt-image")
+    expect(page.get_by_test_id("ep-images-GPT-Image-1")).to_have_text("图像")
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("card-Claude-Sonnet-4.5")).to_be_visible()
+    assert page.get_by_test_id("card-Claude-Sonnet-4.5").locator(".ep").count() == 0   # a chat bot: no badge
+    close_page(page)
 
 
 def test_admin_page_runs_under_its_content_security_policy(admin_proxy: Any, browser: Browser) -> None:
