@@ -4593,6 +4593,11 @@ def _media_flags(body: Mapping[str, Any], mapped: Mapping[str, Any], info: BotIn
     return tuple(flags)
 
 
+def _size_text(body: Mapping[str, Any]) -> str:
+    size = body.get("size")
+    return size if isinstance(size, str) else ""
+
+
 def _count(body: Mapping[str, Any]) -> int:
     n = body.get("n", 1)
     if isinstance(n, str) and n.strip().isdigit():
@@ -4610,6 +4615,9 @@ def parse_image_request(body: Any, info: BotInfo | None, *, has_mask: bool = Fal
         raise bad_request("The request body must be a JSON object.", None, "invalid_json")
     model, prompt = _required_text(body, "model"), _required_text(body, "prompt")
     check_media_bot("image", info, model)
+    if body.get("stream") is True or str(body.get("stream")).lower() == "true":
+        raise bad_request("Streaming images (partial images) is not supported: Poe's bots send the finished "
+                          "image only. Leave 'stream' out.", "stream", "unsupported_parameter")
     fmt = body.get("response_format") or "url"
     if fmt not in ("url", "b64_json"):
         raise bad_request("'response_format' must be url or b64_json.", "response_format")
@@ -4618,7 +4626,7 @@ def parse_image_request(body: Any, info: BotInfo | None, *, has_mask: bool = Fal
     if has_mask and info is not None and info.parameter("use_mask") is not None:
         mapped["use_mask"] = True     # the mask goes last among the images, where such bots look for it
     return MediaRequest("image", model, prompt, _media_flags(body, mapped, info), _count(body), fmt,
-                        body.get("size") if isinstance(body.get("size"), str) else "")
+                        _size_text(body))
 
 
 def parse_speech_request(body: Any, info: BotInfo | None) -> MediaRequest:
@@ -4669,7 +4677,7 @@ def parse_video_request(body: Any, info: BotInfo | None) -> MediaRequest:
     if seconds is not None and duration is not None:
         mapped[duration.name] = parameter_value(duration, str(seconds).strip(), bot, "seconds")
     return MediaRequest("video", model, prompt, _media_flags(body, mapped, info), 1, "",
-                        body.get("size") if isinstance(body.get("size"), str) else "",
+                        _size_text(body),
                         str(seconds).strip() if seconds is not None else "")
 
 
@@ -4719,7 +4727,8 @@ class MediaAnswer:
         elif event.event == "file":
             url = data.get("url")
             if isinstance(url, str) and url.startswith(("http://", "https://")):
-                name = data.get("name") if isinstance(data.get("name"), str) and data.get("name") else "file"
+                given = data.get("name")
+                name = given if isinstance(given, str) and given else "file"
                 content_type = data.get("content_type")
                 self.files.append(MediaFile(url, content_type if isinstance(content_type, str) and content_type
                                             else guess_content_type(name), name))

@@ -2702,6 +2702,7 @@ def test_media_requests_become_valid_poe_queries_with_the_bots_flags() -> None:
             (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "n": 5}, "n"),
             (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "quality": "ultra"}, "quality"),
             (p2o.parse_image_request, {"model": "GPT-Image-1"}, "prompt"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "stream": True}, "stream"),
             (p2o.parse_image_request, {"model": "GPT-4o", "prompt": "p"}, "model")]:
         with pytest.raises(p2o.ProxyError) as info:
             parse(body, bot(body["model"]))
