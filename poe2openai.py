@@ -28,6 +28,7 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
     HOST, PORT                      bind address (0.0.0.0, 8080)
     ADMIN_USERNAME, ADMIN_PASSWORD  Basic-auth credentials of /admin (admin, 123456: change them)
     MAX_REQUEST_SIZE                largest request body in bytes (1073741824)
+    MAX_ANSWER_SIZE                 largest non-streamed answer in bytes; beyond, 502 (67108864)
     LOG_LEVEL                       debug, info, warning, error, critical (info)
     CONFIG_DIR                      folder of models.yaml (./)
     RATE_LIMIT_MS                   minimum spacing of chat request starts, 0 = off (100)
@@ -87,9 +88,11 @@ import argparse
 import asyncio
 import base64
 import codecs
+import contextlib
 import contextvars
 import dataclasses
 import errno
+import gc
 import http
 import json
 import logging
@@ -102,9 +105,10 @@ import ssl
 import tempfile
 import time
 import urllib.parse
+import zlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import h11
 
@@ -301,6 +305,7 @@ class Settings:
     admin_username: str = "admin"
     admin_password: str = "123456"
     max_request_size: int = 1073741824  # bytes
+    max_answer_size: int = 64 * 1024 * 1024  # bytes of a gathered (non-streamed) answer
     log_level: str = "info"
     config_dir: str = "./"
     rate_limit_ms: int = 100
@@ -384,6 +389,8 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("ADMIN_USERNAME", lambda n, v: v, "admin page user (default admin)"),
     ("ADMIN_PASSWORD", lambda n, v: v, "admin page password (default 123456; change it)"),
     ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 1073741824)"),
+    ("MAX_ANSWER_SIZE", _whole(1),
+     "largest answer in bytes gathered for a non-streamed reply; beyond it 502 (default 67108864)"),
     ("LOG_LEVEL", _log_level_setting, "debug, info, warning, error or critical (default info)"),
     ("CONFIG_DIR", lambda n, v: v, "folder holding models.yaml (default ./)"),
     ("RATE_LIMIT_MS", _whole(0), "minimum milliseconds between chat request starts, 0 = off (default 100)"),
@@ -609,13 +616,29 @@ def dump_json(obj: Any) -> bytes:
         return _json_ascii(obj).encode("ascii")
 
 
+def dump_json_string(text: str) -> bytes:
+    """dump_json for one string, without the encoder's dispatch: the hot path of every streamed piece."""
+    try:
+        return _json_string(text).encode("utf-8")
+    except UnicodeEncodeError:
+        return _json_string_ascii(text).encode("ascii")
+
+
+_json_string = json.encoder.encode_basestring            # what the encoders above use for a str
+_json_string_ascii = json.encoder.encode_basestring_ascii
+
+
 @dataclass(slots=True)
 class SSEEvent:
     event: str
     data: str
 
 
-_LINE_SPLIT = re.compile(r"\r\n|\r|\n")
+_LINE_END = re.compile(rb"\r\n?|\n")
+# What one event from Poe may carry. Big enough for a whole `file` or `text` event in one piece; past
+# it the stream is refused (a 502), in time linear in what arrived.
+MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024
+MAX_SSE_DATA_LINES = 100_000
 
 
 class SSEDecoder:
@@ -623,42 +646,56 @@ class SSEDecoder:
 
     Handles LF, CRLF and CR line ends (also a CRLF split across reads), UTF-8 characters split across
     reads, comments, `data:` with or without the space, and multi-line data. Pure: no I/O.
+
+    Each byte is searched for a line end once, however the line is chunked, and a line or event
+    larger than `max_event_bytes` (or with more than `max_data_lines` data lines) raises ValueError
+    as soon as it is seen to be, so hostile input costs linear time and bounded memory.
     """
 
-    def __init__(self, max_line_chars: int = 64 * 1024 * 1024) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        self._partial = ""          # text after the last line end
-        self._after_cr = False      # the previous text ended in CR: a leading LF belongs to it
+    def __init__(self, max_event_bytes: int | None = None, max_data_lines: int | None = None) -> None:
+        self._buf = bytearray()     # bytes after the last line end
+        self._scanned = 0           # how much of _buf is known to hold no line end
+        self._after_cr = False      # the previous bytes ended in CR: a leading LF belongs to it
         self._event = ""
         self._data: list[str] = []
-        self._max_line_chars = max_line_chars
+        self._data_chars = 0
+        # Read here, not as default values, so a test (or an embedder) can lower the module's caps.
+        self._max_bytes = MAX_SSE_EVENT_BYTES if max_event_bytes is None else max_event_bytes
+        self._max_lines = MAX_SSE_DATA_LINES if max_data_lines is None else max_data_lines
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        return self._feed_text(self._utf8.decode(chunk))
+        events: list[SSEEvent] = []
+        if self._after_cr and chunk:
+            self._after_cr = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if not chunk:
+            return events
+        buf = self._buf
+        buf += chunk
+        start = 0
+        for match in _LINE_END.finditer(buf, self._scanned):
+            end = match.start()
+            if end - start > self._max_bytes:
+                raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
+            self._line(buf[start:end].decode("utf-8", "replace"), events)
+            start = match.end()
+        if start:
+            self._after_cr = start == len(buf) and buf[-1] == 13   # a CR last: an LF next is its pair
+            del buf[:start]
+        self._scanned = len(buf)
+        if len(buf) > self._max_bytes:
+            raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
+        return events
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flush a last line without a line end and a last event without a blank line."""
-        events = self._feed_text(self._utf8.decode(b"", final=True))
-        if self._partial:
-            self._line(self._partial, events)
-            self._partial = ""
-        self._dispatch(events)
-        return events
-
-    def _feed_text(self, text: str) -> list[SSEEvent]:
         events: list[SSEEvent] = []
-        if not text:
-            return events
-        if self._after_cr and text[0] == "\n":
-            text = text[1:]
-        buffered = self._partial + text
-        lines = _LINE_SPLIT.split(buffered)
-        self._partial = lines.pop()
-        self._after_cr = buffered.endswith("\r")
-        if len(self._partial) > self._max_line_chars:
-            raise ValueError("an SSE line is longer than the limit")
-        for line in lines:
-            self._line(line, events)
+        if self._buf:
+            self._line(self._buf.decode("utf-8", "replace"), events)
+            self._buf = bytearray()
+            self._scanned = 0
+        self._dispatch(events)
         return events
 
     def _line(self, line: str, events: list[SSEEvent]) -> None:
@@ -671,6 +708,11 @@ class SSEDecoder:
         if sep and value[:1] == " ":
             value = value[1:]
         if name == "data":
+            self._data_chars += len(value) + 1
+            if self._data_chars > self._max_bytes:
+                raise ValueError(f"an SSE event is larger than {self._max_bytes} bytes")
+            if len(self._data) >= self._max_lines:
+                raise ValueError(f"an SSE event has more than {self._max_lines} data lines")
             self._data.append(value)
         elif name == "event":
             self._event = value
@@ -681,6 +723,7 @@ class SSEDecoder:
             events.append(SSEEvent(self._event or "message", "\n".join(self._data)))
         self._event = ""
         self._data = []
+        self._data_chars = 0
 
 
 def sse_data(obj: Any) -> bytes:
@@ -712,13 +755,23 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), 
           (b"PK\x03\x04", "application/zip"))
 
 
+def split_url(url: str) -> urllib.parse.SplitResult:
+    """urllib.parse.urlsplit for URLs a client may have made megabytes long (an image URL, a model name
+    in a bot URL): urlsplit remembers what it parsed (CPython caches 128 URLs), so a long one is
+    dropped from that cache at once."""
+    parts = urllib.parse.urlsplit(url)
+    if len(url) > 4096:
+        urllib.parse.clear_cache()   # type: ignore[attr-defined]  # CPython 3.10-3.13 have it, undocumented
+    return parts
+
+
 def extension_for(content_type: str) -> str:
     return _EXTENSIONS.get(content_type.split(";")[0].strip().lower(), "bin")
 
 
 def guess_content_type(name: str = "", data: bytes = b"") -> str:
     """A MIME type from a file name's extension, else from the first bytes, else a neutral default."""
-    base = urllib.parse.urlsplit(name).path if "://" in name else name
+    base = split_url(name).path if "://" in name else name
     ext = base.rsplit(".", 1)[-1].lower() if "." in base.rsplit("/", 1)[-1] else ""
     if ext in _TYPES_BY_EXTENSION:
         return _TYPES_BY_EXTENSION[ext]
@@ -750,7 +803,7 @@ def decode_data_url(url: str) -> tuple[str, bytes]:
 
 
 def is_poe_cdn(url: str) -> bool:
-    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    host = (split_url(url).hostname or "").lower()
     return any(host == h or host.endswith("." + h) for h in POE_CDN_HOSTS)
 
 
@@ -1087,8 +1140,11 @@ def _token_features(text: str, s: bytes) -> tuple[float, ...]:
 
 def estimate_tokens(text: str) -> int:
     """Estimate the o200k_base token count of text (median error ~3%, worst ~10% on tokens/corpus.jsonl)."""
-    if not text:
-        return 0
+    return max(1, round(_token_sum(text))) if text else 0
+
+
+def _token_sum(text: str) -> float:
+    """The unrounded estimate of a non-empty text; estimates of consecutive pieces add up."""
     n = 0.0
     s = text.encode("utf-8", "surrogatepass").translate(_TOKEN_CLASSES, _TOKEN_CONTINUATION)
     # Cheap pre-check (16 letters/digits/CJK in a row) before the slower blob regex.
@@ -1105,8 +1161,76 @@ def estimate_tokens(text: str) -> int:
         text = _TOKEN_BLOB.sub(blob, text)
         s = text.encode("utf-8", "surrogatepass").translate(_TOKEN_CLASSES, _TOKEN_CONTINUATION)
     f = _token_features(text, s)
-    n += f[0] + sum(x * y for x, y in zip(f[1:], _TOKEN_WEIGHTS))
-    return max(1, round(n))
+    return n + f[0] + sum(x * y for x, y in zip(f[1:], _TOKEN_WEIGHTS))
+
+
+class TokenTally:
+    """estimate_tokens() of a text that arrives in pieces, without keeping the text: the pending tail
+    is estimated once it passes `segment_chars`, cut after its last line break (or space), so each
+    segment starts where the whole text would start a piece too and the sum stays within a fraction
+    of a percent of the whole estimate. Without any blank, the tail is cut where it is: memory stays
+    bounded (about 4 x segment_chars) whatever the text."""
+
+    def __init__(self, segment_chars: int = 16 * 1024) -> None:
+        self._segment = segment_chars
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._sum = 0.0
+        self.chars = 0
+
+    def add(self, piece: str) -> None:
+        if not piece:
+            return
+        self._pending.append(piece)
+        self._pending_chars += len(piece)
+        self.chars += len(piece)
+        if self._pending_chars >= self._segment:
+            self._settle()
+
+    def _settle(self) -> None:
+        text = "".join(self._pending)
+        floor = self._segment // 2   # blanks near the start would leave most of the tail pending
+        cut = text.rfind("\n", floor) + 1 or text.rfind(" ", floor) + 1
+        if not cut and len(text) >= 4 * self._segment:
+            cut = len(text)
+        if cut:
+            self._sum += _token_sum(text[:cut])
+            text = text[cut:]
+        self._pending, self._pending_chars = [text] if text else [], len(text)
+
+    def tokens(self) -> int:
+        if not self.chars:
+            return 0
+        rest = "".join(self._pending)
+        return max(1, round(self._sum + (_token_sum(rest) if rest else 0.0)))
+
+    @property
+    def held_chars(self) -> int:
+        """Characters not yet estimated (bounded, whatever was added)."""
+        return self._pending_chars
+
+
+class TextDigest:
+    """Remembers a growing text by its length and checksum only: enough to tell whether a later text
+    extends it, without keeping it."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+        self._crc = 0
+
+    def add(self, piece: str) -> None:
+        self.chars += len(piece)
+        self._crc = zlib.crc32(piece.encode("utf-8", "surrogatepass"), self._crc)
+
+    def reset(self, text: str = "") -> None:
+        self.chars, self._crc = 0, 0
+        self.add(text)
+
+    def unseen(self, text: str) -> str | None:
+        """What `text` adds to the remembered text when it starts with it, else None."""
+        if len(text) < self.chars or zlib.crc32(text[:self.chars].encode("utf-8", "surrogatepass")) != self._crc:
+            return None
+        return text[self.chars:]
 
 
 ###############################################################################
@@ -1213,6 +1337,11 @@ class LoginBackoff:
         self._failures.pop(address, None)
 
 
+STATS_KEY_CHARS = 100
+STATS_FAILURE_ROWS = 100   # rows a failure without any answer may open; later ones share "(refused)"
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 class UsageStats:
     """Requests, errors, tokens and latency percentiles per model, and the same counts per access key
     label, since start (bounded memory). The label is never the key itself."""
@@ -1221,11 +1350,15 @@ class UsageStats:
         self.since_s = time.time()
         self._max_samples = max_samples
         self._models: dict[str, dict[str, Any]] = {}
+        self._failure_rows = 0
         self._keys: dict[str, dict[str, int]] = {}
 
     def record(self, model: str, *, ok: bool, latency_s: float, prompt_tokens: int = 0,
-               completion_tokens: int = 0, key: str | None = None) -> None:
-        """`key`: the label of the request's access key; by default the one its key check set (KEY_LABEL)."""
+               completion_tokens: int = 0, key: str | None = None, refused: bool = False) -> None:
+        """`key`: the label of the request's access key; by default the one its key check set (KEY_LABEL).
+        `refused=True`: the request never reached a model, so it goes to the one "(refused)" row,
+        whatever model string it named."""
+        model = self._bounded_key(model, refused, failed=not ok and not prompt_tokens and not completion_tokens)
         entry = self._models.get(model)
         if entry is None:
             if len(self._models) >= 1000:   # model names come from clients: cap the table
@@ -1250,6 +1383,19 @@ class UsageStats:
         counts["errors"] += 0 if ok else 1
         counts["prompt_tokens"] += prompt_tokens
         counts["completion_tokens"] += completion_tokens
+
+    def _bounded_key(self, model: str, refused: bool, failed: bool) -> str:
+        """Model strings come from clients, and anyone can send one (Poe judges the key): a row's name
+        is short and printable, and failures that never got an answer may open only a few rows of
+        their own, so strangers cannot crowd the models in use out of the table."""
+        if refused:
+            return "(refused)"
+        name = _CONTROL_CHARS.sub("", str(model)[:400]).strip()[:STATS_KEY_CHARS] or "(unnamed)"
+        if failed and name not in self._models:
+            if self._failure_rows >= STATS_FAILURE_ROWS:
+                return "(refused)"
+            self._failure_rows += 1
+        return name
 
     def snapshot(self) -> dict[str, Any]:
         models = []
@@ -2017,13 +2163,17 @@ class Media:
     def cache_key(self) -> str:
         # The whole decoded content is hashed: two files never share a key by accident.
         import hashlib   # here, not at the top: the OpenSSL bindings cost memory a text-only proxy never uses
-        return "sha256:" + hashlib.sha256(self.data).hexdigest() if self.data is not None else "url:" + str(self.url)
+        if self.data is not None:
+            return "sha256:" + hashlib.sha256(self.data).hexdigest()
+        url = str(self.url)   # a long URL by its hash: the cache must not keep megabytes of key
+        return "url:" + url if len(url) <= 2048 else "url-sha256:" + hashlib.sha256(url.encode("utf-8", "replace")).hexdigest()
 
 
 def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
     """Every image, file and audio part of the messages, decoded and checked (400 naming the part if
     it cannot be). Unknown part types are skipped with a warning, never refused."""
     found: list[Media] = []
+    skipped: list[str] = []   # said in one warning per request: a request of many odd parts is not a log flood
     for i, message in enumerate(messages):
         content = message.get("content")
         parts = content if isinstance(content, list) else [content] if isinstance(content, dict) else []
@@ -2035,15 +2185,19 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
             if kind in TEXT_PART_TYPES and kind is not None or (kind is None and "text" in part):
                 continue
             if kind not in MEDIA_PART_TYPES:
-                log.warning("%s: skipping a content part of unknown type %r", where, kind)
+                skipped.append(f"{where}: a content part of unknown type {str(kind)[:40]!r}")
                 continue
-            media = _media_of(part, kind, where, i)
+            media = _media_of(part, kind, where, i, skipped)
             if media is not None:
                 found.append(media)
+    if skipped:
+        log.warning("skipping %d content part(s) this proxy cannot pass on: %s", len(skipped),
+                    "; ".join(skipped[:3]) + ("; …" if len(skipped) > 3 else ""))
     return found
 
 
-def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Media | None:
+def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int,
+              skipped: list[str] | None = None) -> Media | None:
     if kind in ("image_url", "input_image"):
         value = part.get("image_url")
         url = value.get("url") if isinstance(value, dict) else value
@@ -2051,7 +2205,7 @@ def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Med
             url = part["file_data"]
         if not isinstance(url, str) or not url.strip():
             if part.get("file_id"):
-                log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+                _skip(skipped, where, "a file_id reference, which this proxy cannot resolve")
                 return None
             raise bad_request(f"{where}: image_url.url is required.", where)
         mime = value.get("mime_type") if isinstance(value, dict) and isinstance(value.get("mime_type"), str) else ""
@@ -2085,9 +2239,16 @@ def _media_of(part: Mapping[str, Any], kind: str, where: str, index: int) -> Med
     if isinstance(file_url, str) and file_url.strip():
         return _media_from_url(file_url.strip(), where, index, "file", "", filename)
     if spec.get("file_id"):
-        log.warning("%s: file_id references cannot be resolved by this proxy; skipped", where)
+        _skip(skipped, where, "a file_id reference, which this proxy cannot resolve")
         return None
     raise bad_request(f"{where}: the file part has no file_data.", where)
+
+
+def _skip(skipped: list[str] | None, where: str, why: str) -> None:
+    if skipped is None:
+        log.warning("%s: skipping %s", where, why)
+    else:
+        skipped.append(f"{where}: {why}")
 
 
 def _decode_part_base64(value: Any, where: str) -> bytes:
@@ -2108,7 +2269,7 @@ def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, file
                               where) from None
         content_type = mime or content_type
         return Media(where, index, content_type, filename or f"{kind}.{extension_for(content_type)}", data=data)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    scheme = split_url(url).scheme.lower()
     if scheme not in ("http", "https"):
         raise bad_request(f"{where}: only http(s) and data: URLs are supported.", where)
     name = filename or _name_from_url(url)
@@ -2116,7 +2277,7 @@ def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, file
 
 
 def _name_from_url(url: str) -> str:
-    segment = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    segment = urllib.parse.unquote(split_url(url).path.rsplit("/", 1)[-1])
     if "." in segment and len(segment) <= 200:
         return segment
     return "image.jpg" if "/image/" in url else (segment or "file")
@@ -3427,6 +3588,8 @@ class FileRefs:
         self._tail = ""                              # the end of what was released
 
     def feed(self, text: str) -> str:
+        if not self._held and "]" not in text:   # no reference can start or end here: most pieces
+            return self._remember(text)
         held, self._held = self._held, ""
         return self._release(held + text, final=False)
 
@@ -3512,9 +3675,8 @@ class PoeTranslator:
         self._claimed = 0                                    # calls taken, given out yet or not
         self._native_calls: dict[int, dict[str, Any]] = {}   # Poe's tool-call index -> id, name, arguments
         self._whole_calls = whole_calls                      # give native calls out whole, at the end
-        # The answer's text after thoughts, for replace_response: pieces, joined only when one comes.
-        self._seen: list[str] = []
-        self._seen_chars = 0
+        # The answer's text after thoughts, for replace_response: remembered by its digest, not kept.
+        self._seen = TextDigest()
         self._refs = FileRefs()
         self._think = ThinkingSplitter()
         self._shape = JSONAnswer() if json_answer else None
@@ -3566,8 +3728,7 @@ class PoeTranslator:
         return out + self._content(content) if content else out
 
     def _content(self, content: str) -> list[Delta]:
-        self._seen.append(content)
-        self._seen_chars += len(content)
+        self._seen.add(content)
         return self._text(self._refs.feed(content))
 
     def _finish(self) -> list[Delta]:
@@ -3634,14 +3795,12 @@ class PoeTranslator:
         return out
 
     def _replace(self, text: str) -> list[Delta]:
-        if self._seen_chars <= len(text):
-            seen = "".join(self._seen)
-            self._seen = [seen]   # joined once: many replacements stay linear
-            if text.startswith(seen):
-                return self._content(text[len(seen):]) if len(text) > len(seen) else []
+        tail = self._seen.unseen(text)
+        if tail is not None:
+            return self._content(tail) if tail else []
         # A different answer: the stages start over on it. Its first text is a REPLACE delta, so a fold
         # keeps exactly the new answer and a stream shows what it can (see the encoders).
-        self._seen, self._seen_chars = [text], len(text)
+        self._seen.reset(text)
         if self._xml is not None and self._spec is not None:
             self._xml, self._xml_index = XMLToolParser(self._spec, self._make_id), {}
         if self._shape is not None:
@@ -3718,19 +3877,94 @@ def openai_usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: i
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
 
 
-class AnswerText:
-    """What an answer has said so far, for usage counts: content, reasoning and tool arguments."""
+# The largest answer a non-streamed request gathers (bytes of text, reasoning and tool arguments):
+# the MAX_ANSWER_SIZE setting, in force for the request being handled (the app sets it per request).
+MAX_ANSWER_SIZE = 64 * 1024 * 1024
+answer_limit: contextvars.ContextVar[int] = contextvars.ContextVar("answer_limit", default=MAX_ANSWER_SIZE)
 
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.reasoning: list[str] = []
-        self.arguments: list[str] = []
+
+def answer_too_large(limit: int) -> ProxyError:
+    return upstream_error(f"The bot's answer is larger than MAX_ANSWER_SIZE ({limit} bytes); ask for a shorter "
+                          "answer or stream it.", 502, "answer_too_large")
+
+
+class SaidText:
+    """One kind of text an answer says (content, reasoning or tool arguments): its tokens counted as it
+    comes, the text itself kept only when `keep` (a fold renders it at the end; a stream has sent it
+    and needs only a digest, to tell whether a replacement extends what the client has)."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self._keep = keep
+        self._pieces: list[str] = []
+        self._tally = TokenTally()
+        self._digest = TextDigest()
+        self.size = 0   # UTF-8 bytes said
+
+    def __bool__(self) -> bool:
+        return self._tally.chars > 0
+
+    def append(self, piece: str) -> None:
+        if not piece:
+            return
+        self._tally.add(piece)
+        self._digest.add(piece)
+        self.size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
+        if self._keep:
+            self._pieces.append(piece)
+
+    def replace(self, text: str) -> None:
+        """The answer is now exactly `text` (Poe's replace_response)."""
+        self._pieces, self._tally, self.size = [], TokenTally(), 0
+        self._digest.reset()
+        self.append(text)
+
+    def unseen(self, text: str) -> str | None:
+        """What `text` adds to what was said when it starts with it, else None."""
+        return self._digest.unseen(text)
+
+    def text(self) -> str:
+        """The whole text; only a kept one has it."""
+        if not self._keep:
+            raise RuntimeError("this answer text was counted, not kept")
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
+
+    def tokens(self) -> int:
+        return self._tally.tokens()
+
+
+class AnswerText:
+    """What an answer has said so far, for usage counts: content, reasoning and tool arguments, each
+    counted as it comes. With `keep` (folds), content and reasoning are kept for the body too."""
+
+    def __init__(self, keep: bool = False) -> None:
+        self.content = SaidText(keep)
+        self.reasoning = SaidText(keep)
+        self.arguments = SaidText()
+
+    @property
+    def size(self) -> int:
+        """UTF-8 bytes said so far, all kinds together."""
+        return self.content.size + self.reasoning.size + self.arguments.size
+
+    def replace(self, text: str) -> str:
+        """Poe replaced the answer's text (a REPLACE delta): from now on the content is `text`. Returns
+        what a stream still has to send, since it cannot take back what it sent: only the new tail when
+        the replacement extends the content, else the whole replacement after a blank line. The one
+        place this is decided: every encoder and fold goes through here."""
+        tail = self.content.unseen(text)
+        new = tail if tail is not None else ("\n\n" if self.content else "") + text
+        self.content.replace(text)
+        return new
 
     def usage(self, prompt_tokens: int) -> dict[str, Any]:
-        reasoning = estimate_tokens("".join(self.reasoning))
-        completion = (estimate_tokens("".join(self.content)) + reasoning
-                      + estimate_tokens("".join(self.arguments)))
+        reasoning = self.reasoning.tokens()
+        completion = self.content.tokens() + reasoning + self.arguments.tokens()
         return openai_usage(prompt_tokens, completion, reasoning)
+
+
+_OPENAI_TAIL = b'},"logprobs":null,"finish_reason":null}]}\n\n'
 
 
 class OpenAIStreamEncoder:
@@ -3752,12 +3986,15 @@ class OpenAIStreamEncoder:
 
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
+        # Text and reasoning are spelled out: the same bytes as _chunk's, built without a dict.
         if kind == TEXT:
             self.said.content.append(delta.text)
-            return self._chunk({"content": delta.text})
+            return self._head + b'{"index":0,"delta":{"content":' + dump_json_string(delta.text) + _OPENAI_TAIL
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
-            return self._chunk({"reasoning_content": delta.text, "reasoning": delta.text})
+            text = dump_json_string(delta.text)
+            return (self._head + b'{"index":0,"delta":{"reasoning_content":' + text + b',"reasoning":' + text
+                    + _OPENAI_TAIL)
         if kind == TOOL_START:
             return self._chunk({"tool_calls": [{"index": delta.index, "id": delta.call_id, "type": "function",
                                                 "function": {"name": delta.name, "arguments": ""}}]})
@@ -3765,11 +4002,7 @@ class OpenAIStreamEncoder:
             self.said.arguments.append(delta.text)
             return self._chunk({"tool_calls": [{"index": delta.index, "function": {"arguments": delta.text}}]})
         if kind == REPLACE:
-            # A stream cannot take back what it sent: send only the new tail when the replacement
-            # extends what the client has, otherwise start the replacement after a blank line.
-            seen = "".join(self.said.content)
-            new = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-            self.said.content = [delta.text]
+            new = self.said.replace(delta.text)
             return self._chunk({"content": new}) if new else b""
         raise ValueError(f"not a content delta: {kind}")
 
@@ -3787,17 +4020,19 @@ class OpenAIStreamEncoder:
 class ChatFold:
     """Folds deltas into a non-streaming `chat.completion` body: the same deltas a stream would carry."""
 
-    def __init__(self) -> None:
-        self.said = AnswerText()
+    def __init__(self, max_answer_size: int | None = None) -> None:
+        self.said = AnswerText(keep=True)
         self._calls: list[dict[str, Any]] = []
         self.finish_reason = "stop"
+        self._limit = answer_limit.get() if max_answer_size is None else max_answer_size
 
     def add(self, delta: Delta) -> None:
+        """Take one delta. Raises ProxyError (502 answer_too_large) once the answer passes MAX_ANSWER_SIZE."""
         kind = delta.kind
         if kind == TEXT:
             self.said.content.append(delta.text)
         elif kind == REPLACE:
-            self.said.content = [delta.text]   # non-stream answers carry exactly Poe's final text
+            self.said.replace(delta.text)   # non-stream answers carry exactly Poe's final text
         elif kind == REASONING:
             self.said.reasoning.append(delta.text)
         elif kind == TOOL_START:
@@ -3808,10 +4043,14 @@ class ChatFold:
             self._calls[delta.index]["function"]["arguments"] += delta.text
         elif kind == FINISH:
             self.finish_reason = delta.text
+        if self.said.size > self._limit:
+            self.said = AnswerText()   # what was gathered goes now, not when the request ends
+            self._calls = []
+            raise answer_too_large(self._limit)
 
     @property
     def content(self) -> str:
-        return "".join(self.said.content)
+        return self.said.content.text()
 
     def body(self, completion_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
         content = self.content
@@ -3820,7 +4059,7 @@ class ChatFold:
         if self._calls:
             message["tool_calls"] = self._calls
         if self.said.reasoning:
-            message["reasoning_content"] = message["reasoning"] = "".join(self.said.reasoning)
+            message["reasoning_content"] = message["reasoning"] = self.said.reasoning.text()
         return {"id": completion_id, "object": "chat.completion", "created": created_s, "model": model,
                 "choices": [{"index": 0, "message": message, "logprobs": None,
                              "finish_reason": self.finish_reason}],
@@ -4042,9 +4281,7 @@ class AnthropicStreamEncoder:
     def encode(self, delta: Delta) -> bytes:
         kind = delta.kind
         if kind == REPLACE:   # as in the OpenAI stream: only what the client has not seen
-            seen = "".join(self.said.content)
-            text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-            self.said.content = [delta.text]
+            text = self.said.replace(delta.text)
             if not text:
                 return b""
             out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
@@ -4052,7 +4289,10 @@ class AnthropicStreamEncoder:
         if kind == TEXT:
             self.said.content.append(delta.text)
             out = b"" if self._open == "text" else self._begin("text", {"type": "text", "text": ""})
-            return out + self._delta({"type": "text_delta", "text": delta.text})
+            # _delta's bytes, spelled out: the hot path of a streamed answer
+            return (out + b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+                    + str(self._index).encode() + b',"delta":{"type":"text_delta","text":'
+                    + dump_json_string(delta.text) + b"}}\n\n")
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
             out = b"" if self._open == "thinking" else self._begin("thinking", {"type": "thinking", "thinking": "",
@@ -4085,10 +4325,10 @@ class AnthropicFold(ChatFold):
     def body(self, message_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
         if self.said.reasoning:
-            content.append({"type": "thinking", "thinking": "".join(self.said.reasoning),
+            content.append({"type": "thinking", "thinking": self.said.reasoning.text(),
                             "signature": THINKING_SIGNATURE})
-        if "".join(self.said.content):
-            content.append({"type": "text", "text": "".join(self.said.content)})
+        if self.said.content:
+            content.append({"type": "text", "text": self.said.content.text()})
         for call in self._calls:
             arguments = _arguments_dict(call["function"]["arguments"])
             content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
@@ -4260,6 +4500,9 @@ class ResponsesStreamEncoder:
         self._output: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None
         self._text: list[str] = []
+        # The done events and response.completed repeat the whole answer, so even a stream keeps it:
+        # MAX_ANSWER_SIZE bounds it as for a whole answer.
+        self._limit = answer_limit.get()
 
     def _event(self, kind: str, **data: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self._sequence, **data}
@@ -4316,12 +4559,22 @@ class ResponsesStreamEncoder:
         return out + self._event("response.output_item.done", output_index=len(self._output) - 1, item=done)
 
     def encode(self, delta: Delta) -> bytes:
+        """Render one delta. Raises ProxyError (502 answer_too_large) once the answer passes MAX_ANSWER_SIZE."""
+        out = self._render(delta)
+        self.check_size()
+        return out
+
+    def check_size(self) -> None:
+        if self.said.size > self._limit:
+            self._open, self._text, self._output = None, [], []   # dropped now; the error event needs none
+            self.said = AnswerText()
+            raise answer_too_large(self._limit)
+
+    def _render(self, delta: Delta) -> bytes:
         kind = delta.kind
         if kind in (TEXT, REPLACE):
             if kind == REPLACE:
-                seen = "".join(self.said.content)
-                text = delta.text[len(seen):] if delta.text.startswith(seen) else ("\n\n" if seen else "") + delta.text
-                self.said.content = [delta.text]
+                text = self.said.replace(delta.text)
             else:
                 text = delta.text
                 self.said.content.append(text)
@@ -4331,8 +4584,13 @@ class ResponsesStreamEncoder:
                 {"type": "message", "id": new_id("msg_"), "role": "assistant", "status": "in_progress",
                  "content": []})
             self._text.append(text)
-            return out + self._event("response.output_text.delta", item_id=self._open["id"],  # type: ignore[index]
-                                     output_index=len(self._output), content_index=0, delta=text, logprobs=[])
+            # _event's bytes, spelled out: the hot path of a streamed answer
+            sequence, self._sequence = self._sequence, self._sequence + 1
+            return (out + b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+                    b'"sequence_number":' + str(sequence).encode() + b',"item_id":'
+                    + dump_json_string(self._open["id"]) + b',"output_index":'  # type: ignore[index]
+                    + str(len(self._output)).encode() + b',"content_index":0,"delta":' + dump_json_string(text)
+                    + b',"logprobs":[]}\n\n')
         if kind == REASONING:
             self.said.reasoning.append(delta.text)
             out = b"" if self._open and self._open["type"] == "reasoning" else self._add(
@@ -4414,7 +4672,8 @@ class ResponsesFold:
             self.finish_reason = delta.text
         elif delta.kind == REPLACE and encoder._open is not None and encoder._open["type"] == "message":
             encoder._text = [delta.text]           # a whole answer: exactly Poe's final text
-            encoder.said.content = [delta.text]
+            encoder.said.replace(delta.text)
+            encoder.check_size()
         else:
             encoder.encode(delta)
 
@@ -4827,6 +5086,12 @@ def video_list_body(jobs: Sequence[VideoJob], after: str | None, limit: int, ord
 ###############################################################################
 
 TOOL_MODES = ("xml", "native", "auto")   # auto: native for bots Poe lists with `tools`, else xml
+# Far beyond any real configuration (some 5000 models); parsing costs about a second per 256 KiB.
+MODELS_YAML_MAX_BYTES = 256 * 1024
+# What an entry may say; other keys are dropped (with one warning), so nothing else is kept or echoed.
+MODEL_ENTRY_KEYS = ("mapping", "enable", "replace_response", "tool_mode")
+CUSTOM_MODEL_KEYS = ("id", "created", "owned_by", "description", "context_length", "max_output_tokens",
+                     "input_modalities", "output_modalities", "supported_features", "parameters")
 
 
 @dataclass(frozen=True)
@@ -4842,7 +5107,10 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, text: str) -> ModelConfig:
-        data = _yaml().safe_load(text)
+        """Parse models.yaml. Aliases (`*name`) are refused: a few lines of them can expand to gigabytes.
+        Slow for a big file: callers on the event loop run it in a thread."""
+        with _gc_paused():
+            data = _load_yaml(text)
         return cls() if data is None else cls.from_dict(data)
 
     @classmethod
@@ -4854,6 +5122,7 @@ class ModelConfig:
         if not isinstance(models, dict):
             raise ValueError("`models` must be a mapping of bot name to settings")
         clean: dict[str, dict[str, Any]] = {}
+        dropped: set[str] = set()
         for name, entry in models.items():
             if entry is not None and not isinstance(entry, dict):
                 raise ValueError(f"models.{name} must be a mapping")
@@ -4864,12 +5133,17 @@ class ModelConfig:
             for flag in ("enable", "replace_response"):
                 if entry and entry.get(flag) is not None and not isinstance(entry.get(flag), bool):
                     raise ValueError(f"models.{name}.{flag} must be true or false")
-            clean[str(name)] = dict(entry or {})
+            clean[str(name)] = _known_keys(entry or {}, MODEL_ENTRY_KEYS, dropped)
         custom = data.get("custom_models") or []
         if not isinstance(custom, list) or not all(isinstance(c, dict) and c.get("id") for c in custom):
             raise ValueError("`custom_models` must be a list of entries with an `id`")
+        custom = [_known_keys(entry, CUSTOM_MODEL_KEYS, dropped) for entry in custom]
         for entry in custom:
             _check_custom_model(entry)
+        if dropped:
+            names = sorted(dropped)
+            log.warning("models.yaml: unknown keys ignored: %s", ", ".join(
+                repr(n[:40]) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else ""))
         token = data.get("api_token")
         return cls(enable=bool(data.get("enable")), models=clean, custom_models=custom,
                    api_token=str(token) if token else None, use_v1_api=bool(data.get("use_v1_api")))
@@ -4891,6 +5165,13 @@ class ModelConfig:
             if key.casefold() == folded:
                 return entry
         return None
+
+
+def _known_keys(entry: Mapping[Any, Any], known: Sequence[str], dropped: set[str]) -> dict[str, Any]:
+    kept = {k: v for k, v in entry.items() if k in known}
+    if len(kept) < len(entry):
+        dropped.update(str(k) for k in entry if k not in known)
+    return kept
 
 
 def _check_custom_model(entry: Mapping[str, Any]) -> None:
@@ -4957,40 +5238,84 @@ class ModelRegistry:
         self._config = ModelConfig()
         self._stamp: tuple[int, int] | None = None
         self._checked_at = -math.inf
+        self._refreshing: asyncio.Future[None] | None = None
         self.last_error: str | None = None
 
     def config(self) -> ModelConfig:
-        now = self._clock()
-        if now - self._checked_at >= self._check_interval_s:
-            self._checked_at = now
-            self._reload_if_changed()
+        """The configuration in force. In an event loop this never blocks: `refresh()` reads a changed
+        file in a thread (and is started here when a check is due); elsewhere (scripts, tests) the
+        file is checked and read right here."""
+        if self._clock() - self._checked_at >= self._check_interval_s:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                self._checked_at = self._clock()
+                self._apply(self._read_if_changed(self._stamp))
+            else:
+                self._start_refresh()
         return self._config
 
-    def _reload_if_changed(self) -> None:
+    async def refresh(self) -> None:
+        """Take a changed models.yaml into use, reading and parsing it in a thread; every caller
+        waits for the same read. Cheap when no check is due."""
+        if self._refreshing is None and self._clock() - self._checked_at < self._check_interval_s:
+            return
+        await asyncio.shield(self._start_refresh())
+
+    def _start_refresh(self) -> asyncio.Future[None]:
+        if self._refreshing is None:
+            self._checked_at = self._clock()
+            self._refreshing = asyncio.ensure_future(self._refresh_now())
+            self._refreshing.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return self._refreshing
+
+    async def _refresh_now(self) -> None:
+        try:
+            stamp = self._stamp
+            loaded = await asyncio.get_running_loop().run_in_executor(None, self._read_if_changed, stamp)
+            if self._stamp == stamp:   # a save while we read wins: it is newer
+                self._apply(loaded)
+        finally:
+            self._refreshing = None
+
+    def _read_if_changed(self, known: tuple[int, int] | None) -> tuple[Any, ...] | None:
+        """Blocking (file I/O and parsing): None when the file is as `known`, else (stamp, config or
+        None, error or None, message to log)."""
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            if self._stamp is not None:
-                log.warning("%s is gone; using the default model configuration", self.path)
-            self._config, self._stamp, self.last_error = ModelConfig(), None, None
-            return
+            return None if known is None else (None, ModelConfig(), None, "gone")
         except OSError as exc:
-            self.last_error = f"cannot read {self.path}: {exc}"
-            return
+            return (known, None, f"cannot read {self.path}: {exc}", "")
         stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
-            return
-        self._stamp = stamp
+        if stamp == known:
+            return None
         yaml = _yaml()
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                self._config = ModelConfig.from_yaml(fh.read())
-            self.last_error = None
-            log.info("loaded model configuration from %s", self.path)
+            with open(self.path, "rb") as fh:
+                raw = fh.read(MODELS_YAML_MAX_BYTES + 1)
+            if len(raw) > MODELS_YAML_MAX_BYTES:
+                raise ValueError(f"the file is larger than {MODELS_YAML_MAX_BYTES // 1024} KiB")
+            return (stamp, ModelConfig.from_yaml(raw.decode("utf-8")), None, "loaded")
         except (OSError, ValueError, yaml.YAMLError) as exc:
             # Keep the last good configuration; never fall back to defaults and never rewrite the file.
-            self.last_error = f"{self.path} is not valid, keeping the previous configuration: {_yaml_problem(exc)}"
-            log.error("%s", self.last_error.replace("\n", " "))
+            return (stamp, None, f"{self.path} is not valid, keeping the previous configuration: "
+                                 f"{_yaml_problem(exc)}", "")
+
+    def _apply(self, loaded: tuple[Any, ...] | None) -> None:
+        if loaded is None:
+            return
+        stamp, config, error, event = loaded
+        if event == "gone":
+            log.warning("%s is gone; using the default model configuration", self.path)
+        self._stamp = stamp
+        if config is not None:
+            self._config, self.last_error = config, None
+            if event == "loaded":
+                log.info("loaded model configuration from %s", self.path)
+        else:
+            self.last_error = error
+            log.error("%s", str(error).replace("\n", " "))
 
     def save(self, config: ModelConfig) -> None:
         """Write the configuration atomically (temporary file + rename, both in CONFIG_DIR), keeping the
@@ -4999,7 +5324,7 @@ class ModelRegistry:
         os.makedirs(folder, exist_ok=True)
         header = ("# models.yaml for poe2openai, written by the admin page. Hand edits are welcome and take\n"
                   "# effect within seconds; comments are not kept when the admin page saves.\n")
-        text = header + _yaml().safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
+        text = header + _dump_yaml(config.to_dict())
         try:
             mode = os.stat(self.path).st_mode & 0o777
             with open(self.path, "rb") as fh:
@@ -5100,6 +5425,87 @@ def _yaml() -> Any:
     """PyYAML, imported on first use: a proxy that never reads models.yaml never pays for the parser."""
     import yaml
     return yaml
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Parsing or writing YAML in a thread makes objects by the hundred thousand, and the collections
+    that triggers would run in that thread with the GIL held, stalling the event loop for as long.
+    Paused meanwhile (a few seconds at most; nothing else in the proxy pauses it)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _load_yaml(text: str) -> Any:
+    """safe_load without aliases: libyaml's parser when PyYAML has it (several times faster), its
+    events checked for aliases first; else the pure-Python loader that refuses them as it goes."""
+    yaml = _yaml()
+    fast = getattr(yaml, "CSafeLoader", None)
+    if fast is None:
+        return yaml.load(text, Loader=_no_alias_loader())
+    for event in yaml.parse(text, Loader=fast):
+        if isinstance(event, yaml.AliasEvent):
+            raise _alias_error(event.start_mark)
+    return yaml.load(text, Loader=fast)
+
+
+def _alias_error(mark: Any) -> Exception:
+    return _yaml().composer.ComposerError(None, None, "aliases (*name) are not allowed in models.yaml", mark)
+
+
+def _dump_yaml(data: Any) -> str:
+    yaml = _yaml()
+    with _gc_paused():
+        return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False,
+                         allow_unicode=True)
+
+
+_YAML_LOADER: Any = None
+
+
+def _no_alias_loader() -> Any:
+    """PyYAML's safe loader, refusing aliases (the "billion laughs" expansion) with the line they are on."""
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        yaml = _yaml()
+
+        class NoAliasLoader(yaml.SafeLoader):   # type: ignore[misc,name-defined]
+            def compose_node(self, parent: Any, index: Any) -> Any:
+                if self.check_event(yaml.AliasEvent):
+                    raise _alias_error(self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+
+        _YAML_LOADER = NoAliasLoader
+    return _YAML_LOADER
+
+
+_TEMP_NAME = re.compile(r"\.models\.yaml\.(?:bak\.)?[A-Za-z0-9_]{8}")   # what _atomic_write leaves if killed
+
+
+def remove_stale_temp_files(folder: str, older_than_s: float = 60.0) -> int:
+    """Delete temporary files an interrupted save left in CONFIG_DIR (only our own names, only old
+    ones: a save in progress in another worker is never touched). Returns how many went."""
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if not _TEMP_NAME.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isfile(path) and not os.path.islink(path) and time.time() - os.stat(path).st_mtime > older_than_s:
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _atomic_write(path: str, data: bytes, mode: int) -> None:
@@ -5207,7 +5613,7 @@ def anthropic_model_list(bots: Sequence[BotInfo]) -> dict[str, Any]:
 
 ###############################################################################
 ###############################################################################
-# HTTP plumbing: one h11 stream class, used inbound (SERVER) and outbound (CLIENT)
+# HTTP plumbing: an h11 stream class for calls to Poe (inbound has its own protocol, below)
 ###############################################################################
 
 READ_CHUNK_BYTES = 64 * 1024
@@ -5237,6 +5643,11 @@ class HTTPStream:
         self.writer = writer
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self.bytes_sent = 0
+        # receive(): one deadline timer per connection, moved lazily rather than set for every read.
+        self._deadline_s = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading: asyncio.Task[Any] | None = None
+        self._timed_out = False
 
     async def send(self, *events: h11._events.Event, timeout_s: float = WRITE_TIMEOUT_S) -> None:
         try:
@@ -5263,6 +5674,47 @@ class HTTPStream:
             data = await read_within(self.reader, timeout_s)
             self.conn.receive_data(data)  # b"" tells h11 the peer closed
 
+    async def receive(self, timeout_s: float) -> bytes:
+        """One read (b"" once the peer closed); asyncio.TimeoutError after timeout_s of silence.
+
+        A paced answer is read event by event, tens of milliseconds apart: a timer per read (wait_for,
+        asyncio.timeout) would be set and cancelled for every one. Instead a read only moves the
+        deadline; the one timer, when it fires at an older deadline, sleeps on to the new one, and
+        only a deadline that really passed cancels the read, which then becomes a TimeoutError."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + timeout_s
+        self._deadline_s = at
+        timer = self._timer
+        if timer is None or timer.when() > at:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(at, self._deadline_passed)
+        self._reading = task = asyncio.current_task()
+        try:
+            return await self.reader.read(READ_CHUNK_BYTES)
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise
+            self._timed_out = False
+            # Our own cancel: a timeout, unless someone else cancelled the task too (3.11+ can tell).
+            if sys.version_info >= (3, 11) and task is not None and task.uncancel() > 0:  # novermin
+                raise
+            raise asyncio.TimeoutError from None
+        finally:
+            self._reading = None
+
+    def _deadline_passed(self) -> None:
+        self._timer = None
+        task = self._reading
+        if task is None:
+            return   # not reading: the next read sets its own deadline
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline_s:
+            self._timer = loop.call_at(self._deadline_s, self._deadline_passed)
+            return
+        self._timed_out = True
+        task.cancel()
+
     def is_reusable(self) -> bool:
         """Both sides finished their messages (or a new cycle began) and the socket is still open."""
         states = (self.conn.our_state, self.conn.their_state)
@@ -5270,6 +5722,9 @@ class HTTPStream:
                 and not self.writer.transport.is_closing() and not self.reader.at_eof())
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         try:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
@@ -5287,7 +5742,7 @@ class Origin:
 
     @classmethod
     def of(cls, url: str) -> Origin:
-        parts = urllib.parse.urlsplit(url)
+        parts = split_url(url)
         scheme = parts.scheme
         return cls(scheme, parts.hostname or "", parts.port or (443 if scheme == "https" else 80))
 
@@ -5299,7 +5754,7 @@ class Origin:
 
 
 def _target(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
@@ -5314,6 +5769,7 @@ class UpstreamResponse:
         self._origin = origin
         self._stream: HTTPStream | None = stream
         self.complete = False
+        self._hungry = False   # h11 said NEED_DATA last time: asking again before a read would say it again
 
     async def read_chunk(self, timeout_s: float) -> bytes | None:
         """The next piece of the body, or None at its end. Raises asyncio.TimeoutError on silence and
@@ -5321,8 +5777,13 @@ class UpstreamResponse:
         stream = self._stream
         if stream is None or self.complete:
             return None
+        conn = stream.conn
         try:
-            event = await stream.next_event(timeout_s)
+            event = h11.NEED_DATA if self._hungry else conn.next_event()
+            self._hungry = False
+            while event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive(timeout_s))   # b"" tells h11 the peer closed
+                event = conn.next_event()
         except asyncio.TimeoutError:
             raise  # silence, not a failure: the caller decides (on 3.11+ this is an OSError too)
         except (h11.RemoteProtocolError, ConnectionError, ssl.SSLError, OSError) as exc:
@@ -5340,13 +5801,14 @@ class UpstreamResponse:
         pieces = [event.data]
         try:
             while True:
-                more = stream.conn.next_event()
+                more = conn.next_event()
                 if isinstance(more, h11.Data):
                     pieces.append(more.data)
                     continue
                 if isinstance(more, h11.EndOfMessage):
                     self.complete = True
                     self._release()
+                self._hungry = more is h11.NEED_DATA
                 break   # NEED_DATA (or anything else: the next call deals with it)
         except h11.RemoteProtocolError:
             pass        # the next call reports it
@@ -5753,6 +6215,7 @@ class PoeClient:
         if response.status != 200:
             body = await _read_error_body(response)
             raise classify_poe_status(response.status, body, f"bot {bot}", response.headers)
+        await _refuse_encoded(response, f"bot {bot}")
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             body = await _read_error_body(response)
@@ -5767,6 +6230,8 @@ class PoeClient:
         if api_key:
             headers.append(("Authorization", f"Bearer {api_key}"))
         response = await self._pool.request("GET", url, headers, b"", "model list")
+        if response.status == 200:
+            await _refuse_encoded(response, "model list")
         body = await response.read_all(32 * 1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, body, "model list", response.headers)
@@ -5775,6 +6240,16 @@ class PoeClient:
         except ValueError:
             raise upstream_error("model list: Poe's answer is not JSON") from None
         return catalogue_from_poe(payload)
+
+
+async def _refuse_encoded(response: UpstreamResponse, what: str) -> None:
+    """We ask for `Accept-Encoding: identity` and decode nothing: a compressed body would read as
+    garbage (an empty answer), so it is an error that says what came."""
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding and encoding != "identity":
+        await response.aclose()
+        raise upstream_error(f"{what}: Poe sent a body with Content-Encoding {encoding[:40]!r}, which the proxy "
+                             "did not ask for (it asks for identity) and cannot read")
 
 
 async def _read_error_body(response: UpstreamResponse) -> bytes:
@@ -5954,6 +6429,8 @@ class Uploader:
         headers = [("Authorization", f"Bearer {api_key}"), ("Content-Type", content_type),
                    ("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
         response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
+        if response.status == 200:
+            await _refuse_encoded(response, "file upload")
         raw = await response.read_all(1024 * 1024, self._settings.read_timeout_seconds)
         if response.status != 200:
             raise classify_poe_status(response.status, raw, "file upload", response.headers)
@@ -6029,16 +6506,24 @@ def api_key_of(request: Request) -> str:
     auth = request.headers.get("authorization", "").strip()
     scheme, _, key = auth.partition(" ")
     if scheme.lower() == "bearer" and key.strip():
-        return key.strip()
+        return _sendable_key(key.strip())
     for header in ("x-api-key", "api-key"):
         key = request.headers.get(header, "").strip()
         if key:
-            return key
+            return _sendable_key(key)
     if auth:
         raise ProxyError(401, "The Authorization header must be 'Bearer <your Poe API key>'.",
                          "invalid_request_error", "invalid_api_key")
     raise ProxyError(401, "Missing API key: send your Poe API key as 'Authorization: Bearer <key>' "
                      "(get one at https://poe.com/api_key).", "invalid_request_error", "invalid_api_key")
+
+
+def _sendable_key(key: str) -> str:
+    # Poe keys are printable ASCII; anything else could not even be sent on (header values are bytes).
+    if not (key.isascii() and key.isprintable()):
+        raise ProxyError(401, "The API key has characters no Poe API key has (it must be printable ASCII).",
+                         "invalid_request_error", "invalid_api_key")
+    return key
 
 
 def client_address(request: Request) -> str:
@@ -6279,7 +6764,13 @@ class App:
 
     # What InboundConnection calls: the router's.
     async def dispatch(self, request: Request) -> Response:
-        return await self.router.dispatch(request)
+        # Per request, not per process: several apps (tests, embedders) may share one.
+        limit = answer_limit.set(self.settings.max_answer_size)
+        try:
+            await self.registry.refresh()   # a changed models.yaml is read off the event loop
+            return await self.router.dispatch(request)
+        finally:
+            answer_limit.reset(limit)
 
     def render_error(self, request: Request, err: ProxyError) -> Response:
         return self.router.render_error(request, err)
@@ -6513,8 +7004,11 @@ class AdminAPI:
 
     async def admin_get_config(self, request: Request) -> Response:
         self._check_admin(request)
-        return json_response(200, {**self.registry.config().to_dict(), "load_error": self.registry.last_error},
-                             [("Cache-Control", "no-store")])
+        config, error = self.registry.config(), self.registry.last_error
+        # A big configuration takes a while to render: not on the event loop.
+        body = await asyncio.get_running_loop().run_in_executor(None, lambda: dump_json(
+            {**config.to_dict(), "load_error": error}))
+        return Response(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")], body)
 
     async def admin_post_config(self, request: Request) -> Response:
         self._check_admin(request)
@@ -6532,7 +7026,8 @@ class AdminAPI:
         except ValueError as exc:
             raise bad_request(f"Invalid configuration: {exc}", None, "invalid_config") from None
         try:
-            self.registry.save(config)
+            # Serialising and writing take a while for a big configuration: not on the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, self.registry.save, config)
         except OSError as exc:
             raise ProxyError(500, f"Cannot write {self.registry.path}: {exc.strerror or exc}", "server_error",
                              "write_failed") from None
@@ -7223,29 +7718,17 @@ class ChatPipeline:
                 raise unknown_model(chat.model, route.bot, err) from None
             raise
 
-    async def _next_deltas(self, events: PoeEventStream, translator: PoeTranslator, wait_s: float) -> list[Delta]:
-        """Deltas from the next piece of Poe's answer ([] if it was silent for wait_s)."""
-        batch = await events.read(wait_s)
-        if batch is None:
-            return translator.end()
-        deltas: list[Delta] = []
-        for event in batch:
-            deltas.extend(translator.feed(event))
-        return deltas
-
     async def _chat_whole(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
+        source = DeltaSource(events, translator, finish_wait_s=1.0)
         fold = run.dialect.fold(run)
         try:
-            while not translator.finished:
-                for delta in await self._next_deltas(events, translator, self.settings.read_timeout_seconds):
-                    if delta.kind == ERROR:
-                        assert delta.error is not None
-                        raise delta.error
+            while source.finish is None:
+                for delta in await source.next(self.settings.read_timeout_seconds):
                     fold.add(delta)
-        except BaseException:
-            await events.aclose()
-            raise
-        await events.finish(translator.saw_done)
+        finally:
+            await source.aclose()
+        assert source.finish is not None
+        fold.add(source.finish)
         body = fold.body(run.completion_id, run.created_s, run.route.display, run.prompt_tokens)
         self._record(run, True, fold.said)
         return json_response(200, body)
@@ -7258,63 +7741,58 @@ class ChatPipeline:
     async def _chat_stream(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator) -> Response:
         # Hold the response head until Poe's first real event (or STREAM_HOLD_SECONDS), so an error
         # that comes first still gets its real HTTP status instead of a 200 with an error chunk.
+        # Poe's body ends right after `done`: its end is read (0.05 s at most) before the last chunk
+        # leaves, so the connection is back in the pool before the client can send its next request.
+        source = DeltaSource(events, translator, finish_wait_s=0.05)
         held: list[Delta] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.stream_hold_seconds
         try:
-            while not held and not translator.finished:
+            while not held and source.finish is None:
                 left_s = deadline - loop.time()
                 if left_s <= 0:
                     break
-                held.extend(await self._next_deltas(events, translator, left_s))
+                held = await source.next(left_s)
         except BaseException:
-            await events.aclose()
+            await source.aclose()
             raise
-        if held and held[0].kind == ERROR:
-            await events.aclose()
-            assert held[0].error is not None
-            raise held[0].error
         encoder = run.dialect.encoder(run)
-        return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, events, translator, encoder, held))
+        return Response(200, list(SSE_HEADERS), stream=self._sse_body(run, source, encoder, held))
 
-    async def _sse_body(self, run: ChatRun, events: PoeEventStream, translator: PoeTranslator,
-                        encoder: StreamEncoder,
+    async def _sse_body(self, run: ChatRun, source: DeltaSource, encoder: StreamEncoder,
                         held: list[Delta]) -> AsyncIterator[bytes]:
         """The SSE body: pulled by the connection, one upstream piece at a time (backpressure)."""
         clean = False
         loop = asyncio.get_running_loop()
         keepalive_s = self.settings.sse_keepalive_seconds
         last_write_s = loop.time()
+        encode = encoder.encode
         try:
             out = encoder.start()
             deltas = held
             while True:
                 for delta in deltas:
-                    if delta.kind == FINISH:
-                        # Poe's body ends right after `done`: read its end first, so the connection
-                        # is back in the pool before the client can send its next request.
-                        await events.finish(translator.saw_done, 0.05)
-                        yield out + encoder.finish(delta.text, run.prompt_tokens)
-                        clean = True
-                        return
-                    if delta.kind == ERROR:
-                        assert delta.error is not None
-                        yield out + encoder.error(delta.error)
-                        return
-                    out += encoder.encode(delta)
+                    out += encode(delta)
+                if source.finish is not None:
+                    yield out + encoder.finish(source.finish.text, run.prompt_tokens)
+                    clean = True
+                    return
+                # Poe's own pings do not reach the client, so time keep-alives from our last write.
                 if out:
                     yield out
                     out = b""
                     last_write_s = loop.time()
-                # Poe's own pings do not reach the client, so time keep-alives from our last write.
-                wait_s = keepalive_s - (loop.time() - last_write_s)
-                if wait_s <= 0:
-                    yield SSE_KEEPALIVE
-                    last_write_s = loop.time()
                     wait_s = keepalive_s
-                deltas = await self._next_deltas(events, translator, wait_s)
+                else:
+                    wait_s = keepalive_s - (loop.time() - last_write_s)
+                    if wait_s <= 0:
+                        yield SSE_KEEPALIVE
+                        last_write_s = loop.time()
+                        wait_s = keepalive_s
+                deltas = await source.next(wait_s)
         except ProxyError as exc:
-            log.warning("stream failed after it started: %s", exc.message)
+            if not source.poe_error:   # Poe's own error event is the answer, not a failure of ours
+                log.warning("stream failed after it started: %s", exc.message)
             yield encoder.error(exc)
         except Exception:
             log.exception("stream failed after it started")
@@ -7322,10 +7800,81 @@ class ChatPipeline:
                                            "internal_error"))
         finally:
             self._record(run, clean, encoder.said)
-            if clean:
-                await events.finish(translator.saw_done)
+            await source.aclose()   # nothing left to do once finished; else the client left or Poe failed
+
+
+class DeltaSource:
+    """Poe's answer as batches of content deltas, consumed the same way by the hold before a stream's
+    head, the stream and the whole answer, so the rules of consuming it live here only:
+
+    - `next(wait_s)` gives the next batch: [] when Poe was silent for wait_s (the caller's deadline:
+      keep-alives, the hold), raises ProxyError when Poe failed (idle timeout, dropped connection).
+    - FINISH is never in a batch: once it came, `finish` holds it, the batch before it is the last,
+      and the upstream was finished: read to its end after `done`, so the pooled connection is reused,
+      or closed when the answer ended without one (parallel_tool_calls=false stops Poe early).
+    - An ERROR delta closes the upstream; its ProxyError is raised by the pull that met it, or by the
+      next one when deltas came before it in the same piece (those are given first; `poe_error` tells).
+    - `aclose()` (early stop, client gone, cancellation, any failure) closes the upstream so Poe stops
+      generating. The upstream is finished or closed exactly once, whatever the order of calls.
+    """
+
+    def __init__(self, events: PoeEventStream, translator: PoeTranslator, finish_wait_s: float = 1.0) -> None:
+        self._events = events
+        self._translator = translator
+        self._finish_wait_s = finish_wait_s
+        self._open = True
+        self._error: ProxyError | None = None
+        self.finish: Delta | None = None
+        self.poe_error = False     # the error raised is an ERROR delta (Poe's `error` event)
+
+    async def next(self, wait_s: float) -> list[Delta]:
+        if self._error is not None:
+            raise self._error
+        if self.finish is not None:
+            return []
+        translator = self._translator
+        try:
+            batch = await self._events.read(wait_s)
+        except BaseException:
+            await self.aclose()
+            raise
+        if batch is None:
+            deltas = translator.end()
+        elif len(batch) == 1:
+            deltas = translator.feed(batch[0])
+        else:
+            deltas = []
+            for event in batch:
+                deltas += translator.feed(event)
+        if translator.finished:
+            # The translator ends its output with FINISH or ERROR and gives nothing after it.
+            end = deltas.pop() if deltas and deltas[-1].kind in (FINISH, ERROR) else Delta(FINISH, "stop")
+            if end.kind == FINISH:
+                self.finish = end
+                await self._settle(translator.saw_done)
             else:
-                await events.aclose()   # the client left or Poe failed: stop Poe generating
+                assert end.error is not None
+                self.poe_error = True
+                self._error = end.error
+                await self.aclose()
+                if not deltas:
+                    raise end.error
+        return deltas
+
+    async def _settle(self, complete: bool) -> None:
+        if not self._open:
+            return
+        self._open = False
+        try:
+            await self._events.finish(complete, self._finish_wait_s)
+        except BaseException:
+            await self._events.aclose()   # cancelled while reading the end: the connection is unusable
+            raise
+
+    async def aclose(self) -> None:
+        if self._open:
+            self._open = False
+            await self._events.aclose()
 
 
 @dataclass
@@ -7380,6 +7929,8 @@ def _load_admin_page() -> bytes | None:
 
 access_log = logging.getLogger("poe2openai.access")
 
+PIPELINE_BUFFER_BYTES = 64 * 1024   # a pipelined next request held while we answer; beyond it we stop reading
+
 
 @dataclass
 class ServerState:
@@ -7395,176 +7946,436 @@ def _reason(status: int) -> bytes:
 
 
 def _raw_error(status: int, reason: str, err: ProxyError) -> bytes:
-    """A complete close-delimited error response, for failures before h11 has a request to answer."""
+    """A complete close-delimited error response, written without h11: only for the over-capacity 503,
+    which must cost next to nothing (no parser, no connection object) before hanging up."""
     body = dump_json(err.openai_body())
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode() + body
 
 
+# ----------------------------------------------------------------------------- the protocol, without I/O
+
+@dataclass(frozen=True)
+class RequestReady:
+    """A request to answer: complete with its body, or refused by `error` (then answer it and close)."""
+    request: Request
+    error: ProxyError | None
+    started: float            # clock time its head arrived, for the access log
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    """Write what came before, then close. `abandoned`: a request whose body never finished (logged)."""
+    abandoned: RequestReady | None = None
+
+
+class Disconnected:
+    """The client left while its answer was being made: cancel the answer (which closes Poe)."""
+
+
+CLOSE = CloseConnection()
+DISCONNECTED = Disconnected()
+InboundAction = bytes | RequestReady | CloseConnection | Disconnected
+
+_HEAD, _BODY, _ANSWER, _CLOSED = "head", "body", "answer", "closed"
+
+
+class InboundProtocol:
+    """The server side of one HTTP/1.1 connection as a state machine over bytes and clock times: no
+    sockets, no tasks, no clock of its own, so it is tested by feeding it bytes.
+
+    The adapter feeds what it reads (`receive_data`, b"" at end of input; `connection_lost` on a reset),
+    calls `handle_timer` once `deadline()` passes and `response_done` once an answer is written; each
+    returns actions, in order: bytes to write, a `RequestReady` to answer, `DISCONNECTED` (cancel the
+    answer), `CloseConnection`. The answer itself is the bytes `respond` (whole) or `start_stream`,
+    `send_data`, `end_stream` return. It owns the limits: head size (431) and head time (408), body size
+    (413), body idle time, keep-alive idle time, and the 100 Continue, sent only once we start reading
+    the body it asks for. Pipelined requests wait in h11 until the current answer is done."""
+
+    def __init__(self, settings: Settings, now: float, client: str = "-",
+                 max_head_bytes: int = INBOUND_MAX_HEAD_BYTES) -> None:
+        self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
+        self._max_head_bytes = max_head_bytes
+        self._max_body_bytes = settings.max_request_size
+        self._header_timeout_s = settings.header_timeout_seconds
+        self._keepalive_timeout_s = settings.keepalive_timeout_seconds
+        self._body_timeout_s = settings.read_timeout_seconds
+        self._client = client
+        self._phase = _HEAD
+        self._deadline: float | None = now + self._header_timeout_s   # a new connection owes us a head
+        self._head_timed = True       # the header deadline (not the keep-alive one) is running
+        self._current: RequestReady | None = None
+        self._body = bytearray()
+        self._refused = False         # answering with an error: the rest of the input is dropped
+        self._is_head = False         # HEAD request: the body of the answer is not sent
+        self._held = 0                # bytes of a pipelined next request fed to h11 while we answer
+        self._eof = False
+
+    # -- state the adapter asks about
+
+    @property
+    def closed(self) -> bool:
+        return self._phase is _CLOSED
+
+    @property
+    def busy(self) -> bool:
+        """A request has begun (its head arrived) and is not answered yet."""
+        return self._phase is _BODY or self._phase is _ANSWER
+
+    @property
+    def wants_data(self) -> bool:
+        """False when reading more would only pile up input (the adapter then waits for the answer)."""
+        return not (self._eof or self._phase is _CLOSED or (self._phase is _ANSWER and
+                                                             (self._refused or self._held > PIPELINE_BUFFER_BYTES)))
+
+    def deadline(self) -> float | None:
+        """When `handle_timer` must be called (None: no deadline, as while an answer is made)."""
+        return self._deadline
+
+    # -- input
+
+    def receive_data(self, data: bytes, now: float) -> list[InboundAction]:
+        phase = self._phase
+        if phase is _CLOSED or self._eof:
+            return []   # bytes after the end of input, or after we decided to close
+        if not data:
+            self._eof = True
+        if phase is _ANSWER:
+            if self._refused:
+                return []
+            if not data:   # end of input while we answer: the client left (or gave up on the answer)
+                self._close()
+                return [DISCONNECTED]
+            self._held += len(data)
+            self._conn.receive_data(data)   # h11 keeps it for the next cycle
+            return []
+        if phase is _HEAD:
+            if not self._head_timed and data:
+                self._head_timed = True
+                self._deadline = now + self._header_timeout_s
+        else:
+            self._deadline = now + self._body_timeout_s
+        self._conn.receive_data(data)
+        return self._parse(now)
+
+    def connection_lost(self, now: float) -> list[InboundAction]:
+        """The socket failed (reset): nothing more can be written."""
+        phase, current = self._phase, self._current
+        if phase is _CLOSED:
+            return []
+        self._close()
+        if phase is _ANSWER:
+            return [] if self._refused else [DISCONNECTED]
+        return [CloseConnection(current if phase is _BODY else None)]
+
+    def handle_timer(self, now: float) -> list[InboundAction]:
+        if self._deadline is None or now < self._deadline:
+            return []
+        phase, current = self._phase, self._current
+        if phase is _HEAD and self._conn.trailing_data[0]:
+            out = self._error(ProxyError(408, "The request head did not arrive in time.", "invalid_request_error",
+                                         "request_timeout"))
+            self._close()
+            return [out, CLOSE]
+        self._close()   # an idle keep-alive connection, or a body that stopped coming: close without a word
+        return [CloseConnection(current if phase is _BODY else None)]
+
+    def _parse(self, now: float) -> list[InboundAction]:
+        actions: list[InboundAction] = []
+        conn = self._conn
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                actions.extend(self._remote_error(exc))
+                return actions
+            kind = type(event)
+            if kind is h11.Data:
+                self._body += event.data
+                if len(self._body) > self._max_body_bytes:
+                    actions.append(self._refuse(self._too_large()))
+                    return actions
+            elif kind is h11.Request:
+                refusal = self._begin(event, now)
+                if refusal is not None:
+                    actions.append(refusal)
+                    return actions
+                if conn.they_are_waiting_for_100_continue:
+                    actions.append(conn.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                                       reason=b"Continue")))
+            elif kind is h11.EndOfMessage:
+                assert self._current is not None
+                self._current.request.body = bytes(self._body)
+                self._body = bytearray()
+                self._phase = _ANSWER
+                self._deadline = None
+                actions.append(self._current)
+                return actions
+            elif event is h11.NEED_DATA or event is h11.PAUSED:
+                return actions
+            else:   # ConnectionClosed: the client is done
+                self._close()
+                actions.append(CLOSE)
+                return actions
+
+    def _begin(self, event: h11.Request, now: float) -> RequestReady | None:
+        request = request_from(event, new_id("req_")[:16], self._client)
+        self._current = RequestReady(request, None, now)
+        self._phase = _BODY
+        self._deadline = now + self._body_timeout_s
+        self._is_head = request.method == "HEAD"
+        head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
+                                                                  for k, v in request.headers.items())
+        if head_bytes > self._max_head_bytes:   # h11 caps only a head that arrives in pieces
+            return self._refuse(ProxyError(431, "The request headers are too large.", "invalid_request_error",
+                                           "bad_http_request"))
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_body_bytes:
+            return self._refuse(self._too_large())
+        return None
+
+    def _too_large(self) -> ProxyError:
+        return ProxyError(413, f"The request body is larger than MAX_REQUEST_SIZE ({self._max_body_bytes} bytes).",
+                          "invalid_request_error", "payload_too_large")
+
+    def _refuse(self, err: ProxyError) -> RequestReady:
+        """Answer the current request with err instead of routing it; what else it sends is dropped."""
+        assert self._current is not None
+        self._current = RequestReady(self._current.request, err, self._current.started)
+        self._phase = _ANSWER
+        self._deadline = None
+        self._refused = True
+        self._body = bytearray()
+        return self._current
+
+    def _remote_error(self, exc: h11.RemoteProtocolError) -> list[InboundAction]:
+        if self._phase is _BODY:
+            return [self._refuse(bad_request(f"Malformed request body: {exc}", None, "bad_http_request"))]
+        status = exc.error_status_hint
+        message = "The request headers are too large." if status == 431 else f"Malformed HTTP request: {exc}"
+        out = self._error(ProxyError(status, message, "invalid_request_error", "bad_http_request"))
+        self._close()
+        return [out, CLOSE]
+
+    def _error(self, err: ProxyError) -> bytes:
+        """A whole error answer for a request that never got as far as a head we could route."""
+        response = error_response(err)
+        response.headers.append(("Connection", "close"))
+        response.headers.append(("Server", f"poe2openai/{__version__}"))
+        return self.respond(response.status, response.headers, response.body)
+
+    def _close(self) -> None:
+        self._phase = _CLOSED
+        self._deadline = None
+        self._current = None
+
+    # -- output: the answer to the current request
+
+    def respond(self, status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+        """A whole answer (Content-Length framing; no body bytes on HEAD). `headers` is extended."""
+        conn = self._conn
+        headers.append(("Content-Length", str(len(body))))
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        if body and not self._is_head:
+            out += conn.send(h11.Data(data=body))
+        return out + conn.send(h11.EndOfMessage())
+
+    def start_stream(self, status: int, headers: list[tuple[str, str]], first: bytes) -> bytes:
+        """The head of a streamed answer (h11 frames it: chunked for 1.1, close-delimited for 1.0), with
+        its first piece, so both leave in one segment."""
+        out = self._conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        return out + self.send_data(first) if first else out
+
+    def send_data(self, data: bytes) -> bytes:
+        return b"" if self._is_head else self._conn.send(h11.Data(data=data))
+
+    def end_stream(self) -> bytes:
+        return self._conn.send(h11.EndOfMessage())
+
+    def send_failed(self) -> None:
+        self._conn.send_failed()
+
+    def abort(self) -> list[InboundAction]:
+        """The answer could not be written (or failed): nothing more to say on this connection."""
+        if self._phase is _CLOSED:
+            return []
+        self._close()
+        return [CLOSE]
+
+    def response_done(self, now: float, closing: bool = False) -> list[InboundAction]:
+        """The answer is written: close, or start the next cycle (and parse what the client pipelined)."""
+        if self._phase is _CLOSED:
+            return []
+        conn = self._conn
+        if closing or self._refused or conn.our_state is not h11.DONE:
+            self._close()
+            return [CLOSE]
+        try:
+            conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            self._close()
+            return [CLOSE]
+        self._phase = _HEAD
+        self._current = None
+        self._is_head = False
+        self._head_timed = bool(conn.trailing_data[0])   # a pipelined head is already here
+        self._deadline = now + (self._header_timeout_s if self._head_timed else self._keepalive_timeout_s)
+        self._held = 0
+        return self._parse(now) if self._head_timed else []
+
+
+def request_from(event: h11.Request, request_id: str, client: str) -> Request:
+    headers: dict[str, str] = {}
+    for name, value in event.headers:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    target = event.target.decode("latin-1")
+    path, _, query = target.partition("?")
+    if "://" in path:  # absolute-form target: keep only the path
+        path = urllib.parse.urlsplit(path).path or "/"
+    return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
+                   query=query, headers=headers, body=b"", request_id=request_id, client=client)
+
+
+# ----------------------------------------------------------------------------- the asyncio adapter
+
 class InboundConnection:
-    """One client connection: reads requests with h11, runs them through the App, writes responses."""
+    """One client connection: the asyncio side of an InboundProtocol. The task running `run` is the
+    connection's one reader; it keeps reading while an answer is made, so a client that leaves is
+    noticed at once and its answer (a task of its own) is cancelled, which closes Poe's side."""
 
     def __init__(self, app: App, state: ServerState, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.app = app
-        self.settings = app.settings
         self.state = state
-        self.http = HTTPStream(reader, writer, h11.SERVER, INBOUND_MAX_HEAD_BYTES)
+        self.reader = reader
+        self.writer = writer
+        self.transport = writer.transport
+        self.loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
-        self.busy = False
+        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client)
         self.client_gone = False
         self.task: asyncio.Task[None] | None = None
+        self.bytes_sent = 0
+        self._answer: asyncio.Task[None] | None = None
+        self._answering: RequestReady | None = None   # set until its access-log line is written
+        self._timer: asyncio.TimerHandle | None = None
+        self._resume: asyncio.Future[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.protocol.busy
 
     async def run(self) -> None:
+        protocol = self.protocol
+        self._arm()
         try:
-            while not self.state.closing:
-                if not await self._one_request():
-                    break
-                if self.http.conn.our_state is h11.MUST_CLOSE or self.state.closing:
-                    break
+            while not protocol.closed:
+                if not protocol.wants_data:
+                    # Nothing to read for now (an error answer is going out, or enough of a pipelined
+                    # request is held): wait until the answer is done.
+                    self._resume = self.loop.create_future()
+                    await self._resume
+                    continue
                 try:
-                    self.http.conn.start_next_cycle()
-                except h11.LocalProtocolError:
-                    break  # the client has not finished its request body (we answered early): close
-        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
-            pass  # the client went away or stalled; nothing left to tell it
+                    data = await self.reader.read(READ_CHUNK_BYTES)
+                except (ConnectionError, OSError, ssl.SSLError):
+                    self._apply(protocol.connection_lost(self.loop.time()))
+                    break
+                self._apply(protocol.receive_data(data, self.loop.time()))
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("connection from %s failed", self.client)
         finally:
-            await self.http.aclose()
+            if self._timer is not None:
+                self._timer.cancel()
+            answer = self._answer
+            if answer is not None and not answer.done():
+                answer.cancel()   # shutdown, or a failure of ours: its cleanup closes Poe's side
+                await asyncio.wait([answer])
+            if self._answering is not None:   # cancelled before it could start
+                self._log(self._answering, 0, 0)
+            await self._aclose()
 
-    async def _read_head(self) -> Any:
-        """Wait for the next request head: idle keep-alive time first, then HEADER_TIMEOUT_SECONDS once
-        its first byte arrived (a new connection gets the header timeout from the start)."""
-        conn = self.http.conn
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.header_timeout_seconds \
-            if conn.their_state is h11.IDLE and self.http.bytes_sent == 0 else None
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if deadline is None and conn.trailing_data[0]:
-                deadline = loop.time() + self.settings.header_timeout_seconds
-            timeout_s = deadline - loop.time() if deadline is not None else self.settings.keepalive_timeout_seconds
-            if timeout_s <= 0:
-                raise asyncio.TimeoutError
-            data = await asyncio.wait_for(self.http.reader.read(READ_CHUNK_BYTES), timeout_s)
-            if deadline is None and data:
-                deadline = loop.time() + self.settings.header_timeout_seconds
-            conn.receive_data(data)
+    def _apply(self, actions: list[InboundAction]) -> None:
+        for action in actions:
+            if type(action) is bytes:
+                self.writer.write(action)   # small (a 100 Continue or an error): no drain needed
+                self.bytes_sent += len(action)
+            elif type(action) is RequestReady:
+                self._answering = action
+                self._answer = self.loop.create_task(self._answer_one(action))
+            elif action is DISCONNECTED:
+                self.client_gone = True
+                if self._answer is not None:
+                    self._answer.cancel()
+            elif type(action) is CloseConnection:
+                if action.abandoned is not None:
+                    self._log(action.abandoned, 0, 0)
+                self.transport.close()   # after what is buffered; the reader then sees the end and stops
+                self._wake()
+        self._arm()
 
-    async def _one_request(self) -> bool:
-        """Serve one request; False when the connection should close."""
-        try:
-            event = await self._read_head()
-        except asyncio.TimeoutError:
-            if self.http.conn.trailing_data[0]:
-                await self._write_raw(_raw_error(408, "Request Timeout", ProxyError(
-                    408, "The request head did not arrive in time.", "invalid_request_error", "request_timeout")))
-            return False
-        except h11.RemoteProtocolError as exc:
-            status = exc.error_status_hint
-            reason = "Request Header Fields Too Large" if status == 431 else "Bad Request"
-            message = "The request headers are too large." if status == 431 else f"Malformed HTTP request: {exc}"
-            await self._write_raw(_raw_error(status, reason, ProxyError(status, message, "invalid_request_error",
-                                                                        "bad_http_request")))
-            return False
-        if not isinstance(event, h11.Request):
-            return False  # ConnectionClosed or PAUSED: the client is done
-        self.busy = True
-        started_s = time.perf_counter()
-        sent_before = self.http.bytes_sent
-        request = self._request_from(event, new_id("req_")[:16])
+    def _arm(self) -> None:
+        """One timer per connection, moved only when the protocol's deadline comes earlier (a later one is
+        handled when the timer fires and finds it has not passed)."""
+        at = self.protocol.deadline()
+        timer = self._timer
+        if at is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+        elif timer is None or at < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._apply(self.protocol.handle_timer(self.loop.time()))
+
+    def _wake(self) -> None:
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+
+    async def _answer_one(self, ready: RequestReady) -> None:
+        request = ready.request
         response: Response | None = None
-        watcher: asyncio.Future[None] | None = None
+        sent_before = self.bytes_sent
         try:
-            response = await self._read_body(request)
-            if response is None:
-                # While we answer, notice at once if the client leaves, so Poe stops generating.
-                watcher = asyncio.ensure_future(self._watch_disconnect())
+            if ready.error is not None:
+                response = self.app.render_error(request, ready.error)
+                response.headers.append(("Connection", "close"))
+            else:
                 response = await self.app.dispatch(request)
             await self._send(request, response)
-            return True
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-                await asyncio.wait([watcher])   # its read must be over before the next request is read
-            self.busy = False
-            access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
-                            response.status if response else 0, (time.perf_counter() - started_s) * 1000,
-                            self.http.bytes_sent - sent_before, request.model or "-", request.request_id)
-
-    async def _watch_disconnect(self) -> None:
-        """Runs while a request is handled: end of input means the client left, so cancel the handler
-        (its cleanup closes the Poe connection). Bytes of a pipelined next request are kept for h11."""
-        try:
-            data = await self.http.reader.read(READ_CHUNK_BYTES)
-        except (ConnectionError, OSError):
-            data = b""
-        if data:
-            self.http.conn.receive_data(data)
+        except (ConnectionError, asyncio.TimeoutError, ssl.SSLError):
+            self._apply(self.protocol.abort())   # the client went away or stalled; nothing left to tell it
             return
-        self.client_gone = True
-        if self.task is not None:
-            self.task.cancel()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+            self._apply(self.protocol.abort())
+            return
+        finally:
+            self._answering = None
+            self._log(ready, response.status if response else 0, self.bytes_sent - sent_before)
+        try:
+            self._apply(self.protocol.response_done(self.loop.time(), self.state.closing))
+        except Exception:
+            log.exception("connection from %s failed", self.client)
+            self._apply(self.protocol.abort())
+        self._wake()
 
-    def _request_from(self, event: h11.Request, request_id: str) -> Request:
-        headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        target = event.target.decode("latin-1")
-        path, _, query = target.partition("?")
-        if "://" in path:  # absolute-form target: keep only the path
-            path = urllib.parse.urlsplit(path).path or "/"
-        return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
-                       query=query, headers=headers, body=b"", request_id=request_id, client=self.client)
-
-    async def _read_body(self, request: Request) -> Response | None:
-        """Read the body under MAX_REQUEST_SIZE; returns an error response instead when it cannot."""
-        head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
-                                                                  for k, v in request.headers.items())
-        if head_bytes > INBOUND_MAX_HEAD_BYTES:   # h11 caps only a head that arrives in pieces
-            return self._closing(self.app.render_error(request, ProxyError(
-                431, "The request headers are too large.", "invalid_request_error", "bad_http_request")))
-        limit = self.settings.max_request_size
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            return self._too_large(request, limit)
-        conn = self.http.conn
-        if conn.they_are_waiting_for_100_continue:
-            await self.http.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
-        body = bytearray()
-        while True:
-            try:
-                event = await self.http.next_event(self.settings.read_timeout_seconds)
-            except h11.RemoteProtocolError as exc:
-                return self._closing(self.app.render_error(request, bad_request(f"Malformed request body: {exc}", None,
-                                                                                "bad_http_request")))
-            if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > limit:
-                    return self._too_large(request, limit)
-            elif isinstance(event, h11.EndOfMessage):
-                request.body = bytes(body)
-                return None
-            else:
-                raise ConnectionError("client closed the connection while sending its body")
-
-    def _too_large(self, request: Request, limit: int) -> Response:
-        return self._closing(self.app.render_error(request, ProxyError(
-            413, f"The request body is larger than MAX_REQUEST_SIZE ({limit} bytes).", "invalid_request_error",
-            "payload_too_large")))
-
-    @staticmethod
-    def _closing(response: Response) -> Response:
-        response.headers.append(("Connection", "close"))
-        return response
+    def _log(self, ready: RequestReady, status: int, sent: int) -> None:
+        request = ready.request
+        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
+                        status, (self.loop.time() - ready.started) * 1000, sent, request.model or "-",
+                        request.request_id)
 
     async def _send(self, request: Request, response: Response) -> None:
         headers = list(response.headers)
@@ -7572,14 +8383,9 @@ class InboundConnection:
             headers.append(("Connection", "close"))
         headers.append(("Server", f"poe2openai/{__version__}"))
         headers.append(("X-Request-Id", request.request_id))
+        protocol = self.protocol
         if response.stream is None:
-            headers.append(("Content-Length", str(len(response.body))))
-            events: list[Any] = [h11.Response(status_code=response.status, headers=headers,
-                                              reason=_reason(response.status))]
-            if response.body and request.method != "HEAD":
-                events.append(h11.Data(data=response.body))
-            events.append(h11.EndOfMessage())
-            await self.http.send(*events)
+            await self._write(protocol.respond(response.status, headers, response.body))
             return
         stream = response.stream
         try:
@@ -7589,21 +8395,33 @@ class InboundConnection:
         except StopAsyncIteration:
             first = b""
         try:
-            await self.http.send(h11.Response(status_code=response.status, headers=headers,
-                                              reason=_reason(response.status)), h11.Data(data=first))
-            async for chunk in stream:
+            await self._write(protocol.start_stream(response.status, headers, first))
+            async for chunk in stream:   # pulled one piece at a time: the client's pace sets Poe's
                 if chunk:
-                    await self.http.send(h11.Data(data=chunk))
-            await self.http.send(h11.EndOfMessage())
+                    await self._write(protocol.send_data(chunk))
+            await self._write(protocol.end_stream())
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # async generator: closes Poe's side too
 
-    async def _write_raw(self, data: bytes) -> None:
+    async def _write(self, data: bytes) -> None:
         try:
-            self.http.writer.write(data)
-            await asyncio.wait_for(self.http.writer.drain(), 5.0)
-        except (ConnectionError, asyncio.TimeoutError, OSError):
-            pass
+            self.writer.write(data)
+            self.bytes_sent += len(data)
+            # drain() only blocks when the client is slow; skip the timer in the common case.
+            if self.transport.get_write_buffer_size() > 0:
+                await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+            else:
+                await self.writer.drain()
+        except BaseException:
+            self.protocol.send_failed()
+            raise
+
+    async def _aclose(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
+            pass  # the socket is going away either way
 
 
 ###############################################################################
@@ -7653,8 +8471,8 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         try:
             await connection.run()
         except asyncio.CancelledError:
-            if not (state.closing or connection.client_gone):
-                raise   # someone else's cancellation; ours (shutdown, client gone) ends here quietly
+            if not state.closing:
+                raise   # someone else's cancellation; ours (shutdown) ends here quietly
         finally:
             state.connections.discard(connection)
 
@@ -7664,6 +8482,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     port = server.sockets[0].getsockname()[1]
     log.info("poe2openai %s listening on http://%s:%d (Poe: %s; models.yaml: %s)", __version__,
              settings.host or "*", port, settings.poe_base_url, os.path.abspath(settings.models_path))
+    stale = remove_stale_temp_files(os.path.dirname(os.path.abspath(settings.models_path)))
+    if stale:
+        log.info("removed %d temporary file(s) left by an interrupted models.yaml save", stale)
     if not os.path.exists(settings.models_path):
         # Nobody chose a CONFIG_DIR: running without models.yaml is the ordinary first start. A folder
         # that was chosen but holds no models.yaml may be a typo or a missing volume: worth a warning.

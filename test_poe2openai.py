@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import email.policy
+import gc
 import hashlib
 import json
 import logging
@@ -108,6 +109,8 @@ class FakePoe:
         self.upload_bad_keys: set[str] = set()
         self.close_when_done = False   # close each connection right after a model list, as an idle timeout would
         self.files: dict[str, tuple[str, bytes]] = {}   # name -> (content type, bytes), served at FILES_PATH
+        self.models_headers: list[tuple[str, str]] = []   # extra headers of the model list's answer
+        self.upload_headers: list[tuple[str, str]] = []   # and of an upload's
 
     def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
         self.scripts[bot] = Script(steps=list(steps or []), **kw)
@@ -166,7 +169,7 @@ class FakePoe:
             await asyncio.sleep(self.models_delay_s)
             payload = json.dumps(self.models).encode()
             await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
-                ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
+                ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.models_headers]),
                 h11.Data(data=payload), h11.EndOfMessage())
             if self.close_when_done:
                 writer.write_eof()   # the FIN leaves right behind the answer, before anything else runs
@@ -194,7 +197,7 @@ class FakePoe:
                 h11.Data(data=script.body), h11.EndOfMessage())
             return True
         await self._send(conn, writer, h11.Response(status_code=200, headers=[
-            ("Content-Type", script.content_type), ("Transfer-Encoding", "chunked")]))
+            ("Content-Type", script.content_type), ("Transfer-Encoding", "chunked"), *script.headers]))
         for step in script.steps:
             if step == DISCONNECT:
                 writer.transport.abort()
@@ -240,7 +243,7 @@ class FakePoe:
                                   "size": len(record.get("data") or b"")}).encode()
             status = 200
         await self._send(conn, writer, h11.Response(status_code=status, headers=[
-            ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]),
+            ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.upload_headers]),
             h11.Data(data=payload), h11.EndOfMessage())
         return True
 
@@ -444,6 +447,41 @@ def test_sse_decoder_invalid_utf8_is_replaced_not_fatal() -> None:
     assert decode_all([b'event: text\ndata: \xff\xfe\n\n']) == [("text", "\ufffd\ufffd")]
 
 
+def test_sse_decoder_searches_each_byte_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A line that arrives in many pieces used to be searched again from its start on every read.
+    searched: list[int] = []
+    real = p2o._LINE_END
+
+    class Counting:
+        @staticmethod
+        def finditer(buf: bytearray, pos: int = 0) -> Any:
+            searched.append(len(buf) - pos)
+            return real.finditer(buf, pos)
+
+    monkeypatch.setattr(p2o, "_LINE_END", Counting)
+    decoder = p2o.SSEDecoder()
+    stream = b'event: text\ndata: {"text": "' + b"x" * 300_000 + b'"}\n\nevent: done\ndata: {}\n\n'
+    events = [e for i in range(0, len(stream), 1000) for e in decoder.feed(stream[i:i + 1000])]
+    assert [e.event for e in events] == ["text", "done"] and len(events[0].data) == 300_012
+    assert sum(searched) == len(stream)
+
+
+def test_sse_decoder_refuses_oversized_lines_and_events_as_they_come() -> None:
+    decoder = p2o.SSEDecoder(max_event_bytes=64 * 1024)
+    decoder.feed(b"data: " + b"x" * 60_000)             # under the cap: waits for the line end
+    with pytest.raises(ValueError, match="larger than 65536 bytes"):
+        decoder.feed(b"x" * 10_000)                     # refused once the line is too long, with no line end
+    many_lines = p2o.SSEDecoder(max_event_bytes=64 * 1024)
+    with pytest.raises(ValueError, match="event is larger"):
+        many_lines.feed(b"".join(b"data: " + b"y" * 1000 + b"\n" for _ in range(70)))   # short lines, one big event
+    counted = p2o.SSEDecoder(max_data_lines=100)
+    with pytest.raises(ValueError, match="more than 100 data lines"):
+        counted.feed(b"data:\n" * 101)
+    fine = p2o.SSEDecoder(max_event_bytes=64 * 1024, max_data_lines=100)   # the caps are per event
+    events = [e for _ in range(5) for e in fine.feed(b"".join(b"data: " + b"z" * 500 + b"\n" for _ in range(90)) + b"\n")]
+    assert len(events) == 5 and all(len(e.data) == 90 * 501 - 1 for e in events)
+
+
 ###############################################################################
 # Pure: converters
 ###############################################################################
@@ -577,6 +615,214 @@ def test_stream_and_fold_agree_on_replace_response() -> None:
     assert streamed == "Hello, world!\n\nOther end"   # stream: nothing repeated, nothing lost
 
 
+# Stream and fold agree by construction: any mix of Poe events, through the translator, rendered by each
+# dialect's stream encoder (accumulated the way its SDK does) and by its fold, says the same answer. The
+# one allowed difference is the design's: after a replace_response that does not extend what was sent, the
+# stream shows the old text, a blank line and the replacement; the whole answer is the replacement.
+
+_ANSWER_PIECES = ["Hello", " world", "\n", "\n\n", "*Thinking...*\n", "> a thought\n", "<think>", "</think>",
+                  '<tool_call>\n<invoke name="get_time">\n</invoke>\n</tool_call>', "<tool_call>",
+                  '<invoke name="get_weather"><parameter name="city">Paris</parameter></invoke>', "</tool_call>",
+                  "![a cat][ref1]", "![a cat]", "[ref1]", "]", "[", '{"a": 1}', "```json\n", "```", "é", "🎉"]
+_answer_text = st.lists(st.sampled_from(_ANSWER_PIECES) | st.text(max_size=4), max_size=4).map("".join)
+
+
+def _native_call(index: int, call_id: str, name: str, arguments: str, content: str) -> tuple[str, Any]:
+    call: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+    if call_id:
+        call["id"] = call_id
+    if name:
+        call["function"]["name"] = name
+    return "json", {"choices": [{"index": 0, "delta": {"content": content, "tool_calls": [call]}}]}
+
+
+_poe_event = st.one_of(
+    _answer_text.map(lambda t: ("text", {"text": t})),
+    _answer_text.map(lambda t: ("text", {"text": t})),
+    _answer_text.map(lambda t: ("replace_response", {"text": t})),
+    st.builds(_native_call, st.integers(0, 2), st.sampled_from(["", "call_poe1"]),
+              st.sampled_from(["", "get_weather", "get_time", "not_offered"]),
+              st.sampled_from(["", '{"city": ', '"Paris"}', "{}"]), st.sampled_from(["", "Hi"])),
+    st.just(("file", {"url": "https://pfst.cf2.poecdn.net/base/image/f.png", "name": "f.png", "inline_ref": "ref1",
+                      "content_type": "image/png"})),
+    st.just(("file", {"url": "https://pfst.cf2.poecdn.net/base/text/notes.txt", "name": "notes.txt"})),
+    st.just(("error", {"text": "The bot failed.", "error_type": "bot_error"})),
+    st.just(("done", {})),
+    st.just(("meta", {"content_type": "text/markdown"})))
+
+
+def _dialect_deltas(events: list[tuple[str, Any]], tools: bool, native: bool, json_answer: bool, parallel: bool,
+                    whole_calls: bool) -> list[p2o.Delta]:
+    """The deltas of one answer, up to and with its FINISH or ERROR, as the pipeline's source sees them."""
+    spec = p2o.parse_tools({"tools": WEATHER_TOOLS, "parallel_tool_calls": parallel}) if tools else None
+    ids = iter(range(1000))
+    translator = p2o.PoeTranslator(spec, native_tools=native, json_answer=json_answer, whole_calls=whole_calls,
+                                   make_id=lambda: f"call_{next(ids)}")
+    deltas: list[p2o.Delta] = []
+    for name, data in events:
+        deltas += translator.feed(p2o.SSEEvent(name, json.dumps(data)))
+    deltas += translator.end()
+    assert [d.kind for d in deltas].count(p2o.FINISH) + [d.kind for d in deltas].count(p2o.ERROR) == 1
+    assert deltas[-1].kind in (p2o.FINISH, p2o.ERROR)   # and nothing after it
+    return deltas
+
+
+def _sse_events(data: bytes) -> list[tuple[str, Any]]:
+    out = []
+    for block in data.decode().split("\n\n"):
+        name, payload = "", None
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and line[6:] != "[DONE]":
+                payload = json.loads(line[6:])
+        if payload is not None:
+            out.append((name, payload))
+    return out
+
+
+def _answer(content: str, reasoning: str, calls: list[tuple[str, str, Any]], finish: str,
+            usage: Any) -> dict[str, Any]:
+    return {"content": content, "reasoning": reasoning, "calls": calls, "finish": finish, "usage": usage}
+
+
+def _chat_stream_answer(pieces: list[bytes]) -> tuple[dict[str, Any], list[str], Any]:
+    """What the openai SDK accumulates: content, reasoning, tool calls by index, finish reason, usage.
+    Also the content seen before each piece, and the error event if any."""
+    content, reasoning, calls, finish, usage, error, before = "", "", {}, "", None, None, []
+    for piece in pieces:
+        before.append(content)
+        for _, chunk in _sse_events(piece):
+            if "error" in chunk:
+                error = chunk["error"]
+                continue
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                delta = choice["delta"]
+                content += delta.get("content") or ""
+                reasoning += delta.get("reasoning_content") or ""
+                for call in delta.get("tool_calls") or []:
+                    entry = calls.setdefault(call["index"], ["", "", ""])
+                    entry[0] = entry[0] or call.get("id") or ""
+                    entry[1] += call["function"].get("name") or ""
+                    entry[2] += call["function"].get("arguments") or ""
+                finish = choice["finish_reason"] or finish
+    return (_answer(content, reasoning, [tuple(calls[i]) for i in sorted(calls)], finish, usage), before, error)
+
+
+def _chat_fold_answer(body: dict[str, Any]) -> dict[str, Any]:
+    message = body["choices"][0]["message"]
+    calls = [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])]
+    return _answer(message["content"] or "", message.get("reasoning_content", ""), calls,
+                   body["choices"][0]["finish_reason"], body["usage"])
+
+
+def _anthropic_stream_answer(pieces: list[bytes]) -> tuple[dict[str, Any], list[str], Any]:
+    """What the anthropic SDK accumulates: content blocks (text, thinking, tool_use with its input)."""
+    blocks: dict[int, dict[str, Any]] = {}
+    finish, usage, error, before = "", None, None, []
+    for piece in pieces:
+        before.append("".join(b["text"] for b in blocks.values()))
+        for name, event in _sse_events(piece):
+            if name == "content_block_start":
+                block = event["content_block"]
+                blocks[event["index"]] = {"type": block["type"], "text": block.get("text", ""),
+                                          "thinking": block.get("thinking", ""), "id": block.get("id"),
+                                          "name": block.get("name"), "json": ""}
+            elif name == "content_block_delta":
+                block, delta = blocks[event["index"]], event["delta"]
+                block["text"] += delta.get("text", "")
+                block["thinking"] += delta.get("thinking", "")
+                block["json"] += delta.get("partial_json", "")
+            elif name == "message_delta":
+                finish, usage = event["delta"]["stop_reason"], event["usage"]
+            elif name == "error":
+                error = event["error"]
+    ordered = [blocks[i] for i in sorted(blocks)]
+    calls = [(b["id"], b["name"], p2o._arguments_dict(b["json"]) or {}) for b in ordered if b["type"] == "tool_use"]
+    return (_answer("".join(b["text"] for b in ordered), "".join(b["thinking"] for b in ordered), calls, finish,
+                    usage), before, error)
+
+
+def _anthropic_fold_answer(body: dict[str, Any]) -> dict[str, Any]:
+    blocks = body["content"]
+    return _answer("".join(b["text"] for b in blocks if b["type"] == "text"),
+                   "".join(b["thinking"] for b in blocks if b["type"] == "thinking"),
+                   [(b["id"], b["name"], b["input"]) for b in blocks if b["type"] == "tool_use"],
+                   body["stop_reason"], body["usage"])
+
+
+def _responses_stream_answer(pieces: list[bytes]) -> tuple[dict[str, Any], list[str], Any]:
+    """What the openai SDK accumulates from Responses events: output_text, reasoning summaries, function
+    calls with their argument deltas; the final object's status and usage."""
+    content, reasoning, items, usage, status, error, before = "", "", {}, None, "", None, []
+    for piece in pieces:
+        before.append(content)
+        for name, event in _sse_events(piece):
+            if name == "response.output_item.added":
+                items[event["output_index"]] = dict(event["item"], arguments="")
+            elif name == "response.output_text.delta":
+                content += event["delta"]
+            elif name == "response.reasoning_summary_text.delta":
+                reasoning += event["delta"]
+            elif name == "response.function_call_arguments.delta":
+                items[event["output_index"]]["arguments"] += event["delta"]
+            elif name in ("response.completed", "response.failed"):
+                usage, status = event["response"]["usage"], event["response"]["status"]
+                error = event["response"].get("error")
+    calls = [(i["call_id"], i["name"], i["arguments"]) for _, i in sorted(items.items()) if i["type"] == "function_call"]
+    return _answer(content, reasoning, calls, status, usage), before, error
+
+
+def _responses_fold_answer(body: dict[str, Any]) -> dict[str, Any]:
+    content = "".join(p["text"] for i in body["output"] if i["type"] == "message" for p in i["content"])
+    reasoning = "".join(p["text"] for i in body["output"] if i["type"] == "reasoning" for p in i["summary"])
+    calls = [(i["call_id"], i["name"], i["arguments"]) for i in body["output"] if i["type"] == "function_call"]
+    return _answer(content, reasoning, calls, body["status"], body["usage"])
+
+
+_DIALECTS = {
+    "chat": (False, lambda: p2o.OpenAIStreamEncoder("chatcmpl-1", 0, "m", True), p2o.ChatFold,
+             _chat_stream_answer, _chat_fold_answer),
+    "anthropic": (True, lambda: p2o.AnthropicStreamEncoder("msg_1", "m", 7), p2o.AnthropicFold,
+                  _anthropic_stream_answer, _anthropic_fold_answer),
+    "responses": (True, lambda: p2o.ResponsesStreamEncoder(p2o.responses_envelope("resp_1", 0, "m", {})),
+                  lambda: p2o.ResponsesFold(p2o.responses_envelope("resp_1", 0, "m", {})),
+                  _responses_stream_answer, _responses_fold_answer),
+}
+
+
+@given(events=st.lists(_poe_event, max_size=10), tools=st.booleans(), native=st.booleans(),
+       json_answer=st.booleans(), parallel=st.booleans())
+@hsettings(max_examples=400, deadline=None)
+def test_stream_and_fold_say_the_same_answer_in_every_dialect(events: list[tuple[str, Any]], tools: bool,
+                                                              native: bool, json_answer: bool,
+                                                              parallel: bool) -> None:
+    for dialect, (whole_calls, encoder_of, fold_of, from_stream, from_fold) in _DIALECTS.items():
+        deltas = _dialect_deltas(events, tools, native, json_answer, parallel, whole_calls)
+        encoder, fold, end = encoder_of(), fold_of(), deltas[-1]
+        pieces = [encoder.start()] + [encoder.encode(d) for d in deltas[:-1]]
+        if end.kind == p2o.ERROR:
+            assert end.error is not None
+            pieces.append(encoder.error(end.error))
+            streamed, _, error = from_stream(pieces)
+            assert error is not None and error["message"] == end.error.message, dialect   # the whole answer raises it
+            continue
+        pieces.append(encoder.finish(end.text, 7))
+        for delta in deltas:
+            fold.add(delta)
+        streamed, before, error = from_stream(pieces)
+        whole = from_fold(fold.body("id-1", 0, "m", 7))
+        assert error is None
+        assert {k: v for k, v in streamed.items() if k != "content"} == \
+            {k: v for k, v in whole.items() if k != "content"}, dialect
+        if streamed["content"] != whole["content"]:
+            # Only after a replacement: the stream's text at that point, a blank line, then the whole answer.
+            replaced = [before[i + 1] for i, d in enumerate(deltas[:-1]) if d.kind == p2o.REPLACE]
+            assert any(streamed["content"] == seen + "\n\n" + whole["content"] for seen in replaced if seen), \
+                (dialect, streamed["content"], whole["content"])
+
+
 def test_rate_gate_is_fifo_and_a_leaver_leaves_the_queue() -> None:
     async def scenario() -> list[tuple[str, float]]:
         gate = p2o.RateGate(0.1)
@@ -618,6 +864,23 @@ def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
     assert err.status == 429 and dict(err.headers)["Retry-After"] == "1"
 
 
+def test_usage_stats_rows_stay_small_whatever_model_names_clients_send() -> None:
+    stats = p2o.UsageStats()
+    stats.record("GPT-4o", ok=True, latency_s=0.1, prompt_tokens=5, completion_tokens=7)
+    for i in range(150):   # strangers' junk: refused by Poe, never an answer
+        stats.record(f"{i:03d}\x1b[31m\n" + "m" * 1_000_000, ok=False, latency_s=0.01)
+    stats.record("anything at all", ok=False, latency_s=0.01, refused=True)
+    rows = {m["model"]: m for m in stats.snapshot()["models"]}
+    assert all(len(name) <= 100 and name.isprintable() for name in rows)
+    assert rows["000[31m" + "m" * 93]["errors"] == 1              # names cut, control characters gone
+    assert len(rows) == 1 + 100 + 1 and rows["(refused)"]["requests"] == 50 + 1
+    stats.record("Claude-Sonnet-4.5", ok=True, latency_s=0.2, prompt_tokens=1, completion_tokens=1)
+    assert "Claude-Sonnet-4.5" in {m["model"] for m in stats.snapshot()["models"]}   # real models still get rows
+    for _ in range(5000):
+        stats.record("GPT-4o", ok=True, latency_s=0.1)
+    assert len(stats._models["GPT-4o"]["latency"]) == 1000                  # latency samples are bounded too
+
+
 def test_token_estimator_matches_o200k_on_the_corpus() -> None:
     # tokens/corpus.jsonl: English, code, Chinese, Japanese, JSON, emoji, … with o200k_base counts made by
     # tokens/count_o200k.mjs (js-tiktoken). Targets: median error <= 4 %, no text worse than 10 %.
@@ -630,6 +893,45 @@ def test_token_estimator_matches_o200k_on_the_corpus() -> None:
     # Any str is accepted (lone surrogates, control chars) and counted the same way every time.
     for odd in ("\ud800x\udfff", "\x00\x01\x7f\u200d\ufe0f", "\U0001F1E6" * 3, "中\ud83d文", "\u3000" * 9):
         assert p2o.estimate_tokens(odd) == p2o.estimate_tokens(odd) >= 1
+
+
+def tally_of(text: str, pieces: Callable[[int], int], segment_chars: int = 16 * 1024) -> p2o.TokenTally:
+    tally = p2o.TokenTally(segment_chars)
+    at = 0
+    while at < len(text):
+        step = pieces(at)
+        tally.add(text[at:at + step])
+        at += step
+    return tally
+
+
+def test_token_tally_counts_a_streamed_answer_as_the_whole_text() -> None:
+    # Streamed answers are counted piece by piece, keeping only a short tail: the count must stay what
+    # estimate_tokens() says of the whole text, for every kind of text in the corpus.
+    rows = [json.loads(line) for line in (HERE / "tokens" / "corpus.jsonl").read_text().splitlines() if line]
+    rng = __import__("random").Random(7)
+    for row in rows:   # small segments, so that every text is cut several times
+        whole = p2o.estimate_tokens(row["text"])
+        tally = tally_of(row["text"], lambda _: rng.randint(1, 12), segment_chars=512)
+        assert abs(tally.tokens() - whole) <= 0.01 * whole, row["name"]
+    joined = "\n".join(r["text"] for r in rows) * 6   # ~330k chars at the real segment size
+    assert abs(tally_of(joined, lambda _: rng.randint(1, 40)).tokens() - p2o.estimate_tokens(joined)) \
+        <= 0.01 * p2o.estimate_tokens(joined)
+    blank_free = "Zm9vYmFy" * 200_000   # 1.6 M chars without a blank: the tail is cut anyway
+    tally = tally_of(blank_free, lambda _: 1000)
+    assert tally.held_chars <= 4 * 16 * 1024 + 1000
+    assert abs(tally.tokens() - p2o.estimate_tokens(blank_free)) <= 0.01 * p2o.estimate_tokens(blank_free)
+    assert p2o.TokenTally().tokens() == 0 and tally_of("Hello", lambda _: 2).tokens() == 1
+
+
+def test_a_fold_refuses_an_answer_past_max_answer_size() -> None:
+    for fold in (p2o.ChatFold(max_answer_size=1000), p2o.AnthropicFold(max_answer_size=1000)):
+        fold.add(p2o.Delta(p2o.TEXT, "x" * 600))
+        fold.add(p2o.Delta(p2o.REPLACE, "y" * 900))   # a replacement takes the place of what was said
+        with pytest.raises(p2o.ProxyError) as info:
+            fold.add(p2o.Delta(p2o.REASONING, "é" * 60))   # bytes, not characters, are counted
+        assert (info.value.status, info.value.code) == (502, "answer_too_large")
+        assert "MAX_ANSWER_SIZE" in info.value.message
 
 
 ###############################################################################
@@ -990,6 +1292,38 @@ def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePo
     assert info.value.status_code == 504
 
 
+def test_read_deadline_moves_with_each_read_and_an_outside_cancel_stays_a_cancel() -> None:
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=ours)
+        stream = p2o.HTTPStream(reader, writer, h11.CLIENT, 1024)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        for _ in range(8):   # a piece every 30 ms, 0.1 s allowed each: 0.24 s in all, never a timeout
+            loop.call_later(0.03, theirs.send, b"x")
+            assert await stream.receive(0.1) == b"x"
+        assert loop.time() - began > 0.2
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.1)
+        assert 0.09 < loop.time() - began < 0.5
+        task = asyncio.ensure_future(stream.receive(5.0))
+        await asyncio.sleep(0.02)
+        task.cancel()                      # the client left: a cancel, never mistaken for a timeout
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        began = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await stream.receive(0.05)     # a nearer deadline than the timer's: the timer is moved up
+        assert loop.time() - began < 1.0
+        theirs.send(b"late")
+        assert await stream.receive(1.0) == b"late"   # nothing lost to a timeout
+        await stream.aclose()
+        theirs.close()
+    asyncio.run(scenario())
+
+
 def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
     client = proxy.client()
     for _ in range(3):
@@ -997,6 +1331,144 @@ def test_outbound_connection_is_reused(proxy: Proxy, poe: FakePoe) -> None:
         list(client.chat.completions.create(model="GPT-4o", stream=True, messages=[{"role": "user", "content": "x"}]))
     assert len([r for r in poe.requests if r["path"].startswith("/bot/")]) == 6
     assert poe.connections == 1
+
+
+class ScriptedEvents:
+    """A PoeEventStream stand-in for DeltaSource: pieces of Poe events read one per pull (None: the body
+    ended; an exception: raised by the read; "hang": Poe silent until cancelled). Records how the
+    upstream was let go."""
+
+    def __init__(self, *pieces: Any) -> None:
+        self.pieces = list(pieces)
+        self.let_go: list[tuple[Any, ...]] = []
+
+    async def read(self, wait_s: float) -> list[p2o.SSEEvent] | None:
+        piece = self.pieces.pop(0) if self.pieces else None
+        if isinstance(piece, BaseException):
+            raise piece
+        if piece == "hang":
+            await asyncio.sleep(30)
+        return None if piece is None else [p2o.SSEEvent(name, json.dumps(data)) for name, data in piece]
+
+    async def finish(self, complete: bool, wait_s: float = 1.0) -> None:
+        self.let_go.append(("finish", complete, wait_s))
+
+    async def aclose(self) -> None:
+        self.let_go.append(("close",))
+
+
+def _source(*pieces: Any) -> tuple[p2o.DeltaSource, ScriptedEvents]:
+    events = ScriptedEvents(*pieces)
+    return p2o.DeltaSource(events, p2o.PoeTranslator(), finish_wait_s=0.05), events   # type: ignore[arg-type]
+
+
+def test_delta_source_finishes_the_upstream_once_after_done() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], [("text", {"text": "b"}), ("done", {})])
+        assert [d.text for d in await source.next(1.0)] == ["a"] and source.finish is None
+        assert [d.text for d in await source.next(1.0)] == ["b"]      # FINISH is not in a batch...
+        assert source.finish is not None and source.finish.text == "stop"   # ...but here
+        assert await source.next(1.0) == []
+        await source.aclose()
+        assert events.let_go == [("finish", True, 0.05)]   # read to its end: the connection is reused
+    asyncio.run(scenario())
+
+
+def test_delta_source_without_done_closes_the_upstream_once() -> None:
+    async def scenario() -> None:
+        source, events = _source([("text", {"text": "a"})], None)
+        assert [d.text for d in await source.next(1.0)] == ["a"]
+        assert await source.next(1.0) == [] and source.finish is not None
+        await source.aclose()
+        assert events.let_go == [("finish", False, 0.05)]   # PoeEventStream closes an answer without done
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_delta_source_raises_poes_error_after_what_came_before_it(text_first: bool) -> None:
+    async def scenario() -> None:
+        piece = [("text", {"text": "partial"})] if text_first else []
+        source, events = _source(piece + [("error", {"text": "no points", "error_type": "insufficient_fund"}),
+                                          ("text", {"text": "never"})])
+        if text_first:
+            assert [d.text for d in await source.next(1.0)] == ["partial"]
+        with pytest.raises(p2o.ProxyError) as info:
+            await source.next(1.0)
+        assert info.value.code == "insufficient_quota" and source.poe_error
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)      # still the error, without reading on
+        await source.aclose()
+        assert events.let_go == [("close",)] and len(events.pieces) == 0
+    asyncio.run(scenario())
+
+
+def test_delta_source_closes_the_upstream_once_when_reading_fails_or_is_cancelled() -> None:
+    async def scenario() -> None:
+        source, events = _source(p2o.upstream_error("Poe sent nothing", 504, "upstream_timeout"))
+        with pytest.raises(p2o.ProxyError):
+            await source.next(1.0)
+        await source.aclose()
+        assert events.let_go == [("close",)] and not source.poe_error
+
+        source, events = _source([("text", {"text": "a"})], "hang")   # the client leaves while Poe is silent
+        await source.next(1.0)
+        task = asyncio.ensure_future(source.next(1.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await source.aclose()
+        assert events.let_go == [("close",)]
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_upstream_is_let_go_once_finished_or_left(proxy: Proxy, poe: FakePoe, stream: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    let_go: list[str] = []
+    finish, aclose = p2o.PoeEventStream.finish, p2o.PoeEventStream.aclose
+
+    async def counted_finish(self: p2o.PoeEventStream, complete: bool, wait_s: float = 1.0) -> None:
+        let_go.append(f"finish {complete}")
+        await finish(self, complete, wait_s)
+
+    async def counted_aclose(self: p2o.PoeEventStream) -> None:
+        let_go.append("close")
+        await aclose(self)
+
+    monkeypatch.setattr(p2o.PoeEventStream, "finish", counted_finish)
+    monkeypatch.setattr(p2o.PoeEventStream, "aclose", counted_aclose)
+    client = proxy.client()
+    messages = [{"role": "user", "content": "x"}]
+    for _ in range(3):   # after `done`: finished, and the connection is reused
+        if stream:
+            answer = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="GPT-4o", stream=True, messages=messages) if c.choices)
+        else:
+            answer = client.chat.completions.create(model="GPT-4o", messages=messages).choices[0].message.content
+        assert answer == "Hello from GPT-4o"
+    assert let_go == ["finish True"] * 3 and poe.connections == 1
+    let_go.clear()
+    # The client leaves mid-answer: Poe's connection is closed, once, and a new one serves the next request.
+    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        got = b""
+        while b"thinking..." not in got:
+            got += sock.recv(65536)
+    else:
+        time.sleep(0.3)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while not poe.disconnects and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    assert let_go == ["close"] and len(poe.disconnects) == 1
+    assert client.chat.completions.create(model="GPT-4o", messages=messages)
+    assert poe.connections == 2
 
 
 def test_stale_pooled_connection_is_replaced(proxy: Proxy, poe: FakePoe, lt: LoopThread) -> None:
@@ -1315,6 +1787,233 @@ def test_admin_page_needs_basic_auth(proxy: Proxy) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
 
 
+# ----------------------------------------------------------------------------- the inbound protocol, in memory
+
+POST_HI = (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 11\r\n\r\n" b'{"a": "hi"}')
+GET_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+GET_CLOSE = b"GET /last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def inbound(**kw: Any) -> p2o.InboundProtocol:
+    return p2o.InboundProtocol(p2o.Settings(**kw), now=0.0, client="test")
+
+
+def feed(protocol: p2o.InboundProtocol, data: bytes, cuts: list[int] | None = None, now: float = 0.0) -> list[Any]:
+    """Feed data in pieces (cut at the given offsets) and collect every action."""
+    bounds = [0, *(cuts or []), len(data)]
+    actions: list[Any] = []
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a:
+            actions += protocol.receive_data(data[a:b], now)
+    return actions
+
+
+def answer(protocol: p2o.InboundProtocol, body: bytes = b"ok", now: float = 0.0) -> tuple[bytes, list[Any]]:
+    out = protocol.respond(200, [("Content-Type", "text/plain")], body)
+    return out, protocol.response_done(now)
+
+
+def responses_of(data: bytes, count: int = 1) -> list[tuple[int, dict[str, str], bytes]]:
+    """Parse bytes the way a client does (h11 as the peer): raises unless they are well-formed HTTP."""
+    client = h11.Connection(h11.CLIENT)
+    client.receive_data(data)
+    out = []
+    for _ in range(count):
+        client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        client.send(h11.EndOfMessage())
+        status, headers, body = 0, {}, b""
+        while True:
+            event = client.next_event()
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                raise AssertionError(f"incomplete response: {event}")
+        out.append((status, headers, body))
+        if client.our_state is h11.DONE and client.their_state is h11.DONE:
+            client.start_next_cycle()
+    return out
+
+
+@pytest.mark.parametrize("cuts", [[], list(range(1, len(POST_HI))), [POST_HI.index(b"\r\n\r\n") + 4], [5, 40, 90]],
+                         ids=["whole", "byte-by-byte", "head-then-body", "odd"])
+def test_inbound_protocol_any_chunking_gives_one_request(cuts: list[int]) -> None:
+    protocol = inbound()
+    actions = feed(protocol, POST_HI, cuts)
+    assert [type(a) for a in actions] == [p2o.RequestReady]
+    ready = actions[0]
+    assert ready.error is None and protocol.busy and protocol.deadline() is None   # no read deadline while we answer
+    request = ready.request
+    assert (request.method, request.path, request.query, request.body) == ("POST", "/v1/chat/completions", "x=1",
+                                                                           b'{"a": "hi"}')
+    assert request.headers["content-type"] == "application/json" and request.request_id.startswith("req_")
+    out, after = answer(protocol, b"hello")
+    assert after == [] and not protocol.busy and not protocol.closed
+    assert responses_of(out) == [(200, {"content-type": "text/plain", "content-length": "5"}, b"hello")]
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_inbound_protocol_pipelined_requests_one_at_a_time() -> None:
+    protocol = inbound()
+    actions = feed(protocol, GET_HEALTH + POST_HI + GET_CLOSE)
+    assert [a.request.path for a in actions] == ["/healthz"]          # the rest waits for our answer
+    assert protocol.receive_data(GET_HEALTH, 0.0) == []               # still held, not parsed
+    wire = b""
+    paths = []
+    while not protocol.closed:
+        out, actions = answer(protocol, b"x")
+        wire += out
+        paths += [a.request.path for a in actions if isinstance(a, p2o.RequestReady)]
+        if any(isinstance(a, p2o.CloseConnection) for a in actions):
+            break
+    assert paths == ["/v1/chat/completions", "/last"]                 # "Connection: close" ended it
+    assert protocol.closed and wire.count(b"HTTP/1.1 200 ") == 3
+    assert [r[0] for r in responses_of(wire, 3)] == [200, 200, 200]
+
+
+def test_inbound_protocol_keep_alive_reuse_and_its_idle_timeout() -> None:
+    protocol = inbound(header_timeout_seconds=10, keepalive_timeout_seconds=30)
+    assert protocol.deadline() == 10                               # a new connection owes us a head
+    feed(protocol, GET_HEALTH, now=1.0)
+    assert answer(protocol, now=2.0)[1] == []
+    assert protocol.deadline() == 32                               # idle keep-alive
+    assert protocol.handle_timer(31.9) == []
+    assert [type(a) for a in feed(protocol, GET_HEALTH[:5], now=20.0)] == []
+    assert protocol.deadline() == 30                               # a head began: the header deadline
+    assert [type(a) for a in feed(protocol, GET_HEALTH[5:], now=21.0)] == [p2o.RequestReady]
+    answer(protocol, now=22.0)
+    assert protocol.handle_timer(52.0) == [p2o.CLOSE] and protocol.closed   # idle too long: closed silently
+
+
+def test_inbound_protocol_slow_head_is_408_and_close() -> None:
+    protocol = inbound(header_timeout_seconds=10)
+    feed(protocol, b"GET /healthz HTTP/1.1\r\nHost:", now=1.0)
+    assert protocol.handle_timer(9.0) == []
+    out, close = protocol.handle_timer(10.0)
+    assert close == p2o.CLOSE and protocol.closed
+    status, headers, body = responses_of(out)[0]
+    assert status == 408 and headers["connection"] == "close" and json.loads(body)["error"]["code"] == "request_timeout"
+    assert inbound().handle_timer(10.0) == [p2o.CLOSE]              # nothing sent at all: just close
+
+
+def test_inbound_protocol_slow_body_closes_and_names_the_request() -> None:
+    protocol = inbound(read_timeout_seconds=5)
+    feed(protocol, POST_HI[:-3], now=1.0)
+    feed(protocol, POST_HI[-3:-1], now=4.0)
+    assert protocol.deadline() == 9.0 and protocol.handle_timer(8.0) == []   # idle time, not total
+    (close,) = protocol.handle_timer(9.0)
+    assert close.abandoned.request.path == "/v1/chat/completions" and protocol.closed
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_inbound_protocol_huge_head_is_431_and_close(whole: bool) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n"
+    protocol = inbound()
+    actions = feed(protocol, head, [] if whole else list(range(1024, len(head), 1024)))
+    if whole:   # h11 parsed it in one go: refused once we see its size, still answered through h11
+        (ready,) = actions
+        assert ready.error.status == 431
+        out, after = answer(protocol)
+        assert after == [p2o.CLOSE]
+    else:
+        out, close = actions
+        assert close == p2o.CLOSE and protocol.closed
+        status, headers, body = responses_of(out)[0]
+        assert status == 431 and headers["connection"] == "close" and b"too large" in body
+        assert out.startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+
+
+def test_inbound_protocol_garbage_is_400_and_close() -> None:
+    protocol = inbound()
+    out, close = feed(protocol, b"\x16\x03\x01 garbage\r\n\r\n")
+    assert close == p2o.CLOSE and protocol.closed
+    status, headers, body = responses_of(out)[0]
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_http_request"
+
+
+def test_inbound_protocol_body_over_the_limit_is_413_and_close() -> None:
+    protocol = inbound(max_request_size=100)
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n"
+    (ready,) = feed(protocol, head)                                  # declared too big: no 100 Continue
+    assert ready.error.status == 413 and ready.error.code == "payload_too_large"
+    assert feed(protocol, b"x" * 1000) == [] and not protocol.wants_data   # the rest is dropped, not read
+    assert answer(protocol)[1] == [p2o.CLOSE] and protocol.closed
+
+    protocol = inbound(max_request_size=100)
+    chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(3)) + b"0\r\n\r\n"
+    actions = feed(protocol, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + chunked, list(range(10, 300, 10)))
+    assert [a.error.status for a in actions] == [413]                # counted as it comes, refused once
+    assert answer(protocol)[1] == [p2o.CLOSE]
+
+
+def test_inbound_protocol_100_continue_only_when_the_body_is_read() -> None:
+    expect = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+              b"Content-Length: 11\r\n\r\n")
+    protocol = inbound()
+    assert feed(protocol, expect) == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    assert [a.request.body for a in feed(protocol, b'{"a": "hi"}')] == [b'{"a": "hi"}']
+
+    protocol = inbound()                                               # the same, pipelined behind a GET
+    assert [type(a) for a in feed(protocol, GET_HEALTH + expect)] == [p2o.RequestReady]   # no 100 yet
+    out, actions = answer(protocol)
+    assert actions == [b"HTTP/1.1 100 Continue\r\n\r\n"]               # now we read its body
+    assert [a.request.path for a in feed(protocol, b'{"a": "hi"}')] == ["/v1/chat/completions"]
+
+
+def test_inbound_protocol_end_of_input() -> None:
+    protocol = inbound()
+    assert protocol.receive_data(b"", 0.0) == [p2o.CLOSE] and protocol.closed   # an idle client left
+    assert protocol.receive_data(GET_HEALTH, 0.0) == []                 # bytes after the end are ignored
+
+    protocol = inbound()                                                # in the middle of a head: 400
+    out, close = feed(protocol, GET_HEALTH[:10]) + protocol.receive_data(b"", 0.0)
+    assert responses_of(out)[0][0] == 400 and close == p2o.CLOSE
+
+    protocol = inbound()                                                # in the middle of a body: refused
+    (ready,) = feed(protocol, POST_HI[:-2]) + protocol.receive_data(b"", 0.0)
+    assert ready.error.status == 400 and "Malformed request body" in ready.error.message
+
+    protocol = inbound()                                                # while we answer: the client left
+    feed(protocol, POST_HI)
+    assert protocol.receive_data(b"", 0.0) == [p2o.DISCONNECTED] and protocol.closed
+    assert protocol.receive_data(b"more", 0.0) == []
+
+    protocol = inbound()                                                # a reset while we answer: the same
+    feed(protocol, GET_HEALTH)
+    assert protocol.connection_lost(0.0) == [p2o.DISCONNECTED]
+
+    protocol = inbound(max_request_size=5)                              # an error answer still goes out
+    feed(protocol, POST_HI)
+    assert protocol.receive_data(b"", 0.0) == []
+    assert answer(protocol)[1] == [p2o.CLOSE]
+
+
+def test_inbound_protocol_holds_at_most_a_bounded_pipeline() -> None:
+    protocol = inbound()
+    feed(protocol, GET_HEALTH)
+    assert protocol.wants_data                                          # watching for the client leaving
+    size = p2o.PIPELINE_BUFFER_BYTES + 10
+    feed(protocol, b"POST /next HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (size + 10) + b"p" * size)
+    assert not protocol.wants_data                                      # enough held: stop reading
+    assert answer(protocol)[1] == [] and protocol.busy                  # now reading that body...
+    assert protocol.wants_data
+    assert [a.request.path for a in feed(protocol, b"p" * 10)] == ["/next"]   # ...to its end
+
+
+def test_inbound_protocol_http_10_and_head() -> None:
+    protocol = inbound()
+    feed(protocol, b"HEAD /healthz HTTP/1.0\r\n\r\n")
+    out, after = answer(protocol, b"twelve bytes")
+    assert out.endswith(b"\r\n\r\n") and b"Content-Length: 12" in out    # the length of the GET body, none of it
+    assert b"connection: close" in out.lower() and after == [p2o.CLOSE]
+
+
 ###############################################################################
 # models.yaml: mapping, hiding, custom models, hand edits
 ###############################################################################
@@ -1341,6 +2040,79 @@ def test_models_yaml_mapping_hiding_and_hand_edits(start: Callable[..., Proxy], 
     time.sleep(2.5)
     assert [m.id for m in client.models.list().data] == ["renamed", "Claude-Sonnet-4.5"]   # ...changes nothing
     assert cfg.read_text() == "enable: true\nmodels: [broken\n"                  # and the file is left alone
+
+
+def admin_config(proxy: Proxy) -> dict[str, Any]:
+    with httpx.Client(auth=ADMIN, timeout=20) as http:
+        return http.get(proxy.url + "/api/admin/config").json()
+
+
+def wait_for_config(proxy: Proxy, check: Callable[[dict[str, Any]], bool], timeout: float = 8) -> dict[str, Any]:
+    deadline = time.time() + timeout
+    while True:
+        cfg = admin_config(proxy)
+        if check(cfg) or time.time() > deadline:
+            return cfg
+        time.sleep(0.2)
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def test_models_yaml_that_would_wedge_the_proxy_is_refused(start: Callable[..., Proxy], poe: FakePoe,
+                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: good-name}\n")
+    proxy = start()
+    client = proxy.client()
+    assert client.models.list().data[0].id == "good-name"
+    cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: bad}\n" + ALIAS_BOMB)   # 9^9 items if expanded
+    got = wait_for_config(proxy, lambda c: bool(c["load_error"]))
+    assert "aliases (*name) are not allowed" in got["load_error"] and "line 5" in got["load_error"]
+    assert got["models"] == {"GPT-4o": {"mapping": "good-name"}} and client.models.list().data[0].id == "good-name"
+    cfg.write_text("enable: true\n" + "# padding\n" * 30_000)                            # over 256 KiB
+    got = wait_for_config(proxy, lambda c: "larger than" in (c["load_error"] or ""))
+    assert "larger than 256 KiB" in got["load_error"] and client.models.list().data[0].id == "good-name"
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        cfg.write_text("enable: true\nmodels:\n  GPT-4o: {mapping: renamed, colour: red, notes: [a, b]}\n"
+                       "custom_models:\n  - {id: Mine, owned_by: me, payload: xxxxxxxx}\n")
+        got = wait_for_config(proxy, lambda c: not c["load_error"])
+    assert got["models"] == {"GPT-4o": {"mapping": "renamed"}}                  # unknown keys are not kept...
+    assert got["custom_models"] == [{"id": "Mine", "owned_by": "me"}]
+    warnings_ = [r.getMessage() for r in caplog.records if "unknown keys" in r.getMessage()]
+    assert len(warnings_) == 1 and "'colour'" in warnings_[0] and "'payload'" in warnings_[0]   # ...and said once
+    assert [m.id for m in client.models.list().data][0] == "renamed"
+
+
+@pytest.mark.parametrize("libyaml", [True, False])
+def test_models_yaml_aliases_are_refused_when_read_directly_too(tmp_path: Path, libyaml: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if not libyaml:   # PyYAML built without libyaml: the pure-Python loader refuses them as well
+        monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    for text in ("models: &m {GPT-4o: {mapping: x}}\nagain: *m\n", "base: &b {enable: false}\nmodels:\n  X: {<<: *b}\n"):
+        with pytest.raises(yaml.YAMLError, match="aliases") as info:
+            p2o.ModelConfig.from_yaml(text)
+        assert info.value.problem_mark.line in (1, 2)    # type: ignore[attr-defined]
+    assert p2o.ModelConfig.from_yaml("models: &m {GPT-4o: {mapping: x}}\n").models == {"GPT-4o": {"mapping": "x"}}
+    assert gc.isenabled()
+    (tmp_path / "models.yaml").write_text("enable: true\nmodels:\n  GPT-4o: {mapping: sync}\n")
+    registry = p2o.ModelRegistry(str(tmp_path / "models.yaml"))   # no event loop: read on the spot
+    assert registry.config().models == {"GPT-4o": {"mapping": "sync"}} and registry.last_error is None
+
+
+def test_temporary_files_of_an_interrupted_save_are_removed_at_start(start: Callable[..., Proxy],
+                                                                     tmp_path: Path) -> None:
+    ours_old = [tmp_path / ".models.yaml.k3j4h5g6", tmp_path / ".models.yaml.bak.ab_d3fgh"]
+    kept = [tmp_path / ".models.yaml.zz9zzzzz",            # ours, but young: a save may be running
+            tmp_path / ".models.yaml.mine", tmp_path / "models.yaml.k3j4h5g6", tmp_path / "notes.txt"]
+    past = time.time() - 300
+    for path in ours_old + kept:
+        path.write_text("x")
+        if path.name != ".models.yaml.zz9zzzzz":
+            os.utime(path, (past, past))
+    start()
+    assert [p.exists() for p in ours_old] == [False, False] and all(p.exists() for p in kept)
 
 
 def test_shipped_models_yaml_is_valid() -> None:
@@ -2346,6 +3118,35 @@ def test_client_leaving_closes_the_poe_connection_at_once(proxy: Proxy, poe: Fak
     assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
 
 
+@pytest.mark.parametrize("how", ["close", "half-close", "pipeline-then-half-close"])
+def test_client_leaving_mid_stream_closes_poe_while_it_is_still_sending(proxy: Proxy, poe: FakePoe, how: str) -> None:
+    poe.on("Trickle", [x for i in range(20) for x in (sse("text", {"text": f"piece{i} "}), 0.25)] + [sse("done", {})])
+    body = json.dumps({"model": "Trickle", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"piece0" not in got:
+            got += sock.recv(65536)
+        if how.startswith("pipeline"):     # a next request already came: the leaving is noticed all the same
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.05)
+        left_at = time.monotonic()
+        if how.endswith("half-close"):     # the client still reads, so writes to it keep succeeding
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            sock.close()
+        deadline = time.monotonic() + 3
+        while not poe.disconnects and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert poe.disconnects and poe.disconnects[0] - left_at < 1.0
+        if how.endswith("half-close"):
+            rest = b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+            assert b"piece19" not in rest and b"[DONE]" not in rest   # the answer was cut, not finished
+
+
 def test_hostile_bot_output_never_breaks_the_stream() -> None:
     tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object",
               "properties": {"n": {"type": "integer"}, "o": {"type": "object"}, "s": {"type": "string"}}}}}]
@@ -2528,7 +3329,7 @@ def test_files_and_audio_are_uploaded_with_names(proxy: Proxy, poe: FakePoe,
             {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"ID3fake-mp3").decode(),
                                                     "format": "mp3"}},
             {"type": "mystery_part", "x": 1}]}])
-    assert "messages[0].content[3]: skipping a content part of unknown type 'mystery_part'" in caplog.text
+    assert "messages[0].content[3]: a content part of unknown type 'mystery_part'" in caplog.text
     assert [(u["filename"], u["content_type"], u["data"]) for u in poe.uploads] == [
         ("spec.pdf", "application/pdf", PDF_LIKE), ("audio.mp3", "audio/mpeg", b"ID3fake-mp3")]
     assert [a["name"] for a in last_query(poe)["query"]["query"][-1]["attachments"]] == ["spec.pdf", "audio.mp3"]
@@ -3449,9 +4250,10 @@ def test_graceful_shutdown_lets_running_streams_finish(start: Callable[..., Prox
 
     reader = threading.Thread(target=consume)
     reader.start()
-    deadline = time.monotonic() + 5
-    while not any(r["path"] == "/bot/Slow" for r in poe.requests) and time.monotonic() < deadline:
-        time.sleep(0.01)                         # wait until the stream is running, however loaded the machine
+    deadline = time.monotonic() + 10              # the stream is running (the SDK can be slow to start)
+    while not any(r["path"].endswith("/Slow") for r in poe.requests) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
     stopper = threading.Thread(target=proxy.stop)
     stopper.start()
     time.sleep(0.1)
@@ -3600,6 +4402,129 @@ def test_missing_models_yaml_is_a_warning_only_when_config_dir_was_chosen(tmp_pa
             server.stop()
 
 
+BIG_PIECE = ("lorem ipsum " * 5462)[:64 * 1024]   # 64 KiB of answer text per event
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 3.0) -> bool:
+    deadline = time.time() + timeout
+    while not check() and time.time() < deadline:
+        time.sleep(0.02)
+    return check()
+
+
+def test_an_answer_past_max_answer_size_is_a_502_and_poe_is_hung_up_on(start: Callable[..., Proxy],
+                                                                         poe: FakePoe) -> None:
+    anthropic = pytest.importorskip("anthropic")
+    proxy = start(max_answer_size=1024 * 1024)
+    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [5.0, sse("done", {})])   # 1.5 MiB
+    client, claude = proxy.client(), anthropic_client(proxy)
+    user = [{"role": "user", "content": "x"}]
+    refusals = []
+    with pytest.raises(openai.InternalServerError) as chat_error:
+        client.chat.completions.create(model="Huge", messages=user)
+    refusals.append((chat_error.value.status_code, chat_error.value.code))
+    with pytest.raises(anthropic.InternalServerError) as claude_error:
+        claude.messages.create(model="Huge", max_tokens=10, messages=user)
+    refusals.append((claude_error.value.status_code, claude_error.value.body["error"]["type"]))
+    with pytest.raises(openai.InternalServerError) as responses_error:
+        client.responses.create(model="Huge", input="x")
+    refusals.append((responses_error.value.status_code, responses_error.value.code))
+    assert refusals == [(502, "answer_too_large"), (502, "api_error"), (502, "answer_too_large")]
+    assert "MAX_ANSWER_SIZE" in chat_error.value.message
+    assert wait_until(lambda: len(poe.disconnects) == 3)   # each time Poe was told to stop at once
+    # The Responses stream repeats the whole text in its closing events, so it is bounded the same way...
+    with httpx.Client(timeout=20) as http:
+        r = http.post(proxy.url + "/v1/responses", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "Huge", "input": "x", "stream": True})
+    failed = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")][-1]
+    assert failed["type"] == "response.failed" and failed["response"]["error"]["code"] == "answer_too_large"
+    # ...while a chat completion stream keeps nothing of what it sent, so it has no such limit.
+    poe.on("Huge", [sse("text", {"text": BIG_PIECE}) for _ in range(24)] + [sse("done", {})])
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="Huge", messages=user, stream=True) if c.choices)
+    assert streamed == BIG_PIECE * 24
+
+
+def test_an_endless_event_line_from_poe_is_a_502(start: Callable[..., Proxy], poe: FakePoe,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(p2o, "MAX_SSE_EVENT_BYTES", 256 * 1024)
+    proxy = start()
+    poe.on("Endless", [b"event: text\ndata: " + b"x" * 100_000 for _ in range(5)] + [5.0])   # no line end ever
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as info:
+            proxy.client().chat.completions.create(model="Endless", stream=stream,
+                                                   messages=[{"role": "user", "content": "x"}])
+        assert info.value.status_code == 502 and "larger than 262144 bytes" in info.value.message
+    assert wait_until(lambda: len(poe.disconnects) == 2)
+
+
+def test_a_compressed_body_poe_was_not_asked_for_is_a_502_naming_it(proxy: Proxy, poe: FakePoe) -> None:
+    import gzip
+    poe.on("Zipped", [gzip.compress(b"".join(text_events("hello")))], headers=[("Content-Encoding", "gzip")])
+    poe.models_headers = [("Content-Encoding", "br")]   # from the start: a chat reads the model list too
+    client = proxy.client()
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="Zipped", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502 and "Content-Encoding 'gzip'" in info.value.message
+    poe.upload_headers = [("Content-Encoding", "deflate")]
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="GPT-4o", messages=[image_message(data_url(PNG_2X2 + b"zip"))])
+    assert info.value.status_code == 502 and "'deflate'" in info.value.message
+    with pytest.raises(openai.InternalServerError) as info:
+        client.models.list()
+    assert info.value.status_code == 502 and "'br'" in info.value.message
+
+
+def test_a_key_no_poe_key_could_be_is_a_401_in_the_dialects_shape(proxy: Proxy) -> None:
+    body = b'{"model":"GPT-4o","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    for path, header in (("/v1/chat/completions", "Authorization: Bearer caf\xc3\xa9".encode("latin-1")),
+                         ("/v1/messages", b"X-Api-Key: \xe2\x98\x83snowman"),
+                         ("/v1/responses", b"Authorization: Bearer key\x7fwith-delete")):
+        out = raw_exchange(proxy, b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\nContent-Type: application/json\r\n"
+                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+                           % (path.encode(), header, len(body), body))
+        assert out.startswith(b"HTTP/1.1 401 "), out[:200]
+        error = json.loads(out.split(b"\r\n\r\n", 1)[1])
+        if path == "/v1/messages":
+            assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
+        else:
+            assert error["error"]["code"] == "invalid_api_key"
+
+
+def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, poe: FakePoe) -> None:
+    import tracemalloc
+
+    def ask(i: int) -> int:
+        with httpx.Client(timeout=20) as http:
+            return http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": "Bearer stranger"}, json={
+                "model": f"{i}-" + "m" * 1_000_000, "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"https://example.com/{i}/" + "p" * 1_000_000}}]}]}
+            ).status_code
+
+    ask(0)   # the first request fills what is filled once (imports, pools)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        assert all(ask(i) >= 400 for i in range(1, 13))   # Poe cannot take such a bot name
+        assert len(poe.uploads) == 13
+        poe.requests.clear()   # what the fake Poe keeps is not the proxy's
+        poe.uploads.clear()
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 * 1024 * 1024, grown   # 12 requests of 2 MB each: none of it is kept
+
+
+def test_unknown_content_parts_are_one_warning_per_request(proxy: Proxy, caplog: pytest.LogCaptureFixture) -> None:
+    parts = [{"type": "text", "text": "hi"}] + [{"type": "mystery_%d" % i} for i in range(50)]
+    with caplog.at_level(logging.WARNING, logger="poe2openai"):
+        proxy.client().chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": parts}])
+    said = [r.getMessage() for r in caplog.records if "content part" in r.getMessage()]
+    assert len(said) == 1 and "skipping 50 content part(s)" in said[0] and len(said[0]) < 400
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -3615,20 +4540,21 @@ def test_soak_hundreds_of_concurrent_streams_with_bounded_memory(proxy: Proxy, p
                b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
                % (len(body), body))
 
-    async def one() -> bool:
+    async def one() -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(request)
         data = await reader.read()
         writer.close()
-        return b"chunk 9 " * 5 in data and b"data: [DONE]" in data and data.endswith(b"0\r\n\r\n")
+        ok = b"chunk 9 " * 5 in data and b"data: [DONE]" in data and data.endswith(b"0\r\n\r\n")
+        return b"" if ok else data[:200] + b" ... " + data[-200:]   # what went wrong, for the report
 
-    async def wave(n: int) -> list[bool]:
+    async def wave(n: int) -> list[bytes]:
         return await asyncio.gather(*(one() for _ in range(n)))
 
-    assert all(lt.run(wave(300), timeout=60))
+    assert [bad for bad in lt.run(wave(300), timeout=60) if bad] == []
     before = _rss_bytes()
     for _ in range(2):
-        assert all(lt.run(wave(300), timeout=60))
+        assert [bad for bad in lt.run(wave(300), timeout=60) if bad] == []
     assert _rss_bytes() - before < 30 * 1024 * 1024      # no growth from wave to wave
 
 

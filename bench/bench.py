@@ -3,6 +3,7 @@
 
     python bench/bench.py            # ~1.5 min; prints markdown tables
     python bench/bench.py --quick    # shorter phases, for a smoke test
+    python bench/bench.py --paced    # only the paced-stream CPU per event (~40 s)
 
 Needs nothing beyond the project's runtime requirements (h11, pyyaml). It starts, in their own
 process groups, a fake Poe upstream (bench/fake_poe.py) and the proxy (`python poe2openai.py`), drives
@@ -105,6 +106,19 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK   # fields 14 and 15 of the whole line
+
+
+def run_cpu_s(pid: int) -> float:
+    """CPU time of all of a process's threads from /proc/PID/task/*/schedstat (nanoseconds, so
+    short phases are measured exactly); falls back to the tick-counted utime+stime."""
+    total_ns = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total_ns += int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return cpu_s(pid)
+    return total_ns / 1e9 if total_ns else cpu_s(pid)
 
 
 def rss_mb(pid: int) -> float:
@@ -544,6 +558,62 @@ async def held_streams(proxy: Proxy, n: int) -> dict[str, Any]:
             "cpu_ms": cpu * 1000 / n, "n": n, "upstream_conns": conns}
 
 
+PACED_GAP_MS = 20   # the fake's spacing of a paced stream's events (bench/fake_poe.py)
+
+
+async def paced_streams(proxy: Proxy, n: int, events: int) -> dict[str, Any]:
+    """n concurrent streams of `events` small text events each, 20 ms apart, as a real bot answers:
+    the proxy's CPU time (all threads, ns precision) per event delivered, connections opened before."""
+    clients, connect_errors = await open_many(proxy.port, n)
+    try:
+        foreign0, t0 = foreign_cpu(), time.perf_counter()
+        cpu0 = run_cpu_s(proxy.pid)
+        errors, wall = await all_at_once(clients, chat_request(f"BenchPaced{events}", True),
+                                         events * PACED_GAP_MS / 1000 * 3 + 30)
+        cpu = run_cpu_s(proxy.pid) - cpu0
+        foreign1, elapsed = foreign_cpu(), time.perf_counter() - t0
+    finally:
+        close_all(clients)
+    ok = len(clients) - errors
+    foreign = sum(v - foreign0.get(p, 0.0) for p, v in foreign1.items()) * 100 / elapsed
+    return {"n": n, "events": events, "errors": errors + connect_errors, "wall_s": wall,
+            "ms_per_event": cpu * 1000 / (ok * events) if ok > 0 else float("nan"), "foreign_pct": foreign}
+
+
+async def paced_best(proxy: Proxy, n: int, events: int, rounds: int) -> dict[str, Any]:
+    """The lowest CPU per event of `rounds` runs (the least disturbed by the rest of the machine)."""
+    runs = [await paced_streams(proxy, n, events) for _ in range(rounds)]
+    best = min(runs, key=lambda r: r["ms_per_event"] if r["ms_per_event"] == r["ms_per_event"] else math.inf)
+    return dict(best, errors=sum(r["errors"] for r in runs), tries=[r["ms_per_event"] for r in runs])
+
+
+def paced_rows(paced: list[dict[str, Any]]) -> list[str]:
+    out = ["| paced stream (one small text event every 20 ms) | clients | events each | proxy CPU ms/event "
+           "(best) | all tries | wall s | other load % | errors |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+    for r in paced:
+        out.append(f"| through the proxy | {r['n']} | {r['events']} | {fmt(r['ms_per_event'], 3)} | "
+                   f"{', '.join(fmt(t, 3) for t in r['tries'])} | {r['wall_s']:.1f} | {r['foreign_pct']:.0f} | "
+                   f"{r['errors']} |")
+    return out
+
+
+async def run_paced(args: argparse.Namespace, tmp: str) -> str:
+    """Only the paced-stream phase: CPU per event at 1 and 32 clients, best of 3."""
+    global _fake_port
+    fake, _fake_port = start_fake()
+    proxy = start_proxy(_fake_port, tmp)
+    try:
+        events = 100 if args.quick else 250
+        rounds = 1 if args.quick else 3
+        await paced_streams(proxy, 4, 20)   # warm: pooled upstream connections, code paths
+        paced = [await paced_best(proxy, n, events, rounds) for n in (1, 32)]
+    finally:
+        kill(proxy.proc)
+        kill(fake)
+    return "\n".join([f"Python {platform.python_version()}; proxy command: `{proxy.command}`", ""]
+                     + paced_rows(paced))
+
+
 async def idle_plus_streams(proxy: Proxy, idle_n: int, stream_n: int) -> dict[str, Any]:
     """The issue's figure: idle_n keep-alive connections (each served one /healthz, then idle) plus
     stream_n concurrent slow streams, all held at once. Afterwards every idle connection must still
@@ -703,6 +773,9 @@ async def run(args: argparse.Namespace, tmp: str) -> str:
     again = await held_streams(proxy, 500)    # CPU: the lower of two tries (one is a single shot)
     held = dict(min(first, again, key=lambda h: h["cpu_ms"]), peak_mb=max(first["peak_mb"], again["peak_mb"]),
                 errors=first["errors"] + again["errors"], wall_s=max(first["wall_s"], again["wall_s"]))
+    # 6b: CPU per event of paced streams (one small event every 20 ms), at 1 and 32 clients.
+    await paced_streams(proxy, 4, 20)
+    paced = [await paced_best(proxy, n, 60 if args.quick else 150, rounds) for n in (1, 32)]
     kill(proxy.proc)
 
     # 6, the issue's figure, on a fresh proxy: 1000 idle keep-alive connections + 200 streams at once.
@@ -764,6 +837,8 @@ async def run(args: argparse.Namespace, tmp: str) -> str:
                    f"{fmt(r.pct(0.5, True)) if mode == 'stream' else '-'} | {fmt(r.cpu_ms_per_req, 3)} ({who}) | "
                    f"{fmt(r.client_cpu_ms_per_req, 3)} | {r.upstream_conns_per_req:.2f} | {r.foreign_pct:.0f} | "
                    f"{r.errors} |")
+    out.append("")
+    out += paced_rows(paced)
     out.append("")
 
     added_p50 = w1.pct(0.5) - d1.pct(0.5)
@@ -833,6 +908,8 @@ def main() -> int:
     global PROXY
     parser = argparse.ArgumentParser(description="poe2openai benchmark")
     parser.add_argument("--quick", action="store_true", help="short phases (smoke test)")
+    parser.add_argument("--paced", action="store_true",
+                        help="only the paced-stream phase: proxy CPU per event at 1 and 32 clients")
     parser.add_argument("--proxy", default=PROXY, metavar="PATH",
                         help="the poe2openai.py to measure (default: the one beside bench/), e.g. a copy of "
                              "another version, with its adminpage.html beside it")
@@ -855,7 +932,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="poe2openai-bench-") as tmp:
             try:
-                report = asyncio.run(run(args, tmp))
+                report = asyncio.run(run_paced(args, tmp) if args.paced else run(args, tmp))
             finally:
                 kill_all()
     finally:

@@ -10,6 +10,8 @@
   chunk) per event, as fast as the loop goes.
 * ``BenchSlow``: the same events spread over ~2 s (one every 2 s / CHUNKS), for the concurrency
   tests. An ``X-Bench-Delay-Ms`` request header overrides the spacing (total ms).
+* ``BenchPaced<N>`` (``BenchPaced250``): N small ``text`` events, one every 20 ms (``X-Bench-Gap-Ms``
+  overrides), like a real bot answering token batch by token batch; the last one carries "w19.".
 
 ``GET /healthz`` answers 200; ``GET /stats`` the connections accepted and bot requests answered so
 far (JSON). Anything else is a 404. Only loopback is served.
@@ -38,6 +40,7 @@ def _event(name: str, data: object) -> bytes:
 
 # Each text chunk is a few words, like a real token batch; the client can check "w19." arrived.
 TEXT_EVENTS = [_event("text", {"text": f"Lorem ipsum dolor w{i:02d}. "}) for i in range(CHUNKS)]
+SMALL_EVENT = _event("text", {"text": "Lorem ipsum "})   # a paced stream's events but the last
 DONE = _event("done", {}) + b"0\r\n\r\n"
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n")
@@ -115,25 +118,35 @@ class FakePoe(asyncio.Protocol):
             return
         STATS["requests"] += 1
         delay_total_s = SLOW_TOTAL_S if target.startswith(b"/bot/BenchSlow") else 0.0
+        chunks, gap_ms = 0, 20
+        if target.startswith(b"/bot/BenchPaced"):
+            chunks = int(target[len(b"/bot/BenchPaced"):] or b"100")
         for line in header_block.split(b"\r\n"):
             name, _, value = line.partition(b":")
-            if name.strip().lower() == b"x-bench-delay-ms":
+            name = name.strip().lower()
+            if name == b"x-bench-delay-ms":
                 delay_total_s = int(value.strip()) / 1000.0
+            elif name == b"x-bench-gap-ms":
+                gap_ms = int(value.strip())
+        if chunks > 0:
+            events = [SMALL_EVENT] * (chunks - 1) + [TEXT_EVENTS[-1]]
+            self.slow = asyncio.ensure_future(self._paced(gap_ms / 1000.0, events))
+            return
         if delay_total_s <= 0:
             transport.write(HEAD)
             for event in TEXT_EVENTS:      # one send per event, like a real stream
                 transport.write(event)
             transport.write(DONE)
             return
-        self.slow = asyncio.ensure_future(self._paced(delay_total_s / CHUNKS))
+        self.slow = asyncio.ensure_future(self._paced(delay_total_s / CHUNKS, TEXT_EVENTS))
 
-    async def _paced(self, gap_s: float) -> None:
+    async def _paced(self, gap_s: float, events: list[bytes]) -> None:
         try:
             transport = self.transport
             if transport is None:
                 return
             transport.write(HEAD)
-            for event in TEXT_EVENTS:
+            for event in events:
                 await asyncio.sleep(gap_s)
                 if self.transport is None:
                     return
