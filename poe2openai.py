@@ -16,7 +16,9 @@ Then point any OpenAI client at ``http://HOST:8080/v1`` and use your Poe API key
 
 Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models`` (and
 ``/models``, ``/v1/models/{id}``), ``POST /v1/messages`` and ``/v1/messages/count_tokens`` (Anthropic),
-``POST /v1/responses`` (OpenAI Responses),
+``POST /v1/responses`` (OpenAI Responses), ``POST /v1/images/generations`` and ``/v1/images/edits``,
+``POST /v1/audio/speech``, ``POST``/``GET /v1/videos`` and ``GET``/``DELETE /v1/videos/{id}`` (and
+``/content``) over Poe's image, speech and video bots,
 ``GET /healthz``, ``GET /admin`` with ``/api/admin/config``, ``/api/admin/stats`` and
 ``/api/models`` behind Basic auth.
 
@@ -49,6 +51,8 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
     WORKERS                         processes sharing the port with SO_REUSEPORT (1)
     TOOL_MODE                       xml, native or auto: how tools reach a bot whose models.yaml entry
                                     sets no tool_mode; auto is native for bots Poe lists with tools (xml)
+    VIDEO_JOBS_MAX                  video jobs kept in memory (lost on restart) (100)
+    VIDEO_JOBS_TTL_SECONDS          how long a video job is kept (86400)
     HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy (CONNECT for https), standard meaning
 
 What it does beyond passing text through: tool calls emulated with an XML prompt and parsed from the
@@ -322,6 +326,8 @@ class Settings:
     shutdown_grace_seconds: float = 30.0
     workers: int = 1
     tool_mode: str = "xml"   # xml | native | auto, for models whose models.yaml entry sets none
+    video_jobs_max: int = 100             # video jobs kept in memory; the oldest finished go first
+    video_jobs_ttl_seconds: float = 86400.0   # a video job (and its file's address) is forgotten after this
     # Off (""): each client's Bearer key is its own Poe key. Set: clients present one of these keys and
     # the proxy calls Poe with poe_api_key. Both kept out of repr(), which may end up in a log.
     access_keys: str = field(default="", repr=False)
@@ -409,6 +415,8 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("WORKERS", _whole(1, 256), "worker processes sharing the port with SO_REUSEPORT (default 1)"),
     ("TOOL_MODE", lambda n, v: _tool_mode_setting(v),
      "xml, native or auto: how tools reach bots whose models.yaml entry sets no tool_mode (default xml)"),
+    ("VIDEO_JOBS_MAX", _whole(1), "video jobs (POST /v1/videos) kept in memory, lost on restart (default 100)"),
+    ("VIDEO_JOBS_TTL_SECONDS", _number(1), "how long a video job is kept after it was created (default 86400)"),
     ("ACCESS_KEYS", _access_keys_setting,
      "share the proxy: keys clients must send, as 'label: key' entries, comma-separated or @FILE with one a "
      "line; needs POE_API_KEY (default: off, each client sends its own Poe key)"),
@@ -824,6 +832,126 @@ def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[st
 def _quote_param(value: str) -> str:
     # Header parameters cannot carry CR, LF or quotes; file names from clients are not trusted.
     return "".join("_" if ch in '"\\\r\n' else ch for ch in value)
+
+
+@dataclass(frozen=True)
+class FormPart:
+    """One part of a multipart/form-data body: a field (filename None) or a file."""
+
+    name: str
+    data: bytes
+    filename: str | None = None
+    content_type: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+MULTIPART_MAX_PARTS = 256
+MULTIPART_MAX_HEAD_BYTES = 16 * 1024
+_DISPOSITION_PARAM = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+
+
+def _disposition(value: str) -> tuple[str, dict[str, str]]:
+    """`form-data; name="a"; filename="b"` -> ("form-data", {name: a, filename: b}); RFC 5987 `filename*`
+    wins over `filename`. Quoted values may escape with a backslash (RFC 7578 leaves quotes to senders)."""
+    kind, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    for match in _DISPOSITION_PARAM.finditer(";" + rest):
+        key, quoted, bare = match.group(1).lower(), match.group(2), match.group(3)
+        params[key] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare or ""
+    star = params.pop("filename*", None)
+    if star is not None and "''" in star:
+        charset, _, encoded = star.partition("''")
+        try:
+            params["filename"] = urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="strict")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    return kind.strip().lower(), params
+
+
+def parse_multipart(content_type: str, body: bytes) -> list[FormPart]:
+    """A multipart/form-data body -> its parts, in order. Strict and linear: every search starts where the
+    last one ended, so the work is proportional to the body. Raises a 400 that names the part at fault."""
+    kind, params = _disposition(content_type)
+    boundary = params.get("boundary", "")
+    if kind != "multipart/form-data" or not boundary or len(boundary) > 200:
+        raise bad_request("Expected Content-Type: multipart/form-data with a boundary.", None, "invalid_multipart")
+    delimiter = b"--" + boundary.encode("latin-1", "replace")
+    if body.startswith(delimiter):
+        pos = len(delimiter)
+    else:   # a preamble (allowed, and ignored) ends with a line end before the first delimiter
+        found = body.find(b"\r\n" + delimiter)
+        if found < 0:
+            raise bad_request("The multipart body has no part (its boundary never occurs).", None, "invalid_multipart")
+        pos = found + 2 + len(delimiter)
+    parts: list[FormPart] = []
+    while True:
+        where = f"part {len(parts) + 1}"
+        if body.startswith(b"--", pos):
+            return parts            # the close delimiter; an epilogue after it is ignored
+        if not body.startswith(b"\r\n", pos):
+            raise bad_request(f"The multipart body's {where} does not start on a new line after its boundary.",
+                              None, "invalid_multipart")
+        if len(parts) >= MULTIPART_MAX_PARTS:
+            raise bad_request(f"The multipart body has more than {MULTIPART_MAX_PARTS} parts.", None,
+                              "invalid_multipart")
+        head_start = pos + 2
+        head_end = body.find(b"\r\n\r\n", head_start, head_start + MULTIPART_MAX_HEAD_BYTES)
+        if head_end < 0 and body.startswith(b"\r\n", head_start):
+            head_end = head_start - 2   # no headers at all: refused below for want of a name
+        if head_end < 0:
+            raise bad_request(f"The multipart body's {where} has no complete header block.", None,
+                              "invalid_multipart")
+        headers: dict[str, str] = {}
+        for line in body[head_start:head_end].split(b"\r\n") if head_end > head_start else []:
+            name, sep, value = line.partition(b":")
+            if not sep or not name.strip():
+                raise bad_request(f"The multipart body's {where} has a malformed header line.", None,
+                                  "invalid_multipart")
+            try:
+                text = value.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                text = value.decode("latin-1").strip()
+            headers[name.decode("latin-1").strip().lower()] = text
+        data_start = head_end + 4
+        end = body.find(b"\r\n" + delimiter, data_start)
+        if end < 0:
+            raise bad_request(f"The multipart body ends inside its {where} (no closing boundary).", None,
+                              "invalid_multipart")
+        disposition, fields = _disposition(headers.get("content-disposition", ""))
+        field_name = fields.get("name", "")
+        if disposition != "form-data" or not field_name:
+            raise bad_request(f"The multipart body's {where} has no Content-Disposition: form-data with a name.",
+                              None, "invalid_multipart")
+        parts.append(FormPart(field_name, body[data_start:end], fields.get("filename"),
+                              headers.get("content-type", "").split(";")[0].strip().lower()))
+        pos = end + 2 + len(delimiter)
+
+
+def form_fields(parts: Sequence[FormPart]) -> tuple[dict[str, Any], dict[str, list[FormPart]]]:
+    """Multipart parts -> (the fields as a JSON-like body, the files by field name). `key[]` collects a
+    list and `key[sub]` an object, as the openai SDK writes arrays and objects; a file is any part with a
+    filename. A field sent twice without brackets keeps its last value."""
+    body: dict[str, Any] = {}
+    files: dict[str, list[FormPart]] = {}
+    for part in parts:
+        if part.filename is not None:
+            files.setdefault(part.name, []).append(part)
+            continue
+        name, bracket, sub = part.name.partition("[")
+        if bracket and sub == "]":
+            listed = body.setdefault(name, [])
+            if isinstance(listed, list):
+                listed.append(part.text)
+        elif bracket and sub.endswith("]") and "[" not in sub:
+            nested = body.setdefault(name, {})
+            if isinstance(nested, dict):
+                nested[sub[:-1]] = part.text
+        else:
+            body[part.name] = part.text
+    return body, files
 
 
 # ----------------------------------------------------------------------------- token estimator
@@ -4563,6 +4691,403 @@ class ResponsesFold:
 
 ###############################################################################
 ###############################################################################
+# Converters: OpenAI's media APIs (images, speech, videos) <-> Poe's media bots (pure)
+###############################################################################
+
+# What a bot serves, from what it outputs. Every bot can be chatted with (files come as links).
+CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/messages", "/v1/responses")
+IMAGE_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
+SPEECH_ENDPOINT = "/v1/audio/speech"
+VIDEO_ENDPOINT = "/v1/videos"
+MEDIA_MAX_IMAGES = 4            # n: each image is one query, billed by Poe
+MEDIA_CONCURRENCY = 2           # queries of one request running at a time
+# Request keys the media converters read themselves: never also forwarded by name to the bot.
+MEDIA_KEYS = frozenset({"model", "prompt", "input", "n", "size", "response_format", "user", "moderation", "stream",
+                        "partial_images", "output_compression", "voice", "instructions", "stream_format",
+                        "seconds", "input_reference", "image", "image[]", "mask", "input_fidelity"})
+SIZE_PARAMETERS = ("aspect_ratio", "aspect", "image_size", "resolution", "size")
+DURATION_PARAMETERS = ("duration", "seconds", "duration_seconds", "length")
+VOICE_PARAMETERS = ("voice", "voice_1", "voice_id", "speaker")
+# OpenAI's own voices: every TTS client sends one. A bot with other voices then keeps its default.
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer",
+                           "verse", "marin", "cedar"})
+SPEECH_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                "wav": "audio/wav", "pcm": "audio/pcm"}
+_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[:/x]\s*(\d+(?:\.\d+)?)\s*$")
+_DIMENSIONS = re.compile(r"^\s*(\d{2,5})\s*[x×*]\s*(\d{2,5})\s*$", re.I)
+_K_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*k\s*$", re.I)
+_P_SIZE = re.compile(r"^\s*(\d{3,4})\s*p\s*$", re.I)
+ASPECT_TOLERANCE = 0.06        # |log| of the ratio between the asked shape and the bot's: about 6 %
+_MARKDOWN_FILE = re.compile(r"(!?)\[([^\[\]\n]{0,200})\]\((https?://[^\s()]{1,2000})\)")
+
+
+def bot_endpoints(info: BotInfo) -> list[str]:
+    """The proxy's endpoints that serve this bot, from its output modalities (unknown: text)."""
+    outputs = info.output_modalities or ("text",)
+    out = list(CHAT_ENDPOINTS)
+    if "image" in outputs:
+        out.append(IMAGE_ENDPOINTS[0])
+        if info.input_modalities is None or "image" in info.input_modalities:
+            out.append(IMAGE_ENDPOINTS[1])
+    if "audio" in outputs:
+        out.append(SPEECH_ENDPOINT)
+    if "video" in outputs:
+        out.append(VIDEO_ENDPOINT)
+    return out
+
+
+@dataclass(frozen=True)
+class MediaRequest:
+    """A media request checked and turned into what a Poe query needs: the prompt and the bot's flags."""
+
+    kind: str                        # the output asked for: image, audio or video
+    model: str
+    prompt: str
+    flags: tuple[str, ...] = ()
+    n: int = 1
+    response_format: str = "url"     # images: url or b64_json; speech: the audio format asked for
+    size: str = ""                   # as the client sent it (a video echoes it)
+    seconds: str = ""
+
+
+def _required_text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"'{key}' is required and must be a non-empty string.", key,
+                          "missing_required_parameter" if value is None else "invalid_type")
+    return value
+
+
+def _parameters_of(info: BotInfo | None) -> dict[str, BotParameter]:
+    return {p.name: p for p in (info.parameters or ())} if info is not None else {}
+
+
+def check_media_bot(kind: str, info: BotInfo | None, model: str) -> None:
+    """Refuse a bot the catalogue says cannot make `kind` (400 with what it makes). A bot the catalogue
+    does not know (a private one) is asked anyway: its answer decides."""
+    if info is None or info.output_modalities is None or kind in info.output_modalities:
+        return
+    what = {"image": "images", "audio": "speech", "video": "videos"}[kind]
+    makes = ", ".join(info.output_modalities) or "nothing"
+    raise bad_request(f"'{model}' does not make {what}: Poe lists its output as {makes}. GET /v1/models shows "
+                      f"which bots serve this endpoint (their `endpoints`).", "model", "model_not_supported")
+
+
+def _ratio_of(value: Any) -> float | None:
+    match = _RATIO.match(str(value))
+    if match is None or float(match.group(2)) == 0 or float(match.group(1)) == 0:
+        return None
+    return float(match.group(1)) / float(match.group(2))
+
+
+def _nearest_by_log(target: float, candidates: Sequence[tuple[Any, float]]) -> tuple[Any, float] | None:
+    if not candidates or target <= 0:
+        return None
+    value, number = min(candidates, key=lambda c: abs(math.log(c[1] / target)))
+    return value, abs(math.log(number / target))
+
+
+def size_settings(size: Any, info: BotInfo | None, bot: str, field_name: str = "size") -> dict[str, Any]:
+    """OpenAI's `size` (`WIDTHxHEIGHT`, or a value the bot takes as it is: `16:9`, `2K`, `1080p`) -> the
+    bot's own aspect / resolution parameters. A bot that declares none picks its own size (nothing sent);
+    a size none of its values comes near is a 400 listing what it accepts."""
+    if size is None or (isinstance(size, str) and size.strip().lower() in ("", "auto")):
+        return {}
+    if not isinstance(size, str):
+        raise bad_request(f"'{field_name}' must be a string such as 1024x1024.", field_name, "invalid_type")
+    declared = _parameters_of(info)
+    present = [declared[name] for name in SIZE_PARAMETERS if name in declared]
+    if not present:
+        return {}
+    for param in present:   # a value the bot knows by name
+        for value in param.schema.get("enum") or ():
+            if isinstance(value, (str, int, float)) and str(value).strip().casefold() == size.strip().casefold():
+                return {param.name: value}
+    out: dict[str, Any] = {}
+    dims = _DIMENSIONS.match(size)
+    if dims is not None:
+        width, height = int(dims.group(1)), int(dims.group(2))
+        for param in present:
+            enum = param.schema.get("enum")
+            if not isinstance(enum, list):
+                if param.schema.get("type") == "string" and param.name in ("size", "image_size", "resolution"):
+                    out[param.name] = f"{width}x{height}"
+                continue
+            if param.name in ("aspect_ratio", "aspect"):
+                best = _nearest_by_log(width / height, [(v, r) for v in enum if (r := _ratio_of(v)) is not None])
+                if best is None or best[1] > ASPECT_TOLERANCE:
+                    raise _refuse_size(size, present, bot, field_name)
+                out[param.name] = best[0]
+            elif param.name in ("image_size", "size", "resolution"):
+                # 1K / 2K / 4K name the longer side in thousands; 720p / 1080p the shorter side.
+                scaled = [(v, float(m.group(1)) * 1024) for v in enum if (m := _K_SIZE.match(str(v)))]
+                lines = [(v, float(m.group(1))) for v in enum if (m := _P_SIZE.match(str(v)))]
+                best = _nearest_by_log(max(width, height), scaled) or _nearest_by_log(min(width, height), lines)
+                if best is None and _ratio_of(enum[0] if enum else "") is not None:   # `size` holding ratios
+                    best = _nearest_by_log(width / height, [(v, r) for v in enum if (r := _ratio_of(v)) is not None])
+                    if best is not None and best[1] > ASPECT_TOLERANCE:
+                        raise _refuse_size(size, present, bot, field_name)
+                if best is not None:
+                    out[param.name] = best[0]
+    if not out:
+        raise _refuse_size(size, present, bot, field_name)
+    return out
+
+
+def _refuse_size(size: str, present: Sequence[BotParameter], bot: str, field_name: str) -> ProxyError:
+    accepts = "; ".join(f"{p.name}: {_allowed_text(p).removeprefix('one of ')}" for p in present)
+    return bad_request(f"'{field_name}' {size!r} cannot be mapped to a size {bot} makes; it accepts {accepts}. Send "
+                       f"one of these values as '{field_name}', or a WIDTHxHEIGHT of one of these shapes.",
+                       field_name, "unsupported_size")
+
+
+def _media_flags(body: Mapping[str, Any], mapped: Mapping[str, Any], info: BotInfo | None) -> tuple[str, ...]:
+    """The bot's flags: the mapped parameters, then any other request key named like one of its declared
+    parameters (quality, style, background, output_format, seed, negative_prompt …), checked by
+    bot_controls against the declared schema."""
+    rest = {k: v for k, v in body.items() if k not in MEDIA_KEYS and not (isinstance(v, str) and v == "auto")}
+    if info is not None and isinstance(rest.get("quality"), str):
+        quality = info.parameter("quality")
+        enum = quality.schema.get("enum") if quality is not None else None
+        word = {"hd": "high", "standard": "medium"}.get(rest["quality"].lower())
+        if isinstance(enum, list) and word is not None and rest["quality"] not in enum and word in enum:
+            rest["quality"] = word   # DALL-E's words for GPT-Image's scale
+    if info is None or info.parameters is None:
+        return ()
+    flags, _ = bot_controls({**rest, **mapped}, info)
+    return tuple(flags)
+
+
+def _size_text(body: Mapping[str, Any]) -> str:
+    size = body.get("size")
+    return size if isinstance(size, str) else ""
+
+
+def _count(body: Mapping[str, Any]) -> int:
+    n = body.get("n", 1)
+    if isinstance(n, str) and n.strip().isdigit():
+        n = int(n)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MEDIA_MAX_IMAGES:
+        raise bad_request(f"'n' must be a whole number from 1 to {MEDIA_MAX_IMAGES}.", "n")
+    return n
+
+
+def parse_image_request(body: Any, info: BotInfo | None, *, has_mask: bool = False) -> MediaRequest:
+    """POST /v1/images/generations and /edits (fields already taken out of a multipart body)."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    model, prompt = _required_text(body, "model"), _required_text(body, "prompt")
+    check_media_bot("image", info, model)
+    if body.get("stream") is True or str(body.get("stream")).lower() == "true":
+        raise bad_request("Streaming images (partial images) is not supported: Poe's bots send the finished "
+                          "image only. Leave 'stream' out.", "stream", "unsupported_parameter")
+    fmt = body.get("response_format") or "url"
+    if fmt not in ("url", "b64_json"):
+        raise bad_request("'response_format' must be url or b64_json.", "response_format")
+    bot = info.name if info is not None else model
+    mapped = size_settings(body.get("size"), info, bot)
+    if has_mask and info is not None and info.parameter("use_mask") is not None:
+        mapped["use_mask"] = True     # the mask goes last among the images, where such bots look for it
+    return MediaRequest("image", model, prompt, _media_flags(body, mapped, info), _count(body), fmt,
+                        _size_text(body))
+
+
+def parse_speech_request(body: Any, info: BotInfo | None) -> MediaRequest:
+    """POST /v1/audio/speech: `input` is what the bot reads; `voice` goes to the bot's voice parameter
+    when it has that voice (OpenAI's voice names leave the bot's default)."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    model, text = _required_text(body, "model"), _required_text(body, "input")
+    check_media_bot("audio", info, model)
+    fmt = body.get("response_format") or "mp3"
+    if fmt not in SPEECH_TYPES:
+        raise bad_request(f"'response_format' must be one of {', '.join(SPEECH_TYPES)}.", "response_format")
+    speed = body.get("speed")
+    if speed is not None and (not _is_number(speed) or not 0.25 <= speed <= 4.0):
+        raise bad_request("'speed' must be a number from 0.25 to 4.0.", "speed")
+    voice = body.get("voice")
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    mapped: dict[str, Any] = {}
+    declared = _parameters_of(info)
+    param = next((declared[n] for n in VOICE_PARAMETERS if n in declared), None)
+    if isinstance(voice, str) and voice.strip() and param is not None:
+        try:
+            mapped[param.name] = parameter_value(param, voice.strip(), info.name if info else model, "voice")
+        except ProxyError:
+            if voice.strip().lower() not in OPENAI_VOICES:
+                raise
+    elif voice is not None and not isinstance(voice, str):
+        raise bad_request("'voice' must be a voice name or {\"id\": name}.", "voice", "invalid_type")
+    # `instructions` are not sent: a speech bot reads its whole message aloud.
+    return MediaRequest("audio", model, text, _media_flags(body, mapped, info), 1, fmt)
+
+
+def parse_video_request(body: Any, info: BotInfo | None) -> MediaRequest:
+    """POST /v1/videos: `seconds` to the bot's duration parameter, `size` to its aspect / resolution."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    model, prompt = _required_text(body, "model"), _required_text(body, "prompt")
+    check_media_bot("video", info, model)
+    bot = info.name if info is not None else model
+    mapped = size_settings(body.get("size"), info, bot)
+    seconds = body.get("seconds")
+    if seconds is not None and not (isinstance(seconds, str) and seconds.strip().isdigit()) \
+            and not (isinstance(seconds, int) and not isinstance(seconds, bool) and seconds > 0):
+        raise bad_request("'seconds' must be a whole number of seconds, such as \"8\".", "seconds")
+    declared = _parameters_of(info)
+    duration = next((declared[n] for n in DURATION_PARAMETERS if n in declared), None)
+    if seconds is not None and duration is not None:
+        mapped[duration.name] = parameter_value(duration, str(seconds).strip(), bot, "seconds")
+    return MediaRequest("video", model, prompt, _media_flags(body, mapped, info), 1, "",
+                        _size_text(body),
+                        str(seconds).strip() if seconds is not None else "")
+
+
+def media_query(request: MediaRequest, attachments: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The Poe query of a media request (a fastapi_poe QueryRequest): the prompt as the one user message,
+    the bot's flags at its end, the client's images as its attachments."""
+    message = poe_message("user", request.prompt + "".join(" " + flag for flag in request.flags))
+    if attachments:
+        message["attachments"] = [dict(a) for a in attachments]
+    return {"version": POE_PROTOCOL_VERSION, "type": "query", "query": [message], "user_id": "",
+            "conversation_id": "", "message_id": ""}
+
+
+@dataclass
+class MediaFile:
+    url: str
+    content_type: str
+    name: str
+
+
+class MediaAnswer:
+    """A media bot's answer from its events: the files it sent (`file` events; failing those, Markdown
+    links to files in its text) and its words. `error` holds Poe's error, classified as in chat."""
+
+    def __init__(self) -> None:
+        self.files: list[MediaFile] = []
+        self._text: list[str] = []
+        self.done = False
+        self.error: ProxyError | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.error is not None
+
+    def feed(self, event: SSEEvent) -> None:
+        if self.finished or event.event not in ("text", "replace_response", "file", "error", "done"):
+            return
+        try:
+            data = json.loads(event.data) if event.data.strip() else {}
+        except (ValueError, RecursionError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        if event.event == "done":
+            self.done = True
+        elif event.event == "error":
+            self.error = classify_poe_error(data)
+        elif event.event == "file":
+            url = data.get("url")
+            if isinstance(url, str) and url.startswith(("http://", "https://")):
+                given = data.get("name")
+                name = given if isinstance(given, str) and given else "file"
+                content_type = data.get("content_type")
+                self.files.append(MediaFile(url, content_type if isinstance(content_type, str) and content_type
+                                            else guess_content_type(name), name))
+        elif isinstance(data.get("text"), str):
+            if event.event == "replace_response":
+                self._text = []
+            self._text.append(data["text"])
+
+    def of_kind(self, kind: str) -> list[MediaFile]:
+        """The files of the kind asked for (image, audio, video): those Poe sent, else those linked in the text."""
+        def fits(f: MediaFile) -> bool:
+            mime = f.content_type.lower()
+            return mime.startswith(kind + "/") or (mime in ("", "application/octet-stream")
+                                                   and guess_content_type(f.name or f.url).startswith(kind + "/"))
+        found = [f for f in self.files if fits(f)]
+        if found:
+            return found
+        linked = [MediaFile(url, guess_content_type(url), alt or "file")
+                  for _, alt, url in _MARKDOWN_FILE.findall("".join(self._text))]
+        return [f for f in linked if fits(f) or (kind == "image" and f.content_type == "application/octet-stream"
+                                                  and "![" in "".join(self._text))]
+
+    @property
+    def words(self) -> str:
+        """The bot's text without references and links to its files (a revised prompt, or why it failed)."""
+        text = re.sub(r"!?\[[^\[\]\n]{0,200}\]\[[^\[\]\s]{1,200}\]", "", "".join(self._text))
+        return _MARKDOWN_FILE.sub("", text).strip()
+
+
+def no_media_error(kind: str, bot: str, answer: MediaAnswer) -> ProxyError:
+    """A bot that answered without the file asked for: a 502 in the bot's own words."""
+    what = {"image": "an image", "audio": "audio", "video": "a video"}[kind]
+    words = answer.words
+    said = f" It said: {words[:2000]}" if words else " It sent no text either."
+    return upstream_error(f"{bot} answered without {what}.{said}", 502, "no_media")
+
+
+def image_usage(prompt_tokens: int, input_images: int, images: int, text_tokens: int) -> dict[str, Any]:
+    """Estimated as for chats: the prompt by the estimator, each image as ATTACHMENT_TOKENS."""
+    inputs = prompt_tokens + input_images * ATTACHMENT_TOKENS
+    outputs = images * ATTACHMENT_TOKENS + text_tokens
+    return {"input_tokens": inputs, "input_tokens_details": {"text_tokens": prompt_tokens,
+                                                             "image_tokens": input_images * ATTACHMENT_TOKENS},
+            "output_tokens": outputs, "output_tokens_details": {"image_tokens": images * ATTACHMENT_TOKENS,
+                                                                "text_tokens": text_tokens},
+            "total_tokens": inputs + outputs}
+
+
+def images_body(created_s: int, items: Sequence[Mapping[str, Any]], usage: Mapping[str, Any],
+                request: MediaRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"created": created_s, "data": [dict(item) for item in items], "usage": dict(usage)}
+    if request.size and _DIMENSIONS.match(request.size):
+        body["size"] = request.size
+    return body
+
+
+@dataclass
+class VideoJob:
+    """A video being made: OpenAI's video object, plus where its file is. `owner` is a hash, never a key."""
+
+    id: str
+    owner: str = field(repr=False)
+    model: str
+    prompt: str
+    seconds: str
+    size: str
+    created_at: int
+    status: str = "queued"
+    progress: int = 0
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: dict[str, Any] | None = None
+    file: MediaFile | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "video", "model": self.model, "status": self.status,
+                "progress": self.progress, "created_at": self.created_at, "completed_at": self.completed_at,
+                "expires_at": self.expires_at, "prompt": self.prompt, "seconds": self.seconds or "",
+                "size": self.size or "", "remixed_from_video_id": None, "error": self.error}
+
+
+def video_list_body(jobs: Sequence[VideoJob], after: str | None, limit: int, order: str) -> dict[str, Any]:
+    """GET /v1/videos: the cursor page the SDKs read (`data`, `has_more`, `last_id`)."""
+    ordered = sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=order != "asc")
+    if after:
+        ids = [j.id for j in ordered]
+        ordered = ordered[ids.index(after) + 1:] if after in ids else []
+    page = ordered[:limit]
+    return {"object": "list", "data": [j.public() for j in page], "has_more": len(ordered) > len(page),
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+###############################################################################
+###############################################################################
 # Model registry: models.yaml (hot reload) and the model-list cache
 ###############################################################################
 
@@ -5059,6 +5584,7 @@ def openai_model(info: BotInfo) -> dict[str, Any]:
     if info.features is not None:
         out["supported_features"] = list(info.features)
     out["supported_parameters"] = supported_parameters(info)
+    out["endpoints"] = bot_endpoints(info)
     if info.parameters is not None:
         out["parameters"] = [{"name": p.name, "schema": dict(p.schema),
                               **({"default_value": p.default} if p.has_default else {}),
@@ -5740,6 +6266,41 @@ async def _read_error_body(response: UpstreamResponse) -> bytes:
         return b""
 
 
+MEDIA_DOWNLOAD_MAX_BYTES = 1024 * 1024 * 1024   # one file a bot made; b64_json holds it in memory whole
+MEDIA_REDIRECTS = 3
+
+
+async def open_download(pool: UpstreamPool, url: str, what: str) -> UpstreamResponse:
+    """GET a file a bot made (its attachment URL) through the outbound pool, with its timeouts and proxy
+    settings; a few redirects are followed. No credentials go with it: attachment URLs need none, and
+    they may point anywhere. Returns once a 200 head arrived; raises ProxyError otherwise."""
+    for _ in range(MEDIA_REDIRECTS + 1):
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise upstream_error(f"{what}: the file's address is not an http(s) URL")
+        response = await pool.request("GET", url, [("Accept", "*/*"), ("Accept-Encoding", "identity"),
+                                                   ("User-Agent", USER_AGENT)], b"", what)
+        location = response.headers.get("location", "")
+        if response.status in (301, 302, 303, 307, 308) and location:
+            await response.finish()
+            url = urllib.parse.urljoin(url, location)
+            continue
+        if response.status != 200:
+            body = await _read_error_body(response)
+            detail = _error_text_from_body(body)
+            raise upstream_error(f"{what}: fetching the file failed with HTTP {response.status}"
+                                 + (f": {detail}" if detail else ""))
+        return response
+    raise upstream_error(f"{what}: the file's address redirects more than {MEDIA_REDIRECTS} times")
+
+
+async def download(pool: UpstreamPool, url: str, what: str, idle_timeout_s: float,
+                   limit_bytes: int = MEDIA_DOWNLOAD_MAX_BYTES) -> tuple[str, bytes]:
+    """A whole file a bot made: (content type, bytes)."""
+    response = await open_download(pool, url, what)
+    data = await response.read_all(limit_bytes, idle_timeout_s)
+    return response.headers.get("content-type", "").split(";")[0].strip(), data
+
+
 STALE_RETRY_S = 30.0
 MODELS_WAIT_SECONDS = 2.0   # how long a chat waits for the catalogue before it goes on without it
 
@@ -6201,7 +6762,10 @@ class App:
         self.model_list = ModelList(settings, self.registry, self.catalog, self.credentials)
         self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate,
                                           self.catalog, credentials=self.credentials)
-        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials)
+        self.media = MediaAPI(settings, self.registry, self.poe, self.pool, self.uploader, self.stats, self.gate,
+                              self.catalog, self.credentials)
+        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials,
+                             self.media)
         self.routes = self.router.routes
 
     # What InboundConnection calls: the router's.
@@ -6223,9 +6787,9 @@ class Router:
     the one place where errors become responses, in the shape of the path's dialect."""
 
     def __init__(self, settings: Settings, admin: AdminAPI, models: ModelList, chat: ChatPipeline,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials, media: MediaAPI) -> None:
         self.settings = settings
-        self.credentials = credentials or Credentials(settings)
+        self.credentials = credentials
         self.started_at = time.time()
 
         def api(dialect: Dialect) -> Route:   # a dialect's endpoint: POSTs answered by the chat pipeline
@@ -6249,6 +6813,12 @@ class Router:
             "/v1/responses": api(OPENAI_RESPONSES),
             "/responses": api(OPENAI_RESPONSES),
             "/v1/messages/count_tokens": Route({"POST": chat.count_tokens}, ANTHROPIC_MESSAGES),
+            # OpenAI's media APIs, over Poe's image, speech and video bots.
+            "/v1/images/generations": Route({"POST": media.images_generations}, OPENAI_CHAT),
+            "/v1/images/edits": Route({"POST": media.images_edits}, OPENAI_CHAT),
+            "/v1/audio/speech": Route({"POST": media.speech}, OPENAI_CHAT),
+            "/v1/videos": Route({"POST": media.videos_create, "GET": media.videos_list}, OPENAI_CHAT),
+            "/v1/videos/*": Route({"GET": media.videos_get, "DELETE": media.videos_delete}, OPENAI_CHAT),
         }
 
     async def dispatch(self, request: Request) -> Response:
@@ -6256,12 +6826,15 @@ class Router:
         path = request.path if request.path == "/" else request.path.rstrip("/")
         if path.startswith(("/v1/models/", "/models/")):
             path = path[:path.index("/models/") + len("/models/")] + "*"
+        elif path.startswith("/v1/videos/"):
+            path = "/v1/videos/*"   # /v1/videos/{id} and /v1/videos/{id}/content
         route = self.routes.get(path)
         cors = route is not None and route.dialect is not None
         try:
             if route is None:
                 raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions, "
-                                 "/v1/messages and /v1/models.", "invalid_request_error", "not_found")
+                                 "/v1/messages, /v1/responses, /v1/images/generations, /v1/images/edits, "
+                                 "/v1/audio/speech, /v1/videos and /v1/models.", "invalid_request_error", "not_found")
             methods = route.methods
             handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
             if request.method == "OPTIONS" and cors:
@@ -6316,7 +6889,7 @@ class Router:
                  and h.strip().lower() not in ("cookie", "set-cookie")]
         allow = CORS_ALLOW_HEADERS + "".join(", " + h for h in extra
                                              if h.lower() not in CORS_ALLOW_HEADERS.lower().split(", "))
-        return Response(204, [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+        return Response(204, [("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
                               ("Access-Control-Allow-Headers", allow),
                               ("Access-Control-Max-Age", "3600")])
 
@@ -6330,6 +6903,8 @@ class Router:
         return json_response(200, {"name": "poe2openai", "version": __version__,
                                    "endpoints": ["POST /v1/chat/completions", "POST /v1/messages", "POST /v1/responses",
                                                  "POST /v1/messages/count_tokens", "GET /v1/models",
+                                                 "POST /v1/images/generations", "POST /v1/images/edits",
+                                                 "POST /v1/audio/speech", "POST /v1/videos", "GET /v1/videos",
                                                  "GET /healthz", "GET /admin"]})
 
 
@@ -6515,6 +7090,398 @@ class ModelList:
                              "invalid_request_error", "model_not_found", "model")
         return json_response(200, anthropic_model(found) if "anthropic-version" in request.headers
                              else openai_model(found))
+
+
+# ----------------------------------------------------------------------------- the media APIs
+
+class VideoJobs:
+    """Video jobs, in memory only (a restart forgets them), at most `max_jobs` and each for `ttl_s`. A job
+    is seen only by its owner: a hash of the Poe key, or of the access key's label on a shared proxy."""
+
+    def __init__(self, max_jobs: int, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        self._max = max_jobs
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._jobs: OrderedDict[str, VideoJob] = OrderedDict()   # oldest first
+        self.tasks: dict[str, asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for job_id in [j.id for j in self._jobs.values() if now - j.created_at >= self._ttl_s]:
+            self._drop(job_id)
+
+    def _drop(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        task = self.tasks.pop(job_id, None)
+        if task is not None and not task.done():
+            task.cancel()   # closing its Poe stream stops the bot
+
+    def add(self, job: VideoJob) -> None:
+        self._expire()
+        while len(self._jobs) >= self._max:
+            finished = next((j for j in self._jobs.values() if j.status in ("completed", "failed")), None)
+            if finished is None:
+                raise ProxyError(429, f"{self._max} videos are being made on this proxy (VIDEO_JOBS_MAX); try again "
+                                 "when one has finished.", "rate_limit_error", "too_many_video_jobs")
+            self._drop(finished.id)
+        self._jobs[job.id] = job
+
+    def owned(self, owner: str) -> list[VideoJob]:
+        self._expire()
+        return [j for j in self._jobs.values() if j.owner == owner]
+
+    def get(self, owner: str, job_id: str) -> VideoJob:
+        self._expire()
+        job = self._jobs.get(job_id)
+        if job is None or job.owner != owner:   # another key's job is as absent as an unknown one
+            raise ProxyError(404, f"No video with id '{job_id[:100]}' (jobs are kept for a while in memory and are "
+                             "lost when the proxy restarts).", "invalid_request_error", "video_not_found")
+        return job
+
+    def delete(self, owner: str, job_id: str) -> None:
+        self.get(owner, job_id)
+        self._drop(job_id)
+
+    async def close(self) -> None:
+        tasks = [t for t in self.tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+
+def _media_from_part(part: FormPart, where: str) -> Media:
+    if not part.data:
+        raise bad_request(f"The multipart part '{where}' ({part.filename or 'no name'}) is empty.", where,
+                          "invalid_multipart")
+    name = part.filename or where
+    mime = part.content_type if part.content_type and part.content_type != "application/octet-stream" else \
+        guess_content_type(name, part.data)
+    return Media(where, 0, mime, name, data=part.data)
+
+
+def _media_from_json(value: Any, where: str) -> Media:
+    """An image given in a JSON body: a URL or data: URL, or {"image_url": …} as OpenAI's JSON forms have it."""
+    url = value.get("image_url") if isinstance(value, dict) else value
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise bad_request(f"'{where}' must be an image URL, a data: URL or {{\"image_url\": URL}}.", where)
+    return _media_from_url(url.strip(), where, 0, "image", "")
+
+
+class MediaAPI:
+    """OpenAI's Images, Audio (speech) and Videos APIs over Poe's media bots: the request becomes one Poe
+    query per output (the prompt as the user message, the bot's parameters as flags), the bot's `file`
+    events become the answer. Files are fetched through the same outbound pool as everything else."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, pool: UpstreamPool,
+                 uploader: Uploader, stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None,
+                 credentials: Credentials | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.poe = poe
+        self.pool = pool
+        self.uploader = uploader
+        self.stats = stats
+        self.gate = gate
+        self.catalog = catalog
+        self.credentials = credentials or Credentials(settings)
+        self.jobs = VideoJobs(settings.video_jobs_max, settings.video_jobs_ttl_seconds)
+
+    # --------------------------------------------------------------------- shared steps
+
+    def _owner(self, api_key: str) -> str:
+        import hashlib
+        who = f"label:{KEY_LABEL.get()}" if self.credentials.shared else f"key:{api_key}"
+        return hashlib.sha256(who.encode("utf-8", "surrogateescape")).hexdigest()
+
+    async def _bot(self, body: Any, api_key: str, request: Request) -> tuple[ModelRoute, BotInfo | None]:
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model.strip():
+            raise bad_request("'model' is required: the Poe bot to ask (GET /v1/models lists them with their "
+                              "`endpoints`).", "model", "missing_required_parameter")
+        request.model = model[:100]
+        catalogue = None
+        if self.catalog is not None:
+            catalogue = await self.catalog.for_chat(self.registry.config().api_token or api_key, MODELS_WAIT_SECONDS)
+        route = self.registry.resolve(model, catalogue, self.settings.tool_mode)
+        return route, self.registry.bot_info(route.bot, catalogue)
+
+    @staticmethod
+    def _form(request: Request) -> tuple[dict[str, Any], dict[str, list[FormPart]]]:
+        """The body of an endpoint the SDK sends as multipart (a JSON body is taken too)."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+            return form_fields(parse_multipart(content_type, request.body))
+        body = parse_json_body(request)
+        if not isinstance(body, dict):
+            raise bad_request("The request body must be a JSON object or multipart/form-data.", None, "invalid_json")
+        return body, {}
+
+    async def _ask(self, route: ModelRoute, query: dict[str, Any], api_key: str) -> MediaAnswer:
+        """One query; Poe's errors as in chat (an unknown bot points to the model list)."""
+        await self.gate.wait()
+        answer = MediaAnswer()
+        try:
+            events = await self.poe.open_bot_stream(route.bot, query, api_key)
+            try:
+                while not answer.finished:
+                    batch = await events.read(self.settings.read_timeout_seconds)
+                    if batch is None:
+                        break
+                    for event in batch:
+                        answer.feed(event)
+            except BaseException:
+                await events.aclose()
+                raise
+            await events.finish(answer.done)
+            if answer.error is not None:
+                raise answer.error
+        except ProxyError as err:
+            if err.code == "model_not_found":
+                raise unknown_model(route.display, route.bot, err) from None
+            raise
+        return answer
+
+    async def _attachments(self, media: Sequence[Media], api_key: str) -> list[dict[str, Any]]:
+        if not media:
+            return []
+        return (await self.uploader.attachments_for(media, api_key)).get(0, [])
+
+    async def _record(self, model: str, started_s: float, ok: bool, prompt_tokens: int = 0,
+                      completion_tokens: int = 0) -> None:
+        self.stats.record(model, ok=ok, latency_s=time.perf_counter() - started_s, prompt_tokens=prompt_tokens,
+                          completion_tokens=completion_tokens)
+
+    # --------------------------------------------------------------------- images
+
+    async def images_generations(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        return await self._images(request, api_key, parse_json_body(request), [], False)
+
+    async def images_edits(self, request: Request) -> Response:
+        """Multipart as the SDKs send it (`image` or `image[]`, optional `mask`), or JSON with image URLs."""
+        api_key = self.credentials.poe_key(request)
+        body, files = self._form(request)
+        media = [_media_from_part(part, f"{part.name}") for key in ("image", "image[]") for part in files.get(key, ())]
+        for key in ("image", "images"):
+            value = body.pop(key, None)
+            for i, item in enumerate(value if isinstance(value, list) else [] if value is None else [value]):
+                media.append(_media_from_json(item, f"{key}[{i}]" if isinstance(value, list) else key))
+        if not media:
+            raise bad_request("'image' is required: send the image(s) to edit as multipart file part(s) named "
+                              "'image' (or 'image[]').", "image", "missing_required_parameter")
+        masks = files.get("mask", [])
+        if len(masks) > 1:
+            raise bad_request("Send at most one 'mask' part.", "mask", "invalid_multipart")
+        if masks:
+            media.append(_media_from_part(masks[0], "mask"))
+        elif body.get("mask") is not None:
+            media.append(_media_from_json(body.pop("mask"), "mask"))
+        return await self._images(request, api_key, body, media, bool(masks) or any(m.where == "mask" for m in media))
+
+    async def _images(self, request: Request, api_key: str, body: Any, media: list[Media], has_mask: bool) -> Response:
+        started_s = time.perf_counter()
+        route, info = await self._bot(body, api_key, request)
+        wanted = parse_image_request(body, info, has_mask=has_mask)
+        try:
+            query = media_query(wanted, await self._attachments(media, api_key))
+            gate = asyncio.Semaphore(MEDIA_CONCURRENCY)
+
+            async def one() -> MediaAnswer:
+                async with gate:
+                    return await self._ask(route, query, api_key)
+
+            answers = await _all([one() for _ in range(wanted.n)])
+            items: list[dict[str, Any]] = []
+            text_tokens = 0
+            for answer in answers:
+                images = answer.of_kind("image")
+                if not images:
+                    raise no_media_error("image", route.bot, answer)
+                words = answer.words
+                text_tokens += estimate_tokens(words) if words else 0
+                for image in images:
+                    item: dict[str, Any] = {"url": image.url}
+                    if wanted.response_format == "b64_json":
+                        _, data = await download(self.pool, image.url, f"{route.bot}'s image",
+                                                 self.settings.read_timeout_seconds)
+                        item = {"b64_json": base64.b64encode(data).decode("ascii")}
+                    if words:
+                        item["revised_prompt"] = words
+                    items.append(item)
+        except ProxyError:
+            await self._record(wanted.model, started_s, False)
+            raise
+        prompt_tokens = estimate_tokens(wanted.prompt)
+        usage = image_usage(prompt_tokens, len(media), len(items), text_tokens)
+        await self._record(wanted.model, started_s, True, usage["input_tokens"], usage["output_tokens"])
+        return json_response(200, images_body(int(time.time()), items, usage, wanted))
+
+    # --------------------------------------------------------------------- speech
+
+    async def speech(self, request: Request) -> Response:
+        """The bot's audio, relayed to the client as it downloads, with its own Content-Type."""
+        started_s = time.perf_counter()
+        api_key = self.credentials.poe_key(request)
+        body = parse_json_body(request)
+        route, info = await self._bot(body, api_key, request)
+        wanted = parse_speech_request(body, info)
+        try:
+            answer = await self._ask(route, media_query(wanted), api_key)
+            sounds = answer.of_kind("audio")
+            if not sounds:
+                raise no_media_error("audio", route.bot, answer)
+            what = f"{route.bot}'s audio"
+            response = await open_download(self.pool, sounds[0].url, what)
+        except ProxyError:
+            await self._record(wanted.model, started_s, False)
+            raise
+        await self._record(wanted.model, started_s, True, estimate_tokens(wanted.prompt))
+        return self._relayed(response, sounds[0], SPEECH_TYPES[wanted.response_format], what)
+
+    def _relayed(self, response: UpstreamResponse, file: MediaFile, fallback_type: str, what: str) -> Response:
+        declared = response.headers.get("content-type", "").split(";")[0].strip()
+        content_type = next((t for t in (file.content_type, declared) if t and t != "application/octet-stream"),
+                            fallback_type)
+        headers = [("Content-Type", content_type), ("Cache-Control", "no-store")]
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and "transfer-encoding" not in response.headers:
+            headers.append(("Content-Length", length))   # the client sees a cut-off download as one
+        return Response(200, headers, stream=self._relay(response, what))
+
+    async def _relay(self, response: UpstreamResponse, what: str) -> AsyncIterator[bytes]:
+        """The file's bytes as they arrive (the connection pulls them, so a slow client slows the download).
+        A failure midway cuts the client's connection: a clean end would pass for the whole file."""
+        try:
+            while True:
+                try:
+                    chunk = await response.read_chunk(self.settings.read_timeout_seconds)
+                except asyncio.TimeoutError:
+                    raise upstream_error(f"{what}: the download stalled for {self.settings.read_timeout_seconds:g} s",
+                                         504, "upstream_timeout") from None
+                if chunk is None:
+                    return
+                yield chunk
+        except ProxyError as exc:
+            log.warning("%s: the download failed midway: %s", what, exc.message)
+            raise ConnectionError(exc.message) from None
+        finally:
+            if not response.complete:
+                await response.aclose()
+
+    # --------------------------------------------------------------------- videos
+
+    async def videos_create(self, request: Request) -> Response:
+        """Starts the job in the background and answers at once with it `queued` (poll with GET)."""
+        api_key = self.credentials.poe_key(request)
+        body, files = self._form(request)
+        route, info = await self._bot(body, api_key, request)
+        wanted = parse_video_request(body, info)
+        media = [_media_from_part(part, "input_reference") for part in files.get("input_reference", ())]
+        if body.get("input_reference") is not None:
+            media.append(_media_from_json(body["input_reference"], "input_reference"))
+        query = media_query(wanted, await self._attachments(media, api_key))   # upload errors: real statuses
+        job = VideoJob(new_id("video_"), self._owner(api_key), wanted.model, wanted.prompt, wanted.seconds,
+                       wanted.size, int(time.time()))
+        self.jobs.add(job)
+        task = asyncio.ensure_future(self._make_video(job, route, query, api_key))
+        self.jobs.tasks[job.id] = task
+        task.add_done_callback(lambda t: self.jobs.tasks.pop(job.id, None) if self.jobs.tasks.get(job.id) is t else None)
+        return json_response(200, job.public())
+
+    async def _make_video(self, job: VideoJob, route: ModelRoute, query: dict[str, Any], api_key: str) -> None:
+        started_s = time.perf_counter()
+        job.status, job.progress = "in_progress", 10   # Poe tells nothing of progress: started, then done
+        try:
+            answer = await self._ask(route, query, api_key)
+            videos = answer.of_kind("video")
+            if not videos:
+                raise no_media_error("video", route.bot, answer)
+            job.file = videos[0]
+            job.status, job.progress, job.completed_at = "completed", 100, int(time.time())
+            job.expires_at = job.created_at + int(self.settings.video_jobs_ttl_seconds)
+            await self._record(job.model, started_s, True, estimate_tokens(job.prompt))
+        except ProxyError as err:
+            job.status, job.completed_at = "failed", int(time.time())
+            job.error = {"code": err.code or "upstream_error", "message": err.message}
+            await self._record(job.model, started_s, False)
+        except asyncio.CancelledError:
+            job.status, job.error = "failed", {"code": "cancelled", "message": "The job was cancelled."}
+            raise
+        except Exception:
+            log.exception("video job %s failed", job.id)
+            job.status, job.error = "failed", {"code": "internal_error", "message": "Internal error in the proxy."}
+
+    def _job_path(self, request: Request) -> tuple[str, str]:
+        """/v1/videos/{id}[/content] -> (id, rest)."""
+        tail = request.path.rstrip("/").split("/videos/", 1)[1]
+        job_id, _, rest = tail.partition("/")
+        return urllib.parse.unquote(job_id), rest
+
+    async def videos_get(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        job_id, rest = self._job_path(request)
+        job = self.jobs.get(self._owner(api_key), job_id)
+        if rest == "":
+            return json_response(200, job.public())
+        if rest != "content":
+            raise ProxyError(404, f"Unknown path {request.path!r}.", "invalid_request_error", "not_found")
+        variant = urllib.parse.parse_qs(request.query).get("variant", ["video"])[-1]
+        if variant != "video":
+            raise ProxyError(404, f"Poe's video bots make no {variant[:40]}; only variant=video is available.",
+                             "invalid_request_error", "not_found", "variant")
+        if job.status != "completed" or job.file is None:
+            raise ProxyError(409 if job.status != "failed" else 400, f"Video {job.id} is {job.status}; its content "
+                             "can be downloaded once it is completed.", "invalid_request_error", "video_not_ready")
+        what = f"video {job.id}"
+        response = await open_download(self.pool, job.file.url, what)
+        return self._relayed(response, job.file, "video/mp4", what)
+
+    async def videos_delete(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        job_id, rest = self._job_path(request)
+        if rest:
+            raise ProxyError(404, f"Unknown path {request.path!r}.", "invalid_request_error", "not_found")
+        self.jobs.delete(self._owner(api_key), job_id)
+        return json_response(200, {"id": job_id, "object": "video.deleted", "deleted": True})
+
+    async def videos_list(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        query = urllib.parse.parse_qs(request.query)
+        limit_text = query.get("limit", ["20"])[-1]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+            raise bad_request("'limit' must be a whole number from 1 to 100.", "limit")
+        order = query.get("order", ["desc"])[-1]
+        if order not in ("asc", "desc"):
+            raise bad_request("'order' must be asc or desc.", "order")
+        return json_response(200, video_list_body(self.jobs.owned(self._owner(api_key)),
+                                                  query.get("after", [None])[-1], int(limit_text), order))
+
+    async def close(self) -> None:
+        await self.jobs.close()
+
+
+async def _all(coros: Sequence[Awaitable[MediaAnswer]]) -> list[MediaAnswer]:
+    """Every result, in order; on the first failure the others are cancelled (closing their Poe streams)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
+        if failed is not None:
+            raise failed.exception()   # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        leftover = [t for t in tasks if not t.done()]
+        if leftover:
+            await asyncio.wait(leftover)
 
 
 # ----------------------------------------------------------------------------- the chat pipeline
@@ -7586,6 +8553,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=0.2 if forced.is_set() else 2.0)
+        await app.media.close()   # video jobs live in memory only: they end with the process
         await app.pool.close()
         log.info("stopped")
     if forced.is_set():

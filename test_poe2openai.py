@@ -84,6 +84,7 @@ class Script:
 
 DISCONNECT = "DISCONNECT"
 UPLOAD_PATH = "/poe_api/file_upload_3RD_PARTY_POST"
+FILES_PATH = "/files/"   # where the fake serves the files its media bots make (Poe's attachment URLs)
 
 
 class FakePoe:
@@ -107,6 +108,7 @@ class FakePoe:
         self.upload_delay_s = 0.0
         self.upload_bad_keys: set[str] = set()
         self.close_when_done = False   # close each connection right after a model list, as an idle timeout would
+        self.files: dict[str, tuple[str, bytes]] = {}   # name -> (content type, bytes), served at FILES_PATH
         self.models_headers: list[tuple[str, str]] = []   # extra headers of the model list's answer
         self.upload_headers: list[tuple[str, str]] = []   # and of an upload's
 
@@ -174,6 +176,8 @@ class FakePoe:
             return True
         if path == UPLOAD_PATH:
             return await self._upload(conn, writer, headers, body)
+        if path.startswith(FILES_PATH):
+            return await self._file(conn, writer, urllib.parse.unquote(path[len(FILES_PATH):]))
         bot = path.rsplit("/", 1)[-1]
         query = json.loads(body)
         record["query"] = query
@@ -241,6 +245,24 @@ class FakePoe:
         await self._send(conn, writer, h11.Response(status_code=status, headers=[
             ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.upload_headers]),
             h11.Data(data=payload), h11.EndOfMessage())
+        return True
+
+    def file_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}{FILES_PATH}{urllib.parse.quote(name)}"
+
+    async def _file(self, conn: h11.Connection, writer: asyncio.StreamWriter, name: str) -> bool:
+        if name not in self.files:
+            await self._send(conn, writer, h11.Response(status_code=404, headers=[("Content-Length", "9")]),
+                             h11.Data(data=b"not found"), h11.EndOfMessage())
+            return True
+        content_type, data = self.files[name]
+        await self._send(conn, writer, h11.Response(status_code=200, headers=[
+            ("Content-Type", content_type), ("Content-Length", str(len(data)))]))
+        half = len(data) // 2   # two pieces, so that a relay must pass on more than one read
+        for piece in (data[:half], data[half:]):
+            await self._send(conn, writer, h11.Data(data=piece))
+            await asyncio.sleep(0.002)
+        await self._send(conn, writer, h11.EndOfMessage())
         return True
 
     @staticmethod
@@ -3367,6 +3389,289 @@ def test_follow_up_edit_sees_the_previous_picture() -> None:
 
 
 ###############################################################################
+# Media APIs: images, speech and videos from Poe's media bots
+###############################################################################
+
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAYAAABytg0kAAAAFklEQVR4nGP8z8DwnwEJMDGgAQaGBgAA"
+                       "MgH/3lTLmgAAAABJRU5ErkJggg==")
+MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 40
+MP4 = b"\x00\x00\x00\x18ftypmp42" + os.urandom(5000)
+
+
+def media_bot(poe: FakePoe, bot: str, name: str, content_type: str, data: bytes, text: str = "",
+              wait_s: float = 0.0) -> None:
+    """A Poe media bot: maybe some words, then its file as a `file` event, served by the fake itself."""
+    poe.files[name] = (content_type, data)
+    steps: list[Any] = [sse("meta", {"content_type": "text/markdown"})]
+    if text:
+        steps.append(sse("text", {"text": text}))
+    if wait_s:
+        steps.append(wait_s)
+    steps += [sse("file", {"url": poe.file_url(name), "content_type": content_type, "name": name,
+                           "inline_ref": None}), sse("done", {})]
+    poe.on(bot, steps)
+
+
+def downloads(poe: FakePoe) -> list[str]:
+    return [r["path"] for r in poe.requests if r["path"].startswith(FILES_PATH)]
+
+
+def sdk_request(call: Callable[[openai.OpenAI], Any]) -> httpx.Request:
+    """The request the openai SDK sends for `call`, caught before it leaves."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"created": 0, "data": []})
+
+    client = openai.OpenAI(base_url="http://x/v1", api_key=KEY, max_retries=0,
+                           http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    call(client)
+    return seen[0]
+
+
+def test_multipart_parser_reads_what_the_sdk_sends() -> None:
+    request = sdk_request(lambda c: c.images.edit(
+        model="GPT-Image-1", prompt="a hat\r\n--not a boundary", n=2, size="1024x1024",
+        image=[("a.png", PNG, "image/png"), ('we"ird ü.png', b"--\r\n--x" + PNG, "image/png")],
+        mask=("mask.png", PNG, "image/png")))
+    body, files = p2o.form_fields(p2o.parse_multipart(request.headers["content-type"], request.read()))
+    assert body == {"model": "GPT-Image-1", "prompt": "a hat\r\n--not a boundary", "n": "2", "size": "1024x1024"}
+    assert [(f.filename, f.content_type, f.data) for f in files["image[]"]] == [
+        ("a.png", "image/png", PNG), ("we%22ird ü.png", "image/png", b"--\r\n--x" + PNG)]
+    assert files["mask"][0].data == PNG
+    single = sdk_request(lambda c: c.images.edit(model="m", prompt="p", image=("one.png", PNG, "image/png")))
+    _, files = p2o.form_fields(p2o.parse_multipart(single.headers["content-type"], single.read()))
+    assert list(files) == ["image"]
+    # The standard library's reading of our own encoder agrees with ours.
+    content_type, encoded = p2o.encode_multipart([("a", "1")], [("file", "x.bin", "application/pdf", b"%PDF-\r\n")])
+    parts = p2o.parse_multipart(content_type, encoded)
+    assert [(x.name, x.filename, x.content_type, x.data) for x in parts] == [
+        ("a", None, "", b"1"), ("file", "x.bin", "application/pdf", b"%PDF-\r\n")]
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n", "part 1"),            # never closed
+    (b"--B\r\nContent-Type: text/plain\r\n\r\n1\r\n--B--\r\n", "part 1"),                     # no name
+    (b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--Bx\r\n", "part 2"),  # junk after boundary
+    (b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\nbroken\r\n\r\n1\r\n--B--", "part 1"),
+    (b"no boundary here", "boundary"),
+])
+def test_malformed_multipart_is_a_400_naming_the_part(body: bytes, problem: str) -> None:
+    with pytest.raises(p2o.ProxyError) as info:
+        p2o.parse_multipart("multipart/form-data; boundary=B", body)
+    assert info.value.status == 400 and problem in info.value.message
+    with pytest.raises(p2o.ProxyError):
+        p2o.parse_multipart("application/json", b"{}")
+
+
+def test_size_maps_to_each_bots_own_parameters() -> None:
+    def mapped(name: str, size: str) -> dict[str, Any]:
+        return p2o.size_settings(size, bot(name), name)
+    assert mapped("FLUX-pro-1.1", "1024x1024") == {"aspect": "1:1"}
+    assert mapped("FLUX-pro-1.1", "1792x1024") == {"aspect": "16:9"}      # 7:4 is near enough to 16:9
+    assert mapped("FLUX-pro-1.1", "9:16") == {"aspect": "9:16"}           # a value the bot knows, as it is
+    assert mapped("nano-banana-2", "1536x1024") == {"aspect_ratio": "3:2", "image_size": "2K"}
+    assert mapped("Veo-3", "720x1280") == {"aspect_ratio": "9:16", "resolution": "720p"}
+    assert mapped("Veo-3", "1080p") == {"resolution": "1080p"}
+    assert mapped("GPT-Image-1", "auto") == {} and mapped("Assistant", "1024x1024") == {}   # nothing to map to
+    with pytest.raises(p2o.ProxyError) as info:
+        mapped("FLUX-pro-1.1", "1024x1536")
+    assert info.value.status == 400 and info.value.param == "size"
+    assert "16:9, 4:3, 1:1, 3:4, 9:16" in info.value.message and "aspect" in info.value.message
+    with pytest.raises(p2o.ProxyError):
+        mapped("GPT-Image-1", "huge")
+
+
+def test_media_requests_become_valid_poe_queries_with_the_bots_flags() -> None:
+    image = p2o.parse_image_request({"model": "GPT-Image-1", "prompt": "a cat", "quality": "hd", "style": "vivid",
+                                     "size": "1536x1024", "n": 3}, bot("GPT-Image-1"), has_mask=True)
+    assert image.n == 3 and image.flags == ("--aspect 3:2", "--quality high", "--use_mask true")  # style: undeclared
+    query = p2o.media_query(image, [{"url": "https://pfst.cf2.poecdn.net/x", "content_type": "image/png",
+                                     "name": "a.png"}])
+    QueryRequest.model_validate(query)
+    assert query["query"][0]["content"] == "a cat --aspect 3:2 --quality high --use_mask true"
+    video = p2o.parse_video_request({"model": "Veo-3", "prompt": "waves", "seconds": "4", "size": "1280x720",
+                                     "seed": "7"}, bot("Veo-3"))
+    assert video.flags == ("--aspect_ratio 16:9", "--duration 4", "--seed 7", "--resolution 720p")
+    speech = p2o.parse_speech_request({"model": "ElevenLabs-v3", "input": "hi", "voice": "laura"}, bot("ElevenLabs-v3"))
+    assert speech.flags == ("--voice_1 Laura",) and speech.response_format == "mp3"
+    assert p2o.parse_speech_request({"model": "m", "input": "hi", "voice": "alloy"}, bot("ElevenLabs-v3")).flags == ()
+    for parse, body, param in [
+            (p2o.parse_video_request, {"model": "Veo-3", "prompt": "w", "seconds": "12"}, "seconds"),
+            (p2o.parse_speech_request, {"model": "ElevenLabs-v3", "input": "hi", "voice": "Nobody"}, "voice"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "n": 5}, "n"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "quality": "ultra"}, "quality"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1"}, "prompt"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "stream": True}, "stream"),
+            (p2o.parse_image_request, {"model": "GPT-4o", "prompt": "p"}, "model")]:
+        with pytest.raises(p2o.ProxyError) as info:
+            parse(body, bot(body["model"]))
+        assert info.value.status == 400 and info.value.param == param, (body, info.value.message)
+
+
+def test_models_list_names_each_bots_endpoints(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    models = {m.id: m.model_dump() for m in proxy.client().models.list().data}
+    assert models["Claude-Sonnet-4.5"]["endpoints"] == ["/v1/chat/completions", "/v1/messages", "/v1/responses"]
+    assert models["FLUX-pro-1.1"]["endpoints"][3:] == ["/v1/images/generations"]   # takes no images: no edits
+    assert models["GPT-Image-1"]["endpoints"][3:] == ["/v1/images/generations", "/v1/images/edits"]
+    assert models["ElevenLabs-v3"]["endpoints"][3:] == ["/v1/audio/speech"]
+    assert models["Veo-3"]["endpoints"][3:] == ["/v1/videos"]
+
+
+def test_images_generate_with_the_sdk_in_both_response_formats(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "FLUX-pro-1.1", "cat.png", "image/png", PNG, text="A tabby cat on a red mat.")
+    client = proxy.client()
+    result = client.images.generate(model="flux-pro-1.1", prompt="a cat", size="1792x1024", n=2)
+    assert [d.url for d in result.data] == [poe.file_url("cat.png")] * 2
+    assert result.data[0].revised_prompt == "A tabby cat on a red mat." and result.created > 0
+    assert result.usage is not None and result.usage.output_tokens_details.image_tokens == 2 * p2o.ATTACHMENT_TOKENS
+    queries = bot_queries(poe, "FLUX-pro-1.1")
+    assert len(queries) == 2 and all(q["query"][-1]["content"] == "a cat --aspect 16:9" for q in queries)
+    assert downloads(poe) == []   # url: Poe's own address, nothing fetched
+    result = client.images.generate(model="FLUX-pro-1.1", prompt="a cat", response_format="b64_json")
+    assert base64.b64decode(result.data[0].b64_json) == PNG and result.data[0].url is None
+    assert downloads(poe) == [FILES_PATH + "cat.png"]
+    # Some bots answer with a Markdown link instead of a file event.
+    poe.on("Nano-Banana-2", text_events("Here you go: ![pic](https://pfst.cf2.poecdn.net/base/image/abc.png)"))
+    result = client.images.generate(model="nano-banana-2", prompt="a dog")
+    assert result.data[0].url == "https://pfst.cf2.poecdn.net/base/image/abc.png"
+    assert result.data[0].revised_prompt == "Here you go:"
+
+
+def test_images_failures_carry_the_bots_words(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    client = proxy.client()
+    with pytest.raises(openai.BadRequestError, match="does not make images") as info:
+        client.images.generate(model="Claude-Sonnet-4.5", prompt="a cat")
+    assert info.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError, match="16:9, 4:3, 1:1, 3:4, 9:16"):
+        client.images.generate(model="FLUX-pro-1.1", prompt="a cat", size="1024x1536")
+    poe.on("FLUX-pro-1.1", text_events("I cannot draw that: it breaks the content policy."))
+    with pytest.raises(openai.InternalServerError, match="breaks the content policy") as info:
+        client.images.generate(model="FLUX-pro-1.1", prompt="a cat")
+    assert info.value.status_code == 502
+    poe.on("FLUX-pro-1.1", [sse("error", {"text": "Rate limit exceeded"})])
+    with pytest.raises(openai.RateLimitError):
+        client.images.generate(model="FLUX-pro-1.1", prompt="a cat")
+    poe.on("Private-Painter", status=404, body=b'{"detail": "Bot does not exist"}')
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models"):
+        client.images.generate(model="Private-Painter", prompt="a cat")
+    assert len(bot_queries(poe, "Claude-Sonnet-4.5")) == 0   # refused before Poe was asked
+
+
+def test_images_edit_uploads_the_images_and_the_mask(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "GPT-Image-1", "edited.png", "image/png", PNG)
+    client = proxy.client()
+    other = PNG + b"\x00"
+    result = client.images.edit(model="GPT-Image-1", prompt="add a hat", size="1024x1024",
+                                image=[("a.png", PNG, "image/png"), ("b.png", other, "image/png")],
+                                mask=("mask.png", PNG + b"\x01", "image/png"), response_format="b64_json")
+    assert base64.b64decode(result.data[0].b64_json) == PNG
+    assert [u["data"] for u in poe.uploads] == [PNG, other, PNG + b"\x01"]
+    message = bot_queries(poe, "GPT-Image-1")[-1]["query"][-1]
+    assert message["content"] == "add a hat --aspect 1:1 --use_mask true"
+    assert [a["name"] for a in message["attachments"]] == ["a.png", "b.png", "mask.png"]
+    result = client.images.edit(model="GPT-Image-1", prompt="again", image=("a.png", PNG, "image/png"))
+    assert result.data[0].url == poe.file_url("edited.png") and len(poe.uploads) == 3   # the upload cache
+    with httpx.Client(timeout=10) as http:
+        bad = http.post(proxy.url + "/v1/images/edits", headers={"Authorization": f"Bearer {KEY}",
+                        "Content-Type": "multipart/form-data; boundary=B"},
+                        content=b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nGPT-Image-1\r\n"
+                                b"--B\r\nContent-Type: image/png\r\n\r\nxx\r\n--B--\r\n")
+        assert bad.status_code == 400 and "part 2" in bad.json()["error"]["message"]
+        none = http.post(proxy.url + "/v1/images/edits", headers={"Authorization": f"Bearer {KEY}"},
+                         data={"model": "GPT-Image-1", "prompt": "p"}, files={"other": ("x.png", PNG, "image/png")})
+        assert none.status_code == 400 and none.json()["error"]["param"] == "image"
+
+
+def test_speech_streams_the_bots_audio_with_its_type(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "ElevenLabs-v3", "speech.mp3", "audio/mpeg", MP3)
+    client = proxy.client()
+    with client.audio.speech.with_streaming_response.create(model="ElevenLabs-v3", voice="alloy",
+                                                            input="Hello there") as response:
+        assert response.headers["content-type"] == "audio/mpeg"
+        audio = b"".join(response.iter_bytes())
+    assert audio == MP3 and downloads(poe) == [FILES_PATH + "speech.mp3"]
+    assert last_turn(poe) == "Hello there"   # OpenAI's voice: the bot keeps its own default
+    client.audio.speech.create(model="ElevenLabs-v3", voice="Laura", input="Hi", speed=1.0)
+    assert last_turn(poe) == "Hi --voice_1 Laura"
+    with pytest.raises(openai.BadRequestError, match="does not make speech"):
+        client.audio.speech.create(model="FLUX-pro-1.1", voice="alloy", input="Hi")
+    poe.files.pop("speech.mp3")   # Poe's file is gone: a gateway error, not an empty 200
+    with pytest.raises(openai.InternalServerError, match="HTTP 404"):
+        client.audio.speech.create(model="ElevenLabs-v3", voice="alloy", input="Hi")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_video_jobs_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "Veo-3", "clip.mp4", "video/mp4", MP4, wait_s=0.5)
+    client = proxy.client()
+    job = client.videos.create(model="Veo-3", prompt="waves at dusk", seconds="8", size="1280x720",
+                               input_reference=("first.png", PNG, "image/png"))
+    assert job.status in ("queued", "in_progress") and job.id.startswith("video_") and job.model == "Veo-3"
+    assert (job.seconds, job.size, job.prompt) == ("8", "1280x720", "waves at dusk")
+    seen = {job.status}
+    deadline = time.monotonic() + 10
+    while job.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.videos.retrieve(job.id)
+        seen.add(job.status)
+    assert job.status == "completed" and job.progress == 100 and "in_progress" in seen, job
+    message = bot_queries(poe, "Veo-3")[-1]["query"][-1]
+    assert message["content"] == "waves at dusk --aspect_ratio 16:9 --duration 8 --resolution 720p"
+    assert message["attachments"][0]["name"] == "first.png" and poe.uploads[-1]["data"] == PNG
+    content = client.videos.download_content(job.id)
+    assert content.content == MP4 and content.response.headers["content-type"] == "video/mp4"
+    assert [v.id for v in client.videos.list()] == [job.id]
+    stranger = proxy.client(api_key="someone-elses-key")
+    assert list(stranger.videos.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        stranger.videos.retrieve(job.id)
+    assert client.videos.delete(job.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(job.id)
+    # A bot's error fails the job with the bot's words.
+    poe.on("Veo-3", [sse("error", {"text": "Your prompt was flagged.", "error_type": "user_caused_error"})])
+    job = client.videos.create(model="Veo-3", prompt="something", seconds="4")
+    deadline = time.monotonic() + 10
+    while job.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.videos.retrieve(job.id)
+    assert job.status == "failed" and "Your prompt was flagged." in job.error.message
+    with pytest.raises(openai.BadRequestError, match="4, 6, 8"):
+        client.videos.create(model="Veo-3", prompt="x", seconds="12")
+
+
+def test_video_jobs_are_bounded_in_number_and_age() -> None:
+    now = [1000.0]
+    jobs = p2o.VideoJobs(2, 60.0, clock=lambda: now[0])
+
+    def job(name: str, owner: str = "a", status: str = "completed") -> p2o.VideoJob:
+        return p2o.VideoJob(name, owner, "Veo-3", "p", "8", "", int(now[0]), status=status)
+    jobs.add(job("one"))
+    jobs.add(job("two", status="in_progress"))
+    jobs.add(job("three"))           # full: the oldest finished job goes
+    assert [j.id for j in jobs.owned("a")] == ["two", "three"]
+    jobs.add(job("four"))
+    busy = p2o.VideoJobs(1, 60.0, clock=lambda: now[0])
+    busy.add(job("y", status="in_progress"))
+    with pytest.raises(p2o.ProxyError) as info:   # all running: refused rather than forgetting one
+        busy.add(job("z"))
+    assert info.value.status == 429
+    with pytest.raises(p2o.ProxyError):
+        jobs.get("b", "four")        # another owner's job does not exist for them
+    now[0] += 61
+    assert jobs.owned("a") == [] and len(jobs) == 0
+    assert "owner" not in repr(job("r", owner="secret-hash"))
+
+
+###############################################################################
 # Reasoning: the thinking splitter and the reasoning flags
 ###############################################################################
 
@@ -3723,6 +4028,19 @@ def test_shared_proxy_refuses_wrong_and_missing_keys_in_each_dialects_shape(star
             "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
         assert preflight.status_code == 204   # browsers send no key on a preflight
     assert not [r for r in poe.requests if r["path"].startswith("/bot/")] and not poe.uploads
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_shared_proxy_keeps_video_jobs_per_access_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "Veo-3", "clip.mp4", "video/mp4", MP4)
+    proxy = start_shared(start)
+    alice, bob = proxy.client(api_key=ALICE_KEY), proxy.client(api_key=BOB_KEY)
+    job = alice.videos.create(model="Veo-3", prompt="waves")
+    assert [v.id for v in alice.videos.list()] == [job.id] and list(bob.videos.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        bob.videos.delete(job.id)
+    assert keys_poe_saw(poe) <= {f"Bearer {SERVER_KEY}", ""}   # "": the model list, and file downloads
 
 
 def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -> None:
@@ -4866,6 +5184,25 @@ def test_admin_hostile_model_names_render_as_text(admin_proxy: Any, browser: Bro
     page.keyboard.press("Escape")
     page.get_by_test_id(f"card-{HOSTILE}").hover()
     close_page(page)                                          # and no alert() ran
+
+
+def test_admin_cards_show_which_media_apis_a_bot_serves(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.poe.models = POE_MODELS
+    page = open_admin(browser, admin_proxy)
+    page.get_by_test_id("search").fill("veo")
+    badge = page.get_by_test_id("ep-videos-Veo-3")
+    expect(badge).to_have_text("video")
+    assert "/v1/videos" in (badge.get_attribute("title") or "")
+    page.get_by_test_id("lang").select_option("zh-Hant")
+    expect(page.get_by_test_id("ep-videos-Veo-3")).to_have_text("影片")
+    page.get_by_test_id("lang").select_option("zh-Hans")
+    expect(page.get_by_test_id("ep-videos-Veo-3")).to_have_text("视频")
+    page.get_by_test_id("search").fill("gpt-image")
+    expect(page.get_by_test_id("ep-images-GPT-Image-1")).to_have_text("图像")
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("card-Claude-Sonnet-4.5")).to_be_visible()
+    assert page.get_by_test_id("card-Claude-Sonnet-4.5").locator(".ep").count() == 0   # a chat bot: no badge
+    close_page(page)
 
 
 def test_admin_page_runs_under_its_content_security_policy(admin_proxy: Any, browser: Browser) -> None:
