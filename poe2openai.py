@@ -6955,6 +6955,18 @@ def request_from(event: h11.Request, request_id: str, client: str, trust_forward
 
 # ----------------------------------------------------------------------------- the asyncio adapter
 
+def drop_connection(transport: asyncio.BaseTransport) -> None:
+    """Close at once, with a reset: what a stalled client has not taken is thrown away, so neither the
+    descriptor nor the kernel's send buffer waits on it (a plain close keeps both until it reads)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        import struct
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # on, 0 s: a reset
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
+
 class InboundConnection:
     """One client connection: the asyncio side of an InboundProtocol. The task running `run` is the
     connection's one reader; it keeps reading while an answer is made, so a client that leaves is
@@ -7153,7 +7165,7 @@ class InboundConnection:
         except asyncio.TimeoutError:
             # The client takes nothing: a graceful close would wait for it forever, holding the socket.
             self.protocol.send_failed()
-            self.transport.abort()
+            drop_connection(self.transport)
             raise
         except BaseException:
             self.protocol.send_failed()
@@ -7169,7 +7181,7 @@ class InboundConnection:
             # Still not closed: the client does not take what is buffered (a close waits until it is
             # written); drop it, so the descriptor is freed.
             if not self.writer.transport.is_closing() or self.writer.transport.get_write_buffer_size():
-                self.transport.abort()
+                drop_connection(self.transport)
 
 
 ###############################################################################
