@@ -45,6 +45,7 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
     KEEPALIVE_TIMEOUT_SECONDS       idle keep-alive connections are closed after this (30)
     MAX_CONNECTIONS                 open client connections; beyond, 503 (4096)
     MAX_CONNECTIONS_PER_CLIENT      open connections per client address; beyond, 429; 0 = off (64)
+    MAX_BODY_MEMORY_MB              request bodies held at once, all clients together; beyond, 503 (1024)
     TRUST_FORWARDED_FOR             behind a reverse proxy: the client address is the last hop of
                                     X-Forwarded-For (off)
     RATE_LIMIT_MAX_WAIT_SECONDS     longest queueing in the rate gate; beyond, 429 + Retry-After (30)
@@ -329,6 +330,7 @@ class Settings:
     keepalive_timeout_seconds: float = 30.0
     max_connections: int = 4096
     max_connections_per_client: int = 64   # per client IP address; 0 = no limit
+    max_body_memory_mb: int = 1024         # request bodies held at once, all connections together
     trust_forwarded_for: bool = False      # behind a reverse proxy: the client is X-Forwarded-For's last hop
     rate_limit_max_wait_seconds: float = 30.0
     cors_allow_origins: tuple[str, ...] = ("*",)
@@ -417,6 +419,8 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("MAX_CONNECTIONS", _whole(1), "open client connections allowed; more get 503 (default 4096)"),
     ("MAX_CONNECTIONS_PER_CLIENT", _whole(0),
      "open connections allowed per client address; more get 429; 0 = no limit (default 64)"),
+    ("MAX_BODY_MEMORY_MB", _whole(1),
+     "MB of request bodies held at once by all connections together; beyond, 503 (default 1024)"),
     ("TRUST_FORWARDED_FOR", _bool_setting,
      "behind a reverse proxy: take the client address from the last hop of X-Forwarded-For (default off)"),
     ("RATE_LIMIT_MAX_WAIT_SECONDS", _number(0),
@@ -6610,9 +6614,29 @@ def _log_escape(match: re.Match[str]) -> str:
     return _LOG_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}")
 
 
+class BodyBudget:
+    """The bytes of request bodies all connections hold at once: each takes as its body arrives and gives
+    back once answered (the parsed body lives as long as its answer). Past the limit a body is refused,
+    so many big bodies at once cannot take all memory, however few bytes each connection sends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
 @dataclass
 class ServerState:
     closing: bool = False
+    body_budget: BodyBudget | None = None
     connections: set[InboundConnection] = field(default_factory=set)
     per_client: dict[str, int] = field(default_factory=dict)   # open connections by client address
 
@@ -6681,7 +6705,8 @@ class InboundProtocol:
 
     def __init__(self, settings: Settings, now: float, client: str = "-",
                  max_head_bytes: int = INBOUND_MAX_HEAD_BYTES,
-                 precheck: Callable[[Request], ProxyError | None] | None = None) -> None:
+                 precheck: Callable[[Request], ProxyError | None] | None = None,
+                 budget: BodyBudget | None = None) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self._max_head_bytes = max_head_bytes
         self._max_body_bytes = settings.max_request_size
@@ -6692,6 +6717,8 @@ class InboundProtocol:
         self._body_deadline = math.inf
         self._trust_forwarded_for = settings.trust_forwarded_for
         self._precheck = precheck
+        self._budget = budget
+        self._taken = 0               # of the budget, for the current request's body
         self._client = client
         self._phase = _HEAD
         self._deadline: float | None = now + self._header_timeout_s   # a new connection owes us a head
@@ -6793,6 +6820,13 @@ class InboundProtocol:
                 if len(self._body) > self._max_body_bytes:
                     actions.append(self._refuse(self._too_large()))
                     return actions
+                if self._budget is not None:
+                    if not self._budget.take(len(event.data)):
+                        actions.append(self._refuse(ProxyError(
+                            503, "The proxy holds too many large request bodies right now (MAX_BODY_MEMORY_MB); "
+                            "try again shortly.", "server_error", "server_busy", headers=[("Retry-After", "2")])))
+                        return actions
+                    self._taken += len(event.data)
             elif kind is h11.Request:
                 refusal = self._begin(event, now)
                 if refusal is not None:
@@ -6855,7 +6889,13 @@ class InboundProtocol:
         self._deadline = None
         self._refused = True
         self._body = bytearray()
+        self._give_back()
         return self._current
+
+    def _give_back(self) -> None:
+        if self._taken and self._budget is not None:
+            self._budget.give(self._taken)
+        self._taken = 0
 
     def _remote_error(self, exc: h11.RemoteProtocolError) -> list[InboundAction]:
         if self._phase is _BODY:
@@ -6877,6 +6917,7 @@ class InboundProtocol:
         self._phase = _CLOSED
         self._deadline = None
         self._current = None
+        self._give_back()
 
     # -- output: the answer to the current request
 
@@ -6927,6 +6968,7 @@ class InboundProtocol:
             return [CLOSE]
         self._phase = _HEAD
         self._current = None
+        self._give_back()
         self._is_head = False
         self._head_timed = bool(conn.trailing_data[0])   # a pipelined head is already here
         self._deadline = now + (self._header_timeout_s if self._head_timed else self._keepalive_timeout_s)
@@ -6982,7 +7024,8 @@ class InboundConnection:
         self.loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
-        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client, precheck=app.router.precheck)
+        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client, precheck=app.router.precheck,
+                                        budget=state.body_budget)
         self.client_gone = False
         self._linger = False   # a refused body may still be coming: drop some of it before closing
         self.task: asyncio.Task[None] | None = None
@@ -7208,7 +7251,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     that grace cancels the running answers at once, and serve raises KeyboardInterrupt once closed.
     """
     app = App(settings, ssl_context)
-    state = ServerState()
+    state = ServerState(body_budget=BodyBudget(settings.max_body_memory_mb * 1024 * 1024))
     loop = asyncio.get_running_loop()
     grace_s = settings.shutdown_grace_seconds if shutdown_grace_s is None else shutdown_grace_s
 

@@ -1566,6 +1566,24 @@ def test_inbound_protocol_body_has_a_total_deadline() -> None:
     assert close.abandoned.request.path == "/v1/chat/completions" and protocol.closed
 
 
+def test_inbound_protocol_bodies_share_one_memory_budget() -> None:
+    budget = p2o.BodyBudget(100)
+    first, second = (p2o.InboundProtocol(p2o.Settings(), now=0.0, budget=budget) for _ in range(2))
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 70\r\n\r\n"
+    assert feed(first, head + b"a" * 60) == [] and budget.used == 60    # a body on its way holds its share
+    (refused,) = feed(second, head + b"b" * 50)                          # together beyond the budget: 503
+    assert refused.error.status == 503 and ("Retry-After", "2") in refused.error.headers and budget.used == 60
+    (ready,) = feed(first, b"a" * 10)
+    assert ready.error is None and budget.used == 70                     # held while it is answered ...
+    answer(first)
+    assert budget.used == 0                                              # ... and given back after
+    answer(second)
+    third = p2o.InboundProtocol(p2o.Settings(), now=0.0, budget=budget)
+    feed(third, head + b"c" * 30)
+    assert third.connection_lost(0.0) and budget.used == 0               # a client that left gives back too
+
+
+
 ###############################################################################
 # models.yaml: mapping, hiding, custom models, hand edits
 ###############################################################################
