@@ -6695,9 +6695,10 @@ class InboundProtocol:
     calls `handle_timer` once `deadline()` passes and `response_done` once an answer is written; each
     returns actions, in order: bytes to write, a `RequestReady` to answer, `DISCONNECTED` (cancel the
     answer), `CloseConnection`. The answer itself is the bytes `respond` (whole) or `start_stream`,
-    `send_data`, `end_stream` return. It owns the limits: head size (431) and head time (408), body size
-    (413), body idle time, keep-alive idle time, and the 100 Continue, sent only once we start reading
-    the body it asks for. Pipelined requests wait in h11 until the current answer is done.
+    `send_data`, `end_stream` return. It owns the limits: head size (431) and total head time (408),
+    body size (413), body idle time and total body time (408), the shared body memory budget (503),
+    keep-alive idle time, and the 100 Continue, sent only once we start reading the body it asks for.
+    A request with both Content-Length and Transfer-Encoding is refused (400) and the connection closed. Pipelined requests wait in h11 until the current answer is done.
 
     `precheck` (the router's) sees each request's head before its body is read: what it refuses (an
     unknown path, a wrong method, no credentials) is answered at once, without reading the body or
@@ -7256,6 +7257,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     grace_s = settings.shutdown_grace_seconds if shutdown_grace_s is None else shutdown_grace_s
 
     # Behind a trusted reverse proxy every connection is the proxy's: a cap per address would cap them all.
+    # The machine itself is not capped either: a local reverse proxy, a benchmark, an agent's many streams.
     per_client_cap = 0 if settings.trust_forwarded_for else settings.max_connections_per_client
 
     async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> None:
@@ -7276,7 +7278,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
             return
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
-        if per_client_cap and state.per_client.get(address, 0) >= per_client_cap:
+        if per_client_cap and address not in LOOPBACK_CLIENTS and state.per_client.get(address, 0) >= per_client_cap:
             await refuse(reader, writer, _raw_error(429, "Too Many Requests", ProxyError(
                 429, f"Too many open connections from your address (MAX_CONNECTIONS_PER_CLIENT={per_client_cap}); "
                 "close some or try again shortly.", "rate_limit_error", "too_many_connections",
