@@ -5028,7 +5028,7 @@ class UpstreamPool:
         read_timeout_s = timeout_s or self._settings.read_timeout_seconds
         # A body may come in pieces (an upload: multipart head, the file, tail), written one after the
         # other so that a big file is never joined into a copy.
-        pieces = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
+        pieces: list[bytes] = [body] if isinstance(body, (bytes, bytearray)) else list(body)
         size = sum(len(piece) for piece in pieces)
         for attempt in (0, 1):
             stream = await self._take_idle(origin) if attempt == 0 else None
@@ -6817,17 +6817,18 @@ class InboundProtocol:
                 return actions
             kind = type(event)
             if kind is h11.Data:
-                self._body += event.data   # the one copy: into the buffer the handler gets as it is
+                data: bytes = event.data  # type: ignore[union-attr]
+                self._body += data   # the one copy: into the buffer the handler gets as it is
                 if len(self._body) > self._max_body_bytes:
                     actions.append(self._refuse(self._too_large()))
                     return actions
                 if self._budget is not None:
-                    if not self._budget.take(len(event.data)):
+                    if not self._budget.take(len(data)):
                         actions.append(self._refuse(ProxyError(
                             503, "The proxy holds too many large request bodies right now (MAX_BODY_MEMORY_MB); "
                             "try again shortly.", "server_error", "server_busy", headers=[("Retry-After", "2")])))
                         return actions
-                    self._taken += len(event.data)
+                    self._taken += len(data)
             elif kind is h11.Request:
                 refusal = self._begin(event, now)
                 if refusal is not None:
