@@ -5611,13 +5611,7 @@ class Credentials:
         if not self.shared:
             return
         address = client_address(request)
-        self.backoff.check(address)
-        try:
-            presented = api_key_of(request)
-        except ProxyError:
-            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
-                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
-                             "invalid_request_error", "invalid_api_key") from None
+        presented = self.precheck(request)
         label = self._match(presented)
         if label is None:
             self.backoff.failed(address)
@@ -5626,6 +5620,17 @@ class Credentials:
                              "invalid_api_key")
         self.backoff.succeeded(address)
         KEY_LABEL.set(label)
+
+    def precheck(self, request: Request) -> str:
+        """Shared mode, from the head alone: the 429 of a locked-out address, the 401 of a missing key;
+        else the key presented (compared by `admit` only)."""
+        self.backoff.check(client_address(request))
+        try:
+            return api_key_of(request)
+        except ProxyError:
+            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
+                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
+                             "invalid_request_error", "invalid_api_key") from None
 
     def _match(self, presented: str) -> str | None:
         import hashlib
@@ -5889,8 +5894,7 @@ class Router:
             assert route is not None
             if route.dialect is not None:
                 if self.credentials.shared:
-                    self.credentials.backoff.check(client_address(request))
-                    api_key_of(request)
+                    self.credentials.precheck(request)
                 elif request.method == "POST" and path not in KEYLESS_API_PATHS:
                     api_key_of(request)
             elif path == "/admin" or path.startswith("/api/"):

@@ -3294,6 +3294,18 @@ def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -
         assert http.get(proxy.url + "/api/admin/config", auth=ADMIN).status_code == 200   # the admin's own table
 
 
+def test_shared_proxy_refuses_a_keyless_body_from_its_head(start: Callable[..., Proxy]) -> None:
+    proxy = start_shared(start)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n")   # no body yet
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 401 ") and b"this proxy is shared" in got
+    assert b'"type":"error"' in got                                     # in the route's (Anthropic) shape
+
+
+
 def test_login_backoff_forgets_after_its_window() -> None:
     now = [0.0]
     backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: now[0])
