@@ -27,7 +27,7 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
 
     HOST, PORT                      bind address (0.0.0.0, 8080)
     ADMIN_USERNAME, ADMIN_PASSWORD  Basic-auth credentials of /admin (admin, 123456: change them)
-    MAX_REQUEST_SIZE                largest request body in bytes (1073741824)
+    MAX_REQUEST_SIZE                largest request body in bytes (67108864 = 64 MiB)
     MAX_ANSWER_SIZE                 largest non-streamed answer in bytes; beyond, 502 (67108864)
     LOG_LEVEL                       debug, info, warning, error, critical (info)
     CONFIG_DIR                      folder of models.yaml (./)
@@ -42,9 +42,15 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
                                     errors still get a real HTTP status (5)
     SSE_KEEPALIVE_SECONDS           interval of ``: keep-alive`` comments during silence (15)
     MODELS_CACHE_TTL_SECONDS        lifetime of the cached Poe model list (600)
-    HEADER_TIMEOUT_SECONDS          time a client gets to send its request head (10)
+    HEADER_TIMEOUT_SECONDS          total time a client gets to send its request head (10)
+    BODY_TIMEOUT_SECONDS            total time a client gets to send its request body (120)
+    WRITE_TIMEOUT_SECONDS           a client that reads nothing of its answer this long is dropped (30)
     KEEPALIVE_TIMEOUT_SECONDS       idle keep-alive connections are closed after this (30)
     MAX_CONNECTIONS                 open client connections; beyond, 503 (4096)
+    MAX_CONNECTIONS_PER_CLIENT      open connections per client address; beyond, 429; 0 = off (64)
+    MAX_BODY_MEMORY_MB              request bodies held at once, all clients together; beyond, 503 (1024)
+    TRUST_FORWARDED_FOR             behind a reverse proxy: the client address is the last hop of
+                                    X-Forwarded-For (off)
     RATE_LIMIT_MAX_WAIT_SECONDS     longest queueing in the rate gate; beyond, 429 + Retry-After (30)
     CORS_ALLOW_ORIGINS              *, or a comma-separated list of origins (never with credentials)
     SHUTDOWN_GRACE_SECONDS          on SIGTERM, time running answers get to finish (30)
@@ -149,6 +155,15 @@ def _float_setting(name: str, raw: str, low: float) -> float:
     if not math.isfinite(value) or value < low:
         raise SettingsError(f"{name}={raw!r} must be a number of at least {low:g}")
     return value
+
+
+def _bool_setting(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be on or off (1/0, true/false, yes/no)")
 
 
 def _url_setting(name: str, raw: str) -> str:
@@ -304,7 +319,7 @@ class Settings:
     port: int = 8080
     admin_username: str = "admin"
     admin_password: str = "123456"
-    max_request_size: int = 1073741824  # bytes
+    max_request_size: int = 64 * 1024 * 1024  # bytes: a chat with several big images fits
     max_answer_size: int = 64 * 1024 * 1024  # bytes of a gathered (non-streamed) answer
     log_level: str = "info"
     config_dir: str = "./"
@@ -318,9 +333,14 @@ class Settings:
     stream_hold_seconds: float = 5.0
     sse_keepalive_seconds: float = 15.0
     models_cache_ttl_seconds: float = 600.0
-    header_timeout_seconds: float = 10.0
+    header_timeout_seconds: float = 10.0   # total, from the head's first byte (or the connection's start)
+    body_timeout_seconds: float = 120.0    # total, from the head to the body's last byte
+    write_timeout_seconds: float = 30.0    # a client that takes none of its answer for this long is dropped
     keepalive_timeout_seconds: float = 30.0
     max_connections: int = 4096
+    max_connections_per_client: int = 64   # per client IP address; 0 = no limit
+    max_body_memory_mb: int = 1024         # request bodies held at once, all connections together
+    trust_forwarded_for: bool = False      # behind a reverse proxy: the client is X-Forwarded-For's last hop
     rate_limit_max_wait_seconds: float = 30.0
     cors_allow_origins: tuple[str, ...] = ("*",)
     shutdown_grace_seconds: float = 30.0
@@ -388,7 +408,7 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("PORT", _whole(0, 65535), "bind port (default 8080; 0 picks a free port)"),
     ("ADMIN_USERNAME", lambda n, v: v, "admin page user (default admin)"),
     ("ADMIN_PASSWORD", lambda n, v: v, "admin page password (default 123456; change it)"),
-    ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 1073741824)"),
+    ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 67108864, 64 MiB)"),
     ("MAX_ANSWER_SIZE", _whole(1),
      "largest answer in bytes gathered for a non-streamed reply; beyond it 502 (default 67108864)"),
     ("LOG_LEVEL", _log_level_setting, "debug, info, warning, error or critical (default info)"),
@@ -404,9 +424,18 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
      "streaming: wait this long for Poe's first event so errors keep real statuses (default 5)"),
     ("SSE_KEEPALIVE_SECONDS", _number(0.001), "interval of SSE keep-alive comments during silence (default 15)"),
     ("MODELS_CACHE_TTL_SECONDS", _number(0), "lifetime of the cached model list (default 600)"),
-    ("HEADER_TIMEOUT_SECONDS", _number(0.001), "time a client gets to send its request head (default 10)"),
+    ("HEADER_TIMEOUT_SECONDS", _number(0.001), "total time a client gets to send its request head (default 10)"),
+    ("BODY_TIMEOUT_SECONDS", _number(0.001), "total time a client gets to send its request body (default 120)"),
+    ("WRITE_TIMEOUT_SECONDS", _number(0.001),
+     "a client that takes none of its answer for this long is disconnected (default 30)"),
     ("KEEPALIVE_TIMEOUT_SECONDS", _number(0.001), "idle keep-alive connections close after this (default 30)"),
     ("MAX_CONNECTIONS", _whole(1), "open client connections allowed; more get 503 (default 4096)"),
+    ("MAX_CONNECTIONS_PER_CLIENT", _whole(0),
+     "open connections allowed per client address; more get 429; 0 = no limit (default 64)"),
+    ("MAX_BODY_MEMORY_MB", _whole(1),
+     "MB of request bodies held at once by all connections together; beyond, 503 (default 1024)"),
+    ("TRUST_FORWARDED_FOR", _bool_setting,
+     "behind a reverse proxy: take the client address from the last hop of X-Forwarded-For (default off)"),
     ("RATE_LIMIT_MAX_WAIT_SECONDS", _number(0),
      "longest wait in the rate gate; beyond it 429 with Retry-After (default 30)"),
     ("CORS_ALLOW_ORIGINS", _origins_setting,
@@ -787,25 +816,46 @@ def guess_content_type(name: str = "", data: bytes = b"") -> str:
     return "application/octet-stream"
 
 
-def decode_base64(text: str) -> bytes:
-    """Standard or URL-safe base64, padding optional, whitespace ignored. Raises ValueError."""
-    compact = "".join(text.split())
-    compact += "=" * (-len(compact) % 4)
-    if "-" in compact or "_" in compact:
-        compact = compact.replace("-", "+").replace("_", "/")
-    return base64.b64decode(compact, validate=True)
+_CLEAN_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+BASE64_PIECE_CHARS = 1 << 20   # decoded a piece at a time: the text is never copied whole
+
+
+def decode_base64(text: str, start: int = 0) -> bytes:
+    """Standard or URL-safe base64 from text[start:], padding optional, whitespace ignored. Raises
+    ValueError. Plain base64 (what clients send) is decoded in pieces straight into the result, so an
+    image costs its text (which the caller holds anyway) and its bytes, never a copy of the text."""
+    if _CLEAN_BASE64.fullmatch(text, start) is None:   # whitespace or URL-safe letters: the rare slow way
+        compact = "".join(text[start:].split())
+        compact += "=" * (-len(compact) % 4)
+        if "-" in compact or "_" in compact:
+            compact = compact.replace("-", "+").replace("_", "/")
+        return base64.b64decode(compact, validate=True)
+    import binascii
+    end = len(text)
+    while end > start and text[end - 1] == "=":
+        end -= 1
+    if (end - start) % 4 == 1:
+        raise ValueError("base64 text cannot be one character more than a multiple of four")
+    out = bytearray((end - start) * 3 // 4)
+    filled = 0
+    for piece_start in range(start, end, BASE64_PIECE_CHARS):   # a multiple of 4: pieces decode on their own
+        piece = text[piece_start:min(piece_start + BASE64_PIECE_CHARS, end)]
+        decoded = binascii.a2b_base64(piece + "=" * (-len(piece) % 4))
+        out[filled:filled + len(decoded)] = decoded
+        filled += len(decoded)
+    return out   # type: ignore[return-value]  # a bytearray: as good as bytes to every reader, no copy
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:
     """`data:[type][;base64],payload` -> (content type, bytes). Raises ValueError."""
-    head, sep, payload = url.partition(",")
-    if not head.lower().startswith("data:") or not sep:
+    comma = url.find(",", 0, 1024)   # the head is short; the payload is not copied out of the URL
+    if not url[:5].lower() == "data:" or comma < 0:
         raise ValueError("not a data: URL")
-    params = head[5:].split(";")
+    params = url[5:comma].split(";")
     content_type = params[0].strip().lower() or "text/plain"
     if any(p.strip().lower() == "base64" for p in params[1:]):
-        return content_type, decode_base64(payload)
-    return content_type, urllib.parse.unquote_to_bytes(payload)
+        return content_type, decode_base64(url, comma + 1)
+    return content_type, urllib.parse.unquote_to_bytes(url[comma + 1:])
 
 
 def is_poe_cdn(url: str) -> bool:
@@ -813,9 +863,10 @@ def is_poe_cdn(url: str) -> bool:
     return any(host == h or host.endswith("." + h) for h in POE_CDN_HOSTS)
 
 
-def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
-                     boundary: str | None = None) -> tuple[str, bytes]:
-    """multipart/form-data: (Content-Type header value, body). files are (field, filename, type, data)."""
+def multipart_pieces(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
+                     boundary: str | None = None) -> tuple[str, list[bytes]]:
+    """multipart/form-data as (Content-Type header value, the body's pieces in order): each file's data is
+    a piece of its own, the very object given, so an upload is written without copying it."""
     boundary = boundary or "poe2openai-" + os.urandom(16).hex()
     out: list[bytes] = []
     for name, value in fields:
@@ -823,10 +874,17 @@ def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[st
                    .encode() + value.encode() + b"\r\n")
     for name, filename, content_type, data in files:
         out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote_param(name)}"; '
-                   f'filename="{_quote_param(filename)}"\r\nContent-Type: {content_type}\r\n\r\n'.encode()
-                   + data + b"\r\n")
+                   f'filename="{_quote_param(filename)}"\r\nContent-Type: {content_type}\r\n\r\n'.encode())
+        out += (data, b"\r\n")
     out.append(f"--{boundary}--\r\n".encode())
-    return f"multipart/form-data; boundary={boundary}", b"".join(out)
+    return f"multipart/form-data; boundary={boundary}", out
+
+
+def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
+                     boundary: str | None = None) -> tuple[str, bytes]:
+    """multipart/form-data: (Content-Type header value, body). files are (field, filename, type, data)."""
+    content_type, pieces = multipart_pieces(fields, files, boundary)
+    return content_type, b"".join(pieces)
 
 
 def _quote_param(value: str) -> str:
@@ -1306,38 +1364,62 @@ class RateGate:
         self._arm()
 
 
+LOOPBACK_CLIENTS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")   # the machine itself (an SSH tunnel lands here)
+
+
 class LoginBackoff:
     """Failed logins per client address: once `max_failures` fail within `window_s` of the first, every
     attempt from that address (the right credentials too) is refused with 429 and Retry-After until the
-    window ends. Memory stays bounded under a spray of addresses."""
+    window ends. The table is bounded: past `max_addresses` the oldest entries are forgotten.
+
+    Forgetting lets a spray of addresses start afresh, so a global budget caps what the spray gains:
+    past `global_max` failures (from all addresses together) within `global_window_s`, every attempt is
+    refused until the oldest of them leaves the window, except from the machine itself, which keeps
+    only its per-address limit: the owner can always get in through an SSH tunnel. 0 = no budget."""
 
     def __init__(self, max_failures: int, window_s: float, message: str, code: str = "too_many_login_failures",
-                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 10000) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 10000,
+                 global_max: int = 0, global_window_s: float = 60.0) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
         self._message = message
         self._code = code
         self._clock = clock
         self._max_addresses = max_addresses
-        self._failures: dict[str, tuple[int, float]] = {}   # address -> (failures, first at)
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()   # address -> (failures, first at)
+        self.global_max = global_max
+        self.global_window_s = global_window_s
+        self._recent: deque[float] = deque(maxlen=global_max or 1)   # the last global_max failures, any address
 
     def _current(self, address: str) -> tuple[int, float]:
         failures, first_s = self._failures.get(address, (0, 0.0))
         return (0, 0.0) if self._clock() - first_s > self.window_s else (failures, first_s)
 
     def check(self, address: str) -> None:
-        """Raises the 429 while the address is locked out."""
+        """Raises the 429 while the address is locked out, or every address is."""
+        now = self._clock()
         failures, first_s = self._current(address)
         if failures >= self.max_failures:
-            retry_s = max(1, math.ceil(first_s + self.window_s - self._clock()))
+            retry_s = max(1, math.ceil(first_s + self.window_s - now))
             raise ProxyError(429, self._message, "rate_limit_error", self._code,
                              headers=[("Retry-After", str(retry_s))])
+        recent = self._recent
+        if (self.global_max and len(recent) >= self.global_max and now - recent[0] <= self.global_window_s
+                and address not in LOOPBACK_CLIENTS):
+            retry_s = max(1, math.ceil(recent[0] + self.global_window_s - now))
+            raise ProxyError(429, "Too many failed logins from everywhere at once; logins are paused for everyone "
+                             "for a moment (from the proxy's own machine they still work).", "rate_limit_error",
+                             self._code, headers=[("Retry-After", str(retry_s))])
 
     def failed(self, address: str) -> None:
         failures, first_s = self._current(address)
-        if len(self._failures) > self._max_addresses:
-            self._failures.clear()
-        self._failures[address] = (failures + 1, first_s if failures else self._clock())
+        table = self._failures
+        table[address] = (failures + 1, first_s if failures else self._clock())
+        table.move_to_end(address)
+        while len(table) > self._max_addresses:
+            table.popitem(last=False)   # the longest untouched first: active attackers stay remembered
+        if self.global_max:
+            self._recent.append(self._clock())
 
     def succeeded(self, address: str) -> None:
         self._failures.pop(address, None)
@@ -5927,7 +6009,7 @@ class UpstreamPool:
             while idle:
                 await idle.pop()[0].aclose()
 
-    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
+    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | Sequence[bytes],
                       what: str, timeout_s: float | None = None) -> UpstreamResponse:
         """Send one request and return once the response head arrived (or raise ProxyError).
 
@@ -5938,6 +6020,10 @@ class UpstreamPool:
         """
         origin = Origin.of(url)
         read_timeout_s = timeout_s or self._settings.read_timeout_seconds
+        # A body may come in pieces (an upload: multipart head, the file, tail), written one after the
+        # other so that a big file is never joined into a copy.
+        pieces: list[bytes] = [body] if isinstance(body, (bytes, bytearray)) else list(body)
+        size = sum(len(piece) for piece in pieces)
         for attempt in (0, 1):
             stream = await self._take_idle(origin) if attempt == 0 else None
             reused = stream is not None
@@ -5945,16 +6031,17 @@ class UpstreamPool:
                 stream = await self._connect(origin, what)
             proxy_http = self._proxy_for(origin) is not None and origin.scheme == "http"
             target = url if proxy_http else _target(url)
-            all_headers = [("Host", origin.netloc), *headers, ("Content-Length", str(len(body)))]
+            all_headers = [("Host", origin.netloc), *headers, ("Content-Length", str(size))]
             try:
-                if len(body) <= BODY_PIECE_BYTES:
+                if size <= BODY_PIECE_BYTES:
                     await stream.send(h11.Request(method=method, target=target, headers=all_headers),
-                                      h11.Data(data=body), h11.EndOfMessage())
+                                      *(h11.Data(data=piece) for piece in pieces if piece), h11.EndOfMessage())
                 else:   # a big upload: write it piece by piece, each write with its own deadline
                     await stream.send(h11.Request(method=method, target=target, headers=all_headers))
-                    view = memoryview(body)
-                    for start in range(0, len(body), BODY_PIECE_BYTES):
-                        await stream.send(h11.Data(data=view[start:start + BODY_PIECE_BYTES]))
+                    for piece in pieces:
+                        view = memoryview(piece)
+                        for start in range(0, len(piece), BODY_PIECE_BYTES):
+                            await stream.send(h11.Data(data=view[start:start + BODY_PIECE_BYTES]))
                     await stream.send(h11.EndOfMessage())
             except asyncio.TimeoutError:
                 await stream.aclose()
@@ -6429,9 +6516,9 @@ class Uploader:
 
     async def _upload(self, media: Media, api_key: str) -> dict[str, Any]:
         if media.data is not None:
-            content_type, body = encode_multipart([], [("file", media.name, media.content_type, media.data)])
+            content_type, body = multipart_pieces([], [("file", media.name, media.content_type, media.data)])
         else:
-            content_type, body = encode_multipart([("download_url", str(media.url))], [])
+            content_type, body = multipart_pieces([("download_url", str(media.url))], [])
         headers = [("Authorization", f"Bearer {api_key}"), ("Content-Type", content_type),
                    ("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
         response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
@@ -6474,9 +6561,10 @@ class Request:
     path: str
     query: str
     headers: dict[str, str]     # lower-case names; repeated headers joined with ", "
-    body: bytes
+    body: bytes | bytearray     # as read (never copied); parse_json_body consumes it
     request_id: str
-    client: str = ""
+    client: str = ""            # the TCP peer, "address:port"
+    address: str = ""           # the client's address per X-Forwarded-For (TRUST_FORWARDED_FOR), else ""
     # Filled in by handlers for the access log.
     model: str = ""
 
@@ -6533,8 +6621,9 @@ def _sendable_key(key: str) -> str:
 
 
 def client_address(request: Request) -> str:
-    """The client's IP address, without the port (back-offs are per address)."""
-    return request.client.rpartition(":")[0] or request.client
+    """The client's IP address, without the port (back-offs are per address): the TCP peer's, or with
+    TRUST_FORWARDED_FOR the one the reverse proxy saw."""
+    return request.address or request.client.rpartition(":")[0] or request.client
 
 
 # The label of the key the request being handled came with, for UsageStats. A request is handled in
@@ -6574,13 +6663,7 @@ class Credentials:
         if not self.shared:
             return
         address = client_address(request)
-        self.backoff.check(address)
-        try:
-            presented = api_key_of(request)
-        except ProxyError:
-            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
-                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
-                             "invalid_request_error", "invalid_api_key") from None
+        presented = self.precheck(request)
         label = self._match(presented)
         if label is None:
             self.backoff.failed(address)
@@ -6589,6 +6672,17 @@ class Credentials:
                              "invalid_api_key")
         self.backoff.succeeded(address)
         KEY_LABEL.set(label)
+
+    def precheck(self, request: Request) -> str:
+        """Shared mode, from the head alone: the 429 of a locked-out address, the 401 of a missing key;
+        else the key presented (compared by `admit` only)."""
+        self.backoff.check(client_address(request))
+        try:
+            return api_key_of(request)
+        except ProxyError:
+            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
+                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
+                             "invalid_request_error", "invalid_api_key") from None
 
     def _match(self, presented: str) -> str | None:
         import hashlib
@@ -6644,12 +6738,20 @@ class Credentials:
 
 
 def parse_json_body(request: Request) -> Any:
-    if not request.body.strip():
+    """The body as JSON. It consumes the body: a request with big images would otherwise hold its raw
+    bytes, their text and the parsed values all at once (each about the size of the body)."""
+    raw = request.body
+    if not raw or raw.isspace():
         raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
-    body = request.body[3:] if request.body.startswith(b"\xef\xbb\xbf") else request.body   # a BOM is harmless
+    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0   # a BOM is harmless
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = str(memoryview(raw)[start:], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
+    request.body = raw = b""   # from here on only the text holds it; then only the parsed values
+    try:
+        return json.loads(text)
+    except ValueError as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
     except RecursionError:
         raise bad_request("The request body is nested too deeply.", None, "invalid_json") from None
@@ -6733,6 +6835,7 @@ OPENAI_RESPONSES = Dialect(
 # ----------------------------------------------------------------------------- the app and its router
 
 Handler = Callable[[Request], Awaitable[Response]]
+KEYLESS_API_PATHS = frozenset({"/v1/messages/count_tokens"})   # API POSTs answered without Poe, hence without a key
 
 
 @dataclass(frozen=True)
@@ -6790,6 +6893,7 @@ class Router:
                  credentials: Credentials, media: MediaAPI) -> None:
         self.settings = settings
         self.credentials = credentials
+        self.admin = admin
         self.started_at = time.time()
 
         def api(dialect: Dialect) -> Route:   # a dialect's endpoint: POSTs answered by the chat pipeline
@@ -6821,28 +6925,63 @@ class Router:
             "/v1/videos/*": Route({"GET": media.videos_get, "DELETE": media.videos_delete}, OPENAI_CHAT),
         }
 
-    async def dispatch(self, request: Request) -> Response:
-        """Route a request; every error becomes a response here and only here."""
+    @staticmethod
+    def _table_path(request: Request) -> str:
         path = request.path if request.path == "/" else request.path.rstrip("/")
         if path.startswith(("/v1/models/", "/models/")):
             path = path[:path.index("/models/") + len("/models/")] + "*"
         elif path.startswith("/v1/videos/"):
             path = "/v1/videos/*"   # /v1/videos/{id} and /v1/videos/{id}/content
+        return path
+
+    def _handler(self, request: Request, path: str, route: Route | None) -> Handler | None:
+        """The route's handler for the method (None: the CORS preflight); raises the 404 or 405."""
+        if route is None:
+            raise ProxyError(404, f"Unknown path {request.path[:200]!r}. This proxy serves /v1/chat/completions, "
+                             "/v1/messages, /v1/responses, /v1/images/generations, /v1/images/edits, "
+                             "/v1/audio/speech, /v1/videos and /v1/models.", "invalid_request_error", "not_found")
+        cors = route.dialect is not None
+        methods = route.methods
+        handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
+        if request.method == "OPTIONS" and cors:
+            return None
+        if handler is None:
+            allowed = ", ".join(sorted(methods) + (["OPTIONS"] if cors else []))
+            raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
+                             "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
+        return handler
+
+    def precheck(self, request: Request) -> ProxyError | None:
+        """What can be refused from the head alone, before a body is read (a big body costs memory):
+        an unknown path, a wrong method, an API call without any key, the admin routes without Basic
+        credentials (or while they are refused). Cheap, and it decides nothing the handler does not
+        decide again: a key or a password is only compared there."""
+        path = self._table_path(request)
+        route = self.routes.get(path)
+        try:
+            if self._handler(request, path, route) is None:
+                return None   # the preflight
+            assert route is not None
+            if route.dialect is not None:
+                if self.credentials.shared:
+                    self.credentials.precheck(request)
+                elif request.method == "POST" and path not in KEYLESS_API_PATHS:
+                    api_key_of(request)
+            elif path == "/admin" or path.startswith("/api/"):
+                self.admin.precheck(request)
+        except ProxyError as exc:
+            return exc
+        return None
+
+    async def dispatch(self, request: Request) -> Response:
+        """Route a request; every error becomes a response here and only here."""
+        path = self._table_path(request)
         route = self.routes.get(path)
         cors = route is not None and route.dialect is not None
         try:
-            if route is None:
-                raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions, "
-                                 "/v1/messages, /v1/responses, /v1/images/generations, /v1/images/edits, "
-                                 "/v1/audio/speech, /v1/videos and /v1/models.", "invalid_request_error", "not_found")
-            methods = route.methods
-            handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
-            if request.method == "OPTIONS" and cors:
+            handler = self._handler(request, path, route)
+            if handler is None:
                 response = self._preflight(request)
-            elif handler is None:
-                allowed = ", ".join(sorted(methods) + (["OPTIONS"] if cors else []))
-                raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
-                                 "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
             else:
                 if cors:   # an API route: with access keys on, every one needs a key (not the preflight)
                     self.credentials.admit(request)
@@ -6860,8 +6999,14 @@ class Router:
         return response
 
     def render_error(self, request: Request, err: ProxyError) -> Response:
-        """For errors found before routing (413, 431, a bad body): still in the route's dialect."""
-        return self._error(request.path if request.path == "/" else request.path.rstrip("/"), err, request)
+        """For errors found before routing (413, 431, a bad body, a precheck): still in the route's dialect,
+        with its CORS headers, so that a browser client can read why."""
+        path = self._table_path(request)
+        response = self._error(path, err, request)
+        route = self.routes.get(path)
+        if route is not None and route.dialect is not None:
+            response.headers.extend(self._cors_headers(request))
+        return response
 
     def _error(self, path: str, err: ProxyError, request: Request) -> Response:
         """Errors in the dialect of the route: Anthropic's shape on /v1/messages, OpenAI's elsewhere."""
@@ -6912,6 +7057,26 @@ class Router:
 
 ADMIN_MAX_FAILURES = 5            # failed admin logins per address ...
 ADMIN_FAILURE_WINDOW_S = 300.0    # ... within this window, then 429 until it ends
+ADMIN_GLOBAL_MAX_FAILURES = 30    # failed admin logins from all addresses together ...
+ADMIN_GLOBAL_WINDOW_S = 60.0      # ... within this window: then logins pause for everyone (not loopback)
+# Passwords nobody chose: the default, and the placeholders of our deploy examples and of habit. With
+# one of them the admin API answers only on a loopback bind.
+WEAK_ADMIN_PASSWORDS = frozenset({"", "123456", "change-me", "changeme", "admin", "password"})
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def admin_disabled_reason(settings: Settings) -> str:
+    """Why the admin page is refused (""): a password anyone can guess on an address others can reach."""
+    if settings.admin_password not in WEAK_ADMIN_PASSWORDS or is_loopback_host(settings.host):
+        return ""
+    which = "empty" if not settings.admin_password else (
+        "the default (123456)" if settings.admin_password == "123456" else "a known placeholder")
+    return (f"The admin page is disabled: ADMIN_PASSWORD is {which} and the proxy listens on "
+            f"{settings.host or 'all addresses'}, where others can reach it. Set ADMIN_PASSWORD to a password "
+            "of your own (or listen on HOST=127.0.0.1) and restart the proxy.")
 # The page is one file with its script and style inline; the CSP admits exactly those blocks (by hash)
 # and lets the page talk to nothing but this server. Everything else an injected string could use
 # (other scripts, frames, forms, a <base>) is refused by the browser.
@@ -6941,7 +7106,9 @@ class AdminAPI:
         self.uploader = uploader
         self.credentials = credentials or Credentials(settings)
         self._backoff = LoginBackoff(ADMIN_MAX_FAILURES, ADMIN_FAILURE_WINDOW_S,
-                                     "Too many failed admin logins from your address; try again later.")
+                                     "Too many failed admin logins from your address; try again later.",
+                                     global_max=ADMIN_GLOBAL_MAX_FAILURES, global_window_s=ADMIN_GLOBAL_WINDOW_S)
+        self._disabled = admin_disabled_reason(settings)
         self.admin_page = _load_admin_page()
         self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
 
@@ -6987,7 +7154,24 @@ class AdminAPI:
         self._check_same_origin(request)
         self._authenticate(request)
 
+    def precheck(self, request: Request) -> None:
+        """From the head alone (the Router's precheck): refused routes, back-off, and no credentials."""
+        self._refuse_if_disabled()
+        self._backoff.check(client_address(request))
+        if not request.headers.get("authorization", "").strip():
+            raise self._unauthorized()
+
+    def _refuse_if_disabled(self) -> None:
+        if self._disabled:
+            raise ProxyError(403, self._disabled, "permission_error", "admin_disabled")
+
+    @staticmethod
+    def _unauthorized() -> ProxyError:
+        return ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
+                          headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
+
     def _authenticate(self, request: Request) -> None:
+        self._refuse_if_disabled()
         address = client_address(request)
         self._backoff.check(address)
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -7004,8 +7188,7 @@ class AdminAPI:
         if not (ok_user and ok_password):
             if scheme:   # a browser's first, credential-less request is not a failure
                 self._backoff.failed(address)
-            raise ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
-                             headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
+            raise self._unauthorized()
         self._backoff.succeeded(address)
 
     async def admin_get_config(self, request: Request) -> Response:
@@ -7940,12 +8123,52 @@ def _load_admin_page() -> bytes | None:
 access_log = logging.getLogger("poe2openai.access")
 
 PIPELINE_BUFFER_BYTES = 64 * 1024   # a pipelined next request held while we answer; beyond it we stop reading
+LINGER_S = 2.0                      # after refusing a body: how long we read and drop the rest of it ...
+LINGER_BYTES = 4 * 1024 * 1024      # ... and how much of it at most, before closing anyway
+# What a client sends reaches the access log only escaped: a line break or a terminal escape in a path
+# or a model name cannot forge or hide lines.
+_LOG_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_LOG_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def log_safe(text: str, limit: int) -> str:
+    """text for a log line: control characters (C0, DEL, C1, the Unicode line separators) as escapes,
+    backslashes doubled so that an escape cannot be faked, and at most `limit` characters of it."""
+    safe = _LOG_UNSAFE.sub(_log_escape, text[:limit])
+    return safe + "..." if len(text) > limit else safe
+
+
+def _log_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _LOG_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}")
+
+
+class BodyBudget:
+    """The bytes of request bodies all connections hold at once: each takes as its body arrives and gives
+    back once answered (the parsed body lives as long as its answer). Past the limit a body is refused,
+    so many big bodies at once cannot take all memory, however few bytes each connection sends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
 
 
 @dataclass
 class ServerState:
     closing: bool = False
+    body_budget: BodyBudget | None = None
     connections: set[InboundConnection] = field(default_factory=set)
+    per_client: dict[str, int] = field(default_factory=dict)   # open connections by client address
 
 
 def _reason(status: int) -> bytes:
@@ -7956,11 +8179,12 @@ def _reason(status: int) -> bytes:
 
 
 def _raw_error(status: int, reason: str, err: ProxyError) -> bytes:
-    """A complete close-delimited error response, written without h11: only for the over-capacity 503,
-    which must cost next to nothing (no parser, no connection object) before hanging up."""
+    """A complete close-delimited error response, written without h11: only for connections over a cap
+    (503, 429), which must cost next to nothing (no parser, no connection object) before hanging up."""
     body = dump_json(err.openai_body())
+    extra = "".join(f"{name}: {value}\r\n" for name, value in err.headers)
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
+            f"{extra}Connection: close\r\n\r\n").encode() + body
 
 
 # ----------------------------------------------------------------------------- the protocol, without I/O
@@ -7975,8 +8199,11 @@ class RequestReady:
 
 @dataclass(frozen=True)
 class CloseConnection:
-    """Write what came before, then close. `abandoned`: a request whose body never finished (logged)."""
+    """Write what came before, then close. `abandoned`: a request whose body never finished (logged).
+    `linger`: the client may still be sending a body we refused; read and drop a little of it before
+    closing, so that the kernel does not reset the connection before the client has read our answer."""
     abandoned: RequestReady | None = None
+    linger: bool = False
 
 
 class Disconnected:
@@ -7998,18 +8225,31 @@ class InboundProtocol:
     calls `handle_timer` once `deadline()` passes and `response_done` once an answer is written; each
     returns actions, in order: bytes to write, a `RequestReady` to answer, `DISCONNECTED` (cancel the
     answer), `CloseConnection`. The answer itself is the bytes `respond` (whole) or `start_stream`,
-    `send_data`, `end_stream` return. It owns the limits: head size (431) and head time (408), body size
-    (413), body idle time, keep-alive idle time, and the 100 Continue, sent only once we start reading
-    the body it asks for. Pipelined requests wait in h11 until the current answer is done."""
+    `send_data`, `end_stream` return. It owns the limits: head size (431) and total head time (408),
+    body size (413), body idle time and total body time (408), the shared body memory budget (503),
+    keep-alive idle time, and the 100 Continue, sent only once we start reading the body it asks for.
+    A request with both Content-Length and Transfer-Encoding is refused (400) and the connection closed. Pipelined requests wait in h11 until the current answer is done.
+
+    `precheck` (the router's) sees each request's head before its body is read: what it refuses (an
+    unknown path, a wrong method, no credentials) is answered at once, without reading the body or
+    sending a 100 Continue, and the connection is then closed."""
 
     def __init__(self, settings: Settings, now: float, client: str = "-",
-                 max_head_bytes: int = INBOUND_MAX_HEAD_BYTES) -> None:
+                 max_head_bytes: int = INBOUND_MAX_HEAD_BYTES,
+                 precheck: Callable[[Request], ProxyError | None] | None = None,
+                 budget: BodyBudget | None = None) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self._max_head_bytes = max_head_bytes
         self._max_body_bytes = settings.max_request_size
         self._header_timeout_s = settings.header_timeout_seconds
         self._keepalive_timeout_s = settings.keepalive_timeout_seconds
-        self._body_timeout_s = settings.read_timeout_seconds
+        self._body_idle_s = settings.read_timeout_seconds
+        self._body_total_s = settings.body_timeout_seconds
+        self._body_deadline = math.inf
+        self._trust_forwarded_for = settings.trust_forwarded_for
+        self._precheck = precheck
+        self._budget = budget
+        self._taken = 0               # of the budget, for the current request's body
         self._client = client
         self._phase = _HEAD
         self._deadline: float | None = now + self._header_timeout_s   # a new connection owes us a head
@@ -8018,6 +8258,7 @@ class InboundProtocol:
         self._body = bytearray()
         self._refused = False         # answering with an error: the rest of the input is dropped
         self._is_head = False         # HEAD request: the body of the answer is not sent
+        self._has_body = False        # the current request announced a body
         self._held = 0                # bytes of a pipelined next request fed to h11 while we answer
         self._eof = False
 
@@ -8063,8 +8304,8 @@ class InboundProtocol:
             if not self._head_timed and data:
                 self._head_timed = True
                 self._deadline = now + self._header_timeout_s
-        else:
-            self._deadline = now + self._body_timeout_s
+        else:   # a body: silence ends it early, and however it trickles it must end in time
+            self._deadline = min(self._body_deadline, now + self._body_idle_s)
         self._conn.receive_data(data)
         return self._parse(now)
 
@@ -8087,6 +8328,11 @@ class InboundProtocol:
                                          "request_timeout"))
             self._close()
             return [out, CLOSE]
+        if phase is _BODY and now >= self._body_deadline:
+            out = self._error(ProxyError(408, f"The request body did not arrive within {self._body_total_s:g} s "
+                                         "(BODY_TIMEOUT_SECONDS).", "invalid_request_error", "request_timeout"))
+            self._close()
+            return [out, CloseConnection(current)]
         self._close()   # an idle keep-alive connection, or a body that stopped coming: close without a word
         return [CloseConnection(current if phase is _BODY else None)]
 
@@ -8101,10 +8347,18 @@ class InboundProtocol:
                 return actions
             kind = type(event)
             if kind is h11.Data:
-                self._body += event.data
+                data: bytes = event.data  # type: ignore[union-attr]
+                self._body += data   # the one copy: into the buffer the handler gets as it is
                 if len(self._body) > self._max_body_bytes:
                     actions.append(self._refuse(self._too_large()))
                     return actions
+                if self._budget is not None:
+                    if not self._budget.take(len(data)):
+                        actions.append(self._refuse(ProxyError(
+                            503, "The proxy holds too many large request bodies right now (MAX_BODY_MEMORY_MB); "
+                            "try again shortly.", "server_error", "server_busy", headers=[("Retry-After", "2")])))
+                        return actions
+                    self._taken += len(data)
             elif kind is h11.Request:
                 refusal = self._begin(event, now)
                 if refusal is not None:
@@ -8115,7 +8369,7 @@ class InboundProtocol:
                                                                        reason=b"Continue")))
             elif kind is h11.EndOfMessage:
                 assert self._current is not None
-                self._current.request.body = bytes(self._body)
+                self._current.request.body = self._body   # handed over, not copied (bodies can be big)
                 self._body = bytearray()
                 self._phase = _ANSWER
                 self._deadline = None
@@ -8129,10 +8383,11 @@ class InboundProtocol:
                 return actions
 
     def _begin(self, event: h11.Request, now: float) -> RequestReady | None:
-        request = request_from(event, new_id("req_")[:16], self._client)
+        request = request_from(event, new_id("req_")[:16], self._client, self._trust_forwarded_for)
         self._current = RequestReady(request, None, now)
         self._phase = _BODY
-        self._deadline = now + self._body_timeout_s
+        self._body_deadline = now + self._body_total_s
+        self._deadline = min(self._body_deadline, now + self._body_idle_s)
         self._is_head = request.method == "HEAD"
         head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
                                                                   for k, v in request.headers.items())
@@ -8140,8 +8395,18 @@ class InboundProtocol:
             return self._refuse(ProxyError(431, "The request headers are too large.", "invalid_request_error",
                                            "bad_http_request"))
         declared = request.headers.get("content-length", "")
+        self._has_body = "transfer-encoding" in request.headers or declared not in ("", "0")
+        if "content-length" in request.headers and "transfer-encoding" in request.headers:
+            # Two framings that disagree are how requests are smuggled past a proxy in front (RFC 9112
+            # 6.1): refuse, and close, rather than pick one as h11 would.
+            return self._refuse(bad_request("The request has both Content-Length and Transfer-Encoding.", None,
+                                            "bad_http_request"))
         if declared.isdigit() and int(declared) > self._max_body_bytes:
             return self._refuse(self._too_large())
+        if self._has_body and self._precheck is not None:   # a request without a body costs nothing to read
+            refusal = self._precheck(request)
+            if refusal is not None:
+                return self._refuse(refusal)
         return None
 
     def _too_large(self) -> ProxyError:
@@ -8156,7 +8421,13 @@ class InboundProtocol:
         self._deadline = None
         self._refused = True
         self._body = bytearray()
+        self._give_back()
         return self._current
+
+    def _give_back(self) -> None:
+        if self._taken and self._budget is not None:
+            self._budget.give(self._taken)
+        self._taken = 0
 
     def _remote_error(self, exc: h11.RemoteProtocolError) -> list[InboundAction]:
         if self._phase is _BODY:
@@ -8178,6 +8449,7 @@ class InboundProtocol:
         self._phase = _CLOSED
         self._deadline = None
         self._current = None
+        self._give_back()
 
     # -- output: the answer to the current request
 
@@ -8218,8 +8490,9 @@ class InboundProtocol:
             return []
         conn = self._conn
         if closing or self._refused or conn.our_state is not h11.DONE:
+            unread = self._refused and self._has_body and not self._eof and conn.their_state is h11.SEND_BODY
             self._close()
-            return [CLOSE]
+            return [CloseConnection(linger=True) if unread else CLOSE]
         try:
             conn.start_next_cycle()
         except h11.LocalProtocolError:
@@ -8227,6 +8500,7 @@ class InboundProtocol:
             return [CLOSE]
         self._phase = _HEAD
         self._current = None
+        self._give_back()
         self._is_head = False
         self._head_timed = bool(conn.trailing_data[0])   # a pipelined head is already here
         self._deadline = now + (self._header_timeout_s if self._head_timed else self._keepalive_timeout_s)
@@ -8234,7 +8508,7 @@ class InboundProtocol:
         return self._parse(now) if self._head_timed else []
 
 
-def request_from(event: h11.Request, request_id: str, client: str) -> Request:
+def request_from(event: h11.Request, request_id: str, client: str, trust_forwarded_for: bool = False) -> Request:
     headers: dict[str, str] = {}
     for name, value in event.headers:
         key = name.decode("latin-1")
@@ -8244,11 +8518,28 @@ def request_from(event: h11.Request, request_id: str, client: str) -> Request:
     path, _, query = target.partition("?")
     if "://" in path:  # absolute-form target: keep only the path
         path = urllib.parse.urlsplit(path).path or "/"
+    address = ""
+    if trust_forwarded_for:
+        # The reverse proxy appends the address it saw to what the client sent: only its own (last)
+        # entry can be believed; earlier ones are whatever the client wrote.
+        address = headers.get("x-forwarded-for", "").rpartition(",")[2].strip()[:64]
     return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
-                   query=query, headers=headers, body=b"", request_id=request_id, client=client)
+                   query=query, headers=headers, body=b"", request_id=request_id, client=client, address=address)
 
 
 # ----------------------------------------------------------------------------- the asyncio adapter
+
+def drop_connection(transport: asyncio.BaseTransport) -> None:
+    """Close at once, with a reset: what a stalled client has not taken is thrown away, so neither the
+    descriptor nor the kernel's send buffer waits on it (a plain close keeps both until it reads)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        import struct
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # on, 0 s: a reset
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
 
 class InboundConnection:
     """One client connection: the asyncio side of an InboundProtocol. The task running `run` is the
@@ -8265,8 +8556,10 @@ class InboundConnection:
         self.loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
-        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client)
+        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client, precheck=app.router.precheck,
+                                        budget=state.body_budget)
         self.client_gone = False
+        self._linger = False   # a refused body may still be coming: drop some of it before closing
         self.task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
         self._answer: asyncio.Task[None] | None = None
@@ -8308,7 +8601,24 @@ class InboundConnection:
                 await asyncio.wait([answer])
             if self._answering is not None:   # cancelled before it could start
                 self._log(self._answering, 0, 0)
+            if self._linger:
+                await self._drop_input()
             await self._aclose()
+
+    async def _drop_input(self) -> None:
+        """Read and drop what the client still sends (bounded in time and bytes), our answer already on
+        its way after a FIN: closing with unread input would make the kernel reset the connection,
+        and a client still sending its body would then often lose the answer before reading it."""
+        until = self.loop.time() + LINGER_S
+        dropped = 0
+        try:
+            while dropped < LINGER_BYTES and (left := until - self.loop.time()) > 0:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), left)
+                if not data:
+                    return
+                dropped += len(data)
+        except (asyncio.TimeoutError, ConnectionError, OSError, ssl.SSLError):
+            pass
 
     def _apply(self, actions: list[InboundAction]) -> None:
         for action in actions:
@@ -8325,7 +8635,11 @@ class InboundConnection:
             elif type(action) is CloseConnection:
                 if action.abandoned is not None:
                     self._log(action.abandoned, 0, 0)
-                self.transport.close()   # after what is buffered; the reader then sees the end and stops
+                if action.linger and self.transport.can_write_eof():
+                    self._linger = True
+                    self.transport.write_eof()   # our answer, then our end; the rest of the body is dropped
+                else:
+                    self.transport.close()   # after what is buffered; the reader then sees the end and stops
                 self._wake()
         self._arm()
 
@@ -8383,9 +8697,10 @@ class InboundConnection:
 
     def _log(self, ready: RequestReady, status: int, sent: int) -> None:
         request = ready.request
-        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
-                        status, (self.loop.time() - ready.started) * 1000, sent, request.model or "-",
-                        request.request_id)
+        client = self.client if not request.address else f"{log_safe(request.address, 64)} via {self.client}"
+        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", client, log_safe(request.method, 20),
+                        log_safe(request.path, 300), status, (self.loop.time() - ready.started) * 1000, sent,
+                        log_safe(request.model, 100) or "-", request.request_id)
 
     async def _send(self, request: Request, response: Response) -> None:
         headers = list(response.headers)
@@ -8419,9 +8734,14 @@ class InboundConnection:
             self.bytes_sent += len(data)
             # drain() only blocks when the client is slow; skip the timer in the common case.
             if self.transport.get_write_buffer_size() > 0:
-                await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+                await asyncio.wait_for(self.writer.drain(), self.app.settings.write_timeout_seconds)
             else:
                 await self.writer.drain()
+        except asyncio.TimeoutError:
+            # The client takes nothing: a graceful close would wait for it forever, holding the socket.
+            self.protocol.send_failed()
+            drop_connection(self.transport)
+            raise
         except BaseException:
             self.protocol.send_failed()
             raise
@@ -8431,7 +8751,12 @@ class InboundConnection:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
-            pass  # the socket is going away either way
+            pass
+        finally:
+            # Still not closed: the client does not take what is buffered (a close waits until it is
+            # written); drop it, so the descriptor is freed.
+            if not self.writer.transport.is_closing() or self.writer.transport.get_write_buffer_size():
+                drop_connection(self.transport)
 
 
 ###############################################################################
@@ -8458,26 +8783,42 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     that grace cancels the running answers at once, and serve raises KeyboardInterrupt once closed.
     """
     app = App(settings, ssl_context)
-    state = ServerState()
+    state = ServerState(body_budget=BodyBudget(settings.max_body_memory_mb * 1024 * 1024))
     loop = asyncio.get_running_loop()
     grace_s = settings.shutdown_grace_seconds if shutdown_grace_s is None else shutdown_grace_s
 
+    # Behind a trusted reverse proxy every connection is the proxy's: a cap per address would cap them all.
+    # The machine itself is not capped either: a local reverse proxy, a benchmark, an agent's many streams.
+    per_client_cap = 0 if settings.trust_forwarded_for else settings.max_connections_per_client
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> None:
+        """Say so cheaply and hang up, so the connections we hold keep working."""
+        writer.write(raw)
+        try:   # read what the client sent before closing, so the kernel does not reset the answer away
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(READ_CHUNK_BYTES), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        writer.transport.abort()   # written or not, nothing more is owed: free the socket now
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(state.connections) >= settings.max_connections:
-            # Over the cap: say so cheaply and hang up, so the connections we hold keep working.
-            writer.write(_raw_error(503, "Service Unavailable", ProxyError(
+            await refuse(reader, writer, _raw_error(503, "Service Unavailable", ProxyError(
                 503, "The proxy is at its connection limit (MAX_CONNECTIONS); try again shortly.", "server_error",
                 "too_many_connections")))
-            try:   # read what the client sent before closing, so the kernel does not reset the 503 away
-                writer.write_eof()
-                await asyncio.wait_for(reader.read(READ_CHUNK_BYTES), 1.0)
-            except (OSError, asyncio.TimeoutError):
-                pass
-            writer.close()
+            return
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+        if per_client_cap and address not in LOOPBACK_CLIENTS and state.per_client.get(address, 0) >= per_client_cap:
+            await refuse(reader, writer, _raw_error(429, "Too Many Requests", ProxyError(
+                429, f"Too many open connections from your address (MAX_CONNECTIONS_PER_CLIENT={per_client_cap}); "
+                "close some or try again shortly.", "rate_limit_error", "too_many_connections",
+                headers=[("Retry-After", "1")])))
             return
         connection = InboundConnection(app, state, reader, writer)
         connection.task = asyncio.current_task()  # type: ignore[assignment]
         state.connections.add(connection)
+        state.per_client[address] = state.per_client.get(address, 0) + 1
         try:
             await connection.run()
         except asyncio.CancelledError:
@@ -8485,6 +8826,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 raise   # someone else's cancellation; ours (shutdown) ends here quietly
         finally:
             state.connections.discard(connection)
+            left = state.per_client.pop(address, 1) - 1
+            if left > 0:
+                state.per_client[address] = left
 
     server = await asyncio.start_server(on_connect, settings.host or None, settings.port,
                                         limit=READ_CHUNK_BYTES, backlog=1024, reuse_address=True,
@@ -8640,9 +8984,6 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s %(message)s")
 
 
-WEAK_ADMIN_PASSWORDS = {Settings.admin_password, "change-me", "changeme", "admin", "password"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import importlib.util
     if importlib.util.find_spec("yaml") is None:   # imported lazily, so check it is there before serving
@@ -8654,12 +8995,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"poe2openai: invalid setting: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    if settings.admin_password in WEAK_ADMIN_PASSWORDS:
-        loopback = settings.host in ("127.0.0.1", "localhost", "::1")
-        (log.info if loopback else log.warning)(
-            "the admin page uses the default password; set ADMIN_PASSWORD%s",
-            "" if loopback else f" (listening on {settings.host or 'all addresses'}: anyone who reaches this "
-                                "port can open the admin page)")
+    disabled = admin_disabled_reason(settings)
+    if disabled:
+        log.error("%s (Until then /admin, /api/admin/* and /api/models answer 403; the API works.)", disabled)
+    elif settings.admin_password in WEAK_ADMIN_PASSWORDS:
+        log.info("the admin page uses a default password; set ADMIN_PASSWORD before listening beyond this machine")
     if settings.poe_api_key and not settings.access_keys:
         log.warning("POE_API_KEY is set but ACCESS_KEYS is not: it is not used, and each client still sends its "
                     "own Poe key; set ACCESS_KEYS to share this proxy on POE_API_KEY")

@@ -941,7 +941,7 @@ def test_a_fold_refuses_an_answer_past_max_answer_size() -> None:
 def test_settings_defaults_match_the_reference() -> None:
     s = p2o.Settings.from_env({}, [])
     assert (s.host, s.port, s.admin_username, s.admin_password) == ("0.0.0.0", 8080, "admin", "123456")
-    assert (s.max_request_size, s.log_level, s.config_dir, s.rate_limit_ms) == (1073741824, "info", "./", 100)
+    assert (s.max_request_size, s.log_level, s.config_dir, s.rate_limit_ms) == (64 * 1024 * 1024, "info", "./", 100)
     assert (s.url_cache_ttl_seconds, s.url_cache_size_mb) == (259200, 100)
     assert s.poe_base_url == "https://api.poe.com"
     assert s.poe_file_upload_url == "https://www.quora.com/poe_api/file_upload_3RD_PARTY_POST"
@@ -1760,8 +1760,8 @@ def test_body_over_max_request_size_is_413_and_closes(start: Callable[..., Proxy
     assert out.startswith(b"HTTP/1.1 413 ") and b"connection: close" in out.lower()
     assert b"payload_too_large" in out
     chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(3)) + b"0\r\n\r\n"
-    out = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       + chunked)
+    out = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
     assert out.startswith(b"HTTP/1.1 413 ")
 
 
@@ -1942,14 +1942,15 @@ def test_inbound_protocol_body_over_the_limit_is_413_and_close() -> None:
     (ready,) = feed(protocol, head)                                  # declared too big: no 100 Continue
     assert ready.error.status == 413 and ready.error.code == "payload_too_large"
     assert feed(protocol, b"x" * 1000) == [] and not protocol.wants_data   # the rest is dropped, not read
-    assert answer(protocol)[1] == [p2o.CLOSE] and protocol.closed
+    # closed once answered, lingering: the client may still be sending what we refused
+    assert answer(protocol)[1] == [p2o.CloseConnection(linger=True)] and protocol.closed
 
     protocol = inbound(max_request_size=100)
     chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(3)) + b"0\r\n\r\n"
     actions = feed(protocol, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                    + chunked, list(range(10, 300, 10)))
     assert [a.error.status for a in actions] == [413]                # counted as it comes, refused once
-    assert answer(protocol)[1] == [p2o.CLOSE]
+    assert answer(protocol)[1] == [p2o.CLOSE]                        # (the cuts past its end fed an end of input)
 
 
 def test_inbound_protocol_100_continue_only_when_the_body_is_read() -> None:
@@ -2012,6 +2013,69 @@ def test_inbound_protocol_http_10_and_head() -> None:
     out, after = answer(protocol, b"twelve bytes")
     assert out.endswith(b"\r\n\r\n") and b"Content-Length: 12" in out    # the length of the GET body, none of it
     assert b"connection: close" in out.lower() and after == [p2o.CLOSE]
+
+
+def refuse_unknown(request: p2o.Request) -> p2o.ProxyError | None:
+    return None if request.path == "/ok" else p2o.ProxyError(404, "no such path", "invalid_request_error", "not_found")
+
+
+def test_inbound_protocol_precheck_refuses_from_the_head_before_any_body() -> None:
+    protocol = p2o.InboundProtocol(p2o.Settings(), now=0.0, client="test", precheck=refuse_unknown)
+    head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\n\r\n"
+    (ready,) = feed(protocol, head)                                     # answered from the head: no 100 Continue
+    assert ready.error.status == 404 and not protocol.wants_data        # and the body is not read
+    assert feed(protocol, b"x" * 100_000) == []
+    assert answer(protocol)[1] == [p2o.CloseConnection(linger=True)] and protocol.closed
+
+    protocol = p2o.InboundProtocol(p2o.Settings(), now=0.0, client="test", precheck=refuse_unknown)
+    expect = b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    assert feed(protocol, expect) == [b"HTTP/1.1 100 Continue\r\n\r\n"]  # what it admits is read as before
+    (ready,) = feed(protocol, b"{}")
+    assert ready.error is None and ready.request.body == b"{}"
+    answer(protocol)
+    (ready,) = feed(protocol, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")   # no body: left to the router
+    assert ready.error is None and not protocol.closed
+
+
+def test_inbound_protocol_refuses_content_length_with_transfer_encoding() -> None:
+    protocol = inbound()
+    smuggle = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n")
+    (ready,) = feed(protocol, smuggle)
+    assert ready.error.status == 400 and "Transfer-Encoding" in ready.error.message
+    out, after = answer(protocol)
+    assert len(after) == 1 and isinstance(after[0], p2o.CloseConnection) and protocol.closed   # nothing more is read
+
+
+def test_inbound_protocol_body_has_a_total_deadline() -> None:
+    protocol = inbound(read_timeout_seconds=5, body_timeout_seconds=10)
+    feed(protocol, POST_HI[:-8], now=1.0)                               # head at 1: the body is owed by 11
+    for i, now in enumerate((4.0, 7.0, 10.0)):                          # a byte every 3 s: never idle for 5 s
+        assert protocol.handle_timer(now) == []
+        feed(protocol, POST_HI[-8 + i:-7 + i], now=now)
+    assert protocol.deadline() == 11.0
+    out, close = protocol.handle_timer(11.0)
+    status, headers, body = responses_of(out)[0]
+    assert status == 408 and b"BODY_TIMEOUT_SECONDS" in body and headers["connection"] == "close"
+    assert close.abandoned.request.path == "/v1/chat/completions" and protocol.closed
+
+
+def test_inbound_protocol_bodies_share_one_memory_budget() -> None:
+    budget = p2o.BodyBudget(100)
+    first, second = (p2o.InboundProtocol(p2o.Settings(), now=0.0, budget=budget) for _ in range(2))
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 70\r\n\r\n"
+    assert feed(first, head + b"a" * 60) == [] and budget.used == 60    # a body on its way holds its share
+    (refused,) = feed(second, head + b"b" * 50)                          # together beyond the budget: 503
+    assert refused.error.status == 503 and ("Retry-After", "2") in refused.error.headers and budget.used == 60
+    (ready,) = feed(first, b"a" * 10)
+    assert ready.error is None and budget.used == 70                     # held while it is answered ...
+    answer(first)
+    assert budget.used == 0                                              # ... and given back after
+    answer(second)
+    third = p2o.InboundProtocol(p2o.Settings(), now=0.0, budget=budget)
+    feed(third, head + b"c" * 30)
+    assert third.connection_lost(0.0) and budget.used == 0               # a client that left gives back too
+
 
 
 ###############################################################################
@@ -3234,6 +3298,29 @@ def test_multipart_encoder_round_trips_through_the_email_parser() -> None:
     assert "\r" not in parts[1].get_filename() and '"' not in parts[1].get_filename()
 
 
+def test_a_big_data_url_image_costs_about_twice_its_size() -> None:
+    """From the body's bytes to the upload's pieces (the path a 100 MB image takes), at 10 MB."""
+    import tracemalloc
+    image = b"\x89PNG\r\n\x1a\n" + os.urandom(10 * 1024 * 1024)
+    body = json.dumps({"model": "GPT-4o", "messages": [image_message(data_url(image))]}).encode()
+    wire = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    tracemalloc.start()
+    try:
+        protocol = p2o.InboundProtocol(p2o.Settings(), now=0.0)
+        (ready,) = [a for start in range(0, len(wire), 65536) for a in protocol.receive_data(wire[start:start + 65536], 0.0)]
+        parsed = p2o.parse_json_body(ready.request)
+        (media,) = p2o.collect_media(parsed["messages"])
+        _, pieces = p2o.multipart_pieces([], [("file", media.name, media.content_type, media.data)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert media.data == image and any(piece is media.data for piece in pieces)   # uploaded as it is
+    # The body, then its text, then the parsed data URL beside the decoded bytes: never more than two
+    # body-sized things at once (it was five before: copies of the body, its text and the base64).
+    assert peak < 2.5 * len(image) + len(body), (peak / len(image), len(body) / len(image))
+
+
+
 def test_lru_cache_evicts_by_bytes_and_by_ttl() -> None:
     now = [0.0]
     cache = p2o.LRUCache(max_bytes=100, ttl_s=10, clock=lambda: now[0])
@@ -3914,6 +4001,32 @@ def test_admin_stats_key_by_the_bot_and_pool_made_up_names(proxy: Proxy, poe: Fa
     assert by_model["GPT-4o"]["requests"] == 1 and by_model["(refused)"]["requests"] == 3
 
 
+def test_admin_is_refused_on_a_public_address_with_a_default_password(start: Callable[..., Proxy]) -> None:
+    proxy = start(host="0.0.0.0")   # reachable from elsewhere, and ADMIN_PASSWORD is still 123456
+    with httpx.Client() as http:
+        for path in ("/admin", "/api/admin/config", "/api/admin/stats", "/api/models"):
+            r = http.get(proxy.url + path, auth=ADMIN)
+            assert r.status_code == 403 and "ADMIN_PASSWORD" in r.json()["error"]["message"], path
+        assert http.get(proxy.url + "/healthz").status_code == 200   # the API itself is not affected
+    for password, host in (("change-me", "0.0.0.0"), ("", "::")):
+        reason = p2o.admin_disabled_reason(p2o.Settings(host=host, admin_password=password))
+        assert "ADMIN_PASSWORD" in reason and "restart" in reason
+    assert p2o.admin_disabled_reason(p2o.Settings(host="127.0.0.1")) == ""
+    assert p2o.admin_disabled_reason(p2o.Settings(host="0.0.0.0", admin_password="a long own one")) == ""
+
+
+def test_forwarded_for_decides_the_admin_back_off_only_when_trusted(start: Callable[..., Proxy]) -> None:
+    for trusted in (True, False):
+        proxy = start(trust_forwarded_for=trusted)
+        with httpx.Client() as http:
+            for _ in range(5):
+                http.get(proxy.url + "/api/admin/config", auth=("admin", "guess"),
+                         headers={"X-Forwarded-For": "203.0.113.7"})
+            owner = http.get(proxy.url + "/api/admin/config", auth=ADMIN,
+                             headers={"X-Forwarded-For": "203.0.113.7, 198.51.100.2"})   # the last hop counts
+            assert owner.status_code == (200 if trusted else 429)
+
+
 ###############################################################################
 # Sharing the proxy: access keys (ACCESS_KEYS + POE_API_KEY)
 ###############################################################################
@@ -4058,6 +4171,18 @@ def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -
         assert http.get(proxy.url + "/api/admin/config", auth=ADMIN).status_code == 200   # the admin's own table
 
 
+def test_shared_proxy_refuses_a_keyless_body_from_its_head(start: Callable[..., Proxy]) -> None:
+    proxy = start_shared(start)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n")   # no body yet
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 401 ") and b"this proxy is shared" in got
+    assert b'"type":"error"' in got                                     # in the route's (Anthropic) shape
+
+
+
 def test_login_backoff_forgets_after_its_window() -> None:
     now = [0.0]
     backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: now[0])
@@ -4073,6 +4198,38 @@ def test_login_backoff_forgets_after_its_window() -> None:
     backoff.succeeded("10.0.0.1")
     backoff.failed("10.0.0.1")
     backoff.check("10.0.0.1")   # a success wiped the earlier failure
+
+
+def test_login_backoff_table_is_bounded_by_evicting_the_oldest() -> None:
+    backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: 0.0, max_addresses=3)
+    for _ in range(2):
+        backoff.failed("10.0.0.9")                                      # locked out
+    for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):                # a small spray: the table has room
+        backoff.failed(address)
+    with pytest.raises(p2o.ProxyError):
+        backoff.check("10.0.0.9")                                       # not wiped by the others
+    backoff.failed("10.0.0.9")                                          # it keeps guessing: the newest again
+    backoff.failed("10.0.0.3")                                          # one too many: the oldest goes, no wipe
+    with pytest.raises(p2o.ProxyError):
+        backoff.check("10.0.0.9")
+    backoff.check("10.0.0.1")                                           # forgotten: the global budget covers it
+
+
+def test_login_backoff_global_budget_stops_a_spray_but_not_the_machine_itself() -> None:
+    now = [0.0]
+    backoff = p2o.LoginBackoff(5, 300.0, "slow down", clock=lambda: now[0], max_addresses=10000, global_max=10,
+                               global_window_s=60.0)
+    for i in range(10):                                                 # one guess from each of ten addresses
+        now[0] = i
+        backoff.check(f"127.0.{i}.1")
+        backoff.failed(f"127.0.{i}.1")
+    with pytest.raises(p2o.ProxyError) as info:
+        backoff.check("127.9.9.9")                                      # a fresh address gains nothing
+    assert info.value.status == 429 and info.value.headers == [("Retry-After", "51")]   # the first guess + 60 s
+    backoff.check("127.0.0.1")                                          # the owner, through an SSH tunnel
+    backoff.check("::1")
+    now[0] = 60.5                                                       # the oldest failure left the window
+    backoff.check("127.9.9.9")
 
 
 def test_usage_stats_per_access_key_label(start: Callable[..., Proxy], poe: FakePoe) -> None:
@@ -4196,6 +4353,131 @@ def test_connection_cap_answers_503(start: Callable[..., Proxy]) -> None:
     time.sleep(0.1)
     with httpx.Client() as http:
         assert http.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_slow_clients_cannot_hold_every_connection(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_connections_per_client=5, header_timeout_seconds=1.0, body_timeout_seconds=1.0)
+    slow_head = b"GET /healthz HTTP/1.1\r\nHost:"
+    slow_body = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 99\r\n\r\n{"
+    # 127.0.0.1 (the machine itself: a local reverse proxy, a benchmark) is not capped; 127.0.0.2 is as
+    # any other client address is.
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", proxy.port), timeout=5, source_address=("127.0.0.2", 0))
+
+    held = []
+    for i in range(5):
+        sock = connect()
+        sock.sendall(slow_head if i % 2 else slow_body)
+        held.append(sock)
+    time.sleep(0.1)
+    started = time.monotonic()
+    with connect() as sixth:                                            # a sixth: refused at once
+        sixth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = sixth.recv(65536)
+    assert out.startswith(b"HTTP/1.1 429 ") and b"MAX_CONNECTIONS_PER_CLIENT" in out
+    assert b"retry-after: 1" in out.lower() and time.monotonic() - started < 1.0
+    with httpx.Client() as http:                                        # the machine itself still gets in
+        assert http.get(proxy.url + "/healthz").status_code == 200
+    try:
+        for i, sock in enumerate(held):                                 # each trickle keeps it alive no longer
+            sock.sendall(b" " if i % 2 else b"x")                       # than its total deadline
+        answers = []
+        for sock in held:
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+            answers.append(got)
+        assert time.monotonic() - started < 3.0
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), [a[:40] for a in answers]
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.1)
+    with connect() as again:                                            # the slots are free again
+        again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert again.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def tcp_state(local_port: int, remote_port: int) -> str | None:
+    """The kernel's state of the loopback socket local_port -> remote_port ("01" established), if any."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+                return state
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_a_client_that_stops_reading_is_dropped_and_its_sockets_freed(start: Callable[..., Proxy],
+                                                                     poe: FakePoe) -> None:
+    proxy = start(write_timeout_seconds=0.5)   # the proxy runs in this process's loop thread: its fds are ours
+    poe.on("Flood", text_events(*["z" * 16384] * 1500))
+    with proxy.client() as client:                                      # the model list cached, pools warm
+        assert client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    time.sleep(0.2)
+    baseline = open_fds()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)          # and then never reads
+    sock.connect(("127.0.0.1", proxy.port))
+    ours = sock.getsockname()[1]
+    body = json.dumps({"model": "Flood", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        deadline = time.monotonic() + 10
+        while tcp_state(proxy.port, ours) != "01" and time.monotonic() < deadline:
+            time.sleep(0.02)                                            # the proxy accepted it ...
+        while not (poe.disconnects and tcp_state(proxy.port, ours) is None) and time.monotonic() < deadline:
+            time.sleep(0.05)                                            # ... and, stalled, let it go
+        assert poe.disconnects, "Poe's side was never closed"
+        assert tcp_state(proxy.port, ours) is None, "the proxy still holds the stalled client's socket"
+        assert open_fds() <= baseline + 1                               # +1: ours, still open
+    finally:
+        sock.close()
+    with httpx.Client() as http:
+        assert http.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_refused_requests_are_answered_from_the_head_and_closed(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_request_size=1000)
+    heads = {b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 900\r\n\r\n": 404,
+             b"PUT /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 900\r\n\r\n": 405,
+             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: http://app\r\nContent-Length: 900\r\n\r\n": 401,
+             b"POST /api/admin/config HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n": 401,
+             b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\nContent-Length: 5000\r\n\r\n": 413}
+    for head, status in heads.items():
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
+            sock.sendall(head + b"{")                                    # the body is never sent
+            got = b""
+            while chunk := sock.recv(65536):                             # answered, then closed: not waiting
+                got += chunk
+        assert time.monotonic() - started < 1.0
+        assert got.startswith(b"HTTP/1.1 %d " % status) and b"connection: close" in got.lower(), got[:200]
+        if status == 401 and b"Origin" in head:
+            assert b"access-control-allow-origin: *" in got.lower()     # a browser client can read why
+    refused = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                                  b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 400 ") and refused.count(b"HTTP/1.1") == 1
+
+
+def test_control_characters_cannot_forge_access_log_lines(proxy: Proxy, poe: FakePoe,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="poe2openai.access")
+    model = "GPT-4o\n2026-01-01 INFO poe2openai.access 6.6.6.6 GET /admin 200\x1b[2K" + "m" * 500
+    with httpx.Client() as http:
+        http.post(proxy.url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]},
+                  headers={"Authorization": f"Bearer {KEY}"})
+        http.get(proxy.url + "/v1/x%0d%0a1.2.3.4%20GET%20/fake\\n")
+    lines = [r.getMessage() for r in caplog.records if r.name == "poe2openai.access"]
+    assert len(lines) == 2 and not any(ch in line for line in lines for ch in "\n\r\x1b")
+    assert "GPT-4o\\n2026" in lines[0] and "\\x1b[2K" in lines[0] and "m" * 101 not in lines[0]   # cut short
+    assert "/v1/x\\r\\n1.2.3.4 GET /fake\\\\n" in lines[1]             # a backslash cannot fake an escape
 
 
 def test_dns_failure_is_a_502_that_says_so(start: Callable[..., Proxy]) -> None:
