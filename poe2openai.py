@@ -1999,11 +1999,23 @@ class ToolSpec:
     parallel: bool = True
 
     def find(self, name: str) -> Tool | None:
-        """The tool of that name: exactly, or else case-insensitively."""
+        """The tool of that name: exactly, or else case-insensitively. A namespaced tool (offered as
+        `ns__tool`, see the Responses dialect) is also found as `ns.tool` or, when no other tool ends the
+        same way, by its bare name `tool`: bots call it the way its namespace reads to them."""
         name = name.strip()
         folded = name.casefold()
         exact = [t for t in self.tools if t.name == name]
-        return exact[0] if exact else next((t for t in self.tools if t.name.casefold() == folded), None)
+        if exact:
+            return exact[0]
+        found = next((t for t in self.tools if t.name.casefold() == folded), None)
+        if found is not None or not name:
+            return found
+        dotted = folded.replace(".", "__")
+        found = next((t for t in self.tools if t.name.casefold() == dotted), None)
+        if found is not None:
+            return found
+        suffixed = [t for t in self.tools if t.name.casefold().endswith("__" + folded)]
+        return suffixed[0] if len(suffixed) == 1 else None
 
 
 @dataclass(frozen=True)

@@ -6524,6 +6524,19 @@ def test_codex_namespace_tools_round_trip(proxy: Proxy, poe: FakePoe, caplog: py
     assert '<invoke name="search">' not in sent
 
 
+def test_namespaced_tools_called_by_their_bare_or_dotted_name(proxy: Proxy, poe: FakePoe) -> None:
+    # Bots often call `docs.search` or just `search` for the `docs__search` they were offered.
+    reply = ('<tool_call><invoke name="docs.search"><parameter name="query">a</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="spawn"><parameter name="task">b</parameter></invoke></tool_call>')
+    poe.on("GPT-4o", xml_reply_steps(reply, 5))
+    response = proxy.client().responses.create(model="GPT-4o", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.type, o.namespace, o.name) for o in response.output] == [   # type: ignore[union-attr]
+        ("function_call", "docs", "search"), ("function_call", "agents", "spawn")]
+    spec = p2o.ToolSpec((p2o.Tool("a__run", "", {}), p2o.Tool("b__run", "", {}), p2o.Tool("x", "", {})))
+    assert spec.find("run") is None and spec.find("b.run").name == "b__run"   # ambiguous: no guess
+    assert spec.find("y") is None and spec.find("") is None
+
+
 def test_namespace_calls_in_native_mode(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
     (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
     poe.on("NativeBot", [native_chunk({"tool_calls": [{"index": 0, "id": "call_n1", "type": "function", "function": {
