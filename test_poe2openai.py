@@ -5649,6 +5649,46 @@ def test_admin_shows_load_error_and_failed_loads(admin_proxy: Any, browser: Brow
     close_page(page)
 
 
+def test_admin_cards_show_catalogue_facts_and_the_points_panel(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.poe.models = POE_MODELS
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("points-no-token")).to_contain_text("api_token")   # says how to set it
+    close_page(page)
+    now_s = time.time()
+    admin_proxy.poe.balance = 123456
+    admin_proxy.poe.points = [points_entry(1, "Claude-Sonnet-4.5", 1, 250, now_s),
+                              points_entry(2, "<img src=x onerror=alert(1)>", 24 * 10, 40, now_s)]
+    seed_config(admin_proxy, api_token="admin-token")
+    page = open_admin(browser, admin_proxy)
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("ctx-Claude-Sonnet-4.5")).to_have_text("983k ctx")
+    expect(page.get_by_test_id("feat-tools-Claude-Sonnet-4.5")).to_have_text("tools")
+    expect(page.get_by_test_id("feat-web_search-Claude-Sonnet-4.5")).to_have_text("web search")
+    expect(page.get_by_test_id("mods-Claude-Sonnet-4.5")).to_have_text("text+image → text")
+    params = page.get_by_test_id("params-Claude-Sonnet-4.5")
+    expect(params.locator("summary")).to_have_text("2 parameters")
+    params.locator("summary").click()
+    expect(params.locator("li code")).to_have_text(["thinking_budget", "web_search"])
+    page.get_by_test_id("search").fill("kimi")   # nothing known of its window: nothing shown
+    expect(page.get_by_test_id("card-Kimi-K2.5-FW")).to_be_visible()
+    assert page.get_by_test_id("ctx-Kimi-K2.5-FW").count() == 0
+    expect(page.get_by_test_id("points-balance")).to_contain_text("123,456")
+    expect(page.get_by_test_id("points-row-Claude-Sonnet-4.5")).to_contain_text("250")
+    hostile = page.get_by_test_id("points-row-<img src=x onerror=alert(1)>")
+    expect(hostile.locator("th")).to_have_text("<img src=x onerror=alert(1)>")   # text, not markup
+    expect(hostile.locator("td").first).to_have_text("0")        # spent 10 days ago: not in the last 7
+    page.get_by_test_id("lang").select_option("zh-Hant")
+    expect(page.get_by_test_id("points-balance")).to_contain_text("餘額")
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("feat-web_search-Claude-Sonnet-4.5")).to_have_text("網路搜尋")
+    close_page(page)   # no script errors, nothing the CSP refused
+    admin_proxy.poe.usage_status = 401
+    seed_config(admin_proxy, api_token="revoked-token")
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("points-error")).to_have_text("api_token rejected by Poe: check the API token.")
+    close_page(page)
+
+
 ###############################################################################
 # Against a real Poe bot server: fastapi_poe's own make_app behind uvicorn
 ###############################################################################
