@@ -6359,7 +6359,7 @@ class PoeClient:
 
     async def current_balance(self, api_key: str) -> int | float:
         payload = await self._usage_json("/usage/current_balance", api_key, "points balance")
-        balance = payload.get("current_point_balance") if isinstance(payload, dict) else None
+        balance: Any = payload.get("current_point_balance") if isinstance(payload, dict) else None
         if not _is_number(balance):
             raise upstream_error("points balance: Poe's answer has no current_point_balance")
         return balance
@@ -7161,7 +7161,8 @@ def points_summary(entries: Iterable[Mapping[str, Any]], now_s: float, days: int
     per_day: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     for entry in entries:
-        stamp, bot_name, cost = entry.get("creation_time"), entry.get("bot_name"), entry.get("cost_points")
+        stamp: Any = entry.get("creation_time")
+        bot_name, cost = entry.get("bot_name"), entry.get("cost_points")
         if not (_is_number(stamp) and _is_number(cost) and isinstance(bot_name, str) and bot_name):
             continue
         at_s = stamp / 1e6   # Poe gives microseconds
