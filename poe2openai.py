@@ -6305,6 +6305,12 @@ class PoeEventStream:
         await self._response.aclose()
 
 
+USAGE_TIMEOUT_S = 15.0            # each of Poe's usage calls, for the admin page
+USAGE_MAX_BYTES = 4 * 1024 * 1024
+POINTS_HISTORY_PAGE = 100         # Poe's largest page
+POINTS_HISTORY_MAX_PAGES = 10     # 1000 queries: the admin page's summary, not an audit
+
+
 class PoeClient:
     def __init__(self, settings: Settings, pool: UpstreamPool) -> None:
         self._settings = settings
@@ -6345,6 +6351,55 @@ class PoeClient:
         except ValueError:
             raise upstream_error("model list: Poe's answer is not JSON") from None
         return catalogue_from_poe(payload)
+
+    async def _usage_json(self, path: str, api_key: str, what: str) -> Any:
+        """GET one of Poe's usage endpoints with `api_key`: its JSON, or ProxyError (a 401 stays a 401)."""
+        url = f"{self._settings.poe_base_url}{path}"
+        headers = [("Authorization", f"Bearer {api_key}"), ("Accept", "application/json"),
+                   ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
+        timeout_s = min(self._settings.read_timeout_seconds, USAGE_TIMEOUT_S)
+        response = await self._pool.request("GET", url, headers, b"", what, timeout_s)
+        if response.status == 200:
+            await _refuse_encoded(response, what)
+        body = await response.read_all(USAGE_MAX_BYTES, timeout_s)
+        if response.status != 200:
+            raise classify_poe_status(response.status, body, what, response.headers)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise upstream_error(f"{what}: Poe's answer is not JSON") from None
+
+    async def current_balance(self, api_key: str) -> int | float:
+        payload = await self._usage_json("/usage/current_balance", api_key, "points balance")
+        balance: Any = payload.get("current_point_balance") if isinstance(payload, dict) else None
+        if not _is_number(balance):
+            raise upstream_error("points balance: Poe's answer has no current_point_balance")
+        return balance
+
+    async def points_history(self, api_key: str, since_s: float,
+                             max_pages: int = POINTS_HISTORY_MAX_PAGES) -> tuple[list[dict[str, Any]], bool]:
+        """The key's points history entries back to `since_s` (Poe keeps 30 days, newest first, 100 a page),
+        following `starting_after` for at most `max_pages` pages. Returns (entries, complete): complete is
+        False when the page bound cut the history short."""
+        entries: list[dict[str, Any]] = []
+        after: str | None = None
+        for _ in range(max_pages):
+            query = {"limit": str(POINTS_HISTORY_PAGE)}
+            if after is not None:
+                query["starting_after"] = after
+            payload = await self._usage_json("/usage/points_history?" + urllib.parse.urlencode(query), api_key,
+                                             "points history")
+            data = payload.get("data") if isinstance(payload, dict) else None
+            if not isinstance(data, list):
+                raise upstream_error("points history: Poe's answer has no `data` array")
+            page = [e for e in data if isinstance(e, dict)]
+            entries += page
+            last = page[-1] if page else None
+            older = any(_is_number(e.get("creation_time")) and e["creation_time"] / 1e6 < since_s for e in page)
+            if not payload.get("has_more") or older or last is None or not isinstance(last.get("query_id"), str):
+                return entries, True
+            after = last["query_id"]
+        return entries, False
 
 
 async def _refuse_encoded(response: UpstreamResponse, what: str) -> None:
@@ -6873,7 +6928,7 @@ class App:
         self.gate = RateGate(settings.rate_limit_ms / 1000.0, settings.rate_limit_max_wait_seconds)
         self.credentials = Credentials(settings)
         self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader,
-                                  self.credentials)
+                                  self.credentials, self.poe)
         self.model_list = ModelList(settings, self.registry, self.catalog, self.credentials)
         self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate,
                                           self.catalog, credentials=self.credentials)
@@ -6922,6 +6977,7 @@ class Router:
             "/api/admin/config": Route({"GET": admin.admin_get_config, "POST": admin.admin_post_config}),
             "/api/admin/stats": Route({"GET": admin.admin_stats}),
             "/api/models": Route({"GET": admin.admin_models}),
+            "/api/admin/points": Route({"GET": admin.admin_points}),
             "/": Route({"GET": self.index}),
             "/v1/models/*": Route({"GET": models.get_model}, OPENAI_CHAT),   # one model: the id is the rest of the path
             "/models/*": Route({"GET": models.get_model}, OPENAI_CHAT),
@@ -7101,6 +7157,48 @@ ADMIN_PAGE_HEADERS = (("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "n
 ADMIN_FETCH_SITES = ("same-origin", "none")
 
 
+POINTS_DAYS = 30            # what Poe keeps of the points history
+POINTS_RECENT_DAYS = 7
+POINTS_CACHE_S = 60.0       # the page may reload at will: Poe is asked at most this often ...
+POINTS_ERROR_CACHE_S = 10.0  # ... and after a failure, again this soon
+
+
+def points_summary(entries: Iterable[Mapping[str, Any]], now_s: float, days: int = POINTS_DAYS,
+                   recent_days: int = POINTS_RECENT_DAYS) -> dict[str, Any]:
+    """Poe's points history entries -> points and queries per bot (over `days` and the last `recent_days`)
+    and per UTC day, oldest day first. Entries without a time, a bot or a numeric cost are skipped; so are
+    those older than `days`, and a query listed twice (pages that overlap) counts once."""
+    since_s, recent_s = now_s - days * 86400, now_s - recent_days * 86400
+    bots: dict[str, dict[str, Any]] = {}
+    per_day: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for entry in entries:
+        stamp: Any = entry.get("creation_time")
+        bot_name, cost = entry.get("bot_name"), entry.get("cost_points")
+        if not (_is_number(stamp) and _is_number(cost) and isinstance(bot_name, str) and bot_name):
+            continue
+        at_s = stamp / 1e6   # Poe gives microseconds
+        query_id = entry.get("query_id")
+        if at_s < since_s or (isinstance(query_id, str) and query_id in seen):
+            continue
+        if isinstance(query_id, str):
+            seen.add(query_id)
+        row = bots.setdefault(bot_name, {"bot": bot_name, "points": 0, "queries": 0,
+                                         "points_recent": 0, "queries_recent": 0})
+        row["points"] += cost
+        row["queries"] += 1
+        if at_s >= recent_s:
+            row["points_recent"] += cost
+            row["queries_recent"] += 1
+        day = time.strftime("%Y-%m-%d", time.gmtime(at_s))
+        total = per_day.setdefault(day, {"day": day, "points": 0, "queries": 0})
+        total["points"] += cost
+        total["queries"] += 1
+    by_bot = sorted(bots.values(), key=lambda r: (-r["points"], r["bot"].casefold()))
+    return {"by_bot": by_bot, "days": [per_day[d] for d in sorted(per_day)], "window_days": days,
+            "recent_days": recent_days}
+
+
 class AdminAPI:
     """The admin page and its API (models.yaml, stats, Poe's raw model list) behind Basic auth, with a
     back-off on failed logins per client address. A browser caches Basic credentials for the origin,
@@ -7109,7 +7207,8 @@ class AdminAPI:
     a cross-site page cannot send without a CORS preflight, and admin routes answer none)."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
-                 pool: UpstreamPool, uploader: Uploader, credentials: Credentials | None = None) -> None:
+                 pool: UpstreamPool, uploader: Uploader, credentials: Credentials | None = None,
+                 poe: PoeClient | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.catalog = catalog
@@ -7123,6 +7222,9 @@ class AdminAPI:
         self._disabled = admin_disabled_reason(settings)
         self.admin_page = _load_admin_page()
         self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
+        self.poe = poe   # for Poe's usage API (the points panel)
+        self._points: tuple[str, float, dict[str, Any]] | None = None   # (key, expires at, report)
+        self._points_fetch: tuple[str, asyncio.Future[dict[str, Any]]] | None = None
 
     async def admin(self, request: Request) -> Response:
         # No same-origin check here: following a link to /admin from elsewhere is fine; the CSP's
@@ -7249,6 +7351,63 @@ class AdminAPI:
         self._check_admin(request)
         key = self.registry.config().api_token or self.credentials.server_key or _optional_key(request)
         return json_response(200, {"object": "list", "data": await self.catalog.models(key, refresh=True)})
+
+
+    async def admin_points(self, request: Request) -> Response:
+        """The Poe points balance and what was spent per bot and day, on the admin's own key: models.yaml's
+        api_token, else (shared mode) the proxy's POE_API_KEY; never a client's. Cached briefly."""
+        self._check_admin(request)
+        token = self.registry.config().api_token
+        key, source = (token, "api_token") if token else (self.credentials.server_key, "POE_API_KEY")
+        if not key or self.poe is None:
+            return json_response(200, {"balance": None, "by_bot": [], "days": [], "key": None,
+                                       "error": "No api_token is set: set one with the API token button (it is "
+                                                "kept as api_token in models.yaml) to see Poe points.",
+                                       "error_code": "no_token"}, [("Cache-Control", "no-store")])
+        now = time.monotonic()
+        if self._points is not None and self._points[0] == key and now < self._points[1]:
+            report = self._points[2]
+        else:
+            if self._points_fetch is None or self._points_fetch[0] != key:
+                # Shared by the requests that come while it runs; shielded so one leaving does not stop it.
+                self._points_fetch = (key, asyncio.ensure_future(self._fetch_points(key)))
+            report = await asyncio.shield(self._points_fetch[1])
+        return json_response(200, {**report, "key": source}, [("Cache-Control", "no-store")])
+
+    async def _fetch_points(self, key: str) -> dict[str, Any]:
+        assert self.poe is not None
+        report: dict[str, Any] = {"balance": None, "by_bot": [], "days": [], "complete": True,
+                                  "error": None, "error_code": None, "fetched_at": int(time.time())}
+
+        def failed(err: ProxyError, what: str) -> None:
+            if err.status == 401:
+                report.update(error=f"api_token rejected by Poe (401): {err.message}", error_code="token_rejected")
+            elif report["error"] is None:
+                report.update(error=err.message if err.message.startswith(what) else f"{what}: {err.message}",
+                              error_code="upstream")
+
+        now_s = time.time()
+        try:
+            try:
+                report["balance"] = await asyncio.wait_for(self.poe.current_balance(key), USAGE_TIMEOUT_S + 5)
+            except ProxyError as err:
+                failed(err, "points balance")
+            except asyncio.TimeoutError:
+                failed(upstream_error("Poe did not answer in time", 504, "upstream_timeout"), "points balance")
+            if report["error_code"] != "token_rejected":   # the history is best-effort: a balance alone is news
+                try:
+                    entries, complete = await asyncio.wait_for(
+                        self.poe.points_history(key, now_s - POINTS_DAYS * 86400), 2 * (USAGE_TIMEOUT_S + 5))
+                    report.update(points_summary(entries, now_s), complete=complete)
+                except ProxyError as err:
+                    failed(err, "points history")
+                except asyncio.TimeoutError:
+                    failed(upstream_error("Poe did not answer in time", 504, "upstream_timeout"), "points history")
+        finally:
+            self._points_fetch = None
+        ttl_s = POINTS_CACHE_S if report["error"] is None else POINTS_ERROR_CACHE_S
+        self._points = (key, time.monotonic() + ttl_s, report)
+        return report
 
 
 # ----------------------------------------------------------------------------- the model list

@@ -111,6 +111,10 @@ class FakePoe:
         self.files: dict[str, tuple[str, bytes]] = {}   # name -> (content type, bytes), served at FILES_PATH
         self.models_headers: list[tuple[str, str]] = []   # extra headers of the model list's answer
         self.upload_headers: list[tuple[str, str]] = []   # and of an upload's
+        self.balance: Any = 1500                          # /usage/current_balance
+        self.points: list[dict[str, Any]] = []            # /usage/points_history, newest first
+        self.usage_status = 200                           # of both usage endpoints
+        self.usage_args: list[dict[str, str]] = []        # the query of each points history request
 
     def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
         self.scripts[bot] = Script(steps=list(steps or []), **kw)
@@ -174,6 +178,8 @@ class FakePoe:
             if self.close_when_done:
                 writer.write_eof()   # the FIN leaves right behind the answer, before anything else runs
             return True
+        if path.startswith("/usage/"):
+            return await self._usage(conn, writer, path, request.target.decode())
         if path == UPLOAD_PATH:
             return await self._upload(conn, writer, headers, body)
         if path.startswith(FILES_PATH):
@@ -245,6 +251,26 @@ class FakePoe:
         await self._send(conn, writer, h11.Response(status_code=status, headers=[
             ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.upload_headers]),
             h11.Data(data=payload), h11.EndOfMessage())
+        return True
+
+    async def _usage(self, conn: h11.Connection, writer: asyncio.StreamWriter, path: str, target: str) -> bool:
+        """Poe's usage API: the balance, and the points history in pages of `limit` after `starting_after`."""
+        status, payload = self.usage_status, {"error": {"message": "Invalid API key", "type": "authentication_error"}}
+        if status == 200 and path == "/usage/current_balance":
+            payload = {"current_point_balance": self.balance}
+        elif status == 200 and path == "/usage/points_history":
+            args = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(target).query))
+            self.usage_args.append(args)
+            ids = [e["query_id"] for e in self.points]
+            start = ids.index(args["starting_after"]) + 1 if "starting_after" in args else 0
+            page = self.points[start:start + min(100, int(args.get("limit", 100)))]
+            payload = {"data": page, "has_more": start + len(page) < len(self.points), "length": len(page)}
+        elif status == 200:
+            status = 404
+        data = json.dumps(payload).encode()
+        await self._send(conn, writer, h11.Response(status_code=status, headers=[
+            ("Content-Type", "application/json"), ("Content-Length", str(len(data)))]),
+            h11.Data(data=data), h11.EndOfMessage())
         return True
 
     def file_url(self, name: str) -> str:
@@ -4027,6 +4053,99 @@ def test_forwarded_for_decides_the_admin_back_off_only_when_trusted(start: Calla
             assert owner.status_code == (200 if trusted else 429)
 
 
+def points_entry(n: int, bot_name: str, hours_ago: float, cost: Any, now_s: float) -> dict[str, Any]:
+    return {"bot_name": bot_name, "creation_time": int((now_s - hours_ago * 3600) * 1e6), "query_id": f"q{n}",
+            "usage_type": "API", "cost_points": cost}
+
+
+def test_points_summary_totals_per_bot_and_day() -> None:
+    now_s = 1_760_000_000.0   # 2025-10-09 08:53 UTC
+    entries = [points_entry(1, "GPT-4o", 1, 100, now_s), points_entry(2, "Claude-Sonnet-4.5", 2, 300, now_s),
+               points_entry(3, "GPT-4o", 24 * 3, 50, now_s), points_entry(4, "GPT-4o", 24 * 10, 7, now_s),
+               points_entry(4, "GPT-4o", 24 * 10, 7, now_s),            # listed twice (pages overlapping): once
+               points_entry(5, "GPT-4o", 24 * 31, 1000, now_s),         # older than the window
+               {"bot_name": "X", "creation_time": "soon", "cost_points": 5}, {"bot_name": None, "cost_points": 1},
+               points_entry(6, "Y", 1, "lots", now_s)]                  # malformed: skipped, not guessed
+    got = p2o.points_summary(entries, now_s)
+    assert got["by_bot"] == [
+        {"bot": "Claude-Sonnet-4.5", "points": 300, "queries": 1, "points_recent": 300, "queries_recent": 1},
+        {"bot": "GPT-4o", "points": 157, "queries": 3, "points_recent": 150, "queries_recent": 2}]
+    assert got["days"] == [{"day": "2025-09-29", "points": 7, "queries": 1},
+                           {"day": "2025-10-06", "points": 50, "queries": 1},
+                           {"day": "2025-10-09", "points": 400, "queries": 2}]
+    assert (got["window_days"], got["recent_days"]) == (30, 7)
+    assert p2o.points_summary([], now_s)["by_bot"] == []
+
+
+def usage_requests(poe: FakePoe) -> list[dict[str, Any]]:
+    return [r for r in poe.requests if r["path"].startswith("/usage/")]
+
+
+def test_admin_points_use_the_api_token_follow_pages_and_are_cached(proxy: Proxy, poe: FakePoe,
+                                                                     tmp_path: Path) -> None:
+    now_s = time.time()
+    bots = ["GPT-4o", "Claude-Sonnet-4.5", "Gemini-2.5-Pro"]
+    poe.points = [points_entry(n, bots[n % 3], n * 2.5, n % 7 + 1, now_s) for n in range(250)]   # 26 days, 3 pages
+    poe.balance = 987654
+    url = proxy.url + "/api/admin/points"
+    with httpx.Client(auth=ADMIN) as http:
+        assert httpx.get(url).status_code == 401                                   # admin credentials needed
+        assert http.get(url, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        got = http.get(url).json()                           # no api_token: nothing asked of Poe, the page says why
+        assert got["balance"] is None and got["error_code"] == "no_token" and "api_token" in got["error"]
+        assert not usage_requests(poe)
+        (tmp_path / "models.yaml").write_text("enable: true\nmodels: {}\napi_token: admin-token-123\n")
+        time.sleep(2.2)   # models.yaml is looked at every 2 s
+        proxy.client(api_key="a-clients-own-key").chat.completions.create(
+            model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+        got = http.get(url, headers={"X-Api-Key": "a-clients-own-key"}).json()
+    assert got["error"] is None and got["balance"] == 987654 and got["key"] == "api_token" and got["complete"]
+    want: dict[str, list[int]] = {}
+    for e in poe.points:
+        want.setdefault(e["bot_name"], [0, 0, 0])
+        want[e["bot_name"]][0] += e["cost_points"]
+        want[e["bot_name"]][1] += 1
+        want[e["bot_name"]][2] += e["cost_points"] if e["creation_time"] / 1e6 >= now_s - 7 * 86400 else 0
+    assert {r["bot"]: [r["points"], r["queries"], r["points_recent"]] for r in got["by_bot"]} == want
+    assert sum(d["points"] for d in got["days"]) == sum(e["cost_points"] for e in poe.points)
+    assert sum(d["queries"] for d in got["days"]) == 250 and got["days"] == sorted(got["days"], key=lambda d: d["day"])
+    seen = usage_requests(poe)
+    assert {r["headers"]["authorization"] for r in seen} == {"Bearer admin-token-123"}   # never the client's key
+    assert [r["path"] for r in seen] == ["/usage/current_balance"] + ["/usage/points_history"] * 3
+    assert [a.get("starting_after") for a in poe.usage_args] == [None, "q99", "q199"]
+    # Cached: the page reloading asks Poe nothing new.
+    assert httpx.get(url, auth=ADMIN).json()["balance"] == 987654 and len(usage_requests(poe)) == 4
+
+
+def test_admin_points_history_paging_is_bounded(proxy: Proxy, poe: FakePoe, tmp_path: Path) -> None:
+    now_s = time.time()
+    poe.points = [points_entry(n, "GPT-4o", n * 0.1, 1, now_s) for n in range(1500)]   # all within the window
+    (tmp_path / "models.yaml").write_text("enable: true\nmodels: {}\napi_token: admin-token\n")
+    time.sleep(2.2)
+    got = httpx.get(proxy.url + "/api/admin/points", auth=ADMIN, timeout=20).json()
+    assert got["complete"] is False and got["by_bot"] == [{"bot": "GPT-4o", "points": 1000, "queries": 1000,
+                                                           "points_recent": 1000, "queries_recent": 1000}]
+    assert len([r for r in usage_requests(poe) if r["path"] == "/usage/points_history"]) == 10
+
+
+@pytest.mark.parametrize("status, code, text", [(401, "token_rejected", "api_token rejected by Poe"),
+                                                (500, "upstream", "points balance: Poe answered HTTP 500")])
+def test_admin_points_say_what_poe_refused(proxy: Proxy, poe: FakePoe, tmp_path: Path, status: int, code: str,
+                                           text: str) -> None:
+    poe.usage_status = status
+    (tmp_path / "models.yaml").write_text("enable: true\nmodels: {}\napi_token: bad-token\n")
+    time.sleep(2.2)
+    r = httpx.get(proxy.url + "/api/admin/points", auth=ADMIN, timeout=20)
+    got = r.json()
+    assert r.status_code == 200 and got["balance"] is None and got["by_bot"] == []   # the page shows why, not a 5xx
+    assert got["error_code"] == code and got["error"].startswith(text), got["error"]
+    asked = len(usage_requests(poe))
+    assert asked == (1 if status == 401 else 2)          # a rejected key is not tried on the history too
+    poe.usage_status = 200                               # failures are cached only briefly ...
+    assert httpx.get(proxy.url + "/api/admin/points", auth=ADMIN).json()["error_code"] == code
+    assert len(usage_requests(poe)) == asked             # ... but cached
+
+
 ###############################################################################
 # Sharing the proxy: access keys (ACCESS_KEYS + POE_API_KEY)
 ###############################################################################
@@ -5527,6 +5646,46 @@ def test_admin_shows_load_error_and_failed_loads(admin_proxy: Any, browser: Brow
     page.unroute("**/api/models")
     page.get_by_test_id("retry").click()
     expect(page.get_by_test_id("error-panel")).to_be_hidden()
+    close_page(page)
+
+
+def test_admin_cards_show_catalogue_facts_and_the_points_panel(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.poe.models = POE_MODELS
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("points-no-token")).to_contain_text("api_token")   # says how to set it
+    close_page(page)
+    now_s = time.time()
+    admin_proxy.poe.balance = 123456
+    admin_proxy.poe.points = [points_entry(1, "Claude-Sonnet-4.5", 1, 250, now_s),
+                              points_entry(2, "<img src=x onerror=alert(1)>", 24 * 10, 40, now_s)]
+    seed_config(admin_proxy, api_token="admin-token")
+    page = open_admin(browser, admin_proxy)
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("ctx-Claude-Sonnet-4.5")).to_have_text("983k ctx")
+    expect(page.get_by_test_id("feat-tools-Claude-Sonnet-4.5")).to_have_text("tools")
+    expect(page.get_by_test_id("feat-web_search-Claude-Sonnet-4.5")).to_have_text("web search")
+    expect(page.get_by_test_id("mods-Claude-Sonnet-4.5")).to_have_text("text+image → text")
+    params = page.get_by_test_id("params-Claude-Sonnet-4.5")
+    expect(params.locator("summary")).to_have_text("2 parameters")
+    params.locator("summary").click()
+    expect(params.locator("li code")).to_have_text(["thinking_budget", "web_search"])
+    page.get_by_test_id("search").fill("kimi")   # nothing known of its window: nothing shown
+    expect(page.get_by_test_id("card-Kimi-K2.5-FW")).to_be_visible()
+    assert page.get_by_test_id("ctx-Kimi-K2.5-FW").count() == 0
+    expect(page.get_by_test_id("points-balance")).to_contain_text("123,456")
+    expect(page.get_by_test_id("points-row-Claude-Sonnet-4.5")).to_contain_text("250")
+    hostile = page.get_by_test_id("points-row-<img src=x onerror=alert(1)>")
+    expect(hostile.locator("th")).to_have_text("<img src=x onerror=alert(1)>")   # text, not markup
+    expect(hostile.locator("td").first).to_have_text("0")        # spent 10 days ago: not in the last 7
+    page.get_by_test_id("lang").select_option("zh-Hant")
+    expect(page.get_by_test_id("points-balance")).to_contain_text("餘額")
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("feat-web_search-Claude-Sonnet-4.5")).to_have_text("網路搜尋")
+    close_page(page)   # no script errors, nothing the CSP refused
+    admin_proxy.poe.usage_status = 401
+    seed_config(admin_proxy, api_token="revoked-token")
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("points-error")).to_have_text("api_token rejected by Poe: check the API token.")
     close_page(page)
 
 
