@@ -16,7 +16,9 @@ Then point any OpenAI client at ``http://HOST:8080/v1`` and use your Poe API key
 
 Endpoints: ``POST /v1/chat/completions`` (and ``/chat/completions``), ``GET /v1/models`` (and
 ``/models``, ``/v1/models/{id}``), ``POST /v1/messages`` and ``/v1/messages/count_tokens`` (Anthropic),
-``POST /v1/responses`` (OpenAI Responses),
+``POST /v1/responses`` (OpenAI Responses), ``POST /v1/images/generations`` and ``/v1/images/edits``,
+``POST /v1/audio/speech``, ``POST``/``GET /v1/videos`` and ``GET``/``DELETE /v1/videos/{id}`` (and
+``/content``) over Poe's image, speech and video bots,
 ``GET /healthz``, ``GET /admin`` with ``/api/admin/config``, ``/api/admin/stats`` and
 ``/api/models`` behind Basic auth.
 
@@ -25,7 +27,7 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
 
     HOST, PORT                      bind address (0.0.0.0, 8080)
     ADMIN_USERNAME, ADMIN_PASSWORD  Basic-auth credentials of /admin (admin, 123456: change them)
-    MAX_REQUEST_SIZE                largest request body in bytes (1073741824)
+    MAX_REQUEST_SIZE                largest request body in bytes (67108864 = 64 MiB)
     MAX_ANSWER_SIZE                 largest non-streamed answer in bytes; beyond, 502 (67108864)
     LOG_LEVEL                       debug, info, warning, error, critical (info)
     CONFIG_DIR                      folder of models.yaml (./)
@@ -40,15 +42,23 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
                                     errors still get a real HTTP status (5)
     SSE_KEEPALIVE_SECONDS           interval of ``: keep-alive`` comments during silence (15)
     MODELS_CACHE_TTL_SECONDS        lifetime of the cached Poe model list (600)
-    HEADER_TIMEOUT_SECONDS          time a client gets to send its request head (10)
+    HEADER_TIMEOUT_SECONDS          total time a client gets to send its request head (10)
+    BODY_TIMEOUT_SECONDS            total time a client gets to send its request body (120)
+    WRITE_TIMEOUT_SECONDS           a client that reads nothing of its answer this long is dropped (30)
     KEEPALIVE_TIMEOUT_SECONDS       idle keep-alive connections are closed after this (30)
     MAX_CONNECTIONS                 open client connections; beyond, 503 (4096)
+    MAX_CONNECTIONS_PER_CLIENT      open connections per client address; beyond, 429; 0 = off (64)
+    MAX_BODY_MEMORY_MB              request bodies held at once, all clients together; beyond, 503 (1024)
+    TRUST_FORWARDED_FOR             behind a reverse proxy: the client address is the last hop of
+                                    X-Forwarded-For (off)
     RATE_LIMIT_MAX_WAIT_SECONDS     longest queueing in the rate gate; beyond, 429 + Retry-After (30)
     CORS_ALLOW_ORIGINS              *, or a comma-separated list of origins (never with credentials)
     SHUTDOWN_GRACE_SECONDS          on SIGTERM, time running answers get to finish (30)
     WORKERS                         processes sharing the port with SO_REUSEPORT (1)
     TOOL_MODE                       xml, native or auto: how tools reach a bot whose models.yaml entry
                                     sets no tool_mode; auto is native for bots Poe lists with tools (xml)
+    VIDEO_JOBS_MAX                  video jobs kept in memory (lost on restart) (100)
+    VIDEO_JOBS_TTL_SECONDS          how long a video job is kept (86400)
     HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy (CONNECT for https), standard meaning
 
 What it does beyond passing text through: tool calls emulated with an XML prompt and parsed from the
@@ -108,7 +118,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, 
 
 import h11
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["Settings", "ProxyError", "SSEDecoder", "serve", "main"]
 
 log = logging.getLogger("poe2openai")
@@ -145,6 +155,15 @@ def _float_setting(name: str, raw: str, low: float) -> float:
     if not math.isfinite(value) or value < low:
         raise SettingsError(f"{name}={raw!r} must be a number of at least {low:g}")
     return value
+
+
+def _bool_setting(name: str, raw: str) -> bool:
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} must be on or off (1/0, true/false, yes/no)")
 
 
 def _url_setting(name: str, raw: str) -> str:
@@ -300,7 +319,7 @@ class Settings:
     port: int = 8080
     admin_username: str = "admin"
     admin_password: str = "123456"
-    max_request_size: int = 1073741824  # bytes
+    max_request_size: int = 64 * 1024 * 1024  # bytes: a chat with several big images fits
     max_answer_size: int = 64 * 1024 * 1024  # bytes of a gathered (non-streamed) answer
     log_level: str = "info"
     config_dir: str = "./"
@@ -314,14 +333,21 @@ class Settings:
     stream_hold_seconds: float = 5.0
     sse_keepalive_seconds: float = 15.0
     models_cache_ttl_seconds: float = 600.0
-    header_timeout_seconds: float = 10.0
+    header_timeout_seconds: float = 10.0   # total, from the head's first byte (or the connection's start)
+    body_timeout_seconds: float = 120.0    # total, from the head to the body's last byte
+    write_timeout_seconds: float = 30.0    # a client that takes none of its answer for this long is dropped
     keepalive_timeout_seconds: float = 30.0
     max_connections: int = 4096
+    max_connections_per_client: int = 64   # per client IP address; 0 = no limit
+    max_body_memory_mb: int = 1024         # request bodies held at once, all connections together
+    trust_forwarded_for: bool = False      # behind a reverse proxy: the client is X-Forwarded-For's last hop
     rate_limit_max_wait_seconds: float = 30.0
     cors_allow_origins: tuple[str, ...] = ("*",)
     shutdown_grace_seconds: float = 30.0
     workers: int = 1
     tool_mode: str = "xml"   # xml | native | auto, for models whose models.yaml entry sets none
+    video_jobs_max: int = 100             # video jobs kept in memory; the oldest finished go first
+    video_jobs_ttl_seconds: float = 86400.0   # a video job (and its file's address) is forgotten after this
     # Off (""): each client's Bearer key is its own Poe key. Set: clients present one of these keys and
     # the proxy calls Poe with poe_api_key. Both kept out of repr(), which may end up in a log.
     access_keys: str = field(default="", repr=False)
@@ -382,7 +408,7 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("PORT", _whole(0, 65535), "bind port (default 8080; 0 picks a free port)"),
     ("ADMIN_USERNAME", lambda n, v: v, "admin page user (default admin)"),
     ("ADMIN_PASSWORD", lambda n, v: v, "admin page password (default 123456; change it)"),
-    ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 1073741824)"),
+    ("MAX_REQUEST_SIZE", _whole(1), "largest request body in bytes (default 67108864, 64 MiB)"),
     ("MAX_ANSWER_SIZE", _whole(1),
      "largest answer in bytes gathered for a non-streamed reply; beyond it 502 (default 67108864)"),
     ("LOG_LEVEL", _log_level_setting, "debug, info, warning, error or critical (default info)"),
@@ -398,9 +424,18 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
      "streaming: wait this long for Poe's first event so errors keep real statuses (default 5)"),
     ("SSE_KEEPALIVE_SECONDS", _number(0.001), "interval of SSE keep-alive comments during silence (default 15)"),
     ("MODELS_CACHE_TTL_SECONDS", _number(0), "lifetime of the cached model list (default 600)"),
-    ("HEADER_TIMEOUT_SECONDS", _number(0.001), "time a client gets to send its request head (default 10)"),
+    ("HEADER_TIMEOUT_SECONDS", _number(0.001), "total time a client gets to send its request head (default 10)"),
+    ("BODY_TIMEOUT_SECONDS", _number(0.001), "total time a client gets to send its request body (default 120)"),
+    ("WRITE_TIMEOUT_SECONDS", _number(0.001),
+     "a client that takes none of its answer for this long is disconnected (default 30)"),
     ("KEEPALIVE_TIMEOUT_SECONDS", _number(0.001), "idle keep-alive connections close after this (default 30)"),
     ("MAX_CONNECTIONS", _whole(1), "open client connections allowed; more get 503 (default 4096)"),
+    ("MAX_CONNECTIONS_PER_CLIENT", _whole(0),
+     "open connections allowed per client address; more get 429; 0 = no limit (default 64)"),
+    ("MAX_BODY_MEMORY_MB", _whole(1),
+     "MB of request bodies held at once by all connections together; beyond, 503 (default 1024)"),
+    ("TRUST_FORWARDED_FOR", _bool_setting,
+     "behind a reverse proxy: take the client address from the last hop of X-Forwarded-For (default off)"),
     ("RATE_LIMIT_MAX_WAIT_SECONDS", _number(0),
      "longest wait in the rate gate; beyond it 429 with Retry-After (default 30)"),
     ("CORS_ALLOW_ORIGINS", _origins_setting,
@@ -409,6 +444,8 @@ SETTINGS_SPEC: tuple[tuple[str, Callable[[str, str], Any], str], ...] = (
     ("WORKERS", _whole(1, 256), "worker processes sharing the port with SO_REUSEPORT (default 1)"),
     ("TOOL_MODE", lambda n, v: _tool_mode_setting(v),
      "xml, native or auto: how tools reach bots whose models.yaml entry sets no tool_mode (default xml)"),
+    ("VIDEO_JOBS_MAX", _whole(1), "video jobs (POST /v1/videos) kept in memory, lost on restart (default 100)"),
+    ("VIDEO_JOBS_TTL_SECONDS", _number(1), "how long a video job is kept after it was created (default 86400)"),
     ("ACCESS_KEYS", _access_keys_setting,
      "share the proxy: keys clients must send, as 'label: key' entries, comma-separated or @FILE with one a "
      "line; needs POE_API_KEY (default: off, each client sends its own Poe key)"),
@@ -784,25 +821,46 @@ def guess_content_type(name: str = "", data: bytes = b"") -> str:
     return "application/octet-stream"
 
 
-def decode_base64(text: str) -> bytes:
-    """Standard or URL-safe base64, padding optional, whitespace ignored. Raises ValueError."""
-    compact = "".join(text.split())
-    compact += "=" * (-len(compact) % 4)
-    if "-" in compact or "_" in compact:
-        compact = compact.replace("-", "+").replace("_", "/")
-    return base64.b64decode(compact, validate=True)
+_CLEAN_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+BASE64_PIECE_CHARS = 1 << 20   # decoded a piece at a time: the text is never copied whole
+
+
+def decode_base64(text: str, start: int = 0) -> bytes:
+    """Standard or URL-safe base64 from text[start:], padding optional, whitespace ignored. Raises
+    ValueError. Plain base64 (what clients send) is decoded in pieces straight into the result, so an
+    image costs its text (which the caller holds anyway) and its bytes, never a copy of the text."""
+    if _CLEAN_BASE64.fullmatch(text, start) is None:   # whitespace or URL-safe letters: the rare slow way
+        compact = "".join(text[start:].split())
+        compact += "=" * (-len(compact) % 4)
+        if "-" in compact or "_" in compact:
+            compact = compact.replace("-", "+").replace("_", "/")
+        return base64.b64decode(compact, validate=True)
+    import binascii
+    end = len(text)
+    while end > start and text[end - 1] == "=":
+        end -= 1
+    if (end - start) % 4 == 1:
+        raise ValueError("base64 text cannot be one character more than a multiple of four")
+    out = bytearray((end - start) * 3 // 4)
+    filled = 0
+    for piece_start in range(start, end, BASE64_PIECE_CHARS):   # a multiple of 4: pieces decode on their own
+        piece = text[piece_start:min(piece_start + BASE64_PIECE_CHARS, end)]
+        decoded = binascii.a2b_base64(piece + "=" * (-len(piece) % 4))
+        out[filled:filled + len(decoded)] = decoded
+        filled += len(decoded)
+    return out   # type: ignore[return-value]  # a bytearray: as good as bytes to every reader, no copy
 
 
 def decode_data_url(url: str) -> tuple[str, bytes]:
     """`data:[type][;base64],payload` -> (content type, bytes). Raises ValueError."""
-    head, sep, payload = url.partition(",")
-    if not head.lower().startswith("data:") or not sep:
+    comma = url.find(",", 0, 1024)   # the head is short; the payload is not copied out of the URL
+    if not url[:5].lower() == "data:" or comma < 0:
         raise ValueError("not a data: URL")
-    params = head[5:].split(";")
+    params = url[5:comma].split(";")
     content_type = params[0].strip().lower() or "text/plain"
     if any(p.strip().lower() == "base64" for p in params[1:]):
-        return content_type, decode_base64(payload)
-    return content_type, urllib.parse.unquote_to_bytes(payload)
+        return content_type, decode_base64(url, comma + 1)
+    return content_type, urllib.parse.unquote_to_bytes(url[comma + 1:])
 
 
 def is_poe_cdn(url: str) -> bool:
@@ -810,9 +868,10 @@ def is_poe_cdn(url: str) -> bool:
     return any(host == h or host.endswith("." + h) for h in POE_CDN_HOSTS)
 
 
-def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
-                     boundary: str | None = None) -> tuple[str, bytes]:
-    """multipart/form-data: (Content-Type header value, body). files are (field, filename, type, data)."""
+def multipart_pieces(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
+                     boundary: str | None = None) -> tuple[str, list[bytes]]:
+    """multipart/form-data as (Content-Type header value, the body's pieces in order): each file's data is
+    a piece of its own, the very object given, so an upload is written without copying it."""
     boundary = boundary or "poe2openai-" + os.urandom(16).hex()
     out: list[bytes] = []
     for name, value in fields:
@@ -820,15 +879,142 @@ def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[st
                    .encode() + value.encode() + b"\r\n")
     for name, filename, content_type, data in files:
         out.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote_param(name)}"; '
-                   f'filename="{_quote_param(filename)}"\r\nContent-Type: {content_type}\r\n\r\n'.encode()
-                   + data + b"\r\n")
+                   f'filename="{_quote_param(filename)}"\r\nContent-Type: {content_type}\r\n\r\n'.encode())
+        out += (data, b"\r\n")
     out.append(f"--{boundary}--\r\n".encode())
-    return f"multipart/form-data; boundary={boundary}", b"".join(out)
+    return f"multipart/form-data; boundary={boundary}", out
+
+
+def encode_multipart(fields: Sequence[tuple[str, str]], files: Sequence[tuple[str, str, str, bytes]],
+                     boundary: str | None = None) -> tuple[str, bytes]:
+    """multipart/form-data: (Content-Type header value, body). files are (field, filename, type, data)."""
+    content_type, pieces = multipart_pieces(fields, files, boundary)
+    return content_type, b"".join(pieces)
 
 
 def _quote_param(value: str) -> str:
     # Header parameters cannot carry CR, LF or quotes; file names from clients are not trusted.
     return "".join("_" if ch in '"\\\r\n' else ch for ch in value)
+
+
+@dataclass(frozen=True)
+class FormPart:
+    """One part of a multipart/form-data body: a field (filename None) or a file."""
+
+    name: str
+    data: bytes
+    filename: str | None = None
+    content_type: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+MULTIPART_MAX_PARTS = 256
+MULTIPART_MAX_HEAD_BYTES = 16 * 1024
+_DISPOSITION_PARAM = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
+
+
+def _disposition(value: str) -> tuple[str, dict[str, str]]:
+    """`form-data; name="a"; filename="b"` -> ("form-data", {name: a, filename: b}); RFC 5987 `filename*`
+    wins over `filename`. Quoted values may escape with a backslash (RFC 7578 leaves quotes to senders)."""
+    kind, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    for match in _DISPOSITION_PARAM.finditer(";" + rest):
+        key, quoted, bare = match.group(1).lower(), match.group(2), match.group(3)
+        params[key] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare or ""
+    star = params.pop("filename*", None)
+    if star is not None and "''" in star:
+        charset, _, encoded = star.partition("''")
+        try:
+            params["filename"] = urllib.parse.unquote(encoded, encoding=charset or "utf-8", errors="strict")
+        except (LookupError, UnicodeDecodeError):
+            pass
+    return kind.strip().lower(), params
+
+
+def parse_multipart(content_type: str, body: bytes) -> list[FormPart]:
+    """A multipart/form-data body -> its parts, in order. Strict and linear: every search starts where the
+    last one ended, so the work is proportional to the body. Raises a 400 that names the part at fault."""
+    kind, params = _disposition(content_type)
+    boundary = params.get("boundary", "")
+    if kind != "multipart/form-data" or not boundary or len(boundary) > 200:
+        raise bad_request("Expected Content-Type: multipart/form-data with a boundary.", None, "invalid_multipart")
+    delimiter = b"--" + boundary.encode("latin-1", "replace")
+    if body.startswith(delimiter):
+        pos = len(delimiter)
+    else:   # a preamble (allowed, and ignored) ends with a line end before the first delimiter
+        found = body.find(b"\r\n" + delimiter)
+        if found < 0:
+            raise bad_request("The multipart body has no part (its boundary never occurs).", None, "invalid_multipart")
+        pos = found + 2 + len(delimiter)
+    parts: list[FormPart] = []
+    while True:
+        where = f"part {len(parts) + 1}"
+        if body.startswith(b"--", pos):
+            return parts            # the close delimiter; an epilogue after it is ignored
+        if not body.startswith(b"\r\n", pos):
+            raise bad_request(f"The multipart body's {where} does not start on a new line after its boundary.",
+                              None, "invalid_multipart")
+        if len(parts) >= MULTIPART_MAX_PARTS:
+            raise bad_request(f"The multipart body has more than {MULTIPART_MAX_PARTS} parts.", None,
+                              "invalid_multipart")
+        head_start = pos + 2
+        head_end = body.find(b"\r\n\r\n", head_start, head_start + MULTIPART_MAX_HEAD_BYTES)
+        if head_end < 0 and body.startswith(b"\r\n", head_start):
+            head_end = head_start - 2   # no headers at all: refused below for want of a name
+        if head_end < 0:
+            raise bad_request(f"The multipart body's {where} has no complete header block.", None,
+                              "invalid_multipart")
+        headers: dict[str, str] = {}
+        for line in body[head_start:head_end].split(b"\r\n") if head_end > head_start else []:
+            name, sep, value = line.partition(b":")
+            if not sep or not name.strip():
+                raise bad_request(f"The multipart body's {where} has a malformed header line.", None,
+                                  "invalid_multipart")
+            try:
+                text = value.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                text = value.decode("latin-1").strip()
+            headers[name.decode("latin-1").strip().lower()] = text
+        data_start = head_end + 4
+        end = body.find(b"\r\n" + delimiter, data_start)
+        if end < 0:
+            raise bad_request(f"The multipart body ends inside its {where} (no closing boundary).", None,
+                              "invalid_multipart")
+        disposition, fields = _disposition(headers.get("content-disposition", ""))
+        field_name = fields.get("name", "")
+        if disposition != "form-data" or not field_name:
+            raise bad_request(f"The multipart body's {where} has no Content-Disposition: form-data with a name.",
+                              None, "invalid_multipart")
+        parts.append(FormPart(field_name, body[data_start:end], fields.get("filename"),
+                              headers.get("content-type", "").split(";")[0].strip().lower()))
+        pos = end + 2 + len(delimiter)
+
+
+def form_fields(parts: Sequence[FormPart]) -> tuple[dict[str, Any], dict[str, list[FormPart]]]:
+    """Multipart parts -> (the fields as a JSON-like body, the files by field name). `key[]` collects a
+    list and `key[sub]` an object, as the openai SDK writes arrays and objects; a file is any part with a
+    filename. A field sent twice without brackets keeps its last value."""
+    body: dict[str, Any] = {}
+    files: dict[str, list[FormPart]] = {}
+    for part in parts:
+        if part.filename is not None:
+            files.setdefault(part.name, []).append(part)
+            continue
+        name, bracket, sub = part.name.partition("[")
+        if bracket and sub == "]":
+            listed = body.setdefault(name, [])
+            if isinstance(listed, list):
+                listed.append(part.text)
+        elif bracket and sub.endswith("]") and "[" not in sub:
+            nested = body.setdefault(name, {})
+            if isinstance(nested, dict):
+                nested[sub[:-1]] = part.text
+        else:
+            body[part.name] = part.text
+    return body, files
 
 
 # ----------------------------------------------------------------------------- token estimator
@@ -1187,38 +1373,62 @@ class RateGate:
         self._arm()
 
 
+LOOPBACK_CLIENTS = ("127.0.0.1", "::1", "::ffff:127.0.0.1")   # the machine itself (an SSH tunnel lands here)
+
+
 class LoginBackoff:
     """Failed logins per client address: once `max_failures` fail within `window_s` of the first, every
     attempt from that address (the right credentials too) is refused with 429 and Retry-After until the
-    window ends. Memory stays bounded under a spray of addresses."""
+    window ends. The table is bounded: past `max_addresses` the oldest entries are forgotten.
+
+    Forgetting lets a spray of addresses start afresh, so a global budget caps what the spray gains:
+    past `global_max` failures (from all addresses together) within `global_window_s`, every attempt is
+    refused until the oldest of them leaves the window, except from the machine itself, which keeps
+    only its per-address limit: the owner can always get in through an SSH tunnel. 0 = no budget."""
 
     def __init__(self, max_failures: int, window_s: float, message: str, code: str = "too_many_login_failures",
-                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 10000) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 10000,
+                 global_max: int = 0, global_window_s: float = 60.0) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
         self._message = message
         self._code = code
         self._clock = clock
         self._max_addresses = max_addresses
-        self._failures: dict[str, tuple[int, float]] = {}   # address -> (failures, first at)
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()   # address -> (failures, first at)
+        self.global_max = global_max
+        self.global_window_s = global_window_s
+        self._recent: deque[float] = deque(maxlen=global_max or 1)   # the last global_max failures, any address
 
     def _current(self, address: str) -> tuple[int, float]:
         failures, first_s = self._failures.get(address, (0, 0.0))
         return (0, 0.0) if self._clock() - first_s > self.window_s else (failures, first_s)
 
     def check(self, address: str) -> None:
-        """Raises the 429 while the address is locked out."""
+        """Raises the 429 while the address is locked out, or every address is."""
+        now = self._clock()
         failures, first_s = self._current(address)
         if failures >= self.max_failures:
-            retry_s = max(1, math.ceil(first_s + self.window_s - self._clock()))
+            retry_s = max(1, math.ceil(first_s + self.window_s - now))
             raise ProxyError(429, self._message, "rate_limit_error", self._code,
                              headers=[("Retry-After", str(retry_s))])
+        recent = self._recent
+        if (self.global_max and len(recent) >= self.global_max and now - recent[0] <= self.global_window_s
+                and address not in LOOPBACK_CLIENTS):
+            retry_s = max(1, math.ceil(recent[0] + self.global_window_s - now))
+            raise ProxyError(429, "Too many failed logins from everywhere at once; logins are paused for everyone "
+                             "for a moment (from the proxy's own machine they still work).", "rate_limit_error",
+                             self._code, headers=[("Retry-After", str(retry_s))])
 
     def failed(self, address: str) -> None:
         failures, first_s = self._current(address)
-        if len(self._failures) > self._max_addresses:
-            self._failures.clear()
-        self._failures[address] = (failures + 1, first_s if failures else self._clock())
+        table = self._failures
+        table[address] = (failures + 1, first_s if failures else self._clock())
+        table.move_to_end(address)
+        while len(table) > self._max_addresses:
+            table.popitem(last=False)   # the longest untouched first: active attackers stay remembered
+        if self.global_max:
+            self._recent.append(self._clock())
 
     def succeeded(self, address: str) -> None:
         self._failures.pop(address, None)
@@ -1798,11 +2008,23 @@ class ToolSpec:
     parallel: bool = True
 
     def find(self, name: str) -> Tool | None:
-        """The tool of that name: exactly, or else case-insensitively."""
+        """The tool of that name: exactly, or else case-insensitively. A namespaced tool (offered as
+        `ns__tool`, see the Responses dialect) is also found as `ns.tool` or, when no other tool ends the
+        same way, by its bare name `tool`: bots call it the way its namespace reads to them."""
         name = name.strip()
         folded = name.casefold()
         exact = [t for t in self.tools if t.name == name]
-        return exact[0] if exact else next((t for t in self.tools if t.name.casefold() == folded), None)
+        if exact:
+            return exact[0]
+        found = next((t for t in self.tools if t.name.casefold() == folded), None)
+        if found is not None or not name:
+            return found
+        dotted = folded.replace(".", "__")
+        found = next((t for t in self.tools if t.name.casefold() == dotted), None)
+        if found is not None:
+            return found
+        suffixed = [t for t in self.tools if t.name.casefold().endswith("__" + folded)]
+        return suffixed[0] if len(suffixed) == 1 else None
 
 
 @dataclass(frozen=True)
@@ -4572,6 +4794,403 @@ class ResponsesFold:
 
 ###############################################################################
 ###############################################################################
+# Converters: OpenAI's media APIs (images, speech, videos) <-> Poe's media bots (pure)
+###############################################################################
+
+# What a bot serves, from what it outputs. Every bot can be chatted with (files come as links).
+CHAT_ENDPOINTS = ("/v1/chat/completions", "/v1/messages", "/v1/responses")
+IMAGE_ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
+SPEECH_ENDPOINT = "/v1/audio/speech"
+VIDEO_ENDPOINT = "/v1/videos"
+MEDIA_MAX_IMAGES = 4            # n: each image is one query, billed by Poe
+MEDIA_CONCURRENCY = 2           # queries of one request running at a time
+# Request keys the media converters read themselves: never also forwarded by name to the bot.
+MEDIA_KEYS = frozenset({"model", "prompt", "input", "n", "size", "response_format", "user", "moderation", "stream",
+                        "partial_images", "output_compression", "voice", "instructions", "stream_format",
+                        "seconds", "input_reference", "image", "image[]", "mask", "input_fidelity"})
+SIZE_PARAMETERS = ("aspect_ratio", "aspect", "image_size", "resolution", "size")
+DURATION_PARAMETERS = ("duration", "seconds", "duration_seconds", "length")
+VOICE_PARAMETERS = ("voice", "voice_1", "voice_id", "speaker")
+# OpenAI's own voices: every TTS client sends one. A bot with other voices then keeps its default.
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer",
+                           "verse", "marin", "cedar"})
+SPEECH_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                "wav": "audio/wav", "pcm": "audio/pcm"}
+_RATIO = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[:/x]\s*(\d+(?:\.\d+)?)\s*$")
+_DIMENSIONS = re.compile(r"^\s*(\d{2,5})\s*[x×*]\s*(\d{2,5})\s*$", re.I)
+_K_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*k\s*$", re.I)
+_P_SIZE = re.compile(r"^\s*(\d{3,4})\s*p\s*$", re.I)
+ASPECT_TOLERANCE = 0.06        # |log| of the ratio between the asked shape and the bot's: about 6 %
+_MARKDOWN_FILE = re.compile(r"(!?)\[([^\[\]\n]{0,200})\]\((https?://[^\s()]{1,2000})\)")
+
+
+def bot_endpoints(info: BotInfo) -> list[str]:
+    """The proxy's endpoints that serve this bot, from its output modalities (unknown: text)."""
+    outputs = info.output_modalities or ("text",)
+    out = list(CHAT_ENDPOINTS)
+    if "image" in outputs:
+        out.append(IMAGE_ENDPOINTS[0])
+        if info.input_modalities is None or "image" in info.input_modalities:
+            out.append(IMAGE_ENDPOINTS[1])
+    if "audio" in outputs:
+        out.append(SPEECH_ENDPOINT)
+    if "video" in outputs:
+        out.append(VIDEO_ENDPOINT)
+    return out
+
+
+@dataclass(frozen=True)
+class MediaRequest:
+    """A media request checked and turned into what a Poe query needs: the prompt and the bot's flags."""
+
+    kind: str                        # the output asked for: image, audio or video
+    model: str
+    prompt: str
+    flags: tuple[str, ...] = ()
+    n: int = 1
+    response_format: str = "url"     # images: url or b64_json; speech: the audio format asked for
+    size: str = ""                   # as the client sent it (a video echoes it)
+    seconds: str = ""
+
+
+def _required_text(body: Mapping[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"'{key}' is required and must be a non-empty string.", key,
+                          "missing_required_parameter" if value is None else "invalid_type")
+    return value
+
+
+def _parameters_of(info: BotInfo | None) -> dict[str, BotParameter]:
+    return {p.name: p for p in (info.parameters or ())} if info is not None else {}
+
+
+def check_media_bot(kind: str, info: BotInfo | None, model: str) -> None:
+    """Refuse a bot the catalogue says cannot make `kind` (400 with what it makes). A bot the catalogue
+    does not know (a private one) is asked anyway: its answer decides."""
+    if info is None or info.output_modalities is None or kind in info.output_modalities:
+        return
+    what = {"image": "images", "audio": "speech", "video": "videos"}[kind]
+    makes = ", ".join(info.output_modalities) or "nothing"
+    raise bad_request(f"'{model}' does not make {what}: Poe lists its output as {makes}. GET /v1/models shows "
+                      f"which bots serve this endpoint (their `endpoints`).", "model", "model_not_supported")
+
+
+def _ratio_of(value: Any) -> float | None:
+    match = _RATIO.match(str(value))
+    if match is None or float(match.group(2)) == 0 or float(match.group(1)) == 0:
+        return None
+    return float(match.group(1)) / float(match.group(2))
+
+
+def _nearest_by_log(target: float, candidates: Sequence[tuple[Any, float]]) -> tuple[Any, float] | None:
+    if not candidates or target <= 0:
+        return None
+    value, number = min(candidates, key=lambda c: abs(math.log(c[1] / target)))
+    return value, abs(math.log(number / target))
+
+
+def size_settings(size: Any, info: BotInfo | None, bot: str, field_name: str = "size") -> dict[str, Any]:
+    """OpenAI's `size` (`WIDTHxHEIGHT`, or a value the bot takes as it is: `16:9`, `2K`, `1080p`) -> the
+    bot's own aspect / resolution parameters. A bot that declares none picks its own size (nothing sent);
+    a size none of its values comes near is a 400 listing what it accepts."""
+    if size is None or (isinstance(size, str) and size.strip().lower() in ("", "auto")):
+        return {}
+    if not isinstance(size, str):
+        raise bad_request(f"'{field_name}' must be a string such as 1024x1024.", field_name, "invalid_type")
+    declared = _parameters_of(info)
+    present = [declared[name] for name in SIZE_PARAMETERS if name in declared]
+    if not present:
+        return {}
+    for param in present:   # a value the bot knows by name
+        for value in param.schema.get("enum") or ():
+            if isinstance(value, (str, int, float)) and str(value).strip().casefold() == size.strip().casefold():
+                return {param.name: value}
+    out: dict[str, Any] = {}
+    dims = _DIMENSIONS.match(size)
+    if dims is not None:
+        width, height = int(dims.group(1)), int(dims.group(2))
+        for param in present:
+            enum = param.schema.get("enum")
+            if not isinstance(enum, list):
+                if param.schema.get("type") == "string" and param.name in ("size", "image_size", "resolution"):
+                    out[param.name] = f"{width}x{height}"
+                continue
+            if param.name in ("aspect_ratio", "aspect"):
+                best = _nearest_by_log(width / height, [(v, r) for v in enum if (r := _ratio_of(v)) is not None])
+                if best is None or best[1] > ASPECT_TOLERANCE:
+                    raise _refuse_size(size, present, bot, field_name)
+                out[param.name] = best[0]
+            elif param.name in ("image_size", "size", "resolution"):
+                # 1K / 2K / 4K name the longer side in thousands; 720p / 1080p the shorter side.
+                scaled = [(v, float(m.group(1)) * 1024) for v in enum if (m := _K_SIZE.match(str(v)))]
+                lines = [(v, float(m.group(1))) for v in enum if (m := _P_SIZE.match(str(v)))]
+                best = _nearest_by_log(max(width, height), scaled) or _nearest_by_log(min(width, height), lines)
+                if best is None and _ratio_of(enum[0] if enum else "") is not None:   # `size` holding ratios
+                    best = _nearest_by_log(width / height, [(v, r) for v in enum if (r := _ratio_of(v)) is not None])
+                    if best is not None and best[1] > ASPECT_TOLERANCE:
+                        raise _refuse_size(size, present, bot, field_name)
+                if best is not None:
+                    out[param.name] = best[0]
+    if not out:
+        raise _refuse_size(size, present, bot, field_name)
+    return out
+
+
+def _refuse_size(size: str, present: Sequence[BotParameter], bot: str, field_name: str) -> ProxyError:
+    accepts = "; ".join(f"{p.name}: {_allowed_text(p).removeprefix('one of ')}" for p in present)
+    return bad_request(f"'{field_name}' {size!r} cannot be mapped to a size {bot} makes; it accepts {accepts}. Send "
+                       f"one of these values as '{field_name}', or a WIDTHxHEIGHT of one of these shapes.",
+                       field_name, "unsupported_size")
+
+
+def _media_flags(body: Mapping[str, Any], mapped: Mapping[str, Any], info: BotInfo | None) -> tuple[str, ...]:
+    """The bot's flags: the mapped parameters, then any other request key named like one of its declared
+    parameters (quality, style, background, output_format, seed, negative_prompt …), checked by
+    bot_controls against the declared schema."""
+    rest = {k: v for k, v in body.items() if k not in MEDIA_KEYS and not (isinstance(v, str) and v == "auto")}
+    if info is not None and isinstance(rest.get("quality"), str):
+        quality = info.parameter("quality")
+        enum = quality.schema.get("enum") if quality is not None else None
+        word = {"hd": "high", "standard": "medium"}.get(rest["quality"].lower())
+        if isinstance(enum, list) and word is not None and rest["quality"] not in enum and word in enum:
+            rest["quality"] = word   # DALL-E's words for GPT-Image's scale
+    if info is None or info.parameters is None:
+        return ()
+    flags, _ = bot_controls({**rest, **mapped}, info)
+    return tuple(flags)
+
+
+def _size_text(body: Mapping[str, Any]) -> str:
+    size = body.get("size")
+    return size if isinstance(size, str) else ""
+
+
+def _count(body: Mapping[str, Any]) -> int:
+    n = body.get("n", 1)
+    if isinstance(n, str) and n.strip().isdigit():
+        n = int(n)
+    if n is None:
+        n = 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MEDIA_MAX_IMAGES:
+        raise bad_request(f"'n' must be a whole number from 1 to {MEDIA_MAX_IMAGES}.", "n")
+    return n
+
+
+def parse_image_request(body: Any, info: BotInfo | None, *, has_mask: bool = False) -> MediaRequest:
+    """POST /v1/images/generations and /edits (fields already taken out of a multipart body)."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    model, prompt = _required_text(body, "model"), _required_text(body, "prompt")
+    check_media_bot("image", info, model)
+    if body.get("stream") is True or str(body.get("stream")).lower() == "true":
+        raise bad_request("Streaming images (partial images) is not supported: Poe's bots send the finished "
+                          "image only. Leave 'stream' out.", "stream", "unsupported_parameter")
+    fmt = body.get("response_format") or "url"
+    if fmt not in ("url", "b64_json"):
+        raise bad_request("'response_format' must be url or b64_json.", "response_format")
+    bot = info.name if info is not None else model
+    mapped = size_settings(body.get("size"), info, bot)
+    if has_mask and info is not None and info.parameter("use_mask") is not None:
+        mapped["use_mask"] = True     # the mask goes last among the images, where such bots look for it
+    return MediaRequest("image", model, prompt, _media_flags(body, mapped, info), _count(body), fmt,
+                        _size_text(body))
+
+
+def parse_speech_request(body: Any, info: BotInfo | None) -> MediaRequest:
+    """POST /v1/audio/speech: `input` is what the bot reads; `voice` goes to the bot's voice parameter
+    when it has that voice (OpenAI's voice names leave the bot's default)."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    model, text = _required_text(body, "model"), _required_text(body, "input")
+    check_media_bot("audio", info, model)
+    fmt = body.get("response_format") or "mp3"
+    if fmt not in SPEECH_TYPES:
+        raise bad_request(f"'response_format' must be one of {', '.join(SPEECH_TYPES)}.", "response_format")
+    speed = body.get("speed")
+    if speed is not None and (not _is_number(speed) or not 0.25 <= speed <= 4.0):
+        raise bad_request("'speed' must be a number from 0.25 to 4.0.", "speed")
+    voice = body.get("voice")
+    if isinstance(voice, dict):
+        voice = voice.get("id")
+    mapped: dict[str, Any] = {}
+    declared = _parameters_of(info)
+    param = next((declared[n] for n in VOICE_PARAMETERS if n in declared), None)
+    if isinstance(voice, str) and voice.strip() and param is not None:
+        try:
+            mapped[param.name] = parameter_value(param, voice.strip(), info.name if info else model, "voice")
+        except ProxyError:
+            if voice.strip().lower() not in OPENAI_VOICES:
+                raise
+    elif voice is not None and not isinstance(voice, str):
+        raise bad_request("'voice' must be a voice name or {\"id\": name}.", "voice", "invalid_type")
+    # `instructions` are not sent: a speech bot reads its whole message aloud.
+    return MediaRequest("audio", model, text, _media_flags(body, mapped, info), 1, fmt)
+
+
+def parse_video_request(body: Any, info: BotInfo | None) -> MediaRequest:
+    """POST /v1/videos: `seconds` to the bot's duration parameter, `size` to its aspect / resolution."""
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", None, "invalid_json")
+    model, prompt = _required_text(body, "model"), _required_text(body, "prompt")
+    check_media_bot("video", info, model)
+    bot = info.name if info is not None else model
+    mapped = size_settings(body.get("size"), info, bot)
+    seconds = body.get("seconds")
+    if seconds is not None and not (isinstance(seconds, str) and seconds.strip().isdigit()) \
+            and not (isinstance(seconds, int) and not isinstance(seconds, bool) and seconds > 0):
+        raise bad_request("'seconds' must be a whole number of seconds, such as \"8\".", "seconds")
+    declared = _parameters_of(info)
+    duration = next((declared[n] for n in DURATION_PARAMETERS if n in declared), None)
+    if seconds is not None and duration is not None:
+        mapped[duration.name] = parameter_value(duration, str(seconds).strip(), bot, "seconds")
+    return MediaRequest("video", model, prompt, _media_flags(body, mapped, info), 1, "",
+                        _size_text(body),
+                        str(seconds).strip() if seconds is not None else "")
+
+
+def media_query(request: MediaRequest, attachments: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """The Poe query of a media request (a fastapi_poe QueryRequest): the prompt as the one user message,
+    the bot's flags at its end, the client's images as its attachments."""
+    message = poe_message("user", request.prompt + "".join(" " + flag for flag in request.flags))
+    if attachments:
+        message["attachments"] = [dict(a) for a in attachments]
+    return {"version": POE_PROTOCOL_VERSION, "type": "query", "query": [message], "user_id": "",
+            "conversation_id": "", "message_id": ""}
+
+
+@dataclass
+class MediaFile:
+    url: str
+    content_type: str
+    name: str
+
+
+class MediaAnswer:
+    """A media bot's answer from its events: the files it sent (`file` events; failing those, Markdown
+    links to files in its text) and its words. `error` holds Poe's error, classified as in chat."""
+
+    def __init__(self) -> None:
+        self.files: list[MediaFile] = []
+        self._text: list[str] = []
+        self.done = False
+        self.error: ProxyError | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.error is not None
+
+    def feed(self, event: SSEEvent) -> None:
+        if self.finished or event.event not in ("text", "replace_response", "file", "error", "done"):
+            return
+        try:
+            data = json.loads(event.data) if event.data.strip() else {}
+        except (ValueError, RecursionError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        if event.event == "done":
+            self.done = True
+        elif event.event == "error":
+            self.error = classify_poe_error(data)
+        elif event.event == "file":
+            url = data.get("url")
+            if isinstance(url, str) and url.startswith(("http://", "https://")):
+                given = data.get("name")
+                name = given if isinstance(given, str) and given else "file"
+                content_type = data.get("content_type")
+                self.files.append(MediaFile(url, content_type if isinstance(content_type, str) and content_type
+                                            else guess_content_type(name), name))
+        elif isinstance(data.get("text"), str):
+            if event.event == "replace_response":
+                self._text = []
+            self._text.append(data["text"])
+
+    def of_kind(self, kind: str) -> list[MediaFile]:
+        """The files of the kind asked for (image, audio, video): those Poe sent, else those linked in the text."""
+        def fits(f: MediaFile) -> bool:
+            mime = f.content_type.lower()
+            return mime.startswith(kind + "/") or (mime in ("", "application/octet-stream")
+                                                   and guess_content_type(f.name or f.url).startswith(kind + "/"))
+        found = [f for f in self.files if fits(f)]
+        if found:
+            return found
+        linked = [MediaFile(url, guess_content_type(url), alt or "file")
+                  for _, alt, url in _MARKDOWN_FILE.findall("".join(self._text))]
+        return [f for f in linked if fits(f) or (kind == "image" and f.content_type == "application/octet-stream"
+                                                  and "![" in "".join(self._text))]
+
+    @property
+    def words(self) -> str:
+        """The bot's text without references and links to its files (a revised prompt, or why it failed)."""
+        text = re.sub(r"!?\[[^\[\]\n]{0,200}\]\[[^\[\]\s]{1,200}\]", "", "".join(self._text))
+        return _MARKDOWN_FILE.sub("", text).strip()
+
+
+def no_media_error(kind: str, bot: str, answer: MediaAnswer) -> ProxyError:
+    """A bot that answered without the file asked for: a 502 in the bot's own words."""
+    what = {"image": "an image", "audio": "audio", "video": "a video"}[kind]
+    words = answer.words
+    said = f" It said: {words[:2000]}" if words else " It sent no text either."
+    return upstream_error(f"{bot} answered without {what}.{said}", 502, "no_media")
+
+
+def image_usage(prompt_tokens: int, input_images: int, images: int, text_tokens: int) -> dict[str, Any]:
+    """Estimated as for chats: the prompt by the estimator, each image as ATTACHMENT_TOKENS."""
+    inputs = prompt_tokens + input_images * ATTACHMENT_TOKENS
+    outputs = images * ATTACHMENT_TOKENS + text_tokens
+    return {"input_tokens": inputs, "input_tokens_details": {"text_tokens": prompt_tokens,
+                                                             "image_tokens": input_images * ATTACHMENT_TOKENS},
+            "output_tokens": outputs, "output_tokens_details": {"image_tokens": images * ATTACHMENT_TOKENS,
+                                                                "text_tokens": text_tokens},
+            "total_tokens": inputs + outputs}
+
+
+def images_body(created_s: int, items: Sequence[Mapping[str, Any]], usage: Mapping[str, Any],
+                request: MediaRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {"created": created_s, "data": [dict(item) for item in items], "usage": dict(usage)}
+    if request.size and _DIMENSIONS.match(request.size):
+        body["size"] = request.size
+    return body
+
+
+@dataclass
+class VideoJob:
+    """A video being made: OpenAI's video object, plus where its file is. `owner` is a hash, never a key."""
+
+    id: str
+    owner: str = field(repr=False)
+    model: str
+    prompt: str
+    seconds: str
+    size: str
+    created_at: int
+    status: str = "queued"
+    progress: int = 0
+    completed_at: int | None = None
+    expires_at: int | None = None
+    error: dict[str, Any] | None = None
+    file: MediaFile | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "video", "model": self.model, "status": self.status,
+                "progress": self.progress, "created_at": self.created_at, "completed_at": self.completed_at,
+                "expires_at": self.expires_at, "prompt": self.prompt, "seconds": self.seconds or "",
+                "size": self.size or "", "remixed_from_video_id": None, "error": self.error}
+
+
+def video_list_body(jobs: Sequence[VideoJob], after: str | None, limit: int, order: str) -> dict[str, Any]:
+    """GET /v1/videos: the cursor page the SDKs read (`data`, `has_more`, `last_id`)."""
+    ordered = sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=order != "asc")
+    if after:
+        ids = [j.id for j in ordered]
+        ordered = ordered[ids.index(after) + 1:] if after in ids else []
+    page = ordered[:limit]
+    return {"object": "list", "data": [j.public() for j in page], "has_more": len(ordered) > len(page),
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+###############################################################################
+###############################################################################
 # Model registry: models.yaml (hot reload) and the model-list cache
 ###############################################################################
 
@@ -5070,6 +5689,7 @@ def openai_model(info: BotInfo) -> dict[str, Any]:
     if info.features is not None:
         out["supported_features"] = list(info.features)
     out["supported_parameters"] = supported_parameters(info)
+    out["endpoints"] = bot_endpoints(info)
     if info.parameters is not None:
         out["parameters"] = [{"name": p.name, "schema": dict(p.schema),
                               **({"default_value": p.default} if p.has_default else {}),
@@ -5417,7 +6037,7 @@ class UpstreamPool:
             while idle:
                 await idle.pop()[0].aclose()
 
-    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes,
+    async def request(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | Sequence[bytes],
                       what: str, timeout_s: float | None = None) -> UpstreamResponse:
         """Send one request and return once the response head arrived (or raise ProxyError).
 
@@ -5428,6 +6048,10 @@ class UpstreamPool:
         """
         origin = Origin.of(url)
         read_timeout_s = timeout_s or self._settings.read_timeout_seconds
+        # A body may come in pieces (an upload: multipart head, the file, tail), written one after the
+        # other so that a big file is never joined into a copy.
+        pieces: list[bytes] = [body] if isinstance(body, (bytes, bytearray)) else list(body)
+        size = sum(len(piece) for piece in pieces)
         for attempt in (0, 1):
             stream = await self._take_idle(origin) if attempt == 0 else None
             reused = stream is not None
@@ -5435,16 +6059,17 @@ class UpstreamPool:
                 stream = await self._connect(origin, what)
             proxy_http = self._proxy_for(origin) is not None and origin.scheme == "http"
             target = url if proxy_http else _target(url)
-            all_headers = [("Host", origin.netloc), *headers, ("Content-Length", str(len(body)))]
+            all_headers = [("Host", origin.netloc), *headers, ("Content-Length", str(size))]
             try:
-                if len(body) <= BODY_PIECE_BYTES:
+                if size <= BODY_PIECE_BYTES:
                     await stream.send(h11.Request(method=method, target=target, headers=all_headers),
-                                      h11.Data(data=body), h11.EndOfMessage())
+                                      *(h11.Data(data=piece) for piece in pieces if piece), h11.EndOfMessage())
                 else:   # a big upload: write it piece by piece, each write with its own deadline
                     await stream.send(h11.Request(method=method, target=target, headers=all_headers))
-                    view = memoryview(body)
-                    for start in range(0, len(body), BODY_PIECE_BYTES):
-                        await stream.send(h11.Data(data=view[start:start + BODY_PIECE_BYTES]))
+                    for piece in pieces:
+                        view = memoryview(piece)
+                        for start in range(0, len(piece), BODY_PIECE_BYTES):
+                            await stream.send(h11.Data(data=view[start:start + BODY_PIECE_BYTES]))
                     await stream.send(h11.EndOfMessage())
             except asyncio.TimeoutError:
                 await stream.aclose()
@@ -5701,6 +6326,12 @@ class PoeEventStream:
         await self._response.aclose()
 
 
+USAGE_TIMEOUT_S = 15.0            # each of Poe's usage calls, for the admin page
+USAGE_MAX_BYTES = 4 * 1024 * 1024
+POINTS_HISTORY_PAGE = 100         # Poe's largest page
+POINTS_HISTORY_MAX_PAGES = 10     # 1000 queries: the admin page's summary, not an audit
+
+
 class PoeClient:
     def __init__(self, settings: Settings, pool: UpstreamPool) -> None:
         self._settings = settings
@@ -5742,6 +6373,55 @@ class PoeClient:
             raise upstream_error("model list: Poe's answer is not JSON") from None
         return catalogue_from_poe(payload)
 
+    async def _usage_json(self, path: str, api_key: str, what: str) -> Any:
+        """GET one of Poe's usage endpoints with `api_key`: its JSON, or ProxyError (a 401 stays a 401)."""
+        url = f"{self._settings.poe_base_url}{path}"
+        headers = [("Authorization", f"Bearer {api_key}"), ("Accept", "application/json"),
+                   ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
+        timeout_s = min(self._settings.read_timeout_seconds, USAGE_TIMEOUT_S)
+        response = await self._pool.request("GET", url, headers, b"", what, timeout_s)
+        if response.status == 200:
+            await _refuse_encoded(response, what)
+        body = await response.read_all(USAGE_MAX_BYTES, timeout_s)
+        if response.status != 200:
+            raise classify_poe_status(response.status, body, what, response.headers)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise upstream_error(f"{what}: Poe's answer is not JSON") from None
+
+    async def current_balance(self, api_key: str) -> int | float:
+        payload = await self._usage_json("/usage/current_balance", api_key, "points balance")
+        balance: Any = payload.get("current_point_balance") if isinstance(payload, dict) else None
+        if not _is_number(balance):
+            raise upstream_error("points balance: Poe's answer has no current_point_balance")
+        return balance
+
+    async def points_history(self, api_key: str, since_s: float,
+                             max_pages: int = POINTS_HISTORY_MAX_PAGES) -> tuple[list[dict[str, Any]], bool]:
+        """The key's points history entries back to `since_s` (Poe keeps 30 days, newest first, 100 a page),
+        following `starting_after` for at most `max_pages` pages. Returns (entries, complete): complete is
+        False when the page bound cut the history short."""
+        entries: list[dict[str, Any]] = []
+        after: str | None = None
+        for _ in range(max_pages):
+            query = {"limit": str(POINTS_HISTORY_PAGE)}
+            if after is not None:
+                query["starting_after"] = after
+            payload = await self._usage_json("/usage/points_history?" + urllib.parse.urlencode(query), api_key,
+                                             "points history")
+            data = payload.get("data") if isinstance(payload, dict) else None
+            if not isinstance(data, list):
+                raise upstream_error("points history: Poe's answer has no `data` array")
+            page = [e for e in data if isinstance(e, dict)]
+            entries += page
+            last = page[-1] if page else None
+            older = any(_is_number(e.get("creation_time")) and e["creation_time"] / 1e6 < since_s for e in page)
+            if not payload.get("has_more") or older or last is None or not isinstance(last.get("query_id"), str):
+                return entries, True
+            after = last["query_id"]
+        return entries, False
+
 
 async def _refuse_encoded(response: UpstreamResponse, what: str) -> None:
     """We ask for `Accept-Encoding: identity` and decode nothing: a compressed body would read as
@@ -5759,6 +6439,41 @@ async def _read_error_body(response: UpstreamResponse) -> bytes:
     except (ProxyError, asyncio.TimeoutError):
         await response.aclose()
         return b""
+
+
+MEDIA_DOWNLOAD_MAX_BYTES = 1024 * 1024 * 1024   # one file a bot made; b64_json holds it in memory whole
+MEDIA_REDIRECTS = 3
+
+
+async def open_download(pool: UpstreamPool, url: str, what: str) -> UpstreamResponse:
+    """GET a file a bot made (its attachment URL) through the outbound pool, with its timeouts and proxy
+    settings; a few redirects are followed. No credentials go with it: attachment URLs need none, and
+    they may point anywhere. Returns once a 200 head arrived; raises ProxyError otherwise."""
+    for _ in range(MEDIA_REDIRECTS + 1):
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise upstream_error(f"{what}: the file's address is not an http(s) URL")
+        response = await pool.request("GET", url, [("Accept", "*/*"), ("Accept-Encoding", "identity"),
+                                                   ("User-Agent", USER_AGENT)], b"", what)
+        location = response.headers.get("location", "")
+        if response.status in (301, 302, 303, 307, 308) and location:
+            await response.finish()
+            url = urllib.parse.urljoin(url, location)
+            continue
+        if response.status != 200:
+            body = await _read_error_body(response)
+            detail = _error_text_from_body(body)
+            raise upstream_error(f"{what}: fetching the file failed with HTTP {response.status}"
+                                 + (f": {detail}" if detail else ""))
+        return response
+    raise upstream_error(f"{what}: the file's address redirects more than {MEDIA_REDIRECTS} times")
+
+
+async def download(pool: UpstreamPool, url: str, what: str, idle_timeout_s: float,
+                   limit_bytes: int = MEDIA_DOWNLOAD_MAX_BYTES) -> tuple[str, bytes]:
+    """A whole file a bot made: (content type, bytes)."""
+    response = await open_download(pool, url, what)
+    data = await response.read_all(limit_bytes, idle_timeout_s)
+    return response.headers.get("content-type", "").split(";")[0].strip(), data
 
 
 STALE_RETRY_S = 30.0
@@ -5889,9 +6604,9 @@ class Uploader:
 
     async def _upload(self, media: Media, api_key: str) -> dict[str, Any]:
         if media.data is not None:
-            content_type, body = encode_multipart([], [("file", media.name, media.content_type, media.data)])
+            content_type, body = multipart_pieces([], [("file", media.name, media.content_type, media.data)])
         else:
-            content_type, body = encode_multipart([("download_url", str(media.url))], [])
+            content_type, body = multipart_pieces([("download_url", str(media.url))], [])
         headers = [("Authorization", f"Bearer {api_key}"), ("Content-Type", content_type),
                    ("Accept", "application/json"), ("Accept-Encoding", "identity"), ("User-Agent", USER_AGENT)]
         response = await self._pool.request("POST", self._settings.poe_file_upload_url, headers, body, "file upload")
@@ -5939,9 +6654,10 @@ class Request:
     path: str
     query: str
     headers: dict[str, str]     # lower-case names; repeated headers joined with ", "
-    body: bytes
+    body: bytes | bytearray     # as read (never copied); parse_json_body consumes it
     request_id: str
-    client: str = ""
+    client: str = ""            # the TCP peer, "address:port"
+    address: str = ""           # the client's address per X-Forwarded-For (TRUST_FORWARDED_FOR), else ""
     # Filled in by handlers for the access log.
     model: str = ""
 
@@ -5998,8 +6714,9 @@ def _sendable_key(key: str) -> str:
 
 
 def client_address(request: Request) -> str:
-    """The client's IP address, without the port (back-offs are per address)."""
-    return request.client.rpartition(":")[0] or request.client
+    """The client's IP address, without the port (back-offs are per address): the TCP peer's, or with
+    TRUST_FORWARDED_FOR the one the reverse proxy saw."""
+    return request.address or request.client.rpartition(":")[0] or request.client
 
 
 # The label of the key the request being handled came with, for UsageStats. A request is handled in
@@ -6039,13 +6756,7 @@ class Credentials:
         if not self.shared:
             return
         address = client_address(request)
-        self.backoff.check(address)
-        try:
-            presented = api_key_of(request)
-        except ProxyError:
-            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
-                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
-                             "invalid_request_error", "invalid_api_key") from None
+        presented = self.precheck(request)
         label = self._match(presented)
         if label is None:
             self.backoff.failed(address)
@@ -6054,6 +6765,17 @@ class Credentials:
                              "invalid_api_key")
         self.backoff.succeeded(address)
         KEY_LABEL.set(label)
+
+    def precheck(self, request: Request) -> str:
+        """Shared mode, from the head alone: the 429 of a locked-out address, the 401 of a missing key;
+        else the key presented (compared by `admit` only)."""
+        self.backoff.check(client_address(request))
+        try:
+            return api_key_of(request)
+        except ProxyError:
+            raise ProxyError(401, "Missing API key: this proxy is shared; send your access key as "
+                             "'Authorization: Bearer <key>' or 'x-api-key: <key>' (ask the proxy's owner for one).",
+                             "invalid_request_error", "invalid_api_key") from None
 
     def _match(self, presented: str) -> str | None:
         import hashlib
@@ -6109,12 +6831,20 @@ class Credentials:
 
 
 def parse_json_body(request: Request) -> Any:
-    if not request.body.strip():
+    """The body as JSON. It consumes the body: a request with big images would otherwise hold its raw
+    bytes, their text and the parsed values all at once (each about the size of the body)."""
+    raw = request.body
+    if not raw or raw.isspace():
         raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
-    body = request.body[3:] if request.body.startswith(b"\xef\xbb\xbf") else request.body   # a BOM is harmless
+    start = 3 if raw.startswith(b"\xef\xbb\xbf") else 0   # a BOM is harmless
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = str(memoryview(raw)[start:], "utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
+    request.body = raw = b""   # from here on only the text holds it; then only the parsed values
+    try:
+        return json.loads(text)
+    except ValueError as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}", None, "invalid_json") from None
     except RecursionError:
         raise bad_request("The request body is nested too deeply.", None, "invalid_json") from None
@@ -6198,6 +6928,7 @@ OPENAI_RESPONSES = Dialect(
 # ----------------------------------------------------------------------------- the app and its router
 
 Handler = Callable[[Request], Awaitable[Response]]
+KEYLESS_API_PATHS = frozenset({"/v1/messages/count_tokens"})   # API POSTs answered without Poe, hence without a key
 
 
 @dataclass(frozen=True)
@@ -6223,11 +6954,14 @@ class App:
         self.gate = RateGate(settings.rate_limit_ms / 1000.0, settings.rate_limit_max_wait_seconds)
         self.credentials = Credentials(settings)
         self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader,
-                                  self.credentials)
+                                  self.credentials, self.poe)
         self.model_list = ModelList(settings, self.registry, self.catalog, self.credentials)
         self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate,
                                           self.catalog, credentials=self.credentials)
-        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials)
+        self.media = MediaAPI(settings, self.registry, self.poe, self.pool, self.uploader, self.stats, self.gate,
+                              self.catalog, self.credentials)
+        self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials,
+                             self.media)
         self.routes = self.router.routes
 
     # What InboundConnection calls: the router's.
@@ -6249,9 +6983,10 @@ class Router:
     the one place where errors become responses, in the shape of the path's dialect."""
 
     def __init__(self, settings: Settings, admin: AdminAPI, models: ModelList, chat: ChatPipeline,
-                 credentials: Credentials | None = None) -> None:
+                 credentials: Credentials, media: MediaAPI) -> None:
         self.settings = settings
-        self.credentials = credentials or Credentials(settings)
+        self.credentials = credentials
+        self.admin = admin
         self.started_at = time.time()
 
         def api(dialect: Dialect) -> Route:   # a dialect's endpoint: POSTs answered by the chat pipeline
@@ -6268,6 +7003,7 @@ class Router:
             "/api/admin/config": Route({"GET": admin.admin_get_config, "POST": admin.admin_post_config}),
             "/api/admin/stats": Route({"GET": admin.admin_stats}),
             "/api/models": Route({"GET": admin.admin_models}),
+            "/api/admin/points": Route({"GET": admin.admin_points}),
             "/": Route({"GET": self.index}),
             "/v1/models/*": Route({"GET": models.get_model}, OPENAI_CHAT),   # one model: the id is the rest of the path
             "/models/*": Route({"GET": models.get_model}, OPENAI_CHAT),
@@ -6275,27 +7011,71 @@ class Router:
             "/v1/responses": api(OPENAI_RESPONSES),
             "/responses": api(OPENAI_RESPONSES),
             "/v1/messages/count_tokens": Route({"POST": chat.count_tokens}, ANTHROPIC_MESSAGES),
+            # OpenAI's media APIs, over Poe's image, speech and video bots.
+            "/v1/images/generations": Route({"POST": media.images_generations}, OPENAI_CHAT),
+            "/v1/images/edits": Route({"POST": media.images_edits}, OPENAI_CHAT),
+            "/v1/audio/speech": Route({"POST": media.speech}, OPENAI_CHAT),
+            "/v1/videos": Route({"POST": media.videos_create, "GET": media.videos_list}, OPENAI_CHAT),
+            "/v1/videos/*": Route({"GET": media.videos_get, "DELETE": media.videos_delete}, OPENAI_CHAT),
         }
 
-    async def dispatch(self, request: Request) -> Response:
-        """Route a request; every error becomes a response here and only here."""
+    @staticmethod
+    def _table_path(request: Request) -> str:
         path = request.path if request.path == "/" else request.path.rstrip("/")
         if path.startswith(("/v1/models/", "/models/")):
             path = path[:path.index("/models/") + len("/models/")] + "*"
+        elif path.startswith("/v1/videos/"):
+            path = "/v1/videos/*"   # /v1/videos/{id} and /v1/videos/{id}/content
+        return path
+
+    def _handler(self, request: Request, path: str, route: Route | None) -> Handler | None:
+        """The route's handler for the method (None: the CORS preflight); raises the 404 or 405."""
+        if route is None:
+            raise ProxyError(404, f"Unknown path {request.path[:200]!r}. This proxy serves /v1/chat/completions, "
+                             "/v1/messages, /v1/responses, /v1/images/generations, /v1/images/edits, "
+                             "/v1/audio/speech, /v1/videos and /v1/models.", "invalid_request_error", "not_found")
+        cors = route.dialect is not None
+        methods = route.methods
+        handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
+        if request.method == "OPTIONS" and cors:
+            return None
+        if handler is None:
+            allowed = ", ".join(sorted(methods) + (["OPTIONS"] if cors else []))
+            raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
+                             "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
+        return handler
+
+    def precheck(self, request: Request) -> ProxyError | None:
+        """What can be refused from the head alone, before a body is read (a big body costs memory):
+        an unknown path, a wrong method, an API call without any key, the admin routes without Basic
+        credentials (or while they are refused). Cheap, and it decides nothing the handler does not
+        decide again: a key or a password is only compared there."""
+        path = self._table_path(request)
+        route = self.routes.get(path)
+        try:
+            if self._handler(request, path, route) is None:
+                return None   # the preflight
+            assert route is not None
+            if route.dialect is not None:
+                if self.credentials.shared:
+                    self.credentials.precheck(request)
+                elif request.method == "POST" and path not in KEYLESS_API_PATHS:
+                    api_key_of(request)
+            elif path == "/admin" or path.startswith("/api/"):
+                self.admin.precheck(request)
+        except ProxyError as exc:
+            return exc
+        return None
+
+    async def dispatch(self, request: Request) -> Response:
+        """Route a request; every error becomes a response here and only here."""
+        path = self._table_path(request)
         route = self.routes.get(path)
         cors = route is not None and route.dialect is not None
         try:
-            if route is None:
-                raise ProxyError(404, f"Unknown path {request.path!r}. This proxy serves /v1/chat/completions, "
-                                 "/v1/messages and /v1/models.", "invalid_request_error", "not_found")
-            methods = route.methods
-            handler = methods.get(request.method) or (methods.get("GET") if request.method == "HEAD" else None)
-            if request.method == "OPTIONS" and cors:
+            handler = self._handler(request, path, route)
+            if handler is None:
                 response = self._preflight(request)
-            elif handler is None:
-                allowed = ", ".join(sorted(methods) + (["OPTIONS"] if cors else []))
-                raise ProxyError(405, f"Method {request.method} is not allowed on {path}; use {allowed}.",
-                                 "invalid_request_error", "method_not_allowed", headers=[("Allow", allowed)])
             else:
                 if cors:   # an API route: with access keys on, every one needs a key (not the preflight)
                     self.credentials.admit(request)
@@ -6313,8 +7093,14 @@ class Router:
         return response
 
     def render_error(self, request: Request, err: ProxyError) -> Response:
-        """For errors found before routing (413, 431, a bad body): still in the route's dialect."""
-        return self._error(request.path if request.path == "/" else request.path.rstrip("/"), err, request)
+        """For errors found before routing (413, 431, a bad body, a precheck): still in the route's dialect,
+        with its CORS headers, so that a browser client can read why."""
+        path = self._table_path(request)
+        response = self._error(path, err, request)
+        route = self.routes.get(path)
+        if route is not None and route.dialect is not None:
+            response.headers.extend(self._cors_headers(request))
+        return response
 
     def _error(self, path: str, err: ProxyError, request: Request) -> Response:
         """Errors in the dialect of the route: Anthropic's shape on /v1/messages, OpenAI's elsewhere."""
@@ -6342,7 +7128,7 @@ class Router:
                  and h.strip().lower() not in ("cookie", "set-cookie")]
         allow = CORS_ALLOW_HEADERS + "".join(", " + h for h in extra
                                              if h.lower() not in CORS_ALLOW_HEADERS.lower().split(", "))
-        return Response(204, [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+        return Response(204, [("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS"),
                               ("Access-Control-Allow-Headers", allow),
                               ("Access-Control-Max-Age", "3600")])
 
@@ -6356,6 +7142,8 @@ class Router:
         return json_response(200, {"name": "poe2openai", "version": __version__,
                                    "endpoints": ["POST /v1/chat/completions", "POST /v1/messages", "POST /v1/responses",
                                                  "POST /v1/messages/count_tokens", "GET /v1/models",
+                                                 "POST /v1/images/generations", "POST /v1/images/edits",
+                                                 "POST /v1/audio/speech", "POST /v1/videos", "GET /v1/videos",
                                                  "GET /healthz", "GET /admin"]})
 
 
@@ -6363,6 +7151,26 @@ class Router:
 
 ADMIN_MAX_FAILURES = 5            # failed admin logins per address ...
 ADMIN_FAILURE_WINDOW_S = 300.0    # ... within this window, then 429 until it ends
+ADMIN_GLOBAL_MAX_FAILURES = 30    # failed admin logins from all addresses together ...
+ADMIN_GLOBAL_WINDOW_S = 60.0      # ... within this window: then logins pause for everyone (not loopback)
+# Passwords nobody chose: the default, and the placeholders of our deploy examples and of habit. With
+# one of them the admin API answers only on a loopback bind.
+WEAK_ADMIN_PASSWORDS = frozenset({"", "123456", "change-me", "changeme", "admin", "password"})
+
+
+def is_loopback_host(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def admin_disabled_reason(settings: Settings) -> str:
+    """Why the admin page is refused (""): a password anyone can guess on an address others can reach."""
+    if settings.admin_password not in WEAK_ADMIN_PASSWORDS or is_loopback_host(settings.host):
+        return ""
+    which = "empty" if not settings.admin_password else (
+        "the default (123456)" if settings.admin_password == "123456" else "a known placeholder")
+    return (f"The admin page is disabled: ADMIN_PASSWORD is {which} and the proxy listens on "
+            f"{settings.host or 'all addresses'}, where others can reach it. Set ADMIN_PASSWORD to a password "
+            "of your own (or listen on HOST=127.0.0.1) and restart the proxy.")
 # The page is one file with its script and style inline; the CSP admits exactly those blocks (by hash)
 # and lets the page talk to nothing but this server. Everything else an injected string could use
 # (other scripts, frames, forms, a <base>) is refused by the browser.
@@ -6375,6 +7183,48 @@ ADMIN_PAGE_HEADERS = (("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "n
 ADMIN_FETCH_SITES = ("same-origin", "none")
 
 
+POINTS_DAYS = 30            # what Poe keeps of the points history
+POINTS_RECENT_DAYS = 7
+POINTS_CACHE_S = 60.0       # the page may reload at will: Poe is asked at most this often ...
+POINTS_ERROR_CACHE_S = 10.0  # ... and after a failure, again this soon
+
+
+def points_summary(entries: Iterable[Mapping[str, Any]], now_s: float, days: int = POINTS_DAYS,
+                   recent_days: int = POINTS_RECENT_DAYS) -> dict[str, Any]:
+    """Poe's points history entries -> points and queries per bot (over `days` and the last `recent_days`)
+    and per UTC day, oldest day first. Entries without a time, a bot or a numeric cost are skipped; so are
+    those older than `days`, and a query listed twice (pages that overlap) counts once."""
+    since_s, recent_s = now_s - days * 86400, now_s - recent_days * 86400
+    bots: dict[str, dict[str, Any]] = {}
+    per_day: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for entry in entries:
+        stamp: Any = entry.get("creation_time")
+        bot_name, cost = entry.get("bot_name"), entry.get("cost_points")
+        if not (_is_number(stamp) and _is_number(cost) and isinstance(bot_name, str) and bot_name):
+            continue
+        at_s = stamp / 1e6   # Poe gives microseconds
+        query_id = entry.get("query_id")
+        if at_s < since_s or (isinstance(query_id, str) and query_id in seen):
+            continue
+        if isinstance(query_id, str):
+            seen.add(query_id)
+        row = bots.setdefault(bot_name, {"bot": bot_name, "points": 0, "queries": 0,
+                                         "points_recent": 0, "queries_recent": 0})
+        row["points"] += cost
+        row["queries"] += 1
+        if at_s >= recent_s:
+            row["points_recent"] += cost
+            row["queries_recent"] += 1
+        day = time.strftime("%Y-%m-%d", time.gmtime(at_s))
+        total = per_day.setdefault(day, {"day": day, "points": 0, "queries": 0})
+        total["points"] += cost
+        total["queries"] += 1
+    by_bot = sorted(bots.values(), key=lambda r: (-r["points"], r["bot"].casefold()))
+    return {"by_bot": by_bot, "days": [per_day[d] for d in sorted(per_day)], "window_days": days,
+            "recent_days": recent_days}
+
+
 class AdminAPI:
     """The admin page and its API (models.yaml, stats, Poe's raw model list) behind Basic auth, with a
     back-off on failed logins per client address. A browser caches Basic credentials for the origin,
@@ -6383,7 +7233,8 @@ class AdminAPI:
     a cross-site page cannot send without a CORS preflight, and admin routes answer none)."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
-                 pool: UpstreamPool, uploader: Uploader, credentials: Credentials | None = None) -> None:
+                 pool: UpstreamPool, uploader: Uploader, credentials: Credentials | None = None,
+                 poe: PoeClient | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.catalog = catalog
@@ -6392,9 +7243,14 @@ class AdminAPI:
         self.uploader = uploader
         self.credentials = credentials or Credentials(settings)
         self._backoff = LoginBackoff(ADMIN_MAX_FAILURES, ADMIN_FAILURE_WINDOW_S,
-                                     "Too many failed admin logins from your address; try again later.")
+                                     "Too many failed admin logins from your address; try again later.",
+                                     global_max=ADMIN_GLOBAL_MAX_FAILURES, global_window_s=ADMIN_GLOBAL_WINDOW_S)
+        self._disabled = admin_disabled_reason(settings)
         self.admin_page = _load_admin_page()
         self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
+        self.poe = poe   # for Poe's usage API (the points panel)
+        self._points: tuple[str, float, dict[str, Any]] | None = None   # (key, expires at, report)
+        self._points_fetch: tuple[str, asyncio.Future[dict[str, Any]]] | None = None
 
     async def admin(self, request: Request) -> Response:
         # No same-origin check here: following a link to /admin from elsewhere is fine; the CSP's
@@ -6438,7 +7294,24 @@ class AdminAPI:
         self._check_same_origin(request)
         self._authenticate(request)
 
+    def precheck(self, request: Request) -> None:
+        """From the head alone (the Router's precheck): refused routes, back-off, and no credentials."""
+        self._refuse_if_disabled()
+        self._backoff.check(client_address(request))
+        if not request.headers.get("authorization", "").strip():
+            raise self._unauthorized()
+
+    def _refuse_if_disabled(self) -> None:
+        if self._disabled:
+            raise ProxyError(403, self._disabled, "permission_error", "admin_disabled")
+
+    @staticmethod
+    def _unauthorized() -> ProxyError:
+        return ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
+                          headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
+
     def _authenticate(self, request: Request) -> None:
+        self._refuse_if_disabled()
         address = client_address(request)
         self._backoff.check(address)
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
@@ -6455,8 +7328,7 @@ class AdminAPI:
         if not (ok_user and ok_password):
             if scheme:   # a browser's first, credential-less request is not a failure
                 self._backoff.failed(address)
-            raise ProxyError(401, "Admin credentials required.", "authentication_error", "unauthorized",
-                             headers=[("WWW-Authenticate", 'Basic realm="poe2openai admin", charset="UTF-8"')])
+            raise self._unauthorized()
         self._backoff.succeeded(address)
 
     async def admin_get_config(self, request: Request) -> Response:
@@ -6507,6 +7379,63 @@ class AdminAPI:
         return json_response(200, {"object": "list", "data": await self.catalog.models(key, refresh=True)})
 
 
+    async def admin_points(self, request: Request) -> Response:
+        """The Poe points balance and what was spent per bot and day, on the admin's own key: models.yaml's
+        api_token, else (shared mode) the proxy's POE_API_KEY; never a client's. Cached briefly."""
+        self._check_admin(request)
+        token = self.registry.config().api_token
+        key, source = (token, "api_token") if token else (self.credentials.server_key, "POE_API_KEY")
+        if not key or self.poe is None:
+            return json_response(200, {"balance": None, "by_bot": [], "days": [], "key": None,
+                                       "error": "No api_token is set: set one with the API token button (it is "
+                                                "kept as api_token in models.yaml) to see Poe points.",
+                                       "error_code": "no_token"}, [("Cache-Control", "no-store")])
+        now = time.monotonic()
+        if self._points is not None and self._points[0] == key and now < self._points[1]:
+            report = self._points[2]
+        else:
+            if self._points_fetch is None or self._points_fetch[0] != key:
+                # Shared by the requests that come while it runs; shielded so one leaving does not stop it.
+                self._points_fetch = (key, asyncio.ensure_future(self._fetch_points(key)))
+            report = await asyncio.shield(self._points_fetch[1])
+        return json_response(200, {**report, "key": source}, [("Cache-Control", "no-store")])
+
+    async def _fetch_points(self, key: str) -> dict[str, Any]:
+        assert self.poe is not None
+        report: dict[str, Any] = {"balance": None, "by_bot": [], "days": [], "complete": True,
+                                  "error": None, "error_code": None, "fetched_at": int(time.time())}
+
+        def failed(err: ProxyError, what: str) -> None:
+            if err.status == 401:
+                report.update(error=f"api_token rejected by Poe (401): {err.message}", error_code="token_rejected")
+            elif report["error"] is None:
+                report.update(error=err.message if err.message.startswith(what) else f"{what}: {err.message}",
+                              error_code="upstream")
+
+        now_s = time.time()
+        try:
+            try:
+                report["balance"] = await asyncio.wait_for(self.poe.current_balance(key), USAGE_TIMEOUT_S + 5)
+            except ProxyError as err:
+                failed(err, "points balance")
+            except asyncio.TimeoutError:
+                failed(upstream_error("Poe did not answer in time", 504, "upstream_timeout"), "points balance")
+            if report["error_code"] != "token_rejected":   # the history is best-effort: a balance alone is news
+                try:
+                    entries, complete = await asyncio.wait_for(
+                        self.poe.points_history(key, now_s - POINTS_DAYS * 86400), 2 * (USAGE_TIMEOUT_S + 5))
+                    report.update(points_summary(entries, now_s), complete=complete)
+                except ProxyError as err:
+                    failed(err, "points history")
+                except asyncio.TimeoutError:
+                    failed(upstream_error("Poe did not answer in time", 504, "upstream_timeout"), "points history")
+        finally:
+            self._points_fetch = None
+        ttl_s = POINTS_CACHE_S if report["error"] is None else POINTS_ERROR_CACHE_S
+        self._points = (key, time.monotonic() + ttl_s, report)
+        return report
+
+
 # ----------------------------------------------------------------------------- the model list
 
 class ModelList:
@@ -6541,6 +7470,398 @@ class ModelList:
                              "invalid_request_error", "model_not_found", "model")
         return json_response(200, anthropic_model(found) if "anthropic-version" in request.headers
                              else openai_model(found))
+
+
+# ----------------------------------------------------------------------------- the media APIs
+
+class VideoJobs:
+    """Video jobs, in memory only (a restart forgets them), at most `max_jobs` and each for `ttl_s`. A job
+    is seen only by its owner: a hash of the Poe key, or of the access key's label on a shared proxy."""
+
+    def __init__(self, max_jobs: int, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
+        self._max = max_jobs
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._jobs: OrderedDict[str, VideoJob] = OrderedDict()   # oldest first
+        self.tasks: dict[str, asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for job_id in [j.id for j in self._jobs.values() if now - j.created_at >= self._ttl_s]:
+            self._drop(job_id)
+
+    def _drop(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+        task = self.tasks.pop(job_id, None)
+        if task is not None and not task.done():
+            task.cancel()   # closing its Poe stream stops the bot
+
+    def add(self, job: VideoJob) -> None:
+        self._expire()
+        while len(self._jobs) >= self._max:
+            finished = next((j for j in self._jobs.values() if j.status in ("completed", "failed")), None)
+            if finished is None:
+                raise ProxyError(429, f"{self._max} videos are being made on this proxy (VIDEO_JOBS_MAX); try again "
+                                 "when one has finished.", "rate_limit_error", "too_many_video_jobs")
+            self._drop(finished.id)
+        self._jobs[job.id] = job
+
+    def owned(self, owner: str) -> list[VideoJob]:
+        self._expire()
+        return [j for j in self._jobs.values() if j.owner == owner]
+
+    def get(self, owner: str, job_id: str) -> VideoJob:
+        self._expire()
+        job = self._jobs.get(job_id)
+        if job is None or job.owner != owner:   # another key's job is as absent as an unknown one
+            raise ProxyError(404, f"No video with id '{job_id[:100]}' (jobs are kept for a while in memory and are "
+                             "lost when the proxy restarts).", "invalid_request_error", "video_not_found")
+        return job
+
+    def delete(self, owner: str, job_id: str) -> None:
+        self.get(owner, job_id)
+        self._drop(job_id)
+
+    async def close(self) -> None:
+        tasks = [t for t in self.tasks.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+
+def _media_from_part(part: FormPart, where: str) -> Media:
+    if not part.data:
+        raise bad_request(f"The multipart part '{where}' ({part.filename or 'no name'}) is empty.", where,
+                          "invalid_multipart")
+    name = part.filename or where
+    mime = part.content_type if part.content_type and part.content_type != "application/octet-stream" else \
+        guess_content_type(name, part.data)
+    return Media(where, 0, mime, name, data=part.data)
+
+
+def _media_from_json(value: Any, where: str) -> Media:
+    """An image given in a JSON body: a URL or data: URL, or {"image_url": …} as OpenAI's JSON forms have it."""
+    url = value.get("image_url") if isinstance(value, dict) else value
+    if isinstance(url, dict):
+        url = url.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise bad_request(f"'{where}' must be an image URL, a data: URL or {{\"image_url\": URL}}.", where)
+    return _media_from_url(url.strip(), where, 0, "image", "")
+
+
+class MediaAPI:
+    """OpenAI's Images, Audio (speech) and Videos APIs over Poe's media bots: the request becomes one Poe
+    query per output (the prompt as the user message, the bot's parameters as flags), the bot's `file`
+    events become the answer. Files are fetched through the same outbound pool as everything else."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, pool: UpstreamPool,
+                 uploader: Uploader, stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None,
+                 credentials: Credentials | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.poe = poe
+        self.pool = pool
+        self.uploader = uploader
+        self.stats = stats
+        self.gate = gate
+        self.catalog = catalog
+        self.credentials = credentials or Credentials(settings)
+        self.jobs = VideoJobs(settings.video_jobs_max, settings.video_jobs_ttl_seconds)
+
+    # --------------------------------------------------------------------- shared steps
+
+    def _owner(self, api_key: str) -> str:
+        import hashlib
+        who = f"label:{KEY_LABEL.get()}" if self.credentials.shared else f"key:{api_key}"
+        return hashlib.sha256(who.encode("utf-8", "surrogateescape")).hexdigest()
+
+    async def _bot(self, body: Any, api_key: str, request: Request) -> tuple[ModelRoute, BotInfo | None]:
+        model = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(model, str) or not model.strip():
+            raise bad_request("'model' is required: the Poe bot to ask (GET /v1/models lists them with their "
+                              "`endpoints`).", "model", "missing_required_parameter")
+        request.model = model[:100]
+        catalogue = None
+        if self.catalog is not None:
+            catalogue = await self.catalog.for_chat(self.registry.config().api_token or api_key, MODELS_WAIT_SECONDS)
+        route = self.registry.resolve(model, catalogue, self.settings.tool_mode)
+        return route, self.registry.bot_info(route.bot, catalogue)
+
+    @staticmethod
+    def _form(request: Request) -> tuple[dict[str, Any], dict[str, list[FormPart]]]:
+        """The body of an endpoint the SDK sends as multipart (a JSON body is taken too)."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+            return form_fields(parse_multipart(content_type, request.body))
+        body = parse_json_body(request)
+        if not isinstance(body, dict):
+            raise bad_request("The request body must be a JSON object or multipart/form-data.", None, "invalid_json")
+        return body, {}
+
+    async def _ask(self, route: ModelRoute, query: dict[str, Any], api_key: str) -> MediaAnswer:
+        """One query; Poe's errors as in chat (an unknown bot points to the model list)."""
+        await self.gate.wait()
+        answer = MediaAnswer()
+        try:
+            events = await self.poe.open_bot_stream(route.bot, query, api_key)
+            try:
+                while not answer.finished:
+                    batch = await events.read(self.settings.read_timeout_seconds)
+                    if batch is None:
+                        break
+                    for event in batch:
+                        answer.feed(event)
+            except BaseException:
+                await events.aclose()
+                raise
+            await events.finish(answer.done)
+            if answer.error is not None:
+                raise answer.error
+        except ProxyError as err:
+            if err.code == "model_not_found":
+                raise unknown_model(route.display, route.bot, err) from None
+            raise
+        return answer
+
+    async def _attachments(self, media: Sequence[Media], api_key: str) -> list[dict[str, Any]]:
+        if not media:
+            return []
+        return (await self.uploader.attachments_for(media, api_key)).get(0, [])
+
+    async def _record(self, model: str, started_s: float, ok: bool, prompt_tokens: int = 0,
+                      completion_tokens: int = 0) -> None:
+        self.stats.record(model, ok=ok, latency_s=time.perf_counter() - started_s, prompt_tokens=prompt_tokens,
+                          completion_tokens=completion_tokens)
+
+    # --------------------------------------------------------------------- images
+
+    async def images_generations(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        return await self._images(request, api_key, parse_json_body(request), [], False)
+
+    async def images_edits(self, request: Request) -> Response:
+        """Multipart as the SDKs send it (`image` or `image[]`, optional `mask`), or JSON with image URLs."""
+        api_key = self.credentials.poe_key(request)
+        body, files = self._form(request)
+        media = [_media_from_part(part, f"{part.name}") for key in ("image", "image[]") for part in files.get(key, ())]
+        for key in ("image", "images"):
+            value = body.pop(key, None)
+            for i, item in enumerate(value if isinstance(value, list) else [] if value is None else [value]):
+                media.append(_media_from_json(item, f"{key}[{i}]" if isinstance(value, list) else key))
+        if not media:
+            raise bad_request("'image' is required: send the image(s) to edit as multipart file part(s) named "
+                              "'image' (or 'image[]').", "image", "missing_required_parameter")
+        masks = files.get("mask", [])
+        if len(masks) > 1:
+            raise bad_request("Send at most one 'mask' part.", "mask", "invalid_multipart")
+        if masks:
+            media.append(_media_from_part(masks[0], "mask"))
+        elif body.get("mask") is not None:
+            media.append(_media_from_json(body.pop("mask"), "mask"))
+        return await self._images(request, api_key, body, media, bool(masks) or any(m.where == "mask" for m in media))
+
+    async def _images(self, request: Request, api_key: str, body: Any, media: list[Media], has_mask: bool) -> Response:
+        started_s = time.perf_counter()
+        route, info = await self._bot(body, api_key, request)
+        wanted = parse_image_request(body, info, has_mask=has_mask)
+        try:
+            query = media_query(wanted, await self._attachments(media, api_key))
+            gate = asyncio.Semaphore(MEDIA_CONCURRENCY)
+
+            async def one() -> MediaAnswer:
+                async with gate:
+                    return await self._ask(route, query, api_key)
+
+            answers = await _all([one() for _ in range(wanted.n)])
+            items: list[dict[str, Any]] = []
+            text_tokens = 0
+            for answer in answers:
+                images = answer.of_kind("image")
+                if not images:
+                    raise no_media_error("image", route.bot, answer)
+                words = answer.words
+                text_tokens += estimate_tokens(words) if words else 0
+                for image in images:
+                    item: dict[str, Any] = {"url": image.url}
+                    if wanted.response_format == "b64_json":
+                        _, data = await download(self.pool, image.url, f"{route.bot}'s image",
+                                                 self.settings.read_timeout_seconds)
+                        item = {"b64_json": base64.b64encode(data).decode("ascii")}
+                    if words:
+                        item["revised_prompt"] = words
+                    items.append(item)
+        except ProxyError:
+            await self._record(wanted.model, started_s, False)
+            raise
+        prompt_tokens = estimate_tokens(wanted.prompt)
+        usage = image_usage(prompt_tokens, len(media), len(items), text_tokens)
+        await self._record(wanted.model, started_s, True, usage["input_tokens"], usage["output_tokens"])
+        return json_response(200, images_body(int(time.time()), items, usage, wanted))
+
+    # --------------------------------------------------------------------- speech
+
+    async def speech(self, request: Request) -> Response:
+        """The bot's audio, relayed to the client as it downloads, with its own Content-Type."""
+        started_s = time.perf_counter()
+        api_key = self.credentials.poe_key(request)
+        body = parse_json_body(request)
+        route, info = await self._bot(body, api_key, request)
+        wanted = parse_speech_request(body, info)
+        try:
+            answer = await self._ask(route, media_query(wanted), api_key)
+            sounds = answer.of_kind("audio")
+            if not sounds:
+                raise no_media_error("audio", route.bot, answer)
+            what = f"{route.bot}'s audio"
+            response = await open_download(self.pool, sounds[0].url, what)
+        except ProxyError:
+            await self._record(wanted.model, started_s, False)
+            raise
+        await self._record(wanted.model, started_s, True, estimate_tokens(wanted.prompt))
+        return self._relayed(response, sounds[0], SPEECH_TYPES[wanted.response_format], what)
+
+    def _relayed(self, response: UpstreamResponse, file: MediaFile, fallback_type: str, what: str) -> Response:
+        declared = response.headers.get("content-type", "").split(";")[0].strip()
+        content_type = next((t for t in (file.content_type, declared) if t and t != "application/octet-stream"),
+                            fallback_type)
+        headers = [("Content-Type", content_type), ("Cache-Control", "no-store")]
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and "transfer-encoding" not in response.headers:
+            headers.append(("Content-Length", length))   # the client sees a cut-off download as one
+        return Response(200, headers, stream=self._relay(response, what))
+
+    async def _relay(self, response: UpstreamResponse, what: str) -> AsyncIterator[bytes]:
+        """The file's bytes as they arrive (the connection pulls them, so a slow client slows the download).
+        A failure midway cuts the client's connection: a clean end would pass for the whole file."""
+        try:
+            while True:
+                try:
+                    chunk = await response.read_chunk(self.settings.read_timeout_seconds)
+                except asyncio.TimeoutError:
+                    raise upstream_error(f"{what}: the download stalled for {self.settings.read_timeout_seconds:g} s",
+                                         504, "upstream_timeout") from None
+                if chunk is None:
+                    return
+                yield chunk
+        except ProxyError as exc:
+            log.warning("%s: the download failed midway: %s", what, exc.message)
+            raise ConnectionError(exc.message) from None
+        finally:
+            if not response.complete:
+                await response.aclose()
+
+    # --------------------------------------------------------------------- videos
+
+    async def videos_create(self, request: Request) -> Response:
+        """Starts the job in the background and answers at once with it `queued` (poll with GET)."""
+        api_key = self.credentials.poe_key(request)
+        body, files = self._form(request)
+        route, info = await self._bot(body, api_key, request)
+        wanted = parse_video_request(body, info)
+        media = [_media_from_part(part, "input_reference") for part in files.get("input_reference", ())]
+        if body.get("input_reference") is not None:
+            media.append(_media_from_json(body["input_reference"], "input_reference"))
+        query = media_query(wanted, await self._attachments(media, api_key))   # upload errors: real statuses
+        job = VideoJob(new_id("video_"), self._owner(api_key), wanted.model, wanted.prompt, wanted.seconds,
+                       wanted.size, int(time.time()))
+        self.jobs.add(job)
+        task = asyncio.ensure_future(self._make_video(job, route, query, api_key))
+        self.jobs.tasks[job.id] = task
+        task.add_done_callback(lambda t: self.jobs.tasks.pop(job.id, None) if self.jobs.tasks.get(job.id) is t else None)
+        return json_response(200, job.public())
+
+    async def _make_video(self, job: VideoJob, route: ModelRoute, query: dict[str, Any], api_key: str) -> None:
+        started_s = time.perf_counter()
+        job.status, job.progress = "in_progress", 10   # Poe tells nothing of progress: started, then done
+        try:
+            answer = await self._ask(route, query, api_key)
+            videos = answer.of_kind("video")
+            if not videos:
+                raise no_media_error("video", route.bot, answer)
+            job.file = videos[0]
+            job.status, job.progress, job.completed_at = "completed", 100, int(time.time())
+            job.expires_at = job.created_at + int(self.settings.video_jobs_ttl_seconds)
+            await self._record(job.model, started_s, True, estimate_tokens(job.prompt))
+        except ProxyError as err:
+            job.status, job.completed_at = "failed", int(time.time())
+            job.error = {"code": err.code or "upstream_error", "message": err.message}
+            await self._record(job.model, started_s, False)
+        except asyncio.CancelledError:
+            job.status, job.error = "failed", {"code": "cancelled", "message": "The job was cancelled."}
+            raise
+        except Exception:
+            log.exception("video job %s failed", job.id)
+            job.status, job.error = "failed", {"code": "internal_error", "message": "Internal error in the proxy."}
+
+    def _job_path(self, request: Request) -> tuple[str, str]:
+        """/v1/videos/{id}[/content] -> (id, rest)."""
+        tail = request.path.rstrip("/").split("/videos/", 1)[1]
+        job_id, _, rest = tail.partition("/")
+        return urllib.parse.unquote(job_id), rest
+
+    async def videos_get(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        job_id, rest = self._job_path(request)
+        job = self.jobs.get(self._owner(api_key), job_id)
+        if rest == "":
+            return json_response(200, job.public())
+        if rest != "content":
+            raise ProxyError(404, f"Unknown path {request.path!r}.", "invalid_request_error", "not_found")
+        variant = urllib.parse.parse_qs(request.query).get("variant", ["video"])[-1]
+        if variant != "video":
+            raise ProxyError(404, f"Poe's video bots make no {variant[:40]}; only variant=video is available.",
+                             "invalid_request_error", "not_found", "variant")
+        if job.status != "completed" or job.file is None:
+            raise ProxyError(409 if job.status != "failed" else 400, f"Video {job.id} is {job.status}; its content "
+                             "can be downloaded once it is completed.", "invalid_request_error", "video_not_ready")
+        what = f"video {job.id}"
+        response = await open_download(self.pool, job.file.url, what)
+        return self._relayed(response, job.file, "video/mp4", what)
+
+    async def videos_delete(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        job_id, rest = self._job_path(request)
+        if rest:
+            raise ProxyError(404, f"Unknown path {request.path!r}.", "invalid_request_error", "not_found")
+        self.jobs.delete(self._owner(api_key), job_id)
+        return json_response(200, {"id": job_id, "object": "video.deleted", "deleted": True})
+
+    async def videos_list(self, request: Request) -> Response:
+        api_key = self.credentials.poe_key(request)
+        query = urllib.parse.parse_qs(request.query)
+        limit_text = query.get("limit", ["20"])[-1]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+            raise bad_request("'limit' must be a whole number from 1 to 100.", "limit")
+        order = query.get("order", ["desc"])[-1]
+        if order not in ("asc", "desc"):
+            raise bad_request("'order' must be asc or desc.", "order")
+        return json_response(200, video_list_body(self.jobs.owned(self._owner(api_key)),
+                                                  query.get("after", [None])[-1], int(limit_text), order))
+
+    async def close(self) -> None:
+        await self.jobs.close()
+
+
+async def _all(coros: Sequence[Awaitable[MediaAnswer]]) -> list[MediaAnswer]:
+    """Every result, in order; on the first failure the others are cancelled (closing their Poe streams)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
+        if failed is not None:
+            raise failed.exception()   # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        leftover = [t for t in tasks if not t.done()]
+        if leftover:
+            await asyncio.wait(leftover)
 
 
 # ----------------------------------------------------------------------------- the chat pipeline
@@ -6997,12 +8318,52 @@ def _load_admin_page() -> bytes | None:
 access_log = logging.getLogger("poe2openai.access")
 
 PIPELINE_BUFFER_BYTES = 64 * 1024   # a pipelined next request held while we answer; beyond it we stop reading
+LINGER_S = 2.0                      # after refusing a body: how long we read and drop the rest of it ...
+LINGER_BYTES = 4 * 1024 * 1024      # ... and how much of it at most, before closing anyway
+# What a client sends reaches the access log only escaped: a line break or a terminal escape in a path
+# or a model name cannot forge or hide lines.
+_LOG_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_LOG_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def log_safe(text: str, limit: int) -> str:
+    """text for a log line: control characters (C0, DEL, C1, the Unicode line separators) as escapes,
+    backslashes doubled so that an escape cannot be faked, and at most `limit` characters of it."""
+    safe = _LOG_UNSAFE.sub(_log_escape, text[:limit])
+    return safe + "..." if len(text) > limit else safe
+
+
+def _log_escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _LOG_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 256 else f"\\u{code:04x}")
+
+
+class BodyBudget:
+    """The bytes of request bodies all connections hold at once: each takes as its body arrives and gives
+    back once answered (the parsed body lives as long as its answer). Past the limit a body is refused,
+    so many big bodies at once cannot take all memory, however few bytes each connection sends."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
 
 
 @dataclass
 class ServerState:
     closing: bool = False
+    body_budget: BodyBudget | None = None
     connections: set[InboundConnection] = field(default_factory=set)
+    per_client: dict[str, int] = field(default_factory=dict)   # open connections by client address
 
 
 def _reason(status: int) -> bytes:
@@ -7013,11 +8374,12 @@ def _reason(status: int) -> bytes:
 
 
 def _raw_error(status: int, reason: str, err: ProxyError) -> bytes:
-    """A complete close-delimited error response, written without h11: only for the over-capacity 503,
-    which must cost next to nothing (no parser, no connection object) before hanging up."""
+    """A complete close-delimited error response, written without h11: only for connections over a cap
+    (503, 429), which must cost next to nothing (no parser, no connection object) before hanging up."""
     body = dump_json(err.openai_body())
+    extra = "".join(f"{name}: {value}\r\n" for name, value in err.headers)
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Connection: close\r\n\r\n").encode() + body
+            f"{extra}Connection: close\r\n\r\n").encode() + body
 
 
 # ----------------------------------------------------------------------------- the protocol, without I/O
@@ -7032,8 +8394,11 @@ class RequestReady:
 
 @dataclass(frozen=True)
 class CloseConnection:
-    """Write what came before, then close. `abandoned`: a request whose body never finished (logged)."""
+    """Write what came before, then close. `abandoned`: a request whose body never finished (logged).
+    `linger`: the client may still be sending a body we refused; read and drop a little of it before
+    closing, so that the kernel does not reset the connection before the client has read our answer."""
     abandoned: RequestReady | None = None
+    linger: bool = False
 
 
 class Disconnected:
@@ -7055,18 +8420,31 @@ class InboundProtocol:
     calls `handle_timer` once `deadline()` passes and `response_done` once an answer is written; each
     returns actions, in order: bytes to write, a `RequestReady` to answer, `DISCONNECTED` (cancel the
     answer), `CloseConnection`. The answer itself is the bytes `respond` (whole) or `start_stream`,
-    `send_data`, `end_stream` return. It owns the limits: head size (431) and head time (408), body size
-    (413), body idle time, keep-alive idle time, and the 100 Continue, sent only once we start reading
-    the body it asks for. Pipelined requests wait in h11 until the current answer is done."""
+    `send_data`, `end_stream` return. It owns the limits: head size (431) and total head time (408),
+    body size (413), body idle time and total body time (408), the shared body memory budget (503),
+    keep-alive idle time, and the 100 Continue, sent only once we start reading the body it asks for.
+    A request with both Content-Length and Transfer-Encoding is refused (400) and the connection closed. Pipelined requests wait in h11 until the current answer is done.
+
+    `precheck` (the router's) sees each request's head before its body is read: what it refuses (an
+    unknown path, a wrong method, no credentials) is answered at once, without reading the body or
+    sending a 100 Continue, and the connection is then closed."""
 
     def __init__(self, settings: Settings, now: float, client: str = "-",
-                 max_head_bytes: int = INBOUND_MAX_HEAD_BYTES) -> None:
+                 max_head_bytes: int = INBOUND_MAX_HEAD_BYTES,
+                 precheck: Callable[[Request], ProxyError | None] | None = None,
+                 budget: BodyBudget | None = None) -> None:
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
         self._max_head_bytes = max_head_bytes
         self._max_body_bytes = settings.max_request_size
         self._header_timeout_s = settings.header_timeout_seconds
         self._keepalive_timeout_s = settings.keepalive_timeout_seconds
-        self._body_timeout_s = settings.read_timeout_seconds
+        self._body_idle_s = settings.read_timeout_seconds
+        self._body_total_s = settings.body_timeout_seconds
+        self._body_deadline = math.inf
+        self._trust_forwarded_for = settings.trust_forwarded_for
+        self._precheck = precheck
+        self._budget = budget
+        self._taken = 0               # of the budget, for the current request's body
         self._client = client
         self._phase = _HEAD
         self._deadline: float | None = now + self._header_timeout_s   # a new connection owes us a head
@@ -7075,6 +8453,7 @@ class InboundProtocol:
         self._body = bytearray()
         self._refused = False         # answering with an error: the rest of the input is dropped
         self._is_head = False         # HEAD request: the body of the answer is not sent
+        self._has_body = False        # the current request announced a body
         self._held = 0                # bytes of a pipelined next request fed to h11 while we answer
         self._eof = False
 
@@ -7120,8 +8499,8 @@ class InboundProtocol:
             if not self._head_timed and data:
                 self._head_timed = True
                 self._deadline = now + self._header_timeout_s
-        else:
-            self._deadline = now + self._body_timeout_s
+        else:   # a body: silence ends it early, and however it trickles it must end in time
+            self._deadline = min(self._body_deadline, now + self._body_idle_s)
         self._conn.receive_data(data)
         return self._parse(now)
 
@@ -7144,6 +8523,11 @@ class InboundProtocol:
                                          "request_timeout"))
             self._close()
             return [out, CLOSE]
+        if phase is _BODY and now >= self._body_deadline:
+            out = self._error(ProxyError(408, f"The request body did not arrive within {self._body_total_s:g} s "
+                                         "(BODY_TIMEOUT_SECONDS).", "invalid_request_error", "request_timeout"))
+            self._close()
+            return [out, CloseConnection(current)]
         self._close()   # an idle keep-alive connection, or a body that stopped coming: close without a word
         return [CloseConnection(current if phase is _BODY else None)]
 
@@ -7158,10 +8542,18 @@ class InboundProtocol:
                 return actions
             kind = type(event)
             if kind is h11.Data:
-                self._body += event.data
+                data: bytes = event.data  # type: ignore[union-attr]
+                self._body += data   # the one copy: into the buffer the handler gets as it is
                 if len(self._body) > self._max_body_bytes:
                     actions.append(self._refuse(self._too_large()))
                     return actions
+                if self._budget is not None:
+                    if not self._budget.take(len(data)):
+                        actions.append(self._refuse(ProxyError(
+                            503, "The proxy holds too many large request bodies right now (MAX_BODY_MEMORY_MB); "
+                            "try again shortly.", "server_error", "server_busy", headers=[("Retry-After", "2")])))
+                        return actions
+                    self._taken += len(data)
             elif kind is h11.Request:
                 refusal = self._begin(event, now)
                 if refusal is not None:
@@ -7172,7 +8564,7 @@ class InboundProtocol:
                                                                        reason=b"Continue")))
             elif kind is h11.EndOfMessage:
                 assert self._current is not None
-                self._current.request.body = bytes(self._body)
+                self._current.request.body = self._body   # handed over, not copied (bodies can be big)
                 self._body = bytearray()
                 self._phase = _ANSWER
                 self._deadline = None
@@ -7186,10 +8578,11 @@ class InboundProtocol:
                 return actions
 
     def _begin(self, event: h11.Request, now: float) -> RequestReady | None:
-        request = request_from(event, new_id("req_")[:16], self._client)
+        request = request_from(event, new_id("req_")[:16], self._client, self._trust_forwarded_for)
         self._current = RequestReady(request, None, now)
         self._phase = _BODY
-        self._deadline = now + self._body_timeout_s
+        self._body_deadline = now + self._body_total_s
+        self._deadline = min(self._body_deadline, now + self._body_idle_s)
         self._is_head = request.method == "HEAD"
         head_bytes = len(request.path) + len(request.query) + sum(len(k) + len(v) + 4
                                                                   for k, v in request.headers.items())
@@ -7197,8 +8590,18 @@ class InboundProtocol:
             return self._refuse(ProxyError(431, "The request headers are too large.", "invalid_request_error",
                                            "bad_http_request"))
         declared = request.headers.get("content-length", "")
+        self._has_body = "transfer-encoding" in request.headers or declared not in ("", "0")
+        if "content-length" in request.headers and "transfer-encoding" in request.headers:
+            # Two framings that disagree are how requests are smuggled past a proxy in front (RFC 9112
+            # 6.1): refuse, and close, rather than pick one as h11 would.
+            return self._refuse(bad_request("The request has both Content-Length and Transfer-Encoding.", None,
+                                            "bad_http_request"))
         if declared.isdigit() and int(declared) > self._max_body_bytes:
             return self._refuse(self._too_large())
+        if self._has_body and self._precheck is not None:   # a request without a body costs nothing to read
+            refusal = self._precheck(request)
+            if refusal is not None:
+                return self._refuse(refusal)
         return None
 
     def _too_large(self) -> ProxyError:
@@ -7213,7 +8616,13 @@ class InboundProtocol:
         self._deadline = None
         self._refused = True
         self._body = bytearray()
+        self._give_back()
         return self._current
+
+    def _give_back(self) -> None:
+        if self._taken and self._budget is not None:
+            self._budget.give(self._taken)
+        self._taken = 0
 
     def _remote_error(self, exc: h11.RemoteProtocolError) -> list[InboundAction]:
         if self._phase is _BODY:
@@ -7235,6 +8644,7 @@ class InboundProtocol:
         self._phase = _CLOSED
         self._deadline = None
         self._current = None
+        self._give_back()
 
     # -- output: the answer to the current request
 
@@ -7275,8 +8685,9 @@ class InboundProtocol:
             return []
         conn = self._conn
         if closing or self._refused or conn.our_state is not h11.DONE:
+            unread = self._refused and self._has_body and not self._eof and conn.their_state is h11.SEND_BODY
             self._close()
-            return [CLOSE]
+            return [CloseConnection(linger=True) if unread else CLOSE]
         try:
             conn.start_next_cycle()
         except h11.LocalProtocolError:
@@ -7284,6 +8695,7 @@ class InboundProtocol:
             return [CLOSE]
         self._phase = _HEAD
         self._current = None
+        self._give_back()
         self._is_head = False
         self._head_timed = bool(conn.trailing_data[0])   # a pipelined head is already here
         self._deadline = now + (self._header_timeout_s if self._head_timed else self._keepalive_timeout_s)
@@ -7291,7 +8703,7 @@ class InboundProtocol:
         return self._parse(now) if self._head_timed else []
 
 
-def request_from(event: h11.Request, request_id: str, client: str) -> Request:
+def request_from(event: h11.Request, request_id: str, client: str, trust_forwarded_for: bool = False) -> Request:
     headers: dict[str, str] = {}
     for name, value in event.headers:
         key = name.decode("latin-1")
@@ -7301,11 +8713,28 @@ def request_from(event: h11.Request, request_id: str, client: str) -> Request:
     path, _, query = target.partition("?")
     if "://" in path:  # absolute-form target: keep only the path
         path = urllib.parse.urlsplit(path).path or "/"
+    address = ""
+    if trust_forwarded_for:
+        # The reverse proxy appends the address it saw to what the client sent: only its own (last)
+        # entry can be believed; earlier ones are whatever the client wrote.
+        address = headers.get("x-forwarded-for", "").rpartition(",")[2].strip()[:64]
     return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
-                   query=query, headers=headers, body=b"", request_id=request_id, client=client)
+                   query=query, headers=headers, body=b"", request_id=request_id, client=client, address=address)
 
 
 # ----------------------------------------------------------------------------- the asyncio adapter
+
+def drop_connection(transport: asyncio.BaseTransport) -> None:
+    """Close at once, with a reset: what a stalled client has not taken is thrown away, so neither the
+    descriptor nor the kernel's send buffer waits on it (a plain close keeps both until it reads)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        import struct
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # on, 0 s: a reset
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
 
 class InboundConnection:
     """One client connection: the asyncio side of an InboundProtocol. The task running `run` is the
@@ -7322,8 +8751,10 @@ class InboundConnection:
         self.loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         self.client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "-"
-        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client)
+        self.protocol = InboundProtocol(app.settings, self.loop.time(), self.client, precheck=app.router.precheck,
+                                        budget=state.body_budget)
         self.client_gone = False
+        self._linger = False   # a refused body may still be coming: drop some of it before closing
         self.task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
         self._answer: asyncio.Task[None] | None = None
@@ -7365,7 +8796,24 @@ class InboundConnection:
                 await asyncio.wait([answer])
             if self._answering is not None:   # cancelled before it could start
                 self._log(self._answering, 0, 0)
+            if self._linger:
+                await self._drop_input()
             await self._aclose()
+
+    async def _drop_input(self) -> None:
+        """Read and drop what the client still sends (bounded in time and bytes), our answer already on
+        its way after a FIN: closing with unread input would make the kernel reset the connection,
+        and a client still sending its body would then often lose the answer before reading it."""
+        until = self.loop.time() + LINGER_S
+        dropped = 0
+        try:
+            while dropped < LINGER_BYTES and (left := until - self.loop.time()) > 0:
+                data = await asyncio.wait_for(self.reader.read(READ_CHUNK_BYTES), left)
+                if not data:
+                    return
+                dropped += len(data)
+        except (asyncio.TimeoutError, ConnectionError, OSError, ssl.SSLError):
+            pass
 
     def _apply(self, actions: list[InboundAction]) -> None:
         for action in actions:
@@ -7382,7 +8830,11 @@ class InboundConnection:
             elif type(action) is CloseConnection:
                 if action.abandoned is not None:
                     self._log(action.abandoned, 0, 0)
-                self.transport.close()   # after what is buffered; the reader then sees the end and stops
+                if action.linger and self.transport.can_write_eof():
+                    self._linger = True
+                    self.transport.write_eof()   # our answer, then our end; the rest of the body is dropped
+                else:
+                    self.transport.close()   # after what is buffered; the reader then sees the end and stops
                 self._wake()
         self._arm()
 
@@ -7440,9 +8892,10 @@ class InboundConnection:
 
     def _log(self, ready: RequestReady, status: int, sent: int) -> None:
         request = ready.request
-        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", self.client, request.method, request.path,
-                        status, (self.loop.time() - ready.started) * 1000, sent, request.model or "-",
-                        request.request_id)
+        client = self.client if not request.address else f"{log_safe(request.address, 64)} via {self.client}"
+        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", client, log_safe(request.method, 20),
+                        log_safe(request.path, 300), status, (self.loop.time() - ready.started) * 1000, sent,
+                        log_safe(request.model, 100) or "-", request.request_id)
 
     async def _send(self, request: Request, response: Response) -> None:
         headers = list(response.headers)
@@ -7476,9 +8929,14 @@ class InboundConnection:
             self.bytes_sent += len(data)
             # drain() only blocks when the client is slow; skip the timer in the common case.
             if self.transport.get_write_buffer_size() > 0:
-                await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT_S)
+                await asyncio.wait_for(self.writer.drain(), self.app.settings.write_timeout_seconds)
             else:
                 await self.writer.drain()
+        except asyncio.TimeoutError:
+            # The client takes nothing: a graceful close would wait for it forever, holding the socket.
+            self.protocol.send_failed()
+            drop_connection(self.transport)
+            raise
         except BaseException:
             self.protocol.send_failed()
             raise
@@ -7488,7 +8946,12 @@ class InboundConnection:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 1.0)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
-            pass  # the socket is going away either way
+            pass
+        finally:
+            # Still not closed: the client does not take what is buffered (a close waits until it is
+            # written); drop it, so the descriptor is freed.
+            if not self.writer.transport.is_closing() or self.writer.transport.get_write_buffer_size():
+                drop_connection(self.transport)
 
 
 ###############################################################################
@@ -7520,26 +8983,42 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
     that grace cancels the running answers at once, and serve raises KeyboardInterrupt once closed.
     """
     app = App(settings, ssl_context)
-    state = ServerState()
+    state = ServerState(body_budget=BodyBudget(settings.max_body_memory_mb * 1024 * 1024))
     loop = asyncio.get_running_loop()
     grace_s = settings.shutdown_grace_seconds if shutdown_grace_s is None else shutdown_grace_s
 
+    # Behind a trusted reverse proxy every connection is the proxy's: a cap per address would cap them all.
+    # The machine itself is not capped either: a local reverse proxy, a benchmark, an agent's many streams.
+    per_client_cap = 0 if settings.trust_forwarded_for else settings.max_connections_per_client
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> None:
+        """Say so cheaply and hang up, so the connections we hold keep working."""
+        writer.write(raw)
+        try:   # read what the client sent before closing, so the kernel does not reset the answer away
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(READ_CHUNK_BYTES), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        writer.transport.abort()   # written or not, nothing more is owed: free the socket now
+
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(state.connections) >= settings.max_connections:
-            # Over the cap: say so cheaply and hang up, so the connections we hold keep working.
-            writer.write(_raw_error(503, "Service Unavailable", ProxyError(
+            await refuse(reader, writer, _raw_error(503, "Service Unavailable", ProxyError(
                 503, "The proxy is at its connection limit (MAX_CONNECTIONS); try again shortly.", "server_error",
                 "too_many_connections")))
-            try:   # read what the client sent before closing, so the kernel does not reset the 503 away
-                writer.write_eof()
-                await asyncio.wait_for(reader.read(READ_CHUNK_BYTES), 1.0)
-            except (OSError, asyncio.TimeoutError):
-                pass
-            writer.close()
+            return
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "-"
+        if per_client_cap and address not in LOOPBACK_CLIENTS and state.per_client.get(address, 0) >= per_client_cap:
+            await refuse(reader, writer, _raw_error(429, "Too Many Requests", ProxyError(
+                429, f"Too many open connections from your address (MAX_CONNECTIONS_PER_CLIENT={per_client_cap}); "
+                "close some or try again shortly.", "rate_limit_error", "too_many_connections",
+                headers=[("Retry-After", "1")])))
             return
         connection = InboundConnection(app, state, reader, writer)
         connection.task = asyncio.current_task()  # type: ignore[assignment]
         state.connections.add(connection)
+        state.per_client[address] = state.per_client.get(address, 0) + 1
         try:
             await connection.run()
         except asyncio.CancelledError:
@@ -7547,6 +9026,9 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 raise   # someone else's cancellation; ours (shutdown) ends here quietly
         finally:
             state.connections.discard(connection)
+            left = state.per_client.pop(address, 1) - 1
+            if left > 0:
+                state.per_client[address] = left
 
     server = await asyncio.start_server(on_connect, settings.host or None, settings.port,
                                         limit=READ_CHUNK_BYTES, backlog=LISTEN_BACKLOG_COUNT, reuse_address=True,
@@ -7615,6 +9097,7 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=FORCED_CANCELLED_WAIT_S if forced.is_set() else CANCELLED_WAIT_S)
+        await app.media.close()   # video jobs live in memory only: they end with the process
         await app.pool.close()
         log.info("stopped")
     if forced.is_set():
@@ -7702,9 +9185,6 @@ def configure_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s %(message)s")
 
 
-WEAK_ADMIN_PASSWORDS = {Settings.admin_password, "change-me", "changeme", "admin", "password"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     import importlib.util
     if importlib.util.find_spec("yaml") is None:   # imported lazily, so check it is there before serving
@@ -7716,12 +9196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"poe2openai: invalid setting: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    if settings.admin_password in WEAK_ADMIN_PASSWORDS:
-        loopback = settings.host in ("127.0.0.1", "localhost", "::1")
-        (log.info if loopback else log.warning)(
-            "the admin page uses the default password; set ADMIN_PASSWORD%s",
-            "" if loopback else f" (listening on {settings.host or 'all addresses'}: anyone who reaches this "
-                                "port can open the admin page)")
+    disabled = admin_disabled_reason(settings)
+    if disabled:
+        log.error("%s (Until then /admin, /api/admin/* and /api/models answer 403; the API works.)", disabled)
+    elif settings.admin_password in WEAK_ADMIN_PASSWORDS:
+        log.info("the admin page uses a default password; set ADMIN_PASSWORD before listening beyond this machine")
     if settings.poe_api_key and not settings.access_keys:
         log.warning("POE_API_KEY is set but ACCESS_KEYS is not: it is not used, and each client still sends its "
                     "own Poe key; set ACCESS_KEYS to share this proxy on POE_API_KEY")

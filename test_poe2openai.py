@@ -84,6 +84,7 @@ class Script:
 
 DISCONNECT = "DISCONNECT"
 UPLOAD_PATH = "/poe_api/file_upload_3RD_PARTY_POST"
+FILES_PATH = "/files/"   # where the fake serves the files its media bots make (Poe's attachment URLs)
 
 
 class FakePoe:
@@ -107,8 +108,13 @@ class FakePoe:
         self.upload_delay_s = 0.0
         self.upload_bad_keys: set[str] = set()
         self.close_when_done = False   # close each connection right after a model list, as an idle timeout would
+        self.files: dict[str, tuple[str, bytes]] = {}   # name -> (content type, bytes), served at FILES_PATH
         self.models_headers: list[tuple[str, str]] = []   # extra headers of the model list's answer
         self.upload_headers: list[tuple[str, str]] = []   # and of an upload's
+        self.balance: Any = 1500                          # /usage/current_balance
+        self.points: list[dict[str, Any]] = []            # /usage/points_history, newest first
+        self.usage_status = 200                           # of both usage endpoints
+        self.usage_args: list[dict[str, str]] = []        # the query of each points history request
 
     def on(self, bot: str, steps: list[Any] | None = None, **kw: Any) -> None:
         self.scripts[bot] = Script(steps=list(steps or []), **kw)
@@ -172,8 +178,12 @@ class FakePoe:
             if self.close_when_done:
                 writer.write_eof()   # the FIN leaves right behind the answer, before anything else runs
             return True
+        if path.startswith("/usage/"):
+            return await self._usage(conn, writer, path, request.target.decode())
         if path == UPLOAD_PATH:
             return await self._upload(conn, writer, headers, body)
+        if path.startswith(FILES_PATH):
+            return await self._file(conn, writer, urllib.parse.unquote(path[len(FILES_PATH):]))
         bot = path.rsplit("/", 1)[-1]
         query = json.loads(body)
         record["query"] = query
@@ -241,6 +251,44 @@ class FakePoe:
         await self._send(conn, writer, h11.Response(status_code=status, headers=[
             ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.upload_headers]),
             h11.Data(data=payload), h11.EndOfMessage())
+        return True
+
+    async def _usage(self, conn: h11.Connection, writer: asyncio.StreamWriter, path: str, target: str) -> bool:
+        """Poe's usage API: the balance, and the points history in pages of `limit` after `starting_after`."""
+        status, payload = self.usage_status, {"error": {"message": "Invalid API key", "type": "authentication_error"}}
+        if status == 200 and path == "/usage/current_balance":
+            payload = {"current_point_balance": self.balance}
+        elif status == 200 and path == "/usage/points_history":
+            args = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(target).query))
+            self.usage_args.append(args)
+            ids = [e["query_id"] for e in self.points]
+            start = ids.index(args["starting_after"]) + 1 if "starting_after" in args else 0
+            page = self.points[start:start + min(100, int(args.get("limit", 100)))]
+            payload = {"data": page, "has_more": start + len(page) < len(self.points), "length": len(page)}
+        elif status == 200:
+            status = 404
+        data = json.dumps(payload).encode()
+        await self._send(conn, writer, h11.Response(status_code=status, headers=[
+            ("Content-Type", "application/json"), ("Content-Length", str(len(data)))]),
+            h11.Data(data=data), h11.EndOfMessage())
+        return True
+
+    def file_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}{FILES_PATH}{urllib.parse.quote(name)}"
+
+    async def _file(self, conn: h11.Connection, writer: asyncio.StreamWriter, name: str) -> bool:
+        if name not in self.files:
+            await self._send(conn, writer, h11.Response(status_code=404, headers=[("Content-Length", "9")]),
+                             h11.Data(data=b"not found"), h11.EndOfMessage())
+            return True
+        content_type, data = self.files[name]
+        await self._send(conn, writer, h11.Response(status_code=200, headers=[
+            ("Content-Type", content_type), ("Content-Length", str(len(data)))]))
+        half = len(data) // 2   # two pieces, so that a relay must pass on more than one read
+        for piece in (data[:half], data[half:]):
+            await self._send(conn, writer, h11.Data(data=piece))
+            await asyncio.sleep(0.002)
+        await self._send(conn, writer, h11.EndOfMessage())
         return True
 
     @staticmethod
@@ -498,7 +546,7 @@ def wait_until(check: Callable[[], bool], timeout: float = 3.0) -> bool:
 def test_settings_defaults_match_the_reference() -> None:
     s = p2o.Settings.from_env({}, [])
     assert (s.host, s.port, s.admin_username, s.admin_password) == ("0.0.0.0", 8080, "admin", "123456")
-    assert (s.max_request_size, s.log_level, s.config_dir, s.rate_limit_ms) == (1073741824, "info", "./", 100)
+    assert (s.max_request_size, s.log_level, s.config_dir, s.rate_limit_ms) == (64 * 1024 * 1024, "info", "./", 100)
     assert (s.url_cache_ttl_seconds, s.url_cache_size_mb) == (259200, 100)
     assert s.poe_base_url == "https://api.poe.com"
     assert s.poe_file_upload_url == "https://www.quora.com/poe_api/file_upload_3RD_PARTY_POST"
@@ -828,6 +876,61 @@ def test_multipart_encoder_round_trips_through_the_email_parser() -> None:
     assert "\r" not in parts[1].get_filename() and '"' not in parts[1].get_filename()
 
 
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAYAAABytg0kAAAAFklEQVR4nGP8z8DwnwEJMDGgAQaGBgAA"
+                       "MgH/3lTLmgAAAABJRU5ErkJggg==")
+MP3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 40
+MP4 = b"\x00\x00\x00\x18ftypmp42" + os.urandom(5000)
+
+
+def sdk_request(call: Callable[[openai.OpenAI], Any]) -> httpx.Request:
+    """The request the openai SDK sends for `call`, caught before it leaves."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"created": 0, "data": []})
+
+    client = openai.OpenAI(base_url="http://x/v1", api_key=KEY, max_retries=0,
+                           http_client=httpx.Client(transport=httpx.MockTransport(handler)))
+    call(client)
+    return seen[0]
+
+
+def test_multipart_parser_reads_what_the_sdk_sends() -> None:
+    request = sdk_request(lambda c: c.images.edit(
+        model="GPT-Image-1", prompt="a hat\r\n--not a boundary", n=2, size="1024x1024",
+        image=[("a.png", PNG, "image/png"), ('we"ird ü.png', b"--\r\n--x" + PNG, "image/png")],
+        mask=("mask.png", PNG, "image/png")))
+    body, files = p2o.form_fields(p2o.parse_multipart(request.headers["content-type"], request.read()))
+    assert body == {"model": "GPT-Image-1", "prompt": "a hat\r\n--not a boundary", "n": "2", "size": "1024x1024"}
+    assert [(f.filename, f.content_type, f.data) for f in files["image[]"]] == [
+        ("a.png", "image/png", PNG), ("we%22ird ü.png", "image/png", b"--\r\n--x" + PNG)]
+    assert files["mask"][0].data == PNG
+    single = sdk_request(lambda c: c.images.edit(model="m", prompt="p", image=("one.png", PNG, "image/png")))
+    _, files = p2o.form_fields(p2o.parse_multipart(single.headers["content-type"], single.read()))
+    assert list(files) == ["image"]
+    # The standard library's reading of our own encoder agrees with ours.
+    content_type, encoded = p2o.encode_multipart([("a", "1")], [("file", "x.bin", "application/pdf", b"%PDF-\r\n")])
+    parts = p2o.parse_multipart(content_type, encoded)
+    assert [(x.name, x.filename, x.content_type, x.data) for x in parts] == [
+        ("a", None, "", b"1"), ("file", "x.bin", "application/pdf", b"%PDF-\r\n")]
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n", "part 1"),            # never closed
+    (b"--B\r\nContent-Type: text/plain\r\n\r\n1\r\n--B--\r\n", "part 1"),                     # no name
+    (b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--Bx\r\n", "part 2"),  # junk after boundary
+    (b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\nbroken\r\n\r\n1\r\n--B--", "part 1"),
+    (b"no boundary here", "boundary"),
+])
+def test_malformed_multipart_is_a_400_naming_the_part(body: bytes, problem: str) -> None:
+    with pytest.raises(p2o.ProxyError) as info:
+        p2o.parse_multipart("multipart/form-data; boundary=B", body)
+    assert info.value.status == 400 and problem in info.value.message
+    with pytest.raises(p2o.ProxyError):
+        p2o.parse_multipart("application/json", b"{}")
+
+
 # ----------------------------------------------------------------------------- token estimator
 
 def test_token_estimator_matches_o200k_on_the_corpus() -> None:
@@ -965,6 +1068,38 @@ def test_login_backoff_forgets_after_its_window() -> None:
     backoff.succeeded("10.0.0.1")
     backoff.failed("10.0.0.1")
     backoff.check("10.0.0.1")   # a success wiped the earlier failure
+
+
+def test_login_backoff_table_is_bounded_by_evicting_the_oldest() -> None:
+    backoff = p2o.LoginBackoff(2, 60.0, "slow down", clock=lambda: 0.0, max_addresses=3)
+    for _ in range(2):
+        backoff.failed("10.0.0.9")                                      # locked out
+    for address in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):                # a small spray: the table has room
+        backoff.failed(address)
+    with pytest.raises(p2o.ProxyError):
+        backoff.check("10.0.0.9")                                       # not wiped by the others
+    backoff.failed("10.0.0.9")                                          # it keeps guessing: the newest again
+    backoff.failed("10.0.0.3")                                          # one too many: the oldest goes, no wipe
+    with pytest.raises(p2o.ProxyError):
+        backoff.check("10.0.0.9")
+    backoff.check("10.0.0.1")                                           # forgotten: the global budget covers it
+
+
+def test_login_backoff_global_budget_stops_a_spray_but_not_the_machine_itself() -> None:
+    now = [0.0]
+    backoff = p2o.LoginBackoff(5, 300.0, "slow down", clock=lambda: now[0], max_addresses=10000, global_max=10,
+                               global_window_s=60.0)
+    for i in range(10):                                                 # one guess from each of ten addresses
+        now[0] = i
+        backoff.check(f"127.0.{i}.1")
+        backoff.failed(f"127.0.{i}.1")
+    with pytest.raises(p2o.ProxyError) as info:
+        backoff.check("127.9.9.9")                                      # a fresh address gains nothing
+    assert info.value.status == 429 and info.value.headers == [("Retry-After", "51")]   # the first guess + 60 s
+    backoff.check("127.0.0.1")                                          # the owner, through an SSH tunnel
+    backoff.check("::1")
+    now[0] = 60.5                                                       # the oldest failure left the window
+    backoff.check("127.9.9.9")
 
 
 ###############################################################################
@@ -1641,6 +1776,28 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def image_message(url: str, text: str = "What is in this image?") -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "text", "text": text},
                                         {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]}
+
+
+def test_a_big_data_url_image_costs_about_twice_its_size() -> None:
+    """From the body's bytes to the upload's pieces (the path a 100 MB image takes), at 10 MB."""
+    import tracemalloc
+    image = b"\x89PNG\r\n\x1a\n" + os.urandom(10 * 1024 * 1024)
+    body = json.dumps({"model": "GPT-4o", "messages": [image_message(data_url(image))]}).encode()
+    wire = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    tracemalloc.start()
+    try:
+        protocol = p2o.InboundProtocol(p2o.Settings(), now=0.0)
+        (ready,) = [a for start in range(0, len(wire), 65536) for a in protocol.receive_data(wire[start:start + 65536], 0.0)]
+        parsed = p2o.parse_json_body(ready.request)
+        (media,) = p2o.collect_media(parsed["messages"])
+        _, pieces = p2o.multipart_pieces([], [("file", media.name, media.content_type, media.data)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert media.data == image and any(piece is media.data for piece in pieces)   # uploaded as it is
+    # The body, then its text, then the parsed data URL beside the decoded bytes: never more than two
+    # body-sized things at once (it was five before: copies of the body, its text and the base64).
+    assert peak < 2.5 * len(image) + len(body), (peak / len(image), len(body) / len(image))
 
 
 def test_content_parts_are_collected_and_checked() -> None:
@@ -3185,6 +3342,19 @@ def test_codex_namespace_tools_round_trip(proxy: Proxy, poe: FakePoe, caplog: py
     assert '<invoke name="search">' not in sent
 
 
+def test_namespaced_tools_called_by_their_bare_or_dotted_name(proxy: Proxy, poe: FakePoe) -> None:
+    # Bots often call `docs.search` or just `search` for the `docs__search` they were offered.
+    reply = ('<tool_call><invoke name="docs.search"><parameter name="query">a</parameter></invoke></tool_call>'
+             '<tool_call><invoke name="spawn"><parameter name="task">b</parameter></invoke></tool_call>')
+    poe.on("GPT-4o", xml_reply_steps(reply, 5))
+    response = proxy.client().responses.create(model="GPT-4o", input="go", tools=CODEX_NAMESPACES)  # type: ignore[arg-type]
+    assert [(o.type, o.namespace, o.name) for o in response.output] == [   # type: ignore[union-attr]
+        ("function_call", "docs", "search"), ("function_call", "agents", "spawn")]
+    spec = p2o.ToolSpec((p2o.Tool("a__run", "", {}), p2o.Tool("b__run", "", {}), p2o.Tool("x", "", {})))
+    assert spec.find("run") is None and spec.find("b.run").name == "b__run"   # ambiguous: no guess
+    assert spec.find("y") is None and spec.find("") is None
+
+
 def test_namespace_calls_in_native_mode(start: Callable[..., Proxy], poe: FakePoe, tmp_path: Path) -> None:
     (tmp_path / "models.yaml").write_text("models:\n  NativeBot: {tool_mode: native}\n")
     poe.on("NativeBot", [native_chunk({"tool_calls": [{"index": 0, "id": "call_n1", "type": "function", "function": {
@@ -3229,6 +3399,55 @@ def test_native_tool_result_images_are_kept(start: Callable[..., Proxy], poe: Fa
     query = last_query(poe)["query"]
     assert query["tool_results"][0]["content"] == "here"
     assert query["query"][-1]["role"] == "user" and len(query["query"][-1]["attachments"]) == 1
+
+
+###############################################################################
+# Converters: OpenAI's media APIs (images, speech, videos) <-> Poe's media bots
+###############################################################################
+
+def test_media_requests_become_valid_poe_queries_with_the_bots_flags() -> None:
+    image = p2o.parse_image_request({"model": "GPT-Image-1", "prompt": "a cat", "quality": "hd", "style": "vivid",
+                                     "size": "1536x1024", "n": 3}, bot("GPT-Image-1"), has_mask=True)
+    assert image.n == 3 and image.flags == ("--aspect 3:2", "--quality high", "--use_mask true")  # style: undeclared
+    query = p2o.media_query(image, [{"url": "https://pfst.cf2.poecdn.net/x", "content_type": "image/png",
+                                     "name": "a.png"}])
+    QueryRequest.model_validate(query)
+    assert query["query"][0]["content"] == "a cat --aspect 3:2 --quality high --use_mask true"
+    video = p2o.parse_video_request({"model": "Veo-3", "prompt": "waves", "seconds": "4", "size": "1280x720",
+                                     "seed": "7"}, bot("Veo-3"))
+    assert video.flags == ("--aspect_ratio 16:9", "--duration 4", "--seed 7", "--resolution 720p")
+    speech = p2o.parse_speech_request({"model": "ElevenLabs-v3", "input": "hi", "voice": "laura"}, bot("ElevenLabs-v3"))
+    assert speech.flags == ("--voice_1 Laura",) and speech.response_format == "mp3"
+    assert p2o.parse_speech_request({"model": "m", "input": "hi", "voice": "alloy"}, bot("ElevenLabs-v3")).flags == ()
+    for parse, body, param in [
+            (p2o.parse_video_request, {"model": "Veo-3", "prompt": "w", "seconds": "12"}, "seconds"),
+            (p2o.parse_speech_request, {"model": "ElevenLabs-v3", "input": "hi", "voice": "Nobody"}, "voice"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "n": 5}, "n"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "quality": "ultra"}, "quality"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1"}, "prompt"),
+            (p2o.parse_image_request, {"model": "GPT-Image-1", "prompt": "p", "stream": True}, "stream"),
+            (p2o.parse_image_request, {"model": "GPT-4o", "prompt": "p"}, "model")]:
+        with pytest.raises(p2o.ProxyError) as info:
+            parse(body, bot(body["model"]))
+        assert info.value.status == 400 and info.value.param == param, (body, info.value.message)
+
+
+def test_size_maps_to_each_bots_own_parameters() -> None:
+    def mapped(name: str, size: str) -> dict[str, Any]:
+        return p2o.size_settings(size, bot(name), name)
+    assert mapped("FLUX-pro-1.1", "1024x1024") == {"aspect": "1:1"}
+    assert mapped("FLUX-pro-1.1", "1792x1024") == {"aspect": "16:9"}      # 7:4 is near enough to 16:9
+    assert mapped("FLUX-pro-1.1", "9:16") == {"aspect": "9:16"}           # a value the bot knows, as it is
+    assert mapped("nano-banana-2", "1536x1024") == {"aspect_ratio": "3:2", "image_size": "2K"}
+    assert mapped("Veo-3", "720x1280") == {"aspect_ratio": "9:16", "resolution": "720p"}
+    assert mapped("Veo-3", "1080p") == {"resolution": "1080p"}
+    assert mapped("GPT-Image-1", "auto") == {} and mapped("Assistant", "1024x1024") == {}   # nothing to map to
+    with pytest.raises(p2o.ProxyError) as info:
+        mapped("FLUX-pro-1.1", "1024x1536")
+    assert info.value.status == 400 and info.value.param == "size"
+    assert "16:9, 4:3, 1:1, 3:4, 9:16" in info.value.message and "aspect" in info.value.message
+    with pytest.raises(p2o.ProxyError):
+        mapped("GPT-Image-1", "huge")
 
 
 ###############################################################################
@@ -4144,12 +4363,131 @@ def test_admin_stats_key_by_the_bot_and_pool_made_up_names(proxy: Proxy, poe: Fa
     assert by_model["GPT-4o"]["requests"] == 1 and by_model["(refused)"]["requests"] == 3
 
 
+def test_forwarded_for_decides_the_admin_back_off_only_when_trusted(start: Callable[..., Proxy]) -> None:
+    for trusted in (True, False):
+        proxy = start(trust_forwarded_for=trusted)
+        with httpx.Client() as http:
+            for _ in range(5):
+                http.get(proxy.url + "/api/admin/config", auth=("admin", "guess"),
+                         headers={"X-Forwarded-For": "203.0.113.7"})
+            owner = http.get(proxy.url + "/api/admin/config", auth=ADMIN,
+                             headers={"X-Forwarded-For": "203.0.113.7, 198.51.100.2"})   # the last hop counts
+            assert owner.status_code == (200 if trusted else 429)
+
+
+def points_entry(n: int, bot_name: str, hours_ago: float, cost: Any, now_s: float) -> dict[str, Any]:
+    return {"bot_name": bot_name, "creation_time": int((now_s - hours_ago * 3600) * 1e6), "query_id": f"q{n}",
+            "usage_type": "API", "cost_points": cost}
+
+
+def test_points_summary_totals_per_bot_and_day() -> None:
+    now_s = 1_760_000_000.0   # 2025-10-09 08:53 UTC
+    entries = [points_entry(1, "GPT-4o", 1, 100, now_s), points_entry(2, "Claude-Sonnet-4.5", 2, 300, now_s),
+               points_entry(3, "GPT-4o", 24 * 3, 50, now_s), points_entry(4, "GPT-4o", 24 * 10, 7, now_s),
+               points_entry(4, "GPT-4o", 24 * 10, 7, now_s),            # listed twice (pages overlapping): once
+               points_entry(5, "GPT-4o", 24 * 31, 1000, now_s),         # older than the window
+               {"bot_name": "X", "creation_time": "soon", "cost_points": 5}, {"bot_name": None, "cost_points": 1},
+               points_entry(6, "Y", 1, "lots", now_s)]                  # malformed: skipped, not guessed
+    got = p2o.points_summary(entries, now_s)
+    assert got["by_bot"] == [
+        {"bot": "Claude-Sonnet-4.5", "points": 300, "queries": 1, "points_recent": 300, "queries_recent": 1},
+        {"bot": "GPT-4o", "points": 157, "queries": 3, "points_recent": 150, "queries_recent": 2}]
+    assert got["days"] == [{"day": "2025-09-29", "points": 7, "queries": 1},
+                           {"day": "2025-10-06", "points": 50, "queries": 1},
+                           {"day": "2025-10-09", "points": 400, "queries": 2}]
+    assert (got["window_days"], got["recent_days"]) == (30, 7)
+    assert p2o.points_summary([], now_s)["by_bot"] == []
+
+
 def test_admin_login_back_off(proxy: Proxy) -> None:
     with httpx.Client() as http:
         statuses = [http.get(proxy.url + "/api/admin/config", auth=("admin", "guess")).status_code for _ in range(6)]
         assert statuses == [401] * 5 + [429]
         locked = http.get(proxy.url + "/api/admin/config", auth=ADMIN)    # even the right password waits
         assert locked.status_code == 429 and int(locked.headers["retry-after"]) > 0
+
+
+def test_admin_is_refused_on_a_public_address_with_a_default_password(start: Callable[..., Proxy]) -> None:
+    proxy = start(host="0.0.0.0")   # reachable from elsewhere, and ADMIN_PASSWORD is still 123456
+    with httpx.Client() as http:
+        for path in ("/admin", "/api/admin/config", "/api/admin/stats", "/api/models"):
+            r = http.get(proxy.url + path, auth=ADMIN)
+            assert r.status_code == 403 and "ADMIN_PASSWORD" in r.json()["error"]["message"], path
+        assert http.get(proxy.url + "/healthz").status_code == 200   # the API itself is not affected
+    for password, host in (("change-me", "0.0.0.0"), ("", "::")):
+        reason = p2o.admin_disabled_reason(p2o.Settings(host=host, admin_password=password))
+        assert "ADMIN_PASSWORD" in reason and "restart" in reason
+    assert p2o.admin_disabled_reason(p2o.Settings(host="127.0.0.1")) == ""
+    assert p2o.admin_disabled_reason(p2o.Settings(host="0.0.0.0", admin_password="a long own one")) == ""
+
+
+def usage_requests(poe: FakePoe) -> list[dict[str, Any]]:
+    return [r for r in poe.requests if r["path"].startswith("/usage/")]
+
+
+def test_admin_points_use_the_api_token_follow_pages_and_are_cached(fast_reload: float, proxy: Proxy, poe: FakePoe,
+                                                                     tmp_path: Path) -> None:
+    now_s = time.time()
+    bots = ["GPT-4o", "Claude-Sonnet-4.5", "Gemini-2.5-Pro"]
+    poe.points = [points_entry(n, bots[n % 3], n * 2.5, n % 7 + 1, now_s) for n in range(250)]   # 26 days, 3 pages
+    poe.balance = 987654
+    url = proxy.url + "/api/admin/points"
+    with httpx.Client(auth=ADMIN) as http:
+        assert httpx.get(url).status_code == 401                                   # admin credentials needed
+        assert http.get(url, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        got = http.get(url).json()                           # no api_token: nothing asked of Poe, the page says why
+        assert got["balance"] is None and got["error_code"] == "no_token" and "api_token" in got["error"]
+        assert not usage_requests(poe)
+        (tmp_path / "models.yaml").write_text("enable: true\nmodels: {}\napi_token: admin-token-123\n")
+        wait_for_config(proxy, lambda c: c["api_token"] == "admin-token-123")   # the registry read the edit
+        proxy.client(api_key="a-clients-own-key").chat.completions.create(
+            model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+        got = http.get(url, headers={"X-Api-Key": "a-clients-own-key"}).json()
+    assert got["error"] is None and got["balance"] == 987654 and got["key"] == "api_token" and got["complete"]
+    want: dict[str, list[int]] = {}
+    for e in poe.points:
+        want.setdefault(e["bot_name"], [0, 0, 0])
+        want[e["bot_name"]][0] += e["cost_points"]
+        want[e["bot_name"]][1] += 1
+        want[e["bot_name"]][2] += e["cost_points"] if e["creation_time"] / 1e6 >= now_s - 7 * 86400 else 0
+    assert {r["bot"]: [r["points"], r["queries"], r["points_recent"]] for r in got["by_bot"]} == want
+    assert sum(d["points"] for d in got["days"]) == sum(e["cost_points"] for e in poe.points)
+    assert sum(d["queries"] for d in got["days"]) == 250 and got["days"] == sorted(got["days"], key=lambda d: d["day"])
+    seen = usage_requests(poe)
+    assert {r["headers"]["authorization"] for r in seen} == {"Bearer admin-token-123"}   # never the client's key
+    assert [r["path"] for r in seen] == ["/usage/current_balance"] + ["/usage/points_history"] * 3
+    assert [a.get("starting_after") for a in poe.usage_args] == [None, "q99", "q199"]
+    # Cached: the page reloading asks Poe nothing new.
+    assert httpx.get(url, auth=ADMIN).json()["balance"] == 987654 and len(usage_requests(poe)) == 4
+
+
+def test_admin_points_history_paging_is_bounded(fast_reload: float, proxy: Proxy, poe: FakePoe, tmp_path: Path) -> None:
+    now_s = time.time()
+    poe.points = [points_entry(n, "GPT-4o", n * 0.1, 1, now_s) for n in range(1500)]   # all within the window
+    (tmp_path / "models.yaml").write_text("enable: true\nmodels: {}\napi_token: admin-token\n")
+    wait_for_config(proxy, lambda c: c["api_token"] == "admin-token")
+    got = httpx.get(proxy.url + "/api/admin/points", auth=ADMIN, timeout=20).json()
+    assert got["complete"] is False and got["by_bot"] == [{"bot": "GPT-4o", "points": 1000, "queries": 1000,
+                                                           "points_recent": 1000, "queries_recent": 1000}]
+    assert len([r for r in usage_requests(poe) if r["path"] == "/usage/points_history"]) == 10
+
+
+@pytest.mark.parametrize("status, code, text", [(401, "token_rejected", "api_token rejected by Poe"),
+                                                (500, "upstream", "points balance: Poe answered HTTP 500")])
+def test_admin_points_say_what_poe_refused(fast_reload: float, proxy: Proxy, poe: FakePoe, tmp_path: Path, status: int, code: str,
+                                           text: str) -> None:
+    poe.usage_status = status
+    (tmp_path / "models.yaml").write_text("enable: true\nmodels: {}\napi_token: bad-token\n")
+    wait_for_config(proxy, lambda c: c["api_token"] == "bad-token")
+    r = httpx.get(proxy.url + "/api/admin/points", auth=ADMIN, timeout=20)
+    got = r.json()
+    assert r.status_code == 200 and got["balance"] is None and got["by_bot"] == []   # the page shows why, not a 5xx
+    assert got["error_code"] == code and got["error"].startswith(text), got["error"]
+    asked = len(usage_requests(poe))
+    assert asked == (1 if status == 401 else 2)          # a rejected key is not tried on the history too
+    poe.usage_status = 200                               # failures are cached only briefly ...
+    assert httpx.get(proxy.url + "/api/admin/points", auth=ADMIN).json()["error_code"] == code
+    assert len(usage_requests(poe)) == asked             # ... but cached
 
 
 # ----------------------------------------------------------------------------- the model list
@@ -4272,6 +4610,208 @@ def test_models_retrieve(proxy: Proxy) -> None:
     assert (model.id, model.object, model.created) == ("GPT-4o", "model", 1715644800)
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("No-Such-Bot")
+
+
+# ----------------------------------------------------------------------------- the media APIs: images, speech, videos
+
+def media_bot(poe: FakePoe, bot: str, name: str, content_type: str, data: bytes, text: str = "",
+              wait_s: float = 0.0) -> None:
+    """A Poe media bot: maybe some words, then its file as a `file` event, served by the fake itself."""
+    poe.files[name] = (content_type, data)
+    steps: list[Any] = [sse("meta", {"content_type": "text/markdown"})]
+    if text:
+        steps.append(sse("text", {"text": text}))
+    if wait_s:
+        steps.append(wait_s)
+    steps += [sse("file", {"url": poe.file_url(name), "content_type": content_type, "name": name,
+                           "inline_ref": None}), sse("done", {})]
+    poe.on(bot, steps)
+
+
+def downloads(poe: FakePoe) -> list[str]:
+    return [r["path"] for r in poe.requests if r["path"].startswith(FILES_PATH)]
+
+
+def test_images_generate_with_the_sdk_in_both_response_formats(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "FLUX-pro-1.1", "cat.png", "image/png", PNG, text="A tabby cat on a red mat.")
+    client = proxy.client()
+    result = client.images.generate(model="flux-pro-1.1", prompt="a cat", size="1792x1024", n=2)
+    assert [d.url for d in result.data] == [poe.file_url("cat.png")] * 2
+    assert result.data[0].revised_prompt == "A tabby cat on a red mat." and result.created > 0
+    assert result.usage is not None and result.usage.output_tokens_details.image_tokens == 2 * p2o.ATTACHMENT_TOKENS
+    queries = bot_queries(poe, "FLUX-pro-1.1")
+    assert len(queries) == 2 and all(q["query"][-1]["content"] == "a cat --aspect 16:9" for q in queries)
+    assert downloads(poe) == []   # url: Poe's own address, nothing fetched
+    result = client.images.generate(model="FLUX-pro-1.1", prompt="a cat", response_format="b64_json")
+    assert base64.b64decode(result.data[0].b64_json) == PNG and result.data[0].url is None
+    assert downloads(poe) == [FILES_PATH + "cat.png"]
+    # Some bots answer with a Markdown link instead of a file event.
+    poe.on("Nano-Banana-2", text_events("Here you go: ![pic](https://pfst.cf2.poecdn.net/base/image/abc.png)"))
+    result = client.images.generate(model="nano-banana-2", prompt="a dog")
+    assert result.data[0].url == "https://pfst.cf2.poecdn.net/base/image/abc.png"
+    assert result.data[0].revised_prompt == "Here you go:"
+
+
+def test_images_failures_carry_the_bots_words(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    client = proxy.client()
+    with pytest.raises(openai.BadRequestError, match="does not make images") as info:
+        client.images.generate(model="Claude-Sonnet-4.5", prompt="a cat")
+    assert info.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError, match="16:9, 4:3, 1:1, 3:4, 9:16"):
+        client.images.generate(model="FLUX-pro-1.1", prompt="a cat", size="1024x1536")
+    poe.on("FLUX-pro-1.1", text_events("I cannot draw that: it breaks the content policy."))
+    with pytest.raises(openai.InternalServerError, match="breaks the content policy") as info:
+        client.images.generate(model="FLUX-pro-1.1", prompt="a cat")
+    assert info.value.status_code == 502
+    poe.on("FLUX-pro-1.1", [sse("error", {"text": "Rate limit exceeded"})])
+    with pytest.raises(openai.RateLimitError):
+        client.images.generate(model="FLUX-pro-1.1", prompt="a cat")
+    poe.on("Private-Painter", status=404, body=b'{"detail": "Bot does not exist"}')
+    with pytest.raises(openai.NotFoundError, match="GET /v1/models"):
+        client.images.generate(model="Private-Painter", prompt="a cat")
+    assert len(bot_queries(poe, "Claude-Sonnet-4.5")) == 0   # refused before Poe was asked
+
+
+def test_images_edit_uploads_the_images_and_the_mask(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "GPT-Image-1", "edited.png", "image/png", PNG)
+    client = proxy.client()
+    other = PNG + b"\x00"
+    result = client.images.edit(model="GPT-Image-1", prompt="add a hat", size="1024x1024",
+                                image=[("a.png", PNG, "image/png"), ("b.png", other, "image/png")],
+                                mask=("mask.png", PNG + b"\x01", "image/png"), response_format="b64_json")
+    assert base64.b64decode(result.data[0].b64_json) == PNG
+    assert [u["data"] for u in poe.uploads] == [PNG, other, PNG + b"\x01"]
+    message = bot_queries(poe, "GPT-Image-1")[-1]["query"][-1]
+    assert message["content"] == "add a hat --aspect 1:1 --use_mask true"
+    assert [a["name"] for a in message["attachments"]] == ["a.png", "b.png", "mask.png"]
+    result = client.images.edit(model="GPT-Image-1", prompt="again", image=("a.png", PNG, "image/png"))
+    assert result.data[0].url == poe.file_url("edited.png") and len(poe.uploads) == 3   # the upload cache
+    with httpx.Client(timeout=10) as http:
+        bad = http.post(proxy.url + "/v1/images/edits", headers={"Authorization": f"Bearer {KEY}",
+                        "Content-Type": "multipart/form-data; boundary=B"},
+                        content=b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nGPT-Image-1\r\n"
+                                b"--B\r\nContent-Type: image/png\r\n\r\nxx\r\n--B--\r\n")
+        assert bad.status_code == 400 and "part 2" in bad.json()["error"]["message"]
+        none = http.post(proxy.url + "/v1/images/edits", headers={"Authorization": f"Bearer {KEY}"},
+                         data={"model": "GPT-Image-1", "prompt": "p"}, files={"other": ("x.png", PNG, "image/png")})
+        assert none.status_code == 400 and none.json()["error"]["param"] == "image"
+
+
+def test_speech_streams_the_bots_audio_with_its_type(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "ElevenLabs-v3", "speech.mp3", "audio/mpeg", MP3)
+    client = proxy.client()
+    with client.audio.speech.with_streaming_response.create(model="ElevenLabs-v3", voice="alloy",
+                                                            input="Hello there") as response:
+        assert response.headers["content-type"] == "audio/mpeg"
+        audio = b"".join(response.iter_bytes())
+    assert audio == MP3 and downloads(poe) == [FILES_PATH + "speech.mp3"]
+    assert last_turn(poe) == "Hello there"   # OpenAI's voice: the bot keeps its own default
+    client.audio.speech.create(model="ElevenLabs-v3", voice="Laura", input="Hi", speed=1.0)
+    assert last_turn(poe) == "Hi --voice_1 Laura"
+    with pytest.raises(openai.BadRequestError, match="does not make speech"):
+        client.audio.speech.create(model="FLUX-pro-1.1", voice="alloy", input="Hi")
+    poe.files.pop("speech.mp3")   # Poe's file is gone: a gateway error, not an empty 200
+    with pytest.raises(openai.InternalServerError, match="HTTP 404"):
+        client.audio.speech.create(model="ElevenLabs-v3", voice="alloy", input="Hi")
+
+
+def start_shared(start: Callable[..., Proxy], **kw: Any) -> Proxy:
+    return start(access_keys=f"alice: {ALICE_KEY}, bob: {BOB_KEY}", poe_api_key=SERVER_KEY, **kw)
+
+
+def keys_poe_saw(poe: FakePoe) -> set[str]:
+    return {r["headers"].get("authorization", "") for r in poe.requests} | {u["authorization"] for u in poe.uploads}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_shared_proxy_keeps_video_jobs_per_access_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "Veo-3", "clip.mp4", "video/mp4", MP4)
+    proxy = start_shared(start)
+    alice, bob = proxy.client(api_key=ALICE_KEY), proxy.client(api_key=BOB_KEY)
+    job = alice.videos.create(model="Veo-3", prompt="waves")
+    assert [v.id for v in alice.videos.list()] == [job.id] and list(bob.videos.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        bob.videos.delete(job.id)
+    assert keys_poe_saw(poe) <= {f"Bearer {SERVER_KEY}", ""}   # "": the model list, and file downloads
+
+
+def test_models_list_names_each_bots_endpoints(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    models = {m.id: m.model_dump() for m in proxy.client().models.list().data}
+    assert models["Claude-Sonnet-4.5"]["endpoints"] == ["/v1/chat/completions", "/v1/messages", "/v1/responses"]
+    assert models["FLUX-pro-1.1"]["endpoints"][3:] == ["/v1/images/generations"]   # takes no images: no edits
+    assert models["GPT-Image-1"]["endpoints"][3:] == ["/v1/images/generations", "/v1/images/edits"]
+    assert models["ElevenLabs-v3"]["endpoints"][3:] == ["/v1/audio/speech"]
+    assert models["Veo-3"]["endpoints"][3:] == ["/v1/videos"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_video_jobs_with_the_sdk(proxy: Proxy, poe: FakePoe) -> None:
+    poe.models = POE_MODELS
+    media_bot(poe, "Veo-3", "clip.mp4", "video/mp4", MP4, wait_s=0.5)
+    client = proxy.client()
+    job = client.videos.create(model="Veo-3", prompt="waves at dusk", seconds="8", size="1280x720",
+                               input_reference=("first.png", PNG, "image/png"))
+    assert job.status in ("queued", "in_progress") and job.id.startswith("video_") and job.model == "Veo-3"
+    assert (job.seconds, job.size, job.prompt) == ("8", "1280x720", "waves at dusk")
+    seen = {job.status}
+    deadline = time.monotonic() + 10
+    while job.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.videos.retrieve(job.id)
+        seen.add(job.status)
+    assert job.status == "completed" and job.progress == 100 and "in_progress" in seen, job
+    message = bot_queries(poe, "Veo-3")[-1]["query"][-1]
+    assert message["content"] == "waves at dusk --aspect_ratio 16:9 --duration 8 --resolution 720p"
+    assert message["attachments"][0]["name"] == "first.png" and poe.uploads[-1]["data"] == PNG
+    content = client.videos.download_content(job.id)
+    assert content.content == MP4 and content.response.headers["content-type"] == "video/mp4"
+    assert [v.id for v in client.videos.list()] == [job.id]
+    stranger = proxy.client(api_key="someone-elses-key")
+    assert list(stranger.videos.list()) == []
+    with pytest.raises(openai.NotFoundError):
+        stranger.videos.retrieve(job.id)
+    assert client.videos.delete(job.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(job.id)
+    # A bot's error fails the job with the bot's words.
+    poe.on("Veo-3", [sse("error", {"text": "Your prompt was flagged.", "error_type": "user_caused_error"})])
+    job = client.videos.create(model="Veo-3", prompt="something", seconds="4")
+    deadline = time.monotonic() + 10
+    while job.status not in ("completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.videos.retrieve(job.id)
+    assert job.status == "failed" and "Your prompt was flagged." in job.error.message
+    with pytest.raises(openai.BadRequestError, match="4, 6, 8"):
+        client.videos.create(model="Veo-3", prompt="x", seconds="12")
+
+
+def test_video_jobs_are_bounded_in_number_and_age() -> None:
+    now = [1000.0]
+    jobs = p2o.VideoJobs(2, 60.0, clock=lambda: now[0])
+
+    def job(name: str, owner: str = "a", status: str = "completed") -> p2o.VideoJob:
+        return p2o.VideoJob(name, owner, "Veo-3", "p", "8", "", int(now[0]), status=status)
+    jobs.add(job("one"))
+    jobs.add(job("two", status="in_progress"))
+    jobs.add(job("three"))           # full: the oldest finished job goes
+    assert [j.id for j in jobs.owned("a")] == ["two", "three"]
+    jobs.add(job("four"))
+    busy = p2o.VideoJobs(1, 60.0, clock=lambda: now[0])
+    busy.add(job("y", status="in_progress"))
+    with pytest.raises(p2o.ProxyError) as info:   # all running: refused rather than forgetting one
+        busy.add(job("z"))
+    assert info.value.status == 429
+    with pytest.raises(p2o.ProxyError):
+        jobs.get("b", "four")        # another owner's job does not exist for them
+    now[0] += 61
+    assert jobs.owned("a") == [] and len(jobs) == 0
+    assert "owner" not in repr(job("r", owner="secret-hash"))
 
 
 # ----------------------------------------------------------------------------- the chat pipeline
@@ -4781,14 +5321,6 @@ def test_what_counts_as_a_refusal_of_native_tools() -> None:
 
 # ----------------------------------------------------------------------------- access keys
 
-def start_shared(start: Callable[..., Proxy], **kw: Any) -> Proxy:
-    return start(access_keys=f"alice: {ALICE_KEY}, bob: {BOB_KEY}", poe_api_key=SERVER_KEY, **kw)
-
-
-def keys_poe_saw(poe: FakePoe) -> set[str]:
-    return {r["headers"].get("authorization", "") for r in poe.requests} | {u["authorization"] for u in poe.uploads}
-
-
 def test_shared_proxy_runs_every_sdk_on_the_servers_key(start: Callable[..., Proxy], poe: FakePoe) -> None:
     proxy = start_shared(start)
     client = proxy.client(api_key=ALICE_KEY)
@@ -4855,6 +5387,17 @@ def test_wrong_access_keys_back_off(start: Callable[..., Proxy], poe: FakePoe) -
         assert http.get(proxy.url + "/api/admin/config", auth=ADMIN).status_code == 200   # the admin's own table
 
 
+def test_shared_proxy_refuses_a_keyless_body_from_its_head(start: Callable[..., Proxy]) -> None:
+    proxy = start_shared(start)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n\r\n")   # no body yet
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 401 ") and b"this proxy is shared" in got
+    assert b'"type":"error"' in got                                     # in the route's (Anthropic) shape
+
+
 def test_usage_stats_per_access_key_label(start: Callable[..., Proxy], poe: FakePoe) -> None:
     proxy = start_shared(start)
     poe.on("Broken", status=500, body=b"x")
@@ -4908,6 +5451,131 @@ def test_access_key_file_is_read_and_reloaded_when_it_changes(start: Callable[..
 # Inbound connections: framing, keep-alive, limits, hostile bytes
 ###############################################################################
 
+def test_slow_clients_cannot_hold_every_connection(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_connections_per_client=5, header_timeout_seconds=1.0, body_timeout_seconds=1.0)
+    slow_head = b"GET /healthz HTTP/1.1\r\nHost:"
+    slow_body = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 99\r\n\r\n{"
+    # 127.0.0.1 (the machine itself: a local reverse proxy, a benchmark) is not capped; 127.0.0.2 is as
+    # any other client address is.
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", proxy.port), timeout=5, source_address=("127.0.0.2", 0))
+
+    held = []
+    for i in range(5):
+        sock = connect()
+        sock.sendall(slow_head if i % 2 else slow_body)
+        held.append(sock)
+    time.sleep(0.1)
+    started = time.monotonic()
+    with connect() as sixth:                                            # a sixth: refused at once
+        sixth.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = sixth.recv(65536)
+    assert out.startswith(b"HTTP/1.1 429 ") and b"MAX_CONNECTIONS_PER_CLIENT" in out
+    assert b"retry-after: 1" in out.lower() and time.monotonic() - started < 1.0
+    with httpx.Client() as http:                                        # the machine itself still gets in
+        assert http.get(proxy.url + "/healthz").status_code == 200
+    try:
+        for i, sock in enumerate(held):                                 # each trickle keeps it alive no longer
+            sock.sendall(b" " if i % 2 else b"x")                       # than its total deadline
+        answers = []
+        for sock in held:
+            got = b""
+            while chunk := sock.recv(65536):
+                got += chunk
+            answers.append(got)
+        assert time.monotonic() - started < 3.0
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), [a[:40] for a in answers]
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.1)
+    with connect() as again:                                            # the slots are free again
+        again.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert again.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def tcp_state(local_port: int, remote_port: int) -> str | None:
+    """The kernel's state of the loopback socket local_port -> remote_port ("01" established), if any."""
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            local, remote, state = line.split()[1:4]
+            if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == remote_port:
+                return state
+    return None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_a_client_that_stops_reading_is_dropped_and_its_sockets_freed(start: Callable[..., Proxy],
+                                                                     poe: FakePoe) -> None:
+    proxy = start(write_timeout_seconds=0.5)   # the proxy runs in this process's loop thread: its fds are ours
+    poe.on("Flood", text_events(*["z" * 16384] * 1500))
+    with proxy.client() as client:                                      # the model list cached, pools warm
+        assert client.chat.completions.create(model="GPT-4o", messages=[{"role": "user", "content": "x"}])
+    time.sleep(0.2)
+    baseline = open_fds()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)          # and then never reads
+    sock.connect(("127.0.0.1", proxy.port))
+    ours = sock.getsockname()[1]
+    body = json.dumps({"model": "Flood", "stream": True, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        deadline = time.monotonic() + 10
+        while tcp_state(proxy.port, ours) != "01" and time.monotonic() < deadline:
+            time.sleep(0.02)                                            # the proxy accepted it ...
+        while not (poe.disconnects and tcp_state(proxy.port, ours) is None) and time.monotonic() < deadline:
+            time.sleep(0.05)                                            # ... and, stalled, let it go
+        assert poe.disconnects, "Poe's side was never closed"
+        assert tcp_state(proxy.port, ours) is None, "the proxy still holds the stalled client's socket"
+        assert open_fds() <= baseline + 1                               # +1: ours, still open
+    finally:
+        sock.close()
+    with httpx.Client() as http:
+        assert http.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_refused_requests_are_answered_from_the_head_and_closed(start: Callable[..., Proxy]) -> None:
+    proxy = start(max_request_size=1000)
+    heads = {b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 900\r\n\r\n": 404,
+             b"PUT /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Length: 900\r\n\r\n": 405,
+             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: http://app\r\nContent-Length: 900\r\n\r\n": 401,
+             b"POST /api/admin/config HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n": 401,
+             b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: k\r\nContent-Length: 5000\r\n\r\n": 413}
+    for head, status in heads.items():
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=3) as sock:
+            sock.sendall(head + b"{")                                    # the body is never sent
+            got = b""
+            while chunk := sock.recv(65536):                             # answered, then closed: not waiting
+                got += chunk
+        assert time.monotonic() - started < 1.0
+        assert got.startswith(b"HTTP/1.1 %d " % status) and b"connection: close" in got.lower(), got[:200]
+        if status == 401 and b"Origin" in head:
+            assert b"access-control-allow-origin: *" in got.lower()     # a browser client can read why
+    refused = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                                  b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 400 ") and refused.count(b"HTTP/1.1") == 1
+
+
+def test_control_characters_cannot_forge_access_log_lines(proxy: Proxy, poe: FakePoe,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="poe2openai.access")
+    model = "GPT-4o\n2026-01-01 INFO poe2openai.access 6.6.6.6 GET /admin 200\x1b[2K" + "m" * 500
+    with httpx.Client() as http:
+        http.post(proxy.url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]},
+                  headers={"Authorization": f"Bearer {KEY}"})
+        http.get(proxy.url + "/v1/x%0d%0a1.2.3.4%20GET%20/fake\\n")
+    lines = [r.getMessage() for r in caplog.records if r.name == "poe2openai.access"]
+    assert len(lines) == 2 and not any(ch in line for line in lines for ch in "\n\r\x1b")
+    assert "GPT-4o\\n2026" in lines[0] and "\\x1b[2K" in lines[0] and "m" * 101 not in lines[0]   # cut short
+    assert "/v1/x\\r\\n1.2.3.4 GET /fake\\\\n" in lines[1]             # a backslash cannot fake an escape
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(proxy: Proxy) -> None:
     req = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     out = raw_exchange(proxy, req + req + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -4927,8 +5595,8 @@ def test_body_over_max_request_size_is_413_and_closes(start: Callable[..., Proxy
     assert out.startswith(b"HTTP/1.1 413 ") and b"connection: close" in out.lower()
     assert b"payload_too_large" in out
     chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(3)) + b"0\r\n\r\n"
-    out = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                       + chunked)
+    out = raw_exchange(proxy, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                              b"Transfer-Encoding: chunked\r\n\r\n" + chunked)
     assert out.startswith(b"HTTP/1.1 413 ")
 
 
@@ -5098,14 +5766,15 @@ def test_inbound_protocol_body_over_the_limit_is_413_and_close() -> None:
     (ready,) = feed(protocol, head)                                  # declared too big: no 100 Continue
     assert ready.error.status == 413 and ready.error.code == "payload_too_large"
     assert feed(protocol, b"x" * 1000) == [] and not protocol.wants_data   # the rest is dropped, not read
-    assert answer(protocol)[1] == [p2o.CLOSE] and protocol.closed
+    # closed once answered, lingering: the client may still be sending what we refused
+    assert answer(protocol)[1] == [p2o.CloseConnection(linger=True)] and protocol.closed
 
     protocol = inbound(max_request_size=100)
     chunked = b"".join(b"%x\r\n%s\r\n" % (60, b"y" * 60) for _ in range(3)) + b"0\r\n\r\n"
     actions = feed(protocol, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                    + chunked, list(range(10, 300, 10)))
     assert [a.error.status for a in actions] == [413]                # counted as it comes, refused once
-    assert answer(protocol)[1] == [p2o.CLOSE]
+    assert answer(protocol)[1] == [p2o.CLOSE]                        # (the cuts past its end fed an end of input)
 
 
 def test_inbound_protocol_100_continue_only_when_the_body_is_read() -> None:
@@ -5168,6 +5837,68 @@ def test_inbound_protocol_http_10_and_head() -> None:
     out, after = answer(protocol, b"twelve bytes")
     assert out.endswith(b"\r\n\r\n") and b"Content-Length: 12" in out    # the length of the GET body, none of it
     assert b"connection: close" in out.lower() and after == [p2o.CLOSE]
+
+
+def refuse_unknown(request: p2o.Request) -> p2o.ProxyError | None:
+    return None if request.path == "/ok" else p2o.ProxyError(404, "no such path", "invalid_request_error", "not_found")
+
+
+def test_inbound_protocol_precheck_refuses_from_the_head_before_any_body() -> None:
+    protocol = p2o.InboundProtocol(p2o.Settings(), now=0.0, client="test", precheck=refuse_unknown)
+    head = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\nExpect: 100-continue\r\n\r\n"
+    (ready,) = feed(protocol, head)                                     # answered from the head: no 100 Continue
+    assert ready.error.status == 404 and not protocol.wants_data        # and the body is not read
+    assert feed(protocol, b"x" * 100_000) == []
+    assert answer(protocol)[1] == [p2o.CloseConnection(linger=True)] and protocol.closed
+
+    protocol = p2o.InboundProtocol(p2o.Settings(), now=0.0, client="test", precheck=refuse_unknown)
+    expect = b"POST /ok HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+    assert feed(protocol, expect) == [b"HTTP/1.1 100 Continue\r\n\r\n"]  # what it admits is read as before
+    (ready,) = feed(protocol, b"{}")
+    assert ready.error is None and ready.request.body == b"{}"
+    answer(protocol)
+    (ready,) = feed(protocol, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")   # no body: left to the router
+    assert ready.error is None and not protocol.closed
+
+
+def test_inbound_protocol_refuses_content_length_with_transfer_encoding() -> None:
+    protocol = inbound()
+    smuggle = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n")
+    (ready,) = feed(protocol, smuggle)
+    assert ready.error.status == 400 and "Transfer-Encoding" in ready.error.message
+    out, after = answer(protocol)
+    assert len(after) == 1 and isinstance(after[0], p2o.CloseConnection) and protocol.closed   # nothing more is read
+
+
+def test_inbound_protocol_body_has_a_total_deadline() -> None:
+    protocol = inbound(read_timeout_seconds=5, body_timeout_seconds=10)
+    feed(protocol, POST_HI[:-8], now=1.0)                               # head at 1: the body is owed by 11
+    for i, now in enumerate((4.0, 7.0, 10.0)):                          # a byte every 3 s: never idle for 5 s
+        assert protocol.handle_timer(now) == []
+        feed(protocol, POST_HI[-8 + i:-7 + i], now=now)
+    assert protocol.deadline() == 11.0
+    out, close = protocol.handle_timer(11.0)
+    status, headers, body = responses_of(out)[0]
+    assert status == 408 and b"BODY_TIMEOUT_SECONDS" in body and headers["connection"] == "close"
+    assert close.abandoned.request.path == "/v1/chat/completions" and protocol.closed
+
+
+def test_inbound_protocol_bodies_share_one_memory_budget() -> None:
+    budget = p2o.BodyBudget(100)
+    first, second = (p2o.InboundProtocol(p2o.Settings(), now=0.0, budget=budget) for _ in range(2))
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 70\r\n\r\n"
+    assert feed(first, head + b"a" * 60) == [] and budget.used == 60    # a body on its way holds its share
+    (refused,) = feed(second, head + b"b" * 50)                          # together beyond the budget: 503
+    assert refused.error.status == 503 and ("Retry-After", "2") in refused.error.headers and budget.used == 60
+    (ready,) = feed(first, b"a" * 10)
+    assert ready.error is None and budget.used == 70                     # held while it is answered ...
+    answer(first)
+    assert budget.used == 0                                              # ... and given back after
+    answer(second)
+    third = p2o.InboundProtocol(p2o.Settings(), now=0.0, budget=budget)
+    feed(third, head + b"c" * 30)
+    assert third.connection_lost(0.0) and budget.used == 0               # a client that left gives back too
 
 
 def exchange_closing(port: int, data: bytes, timeout: float = 3.0) -> bytes:
@@ -5990,6 +6721,25 @@ def test_admin_hostile_model_names_render_as_text(admin_proxy: Any, browser: Bro
     close_page(page)                                          # and no alert() ran
 
 
+def test_admin_cards_show_which_media_apis_a_bot_serves(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.poe.models = POE_MODELS
+    page = open_admin(browser, admin_proxy)
+    page.get_by_test_id("search").fill("veo")
+    badge = page.get_by_test_id("ep-videos-Veo-3")
+    expect(badge).to_have_text("video")
+    assert "/v1/videos" in (badge.get_attribute("title") or "")
+    page.get_by_test_id("lang").select_option("zh-Hant")
+    expect(page.get_by_test_id("ep-videos-Veo-3")).to_have_text("影片")
+    page.get_by_test_id("lang").select_option("zh-Hans")
+    expect(page.get_by_test_id("ep-videos-Veo-3")).to_have_text("视频")
+    page.get_by_test_id("search").fill("gpt-image")
+    expect(page.get_by_test_id("ep-images-GPT-Image-1")).to_have_text("图像")
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("card-Claude-Sonnet-4.5")).to_be_visible()
+    assert page.get_by_test_id("card-Claude-Sonnet-4.5").locator(".ep").count() == 0   # a chat bot: no badge
+    close_page(page)
+
+
 def test_admin_page_runs_under_its_content_security_policy(admin_proxy: Any, browser: Browser) -> None:
     admin_proxy.chat("GPT-4o")   # a usage chart to draw (its bars were inline styles once)
     page = open_admin(browser, admin_proxy)
@@ -6030,4 +6780,44 @@ def test_admin_shows_load_error_and_failed_loads(fast_reload: float, admin_proxy
     page.unroute("**/api/models")
     page.get_by_test_id("retry").click()
     expect(page.get_by_test_id("error-panel")).to_be_hidden()
+    close_page(page)
+
+
+def test_admin_cards_show_catalogue_facts_and_the_points_panel(admin_proxy: Any, browser: Browser) -> None:
+    admin_proxy.poe.models = POE_MODELS
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("points-no-token")).to_contain_text("api_token")   # says how to set it
+    close_page(page)
+    now_s = time.time()
+    admin_proxy.poe.balance = 123456
+    admin_proxy.poe.points = [points_entry(1, "Claude-Sonnet-4.5", 1, 250, now_s),
+                              points_entry(2, "<img src=x onerror=alert(1)>", 24 * 10, 40, now_s)]
+    seed_config(admin_proxy, api_token="admin-token")
+    page = open_admin(browser, admin_proxy)
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("ctx-Claude-Sonnet-4.5")).to_have_text("983k ctx")
+    expect(page.get_by_test_id("feat-tools-Claude-Sonnet-4.5")).to_have_text("tools")
+    expect(page.get_by_test_id("feat-web_search-Claude-Sonnet-4.5")).to_have_text("web search")
+    expect(page.get_by_test_id("mods-Claude-Sonnet-4.5")).to_have_text("text+image → text")
+    params = page.get_by_test_id("params-Claude-Sonnet-4.5")
+    expect(params.locator("summary")).to_have_text("2 parameters")
+    params.locator("summary").click()
+    expect(params.locator("li code")).to_have_text(["thinking_budget", "web_search"])
+    page.get_by_test_id("search").fill("kimi")   # nothing known of its window: nothing shown
+    expect(page.get_by_test_id("card-Kimi-K2.5-FW")).to_be_visible()
+    assert page.get_by_test_id("ctx-Kimi-K2.5-FW").count() == 0
+    expect(page.get_by_test_id("points-balance")).to_contain_text("123,456")
+    expect(page.get_by_test_id("points-row-Claude-Sonnet-4.5")).to_contain_text("250")
+    hostile = page.get_by_test_id("points-row-<img src=x onerror=alert(1)>")
+    expect(hostile.locator("th")).to_have_text("<img src=x onerror=alert(1)>")   # text, not markup
+    expect(hostile.locator("td").first).to_have_text("0")        # spent 10 days ago: not in the last 7
+    page.get_by_test_id("lang").select_option("zh-Hant")
+    expect(page.get_by_test_id("points-balance")).to_contain_text("餘額")
+    page.get_by_test_id("search").fill("claude-sonnet")
+    expect(page.get_by_test_id("feat-web_search-Claude-Sonnet-4.5")).to_have_text("網路搜尋")
+    close_page(page)   # no script errors, nothing the CSP refused
+    admin_proxy.poe.usage_status = 401
+    seed_config(admin_proxy, api_token="revoked-token")
+    page = open_admin(browser, admin_proxy)
+    expect(page.get_by_test_id("points-error")).to_have_text("api_token rejected by Poe: check the API token.")
     close_page(page)
