@@ -5570,7 +5570,10 @@ def test_control_characters_cannot_forge_access_log_lines(proxy: Proxy, poe: Fak
         http.post(proxy.url + "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]},
                   headers={"Authorization": f"Bearer {KEY}"})
         http.get(proxy.url + "/v1/x%0d%0a1.2.3.4%20GET%20/fake\\n")
-    lines = [r.getMessage() for r in caplog.records if r.name == "poe2openai.access"]
+    deadline = time.monotonic() + 5   # the access line is written once the answer is out: wait for it
+    while len(lines := [r.getMessage() for r in caplog.records if r.name == "poe2openai.access"]) < 2 \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert len(lines) == 2 and not any(ch in line for line in lines for ch in "\n\r\x1b")
     assert "GPT-4o\\n2026" in lines[0] and "\\x1b[2K" in lines[0] and "m" * 101 not in lines[0]   # cut short
     assert "/v1/x\\r\\n1.2.3.4 GET /fake\\\\n" in lines[1]             # a backslash cannot fake an escape
