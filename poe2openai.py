@@ -1309,6 +1309,8 @@ class TextDigest:
 
 STATS_LATENCY_SAMPLES_COUNT = 1000   # latencies kept per model for the percentiles (the latest ones)
 STATS_MAX_ROWS_COUNT = 1000          # rows per table (models, keys): names come from clients, so capped
+LOGIN_ADDRESSES_MAX = 10000          # addresses a LoginBackoff remembers: bounded memory under a spray of them
+LOGIN_GLOBAL_WINDOW_DEFAULT_S = 60.0   # the global budget's window when a LoginBackoff is not given one
 
 
 class RateGate:
@@ -1387,8 +1389,8 @@ class LoginBackoff:
     only its per-address limit: the owner can always get in through an SSH tunnel. 0 = no budget."""
 
     def __init__(self, max_failures: int, window_s: float, message: str, code: str = "too_many_login_failures",
-                 clock: Callable[[], float] = time.monotonic, max_addresses: int = 10000,
-                 global_max: int = 0, global_window_s: float = 60.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_addresses: int = LOGIN_ADDRESSES_MAX,
+                 global_max: int = 0, global_window_s: float = LOGIN_GLOBAL_WINDOW_DEFAULT_S) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
         self._message = message
@@ -2255,6 +2257,9 @@ def content_text(content: Any) -> str:
 
 TEXT_PART_TYPES = {"text", "input_text", "output_text", "refusal", None}
 MEDIA_PART_TYPES = {"image_url", "input_image", "image", "file", "input_file", "document", "input_audio"}
+MEDIA_URL_KEY_MAX_CHARS = 2048   # a URL up to this long is its own cache key; a longer one is keyed by its hash
+SKIPPED_PARTS_LOGGED_COUNT = 3   # skipped parts named in the warning; the rest are only counted
+URL_FILE_NAME_MAX_CHARS = 200    # a URL's last segment longer than this is no file name worth keeping
 
 
 @dataclass(frozen=True)
@@ -2275,7 +2280,9 @@ class Media:
         if self.data is not None:
             return "sha256:" + hashlib.sha256(self.data).hexdigest()
         url = str(self.url)   # a long URL by its hash: the cache must not keep megabytes of key
-        return "url:" + url if len(url) <= 2048 else "url-sha256:" + hashlib.sha256(url.encode("utf-8", "replace")).hexdigest()
+        if len(url) <= MEDIA_URL_KEY_MAX_CHARS:
+            return "url:" + url
+        return "url-sha256:" + hashlib.sha256(url.encode("utf-8", "replace")).hexdigest()
 
 
 def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
@@ -2301,7 +2308,8 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> list[Media]:
                 found.append(media)
     if skipped:
         log.warning("skipping %d content part(s) this proxy cannot pass on: %s", len(skipped),
-                    "; ".join(skipped[:3]) + ("; …" if len(skipped) > 3 else ""))
+                    "; ".join(skipped[:SKIPPED_PARTS_LOGGED_COUNT])
+                    + ("; …" if len(skipped) > SKIPPED_PARTS_LOGGED_COUNT else ""))
     return found
 
 
@@ -2387,7 +2395,7 @@ def _media_from_url(url: str, where: str, index: int, kind: str, mime: str, file
 
 def _name_from_url(url: str) -> str:
     segment = urllib.parse.unquote(split_url(url).path.rsplit("/", 1)[-1])
-    if "." in segment and len(segment) <= 200:
+    if "." in segment and len(segment) <= URL_FILE_NAME_MAX_CHARS:
         return segment
     return "image.jpg" if "/image/" in url else (segment or "file")
 
@@ -2679,12 +2687,15 @@ def build_poe_query(chat: ChatRequest, system_as_user: bool = False, tool_mode: 
 
 
 ATTACHMENT_TOKENS = 765   # what OpenAI bills a typical high-detail 1024x1024 image; Poe reports nothing
+MESSAGE_OVERHEAD_TOKENS = 4   # OpenAI's count for each message's framing (role, separators)
+REPLY_PRIMING_TOKENS = 2      # ... and for the start of the answer, once per prompt
 
 
 def count_prompt_tokens(query: Mapping[str, Any]) -> int:
     """Prompt tokens of a Poe query: message texts, native tool fields, and OpenAI's per-message overhead."""
-    total = sum(4 + estimate_tokens(m.get("content", "")) + ATTACHMENT_TOKENS * len(m.get("attachments") or ())
-                for m in query.get("query", ())) + 2
+    total = sum(MESSAGE_OVERHEAD_TOKENS + estimate_tokens(m.get("content", ""))
+                + ATTACHMENT_TOKENS * len(m.get("attachments") or ())
+                for m in query.get("query", ())) + REPLY_PRIMING_TOKENS
     for key in ("tools", "tool_calls", "tool_results"):
         if query.get(key):
             total += estimate_tokens(_json_compact(query[key]))
@@ -4821,6 +4832,7 @@ _DIMENSIONS = re.compile(r"^\s*(\d{2,5})\s*[x×*]\s*(\d{2,5})\s*$", re.I)
 _K_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*k\s*$", re.I)
 _P_SIZE = re.compile(r"^\s*(\d{3,4})\s*p\s*$", re.I)
 ASPECT_TOLERANCE = 0.06        # |log| of the ratio between the asked shape and the bot's: about 6 %
+NO_MEDIA_QUOTE_CHARS = 2000    # of a bot's words quoted in the 502 when it made no file: its reason, not an essay
 _MARKDOWN_FILE = re.compile(r"(!?)\[([^\[\]\n]{0,200})\]\((https?://[^\s()]{1,2000})\)")
 
 
@@ -5130,7 +5142,7 @@ def no_media_error(kind: str, bot: str, answer: MediaAnswer) -> ProxyError:
     """A bot that answered without the file asked for: a 502 in the bot's own words."""
     what = {"image": "an image", "audio": "audio", "video": "a video"}[kind]
     words = answer.words
-    said = f" It said: {words[:2000]}" if words else " It sent no text either."
+    said = f" It said: {words[:NO_MEDIA_QUOTE_CHARS]}" if words else " It sent no text either."
     return upstream_error(f"{bot} answered without {what}.{said}", 502, "no_media")
 
 
@@ -7187,6 +7199,9 @@ POINTS_DAYS = 30            # what Poe keeps of the points history
 POINTS_RECENT_DAYS = 7
 POINTS_CACHE_S = 60.0       # the page may reload at will: Poe is asked at most this often ...
 POINTS_ERROR_CACHE_S = 10.0  # ... and after a failure, again this soon
+DAY_S = 86400               # a UTC day (Poe's history has no leap seconds to care about)
+POINTS_BALANCE_WAIT_S = USAGE_TIMEOUT_S + 5    # the balance call whole: its own timeout and a margin, then 504
+POINTS_HISTORY_WAIT_S = 2 * POINTS_BALANCE_WAIT_S   # all the history's pages together; past it the balance alone shows
 
 
 def points_summary(entries: Iterable[Mapping[str, Any]], now_s: float, days: int = POINTS_DAYS,
@@ -7194,7 +7209,7 @@ def points_summary(entries: Iterable[Mapping[str, Any]], now_s: float, days: int
     """Poe's points history entries -> points and queries per bot (over `days` and the last `recent_days`)
     and per UTC day, oldest day first. Entries without a time, a bot or a numeric cost are skipped; so are
     those older than `days`, and a query listed twice (pages that overlap) counts once."""
-    since_s, recent_s = now_s - days * 86400, now_s - recent_days * 86400
+    since_s, recent_s = now_s - days * DAY_S, now_s - recent_days * DAY_S
     bots: dict[str, dict[str, Any]] = {}
     per_day: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
@@ -7415,7 +7430,7 @@ class AdminAPI:
         now_s = time.time()
         try:
             try:
-                report["balance"] = await asyncio.wait_for(self.poe.current_balance(key), USAGE_TIMEOUT_S + 5)
+                report["balance"] = await asyncio.wait_for(self.poe.current_balance(key), POINTS_BALANCE_WAIT_S)
             except ProxyError as err:
                 failed(err, "points balance")
             except asyncio.TimeoutError:
@@ -7423,7 +7438,7 @@ class AdminAPI:
             if report["error_code"] != "token_rejected":   # the history is best-effort: a balance alone is news
                 try:
                     entries, complete = await asyncio.wait_for(
-                        self.poe.points_history(key, now_s - POINTS_DAYS * 86400), 2 * (USAGE_TIMEOUT_S + 5))
+                        self.poe.points_history(key, now_s - POINTS_DAYS * DAY_S), POINTS_HISTORY_WAIT_S)
                     report.update(points_summary(entries, now_s), complete=complete)
                 except ProxyError as err:
                     failed(err, "points history")
@@ -7473,6 +7488,12 @@ class ModelList:
 
 
 # ----------------------------------------------------------------------------- the media APIs
+
+VIDEO_CANCEL_WAIT_S = 2.0        # at shutdown: how long cancelled video jobs get to close their Poe streams
+VIDEO_STARTED_PERCENT = 10       # a running job's progress: Poe reports none, so "started" until it is done
+VIDEO_LIST_DEFAULT_COUNT = 20    # GET /v1/videos page size without `limit`, as OpenAI's list endpoints
+VIDEO_LIST_MAX_COUNT = 100       # ... and the largest `limit` taken, as OpenAI's
+
 
 class VideoJobs:
     """Video jobs, in memory only (a restart forgets them), at most `max_jobs` and each for `ttl_s`. A job
@@ -7530,7 +7551,7 @@ class VideoJobs:
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks, timeout=2.0)
+            await asyncio.wait(tasks, timeout=VIDEO_CANCEL_WAIT_S)
 
 
 def _media_from_part(part: FormPart, where: str) -> Media:
@@ -7776,7 +7797,7 @@ class MediaAPI:
 
     async def _make_video(self, job: VideoJob, route: ModelRoute, query: dict[str, Any], api_key: str) -> None:
         started_s = time.perf_counter()
-        job.status, job.progress = "in_progress", 10   # Poe tells nothing of progress: started, then done
+        job.status, job.progress = "in_progress", VIDEO_STARTED_PERCENT   # Poe tells nothing: started, then done
         try:
             answer = await self._ask(route, query, api_key)
             videos = answer.of_kind("video")
@@ -7833,9 +7854,9 @@ class MediaAPI:
     async def videos_list(self, request: Request) -> Response:
         api_key = self.credentials.poe_key(request)
         query = urllib.parse.parse_qs(request.query)
-        limit_text = query.get("limit", ["20"])[-1]
-        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
-            raise bad_request("'limit' must be a whole number from 1 to 100.", "limit")
+        limit_text = query.get("limit", [str(VIDEO_LIST_DEFAULT_COUNT)])[-1]
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= VIDEO_LIST_MAX_COUNT:
+            raise bad_request(f"'limit' must be a whole number from 1 to {VIDEO_LIST_MAX_COUNT}.", "limit")
         order = query.get("order", ["desc"])[-1]
         if order not in ("asc", "desc"):
             raise bad_request("'order' must be asc or desc.", "order")
@@ -8320,6 +8341,14 @@ access_log = logging.getLogger("poe2openai.access")
 PIPELINE_BUFFER_BYTES = 64 * 1024   # a pipelined next request held while we answer; beyond it we stop reading
 LINGER_S = 2.0                      # after refusing a body: how long we read and drop the rest of it ...
 LINGER_BYTES = 4 * 1024 * 1024      # ... and how much of it at most, before closing anyway
+BODY_BUDGET_RETRY_AFTER_S = 2       # the 503 of a full body budget: held bodies are given back as answers end
+REQUEST_ID_CHARS = 16               # "req_" and 12 hex digits: short in logs, unique enough for one server's life
+FORWARDED_FOR_MAX_CHARS = 64        # an IPv6 address (45) with room for a zone; anything longer is no address
+ACCESS_LOG_ADDRESS_CHARS = 64       # access log caps on what a client sent, so no request writes a huge line
+ACCESS_LOG_METHOD_CHARS = 20        # ... longer than any real method
+ACCESS_LOG_PATH_CHARS = 300         # ... enough to tell any API path apart
+ACCESS_LOG_MODEL_CHARS = 100        # ... as long as request.model is kept
+CLOSE_WAIT_S = 1.0                  # a closing connection's last bytes get this long before it is reset
 # What a client sends reaches the access log only escaped: a line break or a terminal escape in a path
 # or a model name cannot forge or hide lines.
 _LOG_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -8551,7 +8580,8 @@ class InboundProtocol:
                     if not self._budget.take(len(data)):
                         actions.append(self._refuse(ProxyError(
                             503, "The proxy holds too many large request bodies right now (MAX_BODY_MEMORY_MB); "
-                            "try again shortly.", "server_error", "server_busy", headers=[("Retry-After", "2")])))
+                            "try again shortly.", "server_error", "server_busy",
+                            headers=[("Retry-After", str(BODY_BUDGET_RETRY_AFTER_S))])))
                         return actions
                     self._taken += len(data)
             elif kind is h11.Request:
@@ -8578,7 +8608,7 @@ class InboundProtocol:
                 return actions
 
     def _begin(self, event: h11.Request, now: float) -> RequestReady | None:
-        request = request_from(event, new_id("req_")[:16], self._client, self._trust_forwarded_for)
+        request = request_from(event, new_id("req_")[:REQUEST_ID_CHARS], self._client, self._trust_forwarded_for)
         self._current = RequestReady(request, None, now)
         self._phase = _BODY
         self._body_deadline = now + self._body_total_s
@@ -8717,7 +8747,7 @@ def request_from(event: h11.Request, request_id: str, client: str, trust_forward
     if trust_forwarded_for:
         # The reverse proxy appends the address it saw to what the client sent: only its own (last)
         # entry can be believed; earlier ones are whatever the client wrote.
-        address = headers.get("x-forwarded-for", "").rpartition(",")[2].strip()[:64]
+        address = headers.get("x-forwarded-for", "").rpartition(",")[2].strip()[:FORWARDED_FOR_MAX_CHARS]
     return Request(method=event.method.decode("ascii", "replace").upper(), path=urllib.parse.unquote(path),
                    query=query, headers=headers, body=b"", request_id=request_id, client=client, address=address)
 
@@ -8892,10 +8922,13 @@ class InboundConnection:
 
     def _log(self, ready: RequestReady, status: int, sent: int) -> None:
         request = ready.request
-        client = self.client if not request.address else f"{log_safe(request.address, 64)} via {self.client}"
-        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", client, log_safe(request.method, 20),
-                        log_safe(request.path, 300), status, (self.loop.time() - ready.started) * 1000, sent,
-                        log_safe(request.model, 100) or "-", request.request_id)
+        client = self.client if not request.address else \
+            f"{log_safe(request.address, ACCESS_LOG_ADDRESS_CHARS)} via {self.client}"
+        access_log.info("%s %s %s %d %.1fms %dB model=%s id=%s", client,
+                        log_safe(request.method, ACCESS_LOG_METHOD_CHARS),
+                        log_safe(request.path, ACCESS_LOG_PATH_CHARS), status,
+                        (self.loop.time() - ready.started) * 1000, sent,
+                        log_safe(request.model, ACCESS_LOG_MODEL_CHARS) or "-", request.request_id)
 
     async def _send(self, request: Request, response: Response) -> None:
         headers = list(response.headers)
@@ -8944,7 +8977,7 @@ class InboundConnection:
     async def _aclose(self) -> None:
         try:
             self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+            await asyncio.wait_for(self.writer.wait_closed(), CLOSE_WAIT_S)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, RuntimeError):
             pass
         finally:
