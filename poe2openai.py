@@ -4790,9 +4790,17 @@ class ResponsesFold:
         encoder = self._encoder
         if delta.kind == FINISH:
             self.finish_reason = delta.text
-        elif delta.kind == REPLACE and encoder._open is not None and encoder._open["type"] == "message":
-            encoder._text = [delta.text]           # a whole answer: exactly Poe's final text
-            encoder.said.replace(delta.text)
+        elif delta.kind == REPLACE:
+            # A whole answer carries exactly Poe's final text: the message items said before (also those a
+            # tool call closed) give way to the replacement, which becomes the answer's one message.
+            encoder._output = [item for item in encoder._output if item["type"] != "message"]
+            if encoder._open is not None and encoder._open["type"] == "message":
+                encoder._text = [delta.text]
+                encoder.said.replace(delta.text)
+            else:
+                encoder.said.replace("")
+                if delta.text:
+                    encoder.encode(Delta(TEXT, delta.text))
             encoder.check_size()
         else:
             encoder.encode(delta)
