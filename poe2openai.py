@@ -9141,6 +9141,15 @@ async def serve(settings: Settings, *, ready: Callable[[int], None] | None = Non
         await app.media.close()   # video jobs live in memory only: they end with the process
         await app.pool.close()
         log.info("stopped")
+        if install_signal_handlers:
+            # Hand the signals back before the loop closes: a late Ctrl-C during the loop's own teardown
+            # would otherwise hit its closed wake-up pipe ("Exception ignored ... Bad file descriptor").
+            # Back with Python's own handlers, a second Ctrl-C is a KeyboardInterrupt, so exit status 130.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.remove_signal_handler(signum)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
     if forced.is_set():
         raise KeyboardInterrupt   # as an unhandled Ctrl-C would: main() exits with 130
 
