@@ -6511,6 +6511,7 @@ class ModelCatalog:
         self._catalogue: Catalogue | None = None
         self._fetched_at = -math.inf
         self._fetch: asyncio.Task[Catalogue] | None = None
+        self._failed_at = -math.inf   # the last fetch that failed with nothing cached
 
     def _fresh(self) -> bool:
         return self._catalogue is not None and self._clock() - self._fetched_at < self._ttl_s
@@ -6528,6 +6529,8 @@ class ModelCatalog:
             self._fetched_at = self._clock()
             return self._catalogue
         except ProxyError as exc:
+            if self._catalogue is None:
+                self._failed_at = self._clock()
             if self._catalogue is None or refresh:
                 raise
             log.warning("model list refresh failed, serving the cached list: %s", exc.message)
@@ -6561,6 +6564,10 @@ class ModelCatalog:
         the fetch goes on in the background. Never raises: a chat does not fail for want of metadata."""
         if self._fresh():
             return self._catalogue
+        if self._catalogue is None and self._clock() - self._failed_at < min(STALE_RETRY_S, self._ttl_s):
+            # Poe's list failed a moment ago (an upstream without /v1/models, or Poe down): chats go on
+            # without it instead of each paying another request, and waiting, until the retry is due.
+            return None
         task = self._start_fetch(api_key, False)
         done, _ = await asyncio.wait({task}, timeout=wait_s)
         if done and not task.cancelled() and task.exception() is None:

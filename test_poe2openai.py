@@ -4573,6 +4573,18 @@ def test_a_chat_waits_for_the_catalogue_only_briefly(start: Callable[..., Proxy]
     assert sum(r["path"] == "/v1/models" for r in poe.requests) == 1
 
 
+def test_a_failing_model_list_is_not_asked_again_by_every_chat(proxy: Proxy, poe: FakePoe) -> None:
+    # An upstream without /v1/models (a bot server of one's own) or a Poe outage: the chats go on without
+    # metadata, and only the first one pays for asking.
+    poe.models_status = 404
+    client = proxy.client()
+    for _ in range(5):
+        assert client.chat.completions.create(
+            model="GPT-4o", messages=[{"role": "user", "content": "x"}]).choices[0].message.content
+    assert sum(r["path"] == "/v1/models" for r in poe.requests) == 1
+    assert sum(r["path"] == "/bot/GPT-4o" for r in poe.requests) == 5
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("dialect", ["chat", "messages", "responses"])
 def test_an_unknown_model_points_to_the_model_list(proxy: Proxy, poe: FakePoe, dialect: str, stream: bool) -> None:
