@@ -5001,6 +5001,25 @@ def test_keepalive_comments_while_poe_is_silent(start: Callable[..., Proxy], poe
                    if c != "[DONE]" and c["choices"]) == "late"
 
 
+def leave_mid_answer(proxy: Proxy, poe: FakePoe, stream: bool) -> float:
+    """Ask the slow bot, then hang up while Poe is still answering (after the first SSE bytes when
+    streaming); returns when the client left (time.monotonic())."""
+    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    if stream:
+        got = b""
+        while b"thinking..." not in got:
+            got += sock.recv(65536)
+    else:
+        time.sleep(0.3)
+    left_at = time.monotonic()
+    sock.close()
+    return left_at
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_upstream_is_let_go_once_finished_or_left(proxy: Proxy, poe: FakePoe, stream: bool,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -5029,18 +5048,7 @@ def test_upstream_is_let_go_once_finished_or_left(proxy: Proxy, poe: FakePoe, st
     assert let_go == ["finish True"] * 3 and poe.connections == 1
     let_go.clear()
     # The client leaves mid-answer: Poe's connection is closed, once, and a new one serves the next request.
-    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    if stream:
-        got = b""
-        while b"thinking..." not in got:
-            got += sock.recv(65536)
-    else:
-        time.sleep(0.3)
-    sock.close()
+    leave_mid_answer(proxy, poe, stream)
     deadline = time.monotonic() + 3
     while not poe.disconnects and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -5066,19 +5074,7 @@ def test_fixtures_from_real_clients(proxy: Proxy, poe: FakePoe) -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_leaving_closes_the_poe_connection_at_once(proxy: Proxy, poe: FakePoe, stream: bool) -> None:
-    poe.on("Slow", [sse("text", {"text": "thinking..."}), 5.0, sse("text", {"text": "never sent"}), sse("done", {})])
-    sock = socket.create_connection(("127.0.0.1", proxy.port))
-    body = json.dumps({"model": "Slow", "stream": stream, "messages": [{"role": "user", "content": "x"}]}).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    if stream:
-        got = b""
-        while b"thinking..." not in got:
-            got += sock.recv(65536)
-    else:
-        time.sleep(0.3)
-    left_at = time.monotonic()
-    sock.close()
+    left_at = leave_mid_answer(proxy, poe, stream)
     deadline = time.monotonic() + 3
     while not poe.disconnects and time.monotonic() < deadline:
         time.sleep(0.02)
