@@ -59,6 +59,9 @@ a flag wins over the environment; ``--help`` lists them with their defaults):
                                     sets no tool_mode; auto is native for bots Poe lists with tools (xml)
     VIDEO_JOBS_MAX                  video jobs kept in memory (lost on restart) (100)
     VIDEO_JOBS_TTL_SECONDS          how long a video job is kept (86400)
+    ACCESS_KEYS                     share the proxy: `label: key` entries, comma-separated or @FILE; clients
+                                    must send one, and every call to Poe uses POE_API_KEY (off)
+    POE_API_KEY                     the server's own Poe key, required with ACCESS_KEYS
     HTTPS_PROXY, HTTP_PROXY, NO_PROXY   outbound proxy (CONNECT for https), standard meaning
 
 What it does beyond passing text through: tool calls emulated with an XML prompt and parsed from the
