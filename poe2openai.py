@@ -6970,6 +6970,37 @@ class Route:
     dialect: Dialect | None = None
 
 
+@dataclass(frozen=True)
+class Services:
+    """The state the handler pieces share, built once by App."""
+
+    settings: Settings
+    pool: UpstreamPool
+    poe: PoeClient
+    registry: ModelRegistry
+    catalog: ModelCatalog
+    uploader: Uploader
+    stats: UsageStats
+    gate: RateGate
+    credentials: Credentials
+
+
+class ServicePart:
+    """A piece of the app (admin API, model list, chat pipeline, media APIs): the shared services as
+    attributes of its own, so its handlers read `self.registry`, `self.poe`, …"""
+
+    def __init__(self, services: Services) -> None:
+        self.settings: Settings = services.settings
+        self.pool: UpstreamPool = services.pool
+        self.poe: PoeClient = services.poe
+        self.registry: ModelRegistry = services.registry
+        self.catalog: ModelCatalog = services.catalog
+        self.uploader: Uploader = services.uploader
+        self.stats: UsageStats = services.stats
+        self.gate: RateGate = services.gate
+        self.credentials: Credentials = services.credentials
+
+
 class App:
     """The proxy: builds the shared state and wires the pieces that answer with it."""
 
@@ -6983,13 +7014,12 @@ class App:
         self.stats = UsageStats()
         self.gate = RateGate(settings.rate_limit_ms / 1000.0, settings.rate_limit_max_wait_seconds)
         self.credentials = Credentials(settings)
-        self.admin_api = AdminAPI(settings, self.registry, self.catalog, self.stats, self.pool, self.uploader,
-                                  self.credentials, self.poe)
-        self.model_list = ModelList(settings, self.registry, self.catalog, self.credentials)
-        self.chat_pipeline = ChatPipeline(settings, self.registry, self.poe, self.uploader, self.stats, self.gate,
-                                          self.catalog, credentials=self.credentials)
-        self.media = MediaAPI(settings, self.registry, self.poe, self.pool, self.uploader, self.stats, self.gate,
-                              self.catalog, self.credentials)
+        services = Services(settings, self.pool, self.poe, self.registry, self.catalog, self.uploader,
+                            self.stats, self.gate, self.credentials)
+        self.admin_api = AdminAPI(services)
+        self.model_list = ModelList(services)
+        self.chat_pipeline = ChatPipeline(services)
+        self.media = MediaAPI(services)
         self.router = Router(settings, self.admin_api, self.model_list, self.chat_pipeline, self.credentials,
                              self.media)
         self.routes = self.router.routes
@@ -7258,30 +7288,22 @@ def points_summary(entries: Iterable[Mapping[str, Any]], now_s: float, days: int
             "recent_days": recent_days}
 
 
-class AdminAPI:
+class AdminAPI(ServicePart):
     """The admin page and its API (models.yaml, stats, Poe's raw model list) behind Basic auth, with a
     back-off on failed logins per client address. A browser caches Basic credentials for the origin,
     so any page on the web could make it send them here: the API answers only requests that the
     browser marks as coming from this origin, and models.yaml changes only with a JSON body (which
     a cross-site page cannot send without a CORS preflight, and admin routes answer none)."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog, stats: UsageStats,
-                 pool: UpstreamPool, uploader: Uploader, credentials: Credentials | None = None,
-                 poe: PoeClient | None = None) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.catalog = catalog
-        self.stats = stats
-        self.pool = pool
-        self.uploader = uploader
-        self.credentials = credentials or Credentials(settings)
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        settings = services.settings
         self._backoff = LoginBackoff(ADMIN_MAX_FAILURES, ADMIN_FAILURE_WINDOW_S,
                                      "Too many failed admin logins from your address; try again later.",
                                      global_max=ADMIN_GLOBAL_MAX_FAILURES, global_window_s=ADMIN_GLOBAL_WINDOW_S)
         self._disabled = admin_disabled_reason(settings)
         self.admin_page = _load_admin_page()
         self._admin_csp: str | None = None   # computed on the first visit: hashing needs hashlib
-        self.poe = poe   # for Poe's usage API (the points panel)
         self._points: tuple[str, float, dict[str, Any]] | None = None   # (key, expires at, report)
         self._points_fetch: tuple[str, asyncio.Future[dict[str, Any]]] | None = None
 
@@ -7418,7 +7440,7 @@ class AdminAPI:
         self._check_admin(request)
         token = self.registry.config().api_token
         key, source = (token, "api_token") if token else (self.credentials.server_key, "POE_API_KEY")
-        if not key or self.poe is None:
+        if not key:
             return json_response(200, {"balance": None, "by_bot": [], "days": [], "key": None,
                                        "error": "No api_token is set: set one with the API token button (it is "
                                                 "kept as api_token in models.yaml) to see Poe points.",
@@ -7471,15 +7493,9 @@ class AdminAPI:
 
 # ----------------------------------------------------------------------------- the model list
 
-class ModelList:
+class ModelList(ServicePart):
     """GET /v1/models and /v1/models/{id}: Poe's models as models.yaml renames, hides and adds them."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, catalog: ModelCatalog,
-                 credentials: Credentials | None = None) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.catalog = catalog
-        self.credentials = credentials or Credentials(settings)
 
     async def list_models(self, request: Request) -> Response:
         """GET /v1/models: OpenAI's list shape, or the Anthropic SDK's when it sends `anthropic-version`."""
@@ -7592,24 +7608,14 @@ def _media_from_json(value: Any, where: str) -> Media:
     return _media_from_url(url.strip(), where, 0, "image", "")
 
 
-class MediaAPI:
+class MediaAPI(ServicePart):
     """OpenAI's Images, Audio (speech) and Videos APIs over Poe's media bots: the request becomes one Poe
     query per output (the prompt as the user message, the bot's parameters as flags), the bot's `file`
     events become the answer. Files are fetched through the same outbound pool as everything else."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, pool: UpstreamPool,
-                 uploader: Uploader, stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None,
-                 credentials: Credentials | None = None) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.poe = poe
-        self.pool = pool
-        self.uploader = uploader
-        self.stats = stats
-        self.gate = gate
-        self.catalog = catalog
-        self.credentials = credentials or Credentials(settings)
-        self.jobs = VideoJobs(settings.video_jobs_max, settings.video_jobs_ttl_seconds)
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
+        self.jobs = VideoJobs(services.settings.video_jobs_max, services.settings.video_jobs_ttl_seconds)
 
     # --------------------------------------------------------------------- shared steps
 
@@ -7942,22 +7948,13 @@ def _event_data(event: SSEEvent) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-class ChatPipeline:
+class ChatPipeline(ServicePart):
     """Answers a chat request of any dialect: converted to an OpenAI chat request, sent to Poe as a
     query, and Poe's events translated to deltas that the dialect's encoder (streaming) or fold renders."""
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, poe: PoeClient, uploader: Uploader,
-                 stats: UsageStats, gate: RateGate, catalog: ModelCatalog | None = None, *,
-                 credentials: Credentials | None = None) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.poe = poe
-        self.uploader = uploader
-        self.stats = stats
-        self.gate = gate
-        self.catalog = catalog
+    def __init__(self, services: Services) -> None:
+        super().__init__(services)
         self._xml_bots: OrderedDict[str, None] = OrderedDict()   # casefolded bot names, oldest first
-        self.credentials = credentials or Credentials(settings)
 
     def handler(self, dialect: Dialect) -> Handler:
         async def handle(request: Request) -> Response:
@@ -7996,8 +7993,6 @@ class ChatPipeline:
 
     async def _catalogue(self, api_key: str) -> Catalogue | None:
         """Poe's catalogue, if it is at hand within MODELS_WAIT_SECONDS; a chat never waits longer."""
-        if self.catalog is None:
-            return None
         return await self.catalog.for_chat(self.registry.config().api_token or api_key, MODELS_WAIT_SECONDS)
 
     @staticmethod
