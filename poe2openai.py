@@ -2694,14 +2694,50 @@ MESSAGE_OVERHEAD_TOKENS = 4   # OpenAI's count for each message's framing (role,
 REPLY_PRIMING_TOKENS = 2      # ... and for the start of the answer, once per prompt
 
 
-def count_prompt_tokens(query: Mapping[str, Any]) -> int:
-    """Prompt tokens of a Poe query: message texts, native tool fields, and OpenAI's per-message overhead."""
-    total = sum(MESSAGE_OVERHEAD_TOKENS + estimate_tokens(m.get("content", ""))
+TOKEN_MEMO_MIN_CHARS = 1024   # shorter texts are counted faster than they are looked up
+TOKEN_MEMO_ENTRIES = 4096     # remembered counts; a key and a count, no text, so ~150 bytes each
+
+
+class TokenMemo:
+    """Token counts of long texts already counted, keyed by (length, hash) and kept in LRU order.
+
+    A coding agent sends its whole system prompt and history again with every turn, and estimating
+    100 KB of text takes ~15 ms here, so each turn would pay for all the turns before it. No text is
+    kept: two texts of one length whose 64-bit hashes collide would share an estimate, which is still
+    an estimate (Python's str hash is keyed per process)."""
+
+    def __init__(self, max_entries: int = TOKEN_MEMO_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._counts: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def estimate(self, text: str) -> int:
+        if len(text) < TOKEN_MEMO_MIN_CHARS:
+            return estimate_tokens(text)
+        key = (len(text), hash(text))
+        counts = self._counts
+        tokens = counts.get(key)
+        if tokens is None:
+            tokens = counts[key] = estimate_tokens(text)
+            if len(counts) > self.max_entries:
+                counts.popitem(last=False)
+        else:
+            counts.move_to_end(key)
+        return tokens
+
+
+def count_prompt_tokens(query: Mapping[str, Any], memo: TokenMemo | None = None) -> int:
+    """Prompt tokens of a Poe query: message texts, native tool fields, and OpenAI's per-message overhead.
+    With a memo, long texts counted before are not counted again."""
+    estimate = estimate_tokens if memo is None else memo.estimate
+    total = sum(MESSAGE_OVERHEAD_TOKENS + estimate(m.get("content", ""))
                 + ATTACHMENT_TOKENS * len(m.get("attachments") or ())
                 for m in query.get("query", ())) + REPLY_PRIMING_TOKENS
     for key in ("tools", "tool_calls", "tool_results"):
         if query.get(key):
-            total += estimate_tokens(_json_compact(query[key]))
+            total += estimate(_json_compact(query[key]))
     return total
 
 
@@ -7955,6 +7991,7 @@ class ChatPipeline(ServicePart):
     def __init__(self, services: Services) -> None:
         super().__init__(services)
         self._xml_bots: OrderedDict[str, None] = OrderedDict()   # casefolded bot names, oldest first
+        self.token_memo = TokenMemo()   # the prompts' long texts, which agents send again every turn
 
     def handler(self, dialect: Dialect) -> Handler:
         async def handle(request: Request) -> Response:
@@ -7980,7 +8017,7 @@ class ChatPipeline(ServicePart):
         if isinstance(body, dict) and not body.get("model"):
             body = {**body, "model": "unknown"}
         chat = parse_chat_request(anthropic_to_openai(body))
-        return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat))})
+        return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat), self.token_memo)})
 
     def _route(self, model: str, dialect: Dialect, catalogue: Catalogue | None = None) -> ModelRoute:
         route = self.registry.resolve(model, catalogue, self.settings.tool_mode)
@@ -8024,6 +8061,8 @@ class ChatPipeline(ServicePart):
             spec = dataclasses.replace(spec, flags=tuple(keep))
         if ignored:
             log.debug("%s: not sent, the bot declares no such parameter: %s", bot, ", ".join(ignored))
+        if tuple(flags) == chat.flags and spec is chat.tools:
+            return chat   # the common case; replace() costs as much as the rest of this
         return dataclasses.replace(chat, flags=tuple(flags), tools=spec)
 
     def _tool_mode(self, route: ModelRoute, info: BotInfo | None) -> str:
@@ -8041,15 +8080,16 @@ class ChatPipeline(ServicePart):
         while len(self._xml_bots) > XML_MEMORY_SIZE:
             self._xml_bots.popitem(last=False)
 
-    @staticmethod
-    def _query(chat: ChatRequest, route: ModelRoute, tool_mode: str, attachments: Mapping[int, list[dict[str, Any]]],
-               info: BotInfo | None) -> dict[str, Any]:
-        """The Poe query, refused (400 context_length_exceeded) when it cannot fit the bot's context window:
-        before Poe is called, so nothing is billed for it."""
+    def _query(self, chat: ChatRequest, route: ModelRoute, tool_mode: str, attachments: Mapping[int, list[dict[str, Any]]],
+               info: BotInfo | None) -> tuple[dict[str, Any], int]:
+        """The Poe query and its prompt tokens, refused (400 context_length_exceeded) when it cannot fit the
+        bot's context window: before Poe is called, so nothing is billed for it. Counted once: a coding
+        agent's prompt is often 100 KB of text."""
         query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=tool_mode,
                                 attachments=attachments)
-        check_context(count_prompt_tokens(query), None, info)
-        return query
+        prompt_tokens = count_prompt_tokens(query, self.token_memo)
+        check_context(prompt_tokens, None, info)
+        return query, prompt_tokens
 
     async def _open(self, bot: str, query: dict[str, Any], api_key: str,
                     probe_s: float | None = None) -> PoeEventStream | None:
@@ -8102,7 +8142,7 @@ class ChatPipeline(ServicePart):
             media = collect_media(chat.messages)
             attachments = await self.uploader.attachments_for(media, api_key) if media else {}
             mode = self._tool_mode(route, info)
-            query = self._query(chat, route, mode, attachments, info)
+            query, prompt_tokens = self._query(chat, route, mode, attachments, info)
             native_fields = bool(query.get("tools") or query.get("tool_calls"))
             probe = route.tool_mode == "auto" and mode == "native" and native_fields
             await self.gate.wait()
@@ -8115,13 +8155,14 @@ class ChatPipeline(ServicePart):
                 # for what a bot answers; a query turned away at the door gets no answer). Asking again
                 # in XML costs the client nothing twice, and no tool ran: tools run on the client's side.
                 mode = "xml"
-                query = self._query(chat, route, mode, attachments, info)
+                query, prompt_tokens = self._query(chat, route, mode, attachments, info)
                 await self.gate.wait()
                 events = await self._open(route.bot, query, api_key)
                 assert events is not None
                 self._remember_xml(route.bot)   # only once XML was taken: a 400 of another cause is not a refusal
-            route = dataclasses.replace(route, tool_mode=mode)
-            run = ChatRun(chat, route, new_id(dialect.completion_prefix), int(time.time()), count_prompt_tokens(query),
+            if route.tool_mode != mode:
+                route = dataclasses.replace(route, tool_mode=mode)
+            run = ChatRun(chat, route, new_id(dialect.completion_prefix), int(time.time()), prompt_tokens,
                           started_s, dialect)
             if dialect.envelope is not None:
                 run.envelope = dialect.envelope(run.completion_id, run.created_s, route.display, raw_body)

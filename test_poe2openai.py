@@ -947,6 +947,27 @@ def test_token_estimator_matches_o200k_on_the_corpus() -> None:
         assert p2o.estimate_tokens(odd) == p2o.estimate_tokens(odd) >= 1
 
 
+def test_token_memo_counts_each_long_text_once_and_agrees_with_the_estimator(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Agents resend the whole prompt every turn: a long text already counted is not counted again, the
+    # count is the estimator's own, and the memo stays bounded however many texts pass.
+    counted: list[int] = []
+    real = p2o.estimate_tokens
+    monkeypatch.setattr(p2o, "estimate_tokens", lambda text: counted.append(len(text)) or real(text))
+    memo = p2o.TokenMemo(max_entries=3)
+    system = "You are Cline, a coding agent. " * 200          # 6 KB, as agents send
+    query = {"query": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
+    first = p2o.count_prompt_tokens(query, memo)
+    assert first == p2o.count_prompt_tokens(query) and counted.count(len(system)) == 2   # memo, then none
+    counted.clear()
+    assert p2o.count_prompt_tokens(query, memo) == first and len(system) not in counted   # remembered
+    assert counted == [2]          # short texts are counted every time (cheaper than a lookup)
+    other = system.replace("Cline", "Roo C")                 # same length, other text: its own count
+    assert len(other) == len(system) and memo.estimate(other) == real(other) and counted[-1] == len(other)
+    for n in range(5):
+        memo.estimate("x" * (p2o.TOKEN_MEMO_MIN_CHARS + n))
+    assert len(memo) == 3
+
+
 def tally_of(text: str, pieces: Callable[[int], int], segment_chars: int = 16 * 1024) -> p2o.TokenTally:
     tally = p2o.TokenTally(segment_chars)
     at = 0
