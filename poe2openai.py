@@ -8975,6 +8975,8 @@ class InboundConnection:
         self._wake()
 
     def _log(self, ready: RequestReady, status: int, sent: int) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return   # LOG_LEVEL above info: skip the escaping too
         request = ready.request
         client = self.client if not request.address else \
             f"{log_safe(request.address, ACCESS_LOG_ADDRESS_CHARS)} via {self.client}"
