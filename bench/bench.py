@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PROXY = os.path.join(ROOT, "poe2openai.py")
 FAKE = os.path.join(HERE, "fake_poe.py")
+FORWARDER = os.path.join(HERE, "forwarder.py")
 HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -187,6 +188,18 @@ def start_proxy(upstream_port: int, config_dir: str, workers: int | None = None,
     command = " ".join(f"{k}={shlex.quote(v)}" for k, v in env_extra.items()) + " " + \
         " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + [os.path.relpath(PROXY, os.getcwd())] + args[2:])
     return Proxy(proc, port, int(health.get("pid", proc.pid)), command, log_path, started_ms)
+
+
+def start_forwarder(upstream_port: int) -> Proxy:
+    """bench/forwarder.py in front of the fake: the floor of what an asyncio proxy spends per event."""
+    proc = spawn([sys.executable, FORWARDER, "--host", HOST, "--port", "0", "--upstream-port", str(upstream_port)],
+                 clean_env(), stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("PORT "):
+        kill(proc)
+        raise RuntimeError(f"the forwarder did not start: {line!r}")
+    return Proxy(proc, int(line.split()[1]), proc.pid, "python bench/forwarder.py", "", 0.0)
 
 
 def start_fake() -> tuple[subprocess.Popen[bytes], int]:
@@ -580,18 +593,29 @@ async def paced_streams(proxy: Proxy, n: int, events: int) -> dict[str, Any]:
             "ms_per_event": cpu * 1000 / (ok * events) if ok > 0 else float("nan"), "foreign_pct": foreign}
 
 
-async def paced_best(proxy: Proxy, n: int, events: int, rounds: int) -> dict[str, Any]:
+async def paced_best(proxy: Proxy, n: int, events: int, rounds: int, label: str = "through the proxy") -> dict[str, Any]:
     """The lowest CPU per event of `rounds` runs (the least disturbed by the rest of the machine)."""
     runs = [await paced_streams(proxy, n, events) for _ in range(rounds)]
     best = min(runs, key=lambda r: r["ms_per_event"] if r["ms_per_event"] == r["ms_per_event"] else math.inf)
-    return dict(best, errors=sum(r["errors"] for r in runs), tries=[r["ms_per_event"] for r in runs])
+    return dict(best, errors=sum(r["errors"] for r in runs), tries=[r["ms_per_event"] for r in runs], label=label)
+
+
+async def paced_floor(fake_port: int, events: int, rounds: int) -> list[dict[str, Any]]:
+    """The same paced streams through bench/forwarder.py: what any asyncio proxy spends here at least."""
+    forwarder = start_forwarder(fake_port)
+    try:
+        await paced_streams(forwarder, 4, 20)
+        return [await paced_best(forwarder, n, events, rounds, "floor: bare asyncio forwarder (bench/forwarder.py)")
+                for n in (1, 32)]
+    finally:
+        kill(forwarder.proc)
 
 
 def paced_rows(paced: list[dict[str, Any]]) -> list[str]:
-    out = ["| paced stream (one small text event every 20 ms) | clients | events each | proxy CPU ms/event "
+    out = ["| paced stream (one small text event every 20 ms) | clients | events each | CPU ms/event "
            "(best) | all tries | wall s | other load % | errors |", "|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in paced:
-        out.append(f"| through the proxy | {r['n']} | {r['events']} | {fmt(r['ms_per_event'], 3)} | "
+        out.append(f"| {r['label']} | {r['n']} | {r['events']} | {fmt(r['ms_per_event'], 3)} | "
                    f"{', '.join(fmt(t, 3) for t in r['tries'])} | {r['wall_s']:.1f} | {r['foreign_pct']:.0f} | "
                    f"{r['errors']} |")
     return out
@@ -607,6 +631,8 @@ async def run_paced(args: argparse.Namespace, tmp: str) -> str:
         rounds = 1 if args.quick else 3
         await paced_streams(proxy, 4, 20)   # warm: pooled upstream connections, code paths
         paced = [await paced_best(proxy, n, events, rounds) for n in (1, 32)]
+        kill(proxy.proc)
+        paced += await paced_floor(_fake_port, events, rounds)
     finally:
         kill(proxy.proc)
         kill(fake)
@@ -777,6 +803,7 @@ async def run(args: argparse.Namespace, tmp: str) -> str:
     await paced_streams(proxy, 4, 20)
     paced = [await paced_best(proxy, n, 60 if args.quick else 150, rounds) for n in (1, 32)]
     kill(proxy.proc)
+    paced += await paced_floor(fake_port, 60 if args.quick else 150, rounds)
 
     # 6, the issue's figure, on a fresh proxy: 1000 idle keep-alive connections + 200 streams at once.
     fresh = start_proxy(fake_port, tmp, tag="issue")
