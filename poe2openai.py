@@ -7984,6 +7984,14 @@ def _event_data(event: SSEEvent) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def stand_in_attachments(media: Sequence[Media]) -> dict[int, list[dict[str, Any]]]:
+    """Attachments by message index as attachments_for() will give them, without uploading anything."""
+    found: dict[int, list[dict[str, Any]]] = {}
+    for n, item in enumerate(media):
+        found.setdefault(item.message_index, []).append({"url": f"about:stand-in-{n}", "content_type": "", "name": ""})
+    return found
+
+
 class ChatPipeline(ServicePart):
     """Answers a chat request of any dialect: converted to an OpenAI chat request, sent to Poe as a
     query, and Poe's events translated to deltas that the dialect's encoder (streaming) or fold renders."""
@@ -8140,8 +8148,13 @@ class ChatPipeline(ServicePart):
             info = self.registry.bot_info(route.bot, catalogue)
             chat = self._controls(chat, source, route.bot, info)
             media = collect_media(chat.messages)
-            attachments = await self.uploader.attachments_for(media, api_key) if media else {}
             mode = self._tool_mode(route, info)
+            attachments: Mapping[int, list[dict[str, Any]]] = {}
+            if media:
+                # The context check first, with stand-ins that count as the files will: a prompt the bot
+                # cannot take is refused before anything is uploaded.
+                self._query(chat, route, mode, stand_in_attachments(media), info)
+                attachments = await self.uploader.attachments_for(media, api_key)
             query, prompt_tokens = self._query(chat, route, mode, attachments, info)
             native_fields = bool(query.get("tools") or query.get("tool_calls"))
             probe = route.tool_mode == "auto" and mode == "native" and native_fields

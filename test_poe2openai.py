@@ -1599,6 +1599,10 @@ def test_a_prompt_beyond_the_context_window_is_refused_before_poe(proxy: Proxy, 
     assert error["type"] == "invalid_request_error"
     assert re.fullmatch(r"prompt is too long: \d+ tokens > 256 maximum", error["message"])   # Claude Code compacts
     assert bot_queries(poe, "FLUX-pro-1.1") == []                       # refused before Poe was asked
+    with pytest.raises(openai.BadRequestError) as info:                 # with a picture: nothing uploaded
+        proxy.client().chat.completions.create(model="FLUX-pro-1.1", stream=stream, messages=[{"role": "user", "content": [
+            {"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": data_url(PNG, "image/png")}}]}])
+    assert info.value.code == "context_length_exceeded" and poe.uploads == []
     result = proxy.client().chat.completions.create(model="FLUX-pro-1.1", messages=[
         {"role": "user", "content": "a lighthouse"}], stream=stream)   # a prompt that fits goes through
     if stream:
