@@ -3808,7 +3808,44 @@ class FileRefs:
         return released
 
 
+# The largest answer a non-streamed request gathers (bytes of text, reasoning and tool arguments):
+# the MAX_ANSWER_SIZE setting, in force for the request being handled (the app sets it per request).
+MAX_ANSWER_SIZE = 64 * 1024 * 1024
+answer_limit: contextvars.ContextVar[int] = contextvars.ContextVar("answer_limit", default=MAX_ANSWER_SIZE)
+
+
+def answer_too_large(limit: int) -> ProxyError:
+    return upstream_error(f"The bot's answer is larger than MAX_ANSWER_SIZE ({limit} bytes); ask for a shorter "
+                          "answer or stream it.", 502, "answer_too_large")
+
+
 # ----------------------------------------------------------------------------- the translator
+
+class _NativeCall:
+    """A native tool call gathered from Poe's `json` deltas until it can be given out (it has a name, or,
+    for dialects that take calls whole, the answer ended). Its arguments are kept as pieces and bounded
+    by MAX_ANSWER_SIZE: a bot streaming a large file into a call must not grow memory without end."""
+
+    __slots__ = ("id", "name", "index", "pieces", "size", "_limit")
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.name = ""
+        self.index = -1          # ours, once given out
+        self.pieces: list[str] = []
+        self.size = 0
+        self._limit = answer_limit.get()
+
+    def add(self, piece: str) -> None:
+        self.size += len(piece)
+        if self.size > self._limit:
+            self.pieces = []
+            raise answer_too_large(self._limit)
+        self.pieces.append(piece)
+
+    def arguments(self) -> str:
+        return "".join(self.pieces)
+
 
 class PoeTranslator:
     """Turns Poe SSE events into neutral deltas; `finished` once `done` or `error` was seen.
@@ -3832,7 +3869,7 @@ class PoeTranslator:
         self._xml_index: dict[int, int | None] = {}          # the parser's call index -> ours (None: dropped)
         self._parallel = tools.parallel if tools is not None else True
         self._claimed = 0                                    # calls taken, given out yet or not
-        self._native_calls: dict[int, dict[str, Any]] = {}   # Poe's tool-call index -> id, name, arguments
+        self._native_calls: dict[int, _NativeCall] = {}      # by Poe's tool-call index
         self._whole_calls = whole_calls                      # give native calls out whole, at the end
         # The answer's text after thoughts, for replace_response: remembered by its digest, not kept.
         self._seen = TextDigest()
@@ -3992,36 +4029,39 @@ class PoeTranslator:
             if entry is None:
                 if not self._parallel and self._claimed:   # a second call: the first was the whole answer
                     return out + self._finish()
-                entry = self._native_calls[poe_index] = {"id": "", "name": "", "arguments": "", "index": -1}
+                entry = self._native_calls[poe_index] = _NativeCall()
                 self._claimed += 1
-            if isinstance(call.get("id"), str) and call["id"] and not entry["id"]:
-                entry["id"] = call["id"]
-            if isinstance(fn.get("name"), str) and fn["name"] and not entry["name"]:
+            if isinstance(call.get("id"), str) and call["id"] and not entry.id:
+                entry.id = call["id"]
+            if isinstance(fn.get("name"), str) and fn["name"] and not entry.name:
                 known = self._spec.find(fn["name"]) if self._spec is not None else None
-                entry["name"] = known.name if known is not None else fn["name"]
+                entry.name = known.name if known is not None else fn["name"]
             piece = fn.get("arguments") if isinstance(fn.get("arguments"), str) else ""
-            entry["arguments"] += piece
-            if self._whole_calls or not entry["name"]:
+            if entry.index >= 0:   # streamed already: its pieces go straight out
+                if piece:
+                    out.append(Delta(TOOL_ARGS, piece, index=entry.index))
                 continue
-            if entry["index"] < 0:   # its first delta: name first, then what arrived so far
-                entry["index"] = self.tool_calls
-                self.tool_calls += 1
-                out.append(Delta(TOOL_START, index=entry["index"], call_id=entry["id"] or self._make_id(),
-                                 name=entry["name"]))
-                piece = entry["arguments"]
             if piece:
-                out.append(Delta(TOOL_ARGS, piece, index=entry["index"]))
+                entry.add(piece)
+            if self._whole_calls or not entry.name:
+                continue
+            # Its first delta with a name: the name first, then what arrived so far.
+            entry.index = self.tool_calls
+            self.tool_calls += 1
+            out.append(Delta(TOOL_START, index=entry.index, call_id=entry.id or self._make_id(), name=entry.name))
+            if entry.pieces:
+                out.append(Delta(TOOL_ARGS, entry.arguments(), index=entry.index))
         return out
 
     def _native_deltas(self) -> list[Delta]:
         out: list[Delta] = []
         for entry in self._native_calls.values():
-            if not entry["name"] or entry["index"] >= 0:
+            if not entry.name or entry.index >= 0:
                 continue   # nameless (Poe never completed it), or already streamed
             index = self.tool_calls
             self.tool_calls += 1
-            out.append(Delta(TOOL_START, index=index, call_id=entry["id"] or self._make_id(), name=entry["name"]))
-            out.append(Delta(TOOL_ARGS, entry["arguments"] or "{}", index=index))
+            out.append(Delta(TOOL_START, index=index, call_id=entry.id or self._make_id(), name=entry.name))
+            out.append(Delta(TOOL_ARGS, entry.arguments() or "{}", index=index))
         self._native_calls.clear()
         return out
 
@@ -4034,17 +4074,6 @@ def openai_usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: i
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens, "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
-
-
-# The largest answer a non-streamed request gathers (bytes of text, reasoning and tool arguments):
-# the MAX_ANSWER_SIZE setting, in force for the request being handled (the app sets it per request).
-MAX_ANSWER_SIZE = 64 * 1024 * 1024
-answer_limit: contextvars.ContextVar[int] = contextvars.ContextVar("answer_limit", default=MAX_ANSWER_SIZE)
-
-
-def answer_too_large(limit: int) -> ProxyError:
-    return upstream_error(f"The bot's answer is larger than MAX_ANSWER_SIZE ({limit} bytes); ask for a shorter "
-                          "answer or stream it.", 502, "answer_too_large")
 
 
 class SaidText:
@@ -4182,6 +4211,7 @@ class ChatFold:
     def __init__(self, max_answer_size: int | None = None) -> None:
         self.said = AnswerText(keep=True)
         self._calls: list[dict[str, Any]] = []
+        self._arguments: list[list[str]] = []   # each call's pieces: += on a growing str copies it every time
         self.finish_reason = "stop"
         self._limit = answer_limit.get() if max_answer_size is None else max_answer_size
 
@@ -4197,26 +4227,37 @@ class ChatFold:
         elif kind == TOOL_START:
             self._calls.append({"id": delta.call_id, "type": "function",
                                 "function": {"name": delta.name, "arguments": ""}})
+            self._arguments.append([])
         elif kind == TOOL_ARGS:
             self.said.arguments.append(delta.text)
-            self._calls[delta.index]["function"]["arguments"] += delta.text
+            self._arguments[delta.index].append(delta.text)
         elif kind == FINISH:
             self.finish_reason = delta.text
         if self.said.size > self._limit:
             self.said = AnswerText()   # what was gathered goes now, not when the request ends
-            self._calls = []
+            self._calls, self._arguments = [], []
             raise answer_too_large(self._limit)
 
     @property
     def content(self) -> str:
         return self.said.content.text()
 
+    @property
+    def calls(self) -> list[dict[str, Any]]:
+        """The tool calls in chat-completions shape, their arguments joined."""
+        for call, pieces in zip(self._calls, self._arguments):
+            if len(pieces) > 1:
+                pieces[:] = ["".join(pieces)]
+            call["function"]["arguments"] = pieces[0] if pieces else ""
+        return self._calls
+
     def body(self, completion_id: str, created_s: int, model: str, prompt_tokens: int) -> dict[str, Any]:
         content = self.content
-        message: dict[str, Any] = {"role": "assistant", "content": content if content or not self._calls else None,
+        calls = self.calls
+        message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None,
                                    "refusal": None}
-        if self._calls:
-            message["tool_calls"] = self._calls
+        if calls:
+            message["tool_calls"] = calls
         if self.said.reasoning:
             message["reasoning_content"] = message["reasoning"] = self.said.reasoning.text()
         return {"id": completion_id, "object": "chat.completion", "created": created_s, "model": model,
@@ -4488,7 +4529,7 @@ class AnthropicFold(ChatFold):
                             "signature": THINKING_SIGNATURE})
         if self.said.content:
             content.append({"type": "text", "text": self.said.content.text()})
-        for call in self._calls:
+        for call in self.calls:
             arguments = _arguments_dict(call["function"]["arguments"])
             content.append({"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
                             "input": arguments if arguments is not None else {}})

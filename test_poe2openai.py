@@ -2685,6 +2685,38 @@ def test_native_calls_are_taken_in_xml_mode_too(proxy: Proxy, poe: FakePoe) -> N
     assert message.stop_reason == "tool_use"
 
 
+def test_a_native_call_in_many_small_pieces_is_linear_and_bounded() -> None:
+    # A bot writing a file through a native call sends its arguments a few characters at a time: gathering
+    # them (whole for Anthropic and Responses, folded for a non-streamed reply) must not copy the growing
+    # text on every piece, and what is gathered stays within MAX_ANSWER_SIZE.
+    content = "def f():\n    return 1\n" * 65_000      # ~1.5 MB of code, JSON-escaped
+    arguments = json.dumps({"path": "big.py", "content": content})
+    pieces = [arguments[i:i + 64] for i in range(0, len(arguments), 64)]
+    events = [native_call(0, "c_1", "write_file", pieces[0])] + [
+        ("json", {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}}]})
+        for piece in pieces[1:]]
+    body = {"tools": [WRITE_FILE]}
+    raw = [p2o.SSEEvent(kind, json.dumps(data)) for kind, data in events] + [p2o.SSEEvent("done", "{}")]
+    for whole_calls in (False, True):
+        began = time.process_time()
+        translator, fold = p2o.PoeTranslator(p2o.parse_tools(body), whole_calls=whole_calls), p2o.ChatFold()
+        for event in raw:
+            for delta in translator.feed(event):
+                fold.add(delta)
+        message = fold.body("x", 0, "m", 0)["choices"][0]["message"]
+        assert json.loads(message["tool_calls"][0]["function"]["arguments"])["content"] == content
+        assert time.process_time() - began < 2.0, whole_calls    # ~0.3 s; gathering with += took ~8 s
+    token = p2o.answer_limit.set(100_000)
+    try:
+        translator = p2o.PoeTranslator(p2o.parse_tools(body), whole_calls=True)
+        with pytest.raises(p2o.ProxyError) as info:
+            for kind, data in events:
+                translator.feed(p2o.SSEEvent(kind, json.dumps(data)))
+        assert (info.value.status, info.value.code) == (502, "answer_too_large")
+    finally:
+        p2o.answer_limit.reset(token)
+
+
 def test_native_and_xml_calls_share_one_numbering() -> None:
     message, _ = translate([native_call(0, "c_a", "get_weather", '{"city": "Rome"}'), ("text", {"text": XML_TIME_CALL}),
                             native_call(1, "c_b", "get_time", "{}")])
