@@ -678,6 +678,7 @@ class SSEEvent:
 
 
 _LINE_END = re.compile(rb"\r\n?|\n")
+_LINE_SPLIT = re.compile(r"\r\n?|\n")
 # What one event from Poe may carry. Big enough for a whole `file` or `text` event in one piece; past
 # it the stream is refused (a 502), in time linear in what arrived.
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024
@@ -690,7 +691,7 @@ class SSEDecoder:
     Handles LF, CRLF and CR line ends (also a CRLF split across reads), UTF-8 characters split across
     reads, comments, `data:` with or without the space, and multi-line data. Pure: no I/O.
 
-    Each byte is searched for a line end once, however the line is chunked, and a line or event
+    Each byte is looked at a bounded number of times, however the line is chunked, and a line or event
     larger than `max_event_bytes` (or with more than `max_data_lines` data lines) raises ValueError
     as soon as it is seen to be, so hostile input costs linear time and bounded memory.
     """
@@ -715,21 +716,53 @@ class SSEDecoder:
         if not chunk:
             return events
         buf = self._buf
-        buf += chunk
-        start = 0
-        for match in _LINE_END.finditer(buf, self._scanned):
-            end = match.start()
-            if end - start > self._max_bytes:
+        if buf:
+            buf += chunk
+            data: bytes | bytearray = buf
+        else:
+            data = chunk   # the usual case, a read of whole events: no copy into the buffer
+        # Only the last line end is looked for (from the end, never before what earlier reads left):
+        # everything before it is whole lines, decoded and split in one go rather than line by line.
+        scanned = self._scanned
+        last = data.rfind(b"\n", scanned)
+        last = max(last, data.rfind(b"\r", last + 1 if last >= 0 else scanned))
+        if last < 0:
+            if data is chunk:
+                buf += chunk
+            self._scanned = len(buf)
+            if len(buf) > self._max_bytes:
                 raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
-            self._line(buf[start:end].decode("utf-8", "replace"), events)
-            start = match.end()
-        if start:
-            self._after_cr = start == len(buf) and buf[-1] == 13   # a CR last: an LF next is its pair
-            del buf[:start]
+            return events
+        stop = last + 1
+        if stop > self._max_bytes:
+            self._lines_capped(data, stop, events)   # one of these lines may be over the cap
+        else:
+            text = (data if stop == len(data) else data[:stop]).decode("utf-8", "replace")
+            lines = _LINE_SPLIT.split(text) if "\r" in text else text.split("\n")
+            lines.pop()   # the empty string after the last line end
+            line = self._line
+            for one in lines:
+                line(one, events)
+        self._after_cr = stop == len(data) and data[last] == 13   # a CR last: an LF next is its pair
+        if data is chunk:
+            if stop < len(chunk):
+                buf += chunk[stop:]
+        else:
+            del buf[:stop]
         self._scanned = len(buf)
         if len(buf) > self._max_bytes:
             raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
         return events
+
+    def _lines_capped(self, data: bytes | bytearray, stop: int, events: list[SSEEvent]) -> None:
+        """The lines in data[:stop], each checked against the cap in bytes before it is decoded."""
+        start = 0
+        for match in _LINE_END.finditer(data, 0, stop):
+            end = match.start()
+            if end - start > self._max_bytes:
+                raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
+            self._line(data[start:end].decode("utf-8", "replace"), events)
+            start = match.end()
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flush a last line without a line end and a last event without a blank line."""
