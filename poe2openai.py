@@ -738,6 +738,8 @@ class SSEDecoder:
             self._lines_capped(data, stop, events)   # one of these lines may be over the cap
         else:
             text = (data if stop == len(data) else data[:stop]).decode("utf-8", "replace")
+            if "\r" in text:   # CRLF (Poe's own) becomes LF first: splitting on one character is cheaper
+                text = text.replace("\r\n", "\n")
             lines = _LINE_SPLIT.split(text) if "\r" in text else text.split("\n")
             lines.pop()   # the empty string after the last line end
             line = self._line
@@ -8528,6 +8530,7 @@ class InboundProtocol:
         self._body = bytearray()
         self._refused = False         # answering with an error: the rest of the input is dropped
         self._is_head = False         # HEAD request: the body of the answer is not sent
+        self._chunked = False         # the streamed answer going out is chunked: send_data frames it
         self._has_body = False        # the current request announced a body
         self._held = 0                # bytes of a pipelined next request fed to h11 while we answer
         self._eof = False
@@ -8737,15 +8740,23 @@ class InboundProtocol:
         """The head of a streamed answer (h11 frames it: chunked for 1.1, close-delimited for 1.0), with
         its first piece, so both leave in one segment."""
         out = self._conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        # h11 chose the framing and wrote it into the head. A chunk of a chunked body changes nothing
+        # in h11's state, so send_data frames one itself, as h11 would, without an h11 event per piece.
+        self._chunked = b"\r\ntransfer-encoding: chunked\r\n" in out.lower()
         return out + self.send_data(first) if first else out
 
     def send_data(self, data: bytes) -> bytes:
-        return b"" if self._is_head else self._conn.send(h11.Data(data=data))
+        if self._is_head:
+            return b""
+        if self._chunked and data:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return self._conn.send(h11.Data(data=data))
 
     def end_stream(self) -> bytes:
         return self._conn.send(h11.EndOfMessage())
 
     def send_failed(self) -> None:
+        self._chunked = False   # h11, in its ERROR state now, refuses what follows
         self._conn.send_failed()
 
     def abort(self) -> list[InboundAction]:
@@ -8772,7 +8783,7 @@ class InboundProtocol:
         self._phase = _HEAD
         self._current = None
         self._give_back()
-        self._is_head = False
+        self._is_head = self._chunked = False
         self._head_timed = bool(conn.trailing_data[0])   # a pipelined head is already here
         self._deadline = now + (self._header_timeout_s if self._head_timed else self._keepalive_timeout_s)
         self._held = 0

@@ -5853,6 +5853,25 @@ def test_inbound_protocol_http_10_and_head() -> None:
     assert b"connection: close" in out.lower() and after == [p2o.CLOSE]
 
 
+def test_inbound_protocol_streams_frame_as_h11_would() -> None:
+    # 1.1: chunked, each piece one chunk, then the last chunk; a client's parser gets the pieces back.
+    protocol = inbound()
+    feed(protocol, GET_HEALTH)
+    out = protocol.start_stream(200, [("Content-Type", "text/event-stream")], b"data: 1\n\n")
+    pieces = [protocol.send_data(b"data: " + b"x" * n + b"\n\n") for n in (1, 300, 70_000)]
+    assert pieces[0] == b"9\r\ndata: x\n\n\r\n" and pieces[2].startswith(b"11178\r\n")
+    out += b"".join(pieces) + protocol.end_stream()
+    ((status, _, body),) = responses_of(out)
+    assert status == 200 and body == b"data: 1\n\n" + b"".join(b"data: " + b"x" * n + b"\n\n" for n in (1, 300, 70_000))
+    assert protocol.response_done(0.0) == [] and feed(protocol, GET_HEALTH)   # and the connection goes on
+    # 1.0: no chunks, the body ends with the connection; HEAD: the head a GET would get, no body.
+    for request, sent in ((b"GET /s HTTP/1.0\r\n\r\n", b"abc"), (b"HEAD /s HTTP/1.1\r\nHost: x\r\n\r\n", b"")):
+        protocol = inbound()
+        feed(protocol, request)
+        head = protocol.start_stream(200, [], b"")
+        assert (b"transfer-encoding" in head.lower()) == (sent == b"") and protocol.send_data(b"abc") == sent
+
+
 def refuse_unknown(request: p2o.Request) -> p2o.ProxyError | None:
     return None if request.path == "/ok" else p2o.ProxyError(404, "no such path", "invalid_request_error", "not_found")
 
