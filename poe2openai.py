@@ -5816,6 +5816,7 @@ class HTTPStream:
         self.writer = writer
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self.bytes_sent = 0
+        self._loop = asyncio.get_running_loop()   # asked once: each ask costs a getpid() syscall
         # receive(): one deadline timer per connection, moved lazily rather than set for every read.
         self._deadline_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -5854,7 +5855,7 @@ class HTTPStream:
         asyncio.timeout) would be set and cancelled for every one. Instead a read only moves the
         deadline; the one timer, when it fires at an older deadline, sleeps on to the new one, and
         only a deadline that really passed cancels the read, which then becomes a TimeoutError."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         at = loop.time() + timeout_s
         self._deadline_s = at
         timer = self._timer
@@ -5862,7 +5863,7 @@ class HTTPStream:
             if timer is not None:
                 timer.cancel()
             self._timer = loop.call_at(at, self._deadline_passed)
-        self._reading = task = asyncio.current_task()
+        self._reading = task = asyncio.current_task(loop)
         try:
             return await self.reader.read(READ_CHUNK_BYTES)
         except asyncio.CancelledError:
@@ -5881,7 +5882,7 @@ class HTTPStream:
         task = self._reading
         if task is None:
             return   # not reading: the next read sets its own deadline
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._deadline_s:
             self._timer = loop.call_at(self._deadline_s, self._deadline_passed)
             return
@@ -9014,14 +9015,16 @@ class InboundConnection:
             await stream.aclose()  # type: ignore[attr-defined]  # async generator: closes Poe's side too
 
     async def _write(self, data: bytes) -> None:
+        transport = self.transport
         try:
-            self.writer.write(data)
+            transport.write(data)
             self.bytes_sent += len(data)
-            # drain() only blocks when the client is slow; skip the timer in the common case.
-            if self.transport.get_write_buffer_size() > 0:
+            # drain() only blocks when the client is slow; skip the timer in the common case, and drain()
+            # itself when everything went out and the connection is open (it would return at once).
+            if transport.get_write_buffer_size() > 0:
                 await asyncio.wait_for(self.writer.drain(), self.app.settings.write_timeout_seconds)
-            else:
-                await self.writer.drain()
+            elif transport.is_closing():
+                await self.writer.drain()   # raises for a connection that is lost
         except asyncio.TimeoutError:
             # The client takes nothing: a graceful close would wait for it forever, holding the socket.
             self.protocol.send_failed()
