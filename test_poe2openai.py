@@ -842,6 +842,17 @@ def test_sse_decoder_costs_linear_time_however_a_line_is_chunked() -> None:
     assert pieces_s < 10 * whole_s + 0.05
 
 
+@pytest.mark.parametrize("text", ['{"text": "a"}', ' {"a":1}', '{"a":1}\n', "", " \n", "\ufeff{}", '{"a":1}x',
+                                  "x", "[1,2]", '"s"', "null", '{"a":', '{"a":1}{}', "NaN", '{"a": "\\ud800"}'])
+def test_event_json_is_json_loads_with_blank_as_empty(text: str) -> None:
+    def outcome(load: Callable[[str], Any]) -> tuple[str, Any]:
+        try:
+            return "value", load(text)
+        except ValueError as exc:
+            return "error", str(exc)
+    assert outcome(p2o.load_event_json) == outcome(lambda t: json.loads(t) if t.strip() else {})
+
+
 def test_sse_decoder_refuses_oversized_lines_and_events_as_they_come() -> None:
     decoder = p2o.SSEDecoder(max_event_bytes=64 * 1024)
     decoder.feed(b"data: " + b"x" * 60_000)             # under the cap: waits for the line end
