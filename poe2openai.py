@@ -671,6 +671,23 @@ _json_string = json.encoder.encode_basestring            # what the encoders abo
 _json_string_ascii = json.encoder.encode_basestring_ascii
 
 
+_json_scan = json.JSONDecoder().scan_once   # json.loads' C scanner, without its three Python frames
+
+
+def load_event_json(text: str) -> Any:
+    """json.loads(text), or {} for blank text: an event's data, the hot path of every streamed piece.
+    A text that is exactly one JSON value (Poe's are) is scanned directly; anything else (blank, a
+    BOM, white space around it, trailing data, no value at all) takes json.loads' own way and errors."""
+    try:
+        value, end = _json_scan(text, 0)
+    except StopIteration:
+        pass
+    else:
+        if end == len(text):
+            return value
+    return json.loads(text) if text.strip() else {}
+
+
 @dataclass(slots=True)
 class SSEEvent:
     event: str
@@ -678,6 +695,7 @@ class SSEEvent:
 
 
 _LINE_END = re.compile(rb"\r\n?|\n")
+_LINE_SPLIT = re.compile(r"\r\n?|\n")
 # What one event from Poe may carry. Big enough for a whole `file` or `text` event in one piece; past
 # it the stream is refused (a 502), in time linear in what arrived.
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024
@@ -690,7 +708,7 @@ class SSEDecoder:
     Handles LF, CRLF and CR line ends (also a CRLF split across reads), UTF-8 characters split across
     reads, comments, `data:` with or without the space, and multi-line data. Pure: no I/O.
 
-    Each byte is searched for a line end once, however the line is chunked, and a line or event
+    Each byte is looked at a bounded number of times, however the line is chunked, and a line or event
     larger than `max_event_bytes` (or with more than `max_data_lines` data lines) raises ValueError
     as soon as it is seen to be, so hostile input costs linear time and bounded memory.
     """
@@ -715,21 +733,55 @@ class SSEDecoder:
         if not chunk:
             return events
         buf = self._buf
-        buf += chunk
-        start = 0
-        for match in _LINE_END.finditer(buf, self._scanned):
-            end = match.start()
-            if end - start > self._max_bytes:
+        if buf:
+            buf += chunk
+            data: bytes | bytearray = buf
+        else:
+            data = chunk   # the usual case, a read of whole events: no copy into the buffer
+        # Only the last line end is looked for (from the end, never before what earlier reads left):
+        # everything before it is whole lines, decoded and split in one go rather than line by line.
+        scanned = self._scanned
+        last = data.rfind(b"\n", scanned)
+        last = max(last, data.rfind(b"\r", last + 1 if last >= 0 else scanned))
+        if last < 0:
+            if data is chunk:
+                buf += chunk
+            self._scanned = len(buf)
+            if len(buf) > self._max_bytes:
                 raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
-            self._line(buf[start:end].decode("utf-8", "replace"), events)
-            start = match.end()
-        if start:
-            self._after_cr = start == len(buf) and buf[-1] == 13   # a CR last: an LF next is its pair
-            del buf[:start]
+            return events
+        stop = last + 1
+        if stop > self._max_bytes:
+            self._lines_capped(data, stop, events)   # one of these lines may be over the cap
+        else:
+            text = (data if stop == len(data) else data[:stop]).decode("utf-8", "replace")
+            if "\r" in text:   # CRLF (Poe's own) becomes LF first: splitting on one character is cheaper
+                text = text.replace("\r\n", "\n")
+            lines = _LINE_SPLIT.split(text) if "\r" in text else text.split("\n")
+            lines.pop()   # the empty string after the last line end
+            line = self._line
+            for one in lines:
+                line(one, events)
+        self._after_cr = stop == len(data) and data[last] == 13   # a CR last: an LF next is its pair
+        if data is chunk:
+            if stop < len(chunk):
+                buf += chunk[stop:]
+        else:
+            del buf[:stop]
         self._scanned = len(buf)
         if len(buf) > self._max_bytes:
             raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
         return events
+
+    def _lines_capped(self, data: bytes | bytearray, stop: int, events: list[SSEEvent]) -> None:
+        """The lines in data[:stop], each checked against the cap in bytes before it is decoded."""
+        start = 0
+        for match in _LINE_END.finditer(data, 0, stop):
+            end = match.start()
+            if end - start > self._max_bytes:
+                raise ValueError(f"an SSE line is larger than {self._max_bytes} bytes")
+            self._line(data[start:end].decode("utf-8", "replace"), events)
+            start = match.end()
 
     def close(self) -> list[SSEEvent]:
         """End of stream: flush a last line without a line end and a last event without a blank line."""
@@ -3884,7 +3936,7 @@ class PoeTranslator:
         if name not in ("text", "replace_response", "error", "done", "file", "json"):
             return []  # meta, suggested_reply, data, ping: nothing for the client
         try:
-            data = json.loads(event.data) if event.data.strip() else {}
+            data = load_event_json(event.data)
         except (ValueError, RecursionError):
             log.warning("Poe sent a %s event whose data is not JSON; ignored", name)
             return []
@@ -5858,6 +5910,7 @@ class HTTPStream:
         self.writer = writer
         self.conn = h11.Connection(role, max_incomplete_event_size=max_head_bytes)
         self.bytes_sent = 0
+        self._loop = asyncio.get_running_loop()   # asked once: each ask costs a getpid() syscall
         # receive(): one deadline timer per connection, moved lazily rather than set for every read.
         self._deadline_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -5896,7 +5949,7 @@ class HTTPStream:
         asyncio.timeout) would be set and cancelled for every one. Instead a read only moves the
         deadline; the one timer, when it fires at an older deadline, sleeps on to the new one, and
         only a deadline that really passed cancels the read, which then becomes a TimeoutError."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         at = loop.time() + timeout_s
         self._deadline_s = at
         timer = self._timer
@@ -5904,7 +5957,7 @@ class HTTPStream:
             if timer is not None:
                 timer.cancel()
             self._timer = loop.call_at(at, self._deadline_passed)
-        self._reading = task = asyncio.current_task()
+        self._reading = task = asyncio.current_task(loop)
         try:
             return await self.reader.read(READ_CHUNK_BYTES)
         except asyncio.CancelledError:
@@ -5923,7 +5976,7 @@ class HTTPStream:
         task = self._reading
         if task is None:
             return   # not reading: the next read sets its own deadline
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if loop.time() < self._deadline_s:
             self._timer = loop.call_at(self._deadline_s, self._deadline_passed)
             return
@@ -8590,6 +8643,7 @@ class InboundProtocol:
         self._body = bytearray()
         self._refused = False         # answering with an error: the rest of the input is dropped
         self._is_head = False         # HEAD request: the body of the answer is not sent
+        self._chunked = False         # the streamed answer going out is chunked: send_data frames it
         self._has_body = False        # the current request announced a body
         self._held = 0                # bytes of a pipelined next request fed to h11 while we answer
         self._eof = False
@@ -8799,15 +8853,23 @@ class InboundProtocol:
         """The head of a streamed answer (h11 frames it: chunked for 1.1, close-delimited for 1.0), with
         its first piece, so both leave in one segment."""
         out = self._conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        # h11 chose the framing and wrote it into the head. A chunk of a chunked body changes nothing
+        # in h11's state, so send_data frames one itself, as h11 would, without an h11 event per piece.
+        self._chunked = b"\r\ntransfer-encoding: chunked\r\n" in out.lower()
         return out + self.send_data(first) if first else out
 
     def send_data(self, data: bytes) -> bytes:
-        return b"" if self._is_head else self._conn.send(h11.Data(data=data))
+        if self._is_head:
+            return b""
+        if self._chunked and data:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return self._conn.send(h11.Data(data=data))
 
     def end_stream(self) -> bytes:
         return self._conn.send(h11.EndOfMessage())
 
     def send_failed(self) -> None:
+        self._chunked = False   # h11, in its ERROR state now, refuses what follows
         self._conn.send_failed()
 
     def abort(self) -> list[InboundAction]:
@@ -8834,7 +8896,7 @@ class InboundProtocol:
         self._phase = _HEAD
         self._current = None
         self._give_back()
-        self._is_head = False
+        self._is_head = self._chunked = False
         self._head_timed = bool(conn.trailing_data[0])   # a pipelined head is already here
         self._deadline = now + (self._header_timeout_s if self._head_timed else self._keepalive_timeout_s)
         self._held = 0
@@ -9067,14 +9129,16 @@ class InboundConnection:
             await stream.aclose()  # type: ignore[attr-defined]  # async generator: closes Poe's side too
 
     async def _write(self, data: bytes) -> None:
+        transport = self.transport
         try:
-            self.writer.write(data)
+            transport.write(data)
             self.bytes_sent += len(data)
-            # drain() only blocks when the client is slow; skip the timer in the common case.
-            if self.transport.get_write_buffer_size() > 0:
+            # drain() only blocks when the client is slow; skip the timer in the common case, and drain()
+            # itself when everything went out and the connection is open (it would return at once).
+            if transport.get_write_buffer_size() > 0:
                 await asyncio.wait_for(self.writer.drain(), self.app.settings.write_timeout_seconds)
-            else:
-                await self.writer.drain()
+            elif transport.is_closing():
+                await self.writer.drain()   # raises for a connection that is lost
         except asyncio.TimeoutError:
             # The client takes nothing: a graceful close would wait for it forever, holding the socket.
             self.protocol.send_failed()
