@@ -4133,11 +4133,12 @@ class SaidText:
     comes, the text itself kept only when `keep` (a fold renders it at the end; a stream has sent it
     and needs only a digest, to tell whether a replacement extends what the client has)."""
 
-    def __init__(self, keep: bool = False) -> None:
+    def __init__(self, keep: bool = False, digest: bool = False) -> None:
         self._keep = keep
         self._pieces: list[str] = []
         self._tally = TokenTally()
-        self._digest = TextDigest()
+        # Only a content text that is not kept needs a digest for unseen(); a kept one compares itself.
+        self._digest = TextDigest() if digest and not keep else None
         self.size = 0   # UTF-8 bytes said
 
     def __bool__(self) -> bool:
@@ -4147,7 +4148,8 @@ class SaidText:
         if not piece:
             return
         self._tally.add(piece)
-        self._digest.add(piece)
+        if self._digest is not None:
+            self._digest.add(piece)
         self.size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "surrogatepass"))
         if self._keep:
             self._pieces.append(piece)
@@ -4155,12 +4157,18 @@ class SaidText:
     def replace(self, text: str) -> None:
         """The answer is now exactly `text` (Poe's replace_response)."""
         self._pieces, self._tally, self.size = [], TokenTally(), 0
-        self._digest.reset()
+        if self._digest is not None:
+            self._digest.reset()
         self.append(text)
 
     def unseen(self, text: str) -> str | None:
         """What `text` adds to what was said when it starts with it, else None."""
-        return self._digest.unseen(text)
+        if self._digest is not None:
+            return self._digest.unseen(text)
+        if not self._keep:
+            raise RuntimeError("this answer text keeps no digest")
+        said = self.text()
+        return text[len(said):] if text.startswith(said) else None
 
     def text(self) -> str:
         """The whole text; only a kept one has it."""
@@ -4179,7 +4187,7 @@ class AnswerText:
     counted as it comes. With `keep` (folds), content and reasoning are kept for the body too."""
 
     def __init__(self, keep: bool = False) -> None:
-        self.content = SaidText(keep)
+        self.content = SaidText(keep, digest=True)
         self.reasoning = SaidText(keep)
         self.arguments = SaidText()
 
