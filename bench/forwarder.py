@@ -20,20 +20,12 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import poe_request  # noqa: E402  # the very query the proxy sends, as bench.py describes it
+
 READ_BYTES = 64 * 1024
 HEALTH = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s'
 END_OF_CHUNKED = b"0\r\n\r\n"
-
-
-def upstream_request(bot: bytes) -> bytes:
-    """The fake's query, in the shape bench.poe_request() describes (kept here so this file stands alone)."""
-    body = json.dumps({"version": "1.1", "type": "query",
-                       "query": [{"role": "user", "content": "hi", "content_type": "text/markdown",
-                                  "attachments": []}],
-                       "user_id": "", "conversation_id": "", "message_id": ""}).encode()
-    return (b"POST /bot/%s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer k\r\n"
-            b"Content-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: %d\r\n\r\n%s"
-            % (bot, len(body), body))
 
 
 async def serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, upstream_port: int) -> None:
@@ -59,7 +51,7 @@ async def serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             if up_writer is None:
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
             assert up_reader is not None
-            up_writer.write(upstream_request(json.loads(body)["model"].encode()))
+            up_writer.write(poe_request(json.loads(body)["model"]))
             await up_writer.drain()
             while True:   # the event-by-event copy: what is measured
                 data = await up_reader.read(READ_BYTES)
