@@ -695,7 +695,7 @@ class SSEEvent:
 
 
 _LINE_END = re.compile(rb"\r\n?|\n")
-_LINE_SPLIT = re.compile(r"\r\n?|\n")
+_LINE_SPLIT = re.compile(r"[\r\n]")   # after CRLF became LF: each CR or LF ends a line
 # What one event from Poe may carry. Big enough for a whole `file` or `text` event in one piece; past
 # it the stream is refused (a 502), in time linear in what arrived.
 MAX_SSE_EVENT_BYTES = 16 * 1024 * 1024
@@ -757,6 +757,8 @@ class SSEDecoder:
             text = (data if stop == len(data) else data[:stop]).decode("utf-8", "replace")
             if "\r" in text:   # CRLF (Poe's own) becomes LF first: splitting on one character is cheaper
                 text = text.replace("\r\n", "\n")
+            # What CR is left is a line end of its own, even one that the replace put before an LF
+            # ("\r\r\n" is two line ends): so one character at a time, never CRLF as one.
             lines = _LINE_SPLIT.split(text) if "\r" in text else text.split("\n")
             lines.pop()   # the empty string after the last line end
             line = self._line
@@ -2756,7 +2758,8 @@ class TokenMemo:
     A coding agent sends its whole system prompt and history again with every turn, and estimating
     100 KB of text takes ~15 ms here, so each turn would pay for all the turns before it. No text is
     kept: two texts of one length whose 64-bit hashes collide would share an estimate, which is still
-    an estimate (Python's str hash is keyed per process)."""
+    an estimate (Python's str hash is keyed per process). Counts are kept per `scope` (the caller's
+    key): how fast a text is counted must not tell one user whether another has sent it."""
 
     def __init__(self, max_entries: int = TOKEN_MEMO_ENTRIES) -> None:
         self.max_entries = max_entries
@@ -2765,10 +2768,10 @@ class TokenMemo:
     def __len__(self) -> int:
         return len(self._counts)
 
-    def estimate(self, text: str) -> int:
+    def estimate(self, text: str, scope: str = "") -> int:
         if len(text) < TOKEN_MEMO_MIN_CHARS:
             return estimate_tokens(text)
-        key = (len(text), hash(text))
+        key = (len(text), hash((scope, text)))
         counts = self._counts
         tokens = counts.get(key)
         if tokens is None:
@@ -2780,10 +2783,10 @@ class TokenMemo:
         return tokens
 
 
-def count_prompt_tokens(query: Mapping[str, Any], memo: TokenMemo | None = None) -> int:
+def count_prompt_tokens(query: Mapping[str, Any], memo: TokenMemo | None = None, scope: str = "") -> int:
     """Prompt tokens of a Poe query: message texts, native tool fields, and OpenAI's per-message overhead.
-    With a memo, long texts counted before are not counted again."""
-    estimate = estimate_tokens if memo is None else memo.estimate
+    With a memo, long texts counted before in the same scope are not counted again."""
+    estimate = estimate_tokens if memo is None else lambda text: memo.estimate(text, scope)
     total = sum(MESSAGE_OVERHEAD_TOKENS + estimate(m.get("content", ""))
                 + ATTACHMENT_TOKENS * len(m.get("attachments") or ())
                 for m in query.get("query", ())) + REPLY_PRIMING_TOKENS
@@ -3880,13 +3883,13 @@ class _NativeCall:
 
     __slots__ = ("id", "name", "index", "pieces", "size", "_limit")
 
-    def __init__(self) -> None:
+    def __init__(self, limit_bytes: int) -> None:
         self.id = ""
         self.name = ""
         self.index = -1          # ours, once given out
         self.pieces: list[str] = []
         self.size = 0
-        self._limit = answer_limit.get()
+        self._limit = limit_bytes
 
     def add(self, piece: str) -> None:
         self.size += len(piece)
@@ -3923,6 +3926,8 @@ class PoeTranslator:
         self._claimed = 0                                    # calls taken, given out yet or not
         self._native_calls: dict[int, _NativeCall] = {}      # by Poe's tool-call index
         self._whole_calls = whole_calls                      # give native calls out whole, at the end
+        # Read now, while the request is handled: a stream's later events are read outside its context.
+        self._limit = answer_limit.get()
         # The answer's text after thoughts, for replace_response: remembered by its digest, not kept.
         self._seen = TextDigest()
         self._refs = FileRefs()
@@ -4081,7 +4086,7 @@ class PoeTranslator:
             if entry is None:
                 if not self._parallel and self._claimed:   # a second call: the first was the whole answer
                     return out + self._finish()
-                entry = self._native_calls[poe_index] = _NativeCall()
+                entry = self._native_calls[poe_index] = _NativeCall(self._limit)
                 self._claimed += 1
             if isinstance(call.get("id"), str) and call["id"] and not entry.id:
                 entry.id = call["id"]
@@ -8086,11 +8091,18 @@ def _event_data(event: SSEEvent) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _memo_scope(api_key: str) -> str:
+    """Whose remembered token counts a request may use: its access key's label and its Poe key."""
+    return f"{KEY_LABEL.get()}\n{api_key}"
+
+
 def stand_in_attachments(media: Sequence[Media]) -> dict[int, list[dict[str, Any]]]:
     """Attachments by message index as attachments_for() will give them, without uploading anything."""
     found: dict[int, list[dict[str, Any]]] = {}
     for n, item in enumerate(media):
-        found.setdefault(item.message_index, []).append({"url": f"about:stand-in-{n}", "content_type": "", "name": ""})
+        # A Poe CDN file keeps its URL, as attach() keeps it: the query then drops it where it repeats one.
+        url = item.url if item.url is not None and is_poe_cdn(item.url) else f"about:stand-in-{n}"
+        found.setdefault(item.message_index, []).append({"url": url, "content_type": "", "name": ""})
     return found
 
 
@@ -8127,7 +8139,8 @@ class ChatPipeline(ServicePart):
         if isinstance(body, dict) and not body.get("model"):
             body = {**body, "model": "unknown"}
         chat = parse_chat_request(anthropic_to_openai(body))
-        return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat), self.token_memo)})
+        scope = _memo_scope(_optional_key(request) or "")
+        return json_response(200, {"input_tokens": count_prompt_tokens(build_poe_query(chat), self.token_memo, scope)})
 
     def _route(self, model: str, dialect: Dialect, catalogue: Catalogue | None = None) -> ModelRoute:
         route = self.registry.resolve(model, catalogue, self.settings.tool_mode)
@@ -8191,13 +8204,13 @@ class ChatPipeline(ServicePart):
             self._xml_bots.popitem(last=False)
 
     def _query(self, chat: ChatRequest, route: ModelRoute, tool_mode: str, attachments: Mapping[int, list[dict[str, Any]]],
-               info: BotInfo | None) -> tuple[dict[str, Any], int]:
+               info: BotInfo | None, api_key: str) -> tuple[dict[str, Any], int]:
         """The Poe query and its prompt tokens, refused (400 context_length_exceeded) when it cannot fit the
         bot's context window: before Poe is called, so nothing is billed for it. Counted once: a coding
         agent's prompt is often 100 KB of text."""
         query = build_poe_query(chat, system_as_user=route.replace_response, tool_mode=tool_mode,
                                 attachments=attachments)
-        prompt_tokens = count_prompt_tokens(query, self.token_memo)
+        prompt_tokens = count_prompt_tokens(query, self.token_memo, _memo_scope(api_key))
         check_context(prompt_tokens, None, info)
         return query, prompt_tokens
 
@@ -8255,9 +8268,9 @@ class ChatPipeline(ServicePart):
             if media:
                 # The context check first, with stand-ins that count as the files will: a prompt the bot
                 # cannot take is refused before anything is uploaded.
-                self._query(chat, route, mode, stand_in_attachments(media), info)
+                self._query(chat, route, mode, stand_in_attachments(media), info, api_key)
                 attachments = await self.uploader.attachments_for(media, api_key)
-            query, prompt_tokens = self._query(chat, route, mode, attachments, info)
+            query, prompt_tokens = self._query(chat, route, mode, attachments, info, api_key)
             native_fields = bool(query.get("tools") or query.get("tool_calls"))
             probe = route.tool_mode == "auto" and mode == "native" and native_fields
             await self.gate.wait()
@@ -8270,7 +8283,7 @@ class ChatPipeline(ServicePart):
                 # for what a bot answers; a query turned away at the door gets no answer). Asking again
                 # in XML costs the client nothing twice, and no tool ran: tools run on the client's side.
                 mode = "xml"
-                query, prompt_tokens = self._query(chat, route, mode, attachments, info)
+                query, prompt_tokens = self._query(chat, route, mode, attachments, info, api_key)
                 await self.gate.wait()
                 events = await self._open(route.bot, query, api_key)
                 assert events is not None

@@ -775,6 +775,7 @@ SAMPLE_STREAM = (
     'event: text\ndata:{"text": "no space"}\n\n'
     'event: text\rdata: {"text": "cr only"}\r\r'
     'event: text\ndata: {"a":\ndata: 1}\n\n'
+    'event: text\rdata: {"text": "cr, then crlf"}\r\r\n'
     'event: done\r\ndata: {}\r\n\r\n'
 ).encode()
 
@@ -785,6 +786,7 @@ EXPECTED_EVENTS = [
     ("text", '{"text": "no space"}'),
     ("text", '{"text": "cr only"}'),
     ("text", '{"a":\n1}'),
+    ("text", '{"text": "cr, then crlf"}'),
     ("done", "{}"),
 ]
 
@@ -973,6 +975,8 @@ def test_token_memo_counts_each_long_text_once_and_agrees_with_the_estimator(mon
     assert counted == [2]          # short texts are counted every time (cheaper than a lookup)
     other = system.replace("Cline", "Roo C")                 # same length, other text: its own count
     assert len(other) == len(system) and memo.estimate(other) == real(other) and counted[-1] == len(other)
+    counted.clear()   # a count remembered for one caller is not another's: timing must not tell who sent what
+    assert p2o.count_prompt_tokens(query, memo, "bob's key") == first and counted.count(len(system)) == 1
     for n in range(5):
         memo.estimate("x" * (p2o.TOKEN_MEMO_MIN_CHARS + n))
     assert len(memo) == 3
@@ -1806,6 +1810,24 @@ def test_native_mode_sends_poe_tool_fields() -> None:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def test_stand_in_attachments_count_as_the_uploads_will() -> None:
+    # The context check runs before uploading, on stand-ins: the count must be the real query's, also when
+    # the user sends back the bot's own Poe CDN picture (kept by its URL, so not counted twice).
+    cdn = "https://pfst.cf2.poecdn.net/base/image/abc.png"
+    messages = [{"role": "user", "content": "draw a cat"}, {"role": "assistant", "content": f"![cat]({cdn})"},
+                {"role": "user", "content": [{"type": "text", "text": "make it blue, like this one"},
+                                             {"type": "image_url", "image_url": {"url": cdn}},
+                                             {"type": "image_url", "image_url": {"url": data_url(PNG)}}]}]
+    chat = p2o.parse_chat_request({"model": "m", "messages": messages})
+    media = p2o.collect_media(chat.messages)
+    uploaded = {2: [{"url": cdn, "content_type": "image/png", "name": "abc.png"},
+                    {"url": "https://pfst.cf2.poecdn.net/base/image/up1", "content_type": "image/png", "name": "i.png"}]}
+    real = p2o.build_poe_query(chat, attachments=uploaded)
+    stand_in = p2o.build_poe_query(chat, attachments=p2o.stand_in_attachments(media))
+    assert len(stand_in["query"][-1]["attachments"]) == len(real["query"][-1]["attachments"]) == 2
+    assert p2o.count_prompt_tokens(stand_in) == p2o.count_prompt_tokens(real)
 
 
 def image_message(url: str, text: str = "What is in this image?") -> dict[str, Any]:
@@ -2716,15 +2738,15 @@ def test_a_native_call_in_many_small_pieces_is_linear_and_bounded() -> None:
         message = fold.body("x", 0, "m", 0)["choices"][0]["message"]
         assert json.loads(message["tool_calls"][0]["function"]["arguments"])["content"] == content
         assert time.process_time() - began < 2.0, whole_calls    # ~0.3 s; gathering with += took ~8 s
-    token = p2o.answer_limit.set(100_000)
+    token = p2o.answer_limit.set(100_000)   # the request's MAX_ANSWER_SIZE, in force while it is handled
     try:
         translator = p2o.PoeTranslator(p2o.parse_tools(body), whole_calls=True)
-        with pytest.raises(p2o.ProxyError) as info:
-            for kind, data in events:
-                translator.feed(p2o.SSEEvent(kind, json.dumps(data)))
-        assert (info.value.status, info.value.code) == (502, "answer_too_large")
     finally:
-        p2o.answer_limit.reset(token)
+        p2o.answer_limit.reset(token)   # a stream's later events are read outside that context
+    with pytest.raises(p2o.ProxyError) as info:
+        for event in raw:
+            translator.feed(event)
+    assert (info.value.status, info.value.code) == (502, "answer_too_large")
 
 
 def test_native_and_xml_calls_share_one_numbering() -> None:
