@@ -121,7 +121,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, 
 
 import h11
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 __all__ = ["Settings", "ProxyError", "SSEDecoder", "serve", "main"]
 
 log = logging.getLogger("poe2openai")
