@@ -6333,27 +6333,73 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-def open_admin(browser: Browser, proxy: Any, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
-               credentials: dict[str, str] | None = ADMIN_LOGIN, url: str | None = None) -> Page:
-    """A fresh context (own localStorage) with the page loaded and its cards drawn. Script errors,
-    anything the Content-Security-Policy blocked and alert() calls are collected for close_page."""
-    context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=color_scheme,
-                                  http_credentials=credentials)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and (
+def _watch(page: Page) -> Page:
+    """Collect script errors, anything the Content-Security-Policy blocked and alert() calls in
+    page.errors (close_page asserts there are none). A beforeunload prompt met while the harness itself
+    leaves a page (page.leaving) is accepted: the next test's page must load whatever this one left."""
+    page.errors = []   # type: ignore[attr-defined]
+    page.leaving = False   # type: ignore[attr-defined]
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))   # type: ignore[attr-defined]
+    page.on("console", lambda msg: page.errors.append(msg.text) if msg.type == "error" and (   # type: ignore
         "Content Security Policy" in msg.text or "Failed to fetch" in msg.text) else None)
-    page.on("dialog", lambda dialog: (errors.append(f"{dialog.type}: {dialog.message}"), dialog.dismiss()))
-    page.errors = errors   # type: ignore[attr-defined]
+
+    def dialog(d: Any) -> None:
+        if d.type == "beforeunload" and page.leaving:   # type: ignore[attr-defined]
+            d.accept()
+            return
+        page.errors.append(f"{d.type}: {d.message}")   # type: ignore[attr-defined]
+        d.dismiss()
+    page.on("dialog", dialog)
+    return page
+
+
+def _shared_tab(browser: Browser) -> Page:
+    """One tab per browser, logged in as the admin, that the tests take turns in. A new context and
+    tab per test costs a renderer process each (about half a second); a tab that goes from one test's
+    proxy to the next starts from nothing all the same: each proxy has a port, so an origin, of its own
+    (and close_page empties the origin's storage anyway)."""
+    tab = getattr(browser, "admin_tab", None)
+    if tab is None or tab.is_closed():
+        tab = _watch(browser.new_context(http_credentials=ADMIN_LOGIN).new_page())
+        browser.admin_tab = tab   # type: ignore[attr-defined]
+    return tab
+
+
+def open_admin(browser: Browser, proxy: Any, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
+               credentials: dict[str, str] | None = ADMIN_LOGIN, url: str | None = None,
+               fake_clock: bool = False) -> Page:
+    """The admin page loaded and its cards drawn, in a tab with empty storage for its origin. With other
+    credentials, or with `fake_clock` (playwright's clock, installed before the page loads, so that a
+    test moves the page's timers on instead of waiting for them), in a context of its own."""
+    if credentials is ADMIN_LOGIN and not fake_clock:
+        page = _shared_tab(browser)
+        page.unroute_all(behavior="ignoreErrors")   # whatever a failed test left behind
+        page.set_viewport_size({"width": width, "height": height})
+        page.emulate_media(color_scheme=color_scheme)   # type: ignore[arg-type]
+    else:
+        context = browser.new_context(viewport={"width": width, "height": height},
+                                      color_scheme=color_scheme,   # type: ignore[arg-type]
+                                      http_credentials=credentials)   # type: ignore[arg-type]
+        page = _watch(context.new_page())
+        if fake_clock:
+            page.clock.install()
+    page.errors.clear()   # type: ignore[attr-defined]
+    page.leaving = True   # type: ignore[attr-defined]
     page.goto(url or proxy.url + "/admin")
+    page.leaving = False   # type: ignore[attr-defined]
     expect(page.get_by_test_id("cards")).to_be_visible()
     return page
 
 
 def close_page(page: Page) -> None:
-    errors = page.errors   # type: ignore[attr-defined]
-    page.context.close()
+    errors = list(page.errors)   # type: ignore[attr-defined]
+    if page is getattr(page.context.browser, "admin_tab", None):
+        page.leaving = True   # type: ignore[attr-defined]
+        page.evaluate("localStorage.clear(); sessionStorage.clear()")
+        page.goto("about:blank")   # stops the page's timers and requests before its proxy goes
+        page.leaving = False   # type: ignore[attr-defined]
+    else:
+        page.context.close()
     assert not errors, errors
 
 
@@ -6497,7 +6543,9 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
 
 def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: Browser) -> None:
     seed_config(admin_proxy, enable=False, use_v1_api=True)
-    page = open_admin(browser, admin_proxy)
+    page = open_admin(browser, admin_proxy, fake_clock=True)
+    # The page's time stands still from here (seconds, in playwright's Python API): toasts stay until moved on.
+    page.clock.pause_at((page.evaluate("Date.now()") + 1) / 1000)
     master = page.get_by_test_id("master")
     expect(master).to_have_attribute("aria-checked", "false")
     expect(page.get_by_test_id("master-note")).to_be_visible()
@@ -6523,7 +6571,12 @@ def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: B
     expect(page.get_by_test_id("token-dialog")).to_be_hidden()
     assert yaml.safe_load(admin_proxy.config_path.read_text())["api_token"] is None
     # Toasts go away after 3 s.
-    expect(page.get_by_test_id("toast")).to_have_count(0, timeout=TIMEOUT_MS)
+    toasts = page.get_by_test_id("toast")
+    expect(toasts).to_have_count(3)                      # the switch and both token saves
+    page.clock.run_for(2900)
+    expect(toasts).to_have_count(3)
+    page.clock.run_for(100)
+    expect(toasts).to_have_count(0)
     close_page(page)
 
 
