@@ -14,6 +14,7 @@ import dataclasses
 import email.policy
 import gc
 import hashlib
+import heapq
 import json
 import logging
 import os
@@ -980,41 +981,94 @@ def test_token_tally_counts_a_streamed_answer_as_the_whole_text() -> None:
 # Small machines: the rate gate, login back-off, usage stats, the LRU cache
 ###############################################################################
 
+class FakeTimers:
+    """A clock and a call_later that stand still until the test moves them on: what a wait on the real
+    clock would check, without the wait. Due callbacks run in order of their time, each followed by a
+    turn of the event loop, so that what they woke runs before the next is due."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._made = 0   # ties go in the order the callbacks were given
+
+    def clock(self) -> float:
+        return self.now
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> object:
+        self._made += 1
+        entry = (self.now + delay_s, self._made, callback)
+        heapq.heappush(self._due, entry)
+        return entry   # the handle, as the loop's call_later returns one
+
+    async def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self._due and self._due[0][0] <= end:
+            when, _, callback = heapq.heappop(self._due)
+            self.now = max(self.now, when)
+            callback()
+            for _ in range(3):
+                await asyncio.sleep(0)
+        self.now = end
+
+
 def test_rate_gate_is_fifo_and_a_leaver_leaves_the_queue() -> None:
     async def scenario() -> list[tuple[str, float]]:
-        gate = p2o.RateGate(0.1)
+        timers = FakeTimers()
+        gate = p2o.RateGate(0.1, clock=timers.clock, call_later=timers.call_later)
         started: list[tuple[str, float]] = []
-        t0 = time.monotonic()
 
         async def client(name: str) -> None:
             await gate.wait()
-            started.append((name, time.monotonic() - t0))
+            started.append((name, timers.now))
 
         tasks = {}
         for name in "abcd":
             tasks[name] = asyncio.ensure_future(client(name))
             await asyncio.sleep(0)                     # arrive in this order
-        await asyncio.sleep(0.02)
+        await timers.advance(0.02)
         tasks["b"].cancel()                           # b hangs up while queued
+        await asyncio.sleep(0)
+        assert gate.queued == 2
+        await timers.advance(0.079)
+        assert [n for n, _ in started] == ["a"]       # nobody before the interval is over
+        await timers.advance(1.0)
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert gate.queued == 0
         return started
 
     started = asyncio.run(scenario())
     assert [n for n, _ in started] == ["a", "c", "d"]   # first come first served, b gone
-    times = [t for _, t in started]
-    assert times[0] < 0.05                              # the first never waits
-    assert all(later - earlier >= 0.09 for earlier, later in zip(times, times[1:]))
-    assert times[1] < 0.15 and times[2] < 0.25          # c and d moved up into b's slot
+    # The first never waits; c and d moved up into b's slot, one interval apart.
+    assert [t for _, t in started] == pytest.approx([0.0, 0.1, 0.2])
+
+    async def on_the_loops_own_timer() -> list[float]:
+        gate = p2o.RateGate(0.02)
+        starts: list[float] = []
+
+        async def client() -> None:
+            await gate.wait()
+            starts.append(time.monotonic())
+        await asyncio.gather(client(), client())
+        return starts
+
+    first, second = asyncio.run(on_the_loops_own_timer())
+    assert second - first >= 0.019
 
 
 def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
     async def scenario() -> p2o.ProxyError:
-        gate = p2o.RateGate(0.1, max_wait_s=0.25)
+        timers = FakeTimers()
+        gate = p2o.RateGate(0.1, max_wait_s=0.25, clock=timers.clock, call_later=timers.call_later)
         queued = [asyncio.ensure_future(gate.wait()) for _ in range(3)]   # waits of 0, 0.1 and 0.2 s
         await asyncio.sleep(0)
+        assert gate.expected_wait_s() == pytest.approx(0.3)
         with pytest.raises(p2o.ProxyError) as info:
             await gate.wait()                                              # would wait 0.3 s
-        await asyncio.gather(*queued)
+        await timers.advance(0.1)
+        assert gate.expected_wait_s() == pytest.approx(0.2)                # one more fits again
+        last = asyncio.ensure_future(gate.wait())
+        await timers.advance(0.3)
+        await asyncio.gather(*queued, last)
         return info.value
 
     err = asyncio.run(scenario())
