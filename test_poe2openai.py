@@ -36,19 +36,32 @@ from typing import Any, Callable, Iterator
 
 import warnings
 
-import h11
-import httpx
-import openai
-import pytest
-import yaml
+# The imports below make a few hundred thousand objects (the SDKs' pydantic models, hypothesis, fastapi)
+# that live as long as the run. Collected while they grow, they are walked again and again (seconds per
+# pytest-xdist worker); frozen once made, never: see gc.freeze() below.
+gc.disable()
+
+import h11  # noqa: E402
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="pydantic")   # fastapi_poe's own
 warnings.filterwarnings("ignore", message=".*class-based `config`.*")
 # The anthropic SDK warns about dated model ids, which Claude Code sends and these tests replay.
 pytestmark = pytest.mark.filterwarnings("ignore:The model:DeprecationWarning")
 from fastapi_poe.types import QueryRequest  # noqa: E402
-from hypothesis import example, given, settings as hsettings, strategies as st
+from hypothesis import example, given, settings as hsettings, strategies as st  # noqa: E402
 
-import poe2openai as p2o
+import poe2openai as p2o  # noqa: E402
+
+try:
+    import anthropic  # noqa: E402,F401 - the tests import it where they need it; here for gc.freeze
+except ImportError:   # pragma: no cover - the tests that need it skip
+    pass
+
+gc.freeze()
+gc.enable()
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"   # request bodies as real clients send them
