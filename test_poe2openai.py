@@ -98,6 +98,10 @@ class Script:
 
 
 DISCONNECT = "DISCONNECT"
+# The pause after each chunk the fake sends. Any timer does: the loop runs the proxy's read of the socket
+# before a timer's callback, so the next chunk is written after it (and the loop's timers count whole
+# milliseconds: this is one).
+CHUNK_GAP_S = 0.0005
 UPLOAD_PATH = "/poe_api/file_upload_3RD_PARTY_POST"
 FILES_PATH = "/files/"   # where the fake serves the files its media bots make (Poe's attachment URLs)
 
@@ -234,7 +238,7 @@ class FakePoe:
             except ConnectionError:
                 self.disconnects.append(time.monotonic())
                 return False
-            await asyncio.sleep(0.002)   # let each chunk arrive in a read of its own
+            await asyncio.sleep(CHUNK_GAP_S)   # let each chunk arrive in a read of its own
         await self._send(conn, writer, h11.EndOfMessage())
         return True
 
@@ -302,7 +306,7 @@ class FakePoe:
         half = len(data) // 2   # two pieces, so that a relay must pass on more than one read
         for piece in (data[:half], data[half:]):
             await self._send(conn, writer, h11.Data(data=piece))
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(CHUNK_GAP_S)
         await self._send(conn, writer, h11.EndOfMessage())
         return True
 
