@@ -577,16 +577,31 @@ def test_settings_env_and_flags() -> None:
     assert s.port == 9100 and s.log_level == "info" and s.poe_base_url == "http://x:1" and s.rate_limit_ms == 0
 
 
+def main_before_serving(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                        argv: list[str]) -> tuple[int, list[str]]:
+    """What `python poe2openai.py ARGV` exits with, and the lines it prints on stderr, when it stops before
+    serving: its main() run here, as a process each would cost a third of a second (the script as a
+    process: test_access_keys_need_the_servers_poe_key, test_version_flag, test_help_lists_every_setting).
+    Going on to serve fails the test instead of listening."""
+    def went_on(level: str) -> None:
+        raise AssertionError("main() accepted the settings and went on to serve")
+    monkeypatch.setattr(p2o, "configure_logging", went_on)
+    capsys.readouterr()
+    status = p2o.main(argv)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return status, captured.err.strip().splitlines()
+
+
 @pytest.mark.parametrize("name, value", [("PORT", "abc"), ("PORT", "70000"), ("MAX_REQUEST_SIZE", "-1"),
                                          ("LOG_LEVEL", "loud"), ("RATE_LIMIT_MS", "1.5"),
                                          ("URL_CACHE_TTL_SECONDS", "x"), ("URL_CACHE_SIZE_MB", "-3"),
                                          ("POE_BASE_URL", "ftp://poe"), ("POE_FILE_UPLOAD_URL", "nope")])
-def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> None:
-    env = {**os.environ, name: value}
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env=env, capture_output=True,
-                            text=True, timeout=20)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(name, value)
+    status, lines = main_before_serving(monkeypatch, capsys, [])
+    assert status == 2
     assert len(lines) == 1 and name in lines[0]
 
 
@@ -594,11 +609,10 @@ def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> Non
                                         (["--workers", "0"], "--workers"), (["--log-level", "loud"], "--log-level"),
                                         (["--shutdown-grace-seconds", "soon"], "--shutdown-grace-seconds"),
                                         (["--cors-allow-origins", "app.example.com"], "--cors-allow-origins")])
-def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str) -> None:
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), *argv], capture_output=True, text=True,
-                            timeout=20)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    status, lines = main_before_serving(monkeypatch, capsys, argv)
+    assert status == 2
     assert len(lines) == 1 and flag in lines[0], lines
     assert flag.lstrip("-").replace("-", "_").upper() not in lines[0]    # the flag typed, not the variable
 
