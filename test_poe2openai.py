@@ -114,6 +114,7 @@ class FakePoe:
             {"id": "Claude-Sonnet-4.5", "object": "model", "created": 1727000000000, "owned_by": "Anthropic"}]}
         self.models_status = 200
         self.models_delay_s = 0.0   # how long /v1/models takes to answer
+        self.models_served = 0      # model lists answered in full
         self.when_native: dict[str, Script] = {}   # what a bot does instead when a query carries native tools
         self.requests: list[dict[str, Any]] = []
         self.invalid_queries: list[str] = []
@@ -194,6 +195,7 @@ class FakePoe:
             await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.models_headers]),
                 h11.Data(data=payload), h11.EndOfMessage())
+            self.models_served += 1
             if self.close_when_done:
                 writer.write_eof()   # the FIN leaves right behind the answer, before anything else runs
             return True
@@ -3935,9 +3937,9 @@ def test_missing_done_still_finishes(proxy: Proxy, poe: FakePoe) -> None:
 
 
 def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start(read_timeout_seconds=0.6, stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
-    # 1.5 s in total, never silent for more than 0.3 s: never cut.
-    poe.on("Talker", [x for i in range(6) for x in (sse("text", {"text": f"{i}"}), 0.25)] + [sse("done", {})])
+    proxy = start(read_timeout_seconds=0.45, stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
+    # 0.6 s in total, never silent for more than 0.1 s: never cut.
+    poe.on("Talker", [x for i in range(6) for x in (sse("text", {"text": f"{i}"}), 0.1)] + [sse("done", {})])
     client = proxy.client()
     assert client.chat.completions.create(
         model="Talker", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "012345"
@@ -4645,14 +4647,14 @@ def test_a_chat_waits_for_the_catalogue_only_briefly(start: Callable[..., Proxy]
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p2o, "MODELS_WAIT_SECONDS", 0.3)
     poe.models = POE_MODELS
-    poe.models_delay_s = 1.5
+    poe.models_delay_s = 1.2
     client = start().client()
     began = time.monotonic()
     client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
                                    reasoning_effort="high", web_search_options={})
-    assert time.monotonic() - began < 1.2                                # did not wait for the slow list
+    assert time.monotonic() - began < 0.9                                # did not wait for the slow list
     assert last_turn(poe) == "Q --reasoning_effort high"                 # without it: the earlier flags
-    time.sleep(1.5)                                                      # the fetch went on in the background
+    assert wait_until(lambda: poe.models_served == 1)                    # the fetch went on in the background
     client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
                                    reasoning_effort="high", web_search_options={})
     assert last_turn(poe) == "Q --web_search true --reasoning_effort high"
@@ -5079,8 +5081,8 @@ def test_mid_stream_disconnect(proxy: Proxy, poe: FakePoe) -> None:
 
 
 def test_keepalive_comments_while_poe_is_silent(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start(stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
-    poe.on("Slow", [sse("meta", {}), 1.0, sse("text", {"text": "late"}), sse("done", {})])
+    proxy = start(stream_hold_seconds=0.1, sse_keepalive_seconds=0.15)
+    poe.on("Slow", [sse("meta", {}), 0.6, sse("text", {"text": "late"}), sse("done", {})])
     status, lines = raw_sse(proxy, {"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     assert status == 200 and lines.count(": keep-alive") >= 2
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in data_chunks(lines)
