@@ -323,6 +323,28 @@ class FakePoe:
 # The harness: proxy + fake Poe in a background event loop, the SDK in the test thread
 ###############################################################################
 
+# One TLS context for every client the tests make: each SDK or httpx client would otherwise build its
+# own, reading the whole CA bundle (25 ms), hundreds of times a run. (They speak plain HTTP to the
+# proxy here; a test of TLS brings its own context.)
+CLIENT_TLS = ssl.create_default_context()
+_SDK_HTTP_CLIENTS: dict[str, type] = {}
+
+
+def sdk_http_client(sdk: Any) -> Any:
+    """The HTTP client an SDK (openai, anthropic) makes for itself, with its defaults, on CLIENT_TLS;
+    closed when dropped, as the SDK's own is."""
+    cls = _SDK_HTTP_CLIENTS.get(sdk.__name__)
+    if cls is None:
+        class ClosedWhenDropped(sdk.DefaultHttpxClient):   # type: ignore[name-defined,misc]
+            def __del__(self) -> None:
+                try:
+                    self.close()
+                except Exception:  # noqa: BLE001 - as the SDK's: at interpreter exit anything goes
+                    pass
+        cls = _SDK_HTTP_CLIENTS[sdk.__name__] = ClosedWhenDropped
+    return cls(verify=CLIENT_TLS)
+
+
 class LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -364,7 +386,7 @@ class Proxy:
 
     def client(self, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0,
-                             timeout=kw.pop("timeout", 20), **kw)
+                             timeout=kw.pop("timeout", 20), http_client=sdk_http_client(openai), **kw)
 
     def stop(self) -> None:
         assert self._stop is not None
@@ -427,7 +449,7 @@ def fast_reload(monkeypatch: pytest.MonkeyPatch) -> float:
 
 def raw_sse(proxy: Proxy, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """POST a chat request and return the status and the raw SSE lines (data and comments)."""
-    with httpx.Client(timeout=20) as http:
+    with httpx.Client(timeout=20, verify=CLIENT_TLS) as http:
         with http.stream("POST", proxy.url + "/v1/chat/completions", json=body,
                          headers={"Authorization": f"Bearer {KEY}", **(headers or {})}) as r:
             text = "".join(r.iter_text())
@@ -459,7 +481,8 @@ def both_ways(proxy: Proxy, model: str) -> tuple[str, str]:
 
 def anthropic_client(proxy: Proxy, **kw: Any) -> Any:
     anthropic = pytest.importorskip("anthropic")
-    return anthropic.Anthropic(base_url=proxy.url, api_key=kw.pop("api_key", KEY), max_retries=0, timeout=20, **kw)
+    return anthropic.Anthropic(base_url=proxy.url, api_key=kw.pop("api_key", KEY), max_retries=0, timeout=20,
+                               http_client=sdk_http_client(anthropic), **kw)
 
 
 def ask_failing(proxy: Proxy, dialect: str, model: str, stream: bool) -> Any:
@@ -529,7 +552,7 @@ class ProxyProcess:
         deadline = time.time() + 10
         while True:
             try:
-                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1, verify=CLIENT_TLS)
                 return
             except httpx.HTTPError:
                 assert time.time() < deadline and self.proc.poll() is None, self.log()
@@ -3559,7 +3582,7 @@ def test_models_list_is_cached_and_served_stale(start: Callable[..., Proxy], poe
 
 
 def admin_config(proxy: Proxy) -> dict[str, Any]:
-    with httpx.Client(auth=ADMIN, timeout=20) as http:
+    with httpx.Client(auth=ADMIN, timeout=20, verify=CLIENT_TLS) as http:
         return http.get(proxy.url + "/api/admin/config").json()
 
 
@@ -5248,7 +5271,7 @@ def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, po
     import tracemalloc
 
     def ask(i: int) -> int:
-        with httpx.Client(timeout=20) as http:
+        with httpx.Client(timeout=20, verify=CLIENT_TLS) as http:
             return http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": "Bearer stranger"}, json={
                 "model": f"{i}-" + "m" * 1_000_000, "messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": f"https://example.com/{i}/" + "p" * 1_000_000}}]}]}
@@ -6141,7 +6164,7 @@ def start_slow_stream(proxy_port: int, poe: FakePoe) -> tuple[threading.Thread, 
     def consume() -> None:
         try:
             with httpx.stream("POST", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", timeout=90,
-                              headers={"Authorization": f"Bearer {KEY}"},
+                              headers={"Authorization": f"Bearer {KEY}"}, verify=CLIENT_TLS,
                               json={"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
                 for line in r.iter_lines():
                     got.append(line)
@@ -6189,7 +6212,7 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         deadline = time.time() + 10
         while time.time() < deadline and len(pids) < 2:
             try:
-                with httpx.Client() as http:   # a new connection each time: the kernel spreads them
+                with httpx.Client(verify=CLIENT_TLS) as http:   # a new connection each time: the kernel spreads them
                     pids.add(http.get(f"http://127.0.0.1:{port}/healthz").json()["pid"])
             except httpx.HTTPError:
                 time.sleep(0.05)
@@ -6319,7 +6342,7 @@ def test_requirements_alone_run_the_proxy(tmp_path: Path) -> None:
         deadline = time.time() + 10
         while True:
             try:
-                assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
+                assert httpx.get(f"http://127.0.0.1:{port}/healthz", verify=CLIENT_TLS).json()["status"] == "ok"
                 break
             except httpx.HTTPError:
                 assert time.time() < deadline
@@ -6494,7 +6517,7 @@ def close_page(page: Page) -> None:
 
 def admin_api(proxy: Any, path: str, body: Any = None) -> Any:
     """GET (or POST `body` to) an admin API path with the admin credentials."""
-    with httpx.Client(auth=ADMIN, timeout=10) as http:
+    with httpx.Client(auth=ADMIN, timeout=10, verify=CLIENT_TLS) as http:
         response = http.get(proxy.url + path) if body is None else http.post(proxy.url + path, json=body)
     response.raise_for_status()
     return response.json()
@@ -6506,7 +6529,7 @@ def seed_config(proxy: Any, **config: Any) -> None:
 
 
 def public_ids(proxy: Any) -> list[str]:
-    return [m["id"] for m in httpx.get(proxy.url + "/v1/models", timeout=10).json()["data"]]
+    return [m["id"] for m in httpx.get(proxy.url + "/v1/models", timeout=10, verify=CLIENT_TLS).json()["data"]]
 
 
 def card_ids(page: Page) -> list[str]:
