@@ -6656,8 +6656,9 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
 def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: Browser) -> None:
     seed_config(admin_proxy, enable=False, use_v1_api=True)
     page = open_admin(browser, admin_proxy, fake_clock=True)
-    # The page's time stands still from here (seconds, in playwright's Python API): toasts stay until moved on.
-    page.clock.pause_at((page.evaluate("Date.now()") + 1) / 1000)
+    # The page's time stands still from here on, a second ahead (pause_at cannot go back, and the page's
+    # next timer is 10 s off), until moved on: its toasts stay until then. Seconds in playwright's Python API.
+    page.clock.pause_at((page.evaluate("Date.now()") + 1000) / 1000)
     master = page.get_by_test_id("master")
     expect(master).to_have_attribute("aria-checked", "false")
     expect(page.get_by_test_id("master-note")).to_be_visible()
