@@ -4725,7 +4725,7 @@ def test_stalled_model_list_is_a_504(start: Callable[..., Proxy], poe: FakePoe, 
         server = await asyncio.start_server(stall, "127.0.0.1", 0)
         return server.sockets[0].getsockname()[1]
     port = lt.run(serve_stall())
-    proxy = start(poe_base_url=f"http://127.0.0.1:{port}", read_timeout_seconds=0.5)
+    proxy = start(poe_base_url=f"http://127.0.0.1:{port}", read_timeout_seconds=0.2)   # the rest never comes
     with pytest.raises(openai.APIStatusError) as info:
         proxy.client().models.list()
     assert info.value.status_code == 504
