@@ -1379,13 +1379,17 @@ class RateGate:
     """
 
     def __init__(self, interval_s: float, max_wait_s: float = math.inf,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 call_later: Callable[[float, Callable[[], None]], object] | None = None) -> None:
         self.interval_s = interval_s
         self.max_wait_s = max_wait_s
         self._clock = clock
+        # How the gate wakes itself up (the running loop's call_later unless given): a test that brings
+        # its own clock brings this too, and moves both on without waiting.
+        self._call_later = call_later
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._last_start_s = -math.inf   # the first request never waits
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: object | None = None
 
     @property
     def queued(self) -> int:
@@ -1419,7 +1423,7 @@ class RateGate:
     def _arm(self) -> None:
         if self._timer is None and self._waiters:
             delay_s = max(0.0, self._last_start_s + self.interval_s - self._clock())
-            self._timer = asyncio.get_running_loop().call_later(delay_s, self._next)
+            self._timer = (self._call_later or asyncio.get_running_loop().call_later)(delay_s, self._next)
 
     def _next(self) -> None:
         self._timer = None

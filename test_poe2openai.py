@@ -14,6 +14,8 @@ import dataclasses
 import email.policy
 import gc
 import hashlib
+import heapq
+import importlib.metadata
 import json
 import logging
 import os
@@ -34,19 +36,32 @@ from typing import Any, Callable, Iterator
 
 import warnings
 
-import h11
-import httpx
-import openai
-import pytest
-import yaml
+# The imports below make a few hundred thousand objects (the SDKs' pydantic models, hypothesis, fastapi)
+# that live as long as the run. Collected while they grow, they are walked again and again (seconds per
+# pytest-xdist worker); frozen once made, never: see gc.freeze() below.
+gc.disable()
+
+import h11  # noqa: E402
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="pydantic")   # fastapi_poe's own
 warnings.filterwarnings("ignore", message=".*class-based `config`.*")
 # The anthropic SDK warns about dated model ids, which Claude Code sends and these tests replay.
 pytestmark = pytest.mark.filterwarnings("ignore:The model:DeprecationWarning")
 from fastapi_poe.types import QueryRequest  # noqa: E402
-from hypothesis import example, given, settings as hsettings, strategies as st
+from hypothesis import example, given, settings as hsettings, strategies as st  # noqa: E402
 
-import poe2openai as p2o
+import poe2openai as p2o  # noqa: E402
+
+try:
+    import anthropic  # noqa: E402,F401 - the tests import it where they need it; here for gc.freeze
+except ImportError:   # pragma: no cover - the tests that need it skip
+    pass
+
+gc.freeze()
+gc.enable()
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE / "fixtures"   # request bodies as real clients send them
@@ -83,6 +98,10 @@ class Script:
 
 
 DISCONNECT = "DISCONNECT"
+# The pause after each chunk the fake sends. Any timer does: the loop runs the proxy's read of the socket
+# before a timer's callback, so the next chunk is written after it (and the loop's timers count whole
+# milliseconds: this is one).
+CHUNK_GAP_S = 0.0005
 UPLOAD_PATH = "/poe_api/file_upload_3RD_PARTY_POST"
 FILES_PATH = "/files/"   # where the fake serves the files its media bots make (Poe's attachment URLs)
 
@@ -95,6 +114,7 @@ class FakePoe:
             {"id": "Claude-Sonnet-4.5", "object": "model", "created": 1727000000000, "owned_by": "Anthropic"}]}
         self.models_status = 200
         self.models_delay_s = 0.0   # how long /v1/models takes to answer
+        self.models_served = 0      # model lists answered in full
         self.when_native: dict[str, Script] = {}   # what a bot does instead when a query carries native tools
         self.requests: list[dict[str, Any]] = []
         self.invalid_queries: list[str] = []
@@ -175,6 +195,7 @@ class FakePoe:
             await self._send(conn, writer, h11.Response(status_code=self.models_status, headers=[
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload))), *self.models_headers]),
                 h11.Data(data=payload), h11.EndOfMessage())
+            self.models_served += 1
             if self.close_when_done:
                 writer.write_eof()   # the FIN leaves right behind the answer, before anything else runs
             return True
@@ -219,7 +240,7 @@ class FakePoe:
             except ConnectionError:
                 self.disconnects.append(time.monotonic())
                 return False
-            await asyncio.sleep(0.002)   # let each chunk arrive in a read of its own
+            await asyncio.sleep(CHUNK_GAP_S)   # let each chunk arrive in a read of its own
         await self._send(conn, writer, h11.EndOfMessage())
         return True
 
@@ -287,7 +308,7 @@ class FakePoe:
         half = len(data) // 2   # two pieces, so that a relay must pass on more than one read
         for piece in (data[:half], data[half:]):
             await self._send(conn, writer, h11.Data(data=piece))
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(CHUNK_GAP_S)
         await self._send(conn, writer, h11.EndOfMessage())
         return True
 
@@ -301,6 +322,28 @@ class FakePoe:
 ###############################################################################
 # The harness: proxy + fake Poe in a background event loop, the SDK in the test thread
 ###############################################################################
+
+# One TLS context for every client the tests make: each SDK or httpx client would otherwise build its
+# own, reading the whole CA bundle (25 ms), hundreds of times a run. (They speak plain HTTP to the
+# proxy here; a test of TLS brings its own context.)
+CLIENT_TLS = ssl.create_default_context()
+_SDK_HTTP_CLIENTS: dict[str, type] = {}
+
+
+def sdk_http_client(sdk: Any) -> Any:
+    """The HTTP client an SDK (openai, anthropic) makes for itself, with its defaults, on CLIENT_TLS;
+    closed when dropped, as the SDK's own is."""
+    cls = _SDK_HTTP_CLIENTS.get(sdk.__name__)
+    if cls is None:
+        class ClosedWhenDropped(sdk.DefaultHttpxClient):   # type: ignore[name-defined,misc]
+            def __del__(self) -> None:
+                try:
+                    self.close()
+                except Exception:  # noqa: BLE001 - as the SDK's: at interpreter exit anything goes
+                    pass
+        cls = _SDK_HTTP_CLIENTS[sdk.__name__] = ClosedWhenDropped
+    return cls(verify=CLIENT_TLS)
+
 
 class LoopThread:
     def __init__(self) -> None:
@@ -343,7 +386,7 @@ class Proxy:
 
     def client(self, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", KEY), max_retries=0,
-                             timeout=kw.pop("timeout", 20), **kw)
+                             timeout=kw.pop("timeout", 20), http_client=sdk_http_client(openai), **kw)
 
     def stop(self) -> None:
         assert self._stop is not None
@@ -406,7 +449,7 @@ def fast_reload(monkeypatch: pytest.MonkeyPatch) -> float:
 
 def raw_sse(proxy: Proxy, body: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """POST a chat request and return the status and the raw SSE lines (data and comments)."""
-    with httpx.Client(timeout=20) as http:
+    with httpx.Client(timeout=20, verify=CLIENT_TLS) as http:
         with http.stream("POST", proxy.url + "/v1/chat/completions", json=body,
                          headers={"Authorization": f"Bearer {KEY}", **(headers or {})}) as r:
             text = "".join(r.iter_text())
@@ -438,7 +481,8 @@ def both_ways(proxy: Proxy, model: str) -> tuple[str, str]:
 
 def anthropic_client(proxy: Proxy, **kw: Any) -> Any:
     anthropic = pytest.importorskip("anthropic")
-    return anthropic.Anthropic(base_url=proxy.url, api_key=kw.pop("api_key", KEY), max_retries=0, timeout=20, **kw)
+    return anthropic.Anthropic(base_url=proxy.url, api_key=kw.pop("api_key", KEY), max_retries=0, timeout=20,
+                               http_client=sdk_http_client(anthropic), **kw)
 
 
 def ask_failing(proxy: Proxy, dialect: str, model: str, stream: bool) -> Any:
@@ -508,7 +552,7 @@ class ProxyProcess:
         deadline = time.time() + 10
         while True:
             try:
-                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1, verify=CLIENT_TLS)
                 return
             except httpx.HTTPError:
                 assert time.time() < deadline and self.proc.poll() is None, self.log()
@@ -558,16 +602,31 @@ def test_settings_env_and_flags() -> None:
     assert s.port == 9100 and s.log_level == "info" and s.poe_base_url == "http://x:1" and s.rate_limit_ms == 0
 
 
+def main_before_serving(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                        argv: list[str]) -> tuple[int, list[str]]:
+    """What `python poe2openai.py ARGV` exits with, and the lines it prints on stderr, when it stops before
+    serving: its main() run here, as a process each would cost a third of a second (the script as a
+    process: test_access_keys_need_the_servers_poe_key, test_version_flag, test_help_lists_every_setting).
+    Going on to serve fails the test instead of listening."""
+    def went_on(level: str) -> None:
+        raise AssertionError("main() accepted the settings and went on to serve")
+    monkeypatch.setattr(p2o, "configure_logging", went_on)
+    capsys.readouterr()
+    status = p2o.main(argv)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return status, captured.err.strip().splitlines()
+
+
 @pytest.mark.parametrize("name, value", [("PORT", "abc"), ("PORT", "70000"), ("MAX_REQUEST_SIZE", "-1"),
                                          ("LOG_LEVEL", "loud"), ("RATE_LIMIT_MS", "1.5"),
                                          ("URL_CACHE_TTL_SECONDS", "x"), ("URL_CACHE_SIZE_MB", "-3"),
                                          ("POE_BASE_URL", "ftp://poe"), ("POE_FILE_UPLOAD_URL", "nope")])
-def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> None:
-    env = {**os.environ, name: value}
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py")], env=env, capture_output=True,
-                            text=True, timeout=20)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(name, value)
+    status, lines = main_before_serving(monkeypatch, capsys, [])
+    assert status == 2
     assert len(lines) == 1 and name in lines[0]
 
 
@@ -575,11 +634,10 @@ def test_invalid_setting_stops_startup_with_exit_2(name: str, value: str) -> Non
                                         (["--workers", "0"], "--workers"), (["--log-level", "loud"], "--log-level"),
                                         (["--shutdown-grace-seconds", "soon"], "--shutdown-grace-seconds"),
                                         (["--cors-allow-origins", "app.example.com"], "--cors-allow-origins")])
-def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str) -> None:
-    result = subprocess.run([sys.executable, str(HERE / "poe2openai.py"), *argv], capture_output=True, text=True,
-                            timeout=20)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+def test_bad_flag_value_names_the_flag_and_exits_2(argv: list[str], flag: str, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    status, lines = main_before_serving(monkeypatch, capsys, argv)
+    assert status == 2
     assert len(lines) == 1 and flag in lines[0], lines
     assert flag.lstrip("-").replace("-", "_").upper() not in lines[0]    # the flag typed, not the variable
 
@@ -1015,41 +1073,94 @@ def test_token_tally_counts_a_streamed_answer_as_the_whole_text() -> None:
 # Small machines: the rate gate, login back-off, usage stats, the LRU cache
 ###############################################################################
 
+class FakeTimers:
+    """A clock and a call_later that stand still until the test moves them on: what a wait on the real
+    clock would check, without the wait. Due callbacks run in order of their time, each followed by a
+    turn of the event loop, so that what they woke runs before the next is due."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._made = 0   # ties go in the order the callbacks were given
+
+    def clock(self) -> float:
+        return self.now
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> object:
+        self._made += 1
+        entry = (self.now + delay_s, self._made, callback)
+        heapq.heappush(self._due, entry)
+        return entry   # the handle, as the loop's call_later returns one
+
+    async def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self._due and self._due[0][0] <= end:
+            when, _, callback = heapq.heappop(self._due)
+            self.now = max(self.now, when)
+            callback()
+            for _ in range(3):
+                await asyncio.sleep(0)
+        self.now = end
+
+
 def test_rate_gate_is_fifo_and_a_leaver_leaves_the_queue() -> None:
     async def scenario() -> list[tuple[str, float]]:
-        gate = p2o.RateGate(0.1)
+        timers = FakeTimers()
+        gate = p2o.RateGate(0.1, clock=timers.clock, call_later=timers.call_later)
         started: list[tuple[str, float]] = []
-        t0 = time.monotonic()
 
         async def client(name: str) -> None:
             await gate.wait()
-            started.append((name, time.monotonic() - t0))
+            started.append((name, timers.now))
 
         tasks = {}
         for name in "abcd":
             tasks[name] = asyncio.ensure_future(client(name))
             await asyncio.sleep(0)                     # arrive in this order
-        await asyncio.sleep(0.02)
+        await timers.advance(0.02)
         tasks["b"].cancel()                           # b hangs up while queued
+        await asyncio.sleep(0)
+        assert gate.queued == 2
+        await timers.advance(0.079)
+        assert [n for n, _ in started] == ["a"]       # nobody before the interval is over
+        await timers.advance(1.0)
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert gate.queued == 0
         return started
 
     started = asyncio.run(scenario())
     assert [n for n, _ in started] == ["a", "c", "d"]   # first come first served, b gone
-    times = [t for _, t in started]
-    assert times[0] < 0.05                              # the first never waits
-    assert all(later - earlier >= 0.09 for earlier, later in zip(times, times[1:]))
-    assert times[1] < 0.15 and times[2] < 0.25          # c and d moved up into b's slot
+    # The first never waits; c and d moved up into b's slot, one interval apart.
+    assert [t for _, t in started] == pytest.approx([0.0, 0.1, 0.2])
+
+    async def on_the_loops_own_timer() -> list[float]:
+        gate = p2o.RateGate(0.02)
+        starts: list[float] = []
+
+        async def client() -> None:
+            await gate.wait()
+            starts.append(time.monotonic())
+        await asyncio.gather(client(), client())
+        return starts
+
+    first, second = asyncio.run(on_the_loops_own_timer())
+    assert second - first >= 0.019
 
 
 def test_rate_gate_refuses_beyond_its_longest_wait() -> None:
     async def scenario() -> p2o.ProxyError:
-        gate = p2o.RateGate(0.1, max_wait_s=0.25)
+        timers = FakeTimers()
+        gate = p2o.RateGate(0.1, max_wait_s=0.25, clock=timers.clock, call_later=timers.call_later)
         queued = [asyncio.ensure_future(gate.wait()) for _ in range(3)]   # waits of 0, 0.1 and 0.2 s
         await asyncio.sleep(0)
+        assert gate.expected_wait_s() == pytest.approx(0.3)
         with pytest.raises(p2o.ProxyError) as info:
             await gate.wait()                                              # would wait 0.3 s
-        await asyncio.gather(*queued)
+        await timers.advance(0.1)
+        assert gate.expected_wait_s() == pytest.approx(0.2)                # one more fits again
+        last = asyncio.ensure_future(gate.wait())
+        await timers.advance(0.3)
+        await asyncio.gather(*queued, last)
         return info.value
 
     err = asyncio.run(scenario())
@@ -3560,7 +3671,7 @@ def test_models_list_is_cached_and_served_stale(start: Callable[..., Proxy], poe
 
 
 def admin_config(proxy: Proxy) -> dict[str, Any]:
-    with httpx.Client(auth=ADMIN, timeout=20) as http:
+    with httpx.Client(auth=ADMIN, timeout=20, verify=CLIENT_TLS) as http:
         return http.get(proxy.url + "/api/admin/config").json()
 
 
@@ -3938,9 +4049,9 @@ def test_missing_done_still_finishes(proxy: Proxy, poe: FakePoe) -> None:
 
 
 def test_idle_timeout_is_idle_not_total(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start(read_timeout_seconds=0.6, stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
-    # 1.5 s in total, never silent for more than 0.3 s: never cut.
-    poe.on("Talker", [x for i in range(6) for x in (sse("text", {"text": f"{i}"}), 0.25)] + [sse("done", {})])
+    proxy = start(read_timeout_seconds=0.45, stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
+    # 0.6 s in total, never silent for more than 0.1 s: never cut.
+    poe.on("Talker", [x for i in range(6) for x in (sse("text", {"text": f"{i}"}), 0.1)] + [sse("done", {})])
     client = proxy.client()
     assert client.chat.completions.create(
         model="Talker", messages=[{"role": "user", "content": "x"}]).choices[0].message.content == "012345"
@@ -4648,14 +4759,14 @@ def test_a_chat_waits_for_the_catalogue_only_briefly(start: Callable[..., Proxy]
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(p2o, "MODELS_WAIT_SECONDS", 0.3)
     poe.models = POE_MODELS
-    poe.models_delay_s = 1.5
+    poe.models_delay_s = 1.2
     client = start().client()
     began = time.monotonic()
     client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
                                    reasoning_effort="high", web_search_options={})
-    assert time.monotonic() - began < 1.2                                # did not wait for the slow list
+    assert time.monotonic() - began < 0.9                                # did not wait for the slow list
     assert last_turn(poe) == "Q --reasoning_effort high"                 # without it: the earlier flags
-    time.sleep(1.5)                                                      # the fetch went on in the background
+    assert wait_until(lambda: poe.models_served == 1)                    # the fetch went on in the background
     client.chat.completions.create(model="GPT-5.4", messages=[{"role": "user", "content": "Q"}],
                                    reasoning_effort="high", web_search_options={})
     assert last_turn(poe) == "Q --web_search true --reasoning_effort high"
@@ -4703,7 +4814,7 @@ def test_stalled_model_list_is_a_504(start: Callable[..., Proxy], poe: FakePoe, 
         server = await asyncio.start_server(stall, "127.0.0.1", 0)
         return server.sockets[0].getsockname()[1]
     port = lt.run(serve_stall())
-    proxy = start(poe_base_url=f"http://127.0.0.1:{port}", read_timeout_seconds=0.5)
+    proxy = start(poe_base_url=f"http://127.0.0.1:{port}", read_timeout_seconds=0.2)   # the rest never comes
     with pytest.raises(openai.APIStatusError) as info:
         proxy.client().models.list()
     assert info.value.status_code == 504
@@ -5082,8 +5193,8 @@ def test_mid_stream_disconnect(proxy: Proxy, poe: FakePoe) -> None:
 
 
 def test_keepalive_comments_while_poe_is_silent(start: Callable[..., Proxy], poe: FakePoe) -> None:
-    proxy = start(stream_hold_seconds=0.1, sse_keepalive_seconds=0.2)
-    poe.on("Slow", [sse("meta", {}), 1.0, sse("text", {"text": "late"}), sse("done", {})])
+    proxy = start(stream_hold_seconds=0.1, sse_keepalive_seconds=0.15)
+    poe.on("Slow", [sse("meta", {}), 0.6, sse("text", {"text": "late"}), sse("done", {})])
     status, lines = raw_sse(proxy, {"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]})
     assert status == 200 and lines.count(": keep-alive") >= 2
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in data_chunks(lines)
@@ -5249,7 +5360,7 @@ def test_requests_with_huge_names_and_urls_leave_nothing_behind(proxy: Proxy, po
     import tracemalloc
 
     def ask(i: int) -> int:
-        with httpx.Client(timeout=20) as http:
+        with httpx.Client(timeout=20, verify=CLIENT_TLS) as http:
             return http.post(proxy.url + "/v1/chat/completions", headers={"Authorization": "Bearer stranger"}, json={
                 "model": f"{i}-" + "m" * 1_000_000, "messages": [{"role": "user", "content": [
                     {"type": "image_url", "image_url": {"url": f"https://example.com/{i}/" + "p" * 1_000_000}}]}]}
@@ -6161,7 +6272,7 @@ def start_slow_stream(proxy_port: int, poe: FakePoe) -> tuple[threading.Thread, 
     def consume() -> None:
         try:
             with httpx.stream("POST", f"http://127.0.0.1:{proxy_port}/v1/chat/completions", timeout=90,
-                              headers={"Authorization": f"Bearer {KEY}"},
+                              headers={"Authorization": f"Bearer {KEY}"}, verify=CLIENT_TLS,
                               json={"model": "Slow", "stream": True, "messages": [{"role": "user", "content": "x"}]}) as r:
                 for line in r.iter_lines():
                     got.append(line)
@@ -6209,7 +6320,7 @@ def test_workers_share_the_port(tmp_path: Path) -> None:
         deadline = time.time() + 10
         while time.time() < deadline and len(pids) < 2:
             try:
-                with httpx.Client() as http:   # a new connection each time: the kernel spreads them
+                with httpx.Client(verify=CLIENT_TLS) as http:   # a new connection each time: the kernel spreads them
                     pids.add(http.get(f"http://127.0.0.1:{port}/healthz").json()["pid"])
             except httpx.HTTPError:
                 time.sleep(0.05)
@@ -6325,10 +6436,11 @@ def test_requirements_alone_run_the_proxy(tmp_path: Path) -> None:
     pip = [sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "-q", "-r", str(HERE / "requirements.txt")], check=True, timeout=300,
                    capture_output=True)
-    listed = subprocess.run([*pip, "list", "--format=freeze"], capture_output=True, text=True,
-                            check=True).stdout.lower()
-    installed = {line.split("==")[0] for line in listed.split()} - {"pip", "setuptools", "wheel"}
-    assert installed == {"h11", "pyyaml"}
+    # What `pip list` would say, read from the venv's own site-packages (another pip run costs a second).
+    site_packages = [str(path) for path in venv.glob("lib/python*/site-packages")]
+    assert len(site_packages) == 1, site_packages
+    installed = {dist.metadata["Name"].lower() for dist in importlib.metadata.distributions(path=site_packages)}
+    assert installed - {"pip", "setuptools", "wheel"} == {"h11", "pyyaml"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -6338,7 +6450,7 @@ def test_requirements_alone_run_the_proxy(tmp_path: Path) -> None:
         deadline = time.time() + 10
         while True:
             try:
-                assert httpx.get(f"http://127.0.0.1:{port}/healthz").json()["status"] == "ok"
+                assert httpx.get(f"http://127.0.0.1:{port}/healthz", verify=CLIENT_TLS).json()["status"] == "ok"
                 break
             except httpx.HTTPError:
                 assert time.time() < deadline
@@ -6441,33 +6553,79 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-def open_admin(browser: Browser, proxy: Any, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
-               credentials: dict[str, str] | None = ADMIN_LOGIN, url: str | None = None) -> Page:
-    """A fresh context (own localStorage) with the page loaded and its cards drawn. Script errors,
-    anything the Content-Security-Policy blocked and alert() calls are collected for close_page."""
-    context = browser.new_context(viewport={"width": width, "height": height}, color_scheme=color_scheme,
-                                  http_credentials=credentials)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" and (
+def _watch(page: Page) -> Page:
+    """Collect script errors, anything the Content-Security-Policy blocked and alert() calls in
+    page.errors (close_page asserts there are none). A beforeunload prompt met while the harness itself
+    leaves a page (page.leaving) is accepted: the next test's page must load whatever this one left."""
+    page.errors = []   # type: ignore[attr-defined]
+    page.leaving = False   # type: ignore[attr-defined]
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))   # type: ignore[attr-defined]
+    page.on("console", lambda msg: page.errors.append(msg.text) if msg.type == "error" and (   # type: ignore
         "Content Security Policy" in msg.text or "Failed to fetch" in msg.text) else None)
-    page.on("dialog", lambda dialog: (errors.append(f"{dialog.type}: {dialog.message}"), dialog.dismiss()))
-    page.errors = errors   # type: ignore[attr-defined]
+
+    def dialog(d: Any) -> None:
+        if d.type == "beforeunload" and page.leaving:   # type: ignore[attr-defined]
+            d.accept()
+            return
+        page.errors.append(f"{d.type}: {d.message}")   # type: ignore[attr-defined]
+        d.dismiss()
+    page.on("dialog", dialog)
+    return page
+
+
+def _shared_tab(browser: Browser) -> Page:
+    """One tab per browser, logged in as the admin, that the tests take turns in. A new context and
+    tab per test costs a renderer process each (about half a second); a tab that goes from one test's
+    proxy to the next starts from nothing all the same: each proxy has a port, so an origin, of its own
+    (and close_page empties the origin's storage anyway)."""
+    tab = getattr(browser, "admin_tab", None)
+    if tab is None or tab.is_closed():
+        tab = _watch(browser.new_context(http_credentials=ADMIN_LOGIN).new_page())
+        browser.admin_tab = tab   # type: ignore[attr-defined]
+    return tab
+
+
+def open_admin(browser: Browser, proxy: Any, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
+               credentials: dict[str, str] | None = ADMIN_LOGIN, url: str | None = None,
+               fake_clock: bool = False) -> Page:
+    """The admin page loaded and its cards drawn, in a tab with empty storage for its origin. With other
+    credentials, or with `fake_clock` (playwright's clock, installed before the page loads, so that a
+    test moves the page's timers on instead of waiting for them), in a context of its own."""
+    if credentials is ADMIN_LOGIN and not fake_clock:
+        page = _shared_tab(browser)
+        page.unroute_all(behavior="ignoreErrors")   # whatever a failed test left behind
+        page.set_viewport_size({"width": width, "height": height})
+        page.emulate_media(color_scheme=color_scheme)   # type: ignore[arg-type]
+    else:
+        context = browser.new_context(viewport={"width": width, "height": height},
+                                      color_scheme=color_scheme,   # type: ignore[arg-type]
+                                      http_credentials=credentials)   # type: ignore[arg-type]
+        page = _watch(context.new_page())
+        if fake_clock:
+            page.clock.install()
+    page.errors.clear()   # type: ignore[attr-defined]
+    page.leaving = True   # type: ignore[attr-defined]
     page.goto(url or proxy.url + "/admin")
+    page.leaving = False   # type: ignore[attr-defined]
     expect(page.get_by_test_id("cards")).to_be_visible()
     return page
 
 
 def close_page(page: Page) -> None:
-    errors = page.errors   # type: ignore[attr-defined]
-    page.context.close()
+    errors = list(page.errors)   # type: ignore[attr-defined]
+    if page is getattr(page.context.browser, "admin_tab", None):
+        page.leaving = True   # type: ignore[attr-defined]
+        page.evaluate("localStorage.clear(); sessionStorage.clear()")
+        page.goto("about:blank")   # stops the page's timers and requests before its proxy goes
+        page.leaving = False   # type: ignore[attr-defined]
+    else:
+        page.context.close()
     assert not errors, errors
 
 
 def admin_api(proxy: Any, path: str, body: Any = None) -> Any:
     """GET (or POST `body` to) an admin API path with the admin credentials."""
-    with httpx.Client(auth=ADMIN, timeout=10) as http:
+    with httpx.Client(auth=ADMIN, timeout=10, verify=CLIENT_TLS) as http:
         response = http.get(proxy.url + path) if body is None else http.post(proxy.url + path, json=body)
     response.raise_for_status()
     return response.json()
@@ -6479,7 +6637,7 @@ def seed_config(proxy: Any, **config: Any) -> None:
 
 
 def public_ids(proxy: Any) -> list[str]:
-    return [m["id"] for m in httpx.get(proxy.url + "/v1/models", timeout=10).json()["data"]]
+    return [m["id"] for m in httpx.get(proxy.url + "/v1/models", timeout=10, verify=CLIENT_TLS).json()["data"]]
 
 
 def card_ids(page: Page) -> list[str]:
@@ -6605,7 +6763,10 @@ def test_admin_edit_save_reload_and_effect(admin_proxy: Any, browser: Browser) -
 
 def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: Browser) -> None:
     seed_config(admin_proxy, enable=False, use_v1_api=True)
-    page = open_admin(browser, admin_proxy)
+    page = open_admin(browser, admin_proxy, fake_clock=True)
+    # The page's time stands still from here on, a second ahead (pause_at cannot go back, and the page's
+    # next timer is 10 s off), until moved on: its toasts stay until then. Seconds in playwright's Python API.
+    page.clock.pause_at((page.evaluate("Date.now()") + 1000) / 1000)
     master = page.get_by_test_id("master")
     expect(master).to_have_attribute("aria-checked", "false")
     expect(page.get_by_test_id("master-note")).to_be_visible()
@@ -6631,7 +6792,12 @@ def test_admin_switches_and_token_are_saved_at_once(admin_proxy: Any, browser: B
     expect(page.get_by_test_id("token-dialog")).to_be_hidden()
     assert yaml.safe_load(admin_proxy.config_path.read_text())["api_token"] is None
     # Toasts go away after 3 s.
-    expect(page.get_by_test_id("toast")).to_have_count(0, timeout=TIMEOUT_MS)
+    toasts = page.get_by_test_id("toast")
+    expect(toasts).to_have_count(3)                      # the switch and both token saves
+    page.clock.run_for(2900)
+    expect(toasts).to_have_count(3)
+    page.clock.run_for(100)
+    expect(toasts).to_have_count(0)
     close_page(page)
 
 
